@@ -1,0 +1,138 @@
+//! Command-line interface: one file per subcommand, shared option groups.
+
+mod init;
+mod join;
+mod status;
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use meshpeer::daemon::DaemonConfig;
+use meshpeer::gossip::GossipTiming;
+use meshpeer::wg::BackendChoice;
+use meshpeer::{DEFAULT_GOSSIP_PORT, DEFAULT_INTERFACE, DEFAULT_STATE_DIR, DEFAULT_WG_PORT};
+
+#[derive(Parser, Debug)]
+#[command(name = "meshpeer", version, about = "A self-configuring full-mesh WireGuard overlay")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Create a new network with this node as its first member; prints a join token.
+    Init(init::InitArgs),
+    /// Run the daemon for an existing node (what a systemd unit runs).
+    Up(UpArgs),
+    /// Join a network through one member (the seed) and run the daemon.
+    Join(join::JoinArgs),
+    /// Show the members and how each is reached.
+    Status(status::StatusArgs),
+    /// Print another join token (needs the network key, i.e. the `init` node).
+    Invite(init::InviteArgs),
+    /// Leave the mesh gracefully: members drop this node at once.
+    Leave(status::LeaveArgs),
+}
+
+/// Where the node keeps its state.
+#[derive(Args, Debug, Clone)]
+pub struct StateArgs {
+    /// Directory holding keys and state (files 0600).
+    #[arg(long, env = "MESHPEER_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
+}
+
+/// Options of a running node.
+#[derive(Args, Debug, Clone)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub state: StateArgs,
+    /// Name of the WireGuard interface meshpeer creates.
+    #[arg(long, env = "MESHPEER_INTERFACE", default_value = DEFAULT_INTERFACE)]
+    pub interface: String,
+    /// WireGuard UDP port.
+    #[arg(long, env = "MESHPEER_WG_PORT", default_value_t = DEFAULT_WG_PORT)]
+    pub wg_port: u16,
+    /// Gossip (QUIC) UDP port.
+    #[arg(long, env = "MESHPEER_GOSSIP_PORT", default_value_t = DEFAULT_GOSSIP_PORT)]
+    pub gossip_port: u16,
+    /// Address other members use to reach this node (default: the address
+    /// that routes to the seed, else the first non-loopback address).
+    #[arg(long, env = "MESHPEER_ADVERTISE_ADDR")]
+    pub advertise_addr: Option<IpAddr>,
+    /// WireGuard implementation: kernel if available, else userspace.
+    #[arg(long, env = "MESHPEER_BACKEND", value_enum, default_value = "auto")]
+    pub backend: BackendChoice,
+    /// Seconds a member may be down before its WireGuard peer is removed.
+    #[arg(long, default_value_t = 60)]
+    pub down_grace_secs: u64,
+    /// Gossip interval in milliseconds.
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(50..=60_000))]
+    pub gossip_interval_ms: u64,
+}
+
+#[derive(Args, Debug)]
+pub struct UpArgs {
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+impl RunArgs {
+    pub fn daemon_config(&self, seeds: Vec<String>) -> DaemonConfig {
+        DaemonConfig {
+            state_dir: self.state.state_dir.clone(),
+            interface: self.interface.clone(),
+            wg_port: self.wg_port,
+            gossip_port: self.gossip_port,
+            seeds,
+            advertise: self.advertise_addr,
+            backend: self.backend,
+            down_grace: Duration::from_secs(self.down_grace_secs),
+            timing: GossipTiming {
+                interval: Duration::from_millis(self.gossip_interval_ms),
+                ..GossipTiming::default()
+            },
+        }
+    }
+}
+
+/// Resolves when the process gets SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "node".to_string())
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Init(a) => init::init(a),
+        Command::Invite(a) => init::invite(a),
+        Command::Up(a) => {
+            meshpeer::state::StateDir::open(&a.run.state.state_dir)?;
+            meshpeer::daemon::run(a.run.daemon_config(vec![]), shutdown_signal()).await
+        }
+        Command::Join(a) => join::join(a).await,
+        Command::Status(a) => status::status(a).await,
+        Command::Leave(a) => status::leave(a).await,
+    }
+}

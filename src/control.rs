@@ -1,0 +1,120 @@
+//! The local control socket (`<state-dir>/control.sock`, mode 0600): how
+//! `meshpeer status` and `meshpeer leave` talk to the running daemon.
+//! One JSON request line, one JSON reply line.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::status::Status;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "lowercase")]
+pub enum Request {
+    Status,
+    Leave,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "reply", rename_all = "lowercase")]
+pub enum Reply {
+    Status(Box<Status>),
+    Left,
+    Error { message: String },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("no meshpeer daemon is running for {0} (start it with `meshpeer up`)")]
+    NotRunning(PathBuf),
+    #[error("a meshpeer daemon already runs with this state directory ({0} answers)")]
+    AlreadyRunning(PathBuf),
+    #[error("control socket {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the daemon sent a reply this version does not understand: {0}")]
+    Protocol(String),
+    #[error("the daemon did not answer within {0:?}")]
+    Timeout(Duration),
+}
+
+/// A request from a client, with the channel for the daemon's reply.
+pub type Incoming = (Request, oneshot::Sender<Reply>);
+
+/// Binds the control socket, refusing if another daemon answers on it.
+pub async fn bind(path: &Path) -> Result<UnixListener, ControlError> {
+    if UnixStream::connect(path).await.is_ok() {
+        return Err(ControlError::AlreadyRunning(path.to_path_buf()));
+    }
+    let _ = std::fs::remove_file(path);
+    let io = |source| ControlError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let listener = UnixListener::bind(path).map_err(io)?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+    Ok(listener)
+}
+
+/// Serves clients until the daemon drops the receiver.
+pub async fn serve(listener: UnixListener, tx: mpsc::Sender<Incoming>) {
+    while let Ok((stream, _)) = listener.accept().await {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let (r, mut w) = stream.into_split();
+            let mut line = String::new();
+            if BufReader::new(r).read_line(&mut line).await.is_err() {
+                return;
+            }
+            let reply = match serde_json::from_str::<Request>(&line) {
+                Ok(req) => {
+                    let (rtx, rrx) = oneshot::channel();
+                    if tx.send((req, rtx)).await.is_err() {
+                        return;
+                    }
+                    match rrx.await {
+                        Ok(r) => r,
+                        Err(_) => return,
+                    }
+                }
+                Err(e) => Reply::Error {
+                    message: format!("bad request: {e}"),
+                },
+            };
+            let Ok(mut text) = serde_json::to_string(&reply) else { return };
+            text.push('\n');
+            let _ = w.write_all(text.as_bytes()).await;
+        });
+    }
+}
+
+/// Sends one request to the daemon behind `path`.
+pub async fn request(path: &Path, req: &Request, timeout: Duration) -> Result<Reply, ControlError> {
+    let fut = async {
+        let stream = UnixStream::connect(path)
+            .await
+            .map_err(|_| ControlError::NotRunning(path.to_path_buf()))?;
+        let io = |source| ControlError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let (r, mut w) = stream.into_split();
+        let mut text = serde_json::to_string(req).map_err(|e| ControlError::Protocol(e.to_string()))?;
+        text.push('\n');
+        w.write_all(text.as_bytes()).await.map_err(io)?;
+        let mut line = String::new();
+        BufReader::new(r).read_line(&mut line).await.map_err(io)?;
+        serde_json::from_str(&line).map_err(|e| ControlError::Protocol(format!("{e}: {line:?}")))
+    };
+    tokio::time::timeout(timeout, fut)
+        .await
+        .map_err(|_| ControlError::Timeout(timeout))?
+}

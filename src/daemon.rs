@@ -1,0 +1,522 @@
+//! The daemon: the thin tokio shell around the membership core.
+//!
+//! One loop, one tick (250 ms): read the gossip snapshot, feed it to
+//! [`Membership`], resolve address conflicts, reconcile WireGuard, refresh the
+//! status, persist what a restart needs. Control requests (status, leave) are
+//! served between ticks. Nothing here decides membership: that is the core's.
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{anyhow, bail, Context};
+use base64::Engine;
+use ipnet::Ipv4Net;
+use tokio::sync::{mpsc, watch};
+
+use crate::admission::Network;
+use crate::control::{self, Reply, Request};
+use crate::gossip::{self, tls, Gossip, GossipTiming, QuicTransport};
+use crate::identity::Identity;
+use crate::ipalloc::{self, Claim};
+use crate::membership::{Event, GossipEntry, Liveness, Membership};
+use crate::proto::{self, Signed};
+use crate::reconcile::{reconcile, PeerChange, FRESH_HANDSHAKE};
+use crate::record::RecordBody;
+use crate::state::{MembershipFile, NodeState, StateDir};
+use crate::status::{MemberState, MemberStatus, Status};
+use crate::wg::{BackendChoice, WgInterface};
+
+const TICK: Duration = Duration::from_millis(250);
+/// How long a fresh joiner tries its seeds before giving up with an error.
+pub const JOIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a leaving node keeps gossiping its leave record.
+const LEAVE_LINGER: Duration = Duration::from_secs(2);
+
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    pub state_dir: PathBuf,
+    pub interface: String,
+    pub wg_port: u16,
+    pub gossip_port: u16,
+    /// Seeds in `host:port` form (already validated).
+    pub seeds: Vec<String>,
+    pub advertise: Option<IpAddr>,
+    pub backend: BackendChoice,
+    pub down_grace: Duration,
+    pub timing: GossipTiming,
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Loads the network this node belongs to.
+pub fn load_network(dir: &StateDir) -> anyhow::Result<(Network, Signed)> {
+    let m: MembershipFile = dir
+        .read_json("membership.json")?
+        .ok_or_else(|| anyhow!("{} holds no membership (run `meshpeer init` or `meshpeer join`)", dir.path.display()))?;
+    let key = proto::parse_node_id(&m.network_key)
+        .ok_or_else(|| anyhow!("{}: bad network key", dir.file("membership.json").display()))?;
+    let admission_bytes = base64::engine::general_purpose::STANDARD
+        .decode(&m.admission)
+        .context("membership.json: admission is not base64")?;
+    let admission: Signed = proto::decode("admission", &admission_bytes).context("membership.json: admission")?;
+    Ok((Network { key, cidr: m.cidr }, admission))
+}
+
+struct Node {
+    cfg: DaemonConfig,
+    dir: StateDir,
+    id: Identity,
+    network: Network,
+    admission: Signed,
+    state: NodeState,
+    advertise: IpAddr,
+    membership: Membership,
+    wg: WgInterface,
+    gossip: Gossip,
+    records_tx: watch::Sender<Vec<String>>,
+    owned: BTreeSet<[u8; 32]>,
+    status: Option<Status>,
+    last_persist: Instant,
+    reach_backoff: Duration,
+    next_reach: Instant,
+    seed_addrs: Vec<SocketAddr>,
+}
+
+/// Runs the node until `shutdown` resolves or a `leave` request arrives.
+pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let dir = StateDir::open(&cfg.state_dir)?;
+    let id = Identity::load(&dir)?;
+    let (network, admission) = load_network(&dir)?;
+    let mut state = dir.load_state()?;
+    for s in &cfg.seeds {
+        if !state.seeds.contains(s) {
+            state.seeds.push(s.clone());
+        }
+    }
+
+    let listener = control::bind(&dir.control_socket()).await?;
+    let (ctl_tx, mut ctl_rx) = mpsc::channel(16);
+    let control_task = tokio::spawn(control::serve(listener, ctl_tx));
+    let _socket_guard = SocketGuard(dir.control_socket());
+
+    // Gossip endpoint (mutual TLS from the node key and its credential).
+    let cert = tls::NodeCert::new(&id.signing, &admission)?;
+    let (server, client) = tls::quic_configs(&cert, network.key)?;
+    let (records_tx, records_rx) = watch::channel(Vec::new());
+    let bind: SocketAddr = (std::net::Ipv4Addr::UNSPECIFIED, cfg.gossip_port).into();
+    let transport = QuicTransport::bind(bind, server, client, records_rx)
+        .with_context(|| format!("cannot bind the gossip port udp/{} (is another meshpeer running in this network namespace?)", cfg.gossip_port))?;
+
+    // Seeds: the ones given now, then the members known from last time.
+    let mut seed_addrs = Vec::new();
+    for s in &state.seeds {
+        match crate::net::resolve_seed(s) {
+            Ok(a) => seed_addrs.extend(a),
+            Err(e) => tracing::warn!(seed = %s, error = %e, "cannot resolve seed; will retry through gossip"),
+        }
+    }
+    let mut reach: Vec<SocketAddr> = seed_addrs.clone();
+    reach.extend(state.known_members.iter().copied());
+    reach.dedup();
+
+    let advertise = cfg
+        .advertise
+        .or(state.advertise_addr)
+        .or_else(|| reach.first().and_then(|a| crate::net::route_source(*a)))
+        .or_else(|| crate::net::local_ipv4_nets(&[&cfg.interface]).first().map(|(n, _)| IpAddr::V4(n.addr())))
+        .ok_or_else(|| anyhow!("cannot find an address to advertise; pass --advertise-addr"))?;
+
+    let mut membership = Membership::new(network.key, id.node_key(), cfg.down_grace);
+
+    // A node without an overlay address learns the members first, to pick a
+    // free one; a fresh joiner that cannot reach any seed gives up with an error.
+    if state.overlay_ip.is_none() {
+        let reply = hello_any(&transport, &reach).await?;
+        let entries: Vec<GossipEntry> = reply
+            .into_iter()
+            .filter_map(|text| {
+                let v = crate::record::verify_record(&text, &network.key, None).ok()?;
+                Some(GossipEntry { node_id: proto::node_id_string(&v.body.node_key), record: Some(text), live: true })
+            })
+            .collect();
+        membership.handle_snapshot(Instant::now(), &entries);
+        let ip = ipalloc::choose(network.cidr, &id.node_key(), &membership.taken_ips(&id.node_key()))
+            .ok_or_else(|| anyhow!("network {} is full", network.cidr))?;
+        state.overlay_ip = Some(ip);
+        state.ip_claimed_at = unix_ms();
+        tracing::info!(%ip, members = entries.len(), "joined; chose overlay address");
+    }
+    let overlay_ip = state.overlay_ip.ok_or_else(|| anyhow!("no overlay address"))?;
+
+    let owned_if = state.interface_created.as_deref() == Some(cfg.interface.as_str());
+    let wg = WgInterface::open(&cfg.interface, id.wg_secret.to_bytes(), cfg.wg_port, owned_if, cfg.backend).await?;
+    state.interface_created = Some(cfg.interface.clone());
+    let owned: BTreeSet<[u8; 32]> = if owned_if {
+        state
+            .owned_peers
+            .iter()
+            .filter_map(|k| base64::engine::general_purpose::STANDARD.decode(k).ok()?.try_into().ok())
+            .collect()
+    } else {
+        BTreeSet::new()
+    };
+    dir.save_state(&state)?;
+    if let Err(e) = wg.set_address(overlay_ip, network.cidr) {
+        wg.destroy().await;
+        return Err(e.into());
+    }
+
+    let mut node_state = state;
+    let record = build_record(&id, &network, &admission, &mut node_state, &cfg, advertise, false);
+    dir.save_state(&node_state)?;
+    let gossip = match Gossip::start(
+        id.node_id(),
+        unix_ms(),
+        SocketAddr::new(advertise, cfg.gossip_port),
+        network.id(),
+        node_state.seeds.clone(),
+        &cfg.timing,
+        transport,
+        record,
+    )
+    .await
+    {
+        Ok(g) => g,
+        Err(e) => {
+            wg.destroy().await;
+            return Err(e);
+        }
+    };
+    tracing::info!(
+        node = %node_state.name, id = %id.node_id(), %overlay_ip, interface = %cfg.interface,
+        backend = ?wg.backend, %advertise, "meshpeer is up"
+    );
+
+    let mut node = Node {
+        cfg,
+        dir,
+        id,
+        network,
+        admission,
+        state: node_state,
+        advertise,
+        membership,
+        wg,
+        gossip,
+        records_tx,
+        owned,
+        status: None,
+        last_persist: Instant::now(),
+        reach_backoff: Duration::from_secs(1),
+        next_reach: Instant::now(),
+        seed_addrs,
+    };
+
+    tokio::pin!(shutdown);
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut leave_reply = None;
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => {
+                tracing::info!("shutting down (members will mark this node down)");
+                break;
+            }
+            _ = tick.tick() => {
+                if let Err(e) = node.step().await {
+                    tracing::warn!(error = %format!("{e:#}"), "reconcile step failed; retrying");
+                }
+            }
+            Some((req, reply)) = ctl_rx.recv() => match req {
+                Request::Status => {
+                    let r = match &node.status {
+                        Some(s) => Reply::Status(Box::new(s.clone())),
+                        None => Reply::Error { message: "starting up".into() },
+                    };
+                    let _ = reply.send(r);
+                }
+                Request::Leave => {
+                    node.leave().await;
+                    leave_reply = Some(reply);
+                    break;
+                }
+            }
+        }
+    }
+    node.persist(true);
+    node.gossip.shutdown().await;
+    node.wg.destroy().await;
+    control_task.abort();
+    if let Some(r) = leave_reply {
+        let _ = r.send(Reply::Left);
+    }
+    Ok(())
+}
+
+/// Removes the control socket when the daemon ends.
+struct SocketGuard(PathBuf);
+impl Drop for SocketGuard {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+async fn hello_any(transport: &QuicTransport, reach: &[SocketAddr]) -> anyhow::Result<Vec<String>> {
+    if reach.is_empty() {
+        bail!("this node has no overlay address and no seed to join through (pass a seed: `meshpeer join SEED`)");
+    }
+    let deadline = tokio::time::Instant::now() + JOIN_TIMEOUT;
+    let mut last_err = None;
+    let mut backoff = Duration::from_millis(500);
+    while tokio::time::Instant::now() < deadline {
+        for addr in reach {
+            match transport.hello(*addr).await {
+                Ok(r) => return Ok(r.records),
+                Err(e @ gossip::transport::ProbeError::Refused { .. }) => return Err(anyhow!("cannot join: {e}")),
+                Err(e) => {
+                    tracing::info!(seed = %addr, error = %e, "seed not reachable yet");
+                    last_err = Some(e);
+                }
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+    Err(anyhow!(
+        "cannot join: no seed answered within {JOIN_TIMEOUT:?}{}",
+        last_err.map(|e| format!(" (last error: {e})")).unwrap_or_default()
+    ))
+}
+
+/// Builds and signs this node's record, bumping its version.
+fn build_record(
+    id: &Identity,
+    network: &Network,
+    admission: &Signed,
+    state: &mut NodeState,
+    cfg: &DaemonConfig,
+    advertise: IpAddr,
+    left: bool,
+) -> String {
+    let mut endpoints = vec![SocketAddr::new(advertise, cfg.wg_port)];
+    for (net, _) in crate::net::local_ipv4_nets(&[&cfg.interface]) {
+        let a = SocketAddr::new(IpAddr::V4(net.addr()), cfg.wg_port);
+        if !endpoints.contains(&a) && !network.cidr.contains(&net.addr()) && endpoints.len() < crate::record::MAX_ENDPOINTS {
+            endpoints.push(a);
+        }
+    }
+    state.record_version = (state.record_version + 1).max(unix_ms());
+    let body = RecordBody {
+        network_key: network.key,
+        node_key: id.node_key(),
+        version: state.record_version,
+        name: state.name.clone(),
+        overlay_ip: state.overlay_ip.unwrap_or(ipalloc::first_host(network.cidr)),
+        ip_claimed_at: state.ip_claimed_at,
+        wg_public_key: id.wg_public(),
+        wg_port: cfg.wg_port,
+        endpoints,
+        gossip_addr: SocketAddr::new(advertise, cfg.gossip_port),
+        tags: vec![],
+        routes: vec![],
+        left,
+        admission: admission.clone(),
+    };
+    body.sign(&id.signing)
+}
+
+impl Node {
+    async fn step(&mut self) -> anyhow::Result<()> {
+        let now = Instant::now();
+        let entries = self.gossip.snapshot().await;
+        for e in self.membership.handle_snapshot(now, &entries) {
+            log_event(&e);
+        }
+        self.records_tx.send_replace(entries.iter().filter_map(|e| e.record.clone()).collect());
+
+        // Address conflict: the earlier claim keeps it; we move.
+        let my_ip = self.state.overlay_ip.ok_or_else(|| anyhow!("no overlay address"))?;
+        let mine = Claim { ip: my_ip, claimed_at: self.state.ip_claimed_at, node_key: self.id.node_key() };
+        if self.membership.loses_claim(&mine) {
+            let taken = self.membership.taken_ips(&self.id.node_key());
+            let ip = ipalloc::choose(self.network.cidr, &self.id.node_key(), &taken)
+                .ok_or_else(|| anyhow!("network {} is full", self.network.cidr))?;
+            tracing::warn!(old = %my_ip, new = %ip, "another member claimed our overlay address first; moving");
+            self.state.overlay_ip = Some(ip);
+            self.state.ip_claimed_at = unix_ms();
+            self.wg.set_address(ip, self.network.cidr)?;
+            self.republish(false).await;
+            self.dir.save_state(&self.state)?;
+        }
+
+        // WireGuard: desired vs actual.
+        let local: Vec<Ipv4Net> = crate::net::local_ipv4_nets(&[&self.cfg.interface]).into_iter().map(|(n, _)| n).collect();
+        let desired = self.membership.desired_peers(now, &local);
+        let actual = self.wg.peers()?;
+        let rotation = (unix_ms() / 10_000) as usize;
+        let changes = reconcile(&desired, &actual, &self.owned, rotation);
+        if !changes.is_empty() {
+            for c in &changes {
+                log_change(c, &self.membership);
+            }
+            self.wg.apply(&changes)?;
+            for c in &changes {
+                match c {
+                    PeerChange::Add { public_key, .. } => {
+                        self.owned.insert(*public_key);
+                    }
+                    PeerChange::Remove { public_key } => {
+                        self.owned.remove(public_key);
+                    }
+                    PeerChange::Update { .. } => {}
+                }
+            }
+            self.persist(true);
+        }
+
+        // Never alone for good: with no live member, knock on every address
+        // we know (seeds and last-known members), with backoff.
+        let live = self.gossip.n_live_peers().await;
+        if live == 0 {
+            if Instant::now() >= self.next_reach {
+                let mut addrs = self.seed_addrs.clone();
+                addrs.extend(self.state.known_members.iter().copied());
+                for a in addrs {
+                    self.gossip.gossip_to(a);
+                }
+                self.next_reach = Instant::now() + self.reach_backoff;
+                self.reach_backoff = (self.reach_backoff * 2).min(Duration::from_secs(30));
+            }
+        } else {
+            self.reach_backoff = Duration::from_secs(1);
+        }
+
+        let actual = self.wg.peers()?;
+        self.status = Some(self.build_status(&actual));
+        if self.last_persist.elapsed() > Duration::from_secs(10) {
+            let known = self.gossip.live_addrs().await;
+            if !known.is_empty() && known != self.state.known_members {
+                self.state.known_members = known;
+            }
+            self.persist(false);
+        }
+        Ok(())
+    }
+
+    async fn republish(&mut self, left: bool) {
+        let record = build_record(&self.id, &self.network, &self.admission, &mut self.state, &self.cfg, self.advertise, left);
+        self.gossip.publish(record).await;
+    }
+
+    fn persist(&mut self, force: bool) {
+        self.state.owned_peers = self.owned.iter().map(|k| base64::engine::general_purpose::STANDARD.encode(k)).collect();
+        if force || self.last_persist.elapsed() > Duration::from_secs(10) {
+            if let Err(e) = self.dir.save_state(&self.state) {
+                tracing::warn!(error = %e, "cannot save state");
+            }
+            self.last_persist = Instant::now();
+        }
+    }
+
+    /// Publishes a signed leave record and pushes it to every live member.
+    async fn leave(&mut self) {
+        tracing::info!("leaving the mesh");
+        self.republish(true).await;
+        let deadline = Instant::now() + LEAVE_LINGER;
+        while Instant::now() < deadline {
+            for a in self.gossip.live_addrs().await {
+                self.gossip.gossip_to(a);
+            }
+            tokio::time::sleep(self.cfg.timing.interval / 2).await;
+        }
+    }
+
+    fn build_status(&self, actual: &[crate::reconcile::ActualPeer]) -> Status {
+        let mut members: Vec<MemberStatus> = self
+            .membership
+            .members()
+            .map(|m| {
+                let r = &m.record;
+                let is_self = r.node_key == self.id.node_key();
+                let peer = actual.iter().find(|p| p.public_key == r.wg_public_key);
+                let age = peer.and_then(|p| p.handshake_age);
+                let state = if is_self {
+                    MemberState::Myself
+                } else if matches!(m.liveness, Liveness::Down { .. }) {
+                    MemberState::Down
+                } else if age.is_some_and(|a| a < FRESH_HANDSHAKE) {
+                    MemberState::Connected
+                } else {
+                    MemberState::Connecting
+                };
+                MemberStatus {
+                    name: r.name.clone(),
+                    node_id: proto::node_id_string(&r.node_key),
+                    overlay_ip: r.overlay_ip,
+                    public_key: proto::key_b64(&r.wg_public_key),
+                    endpoint: if is_self {
+                        Some(SocketAddr::new(self.advertise, self.cfg.wg_port).to_string())
+                    } else {
+                        peer.and_then(|p| p.endpoint).map(|e| e.to_string())
+                    },
+                    state,
+                    path: (state == MemberState::Connected).then(|| "direct".to_string()),
+                    last_handshake_secs: age.map(|a| a.as_secs()),
+                    rx_bytes: peer.map_or(0, |p| p.rx_bytes),
+                    tx_bytes: peer.map_or(0, |p| p.tx_bytes),
+                    tags: r.tags.clone(),
+                }
+            })
+            .collect();
+        members.sort_by_key(|m| m.overlay_ip);
+        let (sent, received) = self.gossip.transport.byte_counts();
+        Status {
+            node: self.state.name.clone(),
+            node_id: self.id.node_id(),
+            network: self.network.cidr.to_string(),
+            interface: self.cfg.interface.clone(),
+            backend: self.wg.backend,
+            listen_port: self.cfg.wg_port,
+            gossip_addr: SocketAddr::new(self.advertise, self.cfg.gossip_port).to_string(),
+            gossip_bytes_sent: sent,
+            gossip_bytes_received: received,
+            myself: members.iter().find(|m| m.state == MemberState::Myself).cloned(),
+            members,
+        }
+    }
+}
+
+fn log_event(e: &Event) {
+    match e {
+        Event::Joined { name, node, overlay_ip } => tracing::info!(member = %name, %node, %overlay_ip, "member joined"),
+        Event::Updated { name, version } => tracing::debug!(member = %name, version, "member updated its record"),
+        Event::Left { name } => tracing::info!(member = %name, "member left"),
+        Event::Down { name } => tracing::warn!(member = %name, "member is down"),
+        Event::Up { name } => tracing::info!(member = %name, "member is back up"),
+        Event::Forgotten { name } => tracing::info!(member = %name, "member forgotten"),
+        Event::Rejected { node, reason } => tracing::warn!(%node, %reason, "dropped a record that failed verification"),
+        Event::Replay { node, held, got } => tracing::warn!(%node, held, got, "dropped a replayed (older) record"),
+    }
+}
+
+fn log_change(c: &PeerChange, m: &Membership) {
+    let name = m
+        .members()
+        .find(|x| &x.record.wg_public_key == c.public_key())
+        .map(|x| x.record.name.clone())
+        .unwrap_or_else(|| "(gone)".into());
+    let peer = proto::short_key(c.public_key());
+    match c {
+        PeerChange::Add { allowed_ip, endpoint, .. } => tracing::info!(%peer, member = %name, %allowed_ip, endpoint = ?endpoint, "adding WireGuard peer"),
+        PeerChange::Update { endpoint, allowed_ip, .. } => tracing::info!(%peer, member = %name, endpoint = ?endpoint, allowed_ip = ?allowed_ip, "updating WireGuard peer"),
+        PeerChange::Remove { .. } => tracing::info!(%peer, member = %name, "removing WireGuard peer"),
+    }
+}

@@ -1,0 +1,130 @@
+//! Gossip: chitchat (Scuttlebutt anti-entropy + phi-accrual failure
+//! detection) carried over QUIC ([`transport`]) with mutual TLS ([`tls`]).
+//!
+//! Each node publishes exactly one key, [`RECORD_KEY`], whose value is its
+//! signed membership record. chitchat does not authenticate what it relays,
+//! so nothing read from it is trusted until [`crate::membership`] verified it.
+
+pub mod tls;
+pub mod transport;
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chitchat::{spawn_chitchat, ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig};
+
+use crate::membership::GossipEntry;
+pub use transport::QuicTransport;
+
+/// The chitchat key under which a node publishes its record.
+pub const RECORD_KEY: &str = "record";
+
+/// Timing of gossip and failure detection.
+#[derive(Debug, Clone)]
+pub struct GossipTiming {
+    pub interval: Duration,
+    /// How long chitchat keeps a dead node's state before forgetting it.
+    pub dead_node_grace: Duration,
+}
+
+impl Default for GossipTiming {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_millis(500),
+            dead_node_grace: Duration::from_secs(600),
+        }
+    }
+}
+
+pub struct Gossip {
+    handle: ChitchatHandle,
+    pub transport: QuicTransport,
+}
+
+impl Gossip {
+    /// Starts chitchat on an already bound transport.
+    pub async fn start(
+        node_id: String,
+        generation: u64,
+        advertise: SocketAddr,
+        cluster_id: String,
+        seeds: Vec<String>,
+        timing: &GossipTiming,
+        transport: QuicTransport,
+        record: String,
+    ) -> anyhow::Result<Self> {
+        let config = ChitchatConfig {
+            chitchat_id: ChitchatId::new(node_id, generation, advertise),
+            cluster_id,
+            gossip_interval: timing.interval,
+            listen_addr: transport.local_addr()?,
+            seed_nodes: seeds,
+            failure_detector_config: FailureDetectorConfig {
+                initial_interval: timing.interval,
+                dead_node_grace_period: timing.dead_node_grace,
+                ..Default::default()
+            },
+            marked_for_deletion_grace_period: timing.dead_node_grace,
+            catchup_callback: None,
+            extra_liveness_predicate: None,
+        };
+        let handle = spawn_chitchat(config, vec![(RECORD_KEY.to_string(), record)], &transport).await?;
+        Ok(Self { handle, transport })
+    }
+
+    /// Publishes a new version of this node's record.
+    pub async fn publish(&self, record: String) {
+        let chitchat = self.handle.chitchat();
+        let mut guard = chitchat.lock().await;
+        guard.self_node_state().set(RECORD_KEY, record);
+    }
+
+    /// A snapshot of every node chitchat knows, for the membership core.
+    pub async fn snapshot(&self) -> Vec<GossipEntry> {
+        let chitchat: Arc<_> = self.handle.chitchat();
+        let guard = chitchat.lock().await;
+        let live: HashSet<&ChitchatId> = guard.live_nodes().collect();
+        guard
+            .node_states()
+            .iter()
+            .map(|(id, state)| GossipEntry {
+                node_id: id.node_id.to_string(),
+                record: state.get(RECORD_KEY).map(str::to_string),
+                live: live.contains(id),
+            })
+            .collect()
+    }
+
+    /// Gossip addresses of all nodes currently live (for the restart list).
+    pub async fn live_addrs(&self) -> Vec<SocketAddr> {
+        let chitchat = self.handle.chitchat();
+        let guard = chitchat.lock().await;
+        let me = guard.self_chitchat_id().clone();
+        guard
+            .live_nodes()
+            .filter(|id| **id != me)
+            .map(|id| id.gossip_advertise_addr)
+            .collect()
+    }
+
+    /// Number of other nodes the failure detector holds live.
+    pub async fn n_live_peers(&self) -> usize {
+        let chitchat = self.handle.chitchat();
+        let guard = chitchat.lock().await;
+        guard.live_nodes().count().saturating_sub(1)
+    }
+
+    /// Starts a gossip round with `addr` now (used to find the mesh again).
+    pub fn gossip_to(&self, addr: SocketAddr) {
+        if let Err(e) = self.handle.gossip(addr) {
+            tracing::debug!(%addr, error = %e, "cannot trigger gossip");
+        }
+    }
+
+    pub async fn shutdown(self) {
+        let _ = self.handle.shutdown().await;
+        self.transport.close();
+    }
+}

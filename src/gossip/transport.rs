@@ -1,0 +1,349 @@
+//! chitchat over QUIC.
+//!
+//! chitchat's `Transport`/`Socket` traits are the seam: [`QuicTransport`]
+//! carries each chitchat message on its own unidirectional QUIC stream
+//! (QUIC datagrams are too small for chitchat's digests). One quinn endpoint
+//! both accepts and connects, so a node's gossip address is also its source
+//! address, and connections are reused in both directions.
+//!
+//! chitchat awaits `Socket::send` inside its single loop, so `send` never
+//! waits on the network: it queues the message for a per-destination sender
+//! task and returns. A destination that cannot be reached drops messages for
+//! a short backoff instead of stalling gossip.
+//!
+//! Besides gossip, the endpoint answers one request on bidirectional streams:
+//! a joiner's *hello*, answered with the records the member holds, so the
+//! joiner can choose a free overlay address before it publishes its record.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chitchat::transport::{Socket, Transport};
+use chitchat::{ChitchatMessage, Deserializable, Serializable};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+use crate::proto;
+
+/// Largest gossip message or reply accepted on a stream.
+pub const MAX_MESSAGE: usize = 4 << 20;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(4);
+const FAILED_BACKOFF: Duration = Duration::from_secs(2);
+const SENDER_IDLE: Duration = Duration::from_secs(60);
+const SERVER_NAME: &str = "meshpeer";
+
+/// The request a joiner sends on a bidirectional stream.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Request {
+    Hello,
+}
+
+/// The reply: the records (gossip values) the member holds.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct HelloReply {
+    pub records: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error("no answer from {0} within {1:?} (is meshpeer running there, and UDP open?)")]
+    Timeout(SocketAddr, Duration),
+    #[error("{addr} refused us: {detail} (is the token for this network?)")]
+    Refused { addr: SocketAddr, detail: String },
+    #[error("{addr}: {detail}")]
+    Other { addr: SocketAddr, detail: String },
+}
+
+struct Shared {
+    endpoint: quinn::Endpoint,
+    client: quinn::ClientConfig,
+    conns: Mutex<HashMap<SocketAddr, quinn::Connection>>,
+    senders: Mutex<HashMap<SocketAddr, mpsc::Sender<Vec<u8>>>>,
+    incoming: mpsc::Sender<(SocketAddr, ChitchatMessage)>,
+    records: watch::Receiver<Vec<String>>,
+    /// Gossip bytes sent and received (for status and the testnet).
+    bytes_out: std::sync::atomic::AtomicU64,
+    bytes_in: std::sync::atomic::AtomicU64,
+}
+
+/// A QUIC endpoint carrying chitchat; cheap to clone.
+#[derive(Clone)]
+pub struct QuicTransport {
+    shared: Arc<Shared>,
+    socket_rx: Arc<Mutex<Option<mpsc::Receiver<(SocketAddr, ChitchatMessage)>>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding one of these maps cannot leave it inconsistent
+    // (single insert/remove operations), so recover from poisoning.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl QuicTransport {
+    /// Binds the gossip endpoint and starts accepting connections.
+    pub fn bind(
+        addr: SocketAddr,
+        server: quinn::ServerConfig,
+        client: quinn::ClientConfig,
+        records: watch::Receiver<Vec<String>>,
+    ) -> std::io::Result<Self> {
+        let endpoint = quinn::Endpoint::server(server, addr)?;
+        let (tx, rx) = mpsc::channel(1024);
+        let shared = Arc::new(Shared {
+            endpoint,
+            client,
+            conns: Mutex::new(HashMap::new()),
+            senders: Mutex::new(HashMap::new()),
+            incoming: tx,
+            records,
+            bytes_out: 0.into(),
+            bytes_in: 0.into(),
+        });
+        tokio::spawn(accept_loop(shared.clone()));
+        Ok(Self {
+            shared,
+            socket_rx: Arc::new(Mutex::new(Some(rx))),
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.shared.endpoint.local_addr()
+    }
+
+    /// (bytes sent, bytes received) of gossip so far, stream payloads only.
+    pub fn byte_counts(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (self.shared.bytes_out.load(Relaxed), self.shared.bytes_in.load(Relaxed))
+    }
+
+    /// Asks the member at `addr` for the records it holds, proving on the
+    /// way that both sides are admitted (mutual TLS).
+    pub async fn hello(&self, addr: SocketAddr) -> Result<HelloReply, ProbeError> {
+        let fut = async {
+            let conn = connect(&self.shared, addr).await?;
+            let (mut send, recv) = conn.open_bi().await.map_err(|e| conn_err(addr, e))?;
+            send.write_all(&proto::encode(&Request::Hello))
+                .await
+                .map_err(|e| other(addr, e))?;
+            send.finish().map_err(|e| other(addr, e))?;
+            let bytes = read_all(recv).await.map_err(|e| match e {
+                quinn::ReadToEndError::Read(quinn::ReadError::ConnectionLost(c)) => conn_err(addr, c),
+                e => other(addr, e),
+            })?;
+            proto::decode::<HelloReply>("hello reply", &bytes).map_err(|e| other(addr, e))
+        };
+        tokio::time::timeout(CONNECT_TIMEOUT * 2, fut)
+            .await
+            .map_err(|_| ProbeError::Timeout(addr, CONNECT_TIMEOUT * 2))?
+    }
+
+    pub fn close(&self) {
+        self.shared.endpoint.close(0u32.into(), b"bye");
+    }
+}
+
+fn other(addr: SocketAddr, e: impl std::fmt::Display) -> ProbeError {
+    ProbeError::Other {
+        addr,
+        detail: e.to_string(),
+    }
+}
+
+fn conn_err(addr: SocketAddr, e: quinn::ConnectionError) -> ProbeError {
+    match &e {
+        quinn::ConnectionError::ConnectionClosed(c) if c.error_code.to_string().contains("crypto") || (0x100..0x200).contains(&u64::from(c.error_code)) => ProbeError::Refused {
+            addr,
+            detail: e.to_string(),
+        },
+        quinn::ConnectionError::TransportError(t) if (0x100..0x200).contains(&u64::from(t.code)) => ProbeError::Refused {
+            addr,
+            detail: format!("its certificate failed our check ({t})"),
+        },
+        quinn::ConnectionError::TimedOut => ProbeError::Timeout(addr, CONNECT_TIMEOUT),
+        _ => other(addr, e),
+    }
+}
+
+async fn read_all(mut recv: quinn::RecvStream) -> Result<Vec<u8>, quinn::ReadToEndError> {
+    recv.read_to_end(MAX_MESSAGE).await
+}
+
+async fn connect(shared: &Arc<Shared>, addr: SocketAddr) -> Result<quinn::Connection, ProbeError> {
+    if let Some(c) = lock(&shared.conns).get(&addr) {
+        if c.close_reason().is_none() {
+            return Ok(c.clone());
+        }
+    }
+    let connecting = shared
+        .endpoint
+        .connect_with(shared.client.clone(), addr, SERVER_NAME)
+        .map_err(|e| other(addr, e))?;
+    let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
+        .await
+        .map_err(|_| ProbeError::Timeout(addr, CONNECT_TIMEOUT))?
+        .map_err(|e| conn_err(addr, e))?;
+    register(shared, conn.clone());
+    Ok(conn)
+}
+
+/// Remembers a connection by its remote address and serves its streams.
+fn register(shared: &Arc<Shared>, conn: quinn::Connection) {
+    lock(&shared.conns).insert(conn.remote_address(), conn.clone());
+    tokio::spawn(serve_connection(shared.clone(), conn));
+}
+
+async fn accept_loop(shared: Arc<Shared>) {
+    while let Some(incoming) = shared.endpoint.accept().await {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            match incoming.await {
+                Ok(conn) => register(&shared, conn),
+                // Strangers end here: their certificate failed the admission check.
+                Err(e) => tracing::debug!(%remote, error = %e, "gossip connection refused"),
+            }
+        });
+    }
+}
+
+async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection) {
+    let remote = conn.remote_address();
+    loop {
+        tokio::select! {
+            uni = conn.accept_uni() => {
+                let Ok(stream) = uni else { break };
+                match read_all(stream).await {
+                    Ok(bytes) => {
+                        shared.bytes_in.fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                        match ChitchatMessage::deserialize(&mut bytes.as_slice()) {
+                            Ok(msg) => {
+                                if shared.incoming.send((remote, msg)).await.is_err() {
+                                    break;
+                                }
+                            }
+                            Err(e) => tracing::warn!(%remote, error = %e, "dropped a malformed gossip message"),
+                        }
+                    }
+                    Err(e) => tracing::debug!(%remote, error = %e, "gossip stream failed"),
+                }
+            }
+            bi = conn.accept_bi() => {
+                let Ok((mut send, recv)) = bi else { break };
+                let records = shared.records.borrow().clone();
+                tokio::spawn(async move {
+                    let mut recv = recv;
+                    let Ok(bytes) = recv.read_to_end(1024).await.map_err(|e| tracing::debug!(%remote, error = %e, "request stream failed")) else { return };
+                    match proto::decode::<Request>("request", &bytes) {
+                        Ok(Request::Hello) => {
+                            let reply = proto::encode(&HelloReply { records });
+                            let _ = send.write_all(&reply).await;
+                            let _ = send.finish();
+                            let _ = send.stopped().await;
+                        }
+                        Err(e) => tracing::warn!(%remote, error = %e, "dropped a malformed request"),
+                    }
+                });
+            }
+        }
+    }
+    let mut conns = lock(&shared.conns);
+    if conns.get(&remote).is_some_and(|c| c.stable_id() == conn.stable_id()) {
+        conns.remove(&remote);
+    }
+}
+
+/// Sends queued messages to one destination, connecting as needed.
+async fn sender_task(shared: Arc<Shared>, to: SocketAddr, mut rx: mpsc::Receiver<Vec<u8>>) {
+    let mut failed_until: Option<Instant> = None;
+    while let Ok(Some(bytes)) = tokio::time::timeout(SENDER_IDLE, rx.recv()).await {
+        if failed_until.is_some_and(|t| Instant::now() < t) {
+            continue;
+        }
+        let mut sent = false;
+        for _attempt in 0..2 {
+            let conn = match connect(&shared, to).await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::debug!(%to, error = %e, "cannot reach gossip peer");
+                    break;
+                }
+            };
+            let res = async {
+                let mut s = conn.open_uni().await?;
+                s.write_all(&bytes).await?;
+                s.finish()?;
+                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
+            }
+            .await;
+            match res {
+                Ok(()) => {
+                    shared.bytes_out.fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                    sent = true;
+                    break;
+                }
+                Err(e) => {
+                    tracing::debug!(%to, error = %e, "gossip send failed; reconnecting");
+                    let mut conns = lock(&shared.conns);
+                    if conns.get(&to).is_some_and(|c| c.stable_id() == conn.stable_id()) {
+                        conns.remove(&to);
+                    }
+                }
+            }
+        }
+        failed_until = (!sent).then(|| Instant::now() + FAILED_BACKOFF);
+    }
+    lock(&shared.senders).remove(&to);
+}
+
+struct QuicSocket {
+    shared: Arc<Shared>,
+    rx: mpsc::Receiver<(SocketAddr, ChitchatMessage)>,
+}
+
+#[async_trait]
+impl Transport for QuicTransport {
+    async fn open(&self, listen_addr: SocketAddr) -> anyhow::Result<Box<dyn Socket>> {
+        let rx = lock(&self.socket_rx)
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("gossip socket on {listen_addr} is already open"))?;
+        Ok(Box::new(QuicSocket {
+            shared: self.shared.clone(),
+            rx,
+        }))
+    }
+}
+
+#[async_trait]
+impl Socket for QuicSocket {
+    async fn send(&mut self, to: SocketAddr, msg: ChitchatMessage) -> anyhow::Result<()> {
+        let mut bytes = Vec::with_capacity(msg.serialized_len());
+        msg.serialize(&mut bytes);
+        let mut senders = lock(&self.shared.senders);
+        let tx = match senders.get(&to) {
+            Some(tx) if !tx.is_closed() => tx.clone(),
+            _ => {
+                let (tx, rx) = mpsc::channel(16);
+                tokio::spawn(sender_task(self.shared.clone(), to, rx));
+                senders.insert(to, tx.clone());
+                tx
+            }
+        };
+        // Never block chitchat's loop: a full queue means the peer is slow
+        // or unreachable; gossip is redundant, so the message can go.
+        if tx.try_send(bytes).is_err() {
+            tracing::trace!(%to, "gossip queue full; message dropped");
+        }
+        Ok(())
+    }
+
+    async fn recv(&mut self) -> anyhow::Result<(SocketAddr, ChitchatMessage)> {
+        self.rx
+            .recv()
+            .await
+            .ok_or_else(|| anyhow::anyhow!("gossip endpoint closed"))
+    }
+}

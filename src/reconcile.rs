@@ -1,0 +1,220 @@
+//! Desired versus actual WireGuard peers, as pure data.
+//!
+//! [`reconcile`] compares what membership wants with what the device holds and
+//! returns the minimal list of [`PeerChange`]s; the shell ([`crate::wg`])
+//! applies them. Peers meshpeer did not add (not in `owned`) are never
+//! changed or removed.
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use crate::membership::DesiredPeer;
+
+/// A handshake younger than this means the current endpoint works: leave it
+/// alone even if it is not among the candidates (WireGuard roamed to it).
+pub const FRESH_HANDSHAKE: Duration = Duration::from_secs(180);
+
+/// A peer as the WireGuard device reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ActualPeer {
+    pub public_key: [u8; 32],
+    pub endpoint: Option<SocketAddr>,
+    pub allowed_ips: Vec<(IpAddr, u8)>,
+    pub keepalive: Option<u16>,
+    /// Age of the last handshake, if any.
+    pub handshake_age: Option<Duration>,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+}
+
+/// One change to apply to the device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerChange {
+    Add {
+        public_key: [u8; 32],
+        allowed_ip: Ipv4Addr,
+        endpoint: Option<SocketAddr>,
+        keepalive: u16,
+    },
+    Update {
+        public_key: [u8; 32],
+        /// New endpoint, if it changes.
+        endpoint: Option<SocketAddr>,
+        /// Replacement allowed IP, if it changes.
+        allowed_ip: Option<Ipv4Addr>,
+        keepalive: Option<u16>,
+    },
+    Remove {
+        public_key: [u8; 32],
+    },
+}
+
+impl PeerChange {
+    pub fn public_key(&self) -> &[u8; 32] {
+        match self {
+            PeerChange::Add { public_key, .. }
+            | PeerChange::Update { public_key, .. }
+            | PeerChange::Remove { public_key } => public_key,
+        }
+    }
+}
+
+/// Computes the changes that turn `actual` into `desired`.
+///
+/// `rotation` picks which candidate endpoint to try for a peer that has no
+/// fresh handshake (the shell passes a slowly increasing counter, so an
+/// unreachable candidate is eventually replaced by the next one).
+pub fn reconcile(
+    desired: &[DesiredPeer],
+    actual: &[ActualPeer],
+    owned: &BTreeSet<[u8; 32]>,
+    rotation: usize,
+) -> Vec<PeerChange> {
+    let mut changes = Vec::new();
+    for d in desired {
+        let pick = |rot: usize| -> Option<SocketAddr> {
+            if d.endpoints.is_empty() {
+                None
+            } else {
+                Some(d.endpoints[rot % d.endpoints.len()])
+            }
+        };
+        match actual.iter().find(|a| a.public_key == d.public_key) {
+            None => changes.push(PeerChange::Add {
+                public_key: d.public_key,
+                allowed_ip: d.allowed_ip,
+                endpoint: pick(0),
+                keepalive: d.keepalive,
+            }),
+            Some(a) if !owned.contains(&a.public_key) => {
+                // Someone else's peer with a member's key: not ours to touch.
+            }
+            Some(a) => {
+                let fresh = a.handshake_age.is_some_and(|age| age < FRESH_HANDSHAKE);
+                let endpoint = match a.endpoint {
+                    None => pick(0),
+                    Some(_) if fresh => None,
+                    Some(cur) => {
+                        let want = pick(rotation);
+                        (want != Some(cur) && want.is_some()).then_some(want).flatten()
+                    }
+                };
+                let want_ips = vec![(IpAddr::V4(d.allowed_ip), 32u8)];
+                let allowed_ip = (a.allowed_ips != want_ips).then_some(d.allowed_ip);
+                let keepalive = (a.keepalive != Some(d.keepalive)).then_some(d.keepalive);
+                if endpoint.is_some() || allowed_ip.is_some() || keepalive.is_some() {
+                    changes.push(PeerChange::Update {
+                        public_key: d.public_key,
+                        endpoint,
+                        allowed_ip,
+                        keepalive,
+                    });
+                }
+            }
+        }
+    }
+    for a in actual {
+        if owned.contains(&a.public_key) && !desired.iter().any(|d| d.public_key == a.public_key) {
+            changes.push(PeerChange::Remove {
+                public_key: a.public_key,
+            });
+        }
+    }
+    changes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn desired(k: u8, ip: &str, eps: &[&str]) -> DesiredPeer {
+        DesiredPeer {
+            public_key: [k; 32],
+            allowed_ip: ip.parse().unwrap(),
+            endpoints: eps.iter().map(|e| e.parse().unwrap()).collect(),
+            keepalive: 25,
+        }
+    }
+
+    fn actual(k: u8, ip: &str, ep: Option<&str>, age: Option<u64>) -> ActualPeer {
+        ActualPeer {
+            public_key: [k; 32],
+            endpoint: ep.map(|e| e.parse().unwrap()),
+            allowed_ips: vec![(ip.parse().unwrap(), 32)],
+            keepalive: Some(25),
+            handshake_age: age.map(Duration::from_secs),
+            rx_bytes: 0,
+            tx_bytes: 0,
+        }
+    }
+
+    #[test]
+    fn adds_missing_removes_owned_extras_and_spares_foreign_peers() {
+        let d = vec![desired(1, "10.0.0.1", &["192.0.2.1:51820"])];
+        let a = vec![
+            actual(2, "10.0.0.2", None, None),
+            actual(3, "10.9.9.9", None, None),
+        ];
+        let owned: BTreeSet<_> = [[2u8; 32]].into();
+        let c = reconcile(&d, &a, &owned, 0);
+        assert_eq!(
+            c,
+            vec![
+                PeerChange::Add {
+                    public_key: [1; 32],
+                    allowed_ip: "10.0.0.1".parse().unwrap(),
+                    endpoint: Some("192.0.2.1:51820".parse().unwrap()),
+                    keepalive: 25
+                },
+                PeerChange::Remove { public_key: [2; 32] },
+            ]
+        );
+    }
+
+    #[test]
+    fn in_sync_means_no_changes() {
+        let d = vec![desired(1, "10.0.0.1", &["192.0.2.1:51820"])];
+        let a = vec![actual(1, "10.0.0.1", Some("192.0.2.1:51820"), Some(5))];
+        let owned: BTreeSet<_> = [[1u8; 32]].into();
+        assert!(reconcile(&d, &a, &owned, 7).is_empty());
+    }
+
+    #[test]
+    fn endpoint_changes_update_in_place_unless_a_fresh_handshake_roamed() {
+        let d = vec![desired(1, "10.0.0.1", &["192.0.2.7:51820"])];
+        let owned: BTreeSet<_> = [[1u8; 32]].into();
+        // Stale endpoint, no handshake: moved to the new candidate.
+        let a = vec![actual(1, "10.0.0.1", Some("192.0.2.1:51820"), None)];
+        assert_eq!(
+            reconcile(&d, &a, &owned, 0),
+            vec![PeerChange::Update {
+                public_key: [1; 32],
+                endpoint: Some("192.0.2.7:51820".parse().unwrap()),
+                allowed_ip: None,
+                keepalive: None
+            }]
+        );
+        // Fresh handshake on a roamed endpoint: left alone.
+        let a = vec![actual(1, "10.0.0.1", Some("198.51.100.1:4000"), Some(10))];
+        assert!(reconcile(&d, &a, &owned, 0).is_empty());
+        // Allowed IP changed (the member moved address after a conflict).
+        let a = vec![actual(1, "10.0.0.9", Some("192.0.2.7:51820"), Some(10))];
+        assert!(matches!(
+            reconcile(&d, &a, &owned, 0)[0],
+            PeerChange::Update { allowed_ip: Some(_), endpoint: None, .. }
+        ));
+    }
+
+    #[test]
+    fn rotation_walks_the_candidates_without_a_handshake() {
+        let d = vec![desired(1, "10.0.0.1", &["192.0.2.1:1", "192.0.2.2:1"])];
+        let owned: BTreeSet<_> = [[1u8; 32]].into();
+        let a = vec![actual(1, "10.0.0.1", Some("192.0.2.1:1"), None)];
+        assert!(reconcile(&d, &a, &owned, 0).is_empty());
+        assert!(matches!(
+            reconcile(&d, &a, &owned, 1)[0],
+            PeerChange::Update { endpoint: Some(e), .. } if e.to_string() == "192.0.2.2:1"
+        ));
+    }
+}

@@ -1,0 +1,259 @@
+//! WireGuard: one interface per node, two interchangeable backends.
+//!
+//! * **kernel** (the default wherever the kernel has WireGuard): the
+//!   interface is created and configured over netlink by wireguard-control.
+//! * **userspace** (automatic fallback, e.g. no `wireguard` module): meshpeer's
+//!   own device ([`userspace`]), a TUN interface driven by boringtun's
+//!   `noise::Tunn`, which serves the standard UAPI socket
+//!   (`/var/run/wireguard/<if>.sock`). wireguard-control's userspace backend
+//!   and `wg show` talk to it exactly as to wireguard-go.
+//!
+//! Both are driven by the same code: [`WgInterface::apply`] turns the
+//! [`PeerChange`]s of [`crate::reconcile`] into one wireguard-control
+//! `DeviceUpdate`. Only this module calls wireguard-control.
+//! Addresses and link state are set with iproute2 (`ip`), as wg-quick does.
+
+pub mod userspace;
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr};
+use std::process::Command;
+use std::time::SystemTime;
+
+use ipnet::Ipv4Net;
+use wireguard_control::{Backend, Device, DeviceUpdate, InterfaceName, Key, PeerConfigBuilder};
+
+use crate::reconcile::{ActualPeer, PeerChange};
+
+/// MTU of the overlay interface (1500 minus WireGuard's IPv6 worst case).
+pub const MTU: u32 = 1420;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WgError {
+    #[error("invalid interface name {name:?}: {detail}")]
+    BadName { name: String, detail: String },
+    #[error("interface {0} already exists and was not created by meshpeer; choose another --interface")]
+    Foreign(String),
+    #[error("no permission to create interface {0} (run as root or with CAP_NET_ADMIN)")]
+    Permission(String),
+    #[error("userspace WireGuard for {0}: {1}")]
+    Userspace(String, userspace::UserspaceError),
+    #[error("WireGuard interface {iface}: {action}: {source}")]
+    Io {
+        iface: String,
+        action: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("`ip {args}` failed: {detail}")]
+    Ip { args: String, detail: String },
+}
+
+/// Which WireGuard implementation serves the interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    Kernel,
+    Userspace,
+}
+
+impl BackendKind {
+    fn backend(self) -> Backend {
+        match self {
+            BackendKind::Kernel => Backend::Kernel,
+            BackendKind::Userspace => Backend::Userspace,
+        }
+    }
+}
+
+/// Backend selection from the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackendChoice {
+    /// Kernel if available, else userspace.
+    Auto,
+    Kernel,
+    Userspace,
+}
+
+/// The node's WireGuard interface.
+pub struct WgInterface {
+    pub name: String,
+    iface: InterfaceName,
+    pub backend: BackendKind,
+    device: Option<userspace::UserspaceDevice>,
+}
+
+pub fn link_exists(name: &str) -> bool {
+    std::path::Path::new("/sys/class/net").join(name).exists()
+}
+
+fn is_unsupported(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP) | Some(libc::ENOENT) | Some(libc::EPROTONOSUPPORT))
+        || e.kind() == io::ErrorKind::Unsupported
+}
+
+fn is_permission(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EPERM) | Some(libc::EACCES))
+}
+
+impl WgInterface {
+    /// Creates (or, if `owned`, adopts) the interface and sets the key and port.
+    pub async fn open(
+        name: &str,
+        private_key: [u8; 32],
+        listen_port: u16,
+        owned: bool,
+        choice: BackendChoice,
+    ) -> Result<Self, WgError> {
+        let iface: InterfaceName = name.parse().map_err(|e: wireguard_control::InvalidInterfaceName| WgError::BadName {
+            name: name.to_string(),
+            detail: e.to_string(),
+        })?;
+        if link_exists(name) && !owned {
+            return Err(WgError::Foreign(name.to_string()));
+        }
+        let update = || {
+            DeviceUpdate::new()
+                .set_private_key(Key(private_key))
+                .set_listen_port(listen_port)
+        };
+        if choice != BackendChoice::Userspace {
+            match update().apply(&iface, Backend::Kernel) {
+                Ok(()) => {
+                    tracing::info!(interface = name, "using the kernel's WireGuard");
+                    let me = Self { name: name.to_string(), iface, backend: BackendKind::Kernel, device: None };
+                    return Ok(me);
+                }
+                Err(e) if is_permission(&e) => return Err(WgError::Permission(name.to_string())),
+                Err(e) if choice == BackendChoice::Kernel || !is_unsupported(&e) => {
+                    return Err(WgError::Io { iface: name.to_string(), action: "create (kernel)", source: e })
+                }
+                Err(e) => {
+                    tracing::warn!(interface = name, error = %e, "the kernel has no WireGuard; using meshpeer's embedded userspace WireGuard");
+                }
+            }
+        }
+        if link_exists(name) {
+            // A leftover TUN of a crashed userspace run: its device is gone.
+            let _ = run_ip(&["link", "del", "dev", name]);
+        }
+        let device = userspace::UserspaceDevice::start(name)
+            .await
+            .map_err(|e| match e {
+                userspace::UserspaceError::Permission(_) => WgError::Permission(name.to_string()),
+                e => WgError::Userspace(name.to_string(), e),
+            })?;
+        let me = Self { name: name.to_string(), iface, backend: BackendKind::Userspace, device: Some(device) };
+        me.update(update(), "configure")?;
+        Ok(me)
+    }
+
+    fn update(&self, update: DeviceUpdate, action: &'static str) -> Result<(), WgError> {
+        update
+            .apply(&self.iface, self.backend.backend())
+            .map_err(|source| WgError::Io { iface: self.name.clone(), action, source })
+    }
+
+    /// Puts `ip/prefix` on the interface (replacing any other address) and
+    /// brings it up.
+    pub fn set_address(&self, ip: Ipv4Addr, cidr: Ipv4Net) -> Result<(), WgError> {
+        let addr = format!("{ip}/{}", cidr.prefix_len());
+        let current = Command::new("ip")
+            .args(["-4", "-o", "address", "show", "dev", &self.name])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+            .unwrap_or_default();
+        if !current.contains(&format!(" {addr} ")) {
+            run_ip(&["-4", "address", "flush", "dev", &self.name])?;
+            run_ip(&["-4", "address", "add", &addr, "dev", &self.name])?;
+        }
+        run_ip(&["link", "set", "dev", &self.name, "mtu", &MTU.to_string(), "up"])
+    }
+
+    /// The peers the device holds now.
+    pub fn peers(&self) -> Result<Vec<ActualPeer>, WgError> {
+        let dev = Device::get(&self.iface, self.backend.backend())
+            .map_err(|source| WgError::Io { iface: self.name.clone(), action: "read", source })?;
+        let now = SystemTime::now();
+        Ok(dev
+            .peers
+            .into_iter()
+            .map(|p| ActualPeer {
+                public_key: p.config.public_key.0,
+                endpoint: p.config.endpoint,
+                allowed_ips: p.config.allowed_ips.iter().map(|a| (a.address, a.cidr)).collect(),
+                keepalive: p.config.persistent_keepalive_interval.filter(|k| *k != 0),
+                handshake_age: p
+                    .stats
+                    .last_handshake_time
+                    .filter(|t| *t > SystemTime::UNIX_EPOCH)
+                    .map(|t| now.duration_since(t).unwrap_or_default()),
+                rx_bytes: p.stats.rx_bytes,
+                tx_bytes: p.stats.tx_bytes,
+            })
+            .collect())
+    }
+
+    /// Applies reconcile's changes in one update.
+    pub fn apply(&self, changes: &[PeerChange]) -> Result<(), WgError> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let mut update = DeviceUpdate::new();
+        for c in changes {
+            let peer = match c {
+                PeerChange::Add { public_key, allowed_ip, endpoint, keepalive } => {
+                    let mut p = PeerConfigBuilder::new(&Key(*public_key))
+                        .replace_allowed_ips()
+                        .add_allowed_ip(IpAddr::V4(*allowed_ip), 32)
+                        .set_persistent_keepalive_interval(*keepalive);
+                    if let Some(e) = endpoint {
+                        p = p.set_endpoint(*e);
+                    }
+                    p
+                }
+                PeerChange::Update { public_key, endpoint, allowed_ip, keepalive } => {
+                    let mut p = PeerConfigBuilder::new(&Key(*public_key));
+                    if let Some(e) = endpoint {
+                        p = p.set_endpoint(*e);
+                    }
+                    if let Some(ip) = allowed_ip {
+                        p = p.replace_allowed_ips().add_allowed_ip(IpAddr::V4(*ip), 32);
+                    }
+                    if let Some(k) = keepalive {
+                        p = p.set_persistent_keepalive_interval(*k);
+                    }
+                    p
+                }
+                PeerChange::Remove { public_key } => PeerConfigBuilder::new(&Key(*public_key)).remove(),
+            };
+            update = update.add_peer(peer);
+        }
+        self.update(update, "update peers")
+    }
+
+    /// Removes the interface (meshpeer created it).
+    pub async fn destroy(mut self) {
+        if let Some(dev) = self.device.take() {
+            dev.shutdown().await;
+        }
+        if link_exists(&self.name) {
+            let _ = run_ip(&["link", "del", "dev", &self.name]);
+        }
+    }
+}
+
+fn run_ip(args: &[&str]) -> Result<(), WgError> {
+    let out = Command::new("ip").args(args).output().map_err(|e| WgError::Ip {
+        args: args.join(" "),
+        detail: format!("cannot run ip (is iproute2 installed?): {e}"),
+    })?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(WgError::Ip {
+            args: args.join(" "),
+            detail: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        })
+    }
+}
