@@ -108,7 +108,17 @@ pub fn issue_token(
 ) -> Token {
     let mut token_id = [0u8; 16];
     OsRng.fill_bytes(&mut token_id);
-    let join = SigningKey::generate(&mut OsRng);
+    issue_token_with(network_secret, cidr, expires_at, token_id, SigningKey::generate(&mut OsRng))
+}
+
+/// [`issue_token`] with a chosen token id and join key (test vectors).
+pub fn issue_token_with(
+    network_secret: &SigningKey,
+    cidr: Ipv4Net,
+    expires_at: u64,
+    token_id: [u8; 16],
+    join: SigningKey,
+) -> Token {
     let delegation = Delegation {
         network_key: network_secret.verifying_key().to_bytes(),
         cidr_addr: cidr.network(),
