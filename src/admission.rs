@@ -101,14 +101,16 @@ pub enum AdmissionError {
 }
 
 /// Creates the signed delegation of a new token.
-pub fn issue_token(
-    network_secret: &SigningKey,
-    cidr: Ipv4Net,
-    expires_at: u64,
-) -> Token {
+pub fn issue_token(network_secret: &SigningKey, cidr: Ipv4Net, expires_at: u64) -> Token {
     let mut token_id = [0u8; 16];
     OsRng.fill_bytes(&mut token_id);
-    issue_token_with(network_secret, cidr, expires_at, token_id, SigningKey::generate(&mut OsRng))
+    issue_token_with(
+        network_secret,
+        cidr,
+        expires_at,
+        token_id,
+        SigningKey::generate(&mut OsRng),
+    )
 }
 
 /// [`issue_token`] with a chosen token id and join key (test vectors).
@@ -254,7 +256,10 @@ mod tests {
     use super::*;
 
     fn net() -> (SigningKey, Ipv4Net) {
-        (SigningKey::from_bytes(&[1; 32]), "10.77.0.0/16".parse().unwrap())
+        (
+            SigningKey::from_bytes(&[1; 32]),
+            "10.77.0.0/16".parse().unwrap(),
+        )
     }
 
     #[test]
@@ -304,13 +309,21 @@ mod tests {
             verify_admission(&late, &nk.verifying_key().to_bytes()),
             Err(AdmissionError::Expired { .. })
         ));
-        assert!(verify_admission(&token.admit([9; 32], 100), &nk.verifying_key().to_bytes()).is_ok());
+        assert!(
+            verify_admission(&token.admit([9; 32], 100), &nk.verifying_key().to_bytes()).is_ok()
+        );
     }
 
     #[test]
     fn bad_token_text_gives_clear_errors() {
-        assert_eq!(Token::parse("hello").unwrap_err(), AdmissionError::TokenPrefix);
-        assert_eq!(Token::parse("mp1.!!!").unwrap_err(), AdmissionError::TokenBase64);
+        assert_eq!(
+            Token::parse("hello").unwrap_err(),
+            AdmissionError::TokenPrefix
+        );
+        assert_eq!(
+            Token::parse("mp1.!!!").unwrap_err(),
+            AdmissionError::TokenBase64
+        );
         assert!(matches!(
             Token::parse("mp1.AAAA").unwrap_err(),
             AdmissionError::TokenWire(_)

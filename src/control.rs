@@ -89,7 +89,9 @@ pub async fn serve(listener: UnixListener, tx: mpsc::Sender<Incoming>) {
                     message: format!("bad request: {e}"),
                 },
             };
-            let Ok(mut text) = serde_json::to_string(&reply) else { return };
+            let Ok(mut text) = serde_json::to_string(&reply) else {
+                return;
+            };
             text.push('\n');
             let _ = w.write_all(text.as_bytes()).await;
         });
@@ -107,7 +109,8 @@ pub async fn request(path: &Path, req: &Request, timeout: Duration) -> Result<Re
             source,
         };
         let (r, mut w) = stream.into_split();
-        let mut text = serde_json::to_string(req).map_err(|e| ControlError::Protocol(e.to_string()))?;
+        let mut text =
+            serde_json::to_string(req).map_err(|e| ControlError::Protocol(e.to_string()))?;
         text.push('\n');
         w.write_all(text.as_bytes()).await.map_err(io)?;
         let mut line = String::new();

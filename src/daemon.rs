@@ -58,15 +58,19 @@ fn unix_ms() -> u64 {
 
 /// Loads the network this node belongs to.
 pub fn load_network(dir: &StateDir) -> anyhow::Result<(Network, Signed)> {
-    let m: MembershipFile = dir
-        .read_json("membership.json")?
-        .ok_or_else(|| anyhow!("{} holds no membership (run `meshpeer init` or `meshpeer join`)", dir.path.display()))?;
+    let m: MembershipFile = dir.read_json("membership.json")?.ok_or_else(|| {
+        anyhow!(
+            "{} holds no membership (run `meshpeer init` or `meshpeer join`)",
+            dir.path.display()
+        )
+    })?;
     let key = proto::parse_node_id(&m.network_key)
         .ok_or_else(|| anyhow!("{}: bad network key", dir.file("membership.json").display()))?;
     let admission_bytes = base64::engine::general_purpose::STANDARD
         .decode(&m.admission)
         .context("membership.json: admission is not base64")?;
-    let admission: Signed = proto::decode("admission", &admission_bytes).context("membership.json: admission")?;
+    let admission: Signed =
+        proto::decode("admission", &admission_bytes).context("membership.json: admission")?;
     Ok((Network { key, cidr: m.cidr }, admission))
 }
 
@@ -120,7 +124,9 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()>) -> anyho
     for s in &state.seeds {
         match crate::net::resolve_seed(s) {
             Ok(a) => seed_addrs.extend(a),
-            Err(e) => tracing::warn!(seed = %s, error = %e, "cannot resolve seed; will retry through gossip"),
+            Err(e) => {
+                tracing::warn!(seed = %s, error = %e, "cannot resolve seed; will retry through gossip")
+            }
         }
     }
     let mut reach: Vec<SocketAddr> = seed_addrs.clone();
@@ -131,7 +137,11 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()>) -> anyho
         .advertise
         .or(state.advertise_addr)
         .or_else(|| reach.first().and_then(|a| crate::net::route_source(*a)))
-        .or_else(|| crate::net::local_ipv4_nets(&[&cfg.interface]).first().map(|(n, _)| IpAddr::V4(n.addr())))
+        .or_else(|| {
+            crate::net::local_ipv4_nets(&[&cfg.interface])
+                .first()
+                .map(|(n, _)| IpAddr::V4(n.addr()))
+        })
         .ok_or_else(|| anyhow!("cannot find an address to advertise; pass --advertise-addr"))?;
 
     let mut membership = Membership::new(network.key, id.node_key(), cfg.down_grace);
@@ -144,26 +154,49 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()>) -> anyho
             .into_iter()
             .filter_map(|text| {
                 let v = crate::record::verify_record(&text, &network.key, None).ok()?;
-                Some(GossipEntry { node_id: proto::node_id_string(&v.body.node_key), record: Some(text), live: true })
+                Some(GossipEntry {
+                    node_id: proto::node_id_string(&v.body.node_key),
+                    record: Some(text),
+                    live: true,
+                })
             })
             .collect();
         membership.handle_snapshot(Instant::now(), &entries);
-        let ip = ipalloc::choose(network.cidr, &id.node_key(), &membership.taken_ips(&id.node_key()))
-            .ok_or_else(|| anyhow!("network {} is full", network.cidr))?;
+        let ip = ipalloc::choose(
+            network.cidr,
+            &id.node_key(),
+            &membership.taken_ips(&id.node_key()),
+        )
+        .ok_or_else(|| anyhow!("network {} is full", network.cidr))?;
         state.overlay_ip = Some(ip);
         state.ip_claimed_at = unix_ms();
         tracing::info!(%ip, members = entries.len(), "joined; chose overlay address");
     }
-    let overlay_ip = state.overlay_ip.ok_or_else(|| anyhow!("no overlay address"))?;
+    let overlay_ip = state
+        .overlay_ip
+        .ok_or_else(|| anyhow!("no overlay address"))?;
 
     let owned_if = state.interface_created.as_deref() == Some(cfg.interface.as_str());
-    let wg = WgInterface::open(&cfg.interface, id.wg_secret.to_bytes(), cfg.wg_port, owned_if, cfg.backend).await?;
+    let wg = WgInterface::open(
+        &cfg.interface,
+        id.wg_secret.to_bytes(),
+        cfg.wg_port,
+        owned_if,
+        cfg.backend,
+    )
+    .await?;
     state.interface_created = Some(cfg.interface.clone());
     let owned: BTreeSet<[u8; 32]> = if owned_if {
         state
             .owned_peers
             .iter()
-            .filter_map(|k| base64::engine::general_purpose::STANDARD.decode(k).ok()?.try_into().ok())
+            .filter_map(|k| {
+                base64::engine::general_purpose::STANDARD
+                    .decode(k)
+                    .ok()?
+                    .try_into()
+                    .ok()
+            })
             .collect()
     } else {
         BTreeSet::new()
@@ -175,13 +208,24 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()>) -> anyho
     }
 
     let mut node_state = state;
-    let record = build_record(&id, &network, &admission, &mut node_state, &cfg, advertise, false);
+    let record = build_record(
+        &id,
+        &network,
+        &admission,
+        &mut node_state,
+        &cfg,
+        advertise,
+        false,
+    );
     dir.save_state(&node_state)?;
+    let who = gossip::GossipIdentity {
+        node_id: id.node_id(),
+        generation: unix_ms(),
+        advertise: SocketAddr::new(advertise, cfg.gossip_port),
+        cluster_id: network.id(),
+    };
     let gossip = match Gossip::start(
-        id.node_id(),
-        unix_ms(),
-        SocketAddr::new(advertise, cfg.gossip_port),
-        network.id(),
+        who,
         node_state.seeds.clone(),
         &cfg.timing,
         transport,
@@ -280,7 +324,9 @@ async fn hello_any(transport: &QuicTransport, reach: &[SocketAddr]) -> anyhow::R
         for addr in reach {
             match transport.hello(*addr).await {
                 Ok(r) => return Ok(r.records),
-                Err(e @ gossip::transport::ProbeError::Refused { .. }) => return Err(anyhow!("cannot join: {e}")),
+                Err(e @ gossip::transport::ProbeError::Refused { .. }) => {
+                    return Err(anyhow!("cannot join: {e}"))
+                }
                 Err(e) => {
                     tracing::info!(seed = %addr, error = %e, "seed not reachable yet");
                     last_err = Some(e);
@@ -292,7 +338,9 @@ async fn hello_any(transport: &QuicTransport, reach: &[SocketAddr]) -> anyhow::R
     }
     Err(anyhow!(
         "cannot join: no seed answered within {JOIN_TIMEOUT:?}{}",
-        last_err.map(|e| format!(" (last error: {e})")).unwrap_or_default()
+        last_err
+            .map(|e| format!(" (last error: {e})"))
+            .unwrap_or_default()
     ))
 }
 
@@ -309,7 +357,10 @@ fn build_record(
     let mut endpoints = vec![SocketAddr::new(advertise, cfg.wg_port)];
     for (net, _) in crate::net::local_ipv4_nets(&[&cfg.interface]) {
         let a = SocketAddr::new(IpAddr::V4(net.addr()), cfg.wg_port);
-        if !endpoints.contains(&a) && !network.cidr.contains(&net.addr()) && endpoints.len() < crate::record::MAX_ENDPOINTS {
+        if !endpoints.contains(&a)
+            && !network.cidr.contains(&net.addr())
+            && endpoints.len() < crate::record::MAX_ENDPOINTS
+        {
             endpoints.push(a);
         }
     }
@@ -319,7 +370,9 @@ fn build_record(
         node_key: id.node_key(),
         version: state.record_version,
         name: state.name.clone(),
-        overlay_ip: state.overlay_ip.unwrap_or(ipalloc::first_host(network.cidr)),
+        overlay_ip: state
+            .overlay_ip
+            .unwrap_or(ipalloc::first_host(network.cidr)),
         ip_claimed_at: state.ip_claimed_at,
         wg_public_key: id.wg_public(),
         wg_port: cfg.wg_port,
@@ -340,11 +393,19 @@ impl Node {
         for e in self.membership.handle_snapshot(now, &entries) {
             log_event(&e);
         }
-        self.records_tx.send_replace(entries.iter().filter_map(|e| e.record.clone()).collect());
+        self.records_tx
+            .send_replace(entries.iter().filter_map(|e| e.record.clone()).collect());
 
         // Address conflict: the earlier claim keeps it; we move.
-        let my_ip = self.state.overlay_ip.ok_or_else(|| anyhow!("no overlay address"))?;
-        let mine = Claim { ip: my_ip, claimed_at: self.state.ip_claimed_at, node_key: self.id.node_key() };
+        let my_ip = self
+            .state
+            .overlay_ip
+            .ok_or_else(|| anyhow!("no overlay address"))?;
+        let mine = Claim {
+            ip: my_ip,
+            claimed_at: self.state.ip_claimed_at,
+            node_key: self.id.node_key(),
+        };
         if self.membership.loses_claim(&mine) {
             let taken = self.membership.taken_ips(&self.id.node_key());
             let ip = ipalloc::choose(self.network.cidr, &self.id.node_key(), &taken)
@@ -358,7 +419,10 @@ impl Node {
         }
 
         // WireGuard: desired vs actual.
-        let local: Vec<Ipv4Net> = crate::net::local_ipv4_nets(&[&self.cfg.interface]).into_iter().map(|(n, _)| n).collect();
+        let local: Vec<Ipv4Net> = crate::net::local_ipv4_nets(&[&self.cfg.interface])
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
         let desired = self.membership.desired_peers(now, &local);
         let actual = self.wg.peers()?;
         let rotation = (unix_ms() / 10_000) as usize;
@@ -412,12 +476,24 @@ impl Node {
     }
 
     async fn republish(&mut self, left: bool) {
-        let record = build_record(&self.id, &self.network, &self.admission, &mut self.state, &self.cfg, self.advertise, left);
+        let record = build_record(
+            &self.id,
+            &self.network,
+            &self.admission,
+            &mut self.state,
+            &self.cfg,
+            self.advertise,
+            left,
+        );
         self.gossip.publish(record).await;
     }
 
     fn persist(&mut self, force: bool) {
-        self.state.owned_peers = self.owned.iter().map(|k| base64::engine::general_purpose::STANDARD.encode(k)).collect();
+        self.state.owned_peers = self
+            .owned
+            .iter()
+            .map(|k| base64::engine::general_purpose::STANDARD.encode(k))
+            .collect();
         if force || self.last_persist.elapsed() > Duration::from_secs(10) {
             if let Err(e) = self.dir.save_state(&self.state) {
                 tracing::warn!(error = %e, "cannot save state");
@@ -488,7 +564,10 @@ impl Node {
             gossip_addr: SocketAddr::new(self.advertise, self.cfg.gossip_port).to_string(),
             gossip_bytes_sent: sent,
             gossip_bytes_received: received,
-            myself: members.iter().find(|m| m.state == MemberState::Myself).cloned(),
+            myself: members
+                .iter()
+                .find(|m| m.state == MemberState::Myself)
+                .cloned(),
             members,
         }
     }
@@ -496,14 +575,24 @@ impl Node {
 
 fn log_event(e: &Event) {
     match e {
-        Event::Joined { name, node, overlay_ip } => tracing::info!(member = %name, %node, %overlay_ip, "member joined"),
-        Event::Updated { name, version } => tracing::debug!(member = %name, version, "member updated its record"),
+        Event::Joined {
+            name,
+            node,
+            overlay_ip,
+        } => tracing::info!(member = %name, %node, %overlay_ip, "member joined"),
+        Event::Updated { name, version } => {
+            tracing::debug!(member = %name, version, "member updated its record")
+        }
         Event::Left { name } => tracing::info!(member = %name, "member left"),
         Event::Down { name } => tracing::warn!(member = %name, "member is down"),
         Event::Up { name } => tracing::info!(member = %name, "member is back up"),
         Event::Forgotten { name } => tracing::info!(member = %name, "member forgotten"),
-        Event::Rejected { node, reason } => tracing::warn!(%node, %reason, "dropped a record that failed verification"),
-        Event::Replay { node, held, got } => tracing::warn!(%node, held, got, "dropped a replayed (older) record"),
+        Event::Rejected { node, reason } => {
+            tracing::warn!(%node, %reason, "dropped a record that failed verification")
+        }
+        Event::Replay { node, held, got } => {
+            tracing::warn!(%node, held, got, "dropped a replayed (older) record")
+        }
     }
 }
 
@@ -515,8 +604,22 @@ fn log_change(c: &PeerChange, m: &Membership) {
         .unwrap_or_else(|| "(gone)".into());
     let peer = proto::short_key(c.public_key());
     match c {
-        PeerChange::Add { allowed_ip, endpoint, .. } => tracing::info!(%peer, member = %name, %allowed_ip, endpoint = ?endpoint, "adding WireGuard peer"),
-        PeerChange::Update { endpoint, allowed_ip, .. } => tracing::info!(%peer, member = %name, endpoint = ?endpoint, allowed_ip = ?allowed_ip, "updating WireGuard peer"),
-        PeerChange::Remove { .. } => tracing::info!(%peer, member = %name, "removing WireGuard peer"),
+        PeerChange::Add {
+            allowed_ip,
+            endpoint,
+            ..
+        } => {
+            tracing::info!(%peer, member = %name, %allowed_ip, endpoint = ?endpoint, "adding WireGuard peer")
+        }
+        PeerChange::Update {
+            endpoint,
+            allowed_ip,
+            ..
+        } => {
+            tracing::info!(%peer, member = %name, endpoint = ?endpoint, allowed_ip = ?allowed_ip, "updating WireGuard peer")
+        }
+        PeerChange::Remove { .. } => {
+            tracing::info!(%peer, member = %name, "removing WireGuard peer")
+        }
     }
 }

@@ -44,7 +44,9 @@ impl Identity {
             path: dir.file(f),
             detail: "missing (is this a meshpeer state directory?)".into(),
         };
-        let signing = dir.read_key("node.key")?.ok_or_else(|| missing("node.key"))?;
+        let signing = dir
+            .read_key("node.key")?
+            .ok_or_else(|| missing("node.key"))?;
         let wg = dir
             .read_key("wireguard.key")?
             .ok_or_else(|| missing("wireguard.key"))?;

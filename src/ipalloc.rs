@@ -44,7 +44,11 @@ pub fn first_host(cidr: Ipv4Net) -> Ipv4Addr {
 }
 
 /// Picks a free address for `node_key`, or `None` if the network is full.
-pub fn choose(cidr: Ipv4Net, node_key: &PublicKeyBytes, taken: &BTreeSet<Ipv4Addr>) -> Option<Ipv4Addr> {
+pub fn choose(
+    cidr: Ipv4Net,
+    node_key: &PublicKeyBytes,
+    taken: &BTreeSet<Ipv4Addr>,
+) -> Option<Ipv4Addr> {
     let (lo, hi) = host_range(cidr);
     if hi < lo {
         return None;
@@ -82,15 +86,30 @@ mod tests {
     fn same_key_same_preference() {
         let cidr: Ipv4Net = "10.77.0.0/16".parse().unwrap();
         let empty = BTreeSet::new();
-        assert_eq!(choose(cidr, &[3; 32], &empty), choose(cidr, &[3; 32], &empty));
+        assert_eq!(
+            choose(cidr, &[3; 32], &empty),
+            choose(cidr, &[3; 32], &empty)
+        );
     }
 
     #[test]
     fn conflict_rule_is_a_total_order() {
         let ip = "10.0.0.5".parse().unwrap();
-        let a = Claim { ip, claimed_at: 5, node_key: [2; 32] };
-        let b = Claim { ip, claimed_at: 5, node_key: [1; 32] };
-        let c = Claim { ip, claimed_at: 4, node_key: [9; 32] };
+        let a = Claim {
+            ip,
+            claimed_at: 5,
+            node_key: [2; 32],
+        };
+        let b = Claim {
+            ip,
+            claimed_at: 5,
+            node_key: [1; 32],
+        };
+        let c = Claim {
+            ip,
+            claimed_at: 4,
+            node_key: [9; 32],
+        };
         assert!(b.beats(&a) && !a.beats(&b));
         assert!(c.beats(&a) && c.beats(&b));
     }

@@ -42,7 +42,9 @@ pub struct GossipEntry {
 pub enum Liveness {
     Live,
     /// The failure detector marked it down at this instant.
-    Down { since: Instant },
+    Down {
+        since: Instant,
+    },
     /// It left on purpose.
     Left,
 }
@@ -58,14 +60,36 @@ pub struct Member {
 /// What changed; the shell logs these.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    Joined { name: String, node: String, overlay_ip: Ipv4Addr },
-    Updated { name: String, version: u64 },
-    Left { name: String },
-    Down { name: String },
-    Up { name: String },
-    Forgotten { name: String },
-    Rejected { node: String, reason: String },
-    Replay { node: String, held: u64, got: u64 },
+    Joined {
+        name: String,
+        node: String,
+        overlay_ip: Ipv4Addr,
+    },
+    Updated {
+        name: String,
+        version: u64,
+    },
+    Left {
+        name: String,
+    },
+    Down {
+        name: String,
+    },
+    Up {
+        name: String,
+    },
+    Forgotten {
+        name: String,
+    },
+    Rejected {
+        node: String,
+        reason: String,
+    },
+    Replay {
+        node: String,
+        held: u64,
+        got: u64,
+    },
 }
 
 /// A WireGuard peer this node should have.
@@ -91,7 +115,11 @@ pub struct Membership {
 }
 
 impl Membership {
-    pub fn new(network_key: PublicKeyBytes, self_key: PublicKeyBytes, down_grace: Duration) -> Self {
+    pub fn new(
+        network_key: PublicKeyBytes,
+        self_key: PublicKeyBytes,
+        down_grace: Duration,
+    ) -> Self {
         Self {
             network_key,
             self_key,
@@ -110,7 +138,11 @@ impl Membership {
         let mut seen: BTreeMap<PublicKeyBytes, bool> = BTreeMap::new();
         for e in entries {
             let Some(key) = proto::parse_node_id(&e.node_id) else {
-                self.report(&e.node_id, "node id is not a meshpeer key".into(), &mut events);
+                self.report(
+                    &e.node_id,
+                    "node id is not a meshpeer key".into(),
+                    &mut events,
+                );
                 continue;
             };
             *seen.entry(key).or_default() |= e.live;
@@ -131,7 +163,9 @@ impl Membership {
         for key in gone {
             if let Some(m) = self.members.remove(&key) {
                 if m.liveness != Liveness::Left {
-                    events.push(Event::Forgotten { name: m.record.name });
+                    events.push(Event::Forgotten {
+                        name: m.record.name,
+                    });
                 }
             }
         }
@@ -148,7 +182,13 @@ impl Membership {
         }
     }
 
-    fn handle_record(&mut self, key: &PublicKeyBytes, node_id: &str, text: &str, events: &mut Vec<Event>) {
+    fn handle_record(
+        &mut self,
+        key: &PublicKeyBytes,
+        node_id: &str,
+        text: &str,
+        events: &mut Vec<Event>,
+    ) {
         if self.members.get(key).is_some_and(|m| m.raw == text) {
             return;
         }
@@ -214,7 +254,13 @@ impl Membership {
         );
     }
 
-    fn handle_liveness(&mut self, now: Instant, key: &PublicKeyBytes, live: bool, events: &mut Vec<Event>) {
+    fn handle_liveness(
+        &mut self,
+        now: Instant,
+        key: &PublicKeyBytes,
+        live: bool,
+        events: &mut Vec<Event>,
+    ) {
         if *key == self.self_key {
             return;
         }
@@ -240,7 +286,9 @@ impl Membership {
 
     /// All known members except those that left, self included.
     pub fn members(&self) -> impl Iterator<Item = &Member> {
-        self.members.values().filter(|m| m.liveness != Liveness::Left)
+        self.members
+            .values()
+            .filter(|m| m.liveness != Liveness::Left)
     }
 
     pub fn member(&self, key: &PublicKeyBytes) -> Option<&Member> {
@@ -295,7 +343,9 @@ impl Membership {
                 Liveness::Left => false,
             })
             // Of two members claiming one address, only the winner gets it.
-            .filter(|m| claims.get(&m.record.overlay_ip).map(|c| c.node_key) == Some(m.record.node_key))
+            .filter(|m| {
+                claims.get(&m.record.overlay_ip).map(|c| c.node_key) == Some(m.record.node_key)
+            })
             .map(|m| DesiredPeer {
                 public_key: m.record.wg_public_key,
                 allowed_ip: m.record.overlay_ip,
@@ -336,26 +386,51 @@ mod tests {
         let net = SigningKey::from_bytes(&[1; 32]);
         let (me, my_body) = sample(2, &net, "10.77.0.1".parse().unwrap());
         let (node, mut body) = sample(3, &net, "10.77.0.2".parse().unwrap());
-        let mut m = Membership::new(net.verifying_key().to_bytes(), my_body.node_key, DEFAULT_DOWN_GRACE);
+        let mut m = Membership::new(
+            net.verifying_key().to_bytes(),
+            my_body.node_key,
+            DEFAULT_DOWN_GRACE,
+        );
         let t0 = Instant::now();
         let ev = m.handle_snapshot(t0, &[entry(&my_body, &me, true), entry(&body, &node, true)]);
         assert_eq!(ev.len(), 2, "{ev:?}");
-        assert!(matches!(&ev[1], Event::Joined { name, .. } if name == "n3") || matches!(&ev[0], Event::Joined { name, .. } if name == "n3"));
+        assert!(
+            matches!(&ev[1], Event::Joined { name, .. } if name == "n3")
+                || matches!(&ev[0], Event::Joined { name, .. } if name == "n3")
+        );
         let peers = m.desired_peers(t0, &[]);
         assert_eq!(peers.len(), 1);
-        assert_eq!(peers[0].allowed_ip, "10.77.0.2".parse::<Ipv4Addr>().unwrap());
+        assert_eq!(
+            peers[0].allowed_ip,
+            "10.77.0.2".parse::<Ipv4Addr>().unwrap()
+        );
 
         // Newer version: accepted.
         let old = body.clone();
         body.version = 2;
         body.endpoints = vec!["192.0.2.9:51820".parse().unwrap()];
         let ev = m.handle_snapshot(t0, &[entry(&body, &node, true)]);
-        assert_eq!(ev, vec![Event::Updated { name: "n3".into(), version: 2 }]);
+        assert_eq!(
+            ev,
+            vec![Event::Updated {
+                name: "n3".into(),
+                version: 2
+            }]
+        );
         // Replay of the old version: dropped, reported once.
         let ev = m.handle_snapshot(t0, &[entry(&old, &node, true)]);
-        assert!(matches!(ev[0], Event::Replay { held: 2, got: 1, .. }));
+        assert!(matches!(
+            ev[0],
+            Event::Replay {
+                held: 2,
+                got: 1,
+                ..
+            }
+        ));
         assert_eq!(m.desired_peers(t0, &[])[0].endpoints, body.endpoints);
-        assert!(m.handle_snapshot(t0, &[entry(&old, &node, true)]).is_empty());
+        assert!(m
+            .handle_snapshot(t0, &[entry(&old, &node, true)])
+            .is_empty());
 
         // Leave: the peer goes at once.
         body.version = 3;
@@ -374,13 +449,19 @@ mod tests {
     fn down_members_lose_their_peer_after_the_grace_period() {
         let net = SigningKey::from_bytes(&[1; 32]);
         let (node, body) = sample(3, &net, "10.77.0.2".parse().unwrap());
-        let mut m = Membership::new(net.verifying_key().to_bytes(), [0; 32], Duration::from_secs(60));
+        let mut m = Membership::new(
+            net.verifying_key().to_bytes(),
+            [0; 32],
+            Duration::from_secs(60),
+        );
         let t0 = Instant::now();
         m.handle_snapshot(t0, &[entry(&body, &node, true)]);
         let ev = m.handle_snapshot(t0, &[entry(&body, &node, false)]);
         assert_eq!(ev, vec![Event::Down { name: "n3".into() }]);
         assert_eq!(m.desired_peers(t0 + Duration::from_secs(59), &[]).len(), 1);
-        assert!(m.desired_peers(t0 + Duration::from_secs(60), &[]).is_empty());
+        assert!(m
+            .desired_peers(t0 + Duration::from_secs(60), &[])
+            .is_empty());
         let ev = m.handle_snapshot(t0 + Duration::from_secs(61), &[entry(&body, &node, true)]);
         assert_eq!(ev, vec![Event::Up { name: "n3".into() }]);
         assert_eq!(m.desired_peers(t0 + Duration::from_secs(61), &[]).len(), 1);
@@ -413,19 +494,33 @@ mod tests {
         ab.ip_claimed_at = 100;
         bb.ip_claimed_at = 200;
         let mut m = Membership::new(net.verifying_key().to_bytes(), [0; 32], DEFAULT_DOWN_GRACE);
-        m.handle_snapshot(Instant::now(), &[entry(&ab, &a, true), entry(&bb, &b, true)]);
+        m.handle_snapshot(
+            Instant::now(),
+            &[entry(&ab, &a, true), entry(&bb, &b, true)],
+        );
         let peers = m.desired_peers(Instant::now(), &[]);
         assert_eq!(peers.len(), 1);
         assert_eq!(peers[0].public_key, ab.wg_public_key);
-        let claim_b = Claim { ip, claimed_at: 200, node_key: bb.node_key };
+        let claim_b = Claim {
+            ip,
+            claimed_at: 200,
+            node_key: bb.node_key,
+        };
         assert!(m.loses_claim(&claim_b));
-        let claim_a = Claim { ip, claimed_at: 100, node_key: ab.node_key };
+        let claim_a = Claim {
+            ip,
+            claimed_at: 100,
+            node_key: ab.node_key,
+        };
         assert!(!m.loses_claim(&claim_a));
     }
 
     #[test]
     fn same_subnet_endpoints_come_first() {
-        let c: Vec<SocketAddr> = vec!["203.0.113.1:1".parse().unwrap(), "192.168.1.5:1".parse().unwrap()];
+        let c: Vec<SocketAddr> = vec![
+            "203.0.113.1:1".parse().unwrap(),
+            "192.168.1.5:1".parse().unwrap(),
+        ];
         let nets = vec!["192.168.1.0/24".parse().unwrap()];
         assert_eq!(order_endpoints(&c, &nets)[0], c[1]);
         assert_eq!(order_endpoints(&c, &[])[0], c[0]);

@@ -31,10 +31,14 @@ pub fn split_host_port(s: &str, default_port: u16) -> Result<(String, u16), Addr
     }
     match s.rsplit_once(':') {
         Some((host, port)) if !host.contains(':') => {
-            let p: u16 = port.parse().ok().filter(|p| *p != 0).ok_or_else(|| AddrError::BadPort {
-                addr: s.to_string(),
-                port: port.to_string(),
-            })?;
+            let p: u16 =
+                port.parse()
+                    .ok()
+                    .filter(|p| *p != 0)
+                    .ok_or_else(|| AddrError::BadPort {
+                        addr: s.to_string(),
+                        port: port.to_string(),
+                    })?;
             if host.is_empty() {
                 return Err(AddrError::Empty(s.to_string()));
             }
@@ -106,14 +110,35 @@ mod tests {
 
     #[test]
     fn seeds_parse_with_and_without_ports() {
-        assert_eq!(normalize_seed("203.0.113.10", 51821).unwrap(), "203.0.113.10:51821");
-        assert_eq!(normalize_seed("203.0.113.10:7000", 51821).unwrap(), "203.0.113.10:7000");
-        assert_eq!(normalize_seed("seed.example.org", 1).unwrap(), "seed.example.org:1");
-        assert_eq!(normalize_seed("seed.example.org:9", 1).unwrap(), "seed.example.org:9");
+        assert_eq!(
+            normalize_seed("203.0.113.10", 51821).unwrap(),
+            "203.0.113.10:51821"
+        );
+        assert_eq!(
+            normalize_seed("203.0.113.10:7000", 51821).unwrap(),
+            "203.0.113.10:7000"
+        );
+        assert_eq!(
+            normalize_seed("seed.example.org", 1).unwrap(),
+            "seed.example.org:1"
+        );
+        assert_eq!(
+            normalize_seed("seed.example.org:9", 1).unwrap(),
+            "seed.example.org:9"
+        );
         assert_eq!(normalize_seed("2001:db8::1", 5).unwrap(), "[2001:db8::1]:5");
-        assert_eq!(normalize_seed("[2001:db8::1]:6", 5).unwrap(), "[2001:db8::1]:6");
-        assert!(matches!(normalize_seed("host:0", 1), Err(AddrError::BadPort { .. })));
-        assert!(matches!(normalize_seed("host:x", 1), Err(AddrError::BadPort { .. })));
+        assert_eq!(
+            normalize_seed("[2001:db8::1]:6", 5).unwrap(),
+            "[2001:db8::1]:6"
+        );
+        assert!(matches!(
+            normalize_seed("host:0", 1),
+            Err(AddrError::BadPort { .. })
+        ));
+        assert!(matches!(
+            normalize_seed("host:x", 1),
+            Err(AddrError::BadPort { .. })
+        ));
         assert!(matches!(normalize_seed(" ", 1), Err(AddrError::Empty(_))));
         assert!(matches!(normalize_seed(":5", 1), Err(AddrError::Empty(_))));
     }

@@ -138,12 +138,18 @@ mod tests {
     #[test]
     fn decode_rejects_garbage_without_panicking() {
         assert_eq!(decode::<Signed>("x", &[]), Err(WireError::Empty));
-        assert_eq!(decode::<Signed>("x", &[9, 1, 2]), Err(WireError::Version(9)));
+        assert_eq!(
+            decode::<Signed>("x", &[9, 1, 2]),
+            Err(WireError::Version(9))
+        );
         assert!(matches!(
             decode::<Signed>("x", &[1, 200]),
             Err(WireError::Malformed { .. })
         ));
-        let mut ok = encode(&Signed { body: vec![1], signature: vec![2] });
+        let mut ok = encode(&Signed {
+            body: vec![1],
+            signature: vec![2],
+        });
         ok.push(0);
         assert_eq!(decode::<Signed>("x", &ok), Err(WireError::Trailing(1)));
     }

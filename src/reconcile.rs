@@ -97,7 +97,9 @@ pub fn reconcile(
                     Some(_) if fresh => None,
                     Some(cur) => {
                         let want = pick(rotation);
-                        (want != Some(cur) && want.is_some()).then_some(want).flatten()
+                        (want != Some(cur) && want.is_some())
+                            .then_some(want)
+                            .flatten()
                     }
                 };
                 let want_ips = vec![(IpAddr::V4(d.allowed_ip), 32u8)];
@@ -167,7 +169,9 @@ mod tests {
                     endpoint: Some("192.0.2.1:51820".parse().unwrap()),
                     keepalive: 25
                 },
-                PeerChange::Remove { public_key: [2; 32] },
+                PeerChange::Remove {
+                    public_key: [2; 32]
+                },
             ]
         );
     }
@@ -202,7 +206,11 @@ mod tests {
         let a = vec![actual(1, "10.0.0.9", Some("192.0.2.7:51820"), Some(10))];
         assert!(matches!(
             reconcile(&d, &a, &owned, 0)[0],
-            PeerChange::Update { allowed_ip: Some(_), endpoint: None, .. }
+            PeerChange::Update {
+                allowed_ip: Some(_),
+                endpoint: None,
+                ..
+            }
         ));
     }
 

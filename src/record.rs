@@ -153,7 +153,11 @@ pub(crate) mod tests {
     use super::*;
     use crate::admission::issue_token;
 
-    pub(crate) fn sample(node_seed: u8, network: &SigningKey, ip: Ipv4Addr) -> (SigningKey, RecordBody) {
+    pub(crate) fn sample(
+        node_seed: u8,
+        network: &SigningKey,
+        ip: Ipv4Addr,
+    ) -> (SigningKey, RecordBody) {
         let node = SigningKey::from_bytes(&[node_seed; 32]);
         let token = issue_token(network, "10.77.0.0/16".parse().unwrap(), 0);
         let body = RecordBody {
@@ -196,7 +200,10 @@ pub(crate) mod tests {
             Err(RecordError::Wire(WireError::BadSignature(_)))
         ));
         // Another network.
-        assert_eq!(verify_record(&text, &[0; 32], None), Err(RecordError::WrongNetwork));
+        assert_eq!(
+            verify_record(&text, &[0; 32], None),
+            Err(RecordError::WrongNetwork)
+        );
         // Outside the CIDR.
         let mut outside = body.clone();
         outside.overlay_ip = "10.78.0.1".parse().unwrap();

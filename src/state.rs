@@ -222,7 +222,10 @@ mod tests {
         let dir = StateDir::create(&tmp).unwrap();
         dir.write_key("node.key", &[5; 32]).unwrap();
         assert_eq!(dir.read_key("node.key").unwrap(), Some([5; 32]));
-        let mode = fs::metadata(dir.file("node.key")).unwrap().permissions().mode();
+        let mode = fs::metadata(dir.file("node.key"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
         assert!(matches!(
             StateDir::create(&tmp),
@@ -238,7 +241,10 @@ mod tests {
         fs::write(dir.file("state.json"), b"{not json").unwrap();
         assert!(matches!(dir.load_state(), Err(StateError::Corrupt { .. })));
         fs::write(dir.file("wireguard.key"), b"short\n").unwrap();
-        assert!(matches!(dir.read_key("wireguard.key"), Err(StateError::Corrupt { .. })));
+        assert!(matches!(
+            dir.read_key("wireguard.key"),
+            Err(StateError::Corrupt { .. })
+        ));
         fs::remove_dir_all(&tmp).unwrap();
         assert!(matches!(StateDir::open(&tmp), Err(StateError::Missing(_))));
     }

@@ -112,7 +112,17 @@ impl Status {
             self.listen_port,
             self.gossip_addr
         );
-        let header = ["NAME", "OVERLAY IP", "KEY", "ENDPOINT", "STATE", "PATH", "HANDSHAKE", "RX", "TX"];
+        let header = [
+            "NAME",
+            "OVERLAY IP",
+            "KEY",
+            "ENDPOINT",
+            "STATE",
+            "PATH",
+            "HANDSHAKE",
+            "RX",
+            "TX",
+        ];
         let rows: Vec<[String; 9]> = self
             .members
             .iter()

@@ -8,7 +8,7 @@ use chitchat::transport::Transport;
 use ed25519_dalek::SigningKey;
 use meshpeer::admission::issue_token;
 use meshpeer::gossip::transport::ProbeError;
-use meshpeer::gossip::{tls, Gossip, GossipTiming, QuicTransport};
+use meshpeer::gossip::{tls, Gossip, GossipIdentity, GossipTiming, QuicTransport};
 use tokio::sync::watch;
 
 struct Creds {
@@ -24,7 +24,8 @@ fn member(network: &SigningKey, seed: u8) -> Creds {
     let (server, client) = tls::quic_configs(&cert, network.verifying_key().to_bytes()).unwrap();
     let (_tx, rx) = watch::channel(vec![format!("records-of-{seed}")]);
     std::mem::forget(_tx);
-    let transport = QuicTransport::bind("127.0.0.1:0".parse().unwrap(), server, client, rx).unwrap();
+    let transport =
+        QuicTransport::bind("127.0.0.1:0".parse().unwrap(), server, client, rx).unwrap();
     Creds { node, transport }
 }
 
@@ -42,17 +43,23 @@ async fn wait_until<F: AsyncFnMut() -> bool>(what: &str, mut f: F) {
 #[tokio::test]
 async fn three_members_converge_over_quic() {
     let network = SigningKey::from_bytes(&[1; 32]);
-    let timing = GossipTiming { interval: Duration::from_millis(100), ..Default::default() };
+    let timing = GossipTiming {
+        interval: Duration::from_millis(100),
+        ..Default::default()
+    };
     let mut nodes = Vec::new();
     let mut seed: Option<SocketAddr> = None;
     for i in 0..3u8 {
         let c = member(&network, 10 + i);
         let addr = c.transport.local_addr().unwrap();
+        let who = GossipIdentity {
+            node_id: meshpeer::proto::node_id_string(&c.node.verifying_key().to_bytes()),
+            generation: 1,
+            advertise: addr,
+            cluster_id: "test-cluster".into(),
+        };
         let g = Gossip::start(
-            meshpeer::proto::node_id_string(&c.node.verifying_key().to_bytes()),
-            1,
-            addr,
-            "test-cluster".into(),
+            who,
             seed.iter().map(|s| s.to_string()).collect(),
             &timing,
             c.transport,
@@ -73,7 +80,11 @@ async fn three_members_converge_over_quic() {
     // An update propagates.
     nodes[2].publish("value-2-new".into()).await;
     wait_until("the update to reach node 0", async || {
-        nodes[0].snapshot().await.iter().any(|e| e.record.as_deref() == Some("value-2-new"))
+        nodes[0]
+            .snapshot()
+            .await
+            .iter()
+            .any(|e| e.record.as_deref() == Some("value-2-new"))
     })
     .await;
     let (sent, received) = nodes[0].transport.byte_counts();
@@ -111,18 +122,38 @@ async fn socket_contract_as_chitchat_expects() {
     let a = member(&network, 30);
     let b = member(&network, 31);
     let b_addr = b.transport.local_addr().unwrap();
-    let mut sa = a.transport.open(a.transport.local_addr().unwrap()).await.unwrap();
+    let mut sa = a
+        .transport
+        .open(a.transport.local_addr().unwrap())
+        .await
+        .unwrap();
     // Opening twice is an error.
-    assert!(a.transport.open(a.transport.local_addr().unwrap()).await.is_err());
+    assert!(a
+        .transport
+        .open(a.transport.local_addr().unwrap())
+        .await
+        .is_err());
     let mut sb = b.transport.open(b_addr).await.unwrap();
     // recv waits for a message.
-    assert!(tokio::time::timeout(Duration::from_millis(200), sb.recv()).await.is_err());
-    sa.send(b_addr, chitchat::ChitchatMessage::BadCluster).await.unwrap();
-    let (from, got) = tokio::time::timeout(Duration::from_secs(10), sb.recv()).await.unwrap().unwrap();
+    assert!(tokio::time::timeout(Duration::from_millis(200), sb.recv())
+        .await
+        .is_err());
+    sa.send(b_addr, chitchat::ChitchatMessage::BadCluster)
+        .await
+        .unwrap();
+    let (from, got) = tokio::time::timeout(Duration::from_secs(10), sb.recv())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(got, chitchat::ChitchatMessage::BadCluster);
     assert_eq!(from, a.transport.local_addr().unwrap());
     // Sending to an address nobody listens on returns at once.
     let t = std::time::Instant::now();
-    sa.send("127.0.0.1:9".parse().unwrap(), chitchat::ChitchatMessage::BadCluster).await.unwrap();
+    sa.send(
+        "127.0.0.1:9".parse().unwrap(),
+        chitchat::ChitchatMessage::BadCluster,
+    )
+    .await
+    .unwrap();
     assert!(t.elapsed() < Duration::from_millis(100));
 }

@@ -15,7 +15,13 @@ fn build() -> Value {
     let network = SigningKey::from_bytes(&[1; 32]);
     let node = SigningKey::from_bytes(&[2; 32]);
     let join = SigningKey::from_bytes(&[3; 32]);
-    let token = issue_token_with(&network, "10.77.0.0/16".parse().unwrap(), 1_900_000_000, [4; 16], join);
+    let token = issue_token_with(
+        &network,
+        "10.77.0.0/16".parse().unwrap(),
+        1_900_000_000,
+        [4; 16],
+        join,
+    );
     let admission = token.admit(node.verifying_key().to_bytes(), 1_800_000_000);
     let body = RecordBody {
         network_key: network.verifying_key().to_bytes(),
@@ -26,10 +32,16 @@ fn build() -> Value {
         ip_claimed_at: 1_800_000_000_000,
         wg_public_key: [5; 32],
         wg_port: 51820,
-        endpoints: vec!["203.0.113.10:51820".parse().unwrap(), "[2001:db8::1]:51820".parse().unwrap()],
+        endpoints: vec![
+            "203.0.113.10:51820".parse().unwrap(),
+            "[2001:db8::1]:51820".parse().unwrap(),
+        ],
         gossip_addr: "203.0.113.10:51821".parse().unwrap(),
         tags: vec!["slurm".into()],
-        routes: vec![Route { addr: "192.168.10.0".parse().unwrap(), prefix: 24 }],
+        routes: vec![Route {
+            addr: "192.168.10.0".parse().unwrap(),
+            prefix: 24,
+        }],
         left: false,
         admission: admission.clone(),
     };
@@ -70,23 +82,39 @@ fn vectors_decode_and_verify() {
     let (token, delegation) = Token::parse(file["token_text"].as_str().unwrap()).unwrap();
     assert_eq!(delegation.network_key, network);
     assert_eq!(delegation.expires_at, 1_900_000_000);
-    assert_eq!(hex::encode(&token.delegation.body), file["delegation_body"].as_str().unwrap());
+    assert_eq!(
+        hex::encode(&token.delegation.body),
+        file["delegation_body"].as_str().unwrap()
+    );
     let adm_bytes = hex::decode(file["admission"].as_str().unwrap()).unwrap();
     let adm: proto::Signed = proto::decode("admission", &adm_bytes).unwrap();
-    assert_eq!(verify_admission_of(&adm, &network, &node).unwrap().admitted_at, 1_800_000_000);
+    assert_eq!(
+        verify_admission_of(&adm, &network, &node)
+            .unwrap()
+            .admitted_at,
+        1_800_000_000
+    );
     let rec = verify_record(file["record_text"].as_str().unwrap(), &network, Some(&node)).unwrap();
     assert_eq!(rec.body.name, "node01");
     assert_eq!(rec.body.endpoints.len(), 2);
     // The record text is base64 of `version || postcard(Signed)`, whose body
     // is exactly `record_body`.
-    let raw = base64::engine::general_purpose::STANDARD.decode(file["record_text"].as_str().unwrap()).unwrap();
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(file["record_text"].as_str().unwrap())
+        .unwrap();
     let signed: proto::Signed = proto::decode("record", &raw).unwrap();
-    assert_eq!(hex::encode(&signed.body), file["record_body"].as_str().unwrap());
+    assert_eq!(
+        hex::encode(&signed.body),
+        file["record_body"].as_str().unwrap()
+    );
     // Flip any byte of the record: verification fails, never panics.
     for i in 0..raw.len() {
         let mut bad = raw.clone();
         bad[i] ^= 0x40;
         let text = base64::engine::general_purpose::STANDARD.encode(&bad);
-        assert!(verify_record(&text, &network, Some(&node)).is_err(), "byte {i} flip accepted");
+        assert!(
+            verify_record(&text, &network, Some(&node)).is_err(),
+            "byte {i} flip accepted"
+        );
     }
 }

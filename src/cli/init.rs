@@ -62,7 +62,10 @@ pub fn parse_network(s: &str) -> anyhow::Result<Ipv4Net> {
         .parse()
         .with_context(|| format!("--network {s:?} is not an IPv4 CIDR like 10.77.0.0/16"))?;
     if net.prefix_len() > 30 {
-        bail!("--network {s}: a /{} has no room for members; use /30 or larger", net.prefix_len());
+        bail!(
+            "--network {s}: a /{} has no room for members; use /30 or larger",
+            net.prefix_len()
+        );
     }
     Ok(net.trunc())
 }
@@ -90,13 +93,20 @@ pub fn init(a: InitArgs) -> anyhow::Result<()> {
             &MembershipFile {
                 network_key: proto::node_id_string(&network_key.verifying_key().to_bytes()),
                 cidr,
-                admission: base64::engine::general_purpose::STANDARD.encode(proto::encode(&admission)),
+                admission: base64::engine::general_purpose::STANDARD
+                    .encode(proto::encode(&admission)),
             },
         )?;
         Ok(())
     };
     if let Err(e) = write() {
-        for f in ["network.key", "node.key", "wireguard.key", "state.json", "membership.json"] {
+        for f in [
+            "network.key",
+            "node.key",
+            "wireguard.key",
+            "state.json",
+            "membership.json",
+        ] {
             let _ = std::fs::remove_file(dir.file(f));
         }
         return Err(e);
@@ -122,8 +132,14 @@ pub fn invite(a: InviteArgs) -> anyhow::Result<()> {
     let (network, _) = meshpeer::daemon::load_network(&dir)?;
     let network_key = SigningKey::from_bytes(&key);
     if network_key.verifying_key().to_bytes() != network.key {
-        bail!("{}: network.key does not match membership.json", dir.path.display());
+        bail!(
+            "{}: network.key does not match membership.json",
+            dir.path.display()
+        );
     }
-    println!("{}", issue_token(&network_key, network.cidr, expiry(a.valid_hours)).to_text());
+    println!(
+        "{}",
+        issue_token(&network_key, network.cidr, expiry(a.valid_hours)).to_text()
+    );
     Ok(())
 }

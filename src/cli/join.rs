@@ -18,7 +18,12 @@ pub struct JoinArgs {
     /// A member's address: host or host:port (default port 51821, the gossip port).
     pub seed: String,
     /// The join token (visible in `ps`: prefer --token-file or MESHPEER_TOKEN).
-    #[arg(long, env = "MESHPEER_TOKEN", hide_env_values = true, conflicts_with = "token_file")]
+    #[arg(
+        long,
+        env = "MESHPEER_TOKEN",
+        hide_env_values = true,
+        conflicts_with = "token_file"
+    )]
     pub token: Option<String>,
     /// A file holding the join token.
     #[arg(long)]
@@ -89,7 +94,8 @@ pub async fn join(a: JoinArgs) -> anyhow::Result<()> {
         true
     };
 
-    let result = meshpeer::daemon::run(a.run.daemon_config(vec![seed]), super::shutdown_signal()).await;
+    let result =
+        meshpeer::daemon::run(a.run.daemon_config(vec![seed]), super::shutdown_signal()).await;
     if result.is_err() && created {
         // Nothing half-written: a join that never got in leaves no node behind.
         let joined = StateDir::open(path)

@@ -15,7 +15,11 @@ use meshpeer::wg::BackendChoice;
 use meshpeer::{DEFAULT_GOSSIP_PORT, DEFAULT_INTERFACE, DEFAULT_STATE_DIR, DEFAULT_WG_PORT};
 
 #[derive(Parser, Debug)]
-#[command(name = "meshpeer", version, about = "A self-configuring full-mesh WireGuard overlay")]
+#[command(
+    name = "meshpeer",
+    version,
+    about = "A self-configuring full-mesh WireGuard overlay"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -102,7 +106,10 @@ impl RunArgs {
 /// Resolves when the process gets SIGINT or SIGTERM.
 pub async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
         (Ok(mut term), Ok(mut int)) => {
             tokio::select! {
                 _ = term.recv() => {}

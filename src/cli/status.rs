@@ -26,7 +26,13 @@ pub struct LeaveArgs {
 
 pub async fn status(a: StatusArgs) -> anyhow::Result<()> {
     let dir = StateDir::open(&a.state.state_dir)?;
-    match control::request(&dir.control_socket(), &Request::Status, Duration::from_secs(5)).await? {
+    match control::request(
+        &dir.control_socket(),
+        &Request::Status,
+        Duration::from_secs(5),
+    )
+    .await?
+    {
         Reply::Status(s) => {
             if a.json {
                 println!("{}", serde_json::to_string_pretty(&s)?);
@@ -42,7 +48,13 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<()> {
 
 pub async fn leave(a: LeaveArgs) -> anyhow::Result<()> {
     let dir = StateDir::open(&a.state.state_dir)?;
-    match control::request(&dir.control_socket(), &Request::Leave, Duration::from_secs(30)).await? {
+    match control::request(
+        &dir.control_socket(),
+        &Request::Leave,
+        Duration::from_secs(30),
+    )
+    .await?
+    {
         Reply::Left => {
             eprintln!("left the mesh; members drop this node now");
             Ok(())

@@ -38,6 +38,19 @@ impl Default for GossipTiming {
     }
 }
 
+/// Who this node is in gossip.
+#[derive(Debug, Clone)]
+pub struct GossipIdentity {
+    /// The node id (URL-safe base64 of the node key).
+    pub node_id: String,
+    /// Distinguishes runs of one node (unix ms at start).
+    pub generation: u64,
+    /// The gossip address other members should use.
+    pub advertise: SocketAddr,
+    /// The network's cluster id ([`crate::admission::Network::id`]).
+    pub cluster_id: String,
+}
+
 pub struct Gossip {
     handle: ChitchatHandle,
     pub transport: QuicTransport,
@@ -46,18 +59,15 @@ pub struct Gossip {
 impl Gossip {
     /// Starts chitchat on an already bound transport.
     pub async fn start(
-        node_id: String,
-        generation: u64,
-        advertise: SocketAddr,
-        cluster_id: String,
+        who: GossipIdentity,
         seeds: Vec<String>,
         timing: &GossipTiming,
         transport: QuicTransport,
         record: String,
     ) -> anyhow::Result<Self> {
         let config = ChitchatConfig {
-            chitchat_id: ChitchatId::new(node_id, generation, advertise),
-            cluster_id,
+            chitchat_id: ChitchatId::new(who.node_id, who.generation, who.advertise),
+            cluster_id: who.cluster_id,
             gossip_interval: timing.interval,
             listen_addr: transport.local_addr()?,
             seed_nodes: seeds,
@@ -70,7 +80,8 @@ impl Gossip {
             catchup_callback: None,
             extra_liveness_predicate: None,
         };
-        let handle = spawn_chitchat(config, vec![(RECORD_KEY.to_string(), record)], &transport).await?;
+        let handle =
+            spawn_chitchat(config, vec![(RECORD_KEY.to_string(), record)], &transport).await?;
         Ok(Self { handle, transport })
     }
 

@@ -99,7 +99,8 @@ pub fn check_certificate(
         .iter()
         .find(|e| e.oid.to_id_string() == oid)
         .ok_or_else(|| "certificate carries no admission credential".to_string())?;
-    let credential: Signed = proto::decode("admission credential", ext.value).map_err(|e| e.to_string())?;
+    let credential: Signed =
+        proto::decode("admission credential", ext.value).map_err(|e| e.to_string())?;
     admission::verify_admission_of(&credential, network_key, &node_key).map_err(|e| e.to_string())
 }
 
@@ -123,12 +124,24 @@ impl AdmissionVerifier {
             .map(|_| ())
             .map_err(|e| {
                 tracing::debug!(error = %e, "rejected a peer certificate");
-                rustls::Error::InvalidCertificate(rustls::CertificateError::ApplicationVerificationFailure)
+                rustls::Error::InvalidCertificate(
+                    rustls::CertificateError::ApplicationVerificationFailure,
+                )
             })
     }
 
-    fn tls13(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    fn tls13(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn schemes(&self) -> Vec<SignatureScheme> {
@@ -145,7 +158,8 @@ impl ServerCertVerifier for AdmissionVerifier {
         _ocsp_response: &[u8],
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        self.check(end_entity).map(|_| ServerCertVerified::assertion())
+        self.check(end_entity)
+            .map(|_| ServerCertVerified::assertion())
     }
 
     fn verify_tls12_signature(
@@ -154,7 +168,9 @@ impl ServerCertVerifier for AdmissionVerifier {
         _cert: &CertificateDer<'_>,
         _dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::PeerIncompatible(rustls::PeerIncompatible::Tls13RequiredForQuic))
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls13RequiredForQuic,
+        ))
     }
 
     fn verify_tls13_signature(
@@ -182,7 +198,8 @@ impl ClientCertVerifier for AdmissionVerifier {
         _intermediates: &[CertificateDer<'_>],
         _now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.check(end_entity).map(|_| ClientCertVerified::assertion())
+        self.check(end_entity)
+            .map(|_| ClientCertVerified::assertion())
     }
 
     fn verify_tls12_signature(
@@ -191,7 +208,9 @@ impl ClientCertVerifier for AdmissionVerifier {
         _cert: &CertificateDer<'_>,
         _dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::PeerIncompatible(rustls::PeerIncompatible::Tls13RequiredForQuic))
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls13RequiredForQuic,
+        ))
     }
 
     fn verify_tls13_signature(

@@ -70,11 +70,13 @@ struct Shared {
     bytes_in: std::sync::atomic::AtomicU64,
 }
 
+type Inbox = mpsc::Receiver<(SocketAddr, ChitchatMessage)>;
+
 /// A QUIC endpoint carrying chitchat; cheap to clone.
 #[derive(Clone)]
 pub struct QuicTransport {
     shared: Arc<Shared>,
-    socket_rx: Arc<Mutex<Option<mpsc::Receiver<(SocketAddr, ChitchatMessage)>>>>,
+    socket_rx: Arc<Mutex<Option<Inbox>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -117,7 +119,10 @@ impl QuicTransport {
     /// (bytes sent, bytes received) of gossip so far, stream payloads only.
     pub fn byte_counts(&self) -> (u64, u64) {
         use std::sync::atomic::Ordering::Relaxed;
-        (self.shared.bytes_out.load(Relaxed), self.shared.bytes_in.load(Relaxed))
+        (
+            self.shared.bytes_out.load(Relaxed),
+            self.shared.bytes_in.load(Relaxed),
+        )
     }
 
     /// Asks the member at `addr` for the records it holds, proving on the
@@ -131,7 +136,9 @@ impl QuicTransport {
                 .map_err(|e| other(addr, e))?;
             send.finish().map_err(|e| other(addr, e))?;
             let bytes = read_all(recv).await.map_err(|e| match e {
-                quinn::ReadToEndError::Read(quinn::ReadError::ConnectionLost(c)) => conn_err(addr, c),
+                quinn::ReadToEndError::Read(quinn::ReadError::ConnectionLost(c)) => {
+                    conn_err(addr, c)
+                }
                 e => other(addr, e),
             })?;
             proto::decode::<HelloReply>("hello reply", &bytes).map_err(|e| other(addr, e))
@@ -155,14 +162,23 @@ fn other(addr: SocketAddr, e: impl std::fmt::Display) -> ProbeError {
 
 fn conn_err(addr: SocketAddr, e: quinn::ConnectionError) -> ProbeError {
     match &e {
-        quinn::ConnectionError::ConnectionClosed(c) if c.error_code.to_string().contains("crypto") || (0x100..0x200).contains(&u64::from(c.error_code)) => ProbeError::Refused {
-            addr,
-            detail: e.to_string(),
-        },
-        quinn::ConnectionError::TransportError(t) if (0x100..0x200).contains(&u64::from(t.code)) => ProbeError::Refused {
-            addr,
-            detail: format!("its certificate failed our check ({t})"),
-        },
+        quinn::ConnectionError::ConnectionClosed(c)
+            if c.error_code.to_string().contains("crypto")
+                || (0x100..0x200).contains(&u64::from(c.error_code)) =>
+        {
+            ProbeError::Refused {
+                addr,
+                detail: e.to_string(),
+            }
+        }
+        quinn::ConnectionError::TransportError(t)
+            if (0x100..0x200).contains(&u64::from(t.code)) =>
+        {
+            ProbeError::Refused {
+                addr,
+                detail: format!("its certificate failed our check ({t})"),
+            }
+        }
         quinn::ConnectionError::TimedOut => ProbeError::Timeout(addr, CONNECT_TIMEOUT),
         _ => other(addr, e),
     }
@@ -251,7 +267,10 @@ async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection) {
         }
     }
     let mut conns = lock(&shared.conns);
-    if conns.get(&remote).is_some_and(|c| c.stable_id() == conn.stable_id()) {
+    if conns
+        .get(&remote)
+        .is_some_and(|c| c.stable_id() == conn.stable_id())
+    {
         conns.remove(&remote);
     }
 }
@@ -281,14 +300,19 @@ async fn sender_task(shared: Arc<Shared>, to: SocketAddr, mut rx: mpsc::Receiver
             .await;
             match res {
                 Ok(()) => {
-                    shared.bytes_out.fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                    shared
+                        .bytes_out
+                        .fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
                     sent = true;
                     break;
                 }
                 Err(e) => {
                     tracing::debug!(%to, error = %e, "gossip send failed; reconnecting");
                     let mut conns = lock(&shared.conns);
-                    if conns.get(&to).is_some_and(|c| c.stable_id() == conn.stable_id()) {
+                    if conns
+                        .get(&to)
+                        .is_some_and(|c| c.stable_id() == conn.stable_id())
+                    {
                         conns.remove(&to);
                     }
                 }
@@ -301,7 +325,7 @@ async fn sender_task(shared: Arc<Shared>, to: SocketAddr, mut rx: mpsc::Receiver
 
 struct QuicSocket {
     shared: Arc<Shared>,
-    rx: mpsc::Receiver<(SocketAddr, ChitchatMessage)>,
+    rx: Inbox,
 }
 
 #[async_trait]

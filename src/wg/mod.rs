@@ -32,7 +32,9 @@ pub const MTU: u32 = 1420;
 pub enum WgError {
     #[error("invalid interface name {name:?}: {detail}")]
     BadName { name: String, detail: String },
-    #[error("interface {0} already exists and was not created by meshpeer; choose another --interface")]
+    #[error(
+        "interface {0} already exists and was not created by meshpeer; choose another --interface"
+    )]
     Foreign(String),
     #[error("no permission to create interface {0} (run as root or with CAP_NET_ADMIN)")]
     Permission(String),
@@ -88,8 +90,10 @@ pub fn link_exists(name: &str) -> bool {
 }
 
 fn is_unsupported(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP) | Some(libc::ENOENT) | Some(libc::EPROTONOSUPPORT))
-        || e.kind() == io::ErrorKind::Unsupported
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EOPNOTSUPP) | Some(libc::ENOENT) | Some(libc::EPROTONOSUPPORT)
+    ) || e.kind() == io::ErrorKind::Unsupported
 }
 
 fn is_permission(e: &io::Error) -> bool {
@@ -105,10 +109,14 @@ impl WgInterface {
         owned: bool,
         choice: BackendChoice,
     ) -> Result<Self, WgError> {
-        let iface: InterfaceName = name.parse().map_err(|e: wireguard_control::InvalidInterfaceName| WgError::BadName {
-            name: name.to_string(),
-            detail: e.to_string(),
-        })?;
+        let iface: InterfaceName =
+            name.parse()
+                .map_err(
+                    |e: wireguard_control::InvalidInterfaceName| WgError::BadName {
+                        name: name.to_string(),
+                        detail: e.to_string(),
+                    },
+                )?;
         if link_exists(name) && !owned {
             return Err(WgError::Foreign(name.to_string()));
         }
@@ -121,12 +129,21 @@ impl WgInterface {
             match update().apply(&iface, Backend::Kernel) {
                 Ok(()) => {
                     tracing::info!(interface = name, "using the kernel's WireGuard");
-                    let me = Self { name: name.to_string(), iface, backend: BackendKind::Kernel, device: None };
+                    let me = Self {
+                        name: name.to_string(),
+                        iface,
+                        backend: BackendKind::Kernel,
+                        device: None,
+                    };
                     return Ok(me);
                 }
                 Err(e) if is_permission(&e) => return Err(WgError::Permission(name.to_string())),
                 Err(e) if choice == BackendChoice::Kernel || !is_unsupported(&e) => {
-                    return Err(WgError::Io { iface: name.to_string(), action: "create (kernel)", source: e })
+                    return Err(WgError::Io {
+                        iface: name.to_string(),
+                        action: "create (kernel)",
+                        source: e,
+                    })
                 }
                 Err(e) => {
                     tracing::warn!(interface = name, error = %e, "the kernel has no WireGuard; using meshpeer's embedded userspace WireGuard");
@@ -143,7 +160,12 @@ impl WgInterface {
                 userspace::UserspaceError::Permission(_) => WgError::Permission(name.to_string()),
                 e => WgError::Userspace(name.to_string(), e),
             })?;
-        let me = Self { name: name.to_string(), iface, backend: BackendKind::Userspace, device: Some(device) };
+        let me = Self {
+            name: name.to_string(),
+            iface,
+            backend: BackendKind::Userspace,
+            device: Some(device),
+        };
         me.update(update(), "configure")?;
         Ok(me)
     }
@@ -151,7 +173,11 @@ impl WgInterface {
     fn update(&self, update: DeviceUpdate, action: &'static str) -> Result<(), WgError> {
         update
             .apply(&self.iface, self.backend.backend())
-            .map_err(|source| WgError::Io { iface: self.name.clone(), action, source })
+            .map_err(|source| WgError::Io {
+                iface: self.name.clone(),
+                action,
+                source,
+            })
     }
 
     /// Puts `ip/prefix` on the interface (replacing any other address) and
@@ -167,13 +193,25 @@ impl WgInterface {
             run_ip(&["-4", "address", "flush", "dev", &self.name])?;
             run_ip(&["-4", "address", "add", &addr, "dev", &self.name])?;
         }
-        run_ip(&["link", "set", "dev", &self.name, "mtu", &MTU.to_string(), "up"])
+        run_ip(&[
+            "link",
+            "set",
+            "dev",
+            &self.name,
+            "mtu",
+            &MTU.to_string(),
+            "up",
+        ])
     }
 
     /// The peers the device holds now.
     pub fn peers(&self) -> Result<Vec<ActualPeer>, WgError> {
-        let dev = Device::get(&self.iface, self.backend.backend())
-            .map_err(|source| WgError::Io { iface: self.name.clone(), action: "read", source })?;
+        let dev =
+            Device::get(&self.iface, self.backend.backend()).map_err(|source| WgError::Io {
+                iface: self.name.clone(),
+                action: "read",
+                source,
+            })?;
         let now = SystemTime::now();
         Ok(dev
             .peers
@@ -181,7 +219,12 @@ impl WgInterface {
             .map(|p| ActualPeer {
                 public_key: p.config.public_key.0,
                 endpoint: p.config.endpoint,
-                allowed_ips: p.config.allowed_ips.iter().map(|a| (a.address, a.cidr)).collect(),
+                allowed_ips: p
+                    .config
+                    .allowed_ips
+                    .iter()
+                    .map(|a| (a.address, a.cidr))
+                    .collect(),
                 keepalive: p.config.persistent_keepalive_interval.filter(|k| *k != 0),
                 handshake_age: p
                     .stats
@@ -202,7 +245,12 @@ impl WgInterface {
         let mut update = DeviceUpdate::new();
         for c in changes {
             let peer = match c {
-                PeerChange::Add { public_key, allowed_ip, endpoint, keepalive } => {
+                PeerChange::Add {
+                    public_key,
+                    allowed_ip,
+                    endpoint,
+                    keepalive,
+                } => {
                     let mut p = PeerConfigBuilder::new(&Key(*public_key))
                         .replace_allowed_ips()
                         .add_allowed_ip(IpAddr::V4(*allowed_ip), 32)
@@ -212,7 +260,12 @@ impl WgInterface {
                     }
                     p
                 }
-                PeerChange::Update { public_key, endpoint, allowed_ip, keepalive } => {
+                PeerChange::Update {
+                    public_key,
+                    endpoint,
+                    allowed_ip,
+                    keepalive,
+                } => {
                     let mut p = PeerConfigBuilder::new(&Key(*public_key));
                     if let Some(e) = endpoint {
                         p = p.set_endpoint(*e);
@@ -225,7 +278,9 @@ impl WgInterface {
                     }
                     p
                 }
-                PeerChange::Remove { public_key } => PeerConfigBuilder::new(&Key(*public_key)).remove(),
+                PeerChange::Remove { public_key } => {
+                    PeerConfigBuilder::new(&Key(*public_key)).remove()
+                }
             };
             update = update.add_peer(peer);
         }
@@ -244,10 +299,13 @@ impl WgInterface {
 }
 
 fn run_ip(args: &[&str]) -> Result<(), WgError> {
-    let out = Command::new("ip").args(args).output().map_err(|e| WgError::Ip {
-        args: args.join(" "),
-        detail: format!("cannot run ip (is iproute2 installed?): {e}"),
-    })?;
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| WgError::Ip {
+            args: args.join(" "),
+            detail: format!("cannot run ip (is iproute2 installed?): {e}"),
+        })?;
     if out.status.success() {
         Ok(())
     } else {
