@@ -30,8 +30,6 @@ use crate::status::{MemberState, MemberStatus, Status};
 use crate::wg::{BackendChoice, WgInterface};
 
 const TICK: Duration = Duration::from_millis(250);
-/// How long a fresh joiner tries its seeds before giving up with an error.
-pub const JOIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a leaving node keeps gossiping its leave record.
 const LEAVE_LINGER: Duration = Duration::from_secs(2);
 
@@ -47,6 +45,8 @@ pub struct DaemonConfig {
     pub backend: BackendChoice,
     pub down_grace: Duration,
     pub timing: GossipTiming,
+    /// How long a fresh joiner tries its seeds before giving up.
+    pub join_timeout: Duration,
 }
 
 fn unix_ms() -> u64 {
@@ -149,7 +149,7 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()>) -> anyho
     // A node without an overlay address learns the members first, to pick a
     // free one; a fresh joiner that cannot reach any seed gives up with an error.
     if state.overlay_ip.is_none() {
-        let reply = hello_any(&transport, &reach).await?;
+        let reply = hello_any(&transport, &reach, cfg.join_timeout).await?;
         let entries: Vec<GossipEntry> = reply
             .into_iter()
             .filter_map(|text| {
@@ -313,11 +313,15 @@ impl Drop for SocketGuard {
     }
 }
 
-async fn hello_any(transport: &QuicTransport, reach: &[SocketAddr]) -> anyhow::Result<Vec<String>> {
+async fn hello_any(
+    transport: &QuicTransport,
+    reach: &[SocketAddr],
+    timeout: Duration,
+) -> anyhow::Result<Vec<String>> {
     if reach.is_empty() {
         bail!("this node has no overlay address and no seed to join through (pass a seed: `meshpeer join SEED`)");
     }
-    let deadline = tokio::time::Instant::now() + JOIN_TIMEOUT;
+    let deadline = tokio::time::Instant::now() + timeout;
     let mut last_err = None;
     let mut backoff = Duration::from_millis(500);
     while tokio::time::Instant::now() < deadline {
@@ -333,11 +337,12 @@ async fn hello_any(transport: &QuicTransport, reach: &[SocketAddr]) -> anyhow::R
                 }
             }
         }
-        tokio::time::sleep(backoff).await;
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        tokio::time::sleep(backoff.min(left)).await;
         backoff = (backoff * 2).min(Duration::from_secs(5));
     }
     Err(anyhow!(
-        "cannot join: no seed answered within {JOIN_TIMEOUT:?}{}",
+        "cannot join: no seed answered within {timeout:?}{}",
         last_err
             .map(|e| format!(" (last error: {e})"))
             .unwrap_or_default()

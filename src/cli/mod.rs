@@ -76,6 +76,9 @@ pub struct RunArgs {
     /// Gossip interval in milliseconds.
     #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(50..=60_000))]
     pub gossip_interval_ms: u64,
+    /// Seconds a fresh `join` tries its seed before giving up.
+    #[arg(long, default_value_t = 30)]
+    pub join_timeout_secs: u64,
 }
 
 #[derive(Args, Debug)]
@@ -99,6 +102,7 @@ impl RunArgs {
                 interval: Duration::from_millis(self.gossip_interval_ms),
                 ..GossipTiming::default()
             },
+            join_timeout: Duration::from_secs(self.join_timeout_secs),
         }
     }
 }
