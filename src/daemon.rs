@@ -144,7 +144,7 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()>) -> anyho
         })
         .ok_or_else(|| anyhow!("cannot find an address to advertise; pass --advertise-addr"))?;
 
-    let mut membership = Membership::new(network.key, id.node_key(), cfg.down_grace);
+    let membership = Membership::new(network.key, id.node_key(), cfg.down_grace);
 
     // A node without an overlay address learns the members first, to pick a
     // free one; a fresh joiner that cannot reach any seed gives up with an error.
@@ -161,11 +161,13 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()>) -> anyho
                 })
             })
             .collect();
-        membership.handle_snapshot(Instant::now(), &entries);
+        // A scratch view: only chitchat feeds the real one.
+        let mut seen = Membership::new(network.key, id.node_key(), cfg.down_grace);
+        seen.handle_snapshot(Instant::now(), &entries);
         let ip = ipalloc::choose(
             network.cidr,
             &id.node_key(),
-            &membership.taken_ips(&id.node_key()),
+            &seen.taken_ips(&id.node_key()),
         )
         .ok_or_else(|| anyhow!("network {} is full", network.cidr))?;
         state.overlay_ip = Some(ip);

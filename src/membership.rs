@@ -53,6 +53,9 @@ pub enum Liveness {
 pub struct Member {
     pub record: RecordBody,
     pub liveness: Liveness,
+    /// Whether the failure detector ever held it live: a member that just
+    /// appeared is not "down" before its first heartbeat arrives.
+    seen_live: bool,
     /// The record text last accepted (to skip re-verifying it).
     raw: String,
 }
@@ -201,7 +204,9 @@ impl Membership {
         };
         let held = self.high_water.get(key).copied();
         if let Some(held) = held {
-            if record.version <= held {
+            // The same version again is only news if we had forgotten the
+            // member; anything older is a replay.
+            if record.version < held || (record.version == held && self.members.contains_key(key)) {
                 if record.version < held {
                     let reason = format!("replay v{} < v{held}", record.version);
                     if self.reported.get(node_id) != Some(&reason) {
@@ -220,6 +225,7 @@ impl Membership {
         self.reported.remove(node_id);
         let name = record.name.clone();
         let prev = self.members.get(key).map(|m| m.liveness);
+        let seen_live = self.members.get(key).is_some_and(|m| m.seen_live);
         let liveness = if record.left {
             if prev != Some(Liveness::Left) {
                 events.push(Event::Left { name: name.clone() });
@@ -249,6 +255,7 @@ impl Membership {
             Member {
                 record,
                 liveness,
+                seen_live,
                 raw: text.to_string(),
             },
         );
@@ -267,6 +274,10 @@ impl Membership {
         let Some(m) = self.members.get_mut(key) else {
             return;
         };
+        if !m.seen_live {
+            m.seen_live = live;
+            return;
+        }
         match (m.liveness, live) {
             (Liveness::Live, false) => {
                 m.liveness = Liveness::Down { since: now };
@@ -465,11 +476,28 @@ mod tests {
         let ev = m.handle_snapshot(t0 + Duration::from_secs(61), &[entry(&body, &node, true)]);
         assert_eq!(ev, vec![Event::Up { name: "n3".into() }]);
         assert_eq!(m.desired_peers(t0 + Duration::from_secs(61), &[]).len(), 1);
-        // Gone from gossip altogether: forgotten, but a replay stays impossible.
+        // Gone from gossip altogether: forgotten. The same record seen again
+        // brings it back; an older one stays a replay.
         let ev = m.handle_snapshot(t0, &[]);
         assert_eq!(ev, vec![Event::Forgotten { name: "n3".into() }]);
         let ev = m.handle_snapshot(t0, &[entry(&body, &node, true)]);
-        assert!(ev.is_empty(), "{ev:?}");
+        assert!(matches!(ev[0], Event::Joined { .. }), "{ev:?}");
+        m.handle_snapshot(t0, &[]);
+        let mut older = body.clone();
+        older.version = 0;
+        let ev = m.handle_snapshot(t0, &[entry(&older, &node, true)]);
+        assert!(
+            matches!(
+                ev[0],
+                Event::Replay {
+                    held: 1,
+                    got: 0,
+                    ..
+                }
+            ),
+            "{ev:?}"
+        );
+        assert!(m.desired_peers(t0, &[]).is_empty());
     }
 
     #[test]

@@ -85,8 +85,15 @@ pub struct WgInterface {
     device: Option<userspace::UserspaceDevice>,
 }
 
+/// Whether a link of that name exists in this thread's network namespace
+/// (if_nametoindex asks the kernel, unlike /sys, which may belong to another
+/// namespace).
 pub fn link_exists(name: &str) -> bool {
-    std::path::Path::new("/sys/class/net").join(name).exists()
+    let Ok(c) = std::ffi::CString::new(name) else {
+        return false;
+    };
+    // SAFETY: `c` is a valid NUL-terminated string for the duration of the call.
+    unsafe { libc::if_nametoindex(c.as_ptr()) != 0 }
 }
 
 fn is_unsupported(e: &io::Error) -> bool {
@@ -156,9 +163,12 @@ impl WgInterface {
         }
         let device = userspace::UserspaceDevice::start(name)
             .await
-            .map_err(|e| match e {
-                userspace::UserspaceError::Permission(_) => WgError::Permission(name.to_string()),
-                e => WgError::Userspace(name.to_string(), e),
+            .map_err(|e| match &e {
+                userspace::UserspaceError::Tun {
+                    source: tun::Error::Io(io),
+                    ..
+                } if is_permission(io) => WgError::Permission(name.to_string()),
+                _ => WgError::Userspace(name.to_string(), e),
             })?;
         let me = Self {
             name: name.to_string(),

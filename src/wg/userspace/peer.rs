@@ -1,0 +1,137 @@
+//! Runtime state of the device key and of each peer.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use boringtun::noise::rate_limiter::RateLimiter;
+use boringtun::noise::Tunn;
+use boringtun::x25519::{PublicKey, StaticSecret};
+
+use super::config::{Key, PeerConfig};
+use super::uapi::PeerStats;
+
+/// Handshakes per second accepted before cookies are required (boringtun's
+/// device uses the same figure).
+const HANDSHAKE_RATE_LIMIT: u64 = 100;
+
+/// The device's static key and the rate limiters derived from it.
+pub(crate) struct DeviceKey {
+    pub secret: StaticSecret,
+    pub public: PublicKey,
+    /// Checks MAC1 and counts handshakes before any peer lookup (and answers
+    /// with a cookie under load). Reset every second by the timer task.
+    pub front_limiter: Arc<RateLimiter>,
+    /// Shared by all `Tunn`s: it only re-checks MAC1, with no limit, since
+    /// the front limiter already counted the packet.
+    pub tunn_limiter: Arc<RateLimiter>,
+}
+
+impl DeviceKey {
+    pub fn new(private: &Key) -> Self {
+        let secret = StaticSecret::from(*private);
+        let public = PublicKey::from(&secret);
+        DeviceKey {
+            front_limiter: Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT)),
+            tunn_limiter: Arc::new(RateLimiter::new(&public, u64::MAX)),
+            secret,
+            public,
+        }
+    }
+
+    pub fn new_tunn(&self, peer_public: &Key, preshared: &Key, index: u32) -> Tunn {
+        let psk = if preshared == &[0; 32] {
+            None
+        } else {
+            Some(*preshared)
+        };
+        // Persistent keepalive is handled by the device, not by `Tunn`, so it
+        // can change without a new `Tunn` (which would drop the session).
+        Tunn::new(
+            self.secret.clone(),
+            PublicKey::from(*peer_public),
+            psk,
+            None,
+            index,
+            Some(Arc::clone(&self.tunn_limiter)),
+        )
+    }
+}
+
+/// A peer at run time. `id` and `index` never change; a peer that is removed
+/// and added again is a new `Peer`.
+pub(crate) struct Peer {
+    pub id: u64,
+    pub public_key: Key,
+    /// 24-bit local index: `Tunn` puts it in the top bits of its session
+    /// indices, so `receiver_idx >> 8` finds the peer.
+    pub index: u32,
+    pub inner: Mutex<PeerInner>,
+}
+
+pub(crate) struct PeerInner {
+    /// `None` while the device has no private key.
+    pub tunn: Option<Tunn>,
+    pub endpoint: Option<SocketAddr>,
+    pub persistent_keepalive: u16,
+    pub preshared_key: Key,
+    /// Last authenticated packet sent or received; `None` makes a persistent
+    /// keepalive due at once (it was just turned on).
+    pub last_traversal: Option<Instant>,
+    pub stats: PeerStats,
+}
+
+impl Peer {
+    pub fn new(cfg: &PeerConfig, index: u32, key: Option<&DeviceKey>) -> Self {
+        Peer {
+            id: cfg.id,
+            public_key: cfg.public_key,
+            index,
+            inner: Mutex::new(PeerInner {
+                tunn: key.map(|k| k.new_tunn(&cfg.public_key, &cfg.preshared_key, index)),
+                endpoint: cfg.endpoint,
+                persistent_keepalive: cfg.persistent_keepalive,
+                preshared_key: cfg.preshared_key,
+                last_traversal: None,
+                stats: PeerStats::default(),
+            }),
+        }
+    }
+
+    pub fn short_key(&self) -> String {
+        short_key(&self.public_key)
+    }
+}
+
+/// The first 8 hex digits of a key, enough to tell peers apart in logs.
+pub(crate) fn short_key(key: &Key) -> String {
+    hex::encode(&key[..4])
+}
+
+/// A random 24-bit non-zero value from the kernel's CSPRNG.
+pub(crate) fn random_index() -> u32 {
+    let mut buf = [0u8; 4];
+    loop {
+        // SAFETY: writes at most `buf.len()` bytes into `buf`.
+        let n = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), 0) };
+        let v = if n == 4 {
+            u32::from_le_bytes(buf)
+        } else {
+            // getrandom(2) cannot really fail for 4 bytes; fall back anyway.
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.subsec_nanos())
+                .unwrap_or(1);
+            nanos.wrapping_mul(2_654_435_761)
+        } & 0x00ff_ffff;
+        if v != 0 {
+            return v;
+        }
+    }
+}
+
+/// Locks a mutex, ignoring poisoning (a panicked holder cannot leave these
+/// structures in a state worse than dropping a packet).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
