@@ -72,6 +72,9 @@ pub fn parse_network(s: &str) -> anyhow::Result<Ipv4Net> {
 
 pub fn init(a: InitArgs) -> anyhow::Result<()> {
     let cidr = parse_network(&a.network)?;
+    if let Some(n) = &a.name {
+        super::check_name(n)?;
+    }
     let dir = StateDir::create(&a.state.state_dir)?;
     let network_key = SigningKey::generate(&mut OsRng);
     let id = Identity::generate();

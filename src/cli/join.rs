@@ -37,6 +37,9 @@ pub struct JoinArgs {
 
 pub async fn join(a: JoinArgs) -> anyhow::Result<()> {
     let seed = meshpeer::net::normalize_seed(&a.seed, DEFAULT_GOSSIP_PORT)?;
+    if let Some(n) = &a.name {
+        super::check_name(n)?;
+    }
     let text = match (&a.token, &a.token_file) {
         (Some(t), _) => t.clone(),
         (None, Some(f)) => std::fs::read_to_string(f)

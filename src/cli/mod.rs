@@ -83,6 +83,9 @@ pub struct RunArgs {
 
 #[derive(Args, Debug)]
 pub struct UpArgs {
+    /// Rename this node (kept in the state directory).
+    #[arg(long)]
+    pub name: Option<String>,
     #[command(flatten)]
     pub run: RunArgs,
 }
@@ -126,11 +129,29 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// Checks a node name given with --name.
+pub fn check_name(name: &str) -> anyhow::Result<()> {
+    let max = meshpeer::record::MAX_NAME_LEN;
+    if name.is_empty() || name.len() > max || name.chars().any(char::is_control) {
+        anyhow::bail!(
+            "--name {name:?}: a node name has 1 to {max} bytes and no control characters"
+        );
+    }
+    Ok(())
+}
+
 pub fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
         .ok()
         .filter(|s| !s.is_empty())
+        .map(|s| {
+            let mut end = s.len().min(meshpeer::record::MAX_NAME_LEN);
+            while !s.is_char_boundary(end) {
+                end -= 1;
+            }
+            s[..end].to_string()
+        })
         .unwrap_or_else(|| "node".to_string())
 }
 
@@ -139,7 +160,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Init(a) => init::init(a),
         Command::Invite(a) => init::invite(a),
         Command::Up(a) => {
-            meshpeer::state::StateDir::open(&a.run.state.state_dir)?;
+            let dir = meshpeer::state::StateDir::open(&a.run.state.state_dir)?;
+            if let Some(name) = a.name {
+                check_name(&name)?;
+                let mut st = dir.load_state()?;
+                st.name = name;
+                dir.save_state(&st)?;
+            }
             meshpeer::daemon::run(a.run.daemon_config(vec![]), shutdown_signal()).await
         }
         Command::Join(a) => join::join(a).await,
