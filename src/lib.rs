@@ -21,6 +21,7 @@ pub mod gossip;
 pub mod identity;
 pub mod ipalloc;
 pub mod membership;
+pub mod nat;
 pub mod net;
 pub mod proto;
 pub mod reconcile;

@@ -99,7 +99,8 @@ pub enum Event {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DesiredPeer {
     pub public_key: [u8; 32],
-    pub allowed_ip: Ipv4Addr,
+    /// Overlay addresses routed to this peer (its own, plus those it relays).
+    pub allowed_ips: Vec<Ipv4Addr>,
     /// Candidate endpoints, best first.
     pub endpoints: Vec<SocketAddr>,
     pub keepalive: u16,
@@ -359,7 +360,7 @@ impl Membership {
             })
             .map(|m| DesiredPeer {
                 public_key: m.record.wg_public_key,
-                allowed_ip: m.record.overlay_ip,
+                allowed_ips: vec![m.record.overlay_ip],
                 endpoints: order_endpoints(&m.record.endpoints, local_nets),
                 keepalive: KEEPALIVE_SECS,
             })
@@ -412,8 +413,8 @@ mod tests {
         let peers = m.desired_peers(t0, &[]);
         assert_eq!(peers.len(), 1);
         assert_eq!(
-            peers[0].allowed_ip,
-            "10.77.0.2".parse::<Ipv4Addr>().unwrap()
+            peers[0].allowed_ips,
+            vec!["10.77.0.2".parse::<Ipv4Addr>().unwrap()]
         );
 
         // Newer version: accepted.

@@ -33,7 +33,7 @@ pub struct ActualPeer {
 pub enum PeerChange {
     Add {
         public_key: [u8; 32],
-        allowed_ip: Ipv4Addr,
+        allowed_ips: Vec<Ipv4Addr>,
         endpoint: Option<SocketAddr>,
         keepalive: u16,
     },
@@ -41,9 +41,16 @@ pub enum PeerChange {
         public_key: [u8; 32],
         /// New endpoint, if it changes.
         endpoint: Option<SocketAddr>,
-        /// Replacement allowed IP, if it changes.
-        allowed_ip: Option<Ipv4Addr>,
+        /// Replacement allowed IPs, if they change.
+        allowed_ips: Option<Vec<Ipv4Addr>>,
         keepalive: Option<u16>,
+    },
+    /// Turn keepalive off and on again: WireGuard then sends a keepalive at
+    /// once, which starts a handshake (the periodic hole-punch retry for a
+    /// peer without a session).
+    Poke {
+        public_key: [u8; 32],
+        keepalive: u16,
     },
     Remove {
         public_key: [u8; 32],
@@ -55,6 +62,7 @@ impl PeerChange {
         match self {
             PeerChange::Add { public_key, .. }
             | PeerChange::Update { public_key, .. }
+            | PeerChange::Poke { public_key, .. }
             | PeerChange::Remove { public_key } => public_key,
         }
     }
@@ -64,12 +72,15 @@ impl PeerChange {
 ///
 /// `rotation` picks which candidate endpoint to try for a peer that has no
 /// fresh handshake (the shell passes a slowly increasing counter, so an
-/// unreachable candidate is eventually replaced by the next one).
+/// unreachable candidate is eventually replaced by the next one); `poke`
+/// (set by the shell when the counter advanced) retries handshakes of peers
+/// without a fresh one.
 pub fn reconcile(
     desired: &[DesiredPeer],
     actual: &[ActualPeer],
     owned: &BTreeSet<[u8; 32]>,
     rotation: usize,
+    poke: bool,
 ) -> Vec<PeerChange> {
     let mut changes = Vec::new();
     for d in desired {
@@ -83,7 +94,7 @@ pub fn reconcile(
         match actual.iter().find(|a| a.public_key == d.public_key) {
             None => changes.push(PeerChange::Add {
                 public_key: d.public_key,
-                allowed_ip: d.allowed_ip,
+                allowed_ips: d.allowed_ips.clone(),
                 endpoint: pick(0),
                 keepalive: d.keepalive,
             }),
@@ -102,15 +113,27 @@ pub fn reconcile(
                             .flatten()
                     }
                 };
-                let want_ips = vec![(IpAddr::V4(d.allowed_ip), 32u8)];
-                let allowed_ip = (a.allowed_ips != want_ips).then_some(d.allowed_ip);
+                let mut have = a.allowed_ips.clone();
+                have.sort();
+                let mut want: Vec<(IpAddr, u8)> = d
+                    .allowed_ips
+                    .iter()
+                    .map(|ip| (IpAddr::V4(*ip), 32u8))
+                    .collect();
+                want.sort();
+                let allowed_ips = (have != want).then(|| d.allowed_ips.clone());
                 let keepalive = (a.keepalive != Some(d.keepalive)).then_some(d.keepalive);
-                if endpoint.is_some() || allowed_ip.is_some() || keepalive.is_some() {
+                if endpoint.is_some() || allowed_ips.is_some() || keepalive.is_some() {
                     changes.push(PeerChange::Update {
                         public_key: d.public_key,
                         endpoint,
-                        allowed_ip,
+                        allowed_ips,
                         keepalive,
+                    });
+                } else if poke && !fresh && d.keepalive != 0 {
+                    changes.push(PeerChange::Poke {
+                        public_key: d.public_key,
+                        keepalive: d.keepalive,
                     });
                 }
             }
@@ -133,7 +156,7 @@ mod tests {
     fn desired(k: u8, ip: &str, eps: &[&str]) -> DesiredPeer {
         DesiredPeer {
             public_key: [k; 32],
-            allowed_ip: ip.parse().unwrap(),
+            allowed_ips: vec![ip.parse().unwrap()],
             endpoints: eps.iter().map(|e| e.parse().unwrap()).collect(),
             keepalive: 25,
         }
@@ -159,13 +182,13 @@ mod tests {
             actual(3, "10.9.9.9", None, None),
         ];
         let owned: BTreeSet<_> = [[2u8; 32]].into();
-        let c = reconcile(&d, &a, &owned, 0);
+        let c = reconcile(&d, &a, &owned, 0, false);
         assert_eq!(
             c,
             vec![
                 PeerChange::Add {
                     public_key: [1; 32],
-                    allowed_ip: "10.0.0.1".parse().unwrap(),
+                    allowed_ips: vec!["10.0.0.1".parse().unwrap()],
                     endpoint: Some("192.0.2.1:51820".parse().unwrap()),
                     keepalive: 25
                 },
@@ -181,7 +204,7 @@ mod tests {
         let d = vec![desired(1, "10.0.0.1", &["192.0.2.1:51820"])];
         let a = vec![actual(1, "10.0.0.1", Some("192.0.2.1:51820"), Some(5))];
         let owned: BTreeSet<_> = [[1u8; 32]].into();
-        assert!(reconcile(&d, &a, &owned, 7).is_empty());
+        assert!(reconcile(&d, &a, &owned, 7, false).is_empty());
     }
 
     #[test]
@@ -191,23 +214,23 @@ mod tests {
         // Stale endpoint, no handshake: moved to the new candidate.
         let a = vec![actual(1, "10.0.0.1", Some("192.0.2.1:51820"), None)];
         assert_eq!(
-            reconcile(&d, &a, &owned, 0),
+            reconcile(&d, &a, &owned, 0, false),
             vec![PeerChange::Update {
                 public_key: [1; 32],
                 endpoint: Some("192.0.2.7:51820".parse().unwrap()),
-                allowed_ip: None,
+                allowed_ips: None,
                 keepalive: None
             }]
         );
         // Fresh handshake on a roamed endpoint: left alone.
         let a = vec![actual(1, "10.0.0.1", Some("198.51.100.1:4000"), Some(10))];
-        assert!(reconcile(&d, &a, &owned, 0).is_empty());
+        assert!(reconcile(&d, &a, &owned, 0, false).is_empty());
         // Allowed IP changed (the member moved address after a conflict).
         let a = vec![actual(1, "10.0.0.9", Some("192.0.2.7:51820"), Some(10))];
         assert!(matches!(
-            reconcile(&d, &a, &owned, 0)[0],
+            reconcile(&d, &a, &owned, 0, false)[0],
             PeerChange::Update {
-                allowed_ip: Some(_),
+                allowed_ips: Some(_),
                 endpoint: None,
                 ..
             }
@@ -215,13 +238,55 @@ mod tests {
     }
 
     #[test]
+    fn pokes_retry_only_peers_without_a_session() {
+        let d = vec![
+            desired(1, "10.0.0.1", &["192.0.2.1:1"]),
+            desired(2, "10.0.0.2", &["192.0.2.2:1"]),
+        ];
+        let owned: BTreeSet<_> = [[1u8; 32], [2u8; 32]].into();
+        let a = vec![
+            actual(1, "10.0.0.1", Some("192.0.2.1:1"), Some(3)),
+            actual(2, "10.0.0.2", Some("192.0.2.2:1"), None),
+        ];
+        assert!(reconcile(&d, &a, &owned, 0, false).is_empty());
+        assert_eq!(
+            reconcile(&d, &a, &owned, 0, true),
+            vec![PeerChange::Poke {
+                public_key: [2; 32],
+                keepalive: 25
+            }]
+        );
+    }
+
+    #[test]
+    fn relayed_addresses_move_between_peers() {
+        let mut relay = desired(1, "10.0.0.1", &["192.0.2.1:1"]);
+        relay.allowed_ips.push("10.0.0.2".parse().unwrap());
+        let mut relayed = desired(2, "10.0.0.2", &["192.0.2.2:1"]);
+        relayed.allowed_ips.clear();
+        let owned: BTreeSet<_> = [[1u8; 32], [2u8; 32]].into();
+        let a = vec![
+            actual(1, "10.0.0.1", Some("192.0.2.1:1"), Some(3)),
+            actual(2, "10.0.0.2", Some("192.0.2.2:1"), None),
+        ];
+        let c = reconcile(&[relay, relayed], &a, &owned, 0, false);
+        assert_eq!(c.len(), 2);
+        assert!(
+            matches!(&c[0], PeerChange::Update { allowed_ips: Some(ips), .. } if ips.len() == 2)
+        );
+        assert!(
+            matches!(&c[1], PeerChange::Update { allowed_ips: Some(ips), .. } if ips.is_empty())
+        );
+    }
+
+    #[test]
     fn rotation_walks_the_candidates_without_a_handshake() {
         let d = vec![desired(1, "10.0.0.1", &["192.0.2.1:1", "192.0.2.2:1"])];
         let owned: BTreeSet<_> = [[1u8; 32]].into();
         let a = vec![actual(1, "10.0.0.1", Some("192.0.2.1:1"), None)];
-        assert!(reconcile(&d, &a, &owned, 0).is_empty());
+        assert!(reconcile(&d, &a, &owned, 0, false).is_empty());
         assert!(matches!(
-            reconcile(&d, &a, &owned, 1)[0],
+            reconcile(&d, &a, &owned, 1, false)[0],
             PeerChange::Update { endpoint: Some(e), .. } if e.to_string() == "192.0.2.2:1"
         ));
     }

@@ -28,6 +28,22 @@ pub struct Route {
     pub prefix: u8,
 }
 
+/// What a member learned about the NAT in front of its WireGuard socket.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NatKind {
+    /// Not measured yet.
+    #[default]
+    Unknown,
+    /// No NAT: the mapped address is one of the member's own.
+    Public,
+    /// Endpoint-independent mapping (home NAT, most CGNAT): one public
+    /// port for every destination, so hole punching can work.
+    EndpointIndependent,
+    /// Endpoint-dependent ("symmetric") mapping: a new port per destination;
+    /// only a public member or a relay reaches it.
+    EndpointDependent,
+}
+
 /// The signed content of a membership record.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RecordBody {
@@ -51,6 +67,11 @@ pub struct RecordBody {
     pub routes: Vec<Route>,
     /// Set in the node's last record when it leaves the mesh on purpose.
     pub left: bool,
+    /// The NAT in front of the member's WireGuard socket.
+    pub nat: NatKind,
+    /// Whether the member relays traffic for pairs that cannot connect
+    /// directly (only meaningful for public members).
+    pub relay: bool,
     /// The node's admission credential (see [`crate::admission`]).
     pub admission: Signed,
 }
@@ -174,6 +195,8 @@ pub(crate) mod tests {
             tags: vec![],
             routes: vec![],
             left: false,
+            nat: NatKind::Unknown,
+            relay: false,
             admission: token.admit(node.verifying_key().to_bytes(), 1),
         };
         (node, body)

@@ -10,8 +10,11 @@
 //!   "members": [MEMBER, ...] }          // self included, sorted by overlay IP
 //! MEMBER = { "name", "node_id", "overlay_ip", "public_key" (WireGuard, base64),
 //!   "endpoint" (IP:PORT or null), "state": "self" | "connected" | "connecting" | "down",
-//!   "path": "direct" | null, "last_handshake_secs" (age or null),
-//!   "rx_bytes", "tx_bytes", "tags": [..] }
+//!   "path": "direct" | "relayed" | "trying" | null (self),
+//!   "relay": NAME | null, "why_not_direct": TEXT | null,
+//!   "nat": "public" | "endpoint-independent" | "symmetric" | "unknown",
+//!   "last_handshake_secs" (age or null), "rx_bytes", "tx_bytes", "tags": [..] }
+//! plus, at the top level, "nat", "mapped_endpoints": [..], "relaying": bool.
 //! ```
 //!
 //! `connected`: a WireGuard handshake within the last 180 s; `connecting`:
@@ -49,7 +52,15 @@ pub struct MemberStatus {
     pub public_key: String,
     pub endpoint: Option<String>,
     pub state: MemberState,
+    /// "direct", "relayed" or "trying" (null for self).
     pub path: Option<String>,
+    /// The relay's name when relayed.
+    pub relay: Option<String>,
+    /// Why the pair is relayed rather than direct.
+    pub why_not_direct: Option<String>,
+    /// The member's NAT as it measured it: public, endpoint-independent,
+    /// symmetric, unknown.
+    pub nat: String,
     pub last_handshake_secs: Option<u64>,
     pub rx_bytes: u64,
     pub tx_bytes: u64,
@@ -67,6 +78,11 @@ pub struct Status {
     pub gossip_addr: String,
     pub gossip_bytes_sent: u64,
     pub gossip_bytes_received: u64,
+    /// Our NAT as STUN measured it, and our mapped (server-reflexive) endpoints.
+    pub nat: String,
+    pub mapped_endpoints: Vec<String>,
+    /// Whether this member relays for others.
+    pub relaying: bool,
     #[serde(rename = "self")]
     pub myself: Option<MemberStatus>,
     pub members: Vec<MemberStatus>,
@@ -133,7 +149,11 @@ impl Status {
                     m.public_key.chars().take(8).collect(),
                     m.endpoint.clone().unwrap_or_else(|| "-".into()),
                     m.state.as_str().to_string(),
-                    m.path.clone().unwrap_or_else(|| "-".into()),
+                    match (&m.path, &m.relay) {
+                        (Some(p), Some(r)) => format!("{p} via {r}"),
+                        (Some(p), None) => p.clone(),
+                        _ => "-".into(),
+                    },
                     age(m.last_handshake_secs),
                     bytes(m.rx_bytes),
                     bytes(m.tx_bytes),
@@ -179,6 +199,9 @@ mod tests {
             endpoint: None,
             state: MemberState::Myself,
             path: None,
+            relay: None,
+            why_not_direct: None,
+            nat: "public".into(),
             last_handshake_secs: None,
             rx_bytes: 0,
             tx_bytes: 2048,
@@ -194,6 +217,9 @@ mod tests {
             gossip_addr: "192.0.2.1:51821".into(),
             gossip_bytes_sent: 0,
             gossip_bytes_received: 0,
+            nat: "public".into(),
+            mapped_endpoints: vec![],
+            relaying: false,
             myself: Some(m.clone()),
             members: vec![m],
         };

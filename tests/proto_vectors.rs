@@ -8,7 +8,7 @@ use base64::Engine;
 use ed25519_dalek::SigningKey;
 use meshpeer::admission::{issue_token_with, verify_admission_of, Token};
 use meshpeer::proto;
-use meshpeer::record::{verify_record, RecordBody, Route};
+use meshpeer::record::{verify_record, NatKind, RecordBody, Route};
 use serde_json::{json, Value};
 
 fn build() -> Value {
@@ -43,6 +43,8 @@ fn build() -> Value {
             prefix: 24,
         }],
         left: false,
+        nat: NatKind::Public,
+        relay: true,
         admission: admission.clone(),
     };
     let record_text = body.sign(&node);

@@ -76,6 +76,10 @@ pub struct RunArgs {
     /// Gossip interval in milliseconds.
     #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(50..=60_000))]
     pub gossip_interval_ms: u64,
+    /// Do not relay for members that cannot reach each other directly
+    /// (public members relay by default).
+    #[arg(long, env = "MESHPEER_NO_RELAY")]
+    pub no_relay: bool,
     /// Seconds a fresh `join` tries its seed before giving up.
     #[arg(long, default_value_t = 30)]
     pub join_timeout_secs: u64,
@@ -106,6 +110,7 @@ impl RunArgs {
                 ..GossipTiming::default()
             },
             join_timeout: Duration::from_secs(self.join_timeout_secs),
+            relay: !self.no_relay,
         }
     }
 }

@@ -252,18 +252,24 @@ impl WgInterface {
         if changes.is_empty() {
             return Ok(());
         }
+        let with_ips = |mut p: PeerConfigBuilder, ips: &[Ipv4Addr]| {
+            p = p.replace_allowed_ips();
+            for ip in ips {
+                p = p.add_allowed_ip(IpAddr::V4(*ip), 32);
+            }
+            p
+        };
         let mut update = DeviceUpdate::new();
         for c in changes {
+            let key = Key(*c.public_key());
             let peer = match c {
                 PeerChange::Add {
-                    public_key,
-                    allowed_ip,
+                    allowed_ips,
                     endpoint,
                     keepalive,
+                    ..
                 } => {
-                    let mut p = PeerConfigBuilder::new(&Key(*public_key))
-                        .replace_allowed_ips()
-                        .add_allowed_ip(IpAddr::V4(*allowed_ip), 32)
+                    let mut p = with_ips(PeerConfigBuilder::new(&key), allowed_ips)
                         .set_persistent_keepalive_interval(*keepalive);
                     if let Some(e) = endpoint {
                         p = p.set_endpoint(*e);
@@ -271,30 +277,48 @@ impl WgInterface {
                     p
                 }
                 PeerChange::Update {
-                    public_key,
                     endpoint,
-                    allowed_ip,
+                    allowed_ips,
                     keepalive,
+                    ..
                 } => {
-                    let mut p = PeerConfigBuilder::new(&Key(*public_key));
+                    let mut p = PeerConfigBuilder::new(&key);
                     if let Some(e) = endpoint {
                         p = p.set_endpoint(*e);
                     }
-                    if let Some(ip) = allowed_ip {
-                        p = p.replace_allowed_ips().add_allowed_ip(IpAddr::V4(*ip), 32);
+                    if let Some(ips) = allowed_ips {
+                        p = with_ips(p, ips);
                     }
                     if let Some(k) = keepalive {
                         p = p.set_persistent_keepalive_interval(*k);
                     }
                     p
                 }
-                PeerChange::Remove { public_key } => {
-                    PeerConfigBuilder::new(&Key(*public_key)).remove()
+                PeerChange::Remove { .. } => PeerConfigBuilder::new(&key).remove(),
+                PeerChange::Poke { keepalive, .. } => {
+                    // Off, then on: WireGuard sends a keepalive at once.
+                    update = update.add_peer(
+                        PeerConfigBuilder::new(&key).set_persistent_keepalive_interval(0),
+                    );
+                    PeerConfigBuilder::new(&key).set_persistent_keepalive_interval(*keepalive)
                 }
             };
             update = update.add_peer(peer);
         }
         self.update(update, "update peers")
+    }
+
+    /// For the userspace device: a sender and a receiver of the non-WireGuard
+    /// datagrams on the WireGuard port (STUN). `None` for the kernel.
+    pub fn raw_channel(
+        &self,
+    ) -> Option<(
+        userspace::RawSender,
+        tokio::sync::mpsc::Receiver<userspace::RawDatagram>,
+    )> {
+        self.device
+            .as_ref()
+            .map(|d| (d.raw_sender(), d.subscribe_raw(256)))
     }
 
     /// Removes the interface (meshpeer created it).

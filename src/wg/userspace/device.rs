@@ -261,6 +261,26 @@ fn update_peer(
 
 /// A userspace WireGuard interface: a TUN device, its UDP sockets and its
 /// UAPI socket at `/var/run/wireguard/<ifname>.sock`.
+/// Sends datagrams from the device's UDP socket; see [`UserspaceDevice::raw_sender`].
+#[derive(Clone)]
+pub struct RawSender {
+    shared: Arc<Shared>,
+}
+
+impl RawSender {
+    pub async fn send(&self, to: SocketAddr, bytes: &[u8]) -> Result<(), UserspaceError> {
+        let sock = read(&self.shared.state)
+            .bound
+            .as_ref()
+            .and_then(|b| b.for_addr(&to).cloned())
+            .ok_or(UserspaceError::NotBound)?;
+        sock.send_to(bytes, to)
+            .await
+            .map_err(UserspaceError::io("sending a raw datagram"))?;
+        Ok(())
+    }
+}
+
 pub struct UserspaceDevice {
     shared: Arc<Shared>,
     tasks: Vec<JoinHandle<()>>,
@@ -351,15 +371,15 @@ impl UserspaceDevice {
     /// Sends one datagram from the device's UDP socket (IPv4 or IPv6 one,
     /// following `to`), e.g. for NAT traversal probes.
     pub async fn send_raw(&self, to: SocketAddr, bytes: &[u8]) -> Result<(), UserspaceError> {
-        let sock = read(&self.shared.state)
-            .bound
-            .as_ref()
-            .and_then(|b| b.for_addr(&to).cloned())
-            .ok_or(UserspaceError::NotBound)?;
-        sock.send_to(bytes, to)
-            .await
-            .map_err(UserspaceError::io("sending a raw datagram"))?;
-        Ok(())
+        self.raw_sender().send(to, bytes).await
+    }
+
+    /// A cloneable handle that sends raw datagrams from the device's socket
+    /// (used by the STUN responder task).
+    pub fn raw_sender(&self) -> RawSender {
+        RawSender {
+            shared: self.shared.clone(),
+        }
     }
 
     /// Datagrams arriving on the UDP socket whose first 4 bytes are not a

@@ -41,6 +41,6 @@ pub use allowed_ips::AllowedIps;
 pub use config::{
     public_key_of, DeviceConfig, DeviceOp, Key, PeerConfig, PeerOp, PeerSection, SetRequest,
 };
-pub use device::{RawDatagram, UserspaceDevice, MTU, SOCKET_DIR};
+pub use device::{RawDatagram, RawSender, UserspaceDevice, MTU, SOCKET_DIR};
 pub use error::{UapiError, UserspaceError};
 pub use uapi::{is_wireguard_message, parse_endpoint, parse_key, parse_set, render_get, PeerStats};

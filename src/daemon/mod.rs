@@ -22,12 +22,18 @@ use crate::gossip::{self, tls, Gossip, GossipTiming, QuicTransport};
 use crate::identity::Identity;
 use crate::ipalloc::{self, Claim};
 use crate::membership::{Event, GossipEntry, Liveness, Membership};
+use crate::nat::discovery::NatInfo;
+use crate::nat::paths::Path;
 use crate::proto::{self, Signed};
 use crate::reconcile::{reconcile, PeerChange, FRESH_HANDSHAKE};
+use crate::record::NatKind;
 use crate::record::RecordBody;
 use crate::state::{MembershipFile, NodeState, StateDir};
 use crate::status::{MemberState, MemberStatus, Status};
 use crate::wg::{BackendChoice, WgInterface};
+
+mod traversal;
+use traversal::Traversal;
 
 const TICK: Duration = Duration::from_millis(250);
 /// How long a leaving node keeps gossiping its leave record.
@@ -45,6 +51,8 @@ pub struct DaemonConfig {
     pub backend: BackendChoice,
     pub down_grace: Duration,
     pub timing: GossipTiming,
+    /// Whether this member relays for others when it is public.
+    pub relay: bool,
     /// How long a fresh joiner tries its seeds before giving up.
     pub join_timeout: Duration,
 }
@@ -92,6 +100,8 @@ struct Node {
     reach_backoff: Duration,
     next_reach: Instant,
     seed_addrs: Vec<SocketAddr>,
+    traversal: Traversal,
+    last_rotation: usize,
 }
 
 /// Runs the node until `shutdown` resolves or a `leave` request arrives.
@@ -209,6 +219,7 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()>) -> anyho
         return Err(e.into());
     }
 
+    let traversal = Traversal::start(&wg);
     let mut node_state = state;
     let record = build_record(
         &id,
@@ -217,6 +228,8 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()>) -> anyho
         &mut node_state,
         &cfg,
         advertise,
+        &traversal.nat,
+        false,
         false,
     );
     dir.save_state(&node_state)?;
@@ -264,6 +277,8 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()>) -> anyho
         reach_backoff: Duration::from_secs(1),
         next_reach: Instant::now(),
         seed_addrs,
+        traversal,
+        last_rotation: 0,
     };
 
     tokio::pin!(shutdown);
@@ -359,9 +374,20 @@ fn build_record(
     state: &mut NodeState,
     cfg: &DaemonConfig,
     advertise: IpAddr,
+    nat: &NatInfo,
+    relay: bool,
     left: bool,
 ) -> String {
-    let mut endpoints = vec![SocketAddr::new(advertise, cfg.wg_port)];
+    // Candidates, best first: the server-reflexive endpoint (if the NAT keeps
+    // one mapping for all destinations), then host addresses.
+    let mut endpoints = Vec::new();
+    if nat.kind == NatKind::EndpointIndependent {
+        endpoints.extend(nat.mapped.first().copied());
+    }
+    let host = SocketAddr::new(advertise, cfg.wg_port);
+    if !endpoints.contains(&host) {
+        endpoints.push(host);
+    }
     for (net, _) in crate::net::local_ipv4_nets(&[&cfg.interface]) {
         let a = SocketAddr::new(IpAddr::V4(net.addr()), cfg.wg_port);
         if !endpoints.contains(&a)
@@ -388,6 +414,8 @@ fn build_record(
         tags: vec![],
         routes: vec![],
         left,
+        nat: nat.kind,
+        relay,
         admission: admission.clone(),
     };
     body.sign(&id.signing)
@@ -430,10 +458,30 @@ impl Node {
             .into_iter()
             .map(|(n, _)| n)
             .collect();
+        // NAT: learn our mapping (STUN on the WireGuard port); republish
+        // when it changed.
+        let local_ips: Vec<IpAddr> = local.iter().map(|n| IpAddr::V4(n.addr())).collect();
+        let me = self.id.node_key();
+        if self
+            .traversal
+            .discover(now, &self.membership, &me, &local_ips, self.cfg.wg_port)
+            .await
+        {
+            self.republish(false).await;
+        }
+        if self.relays() {
+            self.traversal.ensure_forwarding();
+        }
+
         let desired = self.membership.desired_peers(now, &local);
         let actual = self.wg.peers()?;
+        let desired = self
+            .traversal
+            .select_paths(now, desired, &actual, &self.membership, &me);
         let rotation = (unix_ms() / 10_000) as usize;
-        let changes = reconcile(&desired, &actual, &self.owned, rotation);
+        let poke = rotation != self.last_rotation;
+        self.last_rotation = rotation;
+        let changes = reconcile(&desired, &actual, &self.owned, rotation, poke);
         if !changes.is_empty() {
             for c in &changes {
                 log_change(c, &self.membership);
@@ -447,7 +495,7 @@ impl Node {
                     PeerChange::Remove { public_key } => {
                         self.owned.remove(public_key);
                     }
-                    PeerChange::Update { .. } => {}
+                    PeerChange::Update { .. } | PeerChange::Poke { .. } => {}
                 }
             }
             self.persist(true);
@@ -482,7 +530,13 @@ impl Node {
         Ok(())
     }
 
+    /// Whether this member offers relaying (public, and not `--no-relay`).
+    fn relays(&self) -> bool {
+        self.cfg.relay && self.traversal.nat.kind == NatKind::Public
+    }
+
     async fn republish(&mut self, left: bool) {
+        let relay = self.relays() && self.traversal.forwarding();
         let record = build_record(
             &self.id,
             &self.network,
@@ -490,6 +544,8 @@ impl Node {
             &mut self.state,
             &self.cfg,
             self.advertise,
+            &self.traversal.nat,
+            relay,
             left,
         );
         self.gossip.publish(record).await;
@@ -523,35 +579,74 @@ impl Node {
     }
 
     fn build_status(&self, actual: &[crate::reconcile::ActualPeer]) -> Status {
+        let peer_of = |k: &[u8; 32]| actual.iter().find(|p| &p.public_key == k);
+        let fresh = |k: &[u8; 32]| {
+            peer_of(k)
+                .and_then(|p| p.handshake_age)
+                .is_some_and(|a| a < FRESH_HANDSHAKE)
+        };
+        let name_of = |k: &[u8; 32]| {
+            self.membership
+                .members()
+                .find(|x| &x.record.wg_public_key == k)
+                .map(|x| x.record.name.clone())
+                .unwrap_or_default()
+        };
         let mut members: Vec<MemberStatus> = self
             .membership
             .members()
             .map(|m| {
                 let r = &m.record;
                 let is_self = r.node_key == self.id.node_key();
-                let peer = actual.iter().find(|p| p.public_key == r.wg_public_key);
+                let peer = peer_of(&r.wg_public_key);
                 let age = peer.and_then(|p| p.handshake_age);
+                let path = self.traversal.paths.get(&r.wg_public_key).copied();
+                let reachable = match path {
+                    Some(Path::Relayed { via }) => fresh(&via),
+                    _ => fresh(&r.wg_public_key),
+                };
                 let state = if is_self {
                     MemberState::Myself
                 } else if matches!(m.liveness, Liveness::Down { .. }) {
                     MemberState::Down
-                } else if age.is_some_and(|a| a < FRESH_HANDSHAKE) {
+                } else if reachable {
                     MemberState::Connected
                 } else {
                     MemberState::Connecting
+                };
+                let endpoint = if is_self {
+                    Some(SocketAddr::new(self.advertise, self.cfg.wg_port))
+                } else if let Some(Path::Relayed { via }) = path {
+                    peer_of(&via).and_then(|p| p.endpoint)
+                } else {
+                    peer.and_then(|p| p.endpoint)
+                };
+                let (path_text, relay, why) = match path {
+                    _ if is_self => (None, None, None),
+                    Some(Path::Direct) => (Some("direct".to_string()), None, None),
+                    Some(Path::Relayed { via }) => (
+                        Some("relayed".to_string()),
+                        Some(name_of(&via)),
+                        Some(traversal::relay_reason(
+                            self.traversal.nat.kind,
+                            r.nat,
+                            &self.traversal.nat.mapped,
+                            &r.endpoints,
+                        )),
+                    ),
+                    Some(Path::Trying) | None => (Some("trying".to_string()), None, None),
                 };
                 MemberStatus {
                     name: r.name.clone(),
                     node_id: proto::node_id_string(&r.node_key),
                     overlay_ip: r.overlay_ip,
                     public_key: proto::key_b64(&r.wg_public_key),
-                    endpoint: if is_self {
-                        Some(SocketAddr::new(self.advertise, self.cfg.wg_port).to_string())
-                    } else {
-                        peer.and_then(|p| p.endpoint).map(|e| e.to_string())
-                    },
+                    endpoint: endpoint.map(|e| e.to_string()),
                     state,
-                    path: (state == MemberState::Connected).then(|| "direct".to_string()),
+                    path: path_text,
+                    relay,
+                    why_not_direct: why,
+                    nat: nat_name(r.nat).to_string(),
                     last_handshake_secs: age.map(|a| a.as_secs()),
                     rx_bytes: peer.map_or(0, |p| p.rx_bytes),
                     tx_bytes: peer.map_or(0, |p| p.tx_bytes),
@@ -571,12 +666,30 @@ impl Node {
             gossip_addr: SocketAddr::new(self.advertise, self.cfg.gossip_port).to_string(),
             gossip_bytes_sent: sent,
             gossip_bytes_received: received,
+            nat: nat_name(self.traversal.nat.kind).to_string(),
+            mapped_endpoints: self
+                .traversal
+                .nat
+                .mapped
+                .iter()
+                .map(|e| e.to_string())
+                .collect(),
+            relaying: self.relays() && self.traversal.forwarding(),
             myself: members
                 .iter()
                 .find(|m| m.state == MemberState::Myself)
                 .cloned(),
             members,
         }
+    }
+}
+
+fn nat_name(k: NatKind) -> &'static str {
+    match k {
+        NatKind::Unknown => "unknown",
+        NatKind::Public => "public",
+        NatKind::EndpointIndependent => "endpoint-independent",
+        NatKind::EndpointDependent => "symmetric",
     }
 }
 
@@ -612,21 +725,24 @@ fn log_change(c: &PeerChange, m: &Membership) {
     let peer = proto::short_key(c.public_key());
     match c {
         PeerChange::Add {
-            allowed_ip,
+            allowed_ips,
             endpoint,
             ..
         } => {
-            tracing::info!(%peer, member = %name, %allowed_ip, endpoint = ?endpoint, "adding WireGuard peer")
+            tracing::info!(%peer, member = %name, ?allowed_ips, ?endpoint, "adding WireGuard peer")
         }
         PeerChange::Update {
             endpoint,
-            allowed_ip,
+            allowed_ips,
             ..
         } => {
-            tracing::info!(%peer, member = %name, endpoint = ?endpoint, allowed_ip = ?allowed_ip, "updating WireGuard peer")
+            tracing::info!(%peer, member = %name, ?endpoint, ?allowed_ips, "updating WireGuard peer")
         }
         PeerChange::Remove { .. } => {
             tracing::info!(%peer, member = %name, "removing WireGuard peer")
+        }
+        PeerChange::Poke { .. } => {
+            tracing::debug!(%peer, member = %name, "retrying the handshake (hole punch)")
         }
     }
 }

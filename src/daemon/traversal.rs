@@ -1,0 +1,220 @@
+//! The daemon's NAT-traversal shell: moves STUN datagrams on the WireGuard
+//! socket, drives [`Discovery`], and applies [`PathSelector`]'s choice of
+//! direct or relayed paths. The decisions are in `crate::nat` (sans-IO).
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Instant;
+
+use tokio::sync::mpsc;
+
+use crate::membership::{DesiredPeer, Liveness, Membership};
+use crate::nat::discovery::{Discovery, NatInfo};
+use crate::nat::paths::{Path, PathSelector};
+use crate::nat::stun::{self, StunMessage};
+use crate::proto::PublicKeyBytes;
+use crate::reconcile::{ActualPeer, FRESH_HANDSHAKE};
+use crate::record::NatKind;
+use crate::wg::{userspace::RawSender, WgInterface};
+
+pub struct Traversal {
+    discovery: Discovery,
+    selector: PathSelector,
+    sender: Option<RawSender>,
+    responses: Option<mpsc::Receiver<([u8; 12], SocketAddr)>>,
+    /// What STUN says about our NAT.
+    pub nat: NatInfo,
+    /// The path chosen for each peer (by WireGuard key).
+    pub paths: BTreeMap<[u8; 32], Path>,
+    forwarding: bool,
+}
+
+impl Traversal {
+    /// Starts answering STUN on the WireGuard port (userspace backend; the
+    /// kernel's WireGuard socket cannot carry STUN, so a kernel node learns
+    /// nothing here and publishes `NatKind::Unknown`).
+    pub fn start(wg: &WgInterface) -> Self {
+        let (sender, responses) = match wg.raw_channel() {
+            Some((sender, mut raw)) => {
+                let (tx, rx) = mpsc::channel(64);
+                let reply = sender.clone();
+                tokio::spawn(async move {
+                    while let Some((from, bytes)) = raw.recv().await {
+                        match stun::parse(&bytes) {
+                            Some(StunMessage::Request { txid }) => {
+                                let _ = reply.send(from, &stun::binding_response(txid, from)).await;
+                            }
+                            Some(StunMessage::Response { txid, mapped }) => {
+                                let _ = tx.try_send((txid, mapped));
+                            }
+                            None => {
+                                tracing::trace!(%from, "ignored a non-STUN datagram on the WireGuard port")
+                            }
+                        }
+                    }
+                });
+                (Some(sender), Some(rx))
+            }
+            None => (None, None),
+        };
+        Self {
+            discovery: Discovery::new(rand::random()),
+            selector: PathSelector::default(),
+            sender,
+            responses,
+            nat: NatInfo {
+                kind: NatKind::Unknown,
+                mapped: vec![],
+            },
+            paths: BTreeMap::new(),
+            forwarding: false,
+        }
+    }
+
+    /// One discovery step; returns true when the NAT picture changed (the
+    /// record must be republished).
+    pub async fn discover(
+        &mut self,
+        now: Instant,
+        m: &Membership,
+        me: &PublicKeyBytes,
+        local: &[IpAddr],
+        wg_port: u16,
+    ) -> bool {
+        let Some(sender) = &self.sender else {
+            return false;
+        };
+        if let Some(rx) = &mut self.responses {
+            while let Ok((txid, mapped)) = rx.try_recv() {
+                self.discovery.handle_response(now, txid, mapped);
+            }
+        }
+        // STUN servers: public members first, then not-yet-measured ones.
+        let mut targets: Vec<(u8, SocketAddr)> = m
+            .members()
+            .filter(|x| &x.record.node_key != me && x.liveness == Liveness::Live)
+            .filter_map(|x| {
+                let rank = match x.record.nat {
+                    NatKind::Public => 0,
+                    NatKind::Unknown => 1,
+                    _ => return None,
+                };
+                x.record.endpoints.first().map(|e| (rank, *e))
+            })
+            .collect();
+        targets.sort();
+        let targets: Vec<SocketAddr> = targets.into_iter().map(|(_, a)| a).collect();
+        for (to, bytes) in self.discovery.poll_transmit(now, &targets) {
+            if let Err(e) = sender.send(to, &bytes).await {
+                tracing::debug!(%to, error = %e, "cannot send a STUN request");
+            }
+        }
+        let info = self.discovery.info(local, wg_port);
+        if info != self.nat {
+            tracing::info!(nat = ?info.kind, mapped = ?info.mapped, "NAT picture changed");
+            self.nat = info;
+            return true;
+        }
+        false
+    }
+
+    /// Chooses direct or relayed paths and rewrites the desired peers.
+    pub fn select_paths(
+        &mut self,
+        now: Instant,
+        desired: Vec<DesiredPeer>,
+        actual: &[ActualPeer],
+        m: &Membership,
+        me: &PublicKeyBytes,
+    ) -> Vec<DesiredPeer> {
+        let age = |k: &[u8; 32]| {
+            actual
+                .iter()
+                .find(|a| &a.public_key == k)
+                .and_then(|a| a.handshake_age)
+        };
+        let mut relays: Vec<[u8; 32]> = m
+            .members()
+            .filter(|x| &x.record.node_key != me && x.liveness == Liveness::Live)
+            .filter(|x| x.record.relay && x.record.nat == NatKind::Public)
+            .map(|x| x.record.wg_public_key)
+            .filter(|k| age(k).is_some_and(|a| a < FRESH_HANDSHAKE))
+            .collect();
+        relays.sort();
+        let (desired, paths) = self.selector.select(now, desired, age, &relays);
+        for (k, p) in &paths {
+            if self.paths.get(k) != Some(p) {
+                let name = m
+                    .members()
+                    .find(|x| &x.record.wg_public_key == k)
+                    .map(|x| x.record.name.clone())
+                    .unwrap_or_default();
+                let via = |v: &[u8; 32]| {
+                    m.members()
+                        .find(|x| &x.record.wg_public_key == v)
+                        .map(|x| x.record.name.clone())
+                        .unwrap_or_default()
+                };
+                match p {
+                    Path::Direct => tracing::info!(member = %name, "path is direct"),
+                    Path::Relayed { via: v } => {
+                        tracing::info!(member = %name, relay = %via(v), "no direct path yet; relaying")
+                    }
+                    Path::Trying => tracing::debug!(member = %name, "trying a direct path"),
+                }
+            }
+        }
+        self.paths = paths;
+        desired
+    }
+
+    /// A relay forwards overlay packets between its peers: IPv4 forwarding
+    /// must be on in its network namespace. Turned on once, logged.
+    pub fn ensure_forwarding(&mut self) {
+        if self.forwarding {
+            return;
+        }
+        const PATH: &str = "/proc/sys/net/ipv4/ip_forward";
+        match std::fs::read_to_string(PATH) {
+            Ok(v) if v.trim() == "1" => self.forwarding = true,
+            _ => match std::fs::write(PATH, "1\n") {
+                Ok(()) => {
+                    tracing::info!("enabled IPv4 forwarding so this public member can relay for members behind NAT (--no-relay turns relaying off)");
+                    self.forwarding = true;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot enable IPv4 forwarding; this member will not relay")
+                }
+            },
+        }
+    }
+
+    pub fn forwarding(&self) -> bool {
+        self.forwarding
+    }
+}
+
+/// Why a pair is relayed instead of direct, for `status`.
+pub fn relay_reason(
+    ours: NatKind,
+    theirs: NatKind,
+    our_mapped: &[SocketAddr],
+    their_endpoints: &[SocketAddr],
+) -> String {
+    if ours == NatKind::EndpointDependent {
+        return "our NAT maps each destination to a new port (symmetric)".into();
+    }
+    if theirs == NatKind::EndpointDependent {
+        return "their NAT maps each destination to a new port (symmetric)".into();
+    }
+    if our_mapped
+        .first()
+        .is_some_and(|m| their_endpoints.iter().any(|e| e.ip() == m.ip()))
+    {
+        return "both behind the same public address, and the NAT does not hairpin".into();
+    }
+    if theirs == NatKind::Unknown {
+        return "no public candidate known for them".into();
+    }
+    "hole punch has not succeeded".into()
+}

@@ -1,0 +1,205 @@
+//! Endpoint discovery: which public endpoint does our WireGuard socket get,
+//! and does the NAT keep it for every destination?
+//!
+//! Every round, a binding request goes from the WireGuard port to up to
+//! [`MAX_TARGETS`] members (public ones first). Each answer says how that
+//! member sees us. One mapped address that is our own means no NAT; the same
+//! mapped endpoint from different members means an endpoint-independent
+//! mapping (punchable); different ones mean an endpoint-dependent
+//! ("symmetric") mapping. Observations expire, so a NAT that changes (router
+//! reboot, new public address) is noticed.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use super::stun;
+use crate::record::NatKind;
+
+pub const MAX_TARGETS: usize = 3;
+/// Rounds while nothing is known yet, and once results are in.
+pub const FAST_ROUND: Duration = Duration::from_secs(2);
+pub const SLOW_ROUND: Duration = Duration::from_secs(15);
+/// An observation older than this is forgotten.
+pub const OBSERVATION_TTL: Duration = Duration::from_secs(60);
+const REQUEST_TTL: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NatInfo {
+    pub kind: NatKind,
+    /// Server-reflexive endpoints, most often seen first.
+    pub mapped: Vec<SocketAddr>,
+}
+
+pub struct Discovery {
+    counter: u64,
+    salt: u32,
+    pending: HashMap<[u8; 12], (SocketAddr, Instant)>,
+    observed: HashMap<SocketAddr, (SocketAddr, Instant)>,
+    next_round: Option<Instant>,
+}
+
+impl Discovery {
+    /// `salt` makes transaction ids unpredictable to others (pass randomness).
+    pub fn new(salt: u32) -> Self {
+        Self {
+            counter: 0,
+            salt,
+            pending: HashMap::new(),
+            observed: HashMap::new(),
+            next_round: None,
+        }
+    }
+
+    /// Requests to send now: `(target, datagram)`.
+    pub fn poll_transmit(
+        &mut self,
+        now: Instant,
+        targets: &[SocketAddr],
+    ) -> Vec<(SocketAddr, Vec<u8>)> {
+        self.pending
+            .retain(|_, (_, t)| now.saturating_duration_since(*t) < REQUEST_TTL);
+        self.observed
+            .retain(|_, (_, t)| now.saturating_duration_since(*t) < OBSERVATION_TTL);
+        if self.next_round.is_some_and(|t| now < t) || targets.is_empty() {
+            return Vec::new();
+        }
+        let round = if self.observed.is_empty() {
+            FAST_ROUND
+        } else {
+            SLOW_ROUND
+        };
+        self.next_round = Some(now + round);
+        targets
+            .iter()
+            .take(MAX_TARGETS)
+            .map(|t| {
+                self.counter += 1;
+                let mut txid = [0u8; 12];
+                txid[..4].copy_from_slice(&self.salt.to_be_bytes());
+                txid[4..].copy_from_slice(&self.counter.to_be_bytes());
+                self.pending.insert(txid, (*t, now));
+                (*t, stun::binding_request(txid))
+            })
+            .collect()
+    }
+
+    /// A binding response arrived; returns whether it answered our request.
+    pub fn handle_response(&mut self, now: Instant, txid: [u8; 12], mapped: SocketAddr) -> bool {
+        match self.pending.remove(&txid) {
+            Some((target, _)) => {
+                self.observed.insert(target, (mapped, now));
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// What the observations say, given this host's addresses and WireGuard port.
+    pub fn info(&self, local: &[IpAddr], wg_port: u16) -> NatInfo {
+        let mut counts: Vec<(SocketAddr, usize)> = Vec::new();
+        for (mapped, _) in self.observed.values() {
+            match counts.iter_mut().find(|(m, _)| m == mapped) {
+                Some((_, n)) => *n += 1,
+                None => counts.push((*mapped, 1)),
+            }
+        }
+        counts.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        let mapped: Vec<SocketAddr> = counts.iter().map(|(m, _)| *m).collect();
+        let kind = if mapped.is_empty() {
+            NatKind::Unknown
+        } else if mapped
+            .iter()
+            .any(|m| local.contains(&m.ip()) && m.port() == wg_port)
+        {
+            NatKind::Public
+        } else if mapped.len() == 1 {
+            NatKind::EndpointIndependent
+        } else {
+            NatKind::EndpointDependent
+        };
+        NatInfo { kind, mapped }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn txid_of(req: &[u8]) -> [u8; 12] {
+        match stun::parse(req) {
+            Some(stun::StunMessage::Request { txid }) => txid,
+            other => panic!("not a request: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn classifies_public_cone_and_symmetric() {
+        let t0 = Instant::now();
+        let targets: Vec<SocketAddr> = vec![
+            "198.18.0.1:51820".parse().unwrap(),
+            "198.18.0.2:51820".parse().unwrap(),
+        ];
+        let local: Vec<IpAddr> = vec!["192.168.1.2".parse().unwrap()];
+
+        // Endpoint-independent: both see the same mapping.
+        let mut d = Discovery::new(1);
+        let reqs = d.poll_transmit(t0, &targets);
+        assert_eq!(reqs.len(), 2);
+        assert!(
+            d.poll_transmit(t0, &targets).is_empty(),
+            "one round at a time"
+        );
+        let m: SocketAddr = "198.18.5.5:40000".parse().unwrap();
+        for (_, r) in &reqs {
+            assert!(d.handle_response(t0, txid_of(r), m));
+        }
+        assert_eq!(
+            d.info(&local, 51820),
+            NatInfo {
+                kind: NatKind::EndpointIndependent,
+                mapped: vec![m]
+            }
+        );
+        // Unknown transaction ids are ignored.
+        assert!(!d.handle_response(t0, [9; 12], m));
+
+        // Symmetric: a new port per destination.
+        let mut d = Discovery::new(2);
+        let reqs = d.poll_transmit(t0, &targets);
+        for (i, (_, r)) in reqs.iter().enumerate() {
+            d.handle_response(t0, txid_of(r), SocketAddr::new(m.ip(), 40000 + i as u16));
+        }
+        assert_eq!(d.info(&local, 51820).kind, NatKind::EndpointDependent);
+
+        // Public: the mapping is our own address and port.
+        let mut d = Discovery::new(3);
+        let reqs = d.poll_transmit(t0, &targets);
+        d.handle_response(
+            t0,
+            txid_of(&reqs[0].1),
+            "192.168.1.2:51820".parse().unwrap(),
+        );
+        assert_eq!(d.info(&local, 51820).kind, NatKind::Public);
+    }
+
+    #[test]
+    fn observations_expire_and_rounds_slow_down() {
+        let t0 = Instant::now();
+        let targets: Vec<SocketAddr> = vec!["198.18.0.1:51820".parse().unwrap()];
+        let mut d = Discovery::new(1);
+        let reqs = d.poll_transmit(t0, &targets);
+        assert!(d
+            .poll_transmit(t0 + FAST_ROUND - Duration::from_millis(1), &targets)
+            .is_empty());
+        d.handle_response(t0, txid_of(&reqs[0].1), "198.18.5.5:1".parse().unwrap());
+        let reqs = d.poll_transmit(t0 + FAST_ROUND, &targets);
+        assert_eq!(reqs.len(), 1);
+        assert!(d
+            .poll_transmit(t0 + FAST_ROUND + Duration::from_secs(5), &targets)
+            .is_empty());
+        // No answers for a minute: the old mapping is forgotten.
+        d.poll_transmit(t0 + OBSERVATION_TTL + Duration::from_secs(1), &targets);
+        assert_eq!(d.info(&[], 51820).kind, NatKind::Unknown);
+    }
+}

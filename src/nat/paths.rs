@@ -1,0 +1,139 @@
+//! Direct or relayed: the path to each peer.
+//!
+//! Every peer starts *trying* a direct path (both sides have each other's
+//! candidates from gossip and send WireGuard handshakes at once, which is the
+//! hole punch). A peer whose direct handshake has not come up within
+//! [`PUNCH_GRACE`] is *relayed*: its overlay address moves to the allowed IPs
+//! of a relay (a public member with `relay` set and a fresh handshake with
+//! us), which forwards the packets. The direct peer stays configured with its
+//! endpoint and keepalive, so the punch keeps being retried; the moment a
+//! direct handshake completes, the address moves back. Both ends see the same
+//! handshake, so they agree on the path.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use crate::membership::DesiredPeer;
+use crate::reconcile::FRESH_HANDSHAKE;
+
+/// How long a new peer tries a direct path before falling back to a relay.
+pub const PUNCH_GRACE: Duration = Duration::from_secs(8);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Path {
+    /// A direct WireGuard session exists.
+    Direct,
+    /// No direct session yet; still within the punch grace (or no relay).
+    Trying,
+    /// Traffic goes through the relay with this WireGuard key.
+    Relayed { via: [u8; 32] },
+}
+
+#[derive(Default)]
+pub struct PathSelector {
+    since: HashMap<[u8; 32], Instant>,
+}
+
+impl PathSelector {
+    /// Chooses a path per peer and rewrites allowed IPs accordingly.
+    ///
+    /// `handshake_age` gives the age of each peer's last direct handshake;
+    /// `relays` are the WireGuard keys of usable relays.
+    pub fn select(
+        &mut self,
+        now: Instant,
+        mut desired: Vec<DesiredPeer>,
+        handshake_age: impl Fn(&[u8; 32]) -> Option<Duration>,
+        relays: &[[u8; 32]],
+    ) -> (Vec<DesiredPeer>, BTreeMap<[u8; 32], Path>) {
+        self.since
+            .retain(|k, _| desired.iter().any(|d| &d.public_key == k));
+        let mut paths = BTreeMap::new();
+        let mut moved: Vec<([u8; 32], Vec<std::net::Ipv4Addr>)> = Vec::new();
+        for d in desired.iter_mut() {
+            let since = *self.since.entry(d.public_key).or_insert(now);
+            let fresh = handshake_age(&d.public_key).is_some_and(|a| a < FRESH_HANDSHAKE);
+            let relay = relays.iter().find(|r| **r != d.public_key);
+            let path = if fresh || relays.contains(&d.public_key) {
+                Path::Direct
+            } else if now.saturating_duration_since(since) < PUNCH_GRACE {
+                Path::Trying
+            } else if let Some(r) = relay {
+                Path::Relayed { via: *r }
+            } else {
+                Path::Trying
+            };
+            if let Path::Relayed { via } = path {
+                moved.push((via, std::mem::take(&mut d.allowed_ips)));
+            }
+            paths.insert(d.public_key, path);
+        }
+        for (via, ips) in moved {
+            if let Some(r) = desired.iter_mut().find(|d| d.public_key == via) {
+                r.allowed_ips.extend(ips);
+                r.allowed_ips.sort();
+            }
+        }
+        (desired, paths)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(k: u8) -> DesiredPeer {
+        DesiredPeer {
+            public_key: [k; 32],
+            allowed_ips: vec![std::net::Ipv4Addr::new(10, 0, 0, k)],
+            endpoints: vec![],
+            keepalive: 25,
+        }
+    }
+
+    #[test]
+    fn punch_then_relay_then_back_to_direct() {
+        let mut s = PathSelector::default();
+        let t0 = Instant::now();
+        let relay = [1u8; 32];
+        let peers = vec![peer(1), peer(2)];
+        let ages = |fresh_2: bool| {
+            move |k: &[u8; 32]| match k[0] {
+                1 => Some(Duration::from_secs(3)),
+                2 if fresh_2 => Some(Duration::from_secs(1)),
+                _ => None,
+            }
+        };
+        // Within the grace: trying direct, addresses untouched.
+        let (d, p) = s.select(t0, peers.clone(), ages(false), &[relay]);
+        assert_eq!(p[&[2; 32]], Path::Trying);
+        assert_eq!(p[&relay], Path::Direct);
+        assert_eq!(d, peers);
+        // Grace over, no handshake: relayed, the address moves to the relay.
+        let (d, p) = s.select(t0 + PUNCH_GRACE, peers.clone(), ages(false), &[relay]);
+        assert_eq!(p[&[2; 32]], Path::Relayed { via: relay });
+        assert!(d[1].allowed_ips.is_empty());
+        assert_eq!(
+            d[0].allowed_ips,
+            vec![
+                std::net::Ipv4Addr::new(10, 0, 0, 1),
+                std::net::Ipv4Addr::new(10, 0, 0, 2)
+            ]
+        );
+        // The punch succeeds later: direct again.
+        let (d, p) = s.select(t0 + PUNCH_GRACE * 3, peers.clone(), ages(true), &[relay]);
+        assert_eq!(p[&[2; 32]], Path::Direct);
+        assert_eq!(d, peers);
+    }
+
+    #[test]
+    fn without_a_relay_the_direct_attempt_goes_on() {
+        let mut s = PathSelector::default();
+        let t0 = Instant::now();
+        let (d, p) = s.select(t0 + PUNCH_GRACE * 2, vec![peer(2)], |_| None, &[]);
+        let (d2, p2) = s.select(t0 + PUNCH_GRACE * 4, d, |_| None, &[]);
+        assert_eq!(p[&[2; 32]], Path::Trying);
+        assert_eq!(p2[&[2; 32]], Path::Trying);
+        assert_eq!(d2[0].allowed_ips.len(), 1);
+    }
+}

@@ -1,0 +1,119 @@
+//! STUN binding requests and responses (RFC 8489) over `stun_codec`.
+//!
+//! Pure functions: encoding, and decoding that never panics. The shell sends
+//! and receives the datagrams on the WireGuard socket itself, so the mapping
+//! learned is the one WireGuard's packets get.
+
+use std::net::SocketAddr;
+
+use bytecodec::{DecodeExt, EncodeExt};
+use stun_codec::rfc5389::attributes::XorMappedAddress;
+use stun_codec::rfc5389::{methods::BINDING, Attribute};
+use stun_codec::{Message, MessageClass, MessageDecoder, MessageEncoder, TransactionId};
+
+/// A STUN message meshpeer understands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StunMessage {
+    Request { txid: [u8; 12] },
+    Response { txid: [u8; 12], mapped: SocketAddr },
+}
+
+/// The magic cookie at bytes 4..8 of every RFC 5389+ message.
+const MAGIC: [u8; 4] = [0x21, 0x12, 0xA4, 0x42];
+
+/// Cheap pre-check: could this datagram be STUN?
+pub fn looks_like_stun(b: &[u8]) -> bool {
+    b.len() >= 20 && b[0] & 0xC0 == 0 && b[4..8] == MAGIC
+}
+
+fn encode(msg: Message<Attribute>) -> Vec<u8> {
+    // Encoding a well-formed message into a Vec only fails on internal bugs.
+    MessageEncoder::new()
+        .encode_into_bytes(msg)
+        .unwrap_or_default()
+}
+
+pub fn binding_request(txid: [u8; 12]) -> Vec<u8> {
+    encode(Message::new(
+        MessageClass::Request,
+        BINDING,
+        TransactionId::new(txid),
+    ))
+}
+
+pub fn binding_response(txid: [u8; 12], observed: SocketAddr) -> Vec<u8> {
+    let mut m = Message::new(
+        MessageClass::SuccessResponse,
+        BINDING,
+        TransactionId::new(txid),
+    );
+    m.add_attribute(Attribute::XorMappedAddress(XorMappedAddress::new(observed)));
+    encode(m)
+}
+
+/// Decodes a binding request or success response; anything else is `None`.
+pub fn parse(bytes: &[u8]) -> Option<StunMessage> {
+    if !looks_like_stun(bytes) {
+        return None;
+    }
+    let msg = MessageDecoder::<Attribute>::new()
+        .decode_from_bytes(bytes)
+        .ok()?
+        .ok()?;
+    if msg.method() != BINDING {
+        return None;
+    }
+    let txid = *msg.transaction_id().as_bytes();
+    match msg.class() {
+        MessageClass::Request => Some(StunMessage::Request { txid }),
+        MessageClass::SuccessResponse => {
+            let mapped = msg.get_attribute::<XorMappedAddress>()?.address();
+            Some(StunMessage::Response { txid, mapped })
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_response_round_trip() {
+        let req = binding_request([7; 12]);
+        assert!(looks_like_stun(&req));
+        assert_eq!(parse(&req), Some(StunMessage::Request { txid: [7; 12] }));
+        let a: SocketAddr = "198.51.100.7:40000".parse().unwrap();
+        let resp = binding_response([7; 12], a);
+        assert_eq!(
+            parse(&resp),
+            Some(StunMessage::Response {
+                txid: [7; 12],
+                mapped: a
+            })
+        );
+        let v6: SocketAddr = "[2001:db8::5]:1".parse().unwrap();
+        assert_eq!(
+            parse(&binding_response([1; 12], v6)),
+            Some(StunMessage::Response {
+                txid: [1; 12],
+                mapped: v6
+            })
+        );
+    }
+
+    #[test]
+    fn garbage_is_not_stun_and_never_panics() {
+        assert_eq!(parse(&[]), None);
+        assert_eq!(parse(&[1, 0, 0, 0]), None); // a WireGuard handshake initiation
+        let mut req = binding_request([3; 12]);
+        for i in 0..req.len() {
+            req[i] ^= 0xFF;
+            let _ = parse(&req);
+            req[i] ^= 0xFF;
+        }
+        for len in 0..req.len() {
+            let _ = parse(&req[..len]);
+        }
+    }
+}
