@@ -64,10 +64,18 @@ pub async fn bind(path: &Path) -> Result<UnixListener, ControlError> {
     Ok(listener)
 }
 
-/// Serves clients until the daemon drops the receiver.
-pub async fn serve(listener: UnixListener, tx: mpsc::Sender<Incoming>) {
+/// Serves clients until the daemon drops the receiver. `status` is answered
+/// from the latest published snapshot, so it never waits on the daemon's
+/// loop (and answers "starting" while a join is still under way); `leave`
+/// goes to the daemon through `tx`.
+pub async fn serve(
+    listener: UnixListener,
+    tx: mpsc::Sender<Incoming>,
+    status: tokio::sync::watch::Receiver<Option<Status>>,
+) {
     while let Ok((stream, _)) = listener.accept().await {
         let tx = tx.clone();
+        let status = status.clone();
         tokio::spawn(async move {
             let (r, mut w) = stream.into_split();
             let mut line = String::new();
@@ -75,6 +83,12 @@ pub async fn serve(listener: UnixListener, tx: mpsc::Sender<Incoming>) {
                 return;
             }
             let reply = match serde_json::from_str::<Request>(&line) {
+                Ok(Request::Status) => match status.borrow().clone() {
+                    Some(s) => Reply::Status(Box::new(s)),
+                    None => Reply::Error {
+                        message: "starting up (joining the mesh or creating the interface)".into(),
+                    },
+                },
                 Ok(req) => {
                     let (rtx, rrx) = oneshot::channel();
                     if tx.send((req, rtx)).await.is_err() {

@@ -95,7 +95,7 @@ struct Node {
     gossip: Gossip,
     records_tx: watch::Sender<Vec<String>>,
     owned: BTreeSet<[u8; 32]>,
-    status: Option<Status>,
+    status: watch::Sender<Option<Status>>,
     last_persist: Instant,
     reach_backoff: Duration,
     next_reach: Instant,
@@ -118,7 +118,8 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()>) -> anyho
 
     let listener = control::bind(&dir.control_socket()).await?;
     let (ctl_tx, mut ctl_rx) = mpsc::channel(16);
-    let control_task = tokio::spawn(control::serve(listener, ctl_tx));
+    let (status_tx, status_rx) = watch::channel(None);
+    let control_task = tokio::spawn(control::serve(listener, ctl_tx, status_rx));
     let _socket_guard = SocketGuard(dir.control_socket());
 
     // Gossip endpoint (mutual TLS from the node key and its credential).
@@ -272,7 +273,7 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()>) -> anyho
         gossip,
         records_tx,
         owned,
-        status: None,
+        status: status_tx,
         last_persist: Instant::now(),
         reach_backoff: Duration::from_secs(1),
         next_reach: Instant::now(),
@@ -298,8 +299,8 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()>) -> anyho
             }
             Some((req, reply)) = ctl_rx.recv() => match req {
                 Request::Status => {
-                    let r = match &node.status {
-                        Some(s) => Reply::Status(Box::new(s.clone())),
+                    let r = match node.status.borrow().clone() {
+                        Some(s) => Reply::Status(Box::new(s)),
                         None => Reply::Error { message: "starting up".into() },
                     };
                     let _ = reply.send(r);
@@ -460,17 +461,23 @@ impl Node {
             .collect();
         // NAT: learn our mapping (STUN on the WireGuard port); republish
         // when it changed.
-        let local_ips: Vec<IpAddr> = local.iter().map(|n| IpAddr::V4(n.addr())).collect();
         let me = self.id.node_key();
         if self
             .traversal
-            .discover(now, &self.membership, &me, &local_ips, self.cfg.wg_port)
+            .discover(
+                now,
+                &self.membership,
+                &me,
+                &local,
+                self.advertise,
+                self.cfg.wg_port,
+            )
             .await
         {
             self.republish(false).await;
         }
-        if self.relays() {
-            self.traversal.ensure_forwarding();
+        if self.relays() && self.traversal.ensure_forwarding() {
+            self.republish(false).await;
         }
 
         let desired = self.membership.desired_peers(now, &local);
@@ -519,7 +526,7 @@ impl Node {
         }
 
         let actual = self.wg.peers()?;
-        self.status = Some(self.build_status(&actual));
+        self.status.send_replace(Some(self.build_status(&actual)));
         if self.last_persist.elapsed() > Duration::from_secs(10) {
             let known = self.gossip.live_addrs().await;
             if !known.is_empty() && known != self.state.known_members {

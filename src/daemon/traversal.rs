@@ -9,7 +9,7 @@ use std::time::Instant;
 use tokio::sync::mpsc;
 
 use crate::membership::{DesiredPeer, Liveness, Membership};
-use crate::nat::discovery::{Discovery, NatInfo};
+use crate::nat::discovery::{looks_public, Discovery, NatInfo};
 use crate::nat::paths::{Path, PathSelector};
 use crate::nat::stun::{self, StunMessage};
 use crate::proto::PublicKeyBytes;
@@ -27,6 +27,7 @@ pub struct Traversal {
     /// The path chosen for each peer (by WireGuard key).
     pub paths: BTreeMap<[u8; 32], Path>,
     forwarding: bool,
+    forwarding_failed: bool,
 }
 
 impl Traversal {
@@ -68,6 +69,7 @@ impl Traversal {
             },
             paths: BTreeMap::new(),
             forwarding: false,
+            forwarding_failed: false,
         }
     }
 
@@ -78,18 +80,43 @@ impl Traversal {
         now: Instant,
         m: &Membership,
         me: &PublicKeyBytes,
-        local: &[IpAddr],
+        local: &[ipnet::Ipv4Net],
+        advertise: IpAddr,
         wg_port: u16,
     ) -> bool {
-        let Some(sender) = &self.sender else {
-            return false;
-        };
+        if let Some(sender) = self.sender.clone() {
+            self.stun_round(now, m, me, local, &sender).await;
+        }
+        let local_ips: Vec<IpAddr> = local.iter().map(|n| IpAddr::V4(n.addr())).collect();
+        let hint = local_ips.contains(&advertise) && looks_public(advertise);
+        let info = self.discovery.info(&local_ips, wg_port, hint);
+        if info != self.nat {
+            tracing::info!(nat = ?info.kind, mapped = ?info.mapped, "NAT picture changed");
+            self.nat = info;
+            return true;
+        }
+        false
+    }
+
+    async fn stun_round(
+        &mut self,
+        now: Instant,
+        m: &Membership,
+        me: &PublicKeyBytes,
+        local: &[ipnet::Ipv4Net],
+        sender: &RawSender,
+    ) {
         if let Some(rx) = &mut self.responses {
             while let Ok((txid, mapped)) = rx.try_recv() {
                 self.discovery.handle_response(now, txid, mapped);
             }
         }
-        // STUN servers: public members first, then not-yet-measured ones.
+        // STUN servers: public members first, then not-yet-measured ones;
+        // never one on our own LAN (it sees our host address, not the NAT's).
+        let on_lan = |a: &SocketAddr| match a.ip() {
+            IpAddr::V4(v4) => local.iter().any(|n| n.contains(&v4)),
+            IpAddr::V6(_) => false,
+        };
         let mut targets: Vec<(u8, SocketAddr)> = m
             .members()
             .filter(|x| &x.record.node_key != me && x.liveness == Liveness::Live)
@@ -99,7 +126,11 @@ impl Traversal {
                     NatKind::Unknown => 1,
                     _ => return None,
                 };
-                x.record.endpoints.first().map(|e| (rank, *e))
+                x.record
+                    .endpoints
+                    .first()
+                    .filter(|e| !on_lan(e))
+                    .map(|e| (rank, *e))
             })
             .collect();
         targets.sort();
@@ -109,13 +140,6 @@ impl Traversal {
                 tracing::debug!(%to, error = %e, "cannot send a STUN request");
             }
         }
-        let info = self.discovery.info(local, wg_port);
-        if info != self.nat {
-            tracing::info!(nat = ?info.kind, mapped = ?info.mapped, "NAT picture changed");
-            self.nat = info;
-            return true;
-        }
-        false
     }
 
     /// Chooses direct or relayed paths and rewrites the desired peers.
@@ -169,10 +193,11 @@ impl Traversal {
     }
 
     /// A relay forwards overlay packets between its peers: IPv4 forwarding
-    /// must be on in its network namespace. Turned on once, logged.
-    pub fn ensure_forwarding(&mut self) {
-        if self.forwarding {
-            return;
+    /// must be on in its network namespace. Turned on once, logged; returns
+    /// true when it just became available (the record must say so).
+    pub fn ensure_forwarding(&mut self) -> bool {
+        if self.forwarding || self.forwarding_failed {
+            return false;
         }
         const PATH: &str = "/proc/sys/net/ipv4/ip_forward";
         match std::fs::read_to_string(PATH) {
@@ -183,10 +208,12 @@ impl Traversal {
                     self.forwarding = true;
                 }
                 Err(e) => {
+                    self.forwarding_failed = true;
                     tracing::warn!(error = %e, "cannot enable IPv4 forwarding; this member will not relay")
                 }
             },
         }
+        self.forwarding
     }
 
     pub fn forwarding(&self) -> bool {

@@ -31,6 +31,24 @@ pub struct NatInfo {
     pub mapped: Vec<SocketAddr>,
 }
 
+/// Whether an address looks globally routable: not private (RFC 1918),
+/// shared/CGNAT (RFC 6598), loopback, link-local or unspecified. A host with
+/// such an address on an interface is most likely not behind a NAT.
+pub fn looks_public(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            !(v4.is_private()
+                || v4.is_loopback()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_broadcast()
+                || (o[0] == 100 && (o[1] & 0xC0) == 64))
+        }
+        IpAddr::V6(v6) => (v6.segments()[0] & 0xE000) == 0x2000,
+    }
+}
+
 pub struct Discovery {
     counter: u64,
     salt: u32,
@@ -95,8 +113,11 @@ impl Discovery {
         }
     }
 
-    /// What the observations say, given this host's addresses and WireGuard port.
-    pub fn info(&self, local: &[IpAddr], wg_port: u16) -> NatInfo {
+    /// What the observations say, given this host's addresses and WireGuard
+    /// port. With no observation yet, `public_hint` (this host has a
+    /// globally routable address of its own) makes it tentatively public:
+    /// the first member of a mesh has nobody to ask.
+    pub fn info(&self, local: &[IpAddr], wg_port: u16, public_hint: bool) -> NatInfo {
         let mut counts: Vec<(SocketAddr, usize)> = Vec::new();
         for (mapped, _) in self.observed.values() {
             match counts.iter_mut().find(|(m, _)| m == mapped) {
@@ -107,7 +128,11 @@ impl Discovery {
         counts.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
         let mapped: Vec<SocketAddr> = counts.iter().map(|(m, _)| *m).collect();
         let kind = if mapped.is_empty() {
-            NatKind::Unknown
+            if public_hint {
+                NatKind::Public
+            } else {
+                NatKind::Unknown
+            }
         } else if mapped
             .iter()
             .any(|m| local.contains(&m.ip()) && m.port() == wg_port)
@@ -155,7 +180,7 @@ mod tests {
             assert!(d.handle_response(t0, txid_of(r), m));
         }
         assert_eq!(
-            d.info(&local, 51820),
+            d.info(&local, 51820, false),
             NatInfo {
                 kind: NatKind::EndpointIndependent,
                 mapped: vec![m]
@@ -170,7 +195,10 @@ mod tests {
         for (i, (_, r)) in reqs.iter().enumerate() {
             d.handle_response(t0, txid_of(r), SocketAddr::new(m.ip(), 40000 + i as u16));
         }
-        assert_eq!(d.info(&local, 51820).kind, NatKind::EndpointDependent);
+        assert_eq!(
+            d.info(&local, 51820, false).kind,
+            NatKind::EndpointDependent
+        );
 
         // Public: the mapping is our own address and port.
         let mut d = Discovery::new(3);
@@ -180,7 +208,26 @@ mod tests {
             txid_of(&reqs[0].1),
             "192.168.1.2:51820".parse().unwrap(),
         );
-        assert_eq!(d.info(&local, 51820).kind, NatKind::Public);
+        assert_eq!(d.info(&local, 51820, false).kind, NatKind::Public);
+    }
+
+    #[test]
+    fn public_looking_addresses() {
+        for a in ["203.0.113.5", "198.18.0.1", "8.8.8.8", "2001:db8::1"] {
+            assert!(looks_public(a.parse().unwrap()), "{a}");
+        }
+        for a in [
+            "10.1.2.3",
+            "192.168.1.2",
+            "172.16.0.1",
+            "100.64.0.1",
+            "100.127.255.1",
+            "127.0.0.1",
+            "169.254.1.1",
+            "fd00::1",
+        ] {
+            assert!(!looks_public(a.parse().unwrap()), "{a}");
+        }
     }
 
     #[test]
@@ -200,6 +247,7 @@ mod tests {
             .is_empty());
         // No answers for a minute: the old mapping is forgotten.
         d.poll_transmit(t0 + OBSERVATION_TTL + Duration::from_secs(1), &targets);
-        assert_eq!(d.info(&[], 51820).kind, NatKind::Unknown);
+        assert_eq!(d.info(&[], 51820, false).kind, NatKind::Unknown);
+        assert_eq!(d.info(&[], 51820, true).kind, NatKind::Public);
     }
 }
