@@ -223,15 +223,15 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()>) -> anyho
     let traversal = Traversal::start(&wg);
     let mut node_state = state;
     let record = build_record(
-        &id,
-        &network,
-        &admission,
+        (&id, &network, &admission),
         &mut node_state,
         &cfg,
         advertise,
         &traversal.nat,
-        false,
-        false,
+        Flags {
+            relay: false,
+            left: false,
+        },
     );
     dir.save_state(&node_state)?;
     let who = gossip::GossipIdentity {
@@ -368,16 +368,19 @@ async fn hello_any(
 }
 
 /// Builds and signs this node's record, bumping its version.
+/// The two booleans of a record, named.
+struct Flags {
+    relay: bool,
+    left: bool,
+}
+
 fn build_record(
-    id: &Identity,
-    network: &Network,
-    admission: &Signed,
+    (id, network, admission): (&Identity, &Network, &Signed),
     state: &mut NodeState,
     cfg: &DaemonConfig,
     advertise: IpAddr,
     nat: &NatInfo,
-    relay: bool,
-    left: bool,
+    Flags { relay, left }: Flags,
 ) -> String {
     // Candidates, best first: the server-reflexive endpoint (if the NAT keeps
     // one mapping for all destinations), then host addresses.
@@ -545,15 +548,12 @@ impl Node {
     async fn republish(&mut self, left: bool) {
         let relay = self.relays() && self.traversal.forwarding();
         let record = build_record(
-            &self.id,
-            &self.network,
-            &self.admission,
+            (&self.id, &self.network, &self.admission),
             &mut self.state,
             &self.cfg,
             self.advertise,
             &self.traversal.nat,
-            relay,
-            left,
+            Flags { relay, left },
         );
         self.gossip.publish(record).await;
     }
