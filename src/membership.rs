@@ -28,6 +28,7 @@ use crate::record::{verify_record, RecordBody};
 /// How long a member may be down before its WireGuard peer is removed.
 pub const DEFAULT_DOWN_GRACE: Duration = Duration::from_secs(60);
 /// Keepalive interval set on every peer (seconds), as users set it by hand.
+/// (meshpeer also pokes every peer every 10 s; see `reconcile`.)
 pub const KEEPALIVE_SECS: u16 = 25;
 
 /// One node as the gossip layer sees it.

@@ -73,8 +73,12 @@ impl PeerChange {
 /// `rotation` picks which candidate endpoint to try for a peer that has no
 /// fresh handshake (the shell passes a slowly increasing counter, so an
 /// unreachable candidate is eventually replaced by the next one); `poke`
-/// (set by the shell when the counter advanced) retries handshakes of peers
-/// without a fresh one.
+/// (set by the shell when the counter advanced) makes every peer send a
+/// keepalive now: that retries the hole punch of peers without a session,
+/// and gives peers with one a packet in each direction every poke period,
+/// which is what path liveness ([`crate::nat::paths::RX_SILENCE`]) watches
+/// (WireGuard's own persistent keepalive goes quiet on the side that keeps
+/// receiving).
 pub fn reconcile(
     desired: &[DesiredPeer],
     actual: &[ActualPeer],
@@ -130,7 +134,7 @@ pub fn reconcile(
                         allowed_ips,
                         keepalive,
                     });
-                } else if poke && !fresh && d.keepalive != 0 {
+                } else if poke && d.keepalive != 0 {
                     changes.push(PeerChange::Poke {
                         public_key: d.public_key,
                         keepalive: d.keepalive,
@@ -238,7 +242,7 @@ mod tests {
     }
 
     #[test]
-    fn pokes_retry_only_peers_without_a_session() {
+    fn pokes_reach_every_peer() {
         let d = vec![
             desired(1, "10.0.0.1", &["192.0.2.1:1"]),
             desired(2, "10.0.0.2", &["192.0.2.2:1"]),
@@ -249,12 +253,19 @@ mod tests {
             actual(2, "10.0.0.2", Some("192.0.2.2:1"), None),
         ];
         assert!(reconcile(&d, &a, &owned, 0, false).is_empty());
+        let pokes = reconcile(&d, &a, &owned, 0, true);
         assert_eq!(
-            reconcile(&d, &a, &owned, 0, true),
-            vec![PeerChange::Poke {
-                public_key: [2; 32],
-                keepalive: 25
-            }]
+            pokes,
+            vec![
+                PeerChange::Poke {
+                    public_key: [1; 32],
+                    keepalive: 25
+                },
+                PeerChange::Poke {
+                    public_key: [2; 32],
+                    keepalive: 25
+                }
+            ]
         );
     }
 

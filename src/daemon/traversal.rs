@@ -165,7 +165,7 @@ impl Traversal {
             .filter(|k| age(k).is_some_and(|a| a < FRESH_HANDSHAKE))
             .collect();
         relays.sort();
-        let (desired, paths) = self.selector.select(now, desired, age, &relays);
+        let (desired, paths) = self.selector.select(now, desired, actual, &relays);
         for (k, p) in &paths {
             if self.paths.get(k) != Some(p) {
                 let name = m

@@ -14,10 +14,14 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use crate::membership::DesiredPeer;
-use crate::reconcile::FRESH_HANDSHAKE;
+use crate::reconcile::{ActualPeer, FRESH_HANDSHAKE};
 
 /// How long a new peer tries a direct path before falling back to a relay.
 pub const PUNCH_GRACE: Duration = Duration::from_secs(8);
+/// A direct path that received nothing for this long is broken (both ends
+/// poke each other every 10 s, see `reconcile`), e.g. after a NAT dropped
+/// the mapping; the peer goes back to trying/relayed.
+pub const RX_SILENCE: Duration = Duration::from_secs(25);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Path {
@@ -32,27 +36,48 @@ pub enum Path {
 #[derive(Default)]
 pub struct PathSelector {
     since: HashMap<[u8; 32], Instant>,
+    /// Last rx byte count seen per peer and when it last grew.
+    rx: HashMap<[u8; 32], (u64, Instant)>,
 }
 
 impl PathSelector {
     /// Chooses a path per peer and rewrites allowed IPs accordingly.
     ///
-    /// `handshake_age` gives the age of each peer's last direct handshake;
+    /// `actual` is the device's view (handshake age, rx bytes per peer);
     /// `relays` are the WireGuard keys of usable relays.
     pub fn select(
         &mut self,
         now: Instant,
         mut desired: Vec<DesiredPeer>,
-        handshake_age: impl Fn(&[u8; 32]) -> Option<Duration>,
+        actual: &[ActualPeer],
         relays: &[[u8; 32]],
     ) -> (Vec<DesiredPeer>, BTreeMap<[u8; 32], Path>) {
         self.since
             .retain(|k, _| desired.iter().any(|d| &d.public_key == k));
+        self.rx
+            .retain(|k, _| desired.iter().any(|d| &d.public_key == k));
+        for a in actual {
+            let e = self.rx.entry(a.public_key).or_insert((a.rx_bytes, now));
+            if a.rx_bytes != e.0 {
+                *e = (a.rx_bytes, now);
+            }
+        }
+        let rx = &self.rx;
+        let working = |k: &[u8; 32]| {
+            let peer = actual.iter().find(|a| &a.public_key == k);
+            let handshake = peer
+                .and_then(|a| a.handshake_age)
+                .is_some_and(|a| a < FRESH_HANDSHAKE);
+            let hearing = rx
+                .get(k)
+                .is_some_and(|(_, t)| now.saturating_duration_since(*t) < RX_SILENCE);
+            handshake && hearing
+        };
         let mut paths = BTreeMap::new();
         let mut moved: Vec<([u8; 32], Vec<std::net::Ipv4Addr>)> = Vec::new();
         for d in desired.iter_mut() {
             let since = *self.since.entry(d.public_key).or_insert(now);
-            let fresh = handshake_age(&d.public_key).is_some_and(|a| a < FRESH_HANDSHAKE);
+            let fresh = working(&d.public_key);
             let relay = relays.iter().find(|r| **r != d.public_key);
             let path = if fresh || relays.contains(&d.public_key) {
                 Path::Direct
@@ -97,20 +122,25 @@ mod tests {
         let t0 = Instant::now();
         let relay = [1u8; 32];
         let peers = vec![peer(1), peer(2)];
-        let ages = |fresh_2: bool| {
-            move |k: &[u8; 32]| match k[0] {
-                1 => Some(Duration::from_secs(3)),
-                2 if fresh_2 => Some(Duration::from_secs(1)),
-                _ => None,
-            }
+        let ages = |fresh_2: bool, rx: u64| {
+            let a = |k: u8, age: Option<u64>, rx: u64| ActualPeer {
+                public_key: [k; 32],
+                endpoint: None,
+                allowed_ips: vec![],
+                keepalive: Some(25),
+                handshake_age: age.map(Duration::from_secs),
+                rx_bytes: rx,
+                tx_bytes: 0,
+            };
+            vec![a(1, Some(3), rx), a(2, fresh_2.then_some(1), rx)]
         };
         // Within the grace: trying direct, addresses untouched.
-        let (d, p) = s.select(t0, peers.clone(), ages(false), &[relay]);
+        let (d, p) = s.select(t0, peers.clone(), &ages(false, 0), &[relay]);
         assert_eq!(p[&[2; 32]], Path::Trying);
         assert_eq!(p[&relay], Path::Direct);
         assert_eq!(d, peers);
         // Grace over, no handshake: relayed, the address moves to the relay.
-        let (d, p) = s.select(t0 + PUNCH_GRACE, peers.clone(), ages(false), &[relay]);
+        let (d, p) = s.select(t0 + PUNCH_GRACE, peers.clone(), &ages(false, 1), &[relay]);
         assert_eq!(p[&[2; 32]], Path::Relayed { via: relay });
         assert!(d[1].allowed_ips.is_empty());
         assert_eq!(
@@ -121,17 +151,27 @@ mod tests {
             ]
         );
         // The punch succeeds later: direct again.
-        let (d, p) = s.select(t0 + PUNCH_GRACE * 3, peers.clone(), ages(true), &[relay]);
+        let (d, p) = s.select(
+            t0 + PUNCH_GRACE * 3,
+            peers.clone(),
+            &ages(true, 2),
+            &[relay],
+        );
         assert_eq!(p[&[2; 32]], Path::Direct);
         assert_eq!(d, peers);
+        // Then silence (a NAT dropped the mapping): relayed again, although
+        // the handshake is not yet 180 s old.
+        let later = t0 + PUNCH_GRACE * 3 + RX_SILENCE;
+        let (_, p) = s.select(later, peers.clone(), &ages(true, 2), &[relay]);
+        assert_eq!(p[&[2; 32]], Path::Relayed { via: relay });
     }
 
     #[test]
     fn without_a_relay_the_direct_attempt_goes_on() {
         let mut s = PathSelector::default();
         let t0 = Instant::now();
-        let (d, p) = s.select(t0 + PUNCH_GRACE * 2, vec![peer(2)], |_| None, &[]);
-        let (d2, p2) = s.select(t0 + PUNCH_GRACE * 4, d, |_| None, &[]);
+        let (d, p) = s.select(t0 + PUNCH_GRACE * 2, vec![peer(2)], &[], &[]);
+        let (d2, p2) = s.select(t0 + PUNCH_GRACE * 4, d, &[], &[]);
         assert_eq!(p[&[2; 32]], Path::Trying);
         assert_eq!(p2[&[2; 32]], Path::Trying);
         assert_eq!(d2[0].allowed_ips.len(), 1);

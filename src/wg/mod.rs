@@ -260,6 +260,8 @@ impl WgInterface {
             p
         };
         let mut update = DeviceUpdate::new();
+        let mut pokes = Vec::new();
+        let mut n_main = 0;
         for c in changes {
             let key = Key(*c.public_key());
             let peer = match c {
@@ -296,16 +298,30 @@ impl WgInterface {
                 }
                 PeerChange::Remove { .. } => PeerConfigBuilder::new(&key).remove(),
                 PeerChange::Poke { keepalive, .. } => {
-                    // Off, then on: WireGuard sends a keepalive at once.
-                    update = update.add_peer(
-                        PeerConfigBuilder::new(&key).set_persistent_keepalive_interval(0),
-                    );
-                    PeerConfigBuilder::new(&key).set_persistent_keepalive_interval(*keepalive)
+                    // Applied below as two separate updates: keepalive off,
+                    // then on, which makes WireGuard send one at once. (In one
+                    // update, the userspace device would only see the end state.)
+                    pokes.push((key, *keepalive));
+                    continue;
                 }
             };
             update = update.add_peer(peer);
+            n_main += 1;
         }
-        self.update(update, "update peers")
+        if n_main > 0 {
+            self.update(update, "update peers")?;
+        }
+        if !pokes.is_empty() {
+            let off = pokes.iter().fold(DeviceUpdate::new(), |u, (k, _)| {
+                u.add_peer(PeerConfigBuilder::new(k).set_persistent_keepalive_interval(0))
+            });
+            self.update(off, "poke peers (keepalive off)")?;
+            let on = pokes.iter().fold(DeviceUpdate::new(), |u, (k, ka)| {
+                u.add_peer(PeerConfigBuilder::new(k).set_persistent_keepalive_interval(*ka))
+            });
+            self.update(on, "poke peers (keepalive on)")?;
+        }
+        Ok(())
     }
 
     /// For the userspace device: a sender and a receiver of the non-WireGuard

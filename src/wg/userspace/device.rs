@@ -248,7 +248,7 @@ fn update_peer(
             inner.tunn = Some(k.new_tunn(&peer.public_key, &after.preshared_key, peer.index));
         }
     }
-    tracing::info!(
+    tracing::debug!(
         ifname = %ifname,
         peer = %peer.short_key(),
         endpoint = ?after.endpoint,
