@@ -37,6 +37,7 @@ pub struct JoinArgs {
 
 pub async fn join(a: JoinArgs) -> anyhow::Result<()> {
     let seed = meshpeer::net::normalize_seed(&a.seed, DEFAULT_GOSSIP_PORT)?;
+    a.run.daemon_config(vec![])?; // check the run options before writing any state
     if let Some(n) = &a.name {
         super::check_name(n)?;
     }
@@ -98,7 +99,7 @@ pub async fn join(a: JoinArgs) -> anyhow::Result<()> {
     };
 
     let result =
-        meshpeer::daemon::run(a.run.daemon_config(vec![seed]), super::shutdown_signal()).await;
+        meshpeer::daemon::run(a.run.daemon_config(vec![seed])?, super::shutdown_signal()).await;
     if result.is_err() && created {
         // Nothing half-written: a join that never got in leaves no node behind.
         let joined = StateDir::open(path)

@@ -76,6 +76,14 @@ pub struct RunArgs {
     /// Gossip interval in milliseconds.
     #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(50..=60_000))]
     pub gossip_interval_ms: u64,
+    /// An outside STUN server (HOST or HOST:PORT, default port 3478) to ask
+    /// besides the members; repeatable, or comma-separated in the env var.
+    #[arg(
+        long = "stun-server",
+        env = "MESHPEER_STUN_SERVERS",
+        value_delimiter = ','
+    )]
+    pub stun_servers: Vec<String>,
     /// Do not relay for members that cannot reach each other directly
     /// (public members relay by default).
     #[arg(long, env = "MESHPEER_NO_RELAY")]
@@ -95,8 +103,12 @@ pub struct UpArgs {
 }
 
 impl RunArgs {
-    pub fn daemon_config(&self, seeds: Vec<String>) -> DaemonConfig {
-        DaemonConfig {
+    pub fn daemon_config(&self, seeds: Vec<String>) -> anyhow::Result<DaemonConfig> {
+        for s in &self.stun_servers {
+            meshpeer::net::normalize_seed(s, 3478)
+                .map_err(|e| anyhow::anyhow!("--stun-server: {e}"))?;
+        }
+        Ok(DaemonConfig {
             state_dir: self.state.state_dir.clone(),
             interface: self.interface.clone(),
             wg_port: self.wg_port,
@@ -111,7 +123,12 @@ impl RunArgs {
             },
             join_timeout: Duration::from_secs(self.join_timeout_secs),
             relay: !self.no_relay,
-        }
+            stun_servers: self
+                .stun_servers
+                .iter()
+                .filter_map(|s| meshpeer::net::normalize_seed(s, 3478).ok())
+                .collect(),
+        })
     }
 }
 
@@ -172,7 +189,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 st.name = name;
                 dir.save_state(&st)?;
             }
-            meshpeer::daemon::run(a.run.daemon_config(vec![]), shutdown_signal()).await
+            meshpeer::daemon::run(a.run.daemon_config(vec![])?, shutdown_signal()).await
         }
         Command::Join(a) => join::join(a).await,
         Command::Status(a) => status::status(a).await,

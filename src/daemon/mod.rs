@@ -53,6 +53,8 @@ pub struct DaemonConfig {
     pub timing: GossipTiming,
     /// Whether this member relays for others when it is public.
     pub relay: bool,
+    /// Outside STUN servers, `host:port`.
+    pub stun_servers: Vec<String>,
     /// How long a fresh joiner tries its seeds before giving up.
     pub join_timeout: Duration,
 }
@@ -220,7 +222,14 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()>) -> anyho
         return Err(e.into());
     }
 
-    let traversal = Traversal::start(&wg);
+    let mut stun_servers = Vec::new();
+    for s in &cfg.stun_servers {
+        match crate::net::resolve_seed(s) {
+            Ok(a) => stun_servers.extend(a.into_iter().filter(|a| a.is_ipv4())),
+            Err(e) => tracing::warn!(server = %s, error = %e, "cannot resolve STUN server"),
+        }
+    }
+    let traversal = Traversal::start(&wg, stun_servers);
     let mut node_state = state;
     let record = build_record(
         (&id, &network, &admission),

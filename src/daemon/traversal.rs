@@ -28,13 +28,15 @@ pub struct Traversal {
     pub paths: BTreeMap<[u8; 32], Path>,
     forwarding: bool,
     forwarding_failed: bool,
+    /// Outside STUN servers (`--stun-server`), asked before members.
+    outside: Vec<SocketAddr>,
 }
 
 impl Traversal {
     /// Starts answering STUN on the WireGuard port (userspace backend; the
     /// kernel's WireGuard socket cannot carry STUN, so a kernel node learns
     /// nothing here and publishes `NatKind::Unknown`).
-    pub fn start(wg: &WgInterface) -> Self {
+    pub fn start(wg: &WgInterface, outside: Vec<SocketAddr>) -> Self {
         let (sender, responses) = match wg.raw_channel() {
             Some((sender, mut raw)) => {
                 let (tx, rx) = mpsc::channel(64);
@@ -47,6 +49,11 @@ impl Traversal {
                             }
                             Some(StunMessage::Response { txid, mapped }) => {
                                 let _ = tx.try_send((txid, mapped));
+                            }
+                            Some(StunMessage::ClassicRequest { txid }) => {
+                                if let Some(r) = stun::classic_binding_response(txid, from) {
+                                    let _ = reply.send(from, &r).await;
+                                }
                             }
                             None => {
                                 tracing::trace!(%from, "ignored a non-STUN datagram on the WireGuard port")
@@ -70,6 +77,7 @@ impl Traversal {
             paths: BTreeMap::new(),
             forwarding: false,
             forwarding_failed: false,
+            outside,
         }
     }
 
@@ -134,7 +142,12 @@ impl Traversal {
             })
             .collect();
         targets.sort();
-        let targets: Vec<SocketAddr> = targets.into_iter().map(|(_, a)| a).collect();
+        let targets: Vec<SocketAddr> = self
+            .outside
+            .iter()
+            .copied()
+            .chain(targets.into_iter().map(|(_, a)| a))
+            .collect();
         for (to, bytes) in self.discovery.poll_transmit(now, &targets) {
             if let Err(e) = sender.send(to, &bytes).await {
                 tracing::debug!(%to, error = %e, "cannot send a STUN request");

@@ -14,8 +14,19 @@ use stun_codec::{Message, MessageClass, MessageDecoder, MessageEncoder, Transact
 /// A STUN message meshpeer understands.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StunMessage {
-    Request { txid: [u8; 12] },
-    Response { txid: [u8; 12], mapped: SocketAddr },
+    Request {
+        txid: [u8; 12],
+    },
+    Response {
+        txid: [u8; 12],
+        mapped: SocketAddr,
+    },
+    /// An RFC 3489 ("classic") binding request, without the magic cookie,
+    /// as old clients such as Debian's `stun` send: answered with
+    /// [`classic_binding_response`].
+    ClassicRequest {
+        txid: [u8; 16],
+    },
 }
 
 /// The magic cookie at bytes 4..8 of every RFC 5389+ message.
@@ -51,8 +62,34 @@ pub fn binding_response(txid: [u8; 12], observed: SocketAddr) -> Vec<u8> {
     encode(m)
 }
 
+/// Answers an RFC 3489 binding request with `MAPPED-ADDRESS` (IPv4 only, as
+/// RFC 3489 has no IPv6). `stun_codec` speaks RFC 5389+ only, whose 12-byte
+/// transaction ids cannot echo a classic 16-byte one; this 32-byte answer is
+/// the whole of the legacy format meshpeer writes.
+pub fn classic_binding_response(txid: [u8; 16], observed: SocketAddr) -> Option<Vec<u8>> {
+    let SocketAddr::V4(v4) = observed else {
+        return None;
+    };
+    let mut out = Vec::with_capacity(32);
+    out.extend_from_slice(&[0x01, 0x01, 0x00, 0x0C]); // Binding Response, 12 bytes of attributes
+    out.extend_from_slice(&txid);
+    out.extend_from_slice(&[0x00, 0x01, 0x00, 0x08, 0x00, 0x01]); // MAPPED-ADDRESS, IPv4
+    out.extend_from_slice(&v4.port().to_be_bytes());
+    out.extend_from_slice(&v4.ip().octets());
+    Some(out)
+}
+
 /// Decodes a binding request or success response; anything else is `None`.
 pub fn parse(bytes: &[u8]) -> Option<StunMessage> {
+    if bytes.len() >= 20 && bytes[0..2] == [0x00, 0x01] && bytes[4..8] != MAGIC {
+        let len = usize::from(u16::from_be_bytes([bytes[2], bytes[3]]));
+        if bytes.len() == 20 + len && len % 4 == 0 {
+            let mut txid = [0u8; 16];
+            txid.copy_from_slice(&bytes[4..20]);
+            return Some(StunMessage::ClassicRequest { txid });
+        }
+        return None;
+    }
     if !looks_like_stun(bytes) {
         return None;
     }
@@ -99,6 +136,25 @@ mod tests {
                 txid: [1; 12],
                 mapped: v6
             })
+        );
+    }
+
+    #[test]
+    fn classic_clients_get_a_mapped_address() {
+        // What Debian's `stun` (0.97) sends: a binding request with a
+        // CHANGE-REQUEST attribute and no magic cookie.
+        let req = hex::decode("000100080190c158b722f5762a9f5142cdf9ec0a0003000400000000").unwrap();
+        let Some(StunMessage::ClassicRequest { txid }) = parse(&req) else {
+            panic!("not recognised")
+        };
+        let resp = classic_binding_response(txid, "198.51.100.7:4000".parse().unwrap()).unwrap();
+        assert_eq!(resp.len(), 32);
+        assert_eq!(&resp[4..20], &req[4..20]);
+        assert_eq!(&resp[26..28], &4000u16.to_be_bytes());
+        assert_eq!(&resp[28..32], &[198, 51, 100, 7]);
+        assert_eq!(
+            classic_binding_response(txid, "[::1]:1".parse().unwrap()),
+            None
         );
     }
 
