@@ -8,6 +8,11 @@ use clap::Parser;
 mod cli;
 
 fn main() -> ExitCode {
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if let Err(e) = cli::config::apply(&argv) {
+        eprintln!("error: {e:#}");
+        return ExitCode::FAILURE;
+    }
     let args = cli::Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -18,15 +18,10 @@ pub struct JoinArgs {
     /// A member's address: host or host:port (default port 51821, the gossip port).
     pub seed: String,
     /// The join token (visible in `ps`: prefer --token-file or MESHPEER_TOKEN).
-    #[arg(
-        long,
-        env = "MESHPEER_TOKEN",
-        hide_env_values = true,
-        conflicts_with = "token_file"
-    )]
+    #[arg(long, env = "MESHPEER_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
-    /// A file holding the join token.
-    #[arg(long)]
+    /// A file holding the join token (used when no --token / MESHPEER_TOKEN is given).
+    #[arg(long, env = "MESHPEER_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
     /// This node's name (default: the host name).
     #[arg(long)]

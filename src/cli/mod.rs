@@ -1,5 +1,6 @@
 //! Command-line interface: one file per subcommand, shared option groups.
 
+pub mod config;
 mod init;
 mod join;
 mod status;
@@ -21,6 +22,9 @@ use meshpeer::{DEFAULT_GOSSIP_PORT, DEFAULT_INTERFACE, DEFAULT_STATE_DIR, DEFAUL
     about = "A self-configuring full-mesh WireGuard overlay"
 )]
 pub struct Cli {
+    /// A TOML config file (keys as the long options, with `_`): see README.
+    #[arg(long, global = true, env = "MESHPEER_CONFIG")]
+    pub config: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -86,7 +90,7 @@ pub struct RunArgs {
     pub stun_servers: Vec<String>,
     /// Do not relay for members that cannot reach each other directly
     /// (public members relay by default).
-    #[arg(long, env = "MESHPEER_NO_RELAY")]
+    #[arg(long, env = "MESHPEER_NO_RELAY", value_parser = clap::builder::FalseyValueParser::new())]
     pub no_relay: bool,
     /// Seconds a fresh `join` tries its seed before giving up.
     #[arg(long, default_value_t = 30)]
