@@ -45,8 +45,22 @@ pub enum ControlError {
     Timeout(Duration),
 }
 
-/// A request from a client, with the channel for the daemon's reply.
-pub type Incoming = (Request, oneshot::Sender<Reply>);
+/// A request from a client, with the way to answer it.
+pub type Incoming = (Request, Pending);
+
+/// The answer slot of a request: [`Pending::answer`] waits (up to 2 s) until
+/// the reply is written to the client, so a daemon that answers `leave` and
+/// then exits cannot lose the reply.
+pub struct Pending(oneshot::Sender<(Reply, oneshot::Sender<()>)>);
+
+impl Pending {
+    pub async fn answer(self, reply: Reply) {
+        let (done_tx, done_rx) = oneshot::channel();
+        if self.0.send((reply, done_tx)).is_ok() {
+            let _ = tokio::time::timeout(Duration::from_secs(2), done_rx).await;
+        }
+    }
+}
 
 /// Binds the control socket, refusing if another daemon answers on it.
 pub async fn bind(path: &Path) -> Result<UnixListener, ControlError> {
@@ -91,11 +105,15 @@ pub async fn serve(
                 },
                 Ok(req) => {
                     let (rtx, rrx) = oneshot::channel();
-                    if tx.send((req, rtx)).await.is_err() {
+                    if tx.send((req, Pending(rtx))).await.is_err() {
                         return;
                     }
                     match rrx.await {
-                        Ok(r) => r,
+                        Ok((r, done)) => {
+                            write_reply(&mut w, &r).await;
+                            let _ = done.send(());
+                            return;
+                        }
                         Err(_) => return,
                     }
                 }
@@ -103,13 +121,18 @@ pub async fn serve(
                     message: format!("bad request: {e}"),
                 },
             };
-            let Ok(mut text) = serde_json::to_string(&reply) else {
-                return;
-            };
-            text.push('\n');
-            let _ = w.write_all(text.as_bytes()).await;
+            write_reply(&mut w, &reply).await;
         });
     }
+}
+
+async fn write_reply(w: &mut tokio::net::unix::OwnedWriteHalf, reply: &Reply) {
+    let Ok(mut text) = serde_json::to_string(reply) else {
+        return;
+    };
+    text.push('\n');
+    let _ = w.write_all(text.as_bytes()).await;
+    let _ = w.flush().await;
 }
 
 /// Sends one request to the daemon behind `path`.

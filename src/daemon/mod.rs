@@ -312,7 +312,7 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()>) -> anyho
                         Some(s) => Reply::Status(Box::new(s)),
                         None => Reply::Error { message: "starting up".into() },
                     };
-                    let _ = reply.send(r);
+                    reply.answer(r).await;
                 }
                 Request::Leave => {
                     node.leave().await;
@@ -327,7 +327,7 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()>) -> anyho
     node.wg.destroy().await;
     control_task.abort();
     if let Some(r) = leave_reply {
-        let _ = r.send(Reply::Left);
+        r.answer(Reply::Left).await;
     }
     Ok(())
 }

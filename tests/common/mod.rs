@@ -1,0 +1,940 @@
+//! A small harness for integration tests in real network namespaces.
+//!
+//! * [`Netns`]: a network namespace (`ip netns add`), deleted on drop.
+//! * [`Switch`]: a namespace holding a Linux bridge; [`Switch::attach`] plugs
+//!   a node namespace into it with a veth pair and gives it an underlay address.
+//! * [`Node`]: one `meshpeer` daemon spawned inside a namespace with its own
+//!   state dir, its stdout/stderr in a log file; killed on drop (SIGTERM, then
+//!   SIGKILL). When the test is panicking, every node prints its `status`,
+//!   `wg show` and log while it is dropped, so a failed assertion or a
+//!   [`wait_until`] timeout always comes with the daemons' side of the story.
+//! * [`wait_until`] / [`wait_for`]: poll a condition every 200 ms until a
+//!   deadline, then panic with a description (and the last observation).
+//! * [`TempDir`]: a scratch directory, removed on drop unless the test failed.
+//! * [`serial`]: held while a test uses the fixed `mpt*` names (a mutex, and
+//!   a flock against concurrent test runs on the same machine).
+//! * [`scenario`]: the three-node scenario, shared by tests/mesh.rs (this
+//!   machine) and tests/vm_kernel.rs (a VM with kernel WireGuard).
+//!
+//! Every name this harness creates starts with `mpt`. Environment:
+//! * `CI=true`: never skip (a non-root run fails instead of skipping).
+//! * `MESHPEER_BIN`: the meshpeer binary to run (default: the one cargo built).
+//! * `MESHPEER_TEST_TIMEOUT_SCALE`: multiply every deadline (e.g. 4 in a VM
+//!   without KVM).
+//! * `MESHPEER_EXPECT_BACKEND`: "kernel" or "userspace", asserted by the scenario.
+//! * `RUST_LOG`: passed to the daemons (default `info,meshpeer=debug`; logs
+//!   are written with NO_COLOR=1).
+#![allow(dead_code)]
+
+pub mod scenario;
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Read;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::thread;
+use std::time::{Duration, Instant};
+
+pub use serde_json::Value;
+
+/// How often conditions are polled.
+pub const POLL: Duration = Duration::from_millis(200);
+
+// ---------------------------------------------------------------------------
+// Environment
+// ---------------------------------------------------------------------------
+
+/// True when running under CI (`CI` set to anything but "", "0", "false").
+pub fn is_ci() -> bool {
+    match std::env::var("CI") {
+        Ok(v) => !matches!(
+            v.trim().to_ascii_lowercase().as_str(),
+            "" | "0" | "false" | "no"
+        ),
+        Err(_) => false,
+    }
+}
+
+/// Returns true if the test may go on. Not root: prints why and returns false
+/// (the test then passes as skipped), except under CI, where it panics.
+pub fn require_root(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    if is_ci() {
+        panic!("{test}: needs root (network namespaces), and CI=true forbids skipping");
+    }
+    skip(&format!(
+        "{test}: needs root to create network namespaces (run as root, or under CI=true to make this a failure)"
+    ));
+    false
+}
+
+/// Prints "SKIPPED: why" straight to stderr, past the test harness's output
+/// capture, so that a skipped test (which passes) still says so.
+pub fn skip(why: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIPPED {why}");
+}
+
+/// Skips (returns false) or, under CI, panics, when `prog` is not on PATH.
+pub fn require_program(test: &str, prog: &str) -> bool {
+    if find_in_path(prog).is_some() {
+        return true;
+    }
+    if is_ci() {
+        panic!("{test}: `{prog}` not found on PATH, and CI=true forbids skipping");
+    }
+    skip(&format!("{test}: `{prog}` not found on PATH"));
+    false
+}
+
+pub fn find_in_path(prog: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(prog))
+        .find(|p| p.is_file())
+}
+
+/// The meshpeer binary: `$MESHPEER_BIN`, or the one cargo built for this test.
+pub fn meshpeer_bin() -> PathBuf {
+    match std::env::var_os("MESHPEER_BIN") {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => PathBuf::from(env!("CARGO_BIN_EXE_meshpeer")),
+    }
+}
+
+/// `MESHPEER_TEST_TIMEOUT_SCALE` (default 1).
+pub fn timeout_scale() -> f64 {
+    std::env::var("MESHPEER_TEST_TIMEOUT_SCALE")
+        .ok()
+        .and_then(|s| s.trim().parse::<f64>().ok())
+        .filter(|f| f.is_finite() && *f > 0.0)
+        .unwrap_or(1.0)
+}
+
+/// `secs` seconds, multiplied by [`timeout_scale`].
+pub fn secs(secs: u64) -> Duration {
+    Duration::from_secs_f64(secs as f64 * timeout_scale())
+}
+
+/// Held while a test uses the fixed `mpt*` names: serializes the tests of
+/// one binary (a mutex) and of concurrent test runs on one machine (an
+/// exclusive flock on /run/lock/meshpeer-mpt-tests.lock).
+pub struct Serial {
+    _file: Option<File>,
+    _guard: MutexGuard<'static, ()>,
+}
+
+pub fn serial() -> Serial {
+    use std::os::unix::io::AsRawFd;
+    static LOCK: Mutex<()> = Mutex::new(());
+    let guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let path = Path::new("/run/lock/meshpeer-mpt-tests.lock");
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .ok();
+    if let Some(f) = &file {
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            eprintln!("waiting for another test run holding {}", path.display());
+            unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) };
+        }
+    }
+    Serial {
+        _file: file,
+        _guard: guard,
+    }
+}
+
+/// Prints a progress line with the time since `start` (shown with --nocapture
+/// or when the test fails).
+pub fn progress(start: Instant, msg: impl std::fmt::Display) {
+    eprintln!("[{:7.2}s] {msg}", start.elapsed().as_secs_f64());
+}
+
+// ---------------------------------------------------------------------------
+// Polling
+// ---------------------------------------------------------------------------
+
+/// Polls `cond` every [`POLL`] until it holds; panics after `timeout` with
+/// `what` in the message. (Node logs are printed by the nodes' drop guards
+/// while the panic unwinds.)
+pub fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    wait_for(timeout, what, || {
+        if cond() {
+            Ok(())
+        } else {
+            Err("condition false".to_string())
+        }
+    })
+}
+
+/// Polls `f` every [`POLL`] until it returns `Ok`, and returns that value;
+/// panics after `timeout` with `what` and the last `Err` description.
+pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Result<T, String>) -> T {
+    let start = Instant::now();
+    let deadline = start + timeout;
+    let mut tries = 0u32;
+    loop {
+        tries += 1;
+        let last = match f() {
+            Ok(v) => return v,
+            Err(e) => e,
+        };
+        let now = Instant::now();
+        if now >= deadline {
+            panic!(
+                "timed out after {:.1}s ({tries} tries) waiting until {what}\n  last observation: {last}",
+                start.elapsed().as_secs_f64()
+            );
+        }
+        thread::sleep(POLL.min(deadline - now));
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Commands
+// ---------------------------------------------------------------------------
+
+/// Runs `cmd` (stdin null, stdout and stderr captured) and kills it if it is
+/// not done within `timeout`.
+pub fn run_timeout(cmd: &mut Command, timeout: Duration) -> Result<Output, String> {
+    let desc = describe(cmd);
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run {desc}: {e}"))?;
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let t_out = thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = out.read_to_end(&mut v);
+        v
+    });
+    let t_err = thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = err.read_to_end(&mut v);
+        v
+    });
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(s)) => break s,
+            Ok(None) if Instant::now() >= deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                // The pipes may be held open by grandchildren: don't join.
+                return Err(format!(
+                    "{desc}: still running after {:.1}s, killed",
+                    timeout.as_secs_f64()
+                ));
+            }
+            Ok(None) => thread::sleep(Duration::from_millis(10)),
+            Err(e) => return Err(format!("{desc}: wait: {e}")),
+        }
+    };
+    Ok(Output {
+        status,
+        stdout: t_out.join().unwrap_or_default(),
+        stderr: t_err.join().unwrap_or_default(),
+    })
+}
+
+/// Like [`run_timeout`] (30 s), but a failure (spawn error, timeout or
+/// non-zero exit) is an `Err` carrying the command and its stderr.
+pub fn run_ok(cmd: &mut Command) -> Result<Output, String> {
+    let desc = describe(cmd);
+    let out = run_timeout(cmd, secs(30))?;
+    if out.status.success() {
+        Ok(out)
+    } else {
+        Err(format!(
+            "{desc}: {}\n  stdout: {}\n  stderr: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout).trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// Runs a command that must succeed (setup steps); panics otherwise.
+pub fn must(cmd: &mut Command) -> Output {
+    run_ok(cmd).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// `ip ARGS...`, which must succeed.
+pub fn ip(args: &[&str]) -> Output {
+    must(Command::new("ip").args(args))
+}
+
+pub fn describe(cmd: &Command) -> String {
+    let mut s = cmd.get_program().to_string_lossy().into_owned();
+    for a in cmd.get_args() {
+        s.push(' ');
+        s.push_str(&a.to_string_lossy());
+    }
+    s
+}
+
+/// Makes the child get SIGKILL when the test thread that spawned it dies, so
+/// that not even an aborted test run leaves daemons behind.
+fn die_with_parent(cmd: &mut Command) {
+    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Scratch directory
+// ---------------------------------------------------------------------------
+
+/// A fresh directory under the system temp dir; removed on drop, except when
+/// the test is failing (then its path is printed, for the logs in it).
+pub struct TempDir {
+    path: PathBuf,
+}
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let path = std::env::temp_dir().join(format!(
+            "mpt-{tag}-{}-{}-{nanos:x}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        fs::create_dir_all(&path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
+        TempDir { path }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if thread::panicking() {
+            eprintln!(
+                "(test failed: keeping {} for inspection)",
+                self.path.display()
+            );
+        } else {
+            let _ = fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Network namespaces and the switch
+// ---------------------------------------------------------------------------
+
+/// A network namespace with its loopback up; deleted on drop, after killing
+/// any process still inside it.
+pub struct Netns {
+    name: String,
+}
+
+impl Netns {
+    pub fn new(name: &str) -> Netns {
+        assert!(
+            name.starts_with("mpt"),
+            "test namespaces must start with `mpt`: {name}"
+        );
+        // A namespace of that name left over by a killed run: remove it.
+        if Path::new("/run/netns").join(name).exists() {
+            eprintln!("removing stale network namespace {name}");
+            kill_netns_pids(name);
+            let _ = Command::new("ip").args(["netns", "del", name]).status();
+        }
+        ip(&["netns", "add", name]);
+        let ns = Netns {
+            name: name.to_string(),
+        };
+        ip(&["-n", name, "link", "set", "lo", "up"]);
+        ns
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// A command that runs `program` inside the namespace.
+    pub fn cmd(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name]).arg(program);
+        c
+    }
+
+    /// `ip -n NS ARGS...`, which must succeed.
+    pub fn ip(&self, args: &[&str]) -> Output {
+        must(Command::new("ip").args(["-n", &self.name]).args(args))
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        kill_netns_pids(&self.name);
+        match Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output()
+        {
+            Ok(o) if o.status.success() => {}
+            Ok(o) => eprintln!(
+                "ip netns del {}: {}",
+                self.name,
+                String::from_utf8_lossy(&o.stderr).trim()
+            ),
+            Err(e) => eprintln!("ip netns del {}: {e}", self.name),
+        }
+    }
+}
+
+/// SIGKILLs every process in namespace `name` (all of them were started by
+/// the test that created it).
+fn kill_netns_pids(name: &str) {
+    let Ok(out) = Command::new("ip").args(["netns", "pids", name]).output() else {
+        return;
+    };
+    for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+        if let Ok(pid) = pid.parse::<i32>() {
+            eprintln!("killing leftover process {pid} in namespace {name}");
+            // SAFETY: plain syscall.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
+/// The "switch": a namespace holding one Linux bridge that node namespaces
+/// are plugged into.
+pub struct Switch {
+    ns: Netns,
+    bridge: String,
+    ports: AtomicUsize,
+}
+
+impl Switch {
+    /// Creates namespace `ns_name` with bridge `mpt-br0` in it.
+    pub fn new(ns_name: &str) -> Switch {
+        let ns = Netns::new(ns_name);
+        let bridge = "mpt-br0".to_string();
+        ns.ip(&["link", "add", &bridge, "type", "bridge"]);
+        ns.ip(&["link", "set", &bridge, "up"]);
+        Switch {
+            ns,
+            bridge,
+            ports: AtomicUsize::new(0),
+        }
+    }
+
+    pub fn netns(&self) -> &Netns {
+        &self.ns
+    }
+
+    /// Plugs `node` in: a veth pair `mpt-eth0` (in `node`, with address
+    /// `cidr`, e.g. "10.99.0.1/24") <-> `mpt-pN` (on the bridge). Both ends
+    /// are created directly inside their namespaces and vanish with them.
+    pub fn attach(&self, node: &Netns, cidr: &str) -> String {
+        let port = format!("mpt-p{}", self.ports.fetch_add(1, Ordering::Relaxed) + 1);
+        let dev = "mpt-eth0";
+        ip(&[
+            "link",
+            "add",
+            dev,
+            "netns",
+            node.name(),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &port,
+            "netns",
+            self.ns.name(),
+        ]);
+        self.ns.ip(&["link", "set", &port, "master", &self.bridge]);
+        self.ns.ip(&["link", "set", &port, "up"]);
+        node.ip(&["addr", "add", cidr, "dev", dev]);
+        node.ip(&["link", "set", dev, "up"]);
+        dev.to_string()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// meshpeer nodes
+// ---------------------------------------------------------------------------
+
+/// One meshpeer daemon in a namespace: its own state dir and log file; the
+/// process is stopped on drop. All methods take `&self`, so nodes can be
+/// used from inside polling closures.
+pub struct Node {
+    pub name: String,
+    pub netns: String,
+    pub interface: String,
+    pub state_dir: PathBuf,
+    pub log: PathBuf,
+    proc: Mutex<Proc>,
+}
+
+#[derive(Default)]
+struct Proc {
+    child: Option<Child>,
+    exited: Option<ExitStatus>,
+}
+
+impl Node {
+    /// A node called `name` that will run in `netns` with WireGuard interface
+    /// `interface`; its files go under `workdir/name/`.
+    pub fn new(name: &str, netns: &Netns, interface: &str, workdir: &Path) -> Node {
+        assert!(
+            interface.starts_with("mpt"),
+            "test interfaces must start with `mpt`: {interface}"
+        );
+        let dir = workdir.join(name);
+        let state_dir = dir.join("state");
+        fs::create_dir_all(&state_dir)
+            .unwrap_or_else(|e| panic!("mkdir {}: {e}", state_dir.display()));
+        let log = dir.join("meshpeer.log");
+        File::create(&log).unwrap_or_else(|e| panic!("create {}: {e}", log.display()));
+        // A userspace UAPI socket left by a killed daemon of an earlier run.
+        remove_stale_uapi_socket(interface);
+        Node {
+            name: name.to_string(),
+            netns: netns.name().to_string(),
+            interface: interface.to_string(),
+            state_dir,
+            log,
+            proc: Mutex::new(Proc::default()),
+        }
+    }
+
+    fn proc(&self) -> MutexGuard<'_, Proc> {
+        self.proc.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// `meshpeer ARGS` inside the node's namespace.
+    fn meshpeer(&self, args: &[&str]) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.netns])
+            .arg(meshpeer_bin())
+            .args(args);
+        self.env(&mut c);
+        c
+    }
+
+    /// `meshpeer ARGS` in the test's own namespace (control-socket commands).
+    fn meshpeer_local(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(meshpeer_bin());
+        c.args(args);
+        self.env(&mut c);
+        c
+    }
+
+    /// The daemon's environment: ours, less the meshpeer settings that would
+    /// change what the test expects (the flags it passes, the default ports,
+    /// the advertised address). MESHPEER_BACKEND is passed on, to let a run
+    /// force a backend.
+    fn env(&self, c: &mut Command) {
+        for var in [
+            "MESHPEER_TOKEN",
+            "MESHPEER_STATE_DIR",
+            "MESHPEER_INTERFACE",
+            "MESHPEER_WG_PORT",
+            "MESHPEER_GOSSIP_PORT",
+            "MESHPEER_ADVERTISE_ADDR",
+            "MESHPEER_NO_RELAY",
+        ] {
+            c.env_remove(var);
+        }
+        if std::env::var_os("RUST_LOG").is_none() {
+            c.env("RUST_LOG", "info,meshpeer=debug");
+        }
+        // Plain log files, without ANSI colours.
+        c.env("NO_COLOR", "1");
+    }
+
+    fn common_args(&self) -> Vec<String> {
+        vec![
+            "--state-dir".into(),
+            self.state_dir.display().to_string(),
+            "--interface".into(),
+            self.interface.clone(),
+            "--name".into(),
+            self.name.clone(),
+        ]
+    }
+
+    fn log_file(&self) -> File {
+        OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(&self.log)
+            .unwrap_or_else(|e| panic!("open {}: {e}", self.log.display()))
+    }
+
+    /// `meshpeer init --network NETWORK ...`; returns the join token (its
+    /// whole stdout, which must be one non-empty line). Its stderr goes to
+    /// the node's log.
+    pub fn init(&self, network: &str) -> String {
+        let mut args = vec!["init".to_string(), "--network".into(), network.into()];
+        args.extend(self.common_args());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut cmd = self.meshpeer(&args);
+        let out = run_timeout(&mut cmd, secs(30)).unwrap_or_else(|e| panic!("{}: {e}", self.name));
+        let _ = std::io::Write::write_all(&mut self.log_file(), &out.stderr);
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{}: `{}` failed ({})\n  stdout: {stdout}\n  stderr: {}",
+            self.name,
+            describe(&cmd),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let token = stdout.trim();
+        assert!(
+            !token.is_empty() && !token.contains('\n'),
+            "{}: init must print exactly the join token on stdout, printed {stdout:?}",
+            self.name
+        );
+        token.to_string()
+    }
+
+    /// Starts `meshpeer up` (the node that ran `init`).
+    pub fn spawn_up(&self) {
+        let mut args = vec!["up".to_string()];
+        args.extend(self.common_args());
+        self.spawn(args);
+    }
+
+    /// Starts `meshpeer join SEED --token TOKEN`.
+    pub fn spawn_join(&self, seed: &str, token: &str) {
+        let mut args = vec![
+            "join".to_string(),
+            seed.into(),
+            "--token".into(),
+            token.into(),
+        ];
+        args.extend(self.common_args());
+        self.spawn(args);
+    }
+
+    fn spawn(&self, args: Vec<String>) {
+        let mut p = self.proc();
+        assert!(p.child.is_none(), "{}: already started", self.name);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut cmd = self.meshpeer(&args);
+        let log = self.log_file();
+        let log2 = log.try_clone().expect("dup log fd");
+        cmd.stdin(Stdio::null()).stdout(log).stderr(log2);
+        die_with_parent(&mut cmd);
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("{}: cannot spawn {}: {e}", self.name, describe(&cmd)));
+        p.child = Some(child);
+        p.exited = None;
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.proc().child.as_ref().map(Child::id)
+    }
+
+    /// `Ok` while the daemon runs; `Err` once it has exited (with how).
+    pub fn check_running(&self) -> Result<(), String> {
+        let mut p = self.proc();
+        if let Some(s) = p.exited {
+            return Err(format!("{} has exited ({s})", self.name));
+        }
+        let Some(child) = p.child.as_mut() else {
+            return Err(format!("{} was never started", self.name));
+        };
+        match child.try_wait() {
+            Ok(None) => Ok(()),
+            Ok(Some(s)) => {
+                p.exited = Some(s);
+                Err(format!("{} has exited ({s})", self.name))
+            }
+            Err(e) => Err(format!("{}: wait: {e}", self.name)),
+        }
+    }
+
+    /// Panics at once (instead of at some deadline) if the daemon has died.
+    pub fn assert_running(&self) {
+        if let Err(e) = self.check_running() {
+            panic!("{e} unexpectedly");
+        }
+    }
+
+    /// Waits up to `timeout` for the daemon to exit; returns its exit status.
+    pub fn wait_exit(&self, timeout: Duration) -> ExitStatus {
+        wait_for(timeout, &format!("{} exits", self.name), || {
+            match self.check_running() {
+                Ok(()) => Err("still running".into()),
+                Err(_) => Ok(()),
+            }
+        });
+        self.proc().exited.expect("exited")
+    }
+
+    /// `meshpeer status --json`, parsed.
+    pub fn status(&self) -> Result<Value, String> {
+        let dir = self.state_dir.display().to_string();
+        let out = run_ok(&mut self.meshpeer_local(&["status", "--state-dir", &dir, "--json"]))
+            .map_err(|e| format!("{}: {e}", self.name))?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        serde_json::from_str(text.trim()).map_err(|e| {
+            format!(
+                "{}: status --json is not one JSON object ({e}): {text}",
+                self.name
+            )
+        })
+    }
+
+    /// `meshpeer leave` (must succeed). The daemon is reaped while `leave`
+    /// runs, so a `leave` that waits for the daemon's pid to vanish is not
+    /// fooled by a zombie.
+    pub fn leave(&self) {
+        let dir = self.state_dir.display().to_string();
+        let mut cmd = self.meshpeer_local(&["leave", "--state-dir", &dir]);
+        thread::scope(|scope| {
+            let leave = scope.spawn(move || run_ok(&mut cmd));
+            while !leave.is_finished() {
+                let _ = self.check_running();
+                thread::sleep(Duration::from_millis(20));
+            }
+            match leave.join() {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => panic!("{}: {e}", self.name),
+                Err(_) => panic!("{}: leave thread panicked", self.name),
+            }
+        });
+    }
+
+    /// The public keys of the peers on the node's WireGuard device
+    /// (`wg show IF peers`, which reads the kernel device or the userspace
+    /// UAPI socket alike).
+    pub fn wg_peers(&self) -> Result<Vec<String>, String> {
+        let out = run_ok(Command::new("ip").args([
+            "netns",
+            "exec",
+            &self.netns,
+            "wg",
+            "show",
+            &self.interface,
+            "peers",
+        ]))?;
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(String::from)
+            .collect())
+    }
+
+    /// One ping (1 s timeout) from this node's namespace to `addr`.
+    pub fn ping(&self, addr: &str) -> bool {
+        run_timeout(
+            Command::new("ip").args([
+                "netns",
+                "exec",
+                &self.netns,
+                "ping",
+                "-c1",
+                "-W1",
+                "-n",
+                "-q",
+                addr,
+            ]),
+            secs(10),
+        )
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+    }
+
+    /// The last `lines` lines of the daemon's log.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let text = fs::read(&self.log)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        let skip = all.len().saturating_sub(lines);
+        let mut s = String::new();
+        if skip > 0 {
+            s.push_str(&format!(
+                "... ({skip} earlier lines in {})\n",
+                self.log.display()
+            ));
+        }
+        for l in &all[skip..] {
+            s.push_str(l);
+            s.push('\n');
+        }
+        s
+    }
+
+    /// Prints status, `wg show` and the log (used when the test fails).
+    pub fn dump(&self) {
+        let running = self.check_running();
+        let state = match &running {
+            Ok(()) => "running".to_string(),
+            Err(e) => e.clone(),
+        };
+        eprintln!(
+            "\n======== node {} (netns {}, interface {}): {state} ========",
+            self.name, self.netns, self.interface
+        );
+        if running.is_ok() {
+            let dir = self.state_dir.display().to_string();
+            let mut cmd = self.meshpeer_local(&["status", "--state-dir", &dir, "--json"]);
+            match run_timeout(&mut cmd, Duration::from_secs(5)) {
+                Ok(o) => eprintln!(
+                    "---- status --json ({}):\n{}{}",
+                    o.status,
+                    String::from_utf8_lossy(&o.stdout),
+                    String::from_utf8_lossy(&o.stderr)
+                ),
+                Err(e) => eprintln!("---- status --json: {e}"),
+            }
+        }
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.netns, "wg", "show", &self.interface]);
+        match run_timeout(&mut cmd, Duration::from_secs(5)) {
+            Ok(o) => eprintln!(
+                "---- wg show {}:\n{}{}",
+                self.interface,
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            ),
+            Err(e) => eprintln!("---- wg show: {e}"),
+        }
+        eprintln!("---- log {}:\n{}", self.log.display(), self.log_tail(400));
+    }
+
+    /// SIGTERM, up to 10 s (scaled) to exit, then SIGKILL. Idempotent.
+    pub fn stop(&self) {
+        let mut guard = self.proc();
+        let p = &mut *guard;
+        if let (Some(child), None) = (p.child.as_mut(), p.exited) {
+            if let Ok(None) = child.try_wait() {
+                // SAFETY: plain syscall on our own child.
+                unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+                let deadline = Instant::now() + secs(10);
+                loop {
+                    match child.try_wait() {
+                        Ok(Some(s)) => {
+                            p.exited = Some(s);
+                            break;
+                        }
+                        Ok(None) if Instant::now() < deadline => {
+                            thread::sleep(Duration::from_millis(20))
+                        }
+                        _ => {
+                            eprintln!("{}: still running after SIGTERM, killing it", self.name);
+                            let _ = child.kill();
+                            p.exited = child.wait().ok();
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        remove_stale_uapi_socket(&self.interface);
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let started = self.proc().child.is_some();
+        if started && thread::panicking() {
+            self.dump();
+        }
+        self.stop();
+    }
+}
+
+/// Removes `/var/run/wireguard/IF.sock` (userspace backend) if nothing
+/// listens on it any more.
+fn remove_stale_uapi_socket(interface: &str) {
+    let sock = Path::new("/var/run/wireguard").join(format!("{interface}.sock"));
+    if sock.exists() && std::os::unix::net::UnixStream::connect(&sock).is_err() {
+        let _ = fs::remove_file(&sock);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// status --json helpers
+// ---------------------------------------------------------------------------
+
+/// An address without a "/prefix" suffix.
+pub fn strip_prefix_len(s: &str) -> String {
+    s.split('/').next().unwrap_or(s).to_string()
+}
+
+/// The node's own entry: `"self"`, or the member whose state is "self".
+pub fn status_self(status: &Value) -> Option<&Value> {
+    match status.get("self") {
+        Some(v) if v.is_object() => Some(v),
+        _ => members(status).iter().find(|m| m["state"] == "self"),
+    }
+}
+
+/// The node's overlay IP (without prefix length), if the status has one.
+pub fn status_overlay_ip(status: &Value) -> Option<String> {
+    status_self(status)?
+        .get("overlay_ip")?
+        .as_str()
+        .map(strip_prefix_len)
+}
+
+pub fn members(status: &Value) -> &[Value] {
+    status
+        .get("members")
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or(&[])
+}
+
+pub fn backend(status: &Value) -> Option<&str> {
+    status.get("backend").and_then(Value::as_str)
+}
+
+/// A compact one-line summary of the members (for failure messages).
+pub fn members_summary(status: &Value) -> String {
+    members(status)
+        .iter()
+        .map(|m| {
+            format!(
+                "{}={}({})",
+                m["name"].as_str().unwrap_or("?"),
+                m["overlay_ip"].as_str().unwrap_or("?"),
+                m["state"].as_str().unwrap_or("?")
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
