@@ -35,7 +35,7 @@ use crate::wg::{BackendChoice, WgInterface};
 mod traversal;
 use traversal::Traversal;
 
-const TICK: Duration = Duration::from_millis(250);
+const TICK: Duration = Duration::from_millis(500);
 /// How long a leaving node keeps gossiping its leave record.
 const LEAVE_LINGER: Duration = Duration::from_secs(2);
 
@@ -438,11 +438,15 @@ impl Node {
     async fn step(&mut self) -> anyhow::Result<()> {
         let now = Instant::now();
         let entries = self.gossip.snapshot().await;
-        for e in self.membership.handle_snapshot(now, &entries) {
-            log_event(&e);
+        let events = self.membership.handle_snapshot(now, &entries);
+        for e in &events {
+            log_event(e);
         }
-        self.records_tx
-            .send_replace(entries.iter().filter_map(|e| e.record.clone()).collect());
+        // What a joiner's hello is answered with: refreshed on change.
+        if !events.is_empty() || self.records_tx.borrow().is_empty() {
+            self.records_tx
+                .send_replace(entries.iter().filter_map(|e| e.record.clone()).collect());
+        }
 
         // Address conflict: the earlier claim keeps it; we move.
         let my_ip = self
@@ -537,7 +541,8 @@ impl Node {
             self.reach_backoff = Duration::from_secs(1);
         }
 
-        let actual = self.wg.peers()?;
+        // Status from this tick's reading of the device (before the changes
+        // just applied): one UAPI/netlink dump per tick is enough.
         self.status.send_replace(Some(self.build_status(&actual)));
         if self.last_persist.elapsed() > Duration::from_secs(10) {
             let known = self.gossip.live_addrs().await;

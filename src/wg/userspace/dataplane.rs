@@ -19,7 +19,7 @@ const MAX_PACKET: usize = 65535;
 /// messages (148 bytes).
 const OUT_BUF: usize = MAX_PACKET + 256;
 /// Period of the timer task (boringtun's device uses 250 ms).
-const TIMER_TICK: Duration = Duration::from_millis(100);
+const TIMER_TICK: Duration = Duration::from_millis(250);
 
 /// TUN → longest-prefix match → encapsulate → UDP.
 pub(crate) async fn tun_loop(shared: Arc<Shared>) {
