@@ -1,0 +1,699 @@
+//! The scenario engine: runs a scenario's steps against one overlay
+//! implementation (meshpeer or nebula) on a built topology, with the pinger
+//! and (for meshpeer) the status poller watching, and gathers the results.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use crate::cleanup::stopping;
+use crate::nodes::{control_status, DaemonOpts, EngineKind, Life, Nodes};
+use crate::pinger::{Pinger, Sample};
+use crate::poller::{Poller, Target};
+use crate::scenario::{Scenario, Select, Step};
+use crate::sys;
+use crate::topology::{Kind, Plan};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StepLog {
+    pub index: usize,
+    pub action: String,
+    pub t_start: f64,
+    pub t_end: f64,
+    pub ok: bool,
+    pub result: Value,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Marker {
+    pub t: f64,
+    pub label: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EngineResult {
+    pub engine: String,
+    pub ok: bool,
+    pub errors: Vec<String>,
+    pub backend: Option<String>,
+    pub steps: Vec<StepLog>,
+    /// The first wait_converged: per-pair time to first reply from scenario start.
+    pub convergence: Option<Value>,
+    pub pair_classes: Vec<Value>,
+    pub failure_detection: Vec<Value>,
+    pub steady: Option<Value>,
+    pub overhead: Value,
+    pub paths: Value,
+    pub pinger: Value,
+    pub crashes: Vec<Value>,
+    pub markers: Vec<Marker>,
+    pub timeline: Vec<Sample>,
+    pub status_table: Option<String>,
+    pub duration_secs: f64,
+}
+
+pub struct Ctx<'a> {
+    pub sc: &'a Scenario,
+    pub plan: &'a Plan,
+    pub pinger: &'a Pinger,
+    pub nodes: Nodes,
+    pub poller: Option<Poller>,
+    rng: rand::rngs::StdRng,
+    /// Next never-started slot for joiners.
+    next_slot: usize,
+    mark: f64,
+    markers: Vec<Marker>,
+    errors: Vec<String>,
+    events_checked: usize,
+    first_convergence: Option<Value>,
+    pair_classes: Vec<Value>,
+    failures: Vec<Value>,
+    steady: Option<Value>,
+    crashes: Vec<Value>,
+}
+
+impl<'a> Ctx<'a> {
+    fn now(&self) -> f64 {
+        self.pinger.now()
+    }
+
+    fn marker(&mut self, label: String) {
+        let t = self.now();
+        println!("  [{t:7.2}s] {label}");
+        self.markers.push(Marker { t, label });
+    }
+
+    /// Housekeeping every 100 ms: reap crashed daemons, learn overlay addresses.
+    fn sync(&mut self) {
+        for (i, msg) in self.nodes.reap() {
+            let t = self.now();
+            self.pinger.node_stopped(i);
+            if let Some(p) = &self.poller {
+                p.set_target(i, None);
+            }
+            println!("  [{t:7.2}s] n{i} EXITED on its own: {msg}");
+            self.crashes.push(json!({"node": i, "t": t, "exit": msg}));
+        }
+        if let Some(p) = &self.poller {
+            let addrs: Vec<(usize, std::net::Ipv4Addr)> =
+                p.with(|s| s.obs.iter().enumerate().filter_map(|(i, o)| o.as_ref().and_then(|o| o.overlay_ip).map(|a| (i, a))).collect());
+            let missing: Vec<usize> = self.pinger.with(|s| (0..s.nodes.len()).filter(|i| s.nodes[*i].active && s.nodes[*i].addr.is_none()).collect());
+            for (i, a) in addrs {
+                if missing.contains(&i) {
+                    self.pinger.set_addr(i, a);
+                }
+            }
+        }
+    }
+
+    /// Polls `cond` until it holds or `secs` pass; returns whether it held.
+    fn wait(&mut self, secs: f64, mut cond: impl FnMut(&mut Ctx) -> bool) -> bool {
+        let end = Instant::now() + Duration::from_secs_f64(secs.max(0.0));
+        loop {
+            self.sync();
+            if cond(self) {
+                return true;
+            }
+            if Instant::now() >= end || stopping() {
+                return false;
+            }
+            sys::sleep_ms(100);
+        }
+    }
+
+    fn start_node(&mut self, i: usize) -> Result<()> {
+        let network = self.sc.nodes.network.clone();
+        // Join through node 0, or (once it is gone) the first live public node.
+        let seed = std::iter::once(0)
+            .chain(0..self.nodes.len())
+            .find(|j| self.nodes.life[*j] == Life::Running && self.plan.nodes[*j].kind == Kind::Public)
+            .unwrap_or(0);
+        self.nodes.start(i, &network, seed)?;
+        let fixed = self.nodes.fixed_overlay(i);
+        self.pinger.node_started(i, fixed);
+        if let Some(p) = &self.poller {
+            p.set_target(i, Some(Target { state_dir: self.nodes.state_dir(i), ifname: self.nodes.ifname(i) }));
+        }
+        Ok(())
+    }
+
+    fn stop_node(&mut self, i: usize, how: &str) -> Result<()> {
+        let t = self.now();
+        if let Some(p) = &self.poller {
+            p.add_event(how, i, t);
+        }
+        match how {
+            "kill" => self.nodes.kill(i),
+            _ => self.nodes.leave(i)?,
+        }
+        self.pinger.node_stopped(i);
+        if let Some(p) = &self.poller {
+            p.set_target(i, None);
+        }
+        Ok(())
+    }
+
+    /// Waits for the seed to answer (meshpeer) so joiners find it.
+    fn wait_seed(&mut self) -> Result<()> {
+        if self.nodes.engine == EngineKind::Nebula {
+            sys::sleep_ms(300);
+            return Ok(());
+        }
+        let sd = self.nodes.state_dir(0);
+        let ok = self.wait(30.0, |c| {
+            c.nodes.life[0] == Life::Running
+                && control_status(&sd).and_then(|v| v.pointer("/self/overlay_ip").and_then(Value::as_str).map(str::to_string)).is_some()
+        });
+        if !ok {
+            bail!(
+                "the seed (n0) did not answer `status` within 30 s; log tail: {}",
+                crate::nodes::tail_lines(&self.nodes.log_path(0), 5)
+            );
+        }
+        Ok(())
+    }
+
+    fn select(&mut self, sel: &Select, pool: &[usize]) -> Vec<usize> {
+        let mut chosen: Vec<usize> = sel.nodes.iter().copied().filter(|i| pool.contains(i)).collect();
+        if sel.seed && pool.contains(&0) && !chosen.contains(&0) {
+            chosen.push(0);
+        }
+        let want = match (sel.count, chosen.is_empty() && !sel.seed) {
+            (Some(c), _) => c,
+            (None, true) => 1,
+            (None, false) => 0,
+        };
+        let mut eligible: Vec<usize> = pool
+            .iter()
+            .copied()
+            .filter(|i| *i != 0 && !chosen.contains(i))
+            .filter(|i| sel.kind.map(|k| self.plan.nodes[*i].kind == k).unwrap_or(true))
+            .collect();
+        eligible.shuffle(&mut self.rng);
+        chosen.extend(eligible.into_iter().take(want));
+        chosen
+    }
+
+    fn class_table(&self) -> Vec<Value> {
+        let mut m: BTreeMap<(Kind, Kind), (usize, usize)> = BTreeMap::new();
+        let missing = self.pinger.with(|s| s.missing_since_mark());
+        let live = self.pinger.with(|s| s.live());
+        for &i in &live {
+            for &j in &live {
+                if i != j {
+                    let (a, b) = (self.plan.nodes[i].kind, self.plan.nodes[j].kind);
+                    let key = if a <= b { (a, b) } else { (b, a) };
+                    m.entry(key).or_default().1 += 1;
+                }
+            }
+        }
+        for (i, j) in missing {
+            let (a, b) = (self.plan.nodes[i].kind, self.plan.nodes[j].kind);
+            let key = if a <= b { (a, b) } else { (b, a) };
+            m.entry(key).or_default().0 += 1;
+        }
+        m.into_iter()
+            .map(|((a, b), (miss, total))| json!({"a": a.as_str(), "b": b.as_str(), "pairs": total, "reached": total - miss}))
+            .collect()
+    }
+
+    fn run_step(&mut self, idx: usize, step: &Step) -> Result<(bool, Value)> {
+        let t_start = self.now();
+        Ok(match step {
+            Step::Sleep { secs } => {
+                let s = *secs;
+                self.wait(s, |_| false);
+                (true, json!({}))
+            }
+            Step::WaitConverged { deadline_secs, required, membership, fresh } => {
+                if *fresh {
+                    self.mark = self.pinger.set_mark();
+                    if let Some(p) = &self.poller {
+                        p.mark_membership(self.mark);
+                    }
+                }
+                let mark = self.mark;
+                let check_members = *membership && self.poller.is_some();
+                // The deadline counts from the disruption, not from this step.
+                let deadline = *deadline_secs;
+                let remaining = deadline - (self.now() - mark);
+                let mut last_print = Instant::now();
+                let ok = self.wait(remaining, |c| {
+                    let (done, total, _) = c.pinger.with(|s| s.replied_since_mark());
+                    let members_ok = !check_members || c.poller.as_ref().unwrap().with(|s| s.member_ok.is_some());
+                    if last_print.elapsed() >= Duration::from_secs(10) {
+                        last_print = Instant::now();
+                        let (sent, recv) = c.pinger.with(|s| (s.sent, s.received));
+                        println!(
+                            "  [{:7.2}s] ... {done}/{total} pairs replied, membership {}, pinger {sent} sent / {recv} replies",
+                            c.now(),
+                            if !check_members { "n/a" } else if members_ok { "complete" } else { "incomplete" }
+                        );
+                    }
+                    done == total && total > 0 && members_ok
+                });
+                let (done, total, latest) = self.pinger.with(|s| s.replied_since_mark());
+                let pairs_done_at = if done == total && total > 0 { Some(latest.max(mark)) } else { None };
+                let member_at = self.poller.as_ref().and_then(|p| p.with(|s| s.member_ok));
+                let classes = self.class_table();
+                let missing: Vec<String> = self
+                    .pinger
+                    .with(|s| s.missing_since_mark())
+                    .iter()
+                    .take(20)
+                    .map(|(i, j)| format!("n{i}({})->n{j}({})", self.plan.nodes[*i].kind.as_str(), self.plan.nodes[*j].kind.as_str()))
+                    .collect();
+                let mut r = json!({
+                    "since": mark,
+                    "deadline_secs": deadline,
+                    "pairs": total,
+                    "pairs_replied": done,
+                    "all_pairs_secs": pairs_done_at.map(|t| t - mark),
+                    "membership_secs": member_at.map(|t| t - mark),
+                    "converged": ok,
+                    "classes": classes,
+                    "missing_sample": missing,
+                });
+                if self.first_convergence.is_none() {
+                    let mut firsts: Vec<f64> = self.pinger.with(|s| {
+                        let live = s.live();
+                        let mut v = vec![];
+                        for &i in &live {
+                            for &j in &live {
+                                if i != j && s.pair(i, j).first_reply >= 0.0 {
+                                    v.push(s.pair(i, j).first_reply);
+                                }
+                            }
+                        }
+                        v
+                    });
+                    firsts.sort_by(|a, b| a.partial_cmp(b).unwrap());
+                    let q = |p: f64| -> Option<f64> {
+                        if firsts.is_empty() {
+                            None
+                        } else {
+                            Some(firsts[((firsts.len() as f64 - 1.0) * p).round() as usize])
+                        }
+                    };
+                    let conv = json!({
+                        "nodes": self.pinger.with(|s| s.live().len()),
+                        "pairs": total,
+                        "pairs_replied": done,
+                        "first_reply_p50_secs": q(0.5),
+                        "first_reply_p99_secs": q(0.99),
+                        "first_reply_max_secs": q(1.0),
+                        "all_pairs_secs": if done == total && total > 0 { q(1.0) } else { None },
+                        "membership_secs": member_at,
+                        "converged": ok,
+                        "deadline_secs": deadline,
+                    });
+                    r["first_reply"] = conv.clone();
+                    self.first_convergence = Some(conv);
+                    self.pair_classes = self.class_table();
+                }
+                let msg = format!(
+                    "wait_converged: {done}/{total} pairs replied{}{}",
+                    pairs_done_at.map(|t| format!(", all pairs at +{:.2}s", t - mark)).unwrap_or_default(),
+                    member_at.map(|t| format!(", membership at +{:.2}s", t - mark)).unwrap_or_default()
+                );
+                self.marker(msg);
+                if !ok {
+                    let m = format!(
+                        "step {idx} wait_converged: not converged within {deadline}s ({done}/{total} pairs{})",
+                        if check_members && member_at.is_none() { ", membership incomplete" } else { "" }
+                    );
+                    println!("  {m}");
+                    if *required {
+                        self.errors.push(m);
+                    }
+                }
+                (ok || !*required, r)
+            }
+            Step::Kill { select } | Step::Leave { select } => {
+                let how = if matches!(step, Step::Kill { .. }) { "kill" } else { "leave" };
+                let live = self.nodes.live();
+                let chosen = self.select(select, &live);
+                for &i in &chosen {
+                    self.stop_node(i, how)?;
+                    self.marker(format!("{how} n{i} ({})", self.plan.nodes[i].kind.as_str()));
+                }
+                (true, json!({"nodes": chosen}))
+            }
+            Step::Restart { select } => {
+                let pool: Vec<usize> = (0..self.nodes.len())
+                    .filter(|i| matches!(self.nodes.life[*i], Life::Killed | Life::Left | Life::Crashed))
+                    .collect();
+                let chosen = self.select(select, &pool);
+                for &i in &chosen {
+                    self.start_node(i)?;
+                    self.marker(format!("restart n{i}"));
+                }
+                (true, json!({"nodes": chosen}))
+            }
+            Step::Join { count, stagger_ms } => {
+                let mut started = vec![];
+                for _ in 0..*count {
+                    if self.next_slot >= self.nodes.len() {
+                        break;
+                    }
+                    let i = self.next_slot;
+                    self.next_slot += 1;
+                    self.start_node(i)?;
+                    started.push(i);
+                    if *stagger_ms > 0 {
+                        let s = *stagger_ms as f64 / 1000.0;
+                        self.wait(s, |_| false);
+                    }
+                }
+                self.marker(format!("join {} new nodes", started.len()));
+                (true, json!({"nodes": started}))
+            }
+            Step::Partition => {
+                self.plan.partition()?;
+                let half: Vec<usize> = (0..self.plan.nodes.len()).filter(|i| self.plan.half_of(*i) == 0).collect();
+                self.marker("partition".into());
+                (true, json!({"half_a": half}))
+            }
+            Step::Heal => {
+                self.plan.heal()?;
+                self.marker("heal".into());
+                (true, json!({}))
+            }
+            Step::FlushNat => {
+                let n = self.plan.flush_nat()?;
+                self.marker(format!("flush NAT mappings ({n} routers)"));
+                (true, json!({"routers": n}))
+            }
+            Step::WaitDetected { deadline_secs, required, peer_removal } => {
+                let Some(poller) = &self.poller else {
+                    return Ok((true, json!({"skipped": "no membership view for this engine"})));
+                };
+                let _ = poller;
+                let from = self.events_checked;
+                let want_removal = *peer_removal;
+                let check = |c: &mut Ctx| -> bool {
+                    let live = c.nodes.live();
+                    c.poller.as_ref().unwrap().with(|s| {
+                        // A node restarted meanwhile has nothing left to detect.
+                        s.events[from..].iter().filter(|e| !live.contains(&e.node)).all(|e| {
+                            live.iter().filter(|o| **o != e.node).all(|o| {
+                                e.seen_down.contains_key(o) && (!want_removal || e.public_key.is_none() || e.peer_removed.contains_key(o))
+                            })
+                        })
+                    })
+                };
+                let ok = self.wait(*deadline_secs, check);
+                let live = self.nodes.live();
+                let evs: Vec<Value> = self.poller.as_ref().unwrap().with(|s| {
+                    s.events[from..]
+                        .iter()
+                        .map(|e| {
+                            let obs: Vec<usize> = live.iter().copied().filter(|o| *o != e.node).collect();
+                            let seen: Vec<f64> = obs.iter().filter_map(|o| e.seen_down.get(o).copied()).collect();
+                            let rem: Vec<f64> = obs.iter().filter_map(|o| e.peer_removed.get(o).copied()).collect();
+                            let mx = |v: &[f64]| v.iter().cloned().fold(f64::NAN, f64::max);
+                            if live.contains(&e.node) {
+                                return json!({"kind": e.kind, "node": e.node, "t": e.t, "restarted_before_detection": true});
+                            }
+                            json!({
+                                "kind": e.kind, "node": e.node, "t": e.t,
+                                "observers": obs.len(),
+                                "seen_down_by": seen.len(),
+                                "all_see_down_secs": if seen.len() == obs.len() && !obs.is_empty() { Some(mx(&seen) - e.t) } else { None },
+                                "peer_removed_by": rem.len(),
+                                "peer_removed_everywhere_secs": if rem.len() == obs.len() && !obs.is_empty() { Some(mx(&rem) - e.t) } else { None },
+                                "public_key_known": e.public_key.is_some(),
+                            })
+                        })
+                        .collect()
+                });
+                self.events_checked = self.poller.as_ref().unwrap().with(|s| s.events.len());
+                for e in evs.iter().filter(|e| e.get("restarted_before_detection").is_none()) {
+                    self.marker(format!(
+                        "detected {} n{}: all see it down after {}, WireGuard peer removed everywhere after {}",
+                        e["kind"].as_str().unwrap_or(""),
+                        e["node"],
+                        fmt_opt(e["all_see_down_secs"].as_f64()),
+                        fmt_opt(e["peer_removed_everywhere_secs"].as_f64())
+                    ));
+                }
+                self.failures.extend(evs.iter().cloned());
+                if !ok {
+                    let m = format!("step {idx} wait_detected: not complete within {deadline_secs}s");
+                    println!("  {m}");
+                    if *required {
+                        self.errors.push(m);
+                    }
+                }
+                (ok || !*required, json!({"events": evs, "complete": ok}))
+            }
+            Step::MeasureSteady { secs, with_pings } => {
+                if !*with_pings {
+                    self.pinger.set_paused(true);
+                    // let in-flight echoes drain
+                    self.wait(1.0, |_| false);
+                }
+                let live0 = self.nodes.live();
+                let snap = |c: &Ctx| -> Vec<(usize, f64, u64)> {
+                    let g: Vec<Option<u64>> = match &c.poller {
+                        Some(p) => p.with(|s| s.obs.iter().map(|o| o.as_ref().map(|o| o.gossip_sent + o.gossip_received)).collect()),
+                        None => vec![None; c.nodes.len()],
+                    };
+                    live0.iter().map(|&i| (i, c.nodes.cpu_secs(i), g[i].unwrap_or(0))).collect()
+                };
+                let a = snap(self);
+                let sent_a = self.pinger.with(|s| s.sent);
+                let self_a = sys::self_cpu_secs();
+                let ta = self.now();
+                let s = *secs;
+                self.wait(s, |_| false);
+                // one more sweep so gossip counters are fresh
+                let b = snap(self);
+                let dt = self.now() - ta;
+                let sent_b = self.pinger.with(|s| s.sent);
+                let mut cpu = vec![];
+                let mut gossip = vec![];
+                for ((i, ca, ga), (_, cb, gb)) in a.iter().zip(b.iter()) {
+                    if self.nodes.life[*i] == Life::Running {
+                        cpu.push((cb - ca) / dt * 100.0);
+                        gossip.push((gb.saturating_sub(*ga)) as f64 / dt);
+                    }
+                }
+                if !*with_pings {
+                    self.pinger.set_paused(false);
+                }
+                let r = json!({
+                    "secs": dt,
+                    "with_pings": *with_pings,
+                    "nodes": cpu.len(),
+                    "cpu_percent_per_node": stats(&cpu),
+                    "gossip_bytes_per_sec_per_node": if self.poller.is_some() { stats(&gossip) } else { Value::Null },
+                    "pinger_pps": (sent_b - sent_a) as f64 / dt,
+                    "testnet_cpu_percent": (sys::self_cpu_secs() - self_a) / dt * 100.0,
+                });
+                self.marker(format!(
+                    "steady state over {dt:.1}s: cpu/node mean {:.2}%, gossip/node mean {}",
+                    r["cpu_percent_per_node"]["mean"].as_f64().unwrap_or(f64::NAN),
+                    r["gossip_bytes_per_sec_per_node"]["mean"].as_f64().map(|g| format!("{g:.0} B/s")).unwrap_or_else(|| "n/a".into())
+                ));
+                self.steady = Some(r.clone());
+                (true, r)
+            }
+            Step::Churn { secs, every_secs } => {
+                let end = self.now() + secs;
+                let mut killed = vec![];
+                let mut joined = vec![];
+                while self.now() < end && !stopping() {
+                    let live = self.nodes.live();
+                    let k = self.select(&Select { count: Some(1), ..Default::default() }, &live);
+                    for &i in &k {
+                        self.stop_node(i, "kill")?;
+                        killed.push(i);
+                    }
+                    if self.next_slot < self.nodes.len() {
+                        let i = self.next_slot;
+                        self.next_slot += 1;
+                        self.start_node(i)?;
+                        joined.push(i);
+                    }
+                    self.marker(format!("churn: kill {:?}, join {:?}", k, joined.last()));
+                    let e = *every_secs;
+                    self.wait(e, |_| false);
+                }
+                (true, json!({"killed": killed, "joined": joined}))
+            }
+        })
+        .map(|(ok, mut r)| {
+            if let Value::Object(m) = &mut r {
+                m.insert("t_start".into(), json!(t_start));
+            }
+            (ok, r)
+        })
+    }
+}
+
+fn fmt_opt(v: Option<f64>) -> String {
+    match v {
+        Some(x) if x.is_finite() => format!("{x:.2}s"),
+        _ => "n/a".into(),
+    }
+}
+
+pub fn stats(v: &[f64]) -> Value {
+    if v.is_empty() {
+        return Value::Null;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let mean = s.iter().sum::<f64>() / s.len() as f64;
+    let q = |p: f64| s[((s.len() as f64 - 1.0) * p).round() as usize];
+    json!({"mean": mean, "p50": q(0.5), "p99": q(0.99), "max": q(1.0), "n": s.len()})
+}
+
+/// Runs the whole scenario with one engine.
+pub fn run_engine(engine: EngineKind, sc: &Scenario, plan: &Plan, pinger: &Pinger, work: &Path, bin: &Path, initial: usize) -> Result<EngineResult> {
+    let opts = DaemonOpts {
+        gossip_interval_ms: sc.nodes.gossip_interval_ms,
+        down_grace_secs: sc.nodes.down_grace_secs,
+        extra_args: sc.nodes.extra_args.clone(),
+        join_args: sc.nodes.join_args.clone(),
+        log: std::env::var("TESTNET_NODE_LOG").unwrap_or_else(|_| sc.nodes.log.clone()),
+    };
+    let nodes = Nodes::new(engine, plan, work, bin, opts)?;
+    pinger.reset();
+    let t0 = pinger.with(|s| s.t0);
+    let poller = match engine {
+        EngineKind::Meshpeer => Some(Poller::start(plan.nodes.len(), t0, Duration::from_millis(sc.measure.poll_interval_ms))),
+        EngineKind::Nebula => None,
+    };
+    let self_cpu0 = sys::self_cpu_secs();
+    let mut c = Ctx {
+        sc,
+        plan,
+        pinger,
+        nodes,
+        poller,
+        rng: rand::rngs::StdRng::seed_from_u64(sc.topology.seed ^ 0x5eed),
+        next_slot: initial,
+        mark: 0.0,
+        markers: vec![],
+        errors: vec![],
+        events_checked: 0,
+        first_convergence: None,
+        pair_classes: vec![],
+        failures: vec![],
+        steady: None,
+        crashes: vec![],
+    };
+    println!("== {} ({} nodes, {})", engine.as_str(), initial, sc.topology.kind);
+    let mut steps = vec![];
+    let res = (|| -> Result<()> {
+        c.start_node(0)?;
+        c.wait_seed()?;
+        c.marker("seed n0 up".into());
+        let stagger = if sc.nodes.start == "staggered" { sc.nodes.stagger_ms } else { 0 };
+        for i in 1..initial {
+            if stopping() {
+                bail!("interrupted");
+            }
+            c.start_node(i)?;
+            if stagger > 0 {
+                c.wait(stagger as f64 / 1000.0, |_| false);
+            }
+        }
+        c.marker(format!("all {initial} nodes started"));
+        for (idx, step) in sc.steps.iter().enumerate() {
+            if stopping() {
+                bail!("interrupted");
+            }
+            let t_start = c.now();
+            let (ok, result) = c.run_step(idx, step)?;
+            let t_end = c.now();
+            if step.disruptive() {
+                c.mark = c.pinger.set_mark();
+                if let Some(p) = &c.poller {
+                    p.mark_membership(c.mark);
+                }
+            }
+            steps.push(StepLog { index: idx, action: step.name().into(), t_start, t_end, ok, result });
+        }
+        Ok(())
+    })();
+    if let Err(e) = &res {
+        c.errors.push(format!("{e:#}"));
+        println!("  error: {e:#}");
+    }
+    // Final observations.
+    let live = c.nodes.live();
+    let (backend, paths, handshakes) = match &c.poller {
+        Some(p) => p.with(|s| {
+            let mut backend = None;
+            let (mut direct, mut relayed, mut hs, mut members) = (0, 0, 0, 0);
+            for &i in &live {
+                if let Some(o) = &s.obs[i] {
+                    backend = Some(o.backend.clone());
+                    direct += o.direct;
+                    relayed += o.relayed;
+                    hs += o.handshaken;
+                    members += o.members.len().saturating_sub(1);
+                }
+            }
+            let pairs = live.len() * live.len().saturating_sub(1);
+            (
+                backend,
+                json!({"ordered_pairs": pairs, "direct": direct, "relayed": relayed, "none": pairs.saturating_sub(direct + relayed), "source": "meshpeer status `path` of each member"}),
+                json!({"peers_with_handshake": hs, "peers_listed": members, "per_node_mean": if live.is_empty() {0.0} else {hs as f64 / live.len() as f64}}),
+            )
+        }),
+        None => (None, json!({"source": "not available for this engine"}), Value::Null),
+    };
+    let status_table = if engine == EngineKind::Meshpeer && c.nodes.life[0] == Life::Running {
+        c.nodes.status_table(0).ok()
+    } else if engine == EngineKind::Meshpeer {
+        live.first().and_then(|i| c.nodes.status_table(*i).ok())
+    } else {
+        None
+    };
+    let duration = c.now();
+    c.nodes.stop_all();
+    let started: Vec<usize> = (0..c.nodes.len()).filter(|i| c.nodes.started_once[*i]).collect();
+    let cpu: Vec<f64> = started.iter().map(|i| c.nodes.cpu_secs(*i)).collect();
+    let rss: Vec<f64> = started.iter().map(|i| c.nodes.peak_rss_kib(*i) as f64 / 1024.0).collect();
+    let overhead = json!({
+        "cpu_secs_per_node": stats(&cpu),
+        "cpu_secs_total": cpu.iter().sum::<f64>(),
+        "peak_rss_mib_per_node": stats(&rss),
+        "handshakes": handshakes,
+    });
+    let pstats = pinger.with(|s| json!({"sent": s.sent, "received": s.received, "send_errors": s.send_errors, "rate_cap_pps": s.rate, "retry_secs": s.retry, "keep_secs": s.keep, "reach_window_secs": s.window()}));
+    let mut pstats = pstats;
+    pstats["testnet_cpu_secs"] = json!(sys::self_cpu_secs() - self_cpu0);
+    pinger.set_paused(true);
+    let timeline = pinger.with(|s| s.samples.clone());
+    let ok = c.errors.is_empty();
+    Ok(EngineResult {
+        engine: engine.as_str().into(),
+        ok,
+        errors: c.errors,
+        backend,
+        steps,
+        convergence: c.first_convergence,
+        pair_classes: c.pair_classes,
+        failure_detection: c.failures,
+        steady: c.steady,
+        overhead,
+        paths,
+        pinger: pstats,
+        crashes: c.crashes,
+        markers: c.markers,
+        timeline,
+        status_table,
+        duration_secs: duration,
+    })
+}

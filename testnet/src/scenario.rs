@@ -1,0 +1,342 @@
+//! Scenario files (TOML): a topology, how nodes start, and a list of steps.
+//! See README.md ("Scenario files") for the format; every field but
+//! `name` and `topology.nodes` has a default.
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::topology::{Kind, Mix, TopoOptions};
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scenario {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    pub topology: TopoSection,
+    #[serde(default)]
+    pub nodes: NodesSection,
+    #[serde(default)]
+    pub measure: MeasureSection,
+    #[serde(default, rename = "step")]
+    pub steps: Vec<Step>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopoSection {
+    /// flat | nat | cgnat | symmetric | mixed
+    #[serde(default = "d_flat")]
+    pub kind: String,
+    /// Nodes started at the beginning (joiners come on top).
+    pub nodes: usize,
+    /// For `mixed`: weights, e.g. "public=20,nat=50,cgnat=20,symmetric=10".
+    #[serde(default)]
+    pub mix: Option<String>,
+    #[serde(default = "d_3")]
+    pub nodes_per_home: usize,
+    #[serde(default = "d_4")]
+    pub homes_per_cgnat: usize,
+    #[serde(default = "d_128")]
+    pub hosts_per_isp: usize,
+    #[serde(default)]
+    pub udp_timeout_secs: Option<u32>,
+    #[serde(default)]
+    pub udp_stream_timeout_secs: Option<u32>,
+    #[serde(default = "d_1")]
+    pub seed: u64,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodesSection {
+    /// "all" (every node at once) or "staggered" (one every stagger_ms).
+    #[serde(default = "d_all")]
+    pub start: String,
+    #[serde(default = "d_200")]
+    pub stagger_ms: u64,
+    #[serde(default = "d_network")]
+    pub network: String,
+    #[serde(default)]
+    pub gossip_interval_ms: Option<u64>,
+    #[serde(default)]
+    pub down_grace_secs: Option<u64>,
+    /// More flags for `meshpeer up/join`.
+    #[serde(default)]
+    pub extra_args: Vec<String>,
+    /// More flags for `meshpeer join` only (e.g. ["--join-timeout-secs", "120"]).
+    #[serde(default)]
+    pub join_args: Vec<String>,
+    /// RUST_LOG for the daemons.
+    #[serde(default = "d_log")]
+    pub log: String,
+}
+
+impl Default for NodesSection {
+    fn default() -> Self {
+        toml::from_str("").unwrap()
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MeasureSection {
+    /// Echo requests per second, all pairs together.
+    #[serde(default = "d_rate")]
+    pub ping_rate: f64,
+    /// Measure the pinger on the bare underlay first.
+    #[serde(default = "d_true")]
+    pub floor: bool,
+    /// Least time between two status sweeps over all nodes.
+    #[serde(default = "d_1000")]
+    pub poll_interval_ms: u64,
+}
+
+impl Default for MeasureSection {
+    fn default() -> Self {
+        toml::from_str("").unwrap()
+    }
+}
+
+/// Which nodes a step acts on. Empty = one random eligible node.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+pub struct Select {
+    /// Explicit node indices.
+    #[serde(default)]
+    pub nodes: Vec<usize>,
+    /// This many random eligible nodes (never the seed unless `seed`).
+    #[serde(default)]
+    pub count: Option<usize>,
+    /// The seed (node 0).
+    #[serde(default)]
+    pub seed: bool,
+    /// Only nodes of this kind.
+    #[serde(default)]
+    pub kind: Option<Kind>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(tag = "action", rename_all = "snake_case")]
+pub enum Step {
+    /// Wait until every ordered pair of live nodes got a ping reply since the
+    /// last disruptive step (and, with `membership`, every node lists every
+    /// other). `required`: the run fails when the deadline passes.
+    WaitConverged {
+        deadline_secs: f64,
+        #[serde(default)]
+        required: bool,
+        #[serde(default = "d_true")]
+        membership: bool,
+        /// Count from this step instead of the last disruptive one: "is the
+        /// mesh (still) whole now?"
+        #[serde(default)]
+        fresh: bool,
+    },
+    Sleep { secs: f64 },
+    /// SIGKILL.
+    Kill {
+        #[serde(flatten)]
+        select: Select,
+    },
+    /// Graceful leave (`meshpeer leave`).
+    Leave {
+        #[serde(flatten)]
+        select: Select,
+    },
+    /// Restart killed/left nodes with their state (`meshpeer up`).
+    Restart {
+        #[serde(flatten)]
+        select: Select,
+    },
+    /// Start new nodes (they join through the seed).
+    Join {
+        count: usize,
+        #[serde(default)]
+        stagger_ms: u64,
+    },
+    /// Cut the internet in two halves.
+    Partition,
+    Heal,
+    /// Forget every NAT mapping (conntrack -F in every NAT router).
+    FlushNat,
+    /// Wait until every kill/leave so far is seen (down or gone) by every
+    /// live node and its WireGuard peer is removed everywhere.
+    WaitDetected {
+        deadline_secs: f64,
+        #[serde(default)]
+        required: bool,
+        /// Also wait for WireGuard peer removal (after --down-grace-secs for a kill).
+        #[serde(default = "d_true")]
+        peer_removal: bool,
+    },
+    /// Measure gossip bytes and CPU over a quiet window. The pinger pauses
+    /// (so its echo traffic does not count as the daemons' own load) unless
+    /// `with_pings`.
+    MeasureSteady {
+        secs: f64,
+        #[serde(default)]
+        with_pings: bool,
+    },
+    /// For `secs`: every `every_secs` kill one random node and join a new one.
+    Churn { secs: f64, every_secs: f64 },
+}
+
+impl Step {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Step::WaitConverged { .. } => "wait_converged",
+            Step::Sleep { .. } => "sleep",
+            Step::Kill { .. } => "kill",
+            Step::Leave { .. } => "leave",
+            Step::Restart { .. } => "restart",
+            Step::Join { .. } => "join",
+            Step::Partition => "partition",
+            Step::Heal => "heal",
+            Step::FlushNat => "flush_nat",
+            Step::WaitDetected { .. } => "wait_detected",
+            Step::MeasureSteady { .. } => "measure_steady",
+            Step::Churn { .. } => "churn",
+        }
+    }
+    /// Does this step change the mesh (and so reset the convergence mark)?
+    pub fn disruptive(&self) -> bool {
+        !matches!(self, Step::WaitConverged { .. } | Step::Sleep { .. } | Step::WaitDetected { .. } | Step::MeasureSteady { .. })
+    }
+}
+
+fn d_flat() -> String {
+    "flat".into()
+}
+fn d_all() -> String {
+    "all".into()
+}
+fn d_network() -> String {
+    "10.77.0.0/16".into()
+}
+fn d_log() -> String {
+    "info".into()
+}
+fn d_1() -> u64 {
+    1
+}
+fn d_3() -> usize {
+    3
+}
+fn d_4() -> usize {
+    4
+}
+fn d_128() -> usize {
+    128
+}
+fn d_200() -> u64 {
+    200
+}
+fn d_1000() -> u64 {
+    1000
+}
+fn d_rate() -> f64 {
+    2000.0
+}
+fn d_true() -> bool {
+    true
+}
+
+impl Scenario {
+    pub fn load(path: &Path) -> Result<Scenario> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let s: Scenario = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        s.validate()?;
+        Ok(s)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.topology.nodes < 2 {
+            bail!("topology.nodes must be at least 2");
+        }
+        if !matches!(self.nodes.start.as_str(), "all" | "staggered") {
+            bail!("nodes.start must be \"all\" or \"staggered\"");
+        }
+        self.topo_options()?.mix_for_kind()?;
+        Ok(())
+    }
+
+    /// Node slots the run needs: initial nodes plus every joiner.
+    pub fn slots(&self) -> usize {
+        let mut n = self.topology.nodes;
+        for s in &self.steps {
+            match s {
+                Step::Join { count, .. } => n += count,
+                Step::Churn { secs, every_secs } => n += (secs / every_secs.max(0.1)).ceil() as usize + 1,
+                _ => {}
+            }
+        }
+        n
+    }
+
+    pub fn topo_options(&self) -> Result<TopoOptions> {
+        let t = &self.topology;
+        let mix = match &t.mix {
+            Some(m) => Mix::parse(m)?,
+            None => Mix::parse("public=20,nat=50,cgnat=20,symmetric=10")?,
+        };
+        Ok(TopoOptions {
+            kind: t.kind.clone(),
+            mix,
+            slots: self.slots(),
+            nodes_per_home: t.nodes_per_home,
+            homes_per_cgnat: t.homes_per_cgnat,
+            hosts_per_isp: t.hosts_per_isp,
+            udp_timeout_secs: t.udp_timeout_secs,
+            udp_stream_timeout_secs: t.udp_stream_timeout_secs,
+            seed: t.seed,
+            home_size_exact: false,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_scenarios_parse() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios");
+        let mut n = 0;
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().map(|x| x == "toml").unwrap_or(false) {
+                Scenario::load(&p).unwrap_or_else(|e| panic!("{}: {e:#}", p.display()));
+                n += 1;
+            }
+        }
+        assert!(n >= 6, "expected the shipped scenarios in {}", dir.display());
+    }
+
+    #[test]
+    fn steps_parse() {
+        let s: Scenario = toml::from_str(
+            r#"
+name = "x"
+[topology]
+nodes = 5
+[[step]]
+action = "wait_converged"
+deadline_secs = 10
+[[step]]
+action = "kill"
+count = 2
+[[step]]
+action = "join"
+count = 3
+[[step]]
+action = "partition"
+"#,
+        )
+        .unwrap();
+        assert_eq!(s.steps.len(), 4);
+        assert_eq!(s.slots(), 8);
+        assert!(matches!(s.steps[1], Step::Kill { ref select } if select.count == Some(2)));
+    }
+}
