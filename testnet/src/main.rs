@@ -40,7 +40,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run a scenario and write report.json, summary.txt and reachability.svg.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Check each emulated NAT kind's mapping and filtering with real UDP packets.
     ProbeNat {
         /// Only this kind (public, nat, cgnat, symmetric); default all.
@@ -129,7 +129,7 @@ struct RunArgs {
 fn main() {
     let cli = Cli::parse();
     let r = match cli.cmd {
-        Cmd::Run(a) => cmd_run(a),
+        Cmd::Run(a) => cmd_run(*a),
         Cmd::ProbeNat { kind, json } => cmd_probe(kind, json),
         Cmd::Cleanup { all } => cmd_cleanup(all),
         Cmd::Topo { nodes, topology, mix, ping_rate, hold } => cmd_topo(nodes, &topology, mix, ping_rate, hold),

@@ -385,6 +385,9 @@ fn run_loop(state: Arc<Mutex<State>>, stop: Arc<AtomicBool>) {
                 s.pairs[idx].last_sent = now;
                 budget -= 1.0;
             }
+            if next_sample > now + 1.0 {
+                next_sample = now; // the clock was reset (a new engine run)
+            }
             if now >= next_sample && !s.paused && now - s.resumed_at >= window {
                 s.sample();
                 next_sample = now + 0.5;

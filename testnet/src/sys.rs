@@ -139,7 +139,7 @@ pub fn ip_batch_force(cmds: &str) {
 /// Applies an nftables ruleset inside namespace `ns`.
 pub fn nft_in(ns: &str, ruleset: &str) -> Result<()> {
     let rs = ruleset.to_string();
-    in_netns(ns, move || run_input(&mut Command::new("nft").args(["-f", "-"]), &rs).map(|_| ()))
+    in_netns(ns, move || run_input(Command::new("nft").args(["-f", "-"]), &rs).map(|_| ()))
 }
 
 /// Runs a program inside namespace `ns` and returns its stdout.

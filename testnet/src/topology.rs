@@ -273,7 +273,7 @@ impl Plan {
         }
         let mut kinds: Vec<Kind> = vec![];
         for (k, n, _) in &quota {
-            kinds.extend(std::iter::repeat(*k).take(*n));
+            kinds.extend(std::iter::repeat_n(*k, *n));
         }
         kinds.shuffle(&mut rng);
         kinds.insert(0, Kind::Public);
