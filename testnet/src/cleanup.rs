@@ -44,7 +44,10 @@ pub fn new_prefix() -> String {
     loop {
         let p = format!("tn{:04x}-", rand::random::<u16>());
         let taken = std::fs::read_dir("/run/netns")
-            .map(|d| d.flatten().any(|e| e.file_name().to_string_lossy().starts_with(&p)))
+            .map(|d| {
+                d.flatten()
+                    .any(|e| e.file_name().to_string_lossy().starts_with(&p))
+            })
             .unwrap_or(false)
             || registry_file(&p).exists();
         if !taken {
@@ -55,7 +58,10 @@ pub fn new_prefix() -> String {
 
 pub fn is_prefix(s: &str) -> bool {
     let b = s.as_bytes();
-    b.len() == 7 && s.starts_with("tn") && b[6] == b'-' && s[2..6].chars().all(|c| c.is_ascii_hexdigit())
+    b.len() == 7
+        && s.starts_with("tn")
+        && b[6] == b'-'
+        && s[2..6].chars().all(|c| c.is_ascii_hexdigit())
 }
 
 pub fn work_dir(prefix: &str) -> PathBuf {
@@ -69,7 +75,14 @@ fn registry_file(prefix: &str) -> PathBuf {
 /// Records that this process owns `prefix`.
 pub fn register(prefix: &str) -> Result<()> {
     std::fs::create_dir_all(REGISTRY)?;
-    std::fs::write(registry_file(prefix), format!("{}\n{}\n", std::process::id(), proc_start(std::process::id()).unwrap_or_default()))?;
+    std::fs::write(
+        registry_file(prefix),
+        format!(
+            "{}\n{}\n",
+            std::process::id(),
+            proc_start(std::process::id()).unwrap_or_default()
+        ),
+    )?;
     Ok(())
 }
 
@@ -81,9 +94,14 @@ fn proc_start(pid: u32) -> Option<String> {
 
 /// Running, not a zombie (a `kill -9`ed testnet stays a zombie until reaped).
 fn proc_alive(pid: u32) -> bool {
-    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
+    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
     let Some(i) = s.rfind(')') else { return false };
-    !matches!(s[i + 1..].trim_start().chars().next(), Some('Z' | 'X') | None)
+    !matches!(
+        s[i + 1..].trim_start().chars().next(),
+        Some('Z' | 'X') | None
+    )
 }
 
 /// Prefixes registered by a process that is still alive.
@@ -92,7 +110,9 @@ fn live_runs() -> HashSet<String> {
     if let Ok(d) = std::fs::read_dir(REGISTRY) {
         for e in d.flatten() {
             let name = e.file_name().to_string_lossy().to_string();
-            let Some(p) = name.strip_suffix(".pid") else { continue };
+            let Some(p) = name.strip_suffix(".pid") else {
+                continue;
+            };
             let text = std::fs::read_to_string(e.path()).unwrap_or_default();
             let mut l = text.lines();
             let pid: u32 = l.next().and_then(|x| x.trim().parse().ok()).unwrap_or(0);
@@ -181,7 +201,10 @@ fn ns_id(path: &std::path::Path) -> Option<(u64, u64)> {
 
 /// PIDs of processes living in one of the given namespaces.
 pub fn pids_in_namespaces(names: &[String]) -> Vec<u32> {
-    let ids: HashSet<(u64, u64)> = names.iter().filter_map(|n| ns_id(&sys::netns_path(n))).collect();
+    let ids: HashSet<(u64, u64)> = names
+        .iter()
+        .filter_map(|n| ns_id(&sys::netns_path(n)))
+        .collect();
     if ids.is_empty() {
         return vec![];
     }
@@ -189,7 +212,9 @@ pub fn pids_in_namespaces(names: &[String]) -> Vec<u32> {
     let mut pids = vec![];
     if let Ok(d) = std::fs::read_dir("/proc") {
         for e in d.flatten() {
-            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
             if pid == me {
                 continue;
             }

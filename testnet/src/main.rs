@@ -31,7 +31,10 @@ use crate::nodes::EngineKind;
 use crate::topology::{Kind, Mix, Plan};
 
 #[derive(Parser)]
-#[command(name = "testnet", about = "meshpeer at scale: real namespaces, real NATs, real packets")]
+#[command(
+    name = "testnet",
+    about = "meshpeer at scale: real namespaces, real NATs, real packets"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -132,7 +135,13 @@ fn main() {
         Cmd::Run(a) => cmd_run(*a),
         Cmd::ProbeNat { kind, json } => cmd_probe(kind, json),
         Cmd::Cleanup { all } => cmd_cleanup(all),
-        Cmd::Topo { nodes, topology, mix, ping_rate, hold } => cmd_topo(nodes, &topology, mix, ping_rate, hold),
+        Cmd::Topo {
+            nodes,
+            topology,
+            mix,
+            ping_rate,
+            hold,
+        } => cmd_topo(nodes, &topology, mix, ping_rate, hold),
     };
     match r {
         Ok(0) => {}
@@ -165,7 +174,10 @@ fn cmd_cleanup(all: bool) -> Result<i32> {
         println!("nothing to clean up");
     }
     for (p, st) in done {
-        println!("{p}*: removed {} namespaces, killed {} processes, removed {} files/dirs", st.namespaces, st.processes, st.files);
+        println!(
+            "{p}*: removed {} namespaces, killed {} processes, removed {} files/dirs",
+            st.namespaces, st.processes, st.files
+        );
     }
     Ok(0)
 }
@@ -175,13 +187,24 @@ fn cmd_probe(kind: Option<String>, as_json: bool) -> Result<i32> {
     cleanup::cleanup_stale(false);
     let kinds: Vec<Kind> = match kind.as_deref() {
         None => Kind::ALL.to_vec(),
-        Some(k) => vec![*Kind::ALL.iter().find(|x| x.as_str() == k).with_context(|| format!("unknown kind {k}"))?],
+        Some(k) => vec![*Kind::ALL
+            .iter()
+            .find(|x| x.as_str() == k)
+            .with_context(|| format!("unknown kind {k}"))?],
     };
     // One run at a time would take ~4 x 7 s (the expiry check waits); each
     // probe has its own prefix, so they run side by side.
     let results: Vec<Result<probe::ProbeResult>> = std::thread::scope(|s| {
-        let hs: Vec<_> = kinds.iter().map(|k| s.spawn(move || probe::probe(*k))).collect();
-        hs.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("probe panicked")))).collect()
+        let hs: Vec<_> = kinds
+            .iter()
+            .map(|k| s.spawn(move || probe::probe(*k)))
+            .collect();
+        hs.into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("probe panicked")))
+            })
+            .collect()
     });
     let mut ok = true;
     let mut out = vec![];
@@ -193,9 +216,24 @@ fn cmd_probe(kind: Option<String>, as_json: bool) -> Result<i32> {
     if as_json {
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
-        println!("{:<10} {:<22} {:<4} {:<9} {:<9} {:<8} {:<7} {:<7} {:<6} result", "kind", "mapped (A, A', B)", "EIM", "port kept", "filtered", "hairpin", "expires", "flushed", "secs");
+        println!(
+            "{:<10} {:<22} {:<4} {:<9} {:<9} {:<8} {:<7} {:<7} {:<6} result",
+            "kind",
+            "mapped (A, A', B)",
+            "EIM",
+            "port kept",
+            "filtered",
+            "hairpin",
+            "expires",
+            "flushed",
+            "secs"
+        );
         for r in &out {
-            let ports: Vec<String> = r.mapped.iter().map(|m| m.rsplit(':').next().unwrap_or("").to_string()).collect();
+            let ports: Vec<String> = r
+                .mapped
+                .iter()
+                .map(|m| m.rsplit(':').next().unwrap_or("").to_string())
+                .collect();
             println!(
                 "{:<10} {:<22} {:<4} {:<9} {:<9} {:<8} {:<7} {:<7} {:<6.1} {}",
                 r.kind,
@@ -207,7 +245,11 @@ fn cmd_probe(kind: Option<String>, as_json: bool) -> Result<i32> {
                 yn(r.mapping_expires),
                 yn(r.flush_forgets_mapping),
                 r.secs,
-                if r.ok { "OK".to_string() } else { format!("FAIL: {}", r.failures.join("; ")) }
+                if r.ok {
+                    "OK".to_string()
+                } else {
+                    format!("FAIL: {}", r.failures.join("; "))
+                }
             );
         }
     }
@@ -233,7 +275,9 @@ fn measure_floor(plan: &Plan, pinger: &pinger::Pinger, nodes: usize) -> serde_js
         }
     }
     let cpu0 = sys::self_cpu_secs();
-    let publics: Vec<usize> = (0..nodes).filter(|i| plan.nodes[*i].kind == Kind::Public).collect();
+    let publics: Vec<usize> = (0..nodes)
+        .filter(|i| plan.nodes[*i].kind == Kind::Public)
+        .collect();
     let total = nodes * publics.len() - publics.len();
     let count = |s: &pinger::State| -> usize {
         let mut d = 0;
@@ -266,7 +310,11 @@ fn measure_floor(plan: &Plan, pinger: &pinger::Pinger, nodes: usize) -> serde_js
             for i in 0..nodes {
                 for &j in &publics {
                     if i != j && s.pair(i, j).first_reply > 0.5 {
-                        eprintln!("slow floor pair n{i}({:?}) -> n{j}: first reply {:.3}", plan.nodes[i].kind, s.pair(i, j).first_reply);
+                        eprintln!(
+                            "slow floor pair n{i}({:?}) -> n{j}: first reply {:.3}",
+                            plan.nodes[i].kind,
+                            s.pair(i, j).first_reply
+                        );
                     }
                 }
             }
@@ -285,11 +333,16 @@ fn cmd_topo(nodes: usize, kind: &str, mix: Option<String>, rate: f64, hold: bool
     let prefix = cleanup::new_prefix();
     cleanup::register(&prefix)?;
     cleanup::install_signal_cleanup(&prefix)?;
-    let _guard = cleanup::RunGuard { prefix: prefix.clone() };
+    let _guard = cleanup::RunGuard {
+        prefix: prefix.clone(),
+    };
     cleanup::raise_host_sysctls()?;
     let opts = topology::TopoOptions {
         kind: kind.into(),
-        mix: Mix::parse(mix.as_deref().unwrap_or("public=20,nat=50,cgnat=20,symmetric=10"))?,
+        mix: Mix::parse(
+            mix.as_deref()
+                .unwrap_or("public=20,nat=50,cgnat=20,symmetric=10"),
+        )?,
         slots: nodes,
         nodes_per_home: 3,
         homes_per_cgnat: 4,
@@ -301,7 +354,10 @@ fn cmd_topo(nodes: usize, kind: &str, mix: Option<String>, rate: f64, hold: bool
     };
     let plan = Plan::new(&prefix, &opts)?;
     let build = plan.build()?;
-    println!("built {} ({} namespaces, {} veth pairs) in {build:.2}s", prefix, plan.counts.namespaces, plan.counts.veth_pairs);
+    println!(
+        "built {} ({} namespaces, {} veth pairs) in {build:.2}s",
+        prefix, plan.counts.namespaces, plan.counts.veth_pairs
+    );
     println!("{}", serde_json::to_string(&plan.counts)?);
     let ns: Vec<String> = plan.nodes.iter().map(|n| n.ns.clone()).collect();
     let pinger = pinger::Pinger::start(&ns, rate)?;
@@ -359,11 +415,17 @@ fn cmd_run(a: RunArgs) -> Result<i32> {
         sc.nodes.gossip_interval_ms = Some(v);
     }
     if let Some(v) = a.join_timeout_secs {
-        sc.nodes.join_args.extend(["--join-timeout-secs".to_string(), v.to_string()]);
+        sc.nodes
+            .join_args
+            .extend(["--join-timeout-secs".to_string(), v.to_string()]);
     }
     sc.validate()?;
     let mut progs = vec!["ip", "nft"];
-    if sc.steps.iter().any(|s| matches!(s, scenario::Step::FlushNat)) {
+    if sc
+        .steps
+        .iter()
+        .any(|s| matches!(s, scenario::Step::FlushNat))
+    {
         progs.push("conntrack");
     }
     preflight(&progs)?;
@@ -386,13 +448,24 @@ fn cmd_run(a: RunArgs) -> Result<i32> {
     let prefix = cleanup::new_prefix();
     cleanup::register(&prefix)?;
     cleanup::install_signal_cleanup(&prefix)?;
-    let guard = cleanup::RunGuard { prefix: prefix.clone() };
+    let guard = cleanup::RunGuard {
+        prefix: prefix.clone(),
+    };
     cleanup::raise_host_sysctls()?;
     let work = cleanup::work_dir(&prefix);
     std::fs::create_dir_all(&work)?;
-    let out = a.out.clone().unwrap_or_else(|| PathBuf::from("target/testnet").join(format!("{}-{}", sc.name, prefix.trim_end_matches('-'))));
+    let out = a.out.clone().unwrap_or_else(|| {
+        PathBuf::from("target/testnet").join(format!(
+            "{}-{}",
+            sc.name,
+            prefix.trim_end_matches('-')
+        ))
+    });
     let command: String = std::env::args().collect::<Vec<_>>().join(" ");
-    let started_unix = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let started_unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
 
     let topts = sc.topo_options()?;
     let plan = Plan::new(&prefix, &topts)?;
@@ -401,7 +474,10 @@ fn cmd_run(a: RunArgs) -> Result<i32> {
         sc.name, sc.topology.nodes, topts.slots, sc.topology.kind, plan.counts.public, plan.counts.nat, plan.counts.cgnat, plan.counts.symmetric
     );
     let build_secs = plan.build()?;
-    println!("topology: {} namespaces, {} veth pairs, built in {build_secs:.2}s", plan.counts.namespaces, plan.counts.veth_pairs);
+    println!(
+        "topology: {} namespaces, {} veth pairs, built in {build_secs:.2}s",
+        plan.counts.namespaces, plan.counts.veth_pairs
+    );
     let ns: Vec<String> = plan.nodes.iter().map(|n| n.ns.clone()).collect();
     let pinger = pinger::Pinger::start(&ns, sc.measure.ping_rate)?;
     let floor = if sc.measure.floor && !a.no_floor {
@@ -482,7 +558,9 @@ fn copy_dir(from: &Path, to: &Path) {
 }
 
 fn machine() -> serde_json::Value {
-    let mem = std::fs::read_to_string("/proc/meminfo").ok().and_then(|s| s.lines().next().map(|l| l.to_string()));
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| s.lines().next().map(|l| l.to_string()));
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     json!({
         "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),

@@ -87,7 +87,13 @@ pub struct Nodes {
 }
 
 impl Nodes {
-    pub fn new(engine: EngineKind, plan: &Plan, work: &Path, bin: &Path, opts: DaemonOpts) -> Result<Nodes> {
+    pub fn new(
+        engine: EngineKind,
+        plan: &Plan,
+        work: &Path,
+        bin: &Path,
+        opts: DaemonOpts,
+    ) -> Result<Nodes> {
         let n = plan.nodes.len();
         let work = work.join(engine.as_str());
         std::fs::create_dir_all(work.join("logs"))?;
@@ -134,7 +140,9 @@ impl Nodes {
     }
 
     pub fn live(&self) -> Vec<usize> {
-        (0..self.len()).filter(|i| self.life[*i] == Life::Running).collect()
+        (0..self.len())
+            .filter(|i| self.life[*i] == Life::Running)
+            .collect()
     }
 
     pub fn pid(&self, i: usize) -> Option<u32> {
@@ -151,7 +159,10 @@ impl Nodes {
 
     fn command(&self, i: usize, args: &[String]) -> Result<Command> {
         let fd = sys::open_netns(&self.ns[i])?;
-        let log = OpenOptions::new().create(true).append(true).open(self.log_path(i))?;
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path(i))?;
         let prog = match self.engine {
             EngineKind::Meshpeer => self.bin.clone(),
             EngineKind::Nebula => PathBuf::from("nebula"),
@@ -201,27 +212,57 @@ impl Nodes {
             return Ok(());
         }
         let args: Vec<String> = match self.engine {
-            EngineKind::Nebula => vec!["-config".into(), self.nebula_dir.join(format!("n{i}.yml")).display().to_string()],
+            EngineKind::Nebula => vec![
+                "-config".into(),
+                self.nebula_dir
+                    .join(format!("n{i}.yml"))
+                    .display()
+                    .to_string(),
+            ],
             EngineKind::Meshpeer => {
                 let sd = self.state_dir(i).display().to_string();
                 let mut a: Vec<String>;
                 if self.started_once[i] {
-                    a = vec!["up".into(), "--state-dir".into(), sd, "--interface".into(), self.ifname(i)];
+                    a = vec![
+                        "up".into(),
+                        "--state-dir".into(),
+                        sd,
+                        "--interface".into(),
+                        self.ifname(i),
+                    ];
                 } else if i == 0 {
-                    let mut c = self.command(0, &[
-                        "init".into(), "--network".into(), network.into(), "--state-dir".into(), sd.clone(), "--name".into(), "n0".into(),
-                    ])?;
+                    let mut c = self.command(
+                        0,
+                        &[
+                            "init".into(),
+                            "--network".into(),
+                            network.into(),
+                            "--state-dir".into(),
+                            sd.clone(),
+                            "--name".into(),
+                            "n0".into(),
+                        ],
+                    )?;
                     c.stdout(Stdio::piped());
                     let out = c.output().context("meshpeer init")?;
                     if !out.status.success() {
-                        bail!("meshpeer init failed: {}", String::from_utf8_lossy(&out.stderr));
+                        bail!(
+                            "meshpeer init failed: {}",
+                            String::from_utf8_lossy(&out.stderr)
+                        );
                     }
                     let token = String::from_utf8_lossy(&out.stdout).trim().to_string();
                     if token.is_empty() {
                         bail!("meshpeer init printed no token");
                     }
                     std::fs::write(&self.token_file, token)?;
-                    a = vec!["up".into(), "--state-dir".into(), sd, "--interface".into(), self.ifname(0)];
+                    a = vec![
+                        "up".into(),
+                        "--state-dir".into(),
+                        sd,
+                        "--interface".into(),
+                        self.ifname(0),
+                    ];
                 } else {
                     a = vec![
                         "join".into(),
@@ -241,7 +282,10 @@ impl Nodes {
                 a
             }
         };
-        let child = self.command(i, &args)?.spawn().with_context(|| format!("spawning node {i}"))?;
+        let child = self
+            .command(i, &args)?
+            .spawn()
+            .with_context(|| format!("spawning node {i}"))?;
         let pid = child.id();
         self.procs[i] = Some(Proc { child, pid });
         self.life[i] = Life::Running;
@@ -279,7 +323,9 @@ impl Nodes {
 
     /// Graceful leave (`meshpeer leave`; nebula: SIGTERM), then waits for exit.
     pub fn leave(&mut self, i: usize) -> Result<()> {
-        let Some(pid) = self.pid(i) else { bail!("node {i} is not running") };
+        let Some(pid) = self.pid(i) else {
+            bail!("node {i} is not running")
+        };
         let cpu = sys::proc_cpu_secs(pid).unwrap_or(0.0);
         let hwm = sys::proc_hwm_kib(pid).unwrap_or(0);
         match self.engine {
@@ -291,7 +337,10 @@ impl Nodes {
                     .output()
                     .context("meshpeer leave")?;
                 if !out.status.success() {
-                    eprintln!("  meshpeer leave n{i}: {}", String::from_utf8_lossy(&out.stderr).trim());
+                    eprintln!(
+                        "  meshpeer leave n{i}: {}",
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    );
                 }
             }
             EngineKind::Nebula => {
@@ -391,8 +440,15 @@ impl Nodes {
 
     /// `meshpeer status` table of node i (via the CLI, as a user sees it).
     pub fn status_table(&self, i: usize) -> Result<String> {
-        let out = Command::new(&self.bin).args(["status", "--state-dir"]).arg(self.state_dir(i)).output()?;
-        Ok(format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+        let out = Command::new(&self.bin)
+            .args(["status", "--state-dir"])
+            .arg(self.state_dir(i))
+            .output()?;
+        Ok(format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
     }
 
     // ---------------- nebula ----------------
@@ -405,13 +461,27 @@ impl Nodes {
         }
         let d = self.nebula_dir.clone();
         std::fs::create_dir_all(&d)?;
-        sys::run(Command::new("nebula-cert").current_dir(&d).args(["ca", "-name", "meshpeer-testnet", "-duration", "48h"]))?;
+        sys::run(Command::new("nebula-cert").current_dir(&d).args([
+            "ca",
+            "-name",
+            "meshpeer-testnet",
+            "-duration",
+            "48h",
+        ]))?;
         let n = self.len();
         let idx: Vec<usize> = (0..n).collect();
         sys::par_for(&idx, 2, |&i| {
             let ip = format!("{}/16", nebula_ip(i));
             sys::run(Command::new("nebula-cert").current_dir(&d).args([
-                "sign", "-name", &format!("n{i}"), "-ip", &ip, "-out-crt", &format!("n{i}.crt"), "-out-key", &format!("n{i}.key"),
+                "sign",
+                "-name",
+                &format!("n{i}"),
+                "-ip",
+                &ip,
+                "-out-crt",
+                &format!("n{i}.crt"),
+                "-out-key",
+                &format!("n{i}.key"),
             ]))
             .map(|_| ())
         })?;
@@ -495,7 +565,9 @@ pub fn uapi_peers(ifname: &str) -> Option<Vec<String>> {
 }
 
 fn hex_to_b64(h: &str) -> Option<String> {
-    let bytes: Option<Vec<u8>> = (0..h.len() / 2).map(|i| u8::from_str_radix(h.get(2 * i..2 * i + 2)?, 16).ok()).collect();
+    let bytes: Option<Vec<u8>> = (0..h.len() / 2)
+        .map(|i| u8::from_str_radix(h.get(2 * i..2 * i + 2)?, 16).ok())
+        .collect();
     Some(b64(&bytes?))
 }
 

@@ -43,7 +43,15 @@ pub struct PairStat {
 
 impl Default for PairStat {
     fn default() -> Self {
-        PairStat { since: 0.0, first_reply: NONE, last_reply: NONE, last_sent: NONE, rtt_sum: 0.0, replies: 0, first_since_mark: NONE }
+        PairStat {
+            since: 0.0,
+            first_reply: NONE,
+            last_reply: NONE,
+            last_sent: NONE,
+            rtt_sum: 0.0,
+            replies: 0,
+            first_since_mark: NONE,
+        }
     }
 }
 
@@ -153,7 +161,12 @@ impl State {
             }
         }
         let l = live.len();
-        self.samples.push(Sample { t: now, live: l, expected: l * l.saturating_sub(1), reachable: reach });
+        self.samples.push(Sample {
+            t: now,
+            live: l,
+            expected: l * l.saturating_sub(1),
+            reachable: reach,
+        });
     }
 }
 
@@ -174,7 +187,11 @@ fn open_sockets(namespaces: &[String]) -> Result<Vec<OwnedFd>> {
             sys::setns_fd(&f)?;
             // SAFETY: plain socket(2).
             let fd = unsafe {
-                libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, libc::IPPROTO_ICMP)
+                libc::socket(
+                    libc::AF_INET,
+                    libc::SOCK_DGRAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                    libc::IPPROTO_ICMP,
+                )
             };
             let err = std::io::Error::last_os_error();
             sys::setns_fd(&home)?;
@@ -186,7 +203,13 @@ fn open_sockets(namespaces: &[String]) -> Result<Vec<OwnedFd>> {
             let big: libc::c_int = 1 << 20;
             // SAFETY: valid fd and option pointer.
             unsafe {
-                libc::setsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUF, &big as *const _ as *const libc::c_void, 4);
+                libc::setsockopt(
+                    fd.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVBUF,
+                    &big as *const _ as *const libc::c_void,
+                    4,
+                );
             }
             out.push(fd);
         }
@@ -200,7 +223,15 @@ impl Pinger {
     /// `namespaces[i]` is node i's namespace.
     pub fn start(namespaces: &[String], rate: f64) -> Result<Pinger> {
         let fds = open_sockets(namespaces)?;
-        let nodes: Vec<PNode> = fds.into_iter().map(|fd| PNode { fd: Some(fd), active: false, addr: None, target: true }).collect();
+        let nodes: Vec<PNode> = fds
+            .into_iter()
+            .map(|fd| PNode {
+                fd: Some(fd),
+                active: false,
+                addr: None,
+                target: true,
+            })
+            .collect();
         let n = nodes.len();
         let state = Arc::new(Mutex::new(State {
             t0: Instant::now(),
@@ -218,8 +249,14 @@ impl Pinger {
         }));
         let stop = Arc::new(AtomicBool::new(false));
         let (s2, st2) = (state.clone(), stop.clone());
-        let thread = std::thread::Builder::new().name("pinger".into()).spawn(move || run_loop(s2, st2))?;
-        Ok(Pinger { state, stop, thread: Some(thread) })
+        let thread = std::thread::Builder::new()
+            .name("pinger".into())
+            .spawn(move || run_loop(s2, st2))?;
+        Ok(Pinger {
+            state,
+            stop,
+            thread: Some(thread),
+        })
     }
 
     /// Forgets everything and restarts the clock (a new engine run).
@@ -255,7 +292,10 @@ impl Pinger {
         s.nodes[i].target = true;
         for j in 0..n {
             for idx in [i * n + j, j * n + i] {
-                s.pairs[idx] = PairStat { since: now, ..PairStat::default() };
+                s.pairs[idx] = PairStat {
+                    since: now,
+                    ..PairStat::default()
+                };
             }
         }
     }
@@ -320,7 +360,10 @@ fn run_loop(state: Arc<Mutex<State>>, stop: Arc<AtomicBool>) {
         let s = state.lock().unwrap();
         for (i, nd) in s.nodes.iter().enumerate() {
             if let Some(fd) = &nd.fd {
-                let mut ev = libc::epoll_event { events: libc::EPOLLIN as u32, u64: i as u64 };
+                let mut ev = libc::epoll_event {
+                    events: libc::EPOLLIN as u32,
+                    u64: i as u64,
+                };
                 unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, fd.as_raw_fd(), &mut ev) };
             }
         }
@@ -357,7 +400,8 @@ fn run_loop(state: Arc<Mutex<State>>, stop: Arc<AtomicBool>) {
                     continue;
                 }
                 let p = s.pairs[idx];
-                let good = p.last_reply >= p.since && p.last_reply >= 0.0 && now - p.last_reply <= window;
+                let good =
+                    p.last_reply >= p.since && p.last_reply >= 0.0 && now - p.last_reply <= window;
                 let due = if good { s.keep } else { s.retry };
                 if p.last_sent >= 0.0 && now - p.last_sent < due {
                     continue;
@@ -392,14 +436,21 @@ fn run_loop(state: Arc<Mutex<State>>, stop: Arc<AtomicBool>) {
                 s.sample();
                 next_sample = now + 0.5;
             }
-            fds_snapshot = s.nodes.iter().map(|nd| nd.fd.as_ref().map(|f| f.as_raw_fd()).unwrap_or(-1)).collect();
+            fds_snapshot = s
+                .nodes
+                .iter()
+                .map(|nd| nd.fd.as_ref().map(|f| f.as_raw_fd()).unwrap_or(-1))
+                .collect();
         }
         // SAFETY: valid epoll fd and event buffer.
         let r = unsafe { libc::epoll_wait(ep, events.as_mut_ptr(), events.len() as i32, 5) };
         if r <= 0 {
             continue;
         }
-        let ready: Vec<usize> = events[..r as usize].iter().map(|e| e.u64 as usize).collect();
+        let ready: Vec<usize> = events[..r as usize]
+            .iter()
+            .map(|e| e.u64 as usize)
+            .collect();
         let mut s = state.lock().unwrap();
         let now = s.now();
         for &i in &ready {

@@ -70,13 +70,17 @@ impl PollState {
         self.t0.elapsed().as_secs_f64()
     }
     fn live(&self) -> Vec<usize> {
-        (0..self.targets.len()).filter(|i| self.targets[*i].is_some()).collect()
+        (0..self.targets.len())
+            .filter(|i| self.targets[*i].is_some())
+            .collect()
     }
     /// Does every live node list every other live node as not down?
     pub fn all_listed(&self) -> bool {
         let live = self.live();
         for &o in &live {
-            let Some(obs) = &self.obs[o] else { return false };
+            let Some(obs) = &self.obs[o] else {
+                return false;
+            };
             if obs.t < self.member_mark {
                 return false;
             }
@@ -93,7 +97,9 @@ impl PollState {
         !live.is_empty()
     }
     fn update_events(&mut self, o: usize) {
-        let Some(obs) = self.obs[o].clone() else { return };
+        let Some(obs) = self.obs[o].clone() else {
+            return;
+        };
         for ev in self.events.iter_mut() {
             if ev.node == o || obs.t < ev.t {
                 continue;
@@ -122,23 +128,58 @@ pub struct Poller {
 }
 
 fn parse(v: &Value, t: f64) -> Obs {
-    let mut o = Obs { t, ..Default::default() };
-    o.gossip_sent = v.get("gossip_bytes_sent").and_then(Value::as_u64).unwrap_or(0);
-    o.gossip_received = v.get("gossip_bytes_received").and_then(Value::as_u64).unwrap_or(0);
-    o.backend = v.get("backend").and_then(Value::as_str).unwrap_or("").to_string();
+    let mut o = Obs {
+        t,
+        ..Default::default()
+    };
+    o.gossip_sent = v
+        .get("gossip_bytes_sent")
+        .and_then(Value::as_u64)
+        .unwrap_or(0);
+    o.gossip_received = v
+        .get("gossip_bytes_received")
+        .and_then(Value::as_u64)
+        .unwrap_or(0);
+    o.backend = v
+        .get("backend")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
     if let Some(me) = v.get("self") {
-        o.overlay_ip = me.get("overlay_ip").and_then(Value::as_str).and_then(|s| s.parse().ok());
-        o.public_key = me.get("public_key").and_then(Value::as_str).map(str::to_string);
+        o.overlay_ip = me
+            .get("overlay_ip")
+            .and_then(Value::as_str)
+            .and_then(|s| s.parse().ok());
+        o.public_key = me
+            .get("public_key")
+            .and_then(Value::as_str)
+            .map(str::to_string);
     }
     if let Some(ms) = v.get("members").and_then(Value::as_array) {
         for m in ms {
-            let name = m.get("name").and_then(Value::as_str).unwrap_or("").to_string();
-            let st = m.get("state").and_then(Value::as_str).unwrap_or("").to_string();
-            let key = m.get("public_key").and_then(Value::as_str).unwrap_or("").to_string();
+            let name = m
+                .get("name")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string();
+            let st = m
+                .get("state")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string();
+            let key = m
+                .get("public_key")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string();
             if st == "connected" {
                 o.connected += 1;
             }
-            if st != "self" && m.get("last_handshake_secs").map(|x| !x.is_null()).unwrap_or(false) {
+            if st != "self"
+                && m.get("last_handshake_secs")
+                    .map(|x| !x.is_null())
+                    .unwrap_or(false)
+            {
                 o.handshaken += 1;
             }
             match m.get("path").and_then(Value::as_str) {
@@ -174,7 +215,11 @@ impl Poller {
                     let start = Instant::now();
                     let targets: Vec<(usize, Target)> = {
                         let s = s2.lock().unwrap();
-                        s.targets.iter().enumerate().filter_map(|(i, t)| t.clone().map(|t| (i, t))).collect()
+                        s.targets
+                            .iter()
+                            .enumerate()
+                            .filter_map(|(i, t)| t.clone().map(|t| (i, t)))
+                            .collect()
                     };
                     for (i, t) in targets {
                         if st2.load(Ordering::Relaxed) {
@@ -210,7 +255,11 @@ impl Poller {
                 }
             })
             .expect("spawn poller");
-        Poller { state, stop, thread: Some(thread) }
+        Poller {
+            state,
+            stop,
+            thread: Some(thread),
+        }
     }
 
     pub fn set_target(&self, i: usize, t: Option<Target>) {
@@ -230,7 +279,14 @@ impl Poller {
     pub fn add_event(&self, kind: &str, node: usize, t: f64) {
         let mut s = self.state.lock().unwrap();
         let key = s.obs[node].as_ref().and_then(|o| o.public_key.clone());
-        s.events.push(Event { kind: kind.into(), node, t, public_key: key, seen_down: HashMap::new(), peer_removed: HashMap::new() });
+        s.events.push(Event {
+            kind: kind.into(),
+            node,
+            t,
+            public_key: key,
+            seen_down: HashMap::new(),
+            peer_removed: HashMap::new(),
+        });
     }
 
     pub fn with<T>(&self, f: impl FnOnce(&PollState) -> T) -> T {

@@ -47,7 +47,9 @@ pub struct ProbeResult {
 const TIMEOUT_SECS: u32 = 3;
 
 fn udp_in(ns: &str, ip: Ipv4Addr, port: u16) -> Result<UdpSocket> {
-    let s = sys::in_netns(ns, move || Ok(UdpSocket::bind(SocketAddrV4::new(ip, port))?))?;
+    let s = sys::in_netns(ns, move || {
+        Ok(UdpSocket::bind(SocketAddrV4::new(ip, port))?)
+    })?;
     s.set_read_timeout(Some(Duration::from_millis(400)))?;
     Ok(s)
 }
@@ -84,8 +86,15 @@ pub fn probe(kind: Kind) -> Result<ProbeResult> {
     let t = std::time::Instant::now();
     let prefix = cleanup::new_prefix();
     cleanup::register(&prefix)?;
-    let _guard = RunGuard { prefix: prefix.clone() };
-    let mut mix = Mix { public: 1, nat: 0, cgnat: 0, symmetric: 0 };
+    let _guard = RunGuard {
+        prefix: prefix.clone(),
+    };
+    let mut mix = Mix {
+        public: 1,
+        nat: 0,
+        cgnat: 0,
+        symmetric: 0,
+    };
     match kind {
         Kind::Public => mix.public = 3,
         Kind::Nat => mix.nat = 2,
@@ -106,8 +115,18 @@ pub fn probe(kind: Kind) -> Result<ProbeResult> {
     };
     let plan = Plan::new(&prefix, &opts)?;
     plan.build()?;
-    let servers: Vec<&crate::topology::NodeSpec> = plan.nodes.iter().filter(|n| n.kind == Kind::Public).take(2).collect();
-    let clients: Vec<&crate::topology::NodeSpec> = plan.nodes.iter().filter(|n| n.kind == kind && !servers.iter().any(|s| s.index == n.index)).take(2).collect();
+    let servers: Vec<&crate::topology::NodeSpec> = plan
+        .nodes
+        .iter()
+        .filter(|n| n.kind == Kind::Public)
+        .take(2)
+        .collect();
+    let clients: Vec<&crate::topology::NodeSpec> = plan
+        .nodes
+        .iter()
+        .filter(|n| n.kind == kind && !servers.iter().any(|s| s.index == n.index))
+        .take(2)
+        .collect();
     if servers.len() < 2 || clients.len() < 2 {
         bail!("probe topology for {kind:?} lacks servers or clients");
     }
@@ -128,7 +147,8 @@ pub fn probe(kind: Kind) -> Result<ProbeResult> {
     let mut mapped = vec![];
     for (srv, dst) in [(&a1, sa(a, 3478)), (&a2, sa(a, 3479)), (&b1, sa(b, 3478))] {
         k1.send_to(b"map", dst)?;
-        let (_, from) = recv(srv).with_context(|| format!("server {dst} got nothing from {} ({kind:?})", c1.ns))?;
+        let (_, from) = recv(srv)
+            .with_context(|| format!("server {dst} got nothing from {} ({kind:?})", c1.ns))?;
         mapped.push(from);
     }
     let eim = mapped.iter().all(|m| *m == mapped[0]);
@@ -184,20 +204,40 @@ pub fn probe(kind: Kind) -> Result<ProbeResult> {
     check(reply_ok, "a reply from the contacted endpoint must arrive");
     match kind {
         Kind::Public => {
-            check(eim && port_preserved, "a public host must not be translated");
+            check(
+                eim && port_preserved,
+                "a public host must not be translated",
+            );
             check(!dropped, "a public host receives unsolicited packets");
         }
         Kind::Nat | Kind::Cgnat => {
-            check(eim, "endpoint-independent mapping: one public port for every destination");
-            check(mapped_to_nat, "the mapped address must be the (outermost) NAT's public address");
+            check(
+                eim,
+                "endpoint-independent mapping: one public port for every destination",
+            );
+            check(
+                mapped_to_nat,
+                "the mapped address must be the (outermost) NAT's public address",
+            );
             check(dropped, "unsolicited inbound packets must be dropped");
             check(!hairpin, "no hairpinning");
             check(expires, "the mapping must expire after the UDP timeout");
             check(flush_forgets, "conntrack -F must forget the mapping");
         }
         Kind::Symmetric => {
-            check(!eim && mapped.iter().map(|m| m.port()).collect::<std::collections::HashSet<_>>().len() == 3, "symmetric: a new port per destination");
-            check(mapped_to_nat, "the mapped address must be the NAT's public address");
+            check(
+                !eim && mapped
+                    .iter()
+                    .map(|m| m.port())
+                    .collect::<std::collections::HashSet<_>>()
+                    .len()
+                    == 3,
+                "symmetric: a new port per destination",
+            );
+            check(
+                mapped_to_nat,
+                "the mapped address must be the NAT's public address",
+            );
             check(dropped, "unsolicited inbound packets must be dropped");
             check(!hairpin, "no hairpinning");
             check(expires, "the mapping must expire after the UDP timeout");
@@ -206,7 +246,10 @@ pub fn probe(kind: Kind) -> Result<ProbeResult> {
     }
     if kind == Kind::Cgnat {
         // the home router's own WAN is in 100.64/10; the world sees the CGNAT
-        check(nat_ip.octets()[0] == 198, "cgnat: the world must see the CGNAT's 198.18/15 address");
+        check(
+            nat_ip.octets()[0] == 198,
+            "cgnat: the world must see the CGNAT's 198.18/15 address",
+        );
     }
     plan.destroy();
     Ok(ProbeResult {

@@ -34,7 +34,11 @@ fn f(v: &Value) -> String {
 pub fn summary(r: &Report) -> String {
     let mut s = String::new();
     let t = &r.topology;
-    let _ = writeln!(s, "meshpeer testnet: scenario {} — {}", r.scenario.name, r.scenario.description);
+    let _ = writeln!(
+        s,
+        "meshpeer testnet: scenario {} — {}",
+        r.scenario.name, r.scenario.description
+    );
     let _ = writeln!(s, "command: {}", r.command);
     let _ = writeln!(
         s,
@@ -52,7 +56,12 @@ pub fn summary(r: &Report) -> String {
         t["counts"]["namespaces"],
         t["counts"]["veth_pairs"],
     );
-    let _ = writeln!(s, "          built in {} s, destroyed in {} s", f(&t["build_secs"]), f(&t["destroy_secs"]));
+    let _ = writeln!(
+        s,
+        "          built in {} s, destroyed in {} s",
+        f(&t["build_secs"]),
+        f(&t["destroy_secs"])
+    );
     if let Some(fl) = &r.floor {
         let _ = writeln!(
             s,
@@ -61,7 +70,12 @@ pub fn summary(r: &Report) -> String {
         );
     }
     for run in &r.runs {
-        let _ = writeln!(s, "\n== {} {}", run.engine, if run.ok { "OK" } else { "FAILED" });
+        let _ = writeln!(
+            s,
+            "\n== {} {}",
+            run.engine,
+            if run.ok { "OK" } else { "FAILED" }
+        );
         if let Some(b) = &run.backend {
             let _ = writeln!(s, "backend: {b}");
         }
@@ -86,13 +100,22 @@ pub fn summary(r: &Report) -> String {
                     c["b"].as_str().unwrap_or(""),
                     reached,
                     pairs,
-                    if pairs > 0 { 100.0 * reached as f64 / pairs as f64 } else { 0.0 }
+                    if pairs > 0 {
+                        100.0 * reached as f64 / pairs as f64
+                    } else {
+                        0.0
+                    }
                 );
             }
         }
         for e in &run.failure_detection {
             if e.get("restarted_before_detection").is_some() {
-                let _ = writeln!(s, "failure detection: {} n{} -> restarted before the check", e["kind"].as_str().unwrap_or(""), e["node"]);
+                let _ = writeln!(
+                    s,
+                    "failure detection: {} n{} -> restarted before the check",
+                    e["kind"].as_str().unwrap_or(""),
+                    e["node"]
+                );
                 continue;
             }
             let _ = writeln!(
@@ -125,34 +148,55 @@ pub fn summary(r: &Report) -> String {
         let _ = writeln!(
             s,
             "per node over the run: CPU s mean {} max {}; peak RSS MiB mean {} max {}",
-            f(&o["cpu_secs_per_node"]["mean"]), f(&o["cpu_secs_per_node"]["max"]),
-            f(&o["peak_rss_mib_per_node"]["mean"]), f(&o["peak_rss_mib_per_node"]["max"])
+            f(&o["cpu_secs_per_node"]["mean"]),
+            f(&o["cpu_secs_per_node"]["max"]),
+            f(&o["peak_rss_mib_per_node"]["mean"]),
+            f(&o["peak_rss_mib_per_node"]["max"])
         );
         if !o["handshakes"].is_null() {
             let _ = writeln!(
                 s,
                 "WireGuard: {} of {} listed peers had a handshake at the end ({} per node)",
-                o["handshakes"]["peers_with_handshake"], o["handshakes"]["peers_listed"], f(&o["handshakes"]["per_node_mean"])
+                o["handshakes"]["peers_with_handshake"],
+                o["handshakes"]["peers_listed"],
+                f(&o["handshakes"]["per_node_mean"])
             );
         }
         if run.paths.get("direct").is_some() {
             let _ = writeln!(
                 s,
                 "paths at the end: {} ordered pairs: {} direct, {} relayed, {} neither",
-                run.paths["ordered_pairs"], run.paths["direct"], run.paths["relayed"], run.paths["none"]
+                run.paths["ordered_pairs"],
+                run.paths["direct"],
+                run.paths["relayed"],
+                run.paths["none"]
             );
         }
         let p = &run.pinger;
         let _ = writeln!(
             s,
             "pinger: {} sent, {} replies, cap {} echo/s, reach window {} s, testnet CPU {} s",
-            p["sent"], p["received"], f(&p["rate_cap_pps"]), f(&p["reach_window_secs"]), f(&p["testnet_cpu_secs"])
+            p["sent"],
+            p["received"],
+            f(&p["rate_cap_pps"]),
+            f(&p["reach_window_secs"]),
+            f(&p["testnet_cpu_secs"])
         );
         for c in run.crashes.iter().take(5) {
-            let _ = writeln!(s, "EXITED: n{} at {} s: {}", c["node"], f(&c["t"]), c["exit"].as_str().unwrap_or(""));
+            let _ = writeln!(
+                s,
+                "EXITED: n{} at {} s: {}",
+                c["node"],
+                f(&c["t"]),
+                c["exit"].as_str().unwrap_or("")
+            );
         }
         if run.crashes.len() > 5 {
-            let _ = writeln!(s, "EXITED: ... {} daemons in all exited on their own (see report.json: crashes)", run.crashes.len());
+            let _ = writeln!(
+                s,
+                "EXITED: ... {} daemons in all exited on their own (see report.json: crashes)",
+                run.crashes.len()
+            );
         }
         for e in &run.errors {
             let _ = writeln!(s, "ERROR: {e}");
@@ -165,7 +209,9 @@ pub fn summary(r: &Report) -> String {
 const COLORS: [&str; 3] = ["#1f77b4", "#d62728", "#2ca02c"];
 
 fn esc(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
 
 /// A "nice" tick step (1, 2 or 5 times a power of ten) for about `n` ticks.
@@ -192,13 +238,29 @@ pub fn svg(r: &Report) -> String {
     let (ml, mr, mt, mb) = (70.0, 60.0, 40.0, 120.0);
     let pw = w - ml - mr;
     let ph = h - mt - mb;
-    let tmax_raw = r.runs.iter().flat_map(|x| x.timeline.iter().map(|s| s.t)).fold(1.0_f64, f64::max);
+    let tmax_raw = r
+        .runs
+        .iter()
+        .flat_map(|x| x.timeline.iter().map(|s| s.t))
+        .fold(1.0_f64, f64::max);
     let tstep = nice_step(tmax_raw, 10.0);
     let tmax = (tmax_raw / tstep).ceil() * tstep;
-    let pmax_raw = r.runs.iter().flat_map(|x| x.timeline.iter().map(|s| s.expected.max(s.reachable))).max().unwrap_or(1).max(1) as f64;
+    let pmax_raw = r
+        .runs
+        .iter()
+        .flat_map(|x| x.timeline.iter().map(|s| s.expected.max(s.reachable)))
+        .max()
+        .unwrap_or(1)
+        .max(1) as f64;
     let pstep = nice_step(pmax_raw * 1.05, 6.0).max(1.0);
     let pmax = ((pmax_raw * 1.05) / pstep).ceil() * pstep;
-    let nmax_raw = r.runs.iter().flat_map(|x| x.timeline.iter().map(|s| s.live)).max().unwrap_or(1).max(1) as f64;
+    let nmax_raw = r
+        .runs
+        .iter()
+        .flat_map(|x| x.timeline.iter().map(|s| s.live))
+        .max()
+        .unwrap_or(1)
+        .max(1) as f64;
     // the node scale uses the same number of grid lines as the pair scale
     let grid = (pmax / pstep).round().max(1.0);
     let nstep = (nice_step(nmax_raw * 1.05, grid).max(1.0) * grid).max(nmax_raw * 1.05) / grid;
@@ -208,7 +270,10 @@ pub fn svg(r: &Report) -> String {
     let y = |p: f64| mt + ph - p / pmax * ph;
     let yn = |n: f64| mt + ph - n / nmax * ph;
     let mut s = String::new();
-    let _ = writeln!(s, r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="12">"#);
+    let _ = writeln!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="12">"#
+    );
     let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
     let _ = writeln!(
         s,
@@ -220,26 +285,76 @@ pub fn svg(r: &Report) -> String {
     for k in 0..=(grid as usize) {
         let p = pstep * k as f64;
         let yy = y(p);
-        let _ = writeln!(s, r##"<line x1="{ml}" y1="{yy:.1}" x2="{:.1}" y2="{yy:.1}" stroke="#e6e6e6"/>"##, ml + pw);
-        let _ = writeln!(s, r#"<text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"#, ml - 6.0, yy + 4.0, p);
-        let _ = writeln!(s, r##"<text x="{:.1}" y="{:.1}" fill="#777">{}</text>"##, ml + pw + 6.0, yy + 4.0, nstep * k as f64);
+        let _ = writeln!(
+            s,
+            r##"<line x1="{ml}" y1="{yy:.1}" x2="{:.1}" y2="{yy:.1}" stroke="#e6e6e6"/>"##,
+            ml + pw
+        );
+        let _ = writeln!(
+            s,
+            r#"<text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"#,
+            ml - 6.0,
+            yy + 4.0,
+            p
+        );
+        let _ = writeln!(
+            s,
+            r##"<text x="{:.1}" y="{:.1}" fill="#777">{}</text>"##,
+            ml + pw + 6.0,
+            yy + 4.0,
+            nstep * k as f64
+        );
     }
     let mut t = 0.0;
     while t <= tmax + 1e-9 {
-        let _ = writeln!(s, r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{}</text>"#, x(t), mt + ph + 16.0, t);
-        let _ = writeln!(s, r##"<line x1="{:.1}" y1="{:.1}" x2="{:.1}" y2="{:.1}" stroke="black"/>"##, x(t), mt + ph, x(t), mt + ph + 4.0);
+        let _ = writeln!(
+            s,
+            r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{}</text>"#,
+            x(t),
+            mt + ph + 16.0,
+            t
+        );
+        let _ = writeln!(
+            s,
+            r##"<line x1="{:.1}" y1="{:.1}" x2="{:.1}" y2="{:.1}" stroke="black"/>"##,
+            x(t),
+            mt + ph,
+            x(t),
+            mt + ph + 4.0
+        );
         t += tstep;
     }
-    let _ = writeln!(s, r#"<rect x="{ml}" y="{mt}" width="{pw}" height="{ph}" fill="none" stroke="black"/>"#);
-    let _ = writeln!(s, r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">seconds since scenario start</text>"#, ml + pw / 2.0, mt + ph + 34.0);
-    let _ = writeln!(s, r#"<text transform="translate(20,{:.1}) rotate(-90)" text-anchor="middle">ordered pairs</text>"#, mt + ph / 2.0);
-    let _ = writeln!(s, r##"<text transform="translate({:.1},{:.1}) rotate(90)" text-anchor="middle" fill="#777">live nodes</text>"##, w - 14.0, mt + ph / 2.0);
+    let _ = writeln!(
+        s,
+        r#"<rect x="{ml}" y="{mt}" width="{pw}" height="{ph}" fill="none" stroke="black"/>"#
+    );
+    let _ = writeln!(
+        s,
+        r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">seconds since scenario start</text>"#,
+        ml + pw / 2.0,
+        mt + ph + 34.0
+    );
+    let _ = writeln!(
+        s,
+        r#"<text transform="translate(20,{:.1}) rotate(-90)" text-anchor="middle">ordered pairs</text>"#,
+        mt + ph / 2.0
+    );
+    let _ = writeln!(
+        s,
+        r##"<text transform="translate({:.1},{:.1}) rotate(90)" text-anchor="middle" fill="#777">live nodes</text>"##,
+        w - 14.0,
+        mt + ph / 2.0
+    );
     // Gaps in the first run's time line (the pinger paused), shaded.
     if let Some(run) = r.runs.first() {
         for w in run.timeline.windows(2) {
             if w[1].t - w[0].t > 2.0 {
                 let (a, b) = (x(w[0].t), x(w[1].t));
-                let _ = writeln!(s, r##"<rect x="{a:.1}" y="{mt}" width="{:.1}" height="{ph}" fill="#f2f2f2"/>"##, b - a);
+                let _ = writeln!(
+                    s,
+                    r##"<rect x="{a:.1}" y="{mt}" width="{:.1}" height="{ph}" fill="#f2f2f2"/>"##,
+                    b - a
+                );
                 let _ = writeln!(
                     s,
                     r##"<text x="{:.1}" y="{:.1}" font-size="10" fill="#888" text-anchor="middle">pinger paused</text>"##,
@@ -254,7 +369,11 @@ pub fn svg(r: &Report) -> String {
         let mut groups: Vec<(f64, Vec<String>)> = vec![];
         for m in &run.markers {
             let l = &m.label;
-            if l.starts_with("wait_converged") || l.starts_with("steady") || l.starts_with("detected") || l.starts_with("seed") {
+            if l.starts_with("wait_converged")
+                || l.starts_with("steady")
+                || l.starts_with("detected")
+                || l.starts_with("seed")
+            {
                 continue;
             }
             match groups.last_mut() {
@@ -268,7 +387,11 @@ pub fn svg(r: &Report) -> String {
             if text.chars().count() > 60 {
                 text = text.chars().take(57).collect::<String>() + "...";
             }
-            let _ = writeln!(s, r##"<line x1="{xx:.1}" y1="{mt}" x2="{xx:.1}" y2="{:.1}" stroke="#999" stroke-dasharray="3,3"/>"##, mt + ph);
+            let _ = writeln!(
+                s,
+                r##"<line x1="{xx:.1}" y1="{mt}" x2="{xx:.1}" y2="{:.1}" stroke="#999" stroke-dasharray="3,3"/>"##,
+                mt + ph
+            );
             let _ = writeln!(
                 s,
                 r##"<text x="{:.1}" y="{:.1}" font-size="10" fill="#555" transform="rotate(90 {:.1} {:.1})">{}</text>"##,
@@ -294,28 +417,59 @@ pub fn svg(r: &Report) -> String {
             }
         }
         for seg in segs {
-            let pts = |g: &dyn Fn(&crate::pinger::Sample) -> f64, yf: &dyn Fn(f64) -> f64| -> String {
-                seg.iter().map(|p| format!("{:.1},{:.1}", x(p.t), yf(g(p)))).collect::<Vec<_>>().join(" ")
-            };
+            let pts =
+                |g: &dyn Fn(&crate::pinger::Sample) -> f64, yf: &dyn Fn(f64) -> f64| -> String {
+                    seg.iter()
+                        .map(|p| format!("{:.1},{:.1}", x(p.t), yf(g(p))))
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                };
             if k == 0 {
-                let _ = writeln!(s, r##"<polyline fill="none" stroke="#888" stroke-width="1.5" opacity="0.8" points="{}"/>"##, pts(&|p| p.live as f64, &yn));
+                let _ = writeln!(
+                    s,
+                    r##"<polyline fill="none" stroke="#888" stroke-width="1.5" opacity="0.8" points="{}"/>"##,
+                    pts(&|p| p.live as f64, &yn)
+                );
             }
-            let _ = writeln!(s, r#"<polyline fill="none" stroke="{c}" stroke-width="1.2" stroke-dasharray="6,4" opacity="0.7" points="{}"/>"#, pts(&|p| p.expected as f64, &y));
-            let _ = writeln!(s, r#"<polyline fill="none" stroke="{c}" stroke-width="2" points="{}"/>"#, pts(&|p| p.reachable as f64, &y));
+            let _ = writeln!(
+                s,
+                r#"<polyline fill="none" stroke="{c}" stroke-width="1.2" stroke-dasharray="6,4" opacity="0.7" points="{}"/>"#,
+                pts(&|p| p.expected as f64, &y)
+            );
+            let _ = writeln!(
+                s,
+                r#"<polyline fill="none" stroke="{c}" stroke-width="2" points="{}"/>"#,
+                pts(&|p| p.reachable as f64, &y)
+            );
         }
     }
     // Legend, below the axis.
     let mut lx = ml;
     let ly = mt + ph + 62.0;
     let mut item = |s: &mut String, stroke: &str, dash: &str, label: String| {
-        let _ = writeln!(s, r#"<line x1="{lx:.1}" y1="{ly:.1}" x2="{:.1}" y2="{ly:.1}" stroke="{stroke}" stroke-width="2" {dash}/>"#, lx + 24.0);
-        let _ = writeln!(s, r#"<text x="{:.1}" y="{:.1}">{}</text>"#, lx + 30.0, ly + 4.0, esc(&label));
+        let _ = writeln!(
+            s,
+            r#"<line x1="{lx:.1}" y1="{ly:.1}" x2="{:.1}" y2="{ly:.1}" stroke="{stroke}" stroke-width="2" {dash}/>"#,
+            lx + 24.0
+        );
+        let _ = writeln!(
+            s,
+            r#"<text x="{:.1}" y="{:.1}">{}</text>"#,
+            lx + 30.0,
+            ly + 4.0,
+            esc(&label)
+        );
         lx += 40.0 + 7.0 * label.len() as f64;
     };
     for (k, run) in r.runs.iter().enumerate() {
         let c = COLORS[k % COLORS.len()];
         item(&mut s, c, "", format!("{}: reachable pairs", run.engine));
-        item(&mut s, c, r#"stroke-dasharray="6,4""#, format!("{}: pairs among live nodes", run.engine));
+        item(
+            &mut s,
+            c,
+            r#"stroke-dasharray="6,4""#,
+            format!("{}: pairs among live nodes", run.engine),
+        );
     }
     item(&mut s, "#888", "", "live nodes (right scale)".into());
     let _ = writeln!(

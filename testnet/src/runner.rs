@@ -101,9 +101,18 @@ impl<'a> Ctx<'a> {
             self.crashes.push(json!({"node": i, "t": t, "exit": msg}));
         }
         if let Some(p) = &self.poller {
-            let addrs: Vec<(usize, std::net::Ipv4Addr)> =
-                p.with(|s| s.obs.iter().enumerate().filter_map(|(i, o)| o.as_ref().and_then(|o| o.overlay_ip).map(|a| (i, a))).collect());
-            let missing: Vec<usize> = self.pinger.with(|s| (0..s.nodes.len()).filter(|i| s.nodes[*i].active && s.nodes[*i].addr.is_none()).collect());
+            let addrs: Vec<(usize, std::net::Ipv4Addr)> = p.with(|s| {
+                s.obs
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, o)| o.as_ref().and_then(|o| o.overlay_ip).map(|a| (i, a)))
+                    .collect()
+            });
+            let missing: Vec<usize> = self.pinger.with(|s| {
+                (0..s.nodes.len())
+                    .filter(|i| s.nodes[*i].active && s.nodes[*i].addr.is_none())
+                    .collect()
+            });
             for (i, a) in addrs {
                 if missing.contains(&i) {
                     self.pinger.set_addr(i, a);
@@ -132,13 +141,21 @@ impl<'a> Ctx<'a> {
         // Join through node 0, or (once it is gone) the first live public node.
         let seed = std::iter::once(0)
             .chain(0..self.nodes.len())
-            .find(|j| self.nodes.life[*j] == Life::Running && self.plan.nodes[*j].kind == Kind::Public)
+            .find(|j| {
+                self.nodes.life[*j] == Life::Running && self.plan.nodes[*j].kind == Kind::Public
+            })
             .unwrap_or(0);
         self.nodes.start(i, &network, seed)?;
         let fixed = self.nodes.fixed_overlay(i);
         self.pinger.node_started(i, fixed);
         if let Some(p) = &self.poller {
-            p.set_target(i, Some(Target { state_dir: self.nodes.state_dir(i), ifname: self.nodes.ifname(i) }));
+            p.set_target(
+                i,
+                Some(Target {
+                    state_dir: self.nodes.state_dir(i),
+                    ifname: self.nodes.ifname(i),
+                }),
+            );
         }
         Ok(())
     }
@@ -168,7 +185,13 @@ impl<'a> Ctx<'a> {
         let sd = self.nodes.state_dir(0);
         let ok = self.wait(30.0, |c| {
             c.nodes.life[0] == Life::Running
-                && control_status(&sd).and_then(|v| v.pointer("/self/overlay_ip").and_then(Value::as_str).map(str::to_string)).is_some()
+                && control_status(&sd)
+                    .and_then(|v| {
+                        v.pointer("/self/overlay_ip")
+                            .and_then(Value::as_str)
+                            .map(str::to_string)
+                    })
+                    .is_some()
         });
         if !ok {
             bail!(
@@ -180,7 +203,12 @@ impl<'a> Ctx<'a> {
     }
 
     fn select(&mut self, sel: &Select, pool: &[usize]) -> Vec<usize> {
-        let mut chosen: Vec<usize> = sel.nodes.iter().copied().filter(|i| pool.contains(i)).collect();
+        let mut chosen: Vec<usize> = sel
+            .nodes
+            .iter()
+            .copied()
+            .filter(|i| pool.contains(i))
+            .collect();
         if sel.seed && pool.contains(&0) && !chosen.contains(&0) {
             chosen.push(0);
         }
@@ -193,7 +221,11 @@ impl<'a> Ctx<'a> {
             .iter()
             .copied()
             .filter(|i| *i != 0 && !chosen.contains(i))
-            .filter(|i| sel.kind.map(|k| self.plan.nodes[*i].kind == k).unwrap_or(true))
+            .filter(|i| {
+                sel.kind
+                    .map(|k| self.plan.nodes[*i].kind == k)
+                    .unwrap_or(true)
+            })
             .collect();
         eligible.shuffle(&mut self.rng);
         chosen.extend(eligible.into_iter().take(want));
@@ -557,7 +589,15 @@ pub fn stats(v: &[f64]) -> Value {
 }
 
 /// Runs the whole scenario with one engine.
-pub fn run_engine(engine: EngineKind, sc: &Scenario, plan: &Plan, pinger: &Pinger, work: &Path, bin: &Path, initial: usize) -> Result<EngineResult> {
+pub fn run_engine(
+    engine: EngineKind,
+    sc: &Scenario,
+    plan: &Plan,
+    pinger: &Pinger,
+    work: &Path,
+    bin: &Path,
+    initial: usize,
+) -> Result<EngineResult> {
     let opts = DaemonOpts {
         gossip_interval_ms: sc.nodes.gossip_interval_ms,
         down_grace_secs: sc.nodes.down_grace_secs,
@@ -569,7 +609,11 @@ pub fn run_engine(engine: EngineKind, sc: &Scenario, plan: &Plan, pinger: &Pinge
     pinger.reset();
     let t0 = pinger.with(|s| s.t0);
     let poller = match engine {
-        EngineKind::Meshpeer => Some(Poller::start(plan.nodes.len(), t0, Duration::from_millis(sc.measure.poll_interval_ms))),
+        EngineKind::Meshpeer => Some(Poller::start(
+            plan.nodes.len(),
+            t0,
+            Duration::from_millis(sc.measure.poll_interval_ms),
+        )),
         EngineKind::Nebula => None,
     };
     let self_cpu0 = sys::self_cpu_secs();
@@ -591,13 +635,22 @@ pub fn run_engine(engine: EngineKind, sc: &Scenario, plan: &Plan, pinger: &Pinge
         steady: None,
         crashes: vec![],
     };
-    println!("== {} ({} nodes, {})", engine.as_str(), initial, sc.topology.kind);
+    println!(
+        "== {} ({} nodes, {})",
+        engine.as_str(),
+        initial,
+        sc.topology.kind
+    );
     let mut steps = vec![];
     let res = (|| -> Result<()> {
         c.start_node(0)?;
         c.wait_seed()?;
         c.marker("seed n0 up".into());
-        let stagger = if sc.nodes.start == "staggered" { sc.nodes.stagger_ms } else { 0 };
+        let stagger = if sc.nodes.start == "staggered" {
+            sc.nodes.stagger_ms
+        } else {
+            0
+        };
         for i in 1..initial {
             if stopping() {
                 bail!("interrupted");
@@ -621,7 +674,14 @@ pub fn run_engine(engine: EngineKind, sc: &Scenario, plan: &Plan, pinger: &Pinge
                     p.mark_membership(c.mark);
                 }
             }
-            steps.push(StepLog { index: idx, action: step.name().into(), t_start, t_end, ok, result });
+            steps.push(StepLog {
+                index: idx,
+                action: step.name().into(),
+                t_start,
+                t_end,
+                ok,
+                result,
+            });
         }
         Ok(())
     })();
@@ -662,9 +722,14 @@ pub fn run_engine(engine: EngineKind, sc: &Scenario, plan: &Plan, pinger: &Pinge
     };
     let duration = c.now();
     c.nodes.stop_all();
-    let started: Vec<usize> = (0..c.nodes.len()).filter(|i| c.nodes.started_once[*i]).collect();
+    let started: Vec<usize> = (0..c.nodes.len())
+        .filter(|i| c.nodes.started_once[*i])
+        .collect();
     let cpu: Vec<f64> = started.iter().map(|i| c.nodes.cpu_secs(*i)).collect();
-    let rss: Vec<f64> = started.iter().map(|i| c.nodes.peak_rss_kib(*i) as f64 / 1024.0).collect();
+    let rss: Vec<f64> = started
+        .iter()
+        .map(|i| c.nodes.peak_rss_kib(*i) as f64 / 1024.0)
+        .collect();
     let overhead = json!({
         "cpu_secs_per_node": stats(&cpu),
         "cpu_secs_total": cpu.iter().sum::<f64>(),

@@ -134,7 +134,9 @@ pub enum Step {
         #[serde(default)]
         fresh: bool,
     },
-    Sleep { secs: f64 },
+    Sleep {
+        secs: f64,
+    },
     /// SIGKILL.
     Kill {
         #[serde(flatten)]
@@ -180,7 +182,10 @@ pub enum Step {
         with_pings: bool,
     },
     /// For `secs`: every `every_secs` kill one random node and join a new one.
-    Churn { secs: f64, every_secs: f64 },
+    Churn {
+        secs: f64,
+        every_secs: f64,
+    },
 }
 
 impl Step {
@@ -202,7 +207,13 @@ impl Step {
     }
     /// Does this step change the mesh (and so reset the convergence mark)?
     pub fn disruptive(&self) -> bool {
-        !matches!(self, Step::WaitConverged { .. } | Step::Sleep { .. } | Step::WaitDetected { .. } | Step::MeasureSteady { .. })
+        !matches!(
+            self,
+            Step::WaitConverged { .. }
+                | Step::Sleep { .. }
+                | Step::WaitDetected { .. }
+                | Step::MeasureSteady { .. }
+        )
     }
 }
 
@@ -245,8 +256,10 @@ fn d_true() -> bool {
 
 impl Scenario {
     pub fn load(path: &Path) -> Result<Scenario> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let s: Scenario = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let s: Scenario =
+            toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
         s.validate()?;
         Ok(s)
     }
@@ -268,7 +281,9 @@ impl Scenario {
         for s in &self.steps {
             match s {
                 Step::Join { count, .. } => n += count,
-                Step::Churn { secs, every_secs } => n += (secs / every_secs.max(0.1)).ceil() as usize + 1,
+                Step::Churn { secs, every_secs } => {
+                    n += (secs / every_secs.max(0.1)).ceil() as usize + 1
+                }
                 _ => {}
             }
         }
@@ -311,7 +326,11 @@ mod tests {
                 n += 1;
             }
         }
-        assert!(n >= 6, "expected the shipped scenarios in {}", dir.display());
+        assert!(
+            n >= 6,
+            "expected the shipped scenarios in {}",
+            dir.display()
+        );
     }
 
     #[test]

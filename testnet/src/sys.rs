@@ -104,7 +104,11 @@ pub fn run_input(cmd: &mut Command, input: &str) -> Result<String> {
     if !out.status.success() {
         let err = String::from_utf8_lossy(&out.stderr);
         let first: String = input.lines().take(3).collect::<Vec<_>>().join(" | ");
-        bail!("{desc} failed ({}): {}\n  input began: {first}", out.status, err.trim());
+        bail!(
+            "{desc} failed ({}): {}\n  input began: {first}",
+            out.status,
+            err.trim()
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -139,7 +143,9 @@ pub fn ip_batch_force(cmds: &str) {
 /// Applies an nftables ruleset inside namespace `ns`.
 pub fn nft_in(ns: &str, ruleset: &str) -> Result<()> {
     let rs = ruleset.to_string();
-    in_netns(ns, move || run_input(Command::new("nft").args(["-f", "-"]), &rs).map(|_| ()))
+    in_netns(ns, move || {
+        run_input(Command::new("nft").args(["-f", "-"]), &rs).map(|_| ())
+    })
 }
 
 /// Runs a program inside namespace `ns` and returns its stdout.
@@ -149,7 +155,11 @@ pub fn run_in(ns: &str, prog: &str, args: &[&str]) -> Result<String> {
 }
 
 /// Maps `f` over `items` on `threads` threads; returns the first error.
-pub fn par_for<T: Sync>(items: &[T], threads: usize, f: impl Fn(&T) -> Result<()> + Sync) -> Result<()> {
+pub fn par_for<T: Sync>(
+    items: &[T],
+    threads: usize,
+    f: impl Fn(&T) -> Result<()> + Sync,
+) -> Result<()> {
     let next = AtomicUsize::new(0);
     let err: std::sync::Mutex<Option<anyhow::Error>> = std::sync::Mutex::new(None);
     std::thread::scope(|s| {
@@ -179,7 +189,9 @@ pub fn par_for<T: Sync>(items: &[T], threads: usize, f: impl Fn(&T) -> Result<()
 
 pub fn which(prog: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path).map(|d| d.join(prog)).find(|p| p.is_file())
+    std::env::split_paths(&path)
+        .map(|d| d.join(prog))
+        .find(|p| p.is_file())
 }
 
 pub fn is_root() -> bool {

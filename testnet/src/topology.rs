@@ -65,10 +65,20 @@ pub struct Mix {
 
 impl Mix {
     pub fn parse(s: &str) -> Result<Mix> {
-        let mut m = Mix { public: 0, nat: 0, cgnat: 0, symmetric: 0 };
+        let mut m = Mix {
+            public: 0,
+            nat: 0,
+            cgnat: 0,
+            symmetric: 0,
+        };
         for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            let (k, v) = part.split_once('=').with_context(|| format!("mix entry {part:?}: want kind=weight"))?;
-            let v: u32 = v.trim().parse().with_context(|| format!("mix weight {v:?}"))?;
+            let (k, v) = part
+                .split_once('=')
+                .with_context(|| format!("mix entry {part:?}: want kind=weight"))?;
+            let v: u32 = v
+                .trim()
+                .parse()
+                .with_context(|| format!("mix weight {v:?}"))?;
             match k.trim() {
                 "public" | "flat" => m.public = v,
                 "nat" => m.nat = v,
@@ -83,13 +93,22 @@ impl Mix {
         Ok(m)
     }
     fn weights(&self) -> [(Kind, u32); 4] {
-        [(Kind::Public, self.public), (Kind::Nat, self.nat), (Kind::Cgnat, self.cgnat), (Kind::Symmetric, self.symmetric)]
+        [
+            (Kind::Public, self.public),
+            (Kind::Nat, self.nat),
+            (Kind::Cgnat, self.cgnat),
+            (Kind::Symmetric, self.symmetric),
+        ]
     }
 }
 
 impl std::fmt::Display for Mix {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "public={},nat={},cgnat={},symmetric={}", self.public, self.nat, self.cgnat, self.symmetric)
+        write!(
+            f,
+            "public={},nat={},cgnat={},symmetric={}",
+            self.public, self.nat, self.cgnat, self.symmetric
+        )
     }
 }
 
@@ -120,7 +139,12 @@ pub struct TopoOptions {
 impl TopoOptions {
     pub fn mix_for_kind(&self) -> Result<Mix> {
         let one = |k: Kind| {
-            let mut m = Mix { public: 0, nat: 0, cgnat: 0, symmetric: 0 };
+            let mut m = Mix {
+                public: 0,
+                nat: 0,
+                cgnat: 0,
+                symmetric: 0,
+            };
             match k {
                 Kind::Public => m.public = 1,
                 Kind::Nat => m.nat = 1,
@@ -294,14 +318,23 @@ impl Plan {
         let nat_timeouts = {
             let mut v = vec![];
             if let Some(t) = opts.udp_timeout_secs {
-                v.push(("net.netfilter.nf_conntrack_udp_timeout".to_string(), t.to_string()));
+                v.push((
+                    "net.netfilter.nf_conntrack_udp_timeout".to_string(),
+                    t.to_string(),
+                ));
             }
             if let Some(t) = opts.udp_stream_timeout_secs {
-                v.push(("net.netfilter.nf_conntrack_udp_timeout_stream".to_string(), t.to_string()));
+                v.push((
+                    "net.netfilter.nf_conntrack_udp_timeout_stream".to_string(),
+                    t.to_string(),
+                ));
             }
             v
         };
-        let node_sysctls = vec![("net.ipv4.ping_group_range".to_string(), "0 2147483647".to_string())];
+        let node_sysctls = vec![(
+            "net.ipv4.ping_group_range".to_string(),
+            "0 2147483647".to_string(),
+        )];
 
         // Node namespaces first (index i = node i).
         let mut nodes: Vec<NodeSpec> = vec![];
@@ -329,16 +362,27 @@ impl Plan {
         let mut host_of_node: Vec<Option<usize>> = vec![None; nodes.len()];
         for n in nodes.iter().filter(|n| n.kind == Kind::Public) {
             host_of_node[n.index] = Some(internet.len());
-            internet.push(InternetHost { ns: n.ns.clone(), ifname: "eth0".into() });
+            internet.push(InternetHost {
+                ns: n.ns.clone(),
+                ifname: "eth0".into(),
+            });
         }
         // Group NATed nodes into homes.
         let per_home = opts.nodes_per_home.max(1);
         let mut homes: Vec<(Kind, Vec<usize>)> = vec![];
         for kind in [Kind::Nat, Kind::Symmetric, Kind::Cgnat] {
-            let members: Vec<usize> = nodes.iter().filter(|n| n.kind == kind).map(|n| n.index).collect();
+            let members: Vec<usize> = nodes
+                .iter()
+                .filter(|n| n.kind == kind)
+                .map(|n| n.index)
+                .collect();
             let mut it = members.into_iter().peekable();
             while it.peek().is_some() {
-                let size = if opts.home_size_exact { per_home } else { rng.gen_range(1..=per_home) };
+                let size = if opts.home_size_exact {
+                    per_home
+                } else {
+                    rng.gen_range(1..=per_home)
+                };
                 let home: Vec<usize> = it.by_ref().take(size).collect();
                 homes.push((kind, home));
             }
@@ -348,14 +392,26 @@ impl Plan {
         let mut home_wan_of_cgnat_home: Vec<(String, usize)> = vec![]; // (home ns, home no)
         for (h, (kind, members)) in homes.iter().enumerate() {
             let rname = format!("{p}h{h}");
-            let rk = if *kind == Kind::Symmetric { RouterKind::Symmetric } else { RouterKind::Home };
+            let rk = if *kind == Kind::Symmetric {
+                RouterKind::Symmetric
+            } else {
+                RouterKind::Home
+            };
             let mut r = ns(rname.clone(), Some(rk));
             let lan_net = h % 256;
             let gw = Ipv4Addr::new(192, 168, lan_net as u8, 1);
-            let _ = writeln!(r.ip_cmds, "link add lan type bridge\nlink set lan up\naddr add {gw}/24 dev lan");
+            let _ = writeln!(
+                r.ip_cmds,
+                "link add lan type bridge\nlink set lan up\naddr add {gw}/24 dev lan"
+            );
             for (j, idx) in members.iter().enumerate() {
                 let ip = Ipv4Addr::new(192, 168, lan_net as u8, (j + 2) as u8);
-                links.push(Link { a_ns: rname.clone(), a: format!("l{j}"), b_ns: nodes[*idx].ns.clone(), b: "eth0".into() });
+                links.push(Link {
+                    a_ns: rname.clone(),
+                    a: format!("l{j}"),
+                    b_ns: nodes[*idx].ns.clone(),
+                    b: "eth0".into(),
+                });
                 let _ = writeln!(r.ip_cmds, "link set l{j} master lan\nlink set l{j} up");
                 let nsi = *idx; // node namespace index == node index
                 let _ = writeln!(
@@ -377,7 +433,10 @@ impl Plan {
                 cgnat_homes.push(h);
                 home_wan_of_cgnat_home.push((rname, h));
             } else {
-                internet.push(InternetHost { ns: rname.clone(), ifname: "wan".into() });
+                internet.push(InternetHost {
+                    ns: rname.clone(),
+                    ifname: "wan".into(),
+                });
                 for idx in members {
                     host_of_node[*idx] = Some(internet.len() - 1);
                 }
@@ -390,13 +449,24 @@ impl Plan {
             let mut r = ns(cname.clone(), Some(RouterKind::Cgnat));
             let base = add(Ipv4Addr::new(100, 64, 0, 0), (c * 256) as u32);
             let gw = add(base, 1);
-            let _ = writeln!(r.ip_cmds, "link add lan type bridge\nlink set lan up\naddr add {gw}/24 dev lan");
+            let _ = writeln!(
+                r.ip_cmds,
+                "link add lan type bridge\nlink set lan up\naddr add {gw}/24 dev lan"
+            );
             for (j, (hname, h)) in chunk.iter().enumerate() {
                 let wan = add(base, (j + 2) as u32);
-                links.push(Link { a_ns: cname.clone(), a: format!("l{j}"), b_ns: hname.clone(), b: "wan".into() });
+                links.push(Link {
+                    a_ns: cname.clone(),
+                    a: format!("l{j}"),
+                    b_ns: hname.clone(),
+                    b: "wan".into(),
+                });
                 let _ = writeln!(r.ip_cmds, "link set l{j} master lan\nlink set l{j} up");
                 let hr = namespaces.iter_mut().find(|n| &n.name == hname).unwrap();
-                let _ = writeln!(hr.ip_cmds, "addr add {wan}/24 dev wan\nlink set wan up\nroute add default via {gw}");
+                let _ = writeln!(
+                    hr.ip_cmds,
+                    "addr add {wan}/24 dev wan\nlink set wan up\nroute add default via {gw}"
+                );
                 for idx in &homes[*h].1 {
                     nodes[*idx].routers.push(cname.clone());
                     nodes[*idx].public_ip = Ipv4Addr::UNSPECIFIED;
@@ -407,7 +477,10 @@ impl Plan {
             r.post_sysctls = nat_timeouts.clone();
             counts.cgnat_routers += 1;
             namespaces.push(r);
-            internet.push(InternetHost { ns: cname.clone(), ifname: "wan".into() });
+            internet.push(InternetHost {
+                ns: cname.clone(),
+                ifname: "wan".into(),
+            });
             for (_, h) in chunk {
                 for idx in &homes[*h].1 {
                     host_of_node[*idx] = Some(internet.len() - 1);
@@ -418,7 +491,10 @@ impl Plan {
         let hosts_per_isp = opts.hosts_per_isp.clamp(1, HOSTS_PER_ISP_MAX);
         let isps = internet.len().div_ceil(hosts_per_isp).max(2);
         if isps > MAX_ISPS {
-            bail!("{} internet hosts need {isps} ISPs; at most {MAX_ISPS}", internet.len());
+            bail!(
+                "{} internet hosts need {isps} ISPs; at most {MAX_ISPS}",
+                internet.len()
+            );
         }
         let core = format!("{p}core");
         let mut core_ns = ns(core.clone(), Some(RouterKind::Core));
@@ -429,9 +505,21 @@ impl Plan {
                 n.sysctls = vec![("net.ipv4.ip_forward".into(), "1".into())];
                 let c_ip = add(CORE_LINKS, (2 * s) as u32);
                 let i_ip = add(c_ip, 1);
-                links.push(Link { a_ns: core.clone(), a: format!("i{s}"), b_ns: n.name.clone(), b: "core".into() });
-                let _ = writeln!(core_ns.ip_cmds, "addr add {c_ip}/31 dev i{s}\nlink set i{s} up\nroute add {} via {i_ip}", isp_net(s));
-                let _ = writeln!(n.ip_cmds, "addr add {i_ip}/31 dev core\nlink set core up\nroute add default via {c_ip}");
+                links.push(Link {
+                    a_ns: core.clone(),
+                    a: format!("i{s}"),
+                    b_ns: n.name.clone(),
+                    b: "core".into(),
+                });
+                let _ = writeln!(
+                    core_ns.ip_cmds,
+                    "addr add {c_ip}/31 dev i{s}\nlink set i{s} up\nroute add {} via {i_ip}",
+                    isp_net(s)
+                );
+                let _ = writeln!(
+                    n.ip_cmds,
+                    "addr add {i_ip}/31 dev core\nlink set core up\nroute add default via {c_ip}"
+                );
                 n
             })
             .collect();
@@ -444,8 +532,16 @@ impl Plan {
             let j = used[s];
             used[s] += 1;
             let (r_ip, h_ip) = isp_host(s, j);
-            links.push(Link { a_ns: isp_ns[s].name.clone(), a: format!("h{j}"), b_ns: h.ns.clone(), b: h.ifname.clone() });
-            let _ = writeln!(isp_ns[s].ip_cmds, "addr add {r_ip}/31 dev h{j}\nlink set h{j} up");
+            links.push(Link {
+                a_ns: isp_ns[s].name.clone(),
+                a: format!("h{j}"),
+                b_ns: h.ns.clone(),
+                b: h.ifname.clone(),
+            });
+            let _ = writeln!(
+                isp_ns[s].ip_cmds,
+                "addr add {r_ip}/31 dev h{j}\nlink set h{j} up"
+            );
             let target = namespaces.iter_mut().find(|n| n.name == h.ns).unwrap();
             let _ = writeln!(
                 target.ip_cmds,
@@ -467,7 +563,16 @@ impl Plan {
         namespaces.append(&mut isp_ns);
         counts.namespaces = namespaces.len();
         counts.veth_pairs = links.len();
-        Ok(Plan { prefix: p, opts: opts.clone(), nodes, namespaces, links, isps, core_ns: core, counts })
+        Ok(Plan {
+            prefix: p,
+            opts: opts.clone(),
+            nodes,
+            namespaces,
+            links,
+            isps,
+            core_ns: core,
+            counts,
+        })
     }
 
     /// Creates everything. Returns seconds taken.
@@ -480,14 +585,19 @@ impl Plan {
         sys::ip_batch(None, &b).context("creating namespaces")?;
         let mut b = String::new();
         for l in &self.links {
-            let _ = writeln!(b, "link add {} netns {} type veth peer name {} netns {}", l.a, l.a_ns, l.b, l.b_ns);
+            let _ = writeln!(
+                b,
+                "link add {} netns {} type veth peer name {} netns {}",
+                l.a, l.a_ns, l.b, l.b_ns
+            );
         }
         sys::ip_batch(None, &b).context("creating veth pairs")?;
         sys::par_for(&self.namespaces, 4, |n| {
             if crate::cleanup::stopping() {
                 bail!("stopping");
             }
-            sys::ip_batch(Some(&n.name), &n.ip_cmds).with_context(|| format!("configuring {}", n.name))?;
+            sys::ip_batch(Some(&n.name), &n.ip_cmds)
+                .with_context(|| format!("configuring {}", n.name))?;
             sys::sysctls_in(&n.name, &n.sysctls)?;
             if let Some(rs) = &n.nft {
                 sys::nft_in(&n.name, rs).with_context(|| format!("nftables in {}", n.name))?;
@@ -544,7 +654,12 @@ impl Plan {
         let routers: Vec<&NsSpec> = self
             .namespaces
             .iter()
-            .filter(|n| matches!(n.router, Some(RouterKind::Home | RouterKind::Symmetric | RouterKind::Cgnat)))
+            .filter(|n| {
+                matches!(
+                    n.router,
+                    Some(RouterKind::Home | RouterKind::Symmetric | RouterKind::Cgnat)
+                )
+            })
             .collect();
         sys::par_for(&routers, 4, |n| {
             // conntrack -F prints a summary on stderr and exits 0.
@@ -560,7 +675,11 @@ impl Plan {
 /// No hairpinning: a LAN packet to the router's WAN address is delivered to
 /// the router itself, which does not answer.
 pub fn nat_ruleset(symmetric: bool) -> String {
-    let masq = if symmetric { "masquerade fully-random" } else { "masquerade" };
+    let masq = if symmetric {
+        "masquerade fully-random"
+    } else {
+        "masquerade"
+    };
     format!(
         "table ip tnnat {{
   chain post {{
@@ -610,7 +729,12 @@ mod tests {
         assert_eq!(c.public + c.nat + c.cgnat + c.symmetric, 100);
         assert!(c.nat >= 45 && c.cgnat >= 18 && c.symmetric >= 9, "{c:?}");
         for n in &p.nodes {
-            assert_ne!(n.underlay, Ipv4Addr::UNSPECIFIED, "node {} has no address", n.index);
+            assert_ne!(
+                n.underlay,
+                Ipv4Addr::UNSPECIFIED,
+                "node {} has no address",
+                n.index
+            );
             assert!(n.ns.len() <= 15 + 10);
             match n.kind {
                 Kind::Public => assert!(n.routers.is_empty()),
@@ -619,7 +743,12 @@ mod tests {
             }
         }
         // unique public host addresses
-        let mut ips: Vec<_> = p.nodes.iter().filter(|n| n.kind == Kind::Public).map(|n| n.underlay).collect();
+        let mut ips: Vec<_> = p
+            .nodes
+            .iter()
+            .filter(|n| n.kind == Kind::Public)
+            .map(|n| n.underlay)
+            .collect();
         ips.sort();
         ips.dedup();
         assert_eq!(ips.len(), c.public);

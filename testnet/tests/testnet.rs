@@ -9,14 +9,21 @@
 //! Not root: skipped with a message, unless CI=true (then they fail).
 //! `MESHPEER_BIN` picks the daemon (default: target/debug/meshpeer beside
 //! this test's binary, which `cargo test` in the workspace builds).
-//! `smoke_nat` runs `smoke-nat.toml` the same way; `smoke_mixed`
-//! (`smoke-mixed.toml`, every NAT kind) only with `TESTNET_SMOKE_MIXED=1`.
+//! `smoke_nat` runs `smoke-nat.toml` the same way, and `smoke_mixed`
+//! `smoke-mixed.toml` (every NAT kind: home NAT, CGNAT, symmetric).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn is_ci() -> bool {
-    std::env::var("CI").map(|v| !matches!(v.trim().to_ascii_lowercase().as_str(), "" | "0" | "false" | "no")).unwrap_or(false)
+    std::env::var("CI")
+        .map(|v| {
+            !matches!(
+                v.trim().to_ascii_lowercase().as_str(),
+                "" | "0" | "false" | "no"
+            )
+        })
+        .unwrap_or(false)
 }
 
 /// False (skip) when the test cannot run here; panics instead under CI.
@@ -35,7 +42,9 @@ fn can_run(test: &str) -> bool {
             .unwrap_or(false);
         if !found {
             if is_ci() {
-                panic!("{test}: `{prog}` not installed (apt-get install iproute2 nftables conntrack)");
+                panic!(
+                    "{test}: `{prog}` not installed (apt-get install iproute2 nftables conntrack)"
+                );
             }
             eprintln!("SKIPPED {test}: `{prog}` not installed (apt-get install iproute2 nftables conntrack)");
             return false;
@@ -59,7 +68,9 @@ fn meshpeer_bin() -> Option<PathBuf> {
 }
 
 fn scenario(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("scenarios")
+        .join(name)
 }
 
 #[test]
@@ -67,16 +78,36 @@ fn probe_nat() {
     if !can_run("probe_nat") {
         return;
     }
-    let out = testnet().args(["probe-nat", "--json"]).output().expect("run testnet probe-nat");
+    let out = testnet()
+        .args(["probe-nat", "--json"])
+        .output()
+        .expect("run testnet probe-nat");
     let stdout = String::from_utf8_lossy(&out.stdout);
     eprintln!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_str(&stdout).expect("probe-nat --json output");
-    let kinds: Vec<&str> = v.as_array().unwrap().iter().map(|r| r["kind"].as_str().unwrap()).collect();
+    let kinds: Vec<&str> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["kind"].as_str().unwrap())
+        .collect();
     assert_eq!(kinds, ["public", "nat", "cgnat", "symmetric"]);
     for r in v.as_array().unwrap() {
-        assert!(r["ok"].as_bool().unwrap(), "{}: {}", r["kind"], r["failures"]);
+        assert!(
+            r["ok"].as_bool().unwrap(),
+            "{}: {}",
+            r["kind"],
+            r["failures"]
+        );
     }
-    let by = |k: &str| v.as_array().unwrap().iter().find(|r| r["kind"] == k).unwrap().clone();
+    let by = |k: &str| {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["kind"] == k)
+            .unwrap()
+            .clone()
+    };
     assert_eq!(by("nat")["endpoint_independent_mapping"], true);
     assert_eq!(by("cgnat")["endpoint_independent_mapping"], true);
     assert_eq!(by("symmetric")["endpoint_independent_mapping"], false);
@@ -97,10 +128,13 @@ fn smoke(test: &str, file: &str) {
         if is_ci() {
             panic!("{test}: no meshpeer binary (build it with `cargo build --bin meshpeer` or set MESHPEER_BIN)");
         }
-        eprintln!("SKIPPED {test}: no meshpeer binary (cargo build --bin meshpeer, or set MESHPEER_BIN)");
+        eprintln!(
+            "SKIPPED {test}: no meshpeer binary (cargo build --bin meshpeer, or set MESHPEER_BIN)"
+        );
         return;
     };
-    let out_dir = std::env::temp_dir().join(format!("meshpeer-testnet-{test}-{}", std::process::id()));
+    let out_dir =
+        std::env::temp_dir().join(format!("meshpeer-testnet-{test}-{}", std::process::id()));
     let out = testnet()
         .args(["run", "--scenario"])
         .arg(scenario(file))
@@ -112,8 +146,10 @@ fn smoke(test: &str, file: &str) {
         .expect("run testnet");
     let stdout = String::from_utf8_lossy(&out.stdout);
     eprintln!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out_dir.join("report.json")).expect("report.json written")).unwrap();
+    let report: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out_dir.join("report.json")).expect("report.json written"),
+    )
+    .unwrap();
     assert!(out_dir.join("reachability.svg").is_file());
     let run = &report["runs"][0];
     assert_eq!(run["engine"], "meshpeer");
@@ -138,9 +174,5 @@ fn smoke_nat() {
 
 #[test]
 fn smoke_mixed() {
-    if std::env::var_os("TESTNET_SMOKE_MIXED").is_none() {
-        eprintln!("SKIPPED smoke_mixed: set TESTNET_SMOKE_MIXED=1 to run it");
-        return;
-    }
     smoke("smoke_mixed", "smoke-mixed.toml");
 }
