@@ -27,6 +27,9 @@ use crate::record::{verify_record, RecordBody};
 
 /// How long a member may be down before its WireGuard peer is removed.
 pub const DEFAULT_DOWN_GRACE: Duration = Duration::from_secs(60);
+/// How long a member that was never heard from (no heartbeat since we
+/// learned of it) counts as joining rather than down.
+pub const NEVER_LIVE_GRACE: Duration = Duration::from_secs(30);
 /// Keepalive interval set on every peer (seconds), as users set it by hand.
 /// (meshpeer also pokes every peer every 10 s; see `reconcile`.)
 pub const KEEPALIVE_SECS: u16 = 25;
@@ -57,6 +60,8 @@ pub struct Member {
     /// Whether the failure detector ever held it live: a member that just
     /// appeared is not "down" before its first heartbeat arrives.
     seen_live: bool,
+    /// When the liveness of a never-live member was first checked.
+    first_checked: Option<Instant>,
     /// The record text last accepted (to skip re-verifying it).
     raw: String,
 }
@@ -228,6 +233,7 @@ impl Membership {
         let name = record.name.clone();
         let prev = self.members.get(key).map(|m| m.liveness);
         let seen_live = self.members.get(key).is_some_and(|m| m.seen_live);
+        let first_checked = self.members.get(key).and_then(|m| m.first_checked);
         let liveness = if record.left {
             if prev != Some(Liveness::Left) {
                 events.push(Event::Left { name: name.clone() });
@@ -258,6 +264,7 @@ impl Membership {
                 record,
                 liveness,
                 seen_live,
+                first_checked,
                 raw: text.to_string(),
             },
         );
@@ -277,7 +284,18 @@ impl Membership {
             return;
         };
         if !m.seen_live {
-            m.seen_live = live;
+            // A member we learned of but never heard a heartbeat from: give
+            // it NEVER_LIVE_GRACE, then it is down like any other (e.g. it
+            // died before we joined).
+            let first = *m.first_checked.get_or_insert(now);
+            if live || now.saturating_duration_since(first) >= NEVER_LIVE_GRACE {
+                m.seen_live = true;
+            }
+            if live {
+                return;
+            }
+        }
+        if !m.seen_live {
             return;
         }
         match (m.liveness, live) {
@@ -500,6 +518,28 @@ mod tests {
             "{ev:?}"
         );
         assert!(m.desired_peers(t0, &[]).is_empty());
+    }
+
+    #[test]
+    fn a_member_never_heard_from_goes_down_after_a_grace() {
+        let net = SigningKey::from_bytes(&[1; 32]);
+        let (node, body) = sample(3, &net, "10.77.0.2".parse().unwrap());
+        let mut m = Membership::new(
+            net.verifying_key().to_bytes(),
+            [0; 32],
+            Duration::from_secs(60),
+        );
+        let t0 = Instant::now();
+        // Learned of it (e.g. from a joiner's first sync) after it had died.
+        m.handle_snapshot(t0, &[entry(&body, &node, false)]);
+        assert!(m
+            .handle_snapshot(t0 + Duration::from_secs(29), &[entry(&body, &node, false)])
+            .is_empty());
+        let ev = m.handle_snapshot(t0 + NEVER_LIVE_GRACE, &[entry(&body, &node, false)]);
+        assert_eq!(ev, vec![Event::Down { name: "n3".into() }]);
+        assert!(m
+            .desired_peers(t0 + NEVER_LIVE_GRACE + Duration::from_secs(60), &[])
+            .is_empty());
     }
 
     #[test]

@@ -643,7 +643,7 @@ impl Node {
                     peer.and_then(|p| p.endpoint)
                 };
                 let (path_text, relay, why) = match path {
-                    _ if is_self => (None, None, None),
+                    _ if is_self || state == MemberState::Down => (None, None, None),
                     Some(Path::Direct) => (Some("direct".to_string()), None, None),
                     Some(Path::Relayed { via }) => (
                         Some("relayed".to_string()),
