@@ -288,15 +288,11 @@ impl Membership {
             // it NEVER_LIVE_GRACE, then it is down like any other (e.g. it
             // died before we joined).
             let first = *m.first_checked.get_or_insert(now);
-            if live || now.saturating_duration_since(first) >= NEVER_LIVE_GRACE {
-                m.seen_live = true;
-            }
-            if live {
+            let overdue = now.saturating_duration_since(first) >= NEVER_LIVE_GRACE;
+            m.seen_live = live || overdue;
+            if !overdue {
                 return;
             }
-        }
-        if !m.seen_live {
-            return;
         }
         match (m.liveness, live) {
             (Liveness::Live, false) => {

@@ -144,6 +144,7 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()>) -> anyho
     }
     let mut reach: Vec<SocketAddr> = seed_addrs.clone();
     reach.extend(state.known_members.iter().copied());
+    reach.sort();
     reach.dedup();
 
     let advertise = cfg
@@ -526,7 +527,8 @@ impl Node {
 
         // Never alone for good: with no live member, knock on every address
         // we know (seeds and last-known members), with backoff.
-        let live = self.gossip.n_live_peers().await;
+        let me = self.id.node_id();
+        let live = entries.iter().filter(|e| e.live && e.node_id != me).count();
         if live == 0 {
             if Instant::now() >= self.next_reach {
                 let mut addrs = self.seed_addrs.clone();

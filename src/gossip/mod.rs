@@ -120,13 +120,6 @@ impl Gossip {
             .collect()
     }
 
-    /// Number of other nodes the failure detector holds live.
-    pub async fn n_live_peers(&self) -> usize {
-        let chitchat = self.handle.chitchat();
-        let guard = chitchat.lock().await;
-        guard.live_nodes().count().saturating_sub(1)
-    }
-
     /// Starts a gossip round with `addr` now (used to find the mesh again).
     pub fn gossip_to(&self, addr: SocketAddr) {
         if let Err(e) = self.handle.gossip(addr) {

@@ -89,17 +89,11 @@ pub fn probe(kind: Kind) -> Result<ProbeResult> {
     let _guard = RunGuard {
         prefix: prefix.clone(),
     };
-    let mut mix = Mix {
-        public: 1,
-        nat: 0,
-        cgnat: 0,
-        symmetric: 0,
-    };
-    match kind {
-        Kind::Public => mix.public = 3,
-        Kind::Nat => mix.nat = 2,
-        Kind::Cgnat => mix.cgnat = 2,
-        Kind::Symmetric => mix.symmetric = 2,
+    // One public host to talk to, plus the kind under test (3 public hosts
+    // when public is the kind under test).
+    let mut mix = Mix::only(kind, if kind == Kind::Public { 3 } else { 2 });
+    if kind != Kind::Public {
+        mix.public = 1;
     }
     let opts = TopoOptions {
         kind: "mixed".into(),

@@ -55,7 +55,7 @@ impl Kind {
 }
 
 /// Percentages of each kind (need not sum to 100: they are weights).
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq)]
 pub struct Mix {
     pub public: u32,
     pub nat: u32,
@@ -64,13 +64,20 @@ pub struct Mix {
 }
 
 impl Mix {
+    /// A mix of one kind only, with this weight.
+    pub fn only(kind: Kind, weight: u32) -> Mix {
+        let mut m = Mix::default();
+        match kind {
+            Kind::Public => m.public = weight,
+            Kind::Nat => m.nat = weight,
+            Kind::Cgnat => m.cgnat = weight,
+            Kind::Symmetric => m.symmetric = weight,
+        }
+        m
+    }
+
     pub fn parse(s: &str) -> Result<Mix> {
-        let mut m = Mix {
-            public: 0,
-            nat: 0,
-            cgnat: 0,
-            symmetric: 0,
-        };
+        let mut m = Mix::default();
         for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             let (k, v) = part
                 .split_once('=')
@@ -138,21 +145,7 @@ pub struct TopoOptions {
 
 impl TopoOptions {
     pub fn mix_for_kind(&self) -> Result<Mix> {
-        let one = |k: Kind| {
-            let mut m = Mix {
-                public: 0,
-                nat: 0,
-                cgnat: 0,
-                symmetric: 0,
-            };
-            match k {
-                Kind::Public => m.public = 1,
-                Kind::Nat => m.nat = 1,
-                Kind::Cgnat => m.cgnat = 1,
-                Kind::Symmetric => m.symmetric = 1,
-            }
-            m
-        };
+        let one = |k: Kind| Mix::only(k, 1);
         Ok(match self.kind.as_str() {
             "flat" | "public" => one(Kind::Public),
             "nat" => one(Kind::Nat),
