@@ -11,6 +11,7 @@
 
 mod cleanup;
 mod nodes;
+mod pairs;
 mod pinger;
 mod poller;
 mod probe;
@@ -351,6 +352,8 @@ fn cmd_topo(nodes: usize, kind: &str, mix: Option<String>, rate: f64, hold: bool
         udp_stream_timeout_secs: None,
         seed: 1,
         home_size_exact: false,
+        home_sizes: Default::default(),
+        stun_server: false,
     };
     let plan = Plan::new(&prefix, &opts)?;
     let build = plan.build()?;
@@ -428,6 +431,25 @@ fn cmd_run(a: RunArgs) -> Result<i32> {
     {
         progs.push("conntrack");
     }
+    if sc.steps.iter().any(|s| {
+        matches!(
+            s,
+            scenario::Step::FlushNat | scenario::Step::ChangePublicAddress { .. }
+        )
+    }) && !progs.contains(&"conntrack")
+    {
+        progs.push("conntrack");
+    }
+    if sc.topology.stun_server.is_some() {
+        progs.push("turnserver");
+    }
+    if sc
+        .steps
+        .iter()
+        .any(|s| matches!(s, scenario::Step::StunClient { .. }))
+    {
+        progs.push("stun");
+    }
     preflight(&progs)?;
     let bin = a.meshpeer_bin.clone().unwrap_or_else(default_meshpeer_bin);
     if !bin.is_file() {
@@ -478,6 +500,17 @@ fn cmd_run(a: RunArgs) -> Result<i32> {
         "topology: {} namespaces, {} veth pairs, built in {build_secs:.2}s",
         plan.counts.namespaces, plan.counts.veth_pairs
     );
+    let stun_server = match &plan.stun {
+        Some((stun_ns, addr)) => {
+            let v = start_coturn(stun_ns, *addr, &work)?;
+            println!("STUN server (coturn, STUN only) at {addr}:3478 in {stun_ns}");
+            sc.nodes
+                .extra_args
+                .extend(["--stun-server".to_string(), format!("{addr}:3478")]);
+            Some(v)
+        }
+        None => None,
+    };
     let ns: Vec<String> = plan.nodes.iter().map(|n| n.ns.clone()).collect();
     let pinger = pinger::Pinger::start(&ns, sc.measure.ping_rate)?;
     let floor = if sc.measure.floor && !a.no_floor {
@@ -507,6 +540,12 @@ fn cmd_run(a: RunArgs) -> Result<i32> {
         }
     }
     drop(pinger);
+    let stun_server = stun_server.map(|mut v| {
+        if let Some((stun_ns, _)) = &plan.stun {
+            v["counters"] = runner::stun_counters(stun_ns);
+        }
+        v
+    });
     let destroy_secs = plan.destroy();
     let ok = runs.iter().all(|r| r.ok);
     if !ok || a.keep_logs {
@@ -529,6 +568,7 @@ fn cmd_run(a: RunArgs) -> Result<i32> {
             "nodes": plan.nodes.iter().map(|n| json!({"index": n.index, "kind": n.kind, "underlay": n.underlay, "public_ip": n.public_ip, "routers": n.routers, "isp": n.isp})).collect::<Vec<_>>(),
         }),
         floor,
+        stun_server,
         runs,
         ok,
     };
@@ -546,6 +586,67 @@ fn cmd_run(a: RunArgs) -> Result<i32> {
     println!("summary: {}", out.join("summary.txt").display());
     println!("plot:    {}", out.join("reachability.svg").display());
     Ok(if ok { 0 } else { 1 })
+}
+
+/// Starts Debian's coturn (`turnserver`) STUN-only, without auth, in the
+/// STUN host's namespace, with nftables counters for STUN requests in and
+/// answers out, and waits (up to 10 s) until it listens on UDP 3478.
+fn start_coturn(ns: &str, addr: std::net::Ipv4Addr, work: &Path) -> Result<serde_json::Value> {
+    sys::nft_in(
+        ns,
+        "table ip tnstun {\n chain inp { type filter hook input priority 0; policy accept; udp dport 3478 counter; }\n chain out { type filter hook output priority 0; policy accept; udp sport 3478 counter; }\n}\n",
+    )?;
+    let log = work.join("coturn.log");
+    let args: Vec<String> = [
+        "--stun-only",
+        "--no-auth",
+        "--listening-ip",
+        &addr.to_string(),
+        "--listening-port",
+        "3478",
+        "--no-cli",
+        "--no-tls",
+        "--no-dtls",
+        "--no-stdout-log",
+        "--simple-log",
+        "--log-file",
+        &log.display().to_string(),
+        "--pidfile",
+        &work.join("coturn.pid").display().to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let out = std::fs::File::create(work.join("coturn.out"))?;
+    let mut c = sys::command_in(ns, "turnserver", &args)?;
+    c.stdin(std::process::Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out);
+    let child = c.spawn().context("starting turnserver (coturn)")?;
+    let pid = child.id();
+    // The child is killed with the topology (every process in its
+    // namespaces); forget the handle.
+    std::mem::forget(child);
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let ss = sys::run_in(ns, "ss", &["-Hlun"]).unwrap_or_default();
+        if ss.contains(&format!("{addr}:3478")) {
+            break;
+        }
+        if std::time::Instant::now() >= end {
+            bail!(
+                "turnserver did not listen on {addr}:3478 within 10 s: {}",
+                std::fs::read_to_string(work.join("coturn.out")).unwrap_or_default()
+            );
+        }
+        sys::sleep_ms(100);
+    }
+    let version =
+        sys::run(std::process::Command::new("dpkg-query").args(["-W", "-f=${Version}", "coturn"]))
+            .unwrap_or_default();
+    Ok(
+        json!({"software": "coturn", "version": version.trim(), "addr": format!("{addr}:3478"), "namespace": ns, "pid": pid}),
+    )
 }
 
 fn copy_dir(from: &Path, to: &Path) {

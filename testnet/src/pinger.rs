@@ -87,6 +87,9 @@ pub struct State {
     /// When the pinger last resumed after a pause: the time line waits one
     /// reach window after it (old replies would read as unreachable pairs).
     pub resumed_at: f64,
+    /// The last `set_mark`: `first_since_mark` counts only replies to echo
+    /// requests sent at or after it.
+    pub mark: f64,
 }
 
 impl State {
@@ -246,6 +249,7 @@ impl Pinger {
             send_errors: 0,
             paused: true,
             resumed_at: f64::NEG_INFINITY,
+            mark: 0.0,
         }));
         let stop = Arc::new(AtomicBool::new(false));
         let (s2, st2) = (state.clone(), stop.clone());
@@ -276,6 +280,7 @@ impl Pinger {
         s.send_errors = 0;
         s.paused = false;
         s.resumed_at = f64::NEG_INFINITY;
+        s.mark = 0.0;
     }
 
     pub fn now(&self) -> f64 {
@@ -307,6 +312,7 @@ impl Pinger {
         for p in s.pairs.iter_mut() {
             p.first_since_mark = NONE;
         }
+        s.mark = now;
         now
     }
 
@@ -489,6 +495,7 @@ fn run_loop(state: Arc<Mutex<State>>, stop: Arc<AtomicBool>) {
                     continue;
                 }
                 s.received += 1;
+                let mark = s.mark;
                 let p = &mut s.pairs[src * n + dst];
                 if sent_at < p.since {
                     continue; // a reply to a probe from before the pair's reset
@@ -496,7 +503,7 @@ fn run_loop(state: Arc<Mutex<State>>, stop: Arc<AtomicBool>) {
                 if p.first_reply < 0.0 {
                     p.first_reply = now;
                 }
-                if p.first_since_mark < 0.0 {
+                if p.first_since_mark < 0.0 && sent_at >= mark {
                     p.first_since_mark = now;
                 }
                 p.last_reply = now;

@@ -31,6 +31,25 @@ pub struct Obs {
     pub relayed: usize,
     pub backend: String,
     pub peers: Option<HashSet<String>>,
+    /// member name → its path as this node sees it
+    pub paths: HashMap<String, MemberPath>,
+    /// This node's NAT as it measured it, and its mapped endpoints.
+    pub nat: String,
+    pub mapped: Vec<String>,
+    pub listen_port: Option<u16>,
+}
+
+/// One member's path in a node's `status`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct MemberPath {
+    pub state: String,
+    /// "direct", "relayed", "trying" or null
+    pub path: Option<String>,
+    pub relay: Option<String>,
+    pub why_not_direct: Option<String>,
+    pub endpoint: Option<String>,
+    pub nat: Option<String>,
+    pub last_handshake_secs: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -145,6 +164,21 @@ fn parse(v: &Value, t: f64) -> Obs {
         .and_then(Value::as_str)
         .unwrap_or("")
         .to_string();
+    let st = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).map(str::to_string);
+    o.nat = st(v, "nat").unwrap_or_default();
+    o.mapped = v
+        .get("mapped_endpoints")
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    o.listen_port = v
+        .get("listen_port")
+        .and_then(Value::as_u64)
+        .map(|p| p as u16);
     if let Some(me) = v.get("self") {
         o.overlay_ip = me
             .get("overlay_ip")
@@ -187,6 +221,24 @@ fn parse(v: &Value, t: f64) -> Obs {
                 Some(p) if p.contains("relay") => o.relayed += 1,
                 _ => {}
             }
+            o.paths.insert(
+                name.clone(),
+                MemberPath {
+                    state: st.clone(),
+                    path: m.get("path").and_then(Value::as_str).map(str::to_string),
+                    relay: m.get("relay").and_then(Value::as_str).map(str::to_string),
+                    why_not_direct: m
+                        .get("why_not_direct")
+                        .and_then(Value::as_str)
+                        .map(str::to_string),
+                    endpoint: m
+                        .get("endpoint")
+                        .and_then(Value::as_str)
+                        .map(str::to_string),
+                    nat: m.get("nat").and_then(Value::as_str).map(str::to_string),
+                    last_handshake_secs: m.get("last_handshake_secs").and_then(Value::as_u64),
+                },
+            );
             o.members.insert(name, (st, key));
         }
     }

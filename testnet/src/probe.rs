@@ -106,6 +106,8 @@ pub fn probe(kind: Kind) -> Result<ProbeResult> {
         udp_stream_timeout_secs: Some(TIMEOUT_SECS),
         seed: 7,
         home_size_exact: true,
+        home_sizes: Default::default(),
+        stun_server: false,
     };
     let plan = Plan::new(&prefix, &opts)?;
     plan.build()?;

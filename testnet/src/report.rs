@@ -20,6 +20,8 @@ pub struct Report {
     pub machine: Value,
     pub topology: Value,
     pub floor: Option<Value>,
+    /// The coturn STUN server, when the topology has one.
+    pub stun_server: Option<Value>,
     pub runs: Vec<EngineResult>,
     pub ok: bool,
 }
@@ -106,6 +108,193 @@ pub fn summary(r: &Report) -> String {
                         0.0
                     }
                 );
+            }
+        }
+        if let Some(m) = &run.pair_matrix {
+            let _ = writeln!(
+                s,
+                "pair-type matrix (ordered pairs; path = the sender's `meshpeer status`; first reply from the later node's start):"
+            );
+            let _ = writeln!(
+                s,
+                "  {:<42} {:>5} {:>9} {:>6} {:>7} {:>5} {:>8} {:>9} {:>9} {:>8}",
+                "pair type",
+                "pairs",
+                "reachable",
+                "direct",
+                "relayed",
+                "other",
+                "expected",
+                "ttfr p50",
+                "ttfr max",
+                "mismatch"
+            );
+            for row in m["rows"].as_array().into_iter().flatten() {
+                let u = |k: &str| {
+                    row[k]
+                        .as_u64()
+                        .map(|x| x.to_string())
+                        .unwrap_or_else(|| "n/a".into())
+                };
+                let _ = writeln!(
+                    s,
+                    "  {:<42} {:>5} {:>9} {:>6} {:>7} {:>5} {:>8} {:>9} {:>9} {:>8}",
+                    row["type"].as_str().unwrap_or(""),
+                    u("pairs"),
+                    u("reached"),
+                    u("direct"),
+                    u("relayed"),
+                    u("other"),
+                    row["expected"].as_str().unwrap_or(""),
+                    f(&row["first_reply_p50_secs"]),
+                    f(&row["first_reply_max_secs"]),
+                    u("mismatched"),
+                );
+            }
+            let flagged = m["flagged"].as_array().cloned().unwrap_or_default();
+            for fl in flagged.iter().take(30) {
+                let st = &fl["status"];
+                let _ = writeln!(
+                    s,
+                    "  FLAG {} {}: expected {}, status says {}{}{}",
+                    fl["pair"].as_str().unwrap_or(""),
+                    fl["type"].as_str().unwrap_or(""),
+                    fl["expected"].as_str().unwrap_or(""),
+                    fl["path"].as_str().unwrap_or(""),
+                    st["relay"]
+                        .as_str()
+                        .map(|r| format!(" via {r}"))
+                        .unwrap_or_default(),
+                    st["why_not_direct"]
+                        .as_str()
+                        .map(|w| format!(" ({w})"))
+                        .unwrap_or_default(),
+                );
+            }
+            if flagged.len() > 30 {
+                let _ = writeln!(
+                    s,
+                    "  ... {} more flagged pairs in report.json",
+                    flagged.len() - 30
+                );
+            }
+            for u in m["unreached"].as_array().into_iter().flatten().take(20) {
+                let _ = writeln!(
+                    s,
+                    "  UNREACHED {} {}: sender's status says {}, receiver's says {}",
+                    u["pair"].as_str().unwrap_or(""),
+                    u["type"].as_str().unwrap_or(""),
+                    u["sender_sees"].as_str().unwrap_or(""),
+                    u["receiver_sees"].as_str().unwrap_or("")
+                );
+            }
+        }
+        for rc in &run.recoveries {
+            let _ = writeln!(
+                s,
+                "recovery after {} (t={} s): {}/{} affected ordered pairs replied again ({} within 30 s); p50 {} s, max {} s{}",
+                rc["event"].as_str().unwrap_or(""),
+                f(&rc["t"]),
+                rc["recovered"],
+                rc["affected_pairs"],
+                rc["recovered_within_30s"],
+                f(&rc["p50_secs"]),
+                f(&rc["max_secs"]),
+                if rc["not_recovered"].as_array().map(|a| a.is_empty()).unwrap_or(true) {
+                    String::new()
+                } else {
+                    format!(" (max of the recovered: {} s)", f(&rc["max_of_recovered_secs"]))
+                }
+            );
+            let slow: Vec<String> = rc["slowest"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .take(5)
+                .map(|x| {
+                    format!(
+                        "{} {} {} s",
+                        x["pair"].as_str().unwrap_or(""),
+                        x["type"].as_str().unwrap_or(""),
+                        f(&x["secs"])
+                    )
+                })
+                .collect();
+            if !slow.is_empty() {
+                let _ = writeln!(s, "  slowest: {}", slow.join("; "));
+            }
+            for m in rc["not_recovered"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .take(10)
+            {
+                let _ = writeln!(
+                    s,
+                    "  NOT RECOVERED {} {}: sender sees {} (endpoint {}), receiver sees {} (endpoint {})",
+                    m["pair"].as_str().unwrap_or(""),
+                    m["type"].as_str().unwrap_or(""),
+                    m["path_i_sees"].as_str().unwrap_or(""),
+                    m["status_i_sees"]["endpoint"],
+                    m["path_j_sees"].as_str().unwrap_or(""),
+                    m["status_j_sees"]["endpoint"],
+                );
+            }
+        }
+        for st in &run.steps {
+            match st.action.as_str() {
+                "check_nat" => {
+                    let r = &st.result;
+                    let rows = r["nodes"].as_array().cloned().unwrap_or_default();
+                    let good = rows.iter().filter(|v| v["ok"] == true).count();
+                    let _ = writeln!(
+                        s,
+                        "step {} check_nat: {good}/{} nodes show the expected NAT kind and public address; STUN server counters {}",
+                        st.index,
+                        rows.len(),
+                        r["stun_server_counters"]
+                    );
+                    for v in rows.iter().filter(|v| v["ok"] != true) {
+                        let _ = writeln!(
+                            s,
+                            "  n{} ({}): nat {} mapped {}; want {} at {}",
+                            v["node"],
+                            v["kind"].as_str().unwrap_or(""),
+                            v["nat"],
+                            v["mapped_endpoints"],
+                            v["want_nat"],
+                            v["want_public_ip"]
+                        );
+                    }
+                }
+                "stun_client" => {
+                    for c in st.result["clients"].as_array().into_iter().flatten() {
+                        let _ = writeln!(
+                            s,
+                            "step {} stun_client: `stun {} -v` from n{} printed mapped address {} (NAT public address {}): {}",
+                            st.index,
+                            c["server"].as_str().unwrap_or(""),
+                            c["client"],
+                            c["mapped"].as_str().unwrap_or("none"),
+                            c["want_ip"].as_str().unwrap_or(""),
+                            if c["ok"] == true { "OK" } else { "WRONG" }
+                        );
+                    }
+                }
+                "change_public_address" => {
+                    for c in st.result["routers"].as_array().into_iter().flatten() {
+                        let _ = writeln!(
+                            s,
+                            "step {} change_public_address: {} {} -> {} (nodes behind it: {})",
+                            st.index,
+                            c["router"].as_str().unwrap_or(""),
+                            c["old"].as_str().unwrap_or(""),
+                            c["new"].as_str().unwrap_or(""),
+                            st.result["nodes_behind"]
+                        );
+                    }
+                }
+                _ => {}
             }
         }
         for e in &run.failure_detection {

@@ -46,6 +46,13 @@ pub struct EngineResult {
     /// The first wait_converged: per-pair time to first reply from scenario start.
     pub convergence: Option<Value>,
     pub pair_classes: Vec<Value>,
+    /// Per pair type: reachable, direct, relayed, expected path, time to
+    /// first reply; pairs whose path differs from the expected one. From the
+    /// last `expect_paths` step, else from the end of the run.
+    pub pair_matrix: Option<Value>,
+    /// After `change_public_address` / `flush_nat`: how long the affected
+    /// pairs took to reply again (measured by the next `wait_converged`).
+    pub recoveries: Vec<Value>,
     pub failure_detection: Vec<Value>,
     pub steady: Option<Value>,
     pub overhead: Value,
@@ -76,6 +83,23 @@ pub struct Ctx<'a> {
     failures: Vec<Value>,
     steady: Option<Value>,
     crashes: Vec<Value>,
+    pair_matrix: Option<Value>,
+    recoveries: Vec<Value>,
+    /// Set by a step that took the "since" mark itself (just before its
+    /// change), so the runner does not take it again after the step.
+    self_marked: bool,
+    /// A change whose affected pairs the next `wait_converged` times.
+    pending_recovery: Option<PendingRecovery>,
+    /// Renumberings so far per ISP (fresh address slots).
+    renumbered: BTreeMap<usize, usize>,
+    /// Current public address of routers that were renumbered.
+    public_now: BTreeMap<String, std::net::Ipv4Addr>,
+}
+
+struct PendingRecovery {
+    event: String,
+    t: f64,
+    pairs: Vec<(usize, usize)>,
 }
 
 impl<'a> Ctx<'a> {
@@ -255,6 +279,103 @@ impl<'a> Ctx<'a> {
             .collect()
     }
 
+    /// Node i's public address now (its own, or its outermost router's,
+    /// after any renumbering).
+    fn public_ip_now(&self, i: usize) -> std::net::Ipv4Addr {
+        let n = &self.plan.nodes[i];
+        n.outer_router()
+            .and_then(|r| self.public_now.get(r).copied())
+            .unwrap_or(n.public_ip)
+    }
+
+    /// Takes the "since" mark now (before a change), so replies to echo
+    /// requests sent before the change do not count as recovered.
+    fn mark_now(&mut self) -> f64 {
+        self.mark = self.pinger.set_mark();
+        if let Some(p) = &self.poller {
+            p.mark_membership(self.mark);
+        }
+        self.self_marked = true;
+        self.mark
+    }
+
+    fn matrix_now(&self) -> Value {
+        let live = self.nodes.live();
+        let ping = self.pinger.state.lock().unwrap();
+        match &self.poller {
+            Some(p) => {
+                let poll = p.state.lock().unwrap();
+                crate::pairs::matrix(&self.plan.nodes, &live, &ping, Some(&poll))
+            }
+            None => crate::pairs::matrix(&self.plan.nodes, &live, &ping, None),
+        }
+    }
+
+    /// The recovery figure of a pending change, at the end of a wait_converged.
+    fn recovery(&self, rec: &PendingRecovery) -> Value {
+        let live = self.nodes.live();
+        let mut times: Vec<(f64, usize, usize)> = vec![];
+        let mut missing: Vec<Value> = vec![];
+        for &(i, j) in &rec.pairs {
+            if !live.contains(&i) || !live.contains(&j) {
+                continue;
+            }
+            let t = self.pinger.with(|s| s.pair(i, j).first_since_mark);
+            if t >= 0.0 {
+                times.push((t - rec.t, i, j));
+            } else {
+                let (a, b) = (&self.plan.nodes[i], &self.plan.nodes[j]);
+                let (pij, dij, pji, dji) = match &self.poller {
+                    Some(p) => p.with(|s| {
+                        let (x, dx) = crate::pairs::observed(s, i, j);
+                        let (y, dy) = crate::pairs::observed(s, j, i);
+                        (x, dx, y, dy)
+                    }),
+                    None => ("n/a".into(), Value::Null, "n/a".into(), Value::Null),
+                };
+                missing.push(json!({
+                    "pair": format!("n{i}->n{j}"),
+                    "type": crate::pairs::pair_type(a, b),
+                    "path_i_sees": pij, "status_i_sees": dij,
+                    "path_j_sees": pji, "status_j_sees": dji,
+                }));
+            }
+        }
+        times.sort_by(|a, b| a.0.partial_cmp(&b.0).unwrap());
+        let secs: Vec<f64> = times.iter().map(|t| t.0).collect();
+        let q = |p: f64| -> Option<f64> {
+            if secs.is_empty() {
+                None
+            } else {
+                Some(secs[((secs.len() as f64 - 1.0) * p).round() as usize])
+            }
+        };
+        let slowest: Vec<Value> = times
+            .iter()
+            .rev()
+            .take(10)
+            .map(|(t, i, j)| {
+                json!({"pair": format!("n{i}->n{j}"), "secs": t,
+                       "type": crate::pairs::pair_type(&self.plan.nodes[*i], &self.plan.nodes[*j])})
+            })
+            .collect();
+        let total = secs.len() + missing.len();
+        json!({
+            "event": rec.event,
+            "t": rec.t,
+            "affected_pairs": total,
+            "recovered": secs.len(),
+            "recovered_within_30s": secs.iter().filter(|t| **t <= 30.0).count(),
+            "p50_secs": q(0.5),
+            "max_secs": if missing.is_empty() { q(1.0) } else { None },
+            "max_of_recovered_secs": q(1.0),
+            "slowest": slowest,
+            "not_recovered": missing,
+            "resolution_secs": self.pinger.with(|s| s.retry.max(s.keep)),
+            "note": "seconds from the change to the first echo reply (to a request sent after the change) per affected ordered pair",
+        })
+    }
+
     fn run_step(&mut self, idx: usize, step: &Step) -> Result<(bool, Value)> {
         let t_start = self.now();
         Ok(match step {
@@ -349,6 +470,19 @@ impl<'a> Ctx<'a> {
                     self.first_convergence = Some(conv);
                     self.pair_classes = self.class_table();
                 }
+                if let Some(rec) = self.pending_recovery.take() {
+                    let v = self.recovery(&rec);
+                    self.marker(format!(
+                        "after {}: {}/{} affected pairs replied again, p50 {}, max {}",
+                        rec.event,
+                        v["recovered"],
+                        v["affected_pairs"],
+                        fmt_opt(v["p50_secs"].as_f64()),
+                        fmt_opt(v["max_secs"].as_f64())
+                    ));
+                    r["recovery"] = v.clone();
+                    self.recoveries.push(v);
+                }
                 let msg = format!(
                     "wait_converged: {done}/{total} pairs replied{}{}",
                     pairs_done_at.map(|t| format!(", all pairs at +{:.2}s", t - mark)).unwrap_or_default(),
@@ -418,9 +552,184 @@ impl<'a> Ctx<'a> {
                 (true, json!({}))
             }
             Step::FlushNat => {
+                let t = self.mark_now();
                 let n = self.plan.flush_nat()?;
+                let live = self.nodes.live();
+                let pairs: Vec<(usize, usize)> = live
+                    .iter()
+                    .flat_map(|&i| live.iter().map(move |&j| (i, j)))
+                    .filter(|&(i, j)| i != j && (!self.plan.nodes[i].routers.is_empty() || !self.plan.nodes[j].routers.is_empty()))
+                    .collect();
+                self.pending_recovery = Some(PendingRecovery { event: "flush_nat".into(), t, pairs });
                 self.marker(format!("flush NAT mappings ({n} routers)"));
                 (true, json!({"routers": n}))
+            }
+            Step::ChangePublicAddress { select } => {
+                let live = self.nodes.live();
+                let pool: Vec<usize> = live.iter().copied().filter(|i| self.plan.nodes[*i].outer_router().is_some()).collect();
+                let chosen = self.select(select, &pool);
+                let mut routers: Vec<String> = chosen.iter().filter_map(|i| self.plan.nodes[*i].outer_router().map(str::to_string)).collect();
+                routers.sort();
+                routers.dedup();
+                let behind: Vec<usize> = live
+                    .iter()
+                    .copied()
+                    .filter(|i| self.plan.nodes[*i].outer_router().map(|r| routers.iter().any(|x| x == r)).unwrap_or(false))
+                    .collect();
+                let t = self.mark_now();
+                let mut changes = vec![];
+                for r in &routers {
+                    let isp = self.plan.hosts.iter().find(|h| &h.ns == r).map(|h| h.isp).unwrap_or(0);
+                    let k = self.renumbered.entry(isp).or_insert(0);
+                    let extra = *k;
+                    *k += 1;
+                    let (old, new) = self.plan.renumber(r, extra)?;
+                    self.public_now.insert(r.clone(), new);
+                    changes.push(json!({"router": r, "old": old, "new": new}));
+                    self.marker(format!("public address of {r}: {old} -> {new}"));
+                }
+                let pairs: Vec<(usize, usize)> = live
+                    .iter()
+                    .flat_map(|&i| live.iter().map(move |&j| (i, j)))
+                    .filter(|&(i, j)| i != j && (behind.contains(&i) || behind.contains(&j)))
+                    .collect();
+                self.pending_recovery = Some(PendingRecovery { event: "change_public_address".into(), t, pairs });
+                (true, json!({"nodes": chosen, "routers": changes, "nodes_behind": behind, "secs": self.now() - t}))
+            }
+            Step::ExpectPaths { deadline_secs, stable_secs, required } => {
+                if self.poller.is_none() {
+                    return Ok((true, json!({"skipped": "no path view for this engine"})));
+                }
+                let t0 = self.now();
+                let stable = *stable_secs;
+                let mut good_since: Option<f64> = None;
+                let ok = self.wait(*deadline_secs, |c| {
+                    let fresh = c.poller.as_ref().unwrap().with(|s| {
+                        c.nodes.live().iter().all(|i| s.obs[*i].as_ref().map(|o| o.t >= t0).unwrap_or(false))
+                    });
+                    let m = c.matrix_now();
+                    let good = fresh && m["mismatched"] == json!(0) && m["reached"] == m["pairs"];
+                    let now = c.now();
+                    if !good {
+                        good_since = None;
+                        return false;
+                    }
+                    let since = *good_since.get_or_insert(now);
+                    now - since >= stable
+                });
+                let m = self.matrix_now();
+                let settled = good_since.map(|t| t - t0);
+                let n_bad = m["flagged"].as_array().map(Vec::len).unwrap_or(0);
+                self.marker(format!(
+                    "expect_paths: {} of {} ordered pairs on the expected path{}",
+                    m["pairs"].as_u64().unwrap_or(0) as usize - n_bad,
+                    m["pairs"],
+                    settled.map(|t| format!(", all from +{t:.1}s")).unwrap_or_default()
+                ));
+                if !ok {
+                    let flagged: Vec<String> = m["flagged"]
+                        .as_array()
+                        .map(|a| a.iter().take(12).map(|f| format!("{} {} expected {} got {}", f["pair"].as_str().unwrap_or(""), f["type"].as_str().unwrap_or(""), f["expected"].as_str().unwrap_or(""), f["path"].as_str().unwrap_or(""))).collect())
+                        .unwrap_or_default();
+                    let msg = format!(
+                        "step {idx} expect_paths: {n_bad} pairs not on the expected path, {} of {} pairs reached, after {deadline_secs}s: {}",
+                        m["reached"], m["pairs"], flagged.join("; ")
+                    );
+                    println!("  {msg}");
+                    if *required {
+                        self.errors.push(msg);
+                    }
+                }
+                self.pair_matrix = Some(m.clone());
+                (ok || !*required, json!({"ok": ok, "settled_after_secs": settled, "matrix": m}))
+            }
+            Step::CheckNat { deadline_secs, required } => {
+                let Some(_) = &self.poller else {
+                    return Ok((true, json!({"skipped": "no status for this engine"})));
+                };
+                let t0 = self.now();
+                let check = |c: &Ctx| -> Vec<Value> {
+                    let live = c.nodes.live();
+                    c.poller.as_ref().unwrap().with(|s| {
+                        live.iter()
+                            .map(|&i| {
+                                let n = &c.plan.nodes[i];
+                                let want_nat = match n.kind {
+                                    Kind::Public => "public",
+                                    Kind::Symmetric => "symmetric",
+                                    _ => "endpoint-independent",
+                                };
+                                let want_ip = c.public_ip_now(i);
+                                let (nat, mapped, fresh) = match &s.obs[i] {
+                                    Some(o) => (o.nat.clone(), o.mapped.clone(), o.t >= t0),
+                                    None => (String::new(), vec![], false),
+                                };
+                                let ips: Vec<String> = mapped.iter().map(|m| m.rsplit_once(':').map(|x| x.0.to_string()).unwrap_or_default()).collect();
+                                let ip_ok = if n.kind == Kind::Public {
+                                    ips.iter().all(|ip| *ip == want_ip.to_string())
+                                } else {
+                                    !ips.is_empty() && ips[0] == want_ip.to_string()
+                                };
+                                json!({"node": i, "kind": n.kind, "want_nat": want_nat, "nat": nat, "want_public_ip": want_ip,
+                                       "mapped_endpoints": mapped, "ok": fresh && nat == want_nat && ip_ok})
+                            })
+                            .collect()
+                    })
+                };
+                let ok = self.wait(*deadline_secs, |c| check(c).iter().all(|v| v["ok"] == true));
+                let rows = check(self);
+                let bad: Vec<String> = rows.iter().filter(|v| v["ok"] != true).map(|v| format!("n{} ({}): nat {} mapped {} (want {} at {})", v["node"], v["kind"].as_str().unwrap_or(""), v["nat"], v["mapped_endpoints"], v["want_nat"], v["want_public_ip"])).collect();
+                self.marker(format!("check_nat: {} of {} nodes show the expected NAT kind and public address", rows.len() - bad.len(), rows.len()));
+                if !ok {
+                    let msg = format!("step {idx} check_nat: {}", bad.join("; "));
+                    println!("  {msg}");
+                    if *required {
+                        self.errors.push(msg);
+                    }
+                }
+                let counters = self.plan.stun.as_ref().map(|(ns, _)| stun_counters(ns));
+                (ok || !*required, json!({"ok": ok, "nodes": rows, "stun_server_counters": counters}))
+            }
+            Step::StunClient { select, server, required } => {
+                let live = self.nodes.live();
+                let want_kind = select.kind.or(Some(Kind::Nat));
+                let pool: Vec<usize> = live.iter().copied().filter(|i| !self.plan.nodes[*i].routers.is_empty()).collect();
+                let sel = Select { kind: want_kind, ..select.clone() };
+                let chosen = self.select(&sel, &pool);
+                let srv = *server;
+                let port = self.poller.as_ref().and_then(|p| p.with(|s| s.obs[srv].as_ref().and_then(|o| o.listen_port)));
+                let Some(port) = port else {
+                    bail!("stun_client: no WireGuard port known for n{srv}");
+                };
+                let target = format!("{}:{port}", self.plan.nodes[srv].underlay);
+                let mut rows = vec![];
+                let mut all_ok = !chosen.is_empty();
+                for &i in &chosen {
+                    let ns = self.plan.nodes[i].ns.clone();
+                    let (code, out) = sys::output_in(&ns, "stun", &[target.clone(), "-v".into()], Duration::from_secs(30))?;
+                    let mapped = out
+                        .lines()
+                        .find_map(|l| l.trim().strip_prefix("MappedAddress = ").map(|x| x.trim().to_string()));
+                    let want = self.public_ip_now(i);
+                    let ok = mapped.as_deref().and_then(|m| m.rsplit_once(':')).map(|(ip, _)| ip == want.to_string()).unwrap_or(false);
+                    all_ok &= ok;
+                    self.marker(format!(
+                        "stun_client: `stun {target}` from n{i} ({}) printed mapped address {} (NAT public address {want}): {}",
+                        self.plan.nodes[i].kind.as_str(),
+                        mapped.as_deref().unwrap_or("none"),
+                        if ok { "OK" } else { "WRONG" }
+                    ));
+                    let tail: String = out.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
+                    rows.push(json!({"client": i, "namespace": ns, "server": target, "exit": code, "mapped": mapped, "want_ip": want, "ok": ok, "output": tail}));
+                }
+                if !all_ok {
+                    let msg = format!("step {idx} stun_client: the stun client's mapped address is not the NAT's public address (or no client ran)");
+                    println!("  {msg}");
+                    if *required {
+                        self.errors.push(msg);
+                    }
+                }
+                (all_ok || !*required, json!({"ok": all_ok, "clients": rows}))
             }
             Step::WaitDetected { deadline_secs, required, peer_removal } => {
                 let Some(poller) = &self.poller else {
@@ -634,6 +943,12 @@ pub fn run_engine(
         failures: vec![],
         steady: None,
         crashes: vec![],
+        pair_matrix: None,
+        recoveries: vec![],
+        self_marked: false,
+        pending_recovery: None,
+        renumbered: BTreeMap::new(),
+        public_now: BTreeMap::new(),
     };
     println!(
         "== {} ({} nodes, {})",
@@ -668,7 +983,7 @@ pub fn run_engine(
             let t_start = c.now();
             let (ok, result) = c.run_step(idx, step)?;
             let t_end = c.now();
-            if step.disruptive() {
+            if step.disruptive() && !std::mem::take(&mut c.self_marked) {
                 c.mark = c.pinger.set_mark();
                 if let Some(p) = &c.poller {
                     p.mark_membership(c.mark);
@@ -690,6 +1005,9 @@ pub fn run_engine(
         println!("  error: {e:#}");
     }
     // Final observations.
+    if c.pair_matrix.is_none() && c.first_convergence.is_some() {
+        c.pair_matrix = Some(c.matrix_now());
+    }
     let live = c.nodes.live();
     let (backend, paths, handshakes) = match &c.poller {
         Some(p) => p.with(|s| {
@@ -750,6 +1068,8 @@ pub fn run_engine(
         steps,
         convergence: c.first_convergence,
         pair_classes: c.pair_classes,
+        pair_matrix: c.pair_matrix,
+        recoveries: c.recoveries,
         failure_detection: c.failures,
         steady: c.steady,
         overhead,
@@ -761,4 +1081,20 @@ pub fn run_engine(
         status_table,
         duration_secs: duration,
     })
+}
+
+/// nftables counters of the STUN host: (requests to udp/3478, answers from it).
+pub fn stun_counters(ns: &str) -> Value {
+    let out = sys::run_in(ns, "nft", &["list", "table", "ip", "tnstun"]).unwrap_or_default();
+    let nums: Vec<u64> = out
+        .lines()
+        .filter_map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            w.iter()
+                .position(|x| *x == "packets")
+                .and_then(|p| w.get(p + 1))
+                .and_then(|n| n.parse().ok())
+        })
+        .collect();
+    json!({"requests_in": nums.first(), "answers_out": nums.get(1)})
 }

@@ -7,7 +7,7 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::topology::{Kind, Mix, TopoOptions};
+use crate::topology::{HomeSizes, Kind, Mix, TopoOptions};
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -47,6 +47,16 @@ pub struct TopoSection {
     pub udp_stream_timeout_secs: Option<u32>,
     #[serde(default = "d_1")]
     pub seed: u64,
+    /// Every home gets exactly `nodes_per_home` nodes.
+    #[serde(default)]
+    pub home_size_exact: bool,
+    /// Explicit home sizes per kind, e.g. `{ nat = [2], cgnat = [2, 1] }`.
+    #[serde(default)]
+    pub home_sizes: HomeSizes,
+    /// "coturn": run Debian's coturn (`turnserver`, STUN only) on its own
+    /// internet host and give every meshpeer node `--stun-server ADDR:3478`.
+    #[serde(default)]
+    pub stun_server: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -186,6 +196,47 @@ pub enum Step {
         secs: f64,
         every_secs: f64,
     },
+    /// Give the router in front of the selected nodes (the outermost one:
+    /// the home router, or the CGNAT for a node behind CGNAT) a new public
+    /// address, drop the old one and flush its conntrack table. The next
+    /// `wait_converged` reports how long the affected pairs took to reply.
+    #[serde(alias = "renumber")]
+    ChangePublicAddress {
+        #[serde(flatten)]
+        select: Select,
+    },
+    /// Wait until every ordered pair's path in `meshpeer status` is the
+    /// expected one for its pair type (direct or relayed) and has stayed so
+    /// for `stable_secs`, or `deadline_secs` pass; every pair whose path
+    /// differs is flagged. `required`: the run fails on any mismatch.
+    ExpectPaths {
+        #[serde(default = "d_30f")]
+        deadline_secs: f64,
+        #[serde(default = "d_3f")]
+        stable_secs: f64,
+        #[serde(default = "d_true")]
+        required: bool,
+    },
+    /// Wait until every node's `status` shows the NAT kind and public
+    /// address the topology gives it (`self`/`nat`/`mapped_endpoints`).
+    CheckNat {
+        #[serde(default = "d_30f")]
+        deadline_secs: f64,
+        #[serde(default = "d_true")]
+        required: bool,
+    },
+    /// Run Debian's RFC 3489 `stun` client in the namespace of a node behind
+    /// NAT (selection; default: one random `nat` node) against node `server`'s
+    /// WireGuard port, and check the mapped address it prints is the NAT's
+    /// public address.
+    StunClient {
+        #[serde(flatten)]
+        select: Select,
+        #[serde(default)]
+        server: usize,
+        #[serde(default = "d_true")]
+        required: bool,
+    },
 }
 
 impl Step {
@@ -203,6 +254,10 @@ impl Step {
             Step::WaitDetected { .. } => "wait_detected",
             Step::MeasureSteady { .. } => "measure_steady",
             Step::Churn { .. } => "churn",
+            Step::ChangePublicAddress { .. } => "change_public_address",
+            Step::ExpectPaths { .. } => "expect_paths",
+            Step::CheckNat { .. } => "check_nat",
+            Step::StunClient { .. } => "stun_client",
         }
     }
     /// Does this step change the mesh (and so reset the convergence mark)?
@@ -213,6 +268,9 @@ impl Step {
                 | Step::Sleep { .. }
                 | Step::WaitDetected { .. }
                 | Step::MeasureSteady { .. }
+                | Step::ExpectPaths { .. }
+                | Step::CheckNat { .. }
+                | Step::StunClient { .. }
         )
     }
 }
@@ -250,6 +308,12 @@ fn d_1000() -> u64 {
 fn d_rate() -> f64 {
     2000.0
 }
+fn d_30f() -> f64 {
+    30.0
+}
+fn d_3f() -> f64 {
+    3.0
+}
 fn d_true() -> bool {
     true
 }
@@ -272,6 +336,11 @@ impl Scenario {
             bail!("nodes.start must be \"all\" or \"staggered\"");
         }
         self.topo_options()?.mix_for_kind()?;
+        if let Some(s) = &self.topology.stun_server {
+            if s != "coturn" {
+                bail!("topology.stun_server must be \"coturn\" (got {s:?})");
+            }
+        }
         Ok(())
     }
 
@@ -306,7 +375,9 @@ impl Scenario {
             udp_timeout_secs: t.udp_timeout_secs,
             udp_stream_timeout_secs: t.udp_stream_timeout_secs,
             seed: t.seed,
-            home_size_exact: false,
+            home_size_exact: t.home_size_exact,
+            home_sizes: t.home_sizes.clone(),
+            stun_server: t.stun_server.is_some(),
         })
     }
 }

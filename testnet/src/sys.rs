@@ -247,3 +247,63 @@ pub fn boost_this_thread() {
         libc::setpriority(libc::PRIO_PROCESS, tid, -10);
     }
 }
+
+/// Runs `prog args` inside namespace `ns` with a time limit and returns
+/// (exit code, stdout + stderr) whatever the exit status. The child dies
+/// with us (PR_SET_PDEATHSIG) and is killed at the deadline.
+pub fn output_in(
+    ns: &str,
+    prog: &str,
+    args: &[String],
+    limit: std::time::Duration,
+) -> Result<(Option<i32>, String)> {
+    let mut c = command_in(ns, prog, args)?;
+    c.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().with_context(|| format!("cannot run {prog}"))?;
+    let end = std::time::Instant::now() + limit;
+    let status = loop {
+        if let Some(st) = child.try_wait()? {
+            break Some(st);
+        }
+        if std::time::Instant::now() >= end {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        sleep_ms(50);
+    };
+    let mut text = String::new();
+    if let Some(mut o) = child.stdout.take() {
+        let _ = std::io::Read::read_to_string(&mut o, &mut text);
+    }
+    if let Some(mut e) = child.stderr.take() {
+        let _ = std::io::Read::read_to_string(&mut e, &mut text);
+    }
+    Ok((status.and_then(|s| s.code()), text))
+}
+
+/// A `Command` that runs `prog` inside network namespace `ns`, in its own
+/// process group, killed when the testnet dies.
+pub fn command_in(ns: &str, prog: &str, args: &[String]) -> Result<Command> {
+    use std::os::unix::process::CommandExt;
+    let fd = open_netns(ns)?;
+    let mut c = Command::new(prog);
+    c.args(args);
+    let raw = fd.as_raw_fd();
+    // SAFETY: only async-signal-safe syscalls between fork and exec; `fd`
+    // stays open until spawn returns (it is moved into the closure).
+    unsafe {
+        c.pre_exec(move || {
+            let _keep = &fd;
+            if libc::setns(raw, libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            libc::setpgid(0, 0);
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    Ok(c)
+}

@@ -141,6 +141,37 @@ pub struct TopoOptions {
     /// Every home gets exactly `nodes_per_home` nodes (the NAT probe).
     #[serde(default)]
     pub home_size_exact: bool,
+    /// Explicit home sizes per kind (consecutive homes, cycled); a kind
+    /// without a list uses `nodes_per_home`.
+    #[serde(default)]
+    pub home_sizes: HomeSizes,
+    /// Add a STUN server host (`<p>stun`) on the internet.
+    #[serde(default)]
+    pub stun_server: bool,
+}
+
+/// Sizes of consecutive homes, per kind: `nat = [2, 2]` puts the first two
+/// home-NAT nodes in one home, the next two in another, then again 2, 2, ...
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HomeSizes {
+    #[serde(default)]
+    pub nat: Vec<usize>,
+    #[serde(default)]
+    pub cgnat: Vec<usize>,
+    #[serde(default)]
+    pub symmetric: Vec<usize>,
+}
+
+impl HomeSizes {
+    fn of(&self, k: Kind) -> &[usize] {
+        match k {
+            Kind::Nat => &self.nat,
+            Kind::Cgnat => &self.cgnat,
+            Kind::Symmetric => &self.symmetric,
+            Kind::Public => &[],
+        }
+    }
 }
 
 impl TopoOptions {
@@ -168,6 +199,37 @@ pub struct NodeSpec {
     /// Namespace of the NAT router in front of it (nearest first).
     pub routers: Vec<String>,
     pub isp: usize,
+}
+
+impl NodeSpec {
+    /// The home (or symmetric) router's namespace, for a node behind NAT.
+    pub fn home(&self) -> Option<&str> {
+        self.routers.first().map(String::as_str)
+    }
+    /// The CGNAT router's namespace, for a node behind CGNAT.
+    pub fn cgnat(&self) -> Option<&str> {
+        if self.kind == Kind::Cgnat {
+            self.routers.get(1).map(String::as_str)
+        } else {
+            None
+        }
+    }
+    /// The router whose WAN address is this node's public address.
+    pub fn outer_router(&self) -> Option<&str> {
+        self.routers.last().map(String::as_str)
+    }
+}
+
+/// A host's /31 link to its ISP router.
+#[derive(Debug, Clone, Serialize)]
+pub struct HostLink {
+    pub ns: String,
+    pub ifname: String,
+    pub isp: usize,
+    /// Interface on the ISP router (`h<slot>`).
+    pub isp_if: String,
+    pub addr: Ipv4Addr,
+    pub gw: Ipv4Addr,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -215,6 +277,12 @@ pub struct Plan {
     pub isps: usize,
     pub core_ns: String,
     pub counts: Counts,
+    /// Every internet host's link (public nodes, NAT routers, STUN server).
+    pub hosts: Vec<HostLink>,
+    /// Host slots used per ISP at build time (renumbering takes the next).
+    pub slots_used: Vec<usize>,
+    /// The STUN server host: (namespace, address).
+    pub stun: Option<(String, Ipv4Addr)>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -370,12 +438,17 @@ impl Plan {
                 .map(|n| n.index)
                 .collect();
             let mut it = members.into_iter().peekable();
+            let sizes = opts.home_sizes.of(kind);
+            let mut nth = 0;
             while it.peek().is_some() {
-                let size = if opts.home_size_exact {
+                let size = if !sizes.is_empty() {
+                    sizes[nth % sizes.len()].max(1)
+                } else if opts.home_size_exact {
                     per_home
                 } else {
                     rng.gen_range(1..=per_home)
                 };
+                nth += 1;
                 let home: Vec<usize> = it.by_ref().take(size).collect();
                 homes.push((kind, home));
             }
@@ -480,6 +553,15 @@ impl Plan {
                 }
             }
         }
+        // The STUN server: one more host on the internet.
+        let stun_ns = format!("{p}stun");
+        if opts.stun_server {
+            namespaces.push(ns(stun_ns.clone(), None));
+            internet.push(InternetHost {
+                ns: stun_ns.clone(),
+                ifname: "eth0".into(),
+            });
+        }
         // ISPs and the core.
         let hosts_per_isp = opts.hosts_per_isp.clamp(1, HOSTS_PER_ISP_MAX);
         let isps = internet.len().div_ceil(hosts_per_isp).max(2);
@@ -519,6 +601,7 @@ impl Plan {
         // Spread hosts over ISPs round-robin so both halves of a partition get
         // a share of every kind.
         let mut host_addr: Vec<(usize, Ipv4Addr)> = vec![];
+        let mut hosts: Vec<HostLink> = vec![];
         let mut used = vec![0usize; isps];
         for (hidx, h) in internet.iter().enumerate() {
             let s = hidx % isps;
@@ -542,7 +625,19 @@ impl Plan {
                 if_ = h.ifname
             );
             host_addr.push((s, h_ip));
+            hosts.push(HostLink {
+                ns: h.ns.clone(),
+                ifname: h.ifname.clone(),
+                isp: s,
+                isp_if: format!("h{j}"),
+                addr: h_ip,
+                gw: r_ip,
+            });
         }
+        let stun = opts.stun_server.then(|| {
+            let a = hosts.iter().find(|h| h.ns == stun_ns).unwrap().addr;
+            (stun_ns.clone(), a)
+        });
         for n in nodes.iter_mut() {
             let (s, ip) = host_addr[host_of_node[n.index].unwrap()];
             n.isp = s;
@@ -565,6 +660,9 @@ impl Plan {
             isps,
             core_ns: core,
             counts,
+            hosts,
+            slots_used: used,
+            stun,
         })
     }
 
@@ -642,6 +740,59 @@ impl Plan {
         usize::from(self.nodes[i].isp >= self.isps / 2)
     }
 
+    /// Gives the internet host `ns` (a NAT router) a new address on its ISP
+    /// link, as when a home router reconnects and gets a new public address:
+    /// the ISP router gets the new /31 beside the old one, the host moves its
+    /// address and default route over, both drop the old address, and the
+    /// host's conntrack table (its NAT mappings) is flushed. `extra` picks a
+    /// fresh slot past the ones used at build time (the caller counts).
+    /// Returns (old address, new address).
+    pub fn renumber(&self, ns: &str, extra: usize) -> Result<(Ipv4Addr, Ipv4Addr)> {
+        let h = self
+            .hosts
+            .iter()
+            .find(|h| h.ns == ns)
+            .with_context(|| format!("{ns} is not an internet host"))?;
+        let slot = self.slots_used[h.isp] + extra;
+        if slot >= HOSTS_PER_ISP_MAX {
+            bail!("ISP {} has no free address left for renumbering", h.isp);
+        }
+        let (r_new, h_new) = isp_host(h.isp, slot);
+        // The current address may differ from the planned one after an
+        // earlier renumbering: read it.
+        let cur = sys::run_in(ns, "ip", &["-4", "-o", "addr", "show", "dev", &h.ifname])?;
+        let (h_old, r_old) = parse_p2p_addr(&cur).unwrap_or((h.addr, h.gw));
+        let isp_ns = format!("{}i{}", self.prefix, h.isp);
+        sys::ip_batch(
+            Some(&isp_ns),
+            &format!(
+                "addr add {r_new}/31 dev {}
+",
+                h.isp_if
+            ),
+        )?;
+        sys::ip_batch(
+            Some(ns),
+            &format!(
+                "addr add {h_new}/31 dev {if_}
+route replace default via {r_new}
+addr del {h_old}/31 dev {if_}
+",
+                if_ = h.ifname
+            ),
+        )?;
+        sys::ip_batch(
+            Some(&isp_ns),
+            &format!(
+                "addr del {r_old}/31 dev {}
+",
+                h.isp_if
+            ),
+        )?;
+        sys::run_in(ns, "conntrack", &["-F"])?;
+        Ok((h_old, h_new))
+    }
+
     /// `conntrack -F` in every NAT router: all mappings are forgotten.
     pub fn flush_nat(&self) -> Result<usize> {
         let routers: Vec<&NsSpec> = self
@@ -660,6 +811,25 @@ impl Plan {
         })?;
         Ok(routers.len())
     }
+}
+
+/// (own address, peer address) from `ip -4 -o addr show dev X` of a /31.
+fn parse_p2p_addr(out: &str) -> Option<(Ipv4Addr, Ipv4Addr)> {
+    for l in out.lines() {
+        let mut it = l.split_whitespace();
+        while let Some(w) = it.next() {
+            if w == "inet" {
+                let (a, len) = it.next()?.split_once('/')?;
+                if len != "31" {
+                    continue;
+                }
+                let a: Ipv4Addr = a.parse().ok()?;
+                let peer = Ipv4Addr::from(u32::from(a) ^ 1);
+                return Some((a, peer));
+            }
+        }
+    }
+    None
 }
 
 /// nftables for a NAT router: masquerade out of "wan" (fully-random port
@@ -710,7 +880,45 @@ mod tests {
             udp_stream_timeout_secs: None,
             seed: 1,
             home_size_exact: false,
+            home_sizes: HomeSizes::default(),
+            stun_server: false,
         }
+    }
+
+    #[test]
+    fn home_sizes_and_stun_host() {
+        let mut o = opts("mixed", 14);
+        o.mix = Mix::parse("public=2,nat=4,cgnat=5,symmetric=2").unwrap();
+        o.homes_per_cgnat = 2;
+        o.home_sizes = HomeSizes {
+            nat: vec![2],
+            cgnat: vec![2, 1, 1, 1],
+            symmetric: vec![1],
+        };
+        o.stun_server = true;
+        let p = Plan::new("tn0000-", &o).unwrap();
+        let c = &p.counts;
+        assert_eq!((c.public, c.nat, c.cgnat, c.symmetric), (3, 4, 5, 2));
+        let homes = |k: Kind| {
+            let mut m: std::collections::BTreeMap<&str, usize> = Default::default();
+            for n in p.nodes.iter().filter(|n| n.kind == k) {
+                *m.entry(n.home().unwrap()).or_default() += 1;
+            }
+            m.into_values().collect::<Vec<_>>()
+        };
+        assert_eq!(homes(Kind::Nat), [2, 2]);
+        assert_eq!(homes(Kind::Symmetric), [1, 1]);
+        let mut cg: Vec<usize> = homes(Kind::Cgnat);
+        cg.sort();
+        assert_eq!(cg, [1, 1, 1, 2]);
+        assert_eq!(c.cgnat_routers, 2);
+        let (ns, ip) = p.stun.clone().unwrap();
+        assert_eq!(ns, "tn0000-stun");
+        assert!(p.hosts.iter().any(|h| h.ns == ns && h.addr == ip));
+        assert_eq!(
+            parse_p2p_addr("5: wan    inet 198.18.0.7/31 scope global wan\n"),
+            Some(("198.18.0.7".parse().unwrap(), "198.18.0.6".parse().unwrap()))
+        );
     }
 
     #[test]

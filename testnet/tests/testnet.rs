@@ -11,6 +11,15 @@
 //! this test's binary, which `cargo test` in the workspace builds).
 //! `smoke_nat` runs `smoke-nat.toml` the same way, and `smoke_mixed`
 //! `smoke-mixed.toml` (every NAT kind: home NAT, CGNAT, symmetric).
+//! * `matrix`: `matrix.toml`, 14 nodes with every pair type; fails when a
+//!   pair is unreachable by the deadline or a pair's path (after settling)
+//!   is not the expected one (direct or relayed).
+//! * `stun_coturn`: `stun-coturn.toml` with Debian's coturn as outside STUN
+//!   server; every node's status must show its NAT kind and public address.
+//! * `stun_client`: the same scenario's `stun_client` step: Debian's RFC 3489
+//!   `stun` client behind a home NAT against meshpeer's WireGuard port must
+//!   print the NAT's public address. These two also need `turnserver`
+//!   (coturn) and `stun` (stun-client).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -28,6 +37,11 @@ fn is_ci() -> bool {
 
 /// False (skip) when the test cannot run here; panics instead under CI.
 fn can_run(test: &str) -> bool {
+    can_run_with(test, &[])
+}
+
+/// `can_run`, also needing the programs `extra` as (program, Debian package).
+fn can_run_with(test: &str, extra: &[(&str, &str)]) -> bool {
     // SAFETY: no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         if is_ci() {
@@ -50,7 +64,22 @@ fn can_run(test: &str) -> bool {
             return false;
         }
     }
+    for (prog, pkg) in extra {
+        if !on_path(prog) {
+            if is_ci() {
+                panic!("{test}: `{prog}` not installed (apt-get install {pkg})");
+            }
+            eprintln!("SKIPPED {test}: `{prog}` not installed (apt-get install {pkg})");
+            return false;
+        }
+    }
     true
+}
+
+fn on_path(prog: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(prog).is_file()))
+        .unwrap_or(false)
 }
 
 fn testnet() -> Command {
@@ -124,6 +153,25 @@ fn smoke(test: &str, file: &str) {
     if !can_run(test) {
         return;
     }
+    let Some((out, report, out_dir)) = run_scenario(test, file) else {
+        return;
+    };
+    let run = &report["runs"][0];
+    assert!(
+        out.status.success() && report["ok"] == true,
+        "{test}: the mesh did not converge within the deadlines: {}",
+        run["errors"]
+    );
+    assert_eq!(run["convergence"]["converged"], true);
+    let _ = std::fs::remove_dir_all(&out_dir);
+}
+
+/// Runs `testnet run --scenario file`; returns its output, the report and
+/// the report's directory (None: skipped, no meshpeer binary).
+fn run_scenario(
+    test: &str,
+    file: &str,
+) -> Option<(std::process::Output, serde_json::Value, PathBuf)> {
     let Some(bin) = meshpeer_bin() else {
         if is_ci() {
             panic!("{test}: no meshpeer binary (build it with `cargo build --bin meshpeer` or set MESHPEER_BIN)");
@@ -131,7 +179,7 @@ fn smoke(test: &str, file: &str) {
         eprintln!(
             "SKIPPED {test}: no meshpeer binary (cargo build --bin meshpeer, or set MESHPEER_BIN)"
         );
-        return;
+        return None;
     };
     let out_dir =
         std::env::temp_dir().join(format!("meshpeer-testnet-{test}-{}", std::process::id()));
@@ -151,15 +199,8 @@ fn smoke(test: &str, file: &str) {
     )
     .unwrap();
     assert!(out_dir.join("reachability.svg").is_file());
-    let run = &report["runs"][0];
-    assert_eq!(run["engine"], "meshpeer");
-    assert!(
-        out.status.success() && report["ok"] == true,
-        "{test}: the mesh did not converge within the deadlines: {}",
-        run["errors"]
-    );
-    assert_eq!(run["convergence"]["converged"], true);
-    let _ = std::fs::remove_dir_all(&out_dir);
+    assert_eq!(report["runs"][0]["engine"], "meshpeer");
+    Some((out, report, out_dir))
 }
 
 #[test]
@@ -175,4 +216,148 @@ fn smoke_nat() {
 #[test]
 fn smoke_mixed() {
     smoke("smoke_mixed", "smoke-mixed.toml");
+}
+
+/// Every pair type of issue 4, each reachable and on its expected path.
+#[test]
+fn matrix() {
+    if !can_run("matrix") {
+        return;
+    }
+    let Some((out, report, out_dir)) = run_scenario("matrix", "matrix.toml") else {
+        return;
+    };
+    let run = &report["runs"][0];
+    let m = &run["pair_matrix"];
+    let rows = m["rows"].as_array().expect("pair_matrix rows");
+    let types: Vec<&str> = rows.iter().map(|r| r["type"].as_str().unwrap()).collect();
+    for t in [
+        "public-public",
+        "public-nat",
+        "public-cgnat",
+        "public-symmetric",
+        "nat-nat (same home)",
+        "nat-nat (different homes)",
+        "nat-cgnat",
+        "cgnat-cgnat (same home)",
+        "cgnat-cgnat (same CGNAT, different homes)",
+        "cgnat-cgnat (different CGNATs)",
+        "nat-symmetric",
+        "cgnat-symmetric",
+        "symmetric-symmetric (different homes)",
+    ] {
+        assert!(
+            types.contains(&t),
+            "matrix.toml lacks pair type {t}: {types:?}"
+        );
+    }
+    let mut bad = vec![];
+    for r in rows {
+        if r["reached"] != r["pairs"] {
+            bad.push(format!(
+                "{}: {} of {} pairs reachable",
+                r["type"], r["reached"], r["pairs"]
+            ));
+        }
+        if r["mismatched"] != 0 {
+            bad.push(format!(
+                "{}: {} pairs not {} (direct {}, relayed {}, other {})",
+                r["type"], r["mismatched"], r["expected"], r["direct"], r["relayed"], r["other"]
+            ));
+        }
+    }
+    assert!(
+        bad.is_empty() && out.status.success() && report["ok"] == true,
+        "matrix: {}\nunreached: {}\nflagged: {}\nerrors: {}",
+        bad.join("; "),
+        m["unreached"],
+        m["flagged"],
+        run["errors"]
+    );
+    let _ = std::fs::remove_dir_all(&out_dir);
+}
+
+const STUN_TOOLS: [(&str, &str); 2] = [("turnserver", "coturn"), ("stun", "stun-client")];
+
+/// coturn as the outside STUN server: each node learns its NAT kind and
+/// public address (home NAT: the router's WAN address).
+#[test]
+fn stun_coturn() {
+    if !can_run_with("stun_coturn", &STUN_TOOLS) {
+        return;
+    }
+    let Some((out, report, out_dir)) = run_scenario("stun_coturn", "stun-coturn.toml") else {
+        return;
+    };
+    let run = &report["runs"][0];
+    let step = run["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["action"] == "check_nat")
+        .expect("a check_nat step");
+    let nodes = step["result"]["nodes"].as_array().unwrap();
+    let topo = report["topology"]["nodes"].as_array().unwrap();
+    let mut home = 0;
+    for n in nodes {
+        let i = n["node"].as_u64().unwrap() as usize;
+        assert_eq!(n["ok"], true, "n{i}: {n}");
+        if n["kind"] == "nat" {
+            home += 1;
+            assert_eq!(n["nat"], "endpoint-independent", "n{i}: {n}");
+            let want = topo[i]["public_ip"].as_str().unwrap();
+            let first = n["mapped_endpoints"][0].as_str().unwrap_or("");
+            assert!(
+                first.starts_with(&format!("{want}:")),
+                "n{i}: mapped {first}, router WAN {want}"
+            );
+        }
+    }
+    assert!(home >= 2, "stun-coturn.toml has nodes behind home NATs");
+    let c = &step["result"]["stun_server_counters"];
+    assert!(
+        c["requests_in"].as_u64().unwrap_or(0) > 0 && c["answers_out"].as_u64().unwrap_or(0) > 0,
+        "coturn got no STUN requests or sent no answers: {c}"
+    );
+    assert!(
+        out.status.success() && report["ok"] == true,
+        "stun_coturn: {}",
+        run["errors"]
+    );
+    let _ = std::fs::remove_dir_all(&out_dir);
+}
+
+/// Debian's RFC 3489 `stun` client behind a home NAT, against meshpeer's
+/// WireGuard port on the (public) seed: the mapped address it prints is the
+/// NAT's public address. Runs the `stun_client` step of `stun-coturn.toml`
+/// (in its own run).
+#[test]
+fn stun_client() {
+    if !can_run_with("stun_client", &STUN_TOOLS) {
+        return;
+    }
+    let Some((_out, report, out_dir)) = run_scenario("stun_client", "stun-coturn.toml") else {
+        return;
+    };
+    let run = &report["runs"][0];
+    let step = run["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["action"] == "stun_client")
+        .expect("a stun_client step (did the run stop earlier?)");
+    let clients = step["result"]["clients"].as_array().unwrap();
+    assert!(!clients.is_empty());
+    for c in clients {
+        assert_eq!(
+            c["ok"],
+            true,
+            "stun client in n{}: mapped {} want {}; output:\n{}",
+            c["client"],
+            c["mapped"],
+            c["want_ip"],
+            c["output"].as_str().unwrap_or("")
+        );
+    }
+    let _ = std::fs::remove_dir_all(&out_dir);
 }
