@@ -359,6 +359,13 @@ impl<'a> Ctx<'a> {
                        "type": crate::pairs::pair_type(&self.plan.nodes[*i], &self.plan.nodes[*j])})
             })
             .collect();
+        let all: Vec<Value> = times
+            .iter()
+            .map(|(t, i, j)| {
+                json!({"pair": format!("n{i}->n{j}"), "secs": t,
+                       "type": crate::pairs::pair_type(&self.plan.nodes[*i], &self.plan.nodes[*j])})
+            })
+            .collect();
         let total = secs.len() + missing.len();
         json!({
             "event": rec.event,
@@ -370,6 +377,7 @@ impl<'a> Ctx<'a> {
             "max_secs": if missing.is_empty() { q(1.0) } else { None },
             "max_of_recovered_secs": q(1.0),
             "slowest": slowest,
+            "pairs": all,
             "not_recovered": missing,
             "resolution_secs": self.pinger.with(|s| s.retry.max(s.keep)),
             "note": "seconds from the change to the first echo reply (to a request sent after the change) per affected ordered pair",
