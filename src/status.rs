@@ -13,7 +13,9 @@
 //!   "path": "direct" | "relayed" | "trying" | null (self),
 //!   "relay": NAME | null, "why_not_direct": TEXT | null,
 //!   "nat": "public" | "endpoint-independent" | "symmetric" | "unknown",
-//!   "last_handshake_secs" (age or null), "rx_bytes", "tx_bytes", "tags": [..] }
+//!   "last_handshake_secs" (age or null), "rtt_us" (round trip of the last
+//!   ICMP echo over the overlay, in microseconds; null before the first
+//!   answer or when the last probe got none), "rx_bytes", "tx_bytes", "tags": [..] }
 //! plus, at the top level, "nat", "mapped_endpoints": [..], "relaying": bool.
 //! ```
 //!
@@ -62,6 +64,8 @@ pub struct MemberStatus {
     /// symmetric, unknown.
     pub nat: String,
     pub last_handshake_secs: Option<u64>,
+    /// Round-trip time of the last echo over the overlay (the path in use).
+    pub rtt_us: Option<u64>,
     pub rx_bytes: u64,
     pub tx_bytes: u64,
     pub tags: Vec<String>,
@@ -135,11 +139,12 @@ impl Status {
             "ENDPOINT",
             "STATE",
             "PATH",
+            "RTT",
             "HANDSHAKE",
             "RX",
             "TX",
         ];
-        let rows: Vec<[String; 9]> = self
+        let rows: Vec<[String; 10]> = self
             .members
             .iter()
             .map(|m| {
@@ -154,6 +159,9 @@ impl Status {
                         (Some(p), None) => p.clone(),
                         _ => "-".into(),
                     },
+                    m.rtt_us
+                        .map(|us| format!("{:.1} ms", us as f64 / 1000.0))
+                        .unwrap_or_else(|| "-".into()),
                     age(m.last_handshake_secs),
                     bytes(m.rx_bytes),
                     bytes(m.tx_bytes),
@@ -203,6 +211,7 @@ mod tests {
             why_not_direct: None,
             nat: "public".into(),
             last_handshake_secs: None,
+            rtt_us: None,
             rx_bytes: 0,
             tx_bytes: 2048,
             tags: vec![],

@@ -32,6 +32,7 @@ use crate::state::{MembershipFile, NodeState, StateDir};
 use crate::status::{MemberState, MemberStatus, Status};
 use crate::wg::{BackendChoice, WgInterface};
 
+mod rtt;
 mod traversal;
 use traversal::Traversal;
 
@@ -104,6 +105,8 @@ struct Node {
     seed_addrs: Vec<SocketAddr>,
     traversal: Traversal,
     last_rotation: usize,
+    ticks: u64,
+    prober: rtt::Prober,
 }
 
 /// Runs the node until `shutdown` resolves or a `leave` request arrives.
@@ -270,6 +273,7 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()>) -> anyho
         backend = ?wg.backend, %advertise, "meshpeer is up"
     );
 
+    let cfg_interface = cfg.interface.clone();
     let mut node = Node {
         cfg,
         dir,
@@ -290,6 +294,8 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()>) -> anyho
         seed_addrs,
         traversal,
         last_rotation: 0,
+        ticks: 0,
+        prober: rtt::Prober::new(&cfg_interface),
     };
 
     tokio::pin!(shutdown);
@@ -499,9 +505,30 @@ impl Node {
 
         let desired = self.membership.desired_peers(now, &local);
         let actual = self.wg.peers()?;
-        let desired = self
+        let before = self.traversal.paths.clone();
+        let desired = self.traversal.select_paths(
+            now,
+            desired,
+            &actual,
+            &self.membership,
+            &me,
+            self.id.wg_public(),
+        );
+        // Round-trip probes: live members, again at once on a path change.
+        let changed: Vec<[u8; 32]> = self
             .traversal
-            .select_paths(now, desired, &actual, &self.membership, &me);
+            .paths
+            .iter()
+            .filter(|(k, p)| before.get(*k) != Some(*p))
+            .map(|(k, _)| *k)
+            .collect();
+        let probe: Vec<([u8; 32], std::net::Ipv4Addr)> = self
+            .membership
+            .members()
+            .filter(|x| x.record.node_key != me && x.liveness == Liveness::Live)
+            .map(|x| (x.record.wg_public_key, x.record.overlay_ip))
+            .collect();
+        self.prober.poll(now, &probe, &changed);
         let rotation = (unix_ms() / 10_000) as usize;
         let poke = rotation != self.last_rotation;
         self.last_rotation = rotation;
@@ -529,6 +556,7 @@ impl Node {
         // we know (seeds and last-known members), with backoff.
         let me = self.id.node_id();
         let live = entries.iter().filter(|e| e.live && e.node_id != me).count();
+        self.gossip.transport.set_live_members(live);
         if live == 0 {
             if Instant::now() >= self.next_reach {
                 let mut addrs = self.seed_addrs.clone();
@@ -544,8 +572,12 @@ impl Node {
         }
 
         // Status from this tick's reading of the device (before the changes
-        // just applied): one UAPI/netlink dump per tick is enough.
-        self.status.send_replace(Some(self.build_status(&actual)));
+        // just applied). Rebuilt when something changed, else every 2 s:
+        // at hundreds of members, building it is a good part of a tick.
+        self.ticks = self.ticks.wrapping_add(1);
+        if !events.is_empty() || !changes.is_empty() || self.ticks % 4 == 0 {
+            self.status.send_replace(Some(self.build_status(&actual)));
+        }
         if self.last_persist.elapsed() > Duration::from_secs(10) {
             let known = self.gossip.live_addrs().await;
             if !known.is_empty() && known != self.state.known_members {
@@ -671,6 +703,13 @@ impl Node {
                     why_not_direct: why,
                     nat: nat_name(r.nat).to_string(),
                     last_handshake_secs: age.map(|a| a.as_secs()),
+                    rtt_us: self
+                        .prober
+                        .rtt
+                        .get(&r.wg_public_key)
+                        .copied()
+                        .flatten()
+                        .map(|d| d.as_micros() as u64),
                     rx_bytes: peer.map_or(0, |p| p.rx_bytes),
                     tx_bytes: peer.map_or(0, |p| p.tx_bytes),
                     tags: r.tags.clone(),

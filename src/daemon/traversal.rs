@@ -13,7 +13,7 @@ use crate::nat::discovery::{looks_public, Discovery, NatInfo};
 use crate::nat::paths::{Path, PathSelector};
 use crate::nat::stun::{self, StunMessage};
 use crate::proto::PublicKeyBytes;
-use crate::reconcile::{ActualPeer, FRESH_HANDSHAKE};
+use crate::reconcile::ActualPeer;
 use crate::record::NatKind;
 use crate::wg::{userspace::RawSender, WgInterface};
 
@@ -163,22 +163,35 @@ impl Traversal {
         actual: &[ActualPeer],
         m: &Membership,
         me: &PublicKeyBytes,
+        my_wg_key: [u8; 32],
     ) -> Vec<DesiredPeer> {
-        let age = |k: &[u8; 32]| {
-            actual
-                .iter()
-                .find(|a| &a.public_key == k)
-                .and_then(|a| a.handshake_age)
-        };
+        // Every live relay the membership knows, not only those we have a
+        // session with: both ends of a pair must choose from the same list
+        // (see `paths::pick_relay`), and a public relay is reached on demand.
         let mut relays: Vec<[u8; 32]> = m
             .members()
             .filter(|x| &x.record.node_key != me && x.liveness == Liveness::Live)
             .filter(|x| x.record.relay && x.record.nat == NatKind::Public)
             .map(|x| x.record.wg_public_key)
-            .filter(|k| age(k).is_some_and(|a| a < FRESH_HANDSHAKE))
             .collect();
         relays.sort();
-        let (desired, paths) = self.selector.select(now, desired, actual, &relays);
+        // A punch cannot work when either side is behind a symmetric NAT
+        // and the other is not public.
+        let our_nat = self.nat.kind;
+        let nat_of = |k: &[u8; 32]| {
+            m.members()
+                .find(|x| &x.record.wg_public_key == k)
+                .map(|x| x.record.nat)
+                .unwrap_or(NatKind::Unknown)
+        };
+        let hopeless = |k: &[u8; 32]| {
+            let theirs = nat_of(k);
+            (our_nat == NatKind::EndpointDependent && theirs != NatKind::Public)
+                || (theirs == NatKind::EndpointDependent && our_nat != NatKind::Public)
+        };
+        let (desired, paths) = self
+            .selector
+            .select(now, desired, actual, &relays, &my_wg_key, &hopeless);
         for (k, p) in &paths {
             if self.paths.get(k) != Some(p) {
                 let name = m

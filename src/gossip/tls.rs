@@ -249,9 +249,12 @@ pub fn quic_configs(
     client.alpn_protocols = vec![ALPN.to_vec()];
 
     let mut transport = quinn::TransportConfig::default();
-    transport.keep_alive_interval(Some(std::time::Duration::from_secs(5)));
+    // No keep-alive: a connection lives while gossip uses it and closes
+    // after 30 s of silence. Keeping one open to every member (a ping each
+    // few seconds on each) costs O(N) packets per second per node.
+    transport.keep_alive_interval(None);
     transport.max_idle_timeout(Some(
-        quinn::IdleTimeout::try_from(std::time::Duration::from_secs(20))
+        quinn::IdleTimeout::try_from(std::time::Duration::from_secs(30))
             .map_err(|e| TlsError::Quic(e.to_string()))?,
     ));
     let transport = Arc::new(transport);

@@ -32,7 +32,17 @@ use crate::proto;
 /// Largest gossip message or reply accepted on a stream.
 pub const MAX_MESSAGE: usize = 4 << 20;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(4);
-const FAILED_BACKOFF: Duration = Duration::from_secs(2);
+/// After a failed connection attempt, that address is left alone for this
+/// long, doubling up to [`MAX_BACKOFF`]: members behind NAT advertise an
+/// address others cannot reach, and chitchat keeps picking it.
+const FAILED_BACKOFF: Duration = Duration::from_secs(5);
+const MAX_BACKOFF: Duration = Duration::from_secs(300);
+/// Up to this many live members, every gossip round chitchat starts is
+/// sent; above it, each round's messages go out with probability
+/// `FULL_RATE_MEMBERS / live`, so the gossip a node starts per second (and
+/// the digest bytes, which grow with N) stay about constant as the mesh
+/// grows. chitchat fixes its interval when it starts, hence this thinning.
+pub const FULL_RATE_MEMBERS: usize = 60;
 const SENDER_IDLE: Duration = Duration::from_secs(60);
 const SERVER_NAME: &str = "meshpeer";
 
@@ -65,6 +75,10 @@ struct Shared {
     senders: Mutex<HashMap<SocketAddr, mpsc::Sender<Vec<u8>>>>,
     incoming: mpsc::Sender<(SocketAddr, ChitchatMessage)>,
     records: watch::Receiver<Vec<String>>,
+    /// Addresses that failed to connect: (retry after, current backoff).
+    unreachable: Mutex<HashMap<SocketAddr, (Instant, Duration)>>,
+    /// Live members as last counted by the daemon (for thinning).
+    live_members: std::sync::atomic::AtomicUsize,
     /// Gossip bytes sent and received (for status and the testnet).
     bytes_out: std::sync::atomic::AtomicU64,
     bytes_in: std::sync::atomic::AtomicU64,
@@ -102,6 +116,8 @@ impl QuicTransport {
             senders: Mutex::new(HashMap::new()),
             incoming: tx,
             records,
+            unreachable: Mutex::new(HashMap::new()),
+            live_members: 0.into(),
             bytes_out: 0.into(),
             bytes_in: 0.into(),
         });
@@ -110,6 +126,14 @@ impl QuicTransport {
             shared,
             socket_rx: Arc::new(Mutex::new(Some(rx))),
         })
+    }
+
+    /// Tells the transport how many members are live (see
+    /// [`FULL_RATE_MEMBERS`]).
+    pub fn set_live_members(&self, n: usize) {
+        self.shared
+            .live_members
+            .store(n, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -198,16 +222,40 @@ async fn connect(shared: &Arc<Shared>, addr: SocketAddr) -> Result<quinn::Connec
         .endpoint
         .connect_with(shared.client.clone(), addr, SERVER_NAME)
         .map_err(|e| other(addr, e))?;
-    let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
-        .await
-        .map_err(|_| ProbeError::Timeout(addr, CONNECT_TIMEOUT))?
-        .map_err(|e| conn_err(addr, e))?;
-    register(shared, conn.clone());
-    Ok(conn)
+    let res = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+        Err(_) => Err(ProbeError::Timeout(addr, CONNECT_TIMEOUT)),
+        Ok(r) => r.map_err(|e| conn_err(addr, e)),
+    };
+    let mut bad = lock(&shared.unreachable);
+    match res {
+        Ok(conn) => {
+            bad.remove(&addr);
+            drop(bad);
+            register(shared, conn.clone());
+            Ok(conn)
+        }
+        Err(e) => {
+            let backoff = bad
+                .get(&addr)
+                .map(|(_, b)| (*b * 2).min(MAX_BACKOFF))
+                .unwrap_or(FAILED_BACKOFF);
+            bad.insert(addr, (Instant::now() + backoff, backoff));
+            Err(e)
+        }
+    }
+}
+
+/// Whether gossip to `addr` is on hold after failed connection attempts.
+fn on_hold(shared: &Shared, addr: &SocketAddr) -> bool {
+    lock(&shared.unreachable)
+        .get(addr)
+        .is_some_and(|(until, _)| Instant::now() < *until)
 }
 
 /// Remembers a connection by its remote address and serves its streams.
 fn register(shared: &Arc<Shared>, conn: quinn::Connection) {
+    // It reached us (or we it): no longer on hold.
+    lock(&shared.unreachable).remove(&conn.remote_address());
     lock(&shared.conns).insert(conn.remote_address(), conn.clone());
     tokio::spawn(serve_connection(shared.clone(), conn));
 }
@@ -277,9 +325,8 @@ async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection) {
 
 /// Sends queued messages to one destination, connecting as needed.
 async fn sender_task(shared: Arc<Shared>, to: SocketAddr, mut rx: mpsc::Receiver<Vec<u8>>) {
-    let mut failed_until: Option<Instant> = None;
     while let Ok(Some(bytes)) = tokio::time::timeout(SENDER_IDLE, rx.recv()).await {
-        if failed_until.is_some_and(|t| Instant::now() < t) {
+        if on_hold(&shared, &to) {
             continue;
         }
         let mut sent = false;
@@ -318,7 +365,9 @@ async fn sender_task(shared: Arc<Shared>, to: SocketAddr, mut rx: mpsc::Receiver
                 }
             }
         }
-        failed_until = (!sent).then(|| Instant::now() + FAILED_BACKOFF);
+        if !sent {
+            tracing::trace!(%to, "gossip message dropped");
+        }
     }
     lock(&shared.senders).remove(&to);
 }
@@ -344,6 +393,21 @@ impl Transport for QuicTransport {
 #[async_trait]
 impl Socket for QuicSocket {
     async fn send(&mut self, to: SocketAddr, msg: ChitchatMessage) -> anyhow::Result<()> {
+        if on_hold(&self.shared, &to) {
+            return Ok(());
+        }
+        if let ChitchatMessage::Syn { .. } = msg {
+            // A round chitchat starts: thinned above FULL_RATE_MEMBERS.
+            let live = self
+                .shared
+                .live_members
+                .load(std::sync::atomic::Ordering::Relaxed);
+            if live > FULL_RATE_MEMBERS
+                && rand::random::<f64>() >= FULL_RATE_MEMBERS as f64 / live as f64
+            {
+                return Ok(());
+            }
+        }
         let mut bytes = Vec::with_capacity(msg.serialized_len());
         msg.serialize(&mut bytes);
         let mut senders = lock(&self.shared.senders);

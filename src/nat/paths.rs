@@ -16,8 +16,12 @@ use std::time::{Duration, Instant};
 use crate::membership::DesiredPeer;
 use crate::reconcile::{ActualPeer, FRESH_HANDSHAKE};
 
-/// How long a new peer tries a direct path before falling back to a relay.
-pub const PUNCH_GRACE: Duration = Duration::from_secs(8);
+/// How long a new peer tries a direct path before a relay carries its
+/// traffic. The punch goes on behind the relay, and the path moves back the
+/// moment a direct handshake completes, so the relay is a stopgap, not a
+/// verdict. Pairs that cannot punch (see [`PathSelector::select`]'s
+/// `hopeless`) are relayed at once.
+pub const PUNCH_GRACE: Duration = Duration::from_secs(3);
 /// A direct path that received nothing for this long is broken (both ends
 /// poke each other every 10 s, see `reconcile`), e.g. after a NAT dropped
 /// the mapping; the peer goes back to trying/relayed.
@@ -44,13 +48,22 @@ impl PathSelector {
     /// Chooses a path per peer and rewrites allowed IPs accordingly.
     ///
     /// `actual` is the device's view (handshake age, rx bytes per peer);
-    /// `relays` are the WireGuard keys of usable relays.
+    /// `relays` are the WireGuard keys of usable relays; `me` is our own
+    /// WireGuard key; `hopeless` holds the peers a punch cannot reach
+    /// (a symmetric NAT on either side and no public address on the other):
+    /// they skip the grace.
+    ///
+    /// Each pair picks its relay from the pair's two keys (XOR, so both
+    /// ends pick the same one when they know the same relays), which
+    /// spreads relayed pairs over all relays instead of piling them on one.
     pub fn select(
         &mut self,
         now: Instant,
         mut desired: Vec<DesiredPeer>,
         actual: &[ActualPeer],
         relays: &[[u8; 32]],
+        me: &[u8; 32],
+        hopeless: &dyn Fn(&[u8; 32]) -> bool,
     ) -> (Vec<DesiredPeer>, BTreeMap<[u8; 32], Path>) {
         self.since
             .retain(|k, _| desired.iter().any(|d| &d.public_key == k));
@@ -78,16 +91,17 @@ impl PathSelector {
         for d in desired.iter_mut() {
             let since = *self.since.entry(d.public_key).or_insert(now);
             let fresh = working(&d.public_key);
-            let relay = relays.iter().find(|r| **r != d.public_key);
             let path = if fresh || relays.contains(&d.public_key) {
                 Path::Direct
-            } else if now.saturating_duration_since(since) < PUNCH_GRACE {
+            } else if now.saturating_duration_since(since) < PUNCH_GRACE && !hopeless(&d.public_key)
+            {
                 Path::Trying
-            } else if let Some(r) = relay {
-                Path::Relayed { via: *r }
+            } else if let Some(r) = pick_relay(relays, me, &d.public_key) {
+                Path::Relayed { via: r }
             } else {
                 Path::Trying
             };
+
             if let Path::Relayed { via } = path {
                 moved.push((via, std::mem::take(&mut d.allowed_ips)));
             }
@@ -103,9 +117,39 @@ impl PathSelector {
     }
 }
 
+/// The relay for the pair (`me`, `peer`), by rendezvous hashing over the
+/// relays: both ends pick the same one as long as they know the same relays
+/// (they must: WireGuard drops a packet whose inner source is routed to
+/// another peer, so a reply through a different relay would be lost), the
+/// pairs spread evenly over the relays, and a relay joining or leaving
+/// moves only the pairs it wins or held.
+fn pick_relay(relays: &[[u8; 32]], me: &[u8; 32], peer: &[u8; 32]) -> Option<[u8; 32]> {
+    let word = |k: &[u8; 32]| u64::from_le_bytes(k[..8].try_into().unwrap_or([0; 8]));
+    let pair = word(me) ^ word(peer);
+    relays
+        .iter()
+        .filter(|r| *r != peer && *r != me)
+        .max_by_key(|r| (splitmix64(pair ^ word(r)), **r))
+        .copied()
+}
+
+/// SplitMix64's finaliser: a fixed, well-mixed 64-bit hash (the same in
+/// every build, unlike std's hasher).
+fn splitmix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const ME: [u8; 32] = [0xee; 32];
+    fn never(_: &[u8; 32]) -> bool {
+        false
+    }
 
     fn peer(k: u8) -> DesiredPeer {
         DesiredPeer {
@@ -135,12 +179,19 @@ mod tests {
             vec![a(1, Some(3), rx), a(2, fresh_2.then_some(1), rx)]
         };
         // Within the grace: trying direct, addresses untouched.
-        let (d, p) = s.select(t0, peers.clone(), &ages(false, 0), &[relay]);
+        let (d, p) = s.select(t0, peers.clone(), &ages(false, 0), &[relay], &ME, &never);
         assert_eq!(p[&[2; 32]], Path::Trying);
         assert_eq!(p[&relay], Path::Direct);
         assert_eq!(d, peers);
         // Grace over, no handshake: relayed, the address moves to the relay.
-        let (d, p) = s.select(t0 + PUNCH_GRACE, peers.clone(), &ages(false, 1), &[relay]);
+        let (d, p) = s.select(
+            t0 + PUNCH_GRACE,
+            peers.clone(),
+            &ages(false, 1),
+            &[relay],
+            &ME,
+            &never,
+        );
         assert_eq!(p[&[2; 32]], Path::Relayed { via: relay });
         assert!(d[1].allowed_ips.is_empty());
         assert_eq!(
@@ -156,13 +207,15 @@ mod tests {
             peers.clone(),
             &ages(true, 2),
             &[relay],
+            &ME,
+            &never,
         );
         assert_eq!(p[&[2; 32]], Path::Direct);
         assert_eq!(d, peers);
         // Then silence (a NAT dropped the mapping): relayed again, although
         // the handshake is not yet 180 s old.
         let later = t0 + PUNCH_GRACE * 3 + RX_SILENCE;
-        let (_, p) = s.select(later, peers.clone(), &ages(true, 2), &[relay]);
+        let (_, p) = s.select(later, peers.clone(), &ages(true, 2), &[relay], &ME, &never);
         assert_eq!(p[&[2; 32]], Path::Relayed { via: relay });
     }
 
@@ -170,10 +223,52 @@ mod tests {
     fn without_a_relay_the_direct_attempt_goes_on() {
         let mut s = PathSelector::default();
         let t0 = Instant::now();
-        let (d, p) = s.select(t0 + PUNCH_GRACE * 2, vec![peer(2)], &[], &[]);
-        let (d2, p2) = s.select(t0 + PUNCH_GRACE * 4, d, &[], &[]);
+        let (d, p) = s.select(t0 + PUNCH_GRACE * 2, vec![peer(2)], &[], &[], &ME, &never);
+        let (d2, p2) = s.select(t0 + PUNCH_GRACE * 4, d, &[], &[], &ME, &never);
         assert_eq!(p[&[2; 32]], Path::Trying);
         assert_eq!(p2[&[2; 32]], Path::Trying);
         assert_eq!(d2[0].allowed_ips.len(), 1);
+    }
+
+    #[test]
+    fn hopeless_pairs_are_relayed_at_once() {
+        let mut s = PathSelector::default();
+        let t0 = Instant::now();
+        let relay = [1u8; 32];
+        let always = |_: &[u8; 32]| true;
+        let (d, p) = s.select(t0, vec![peer(1), peer(2)], &[], &[relay], &ME, &always);
+        assert_eq!(p[&[2; 32]], Path::Relayed { via: relay });
+        assert!(d[1].allowed_ips.is_empty());
+    }
+
+    #[test]
+    fn relays_are_spread_over_pairs_and_agreed_by_both_ends() {
+        let relays: Vec<[u8; 32]> = (1..=4u8).map(|i| [i; 32]).collect();
+        let mut used = std::collections::BTreeSet::new();
+        for a in 10..40u8 {
+            for b in 10..40u8 {
+                if a == b {
+                    continue;
+                }
+                let ka = [a; 32];
+                let kb = [b; 32];
+                let ab = pick_relay(&relays, &ka, &kb).unwrap();
+                assert_eq!(Some(ab), pick_relay(&relays, &kb, &ka));
+                used.insert(ab);
+            }
+        }
+        assert_eq!(used.len(), relays.len(), "every relay carries some pairs");
+        // A new relay takes over only pairs it wins.
+        let mut more = relays.clone();
+        more.push([9; 32]);
+        for a in 10..40u8 {
+            let (ka, kb) = ([a; 32], [a + 100; 32]);
+            let before = pick_relay(&relays, &ka, &kb).unwrap();
+            let after = pick_relay(&more, &ka, &kb).unwrap();
+            assert!(after == before || after == [9; 32]);
+        }
+        // Never itself, never the peer.
+        assert_eq!(pick_relay(&[[1; 32]], &[1; 32], &[2; 32]), None);
+        assert_eq!(pick_relay(&[[2; 32]], &[1; 32], &[2; 32]), None);
     }
 }

@@ -216,13 +216,37 @@ impl WgInterface {
 
     /// The peers the device holds now.
     pub fn peers(&self) -> Result<Vec<ActualPeer>, WgError> {
+        let now = SystemTime::now();
+        let age = |t: Option<SystemTime>| {
+            t.filter(|t| *t > SystemTime::UNIX_EPOCH)
+                .map(|t| now.duration_since(t).unwrap_or_default())
+        };
+        if let Some(dev) = &self.device {
+            // Our own device: read in process (`wg show` still uses UAPI).
+            return Ok(dev
+                .peer_snapshot()
+                .into_iter()
+                .map(|(p, s)| ActualPeer {
+                    public_key: p.public_key,
+                    endpoint: p.endpoint,
+                    allowed_ips: p
+                        .allowed_ips
+                        .iter()
+                        .map(|a| (a.addr(), a.prefix_len()))
+                        .collect(),
+                    keepalive: Some(p.persistent_keepalive).filter(|k| *k != 0),
+                    handshake_age: age(s.last_handshake),
+                    rx_bytes: s.rx_bytes,
+                    tx_bytes: s.tx_bytes,
+                })
+                .collect());
+        }
         let dev =
             Device::get(&self.iface, self.backend.backend()).map_err(|source| WgError::Io {
                 iface: self.name.clone(),
                 action: "read",
                 source,
             })?;
-        let now = SystemTime::now();
         Ok(dev
             .peers
             .into_iter()
@@ -236,11 +260,7 @@ impl WgInterface {
                     .map(|a| (a.address, a.cidr))
                     .collect(),
                 keepalive: p.config.persistent_keepalive_interval.filter(|k| *k != 0),
-                handshake_age: p
-                    .stats
-                    .last_handshake_time
-                    .filter(|t| *t > SystemTime::UNIX_EPOCH)
-                    .map(|t| now.duration_since(t).unwrap_or_default()),
+                handshake_age: age(p.stats.last_handshake_time),
                 rx_bytes: p.stats.rx_bytes,
                 tx_bytes: p.stats.tx_bytes,
             })

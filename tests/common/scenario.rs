@@ -187,6 +187,35 @@ pub fn three_nodes_form_a_full_mesh_and_one_leaves(test: &str, expect_backend: O
     }
     progress(t0, "each node: 2 WireGuard peers, 3 members");
 
+    // Status measures the round trip to each member over the overlay.
+    for node in &nodes {
+        wait_for(
+            secs(20),
+            &format!(
+                "{}: status shows a round-trip time for both others",
+                node.name
+            ),
+            || {
+                let s = node.status()?;
+                let rtts: Vec<Option<u64>> = s["members"]
+                    .as_array()
+                    .map(|ms| {
+                        ms.iter()
+                            .filter(|m| m["state"] != "self")
+                            .map(|m| m["rtt_us"].as_u64())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                if rtts.len() == 2 && rtts.iter().all(|r| r.is_some_and(|us| us > 0)) {
+                    Ok(())
+                } else {
+                    Err(format!("rtt_us of the others: {rtts:?}"))
+                }
+            },
+        );
+    }
+    progress(t0, "each node: round-trip times to both others");
+
     // n3 leaves: its daemon exits 0, and n1 and n2 drop it.
     nodes[2].leave();
     let status = nodes[2].wait_exit(secs(15));

@@ -11,7 +11,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use super::allowed_ips::AllowedIps;
-use super::config::{DeviceConfig, Key};
+use super::config::{DeviceConfig, Key, PeerConfig};
 use super::dataplane;
 use super::error::{UapiError, UserspaceError};
 use super::ipc;
@@ -355,6 +355,20 @@ impl UserspaceDevice {
     /// The bound UDP port, once bound.
     pub fn listen_port(&self) -> Option<u16> {
         read(&self.shared.state).bound.as_ref().map(|b| b.port)
+    }
+
+    /// The peers and their counters, read in process: the same data as a
+    /// UAPI `get=1`, without rendering and parsing text (the daemon reads
+    /// its device every tick; at hundreds of peers the text cost adds up).
+    pub fn peer_snapshot(&self) -> Vec<(PeerConfig, PeerStats)> {
+        let (cfg, stats) = self.shared.snapshot();
+        cfg.peers
+            .into_iter()
+            .map(|p| {
+                let s = stats.get(&p.id).copied().unwrap_or_default();
+                (p, s)
+            })
+            .collect()
     }
 
     /// In-process UAPI `get=1`: the answer body, without the `errno=` line.
