@@ -20,6 +20,9 @@
 //!   `stun` client behind a home NAT against meshpeer's WireGuard port must
 //!   print the NAT's public address. These two also need `turnserver`
 //!   (coturn) and `stun` (stun-client).
+//! * `address_change` (`address-change.toml`) and `nat_flush`
+//!   (`nat-flush.toml`): after each public address change / NAT flush,
+//!   every affected pair replies again within 30 s (issue 4's target).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -365,4 +368,48 @@ fn stun_client() {
         );
     }
     let _ = std::fs::remove_dir_all(&out_dir);
+}
+
+/// Runs a scenario with `flush_nat` / `change_public_address` steps and
+/// checks issue 4's target: after each, every affected pair replies again
+/// within `target` seconds.
+fn recovery_within(test: &str, file: &str, target: f64) {
+    if !can_run(test) {
+        return;
+    }
+    let Some((_out, report, out_dir)) = run_scenario(test, file) else {
+        return;
+    };
+    let run = &report["runs"][0];
+    let recs = run["recoveries"].as_array().expect("recoveries");
+    assert!(!recs.is_empty(), "{test}: no recovery was measured");
+    for r in recs {
+        let affected = r["affected_pairs"].as_u64().unwrap();
+        let recovered = r["recovered"].as_u64().unwrap();
+        let max = r["max_secs"].as_f64();
+        assert!(
+            affected > 0 && recovered == affected && max.is_some_and(|m| m <= target),
+            "{test}: after {} at t={}: {recovered} of {affected} affected pairs replied again, max {:?} s (target {target} s); slowest {}; not recovered {}",
+            r["event"],
+            r["t"],
+            max,
+            r["slowest"],
+            r["not_recovered"]
+        );
+    }
+    let _ = std::fs::remove_dir_all(&out_dir);
+}
+
+/// A home router and a CGNAT get a new public address: every affected pair
+/// replies again within 30 s.
+#[test]
+fn address_change() {
+    recovery_within("address_change", "address-change.toml", 30.0);
+}
+
+/// Every NAT mapping flushed: every pair with a NATed node replies again
+/// within 30 s.
+#[test]
+fn nat_flush() {
+    recovery_within("nat_flush", "nat-flush.toml", 30.0);
 }
