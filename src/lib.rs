@@ -23,6 +23,7 @@ pub mod ipalloc;
 pub mod membership;
 pub mod nat;
 pub mod net;
+pub mod observe;
 pub mod proto;
 pub mod reconcile;
 pub mod record;

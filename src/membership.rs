@@ -39,6 +39,8 @@ pub const KEEPALIVE_SECS: u16 = 25;
 pub struct GossipEntry {
     pub node_id: String,
     pub record: Option<String>,
+    /// Its signed observations of other members ([`crate::observe`]).
+    pub seen: Option<String>,
     pub live: bool,
 }
 
@@ -404,6 +406,7 @@ mod tests {
         GossipEntry {
             node_id: proto::node_id_string(&body.node_key),
             record: Some(body.sign(node)),
+            seen: None,
             live,
         }
     }

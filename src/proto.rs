@@ -17,6 +17,7 @@ pub mod domain {
     pub const TOKEN: &[u8] = b"meshpeer-v1 token delegation\0";
     pub const ADMISSION: &[u8] = b"meshpeer-v1 admission\0";
     pub const RECORD: &[u8] = b"meshpeer-v1 record\0";
+    pub const OBSERVATIONS: &[u8] = b"meshpeer-v1 observations\0";
 }
 
 /// An ed25519 public key as it travels on the wire.

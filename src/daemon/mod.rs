@@ -174,6 +174,7 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()>) -> anyho
                 Some(GossipEntry {
                     node_id: proto::node_id_string(&v.body.node_key),
                     record: Some(text),
+                    seen: None,
                     live: true,
                 })
             })
@@ -240,7 +241,7 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()>) -> anyho
         &mut node_state,
         &cfg,
         advertise,
-        &traversal.nat,
+        (&traversal.nat, &traversal.observed_self),
         Flags {
             relay: false,
             left: false,
@@ -395,14 +396,18 @@ fn build_record(
     state: &mut NodeState,
     cfg: &DaemonConfig,
     advertise: IpAddr,
-    nat: &NatInfo,
+    (nat, observed): (&NatInfo, &[SocketAddr]),
     Flags { relay, left }: Flags,
 ) -> String {
     // Candidates, best first: the server-reflexive endpoint (if the NAT keeps
-    // one mapping for all destinations), then host addresses.
+    // one mapping for all destinations), or, when STUN cannot tell (kernel
+    // WireGuard), the endpoint our peers observe; then host addresses.
     let mut endpoints = Vec::new();
     if nat.kind == NatKind::EndpointIndependent {
         endpoints.extend(nat.mapped.first().copied());
+    }
+    if nat.kind == NatKind::Unknown {
+        endpoints.extend(observed.iter().take(2).copied());
     }
     let host = SocketAddr::new(advertise, cfg.wg_port);
     if !endpoints.contains(&host) {
@@ -529,6 +534,32 @@ impl Node {
             .map(|x| (x.record.wg_public_key, x.record.overlay_ip))
             .collect();
         self.prober.poll(now, &probe, &changed);
+
+        // Observed endpoints: publish what we see of members whose NAT is
+        // unknown; learn what others see of us.
+        let local_ips: Vec<IpAddr> = local.iter().map(|n| IpAddr::V4(n.addr())).collect();
+        let obs = self.traversal.observe(
+            now,
+            &entries,
+            &self.membership,
+            &me,
+            &actual,
+            &local_ips,
+            &self.network.key,
+        );
+        if let Some(seen) = obs.publish {
+            let text = crate::observe::Observations {
+                network_key: self.network.key,
+                observer: me,
+                issued_at: unix_ms(),
+                seen,
+            }
+            .sign(&self.id.signing);
+            self.gossip.publish_seen(text).await;
+        }
+        if obs.changed {
+            self.republish(false).await;
+        }
         let rotation = (unix_ms() / 10_000) as usize;
         let poke = rotation != self.last_rotation;
         self.last_rotation = rotation;
@@ -600,7 +631,7 @@ impl Node {
             &mut self.state,
             &self.cfg,
             self.advertise,
-            &self.traversal.nat,
+            (&self.traversal.nat, &self.traversal.observed_self),
             Flags { relay, left },
         );
         self.gossip.publish(record).await;

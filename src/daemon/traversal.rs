@@ -2,22 +2,41 @@
 //! socket, drives [`Discovery`], and applies [`PathSelector`]'s choice of
 //! direct or relayed paths. The decisions are in `crate::nat` (sans-IO).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
-use crate::membership::{DesiredPeer, Liveness, Membership};
+use crate::membership::{DesiredPeer, GossipEntry, Liveness, Membership};
 use crate::nat::discovery::{looks_public, Discovery, NatInfo};
 use crate::nat::paths::{Path, PathSelector};
 use crate::nat::stun::{self, StunMessage};
+use crate::observe::{self, ObservationBook, Observed, Seen};
 use crate::proto::PublicKeyBytes;
 use crate::reconcile::ActualPeer;
 use crate::record::NatKind;
 use crate::wg::{userspace::RawSender, WgInterface};
 
+/// What one observation step asks of the daemon.
+pub struct ObserveStep {
+    /// New observations to sign and publish.
+    pub publish: Option<Vec<Seen>>,
+    /// Our observed endpoints changed: republish the record.
+    pub changed: bool,
+}
+
+/// How often our own observations may be republished.
+const SEEN_REPUBLISH: Duration = Duration::from_secs(10);
+
 pub struct Traversal {
+    book: ObservationBook,
+    published_seen: Option<Vec<Seen>>,
+    seen_at: Option<Instant>,
+    rejected_seen: HashSet<PublicKeyBytes>,
+    /// Where members observe our WireGuard packets (used in the record when
+    /// STUN cannot tell, see `build_record`).
+    pub observed_self: Vec<SocketAddr>,
     discovery: Discovery,
     selector: PathSelector,
     sender: Option<RawSender>,
@@ -66,6 +85,11 @@ impl Traversal {
             None => (None, None),
         };
         Self {
+            book: ObservationBook::default(),
+            published_seen: None,
+            seen_at: None,
+            rejected_seen: HashSet::new(),
+            observed_self: Vec::new(),
             discovery: Discovery::new(rand::random()),
             selector: PathSelector::default(),
             sender,
@@ -216,6 +240,80 @@ impl Traversal {
         }
         self.paths = paths;
         desired
+    }
+
+    /// Observed endpoints, both ways: what we see of members whose NAT is
+    /// unknown (published, at most every 10 s and only on change), and what
+    /// live members see of us (`observed_self`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn observe(
+        &mut self,
+        now: Instant,
+        entries: &[GossipEntry],
+        m: &Membership,
+        me: &PublicKeyBytes,
+        actual: &[ActualPeer],
+        local: &[IpAddr],
+        network_key: &PublicKeyBytes,
+    ) -> ObserveStep {
+        let live = |k: &PublicKeyBytes| {
+            m.members()
+                .any(|x| &x.record.node_key == k && x.liveness == Liveness::Live)
+        };
+        for e in entries {
+            let (Some(text), Some(observer)) = (&e.seen, crate::proto::parse_node_id(&e.node_id))
+            else {
+                continue;
+            };
+            if &observer == me || !live(&observer) {
+                continue;
+            }
+            match self.book.handle(network_key, &observer, text) {
+                Ok(()) => {
+                    self.rejected_seen.remove(&observer);
+                }
+                Err(err) => {
+                    if self.rejected_seen.insert(observer) {
+                        tracing::warn!(node = %e.node_id, error = %err, "rejected observations");
+                    }
+                }
+            }
+        }
+        self.book.retain(|k| live(k));
+        let ours = self.book.endpoints_of(me, local);
+        let changed = ours != self.observed_self;
+        if changed {
+            tracing::info!(observed = ?ours, "members observe our WireGuard endpoint at");
+            self.observed_self = ours;
+        }
+
+        let observed: Vec<Observed<'_>> = m
+            .members()
+            .filter(|x| &x.record.node_key != me && x.liveness == Liveness::Live)
+            .map(|x| Observed {
+                node_key: x.record.node_key,
+                nat_unknown: x.record.nat == NatKind::Unknown,
+                candidates: &x.record.endpoints,
+                device_endpoint: (self.paths.get(&x.record.wg_public_key) == Some(&Path::Direct))
+                    .then(|| {
+                        actual
+                            .iter()
+                            .find(|a| a.public_key == x.record.wg_public_key)
+                            .and_then(|a| a.endpoint)
+                    })
+                    .flatten(),
+            })
+            .collect();
+        let seen = observe::to_publish(&observed);
+        let due = self
+            .seen_at
+            .is_none_or(|t| now.saturating_duration_since(t) >= SEEN_REPUBLISH);
+        let publish = (due && self.published_seen.as_ref() != Some(&seen)).then(|| {
+            self.seen_at = Some(now);
+            self.published_seen = Some(seen.clone());
+            seen
+        });
+        ObserveStep { publish, changed }
     }
 
     /// A relay forwards overlay packets between its peers: IPv4 forwarding

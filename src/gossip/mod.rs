@@ -20,6 +20,8 @@ pub use transport::QuicTransport;
 
 /// The chitchat key under which a node publishes its record.
 pub const RECORD_KEY: &str = "record";
+/// The chitchat key of a node's signed observations ([`crate::observe`]).
+pub const SEEN_KEY: &str = "seen";
 
 /// Timing of gossip and failure detection.
 #[derive(Debug, Clone)]
@@ -92,6 +94,13 @@ impl Gossip {
         guard.self_node_state().set(RECORD_KEY, record);
     }
 
+    /// Publishes this node's signed observations of other members.
+    pub async fn publish_seen(&self, seen: String) {
+        let chitchat = self.handle.chitchat();
+        let mut guard = chitchat.lock().await;
+        guard.self_node_state().set(SEEN_KEY, seen);
+    }
+
     /// A snapshot of every node chitchat knows, for the membership core.
     pub async fn snapshot(&self) -> Vec<GossipEntry> {
         let chitchat: Arc<_> = self.handle.chitchat();
@@ -103,6 +112,7 @@ impl Gossip {
             .map(|(id, state)| GossipEntry {
                 node_id: id.node_id.to_string(),
                 record: state.get(RECORD_KEY).map(str::to_string),
+                seen: state.get(SEEN_KEY).map(str::to_string),
                 live: live.contains(id),
             })
             .collect()
