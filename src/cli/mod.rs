@@ -92,8 +92,9 @@ pub struct RunArgs {
     /// (public members relay by default).
     #[arg(long, env = "MESHPEER_NO_RELAY", value_parser = clap::builder::FalseyValueParser::new())]
     pub no_relay: bool,
-    /// Seconds a fresh `join` tries its seed before giving up.
-    #[arg(long, default_value_t = 30)]
+    /// Seconds a fresh `join` tries its seed before giving up (a seed that
+    /// many nodes join at once answers slowly).
+    #[arg(long, default_value_t = 120)]
     pub join_timeout_secs: u64,
 }
 

@@ -1,6 +1,6 @@
 //! The daemon: the thin tokio shell around the membership core.
 //!
-//! One loop, one tick (250 ms): read the gossip snapshot, feed it to
+//! One loop, one tick (500 ms): read the gossip snapshot, feed it to
 //! [`Membership`], resolve address conflicts, reconcile WireGuard, refresh the
 //! status, persist what a restart needs. Control requests (status, leave) are
 //! served between ticks. Nothing here decides membership: that is the core's.

@@ -37,11 +37,13 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(4);
 /// address others cannot reach, and chitchat keeps picking it.
 const FAILED_BACKOFF: Duration = Duration::from_secs(5);
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
-/// Up to this many live members, every gossip round chitchat starts is
-/// sent; above it, each round's messages go out with probability
-/// `FULL_RATE_MEMBERS / live`, so the gossip a node starts per second (and
-/// the digest bytes, which grow with N) stay about constant as the mesh
-/// grows. chitchat fixes its interval when it starts, hence this thinning.
+/// Up to this many reachable live members, every gossip round chitchat
+/// starts is sent; above it, each round's messages go out with probability
+/// `FULL_RATE_MEMBERS / reachable`, so the gossip a node starts per second
+/// (and the digest bytes, which grow with N) stay about constant as the
+/// mesh grows. Members on hold (behind NAT, unreachable for gossip) do not
+/// count: messages to them are dropped anyway. chitchat fixes its interval
+/// when it starts, hence this thinning.
 pub const FULL_RATE_MEMBERS: usize = 60;
 const SENDER_IDLE: Duration = Duration::from_secs(60);
 const SERVER_NAME: &str = "meshpeer";
@@ -402,8 +404,14 @@ impl Socket for QuicSocket {
                 .shared
                 .live_members
                 .load(std::sync::atomic::Ordering::Relaxed);
-            if live > FULL_RATE_MEMBERS
-                && rand::random::<f64>() >= FULL_RATE_MEMBERS as f64 / live as f64
+            let now = Instant::now();
+            let held = lock(&self.shared.unreachable)
+                .values()
+                .filter(|(until, _)| now < *until)
+                .count();
+            let reachable = live.saturating_sub(held);
+            if reachable > FULL_RATE_MEMBERS
+                && rand::random::<f64>() >= FULL_RATE_MEMBERS as f64 / reachable as f64
             {
                 return Ok(());
             }
