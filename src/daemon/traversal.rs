@@ -256,10 +256,12 @@ impl Traversal {
         local: &[IpAddr],
         network_key: &PublicKeyBytes,
     ) -> ObserveStep {
-        let live = |k: &PublicKeyBytes| {
-            m.members()
-                .any(|x| &x.record.node_key == k && x.liveness == Liveness::Live)
-        };
+        let live_keys: HashSet<PublicKeyBytes> = m
+            .members()
+            .filter(|x| x.liveness == Liveness::Live)
+            .map(|x| x.record.node_key)
+            .collect();
+        let live = |k: &PublicKeyBytes| live_keys.contains(k);
         for e in entries {
             let (Some(text), Some(observer)) = (&e.seen, crate::proto::parse_node_id(&e.node_id))
             else {
@@ -287,6 +289,10 @@ impl Traversal {
             self.observed_self = ours;
         }
 
+        let endpoint_of: std::collections::HashMap<[u8; 32], SocketAddr> = actual
+            .iter()
+            .filter_map(|a| a.endpoint.map(|e| (a.public_key, e)))
+            .collect();
         let observed: Vec<Observed<'_>> = m
             .members()
             .filter(|x| &x.record.node_key != me && x.liveness == Liveness::Live)
@@ -295,12 +301,7 @@ impl Traversal {
                 nat_unknown: x.record.nat == NatKind::Unknown,
                 candidates: &x.record.endpoints,
                 device_endpoint: (self.paths.get(&x.record.wg_public_key) == Some(&Path::Direct))
-                    .then(|| {
-                        actual
-                            .iter()
-                            .find(|a| a.public_key == x.record.wg_public_key)
-                            .and_then(|a| a.endpoint)
-                    })
+                    .then(|| endpoint_of.get(&x.record.wg_public_key).copied())
                     .flatten(),
             })
             .collect();
