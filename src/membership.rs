@@ -347,7 +347,17 @@ impl Membership {
     }
 
     /// The WireGuard peers this node should have at `now`.
-    pub fn desired_peers(&self, now: Instant, local_nets: &[Ipv4Net]) -> Vec<DesiredPeer> {
+    /// The WireGuard peers we want: live members, and down ones within the
+    /// down grace or still `hearing` (the data plane received from their
+    /// WireGuard key recently: gossip lost their heartbeat, e.g. on a
+    /// saturated host, but the member is there; removing its peer would
+    /// only cost a new handshake when it is seen again).
+    pub fn desired_peers(
+        &self,
+        now: Instant,
+        local_nets: &[Ipv4Net],
+        hearing: &dyn Fn(&[u8; 32]) -> bool,
+    ) -> Vec<DesiredPeer> {
         let mut claims: BTreeMap<Ipv4Addr, Claim> = BTreeMap::new();
         for m in self.members() {
             let c = Claim {
@@ -368,7 +378,10 @@ impl Membership {
             .filter(|m| m.record.node_key != self.self_key)
             .filter(|m| match m.liveness {
                 Liveness::Live => true,
-                Liveness::Down { since } => now.saturating_duration_since(since) < self.down_grace,
+                Liveness::Down { since } => {
+                    now.saturating_duration_since(since) < self.down_grace
+                        || hearing(&m.record.wg_public_key)
+                }
                 Liveness::Left => false,
             })
             // Of two members claiming one address, only the winner gets it.
@@ -399,6 +412,10 @@ pub fn order_endpoints(candidates: &[SocketAddr], local_nets: &[Ipv4Net]) -> Vec
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn deaf(_: &[u8; 32]) -> bool {
+        false
+    }
     use crate::record::tests::sample;
     use ed25519_dalek::SigningKey;
 
@@ -428,7 +445,7 @@ mod tests {
             matches!(&ev[1], Event::Joined { name, .. } if name == "n3")
                 || matches!(&ev[0], Event::Joined { name, .. } if name == "n3")
         );
-        let peers = m.desired_peers(t0, &[]);
+        let peers = m.desired_peers(t0, &[], &deaf);
         assert_eq!(peers.len(), 1);
         assert_eq!(
             peers[0].allowed_ips,
@@ -457,7 +474,7 @@ mod tests {
                 ..
             }
         ));
-        assert_eq!(m.desired_peers(t0, &[])[0].endpoints, body.endpoints);
+        assert_eq!(m.desired_peers(t0, &[], &deaf)[0].endpoints, body.endpoints);
         assert!(m
             .handle_snapshot(t0, &[entry(&old, &node, true)])
             .is_empty());
@@ -467,7 +484,7 @@ mod tests {
         body.left = true;
         let ev = m.handle_snapshot(t0, &[entry(&body, &node, true)]);
         assert_eq!(ev, vec![Event::Left { name: "n3".into() }]);
-        assert!(m.desired_peers(t0, &[]).is_empty());
+        assert!(m.desired_peers(t0, &[], &deaf).is_empty());
         // Rejoin with a newer record.
         body.version = 4;
         body.left = false;
@@ -488,13 +505,28 @@ mod tests {
         m.handle_snapshot(t0, &[entry(&body, &node, true)]);
         let ev = m.handle_snapshot(t0, &[entry(&body, &node, false)]);
         assert_eq!(ev, vec![Event::Down { name: "n3".into() }]);
-        assert_eq!(m.desired_peers(t0 + Duration::from_secs(59), &[]).len(), 1);
+        assert_eq!(
+            m.desired_peers(t0 + Duration::from_secs(59), &[], &deaf)
+                .len(),
+            1
+        );
         assert!(m
-            .desired_peers(t0 + Duration::from_secs(60), &[])
+            .desired_peers(t0 + Duration::from_secs(60), &[], &deaf)
             .is_empty());
+        // ... unless its WireGuard session still delivers packets.
+        let hearing = |k: &[u8; 32]| *k == body.wg_public_key;
+        assert_eq!(
+            m.desired_peers(t0 + Duration::from_secs(60), &[], &hearing)
+                .len(),
+            1
+        );
         let ev = m.handle_snapshot(t0 + Duration::from_secs(61), &[entry(&body, &node, true)]);
         assert_eq!(ev, vec![Event::Up { name: "n3".into() }]);
-        assert_eq!(m.desired_peers(t0 + Duration::from_secs(61), &[]).len(), 1);
+        assert_eq!(
+            m.desired_peers(t0 + Duration::from_secs(61), &[], &deaf)
+                .len(),
+            1
+        );
         // Gone from gossip altogether: forgotten. The same record seen again
         // brings it back; an older one stays a replay.
         let ev = m.handle_snapshot(t0, &[]);
@@ -516,7 +548,7 @@ mod tests {
             ),
             "{ev:?}"
         );
-        assert!(m.desired_peers(t0, &[]).is_empty());
+        assert!(m.desired_peers(t0, &[], &deaf).is_empty());
     }
 
     #[test]
@@ -537,7 +569,7 @@ mod tests {
         let ev = m.handle_snapshot(t0 + NEVER_LIVE_GRACE, &[entry(&body, &node, false)]);
         assert_eq!(ev, vec![Event::Down { name: "n3".into() }]);
         assert!(m
-            .desired_peers(t0 + NEVER_LIVE_GRACE + Duration::from_secs(60), &[])
+            .desired_peers(t0 + NEVER_LIVE_GRACE + Duration::from_secs(60), &[], &deaf)
             .is_empty());
     }
 
@@ -551,7 +583,7 @@ mod tests {
         let ev = m.handle_snapshot(Instant::now(), std::slice::from_ref(&forged));
         assert!(matches!(ev[0], Event::Rejected { .. }));
         assert!(m.handle_snapshot(Instant::now(), &[forged]).is_empty());
-        assert!(m.desired_peers(Instant::now(), &[]).is_empty());
+        assert!(m.desired_peers(Instant::now(), &[], &deaf).is_empty());
     }
 
     #[test]
@@ -567,7 +599,7 @@ mod tests {
             Instant::now(),
             &[entry(&ab, &a, true), entry(&bb, &b, true)],
         );
-        let peers = m.desired_peers(Instant::now(), &[]);
+        let peers = m.desired_peers(Instant::now(), &[], &deaf);
         assert_eq!(peers.len(), 1);
         assert_eq!(peers[0].public_key, ab.wg_public_key);
         let claim_b = Claim {

@@ -508,7 +508,10 @@ impl Node {
             self.republish(false).await;
         }
 
-        let desired = self.membership.desired_peers(now, &local);
+        let traversal = &self.traversal;
+        let desired = self
+            .membership
+            .desired_peers(now, &local, &|k| traversal.hearing(now, k));
         let actual = self.wg.peers()?;
         let before = self.traversal.paths.clone();
         let desired = self.traversal.select_paths(

@@ -179,6 +179,11 @@ impl Traversal {
         }
     }
 
+    /// Whether the data plane heard from this WireGuard key lately.
+    pub fn hearing(&self, now: Instant, key: &[u8; 32]) -> bool {
+        self.selector.hearing(now, key)
+    }
+
     /// Chooses direct or relayed paths and rewrites the desired peers.
     pub fn select_paths(
         &mut self,

@@ -45,6 +45,14 @@ pub struct PathSelector {
 }
 
 impl PathSelector {
+    /// Whether the data plane received from `key` within [`RX_SILENCE`]
+    /// (as of the last `select`).
+    pub fn hearing(&self, now: Instant, key: &[u8; 32]) -> bool {
+        self.rx
+            .get(key)
+            .is_some_and(|(_, t)| now.saturating_duration_since(*t) < RX_SILENCE)
+    }
+
     /// Chooses a path per peer and rewrites allowed IPs accordingly.
     ///
     /// `actual` is the device's view (handshake age, rx bytes per peer);
