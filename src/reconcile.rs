@@ -85,6 +85,7 @@ pub fn reconcile(
     owned: &BTreeSet<[u8; 32]>,
     rotation: usize,
     poke: bool,
+    silent: &dyn Fn(&[u8; 32]) -> bool,
 ) -> Vec<PeerChange> {
     let mut changes = Vec::new();
     for d in desired {
@@ -106,7 +107,12 @@ pub fn reconcile(
                 // Someone else's peer with a member's key: not ours to touch.
             }
             Some(a) => {
-                let fresh = a.handshake_age.is_some_and(|age| age < FRESH_HANDSHAKE);
+                // A recent handshake keeps the endpoint WireGuard roamed
+                // to, unless the path went silent (a NAT dropped the
+                // mapping, a router got a new address): then the
+                // candidates from the record are tried again.
+                let fresh = a.handshake_age.is_some_and(|age| age < FRESH_HANDSHAKE)
+                    && !silent(&d.public_key);
                 let endpoint = match a.endpoint {
                     None => pick(0),
                     Some(_) if fresh => None,
@@ -157,6 +163,10 @@ pub fn reconcile(
 mod tests {
     use super::*;
 
+    fn talking(_: &[u8; 32]) -> bool {
+        false
+    }
+
     fn desired(k: u8, ip: &str, eps: &[&str]) -> DesiredPeer {
         DesiredPeer {
             public_key: [k; 32],
@@ -186,7 +196,7 @@ mod tests {
             actual(3, "10.9.9.9", None, None),
         ];
         let owned: BTreeSet<_> = [[2u8; 32]].into();
-        let c = reconcile(&d, &a, &owned, 0, false);
+        let c = reconcile(&d, &a, &owned, 0, false, &talking);
         assert_eq!(
             c,
             vec![
@@ -208,7 +218,7 @@ mod tests {
         let d = vec![desired(1, "10.0.0.1", &["192.0.2.1:51820"])];
         let a = vec![actual(1, "10.0.0.1", Some("192.0.2.1:51820"), Some(5))];
         let owned: BTreeSet<_> = [[1u8; 32]].into();
-        assert!(reconcile(&d, &a, &owned, 7, false).is_empty());
+        assert!(reconcile(&d, &a, &owned, 7, false, &talking).is_empty());
     }
 
     #[test]
@@ -218,7 +228,7 @@ mod tests {
         // Stale endpoint, no handshake: moved to the new candidate.
         let a = vec![actual(1, "10.0.0.1", Some("192.0.2.1:51820"), None)];
         assert_eq!(
-            reconcile(&d, &a, &owned, 0, false),
+            reconcile(&d, &a, &owned, 0, false, &talking),
             vec![PeerChange::Update {
                 public_key: [1; 32],
                 endpoint: Some("192.0.2.7:51820".parse().unwrap()),
@@ -228,11 +238,18 @@ mod tests {
         );
         // Fresh handshake on a roamed endpoint: left alone.
         let a = vec![actual(1, "10.0.0.1", Some("198.51.100.1:4000"), Some(10))];
-        assert!(reconcile(&d, &a, &owned, 0, false).is_empty());
+        assert!(reconcile(&d, &a, &owned, 0, false, &talking).is_empty());
+        // ... unless that path went silent (e.g. the peer's router got a new
+        // address): the record's candidates are tried again.
+        let silent = |_: &[u8; 32]| true;
+        assert!(matches!(
+            reconcile(&d, &a, &owned, 0, false, &silent)[0],
+            PeerChange::Update { endpoint: Some(e), .. } if e.to_string() == "192.0.2.7:51820"
+        ));
         // Allowed IP changed (the member moved address after a conflict).
         let a = vec![actual(1, "10.0.0.9", Some("192.0.2.7:51820"), Some(10))];
         assert!(matches!(
-            reconcile(&d, &a, &owned, 0, false)[0],
+            reconcile(&d, &a, &owned, 0, false, &talking)[0],
             PeerChange::Update {
                 allowed_ips: Some(_),
                 endpoint: None,
@@ -252,8 +269,8 @@ mod tests {
             actual(1, "10.0.0.1", Some("192.0.2.1:1"), Some(3)),
             actual(2, "10.0.0.2", Some("192.0.2.2:1"), None),
         ];
-        assert!(reconcile(&d, &a, &owned, 0, false).is_empty());
-        let pokes = reconcile(&d, &a, &owned, 0, true);
+        assert!(reconcile(&d, &a, &owned, 0, false, &talking).is_empty());
+        let pokes = reconcile(&d, &a, &owned, 0, true, &talking);
         assert_eq!(
             pokes,
             vec![
@@ -280,7 +297,7 @@ mod tests {
             actual(1, "10.0.0.1", Some("192.0.2.1:1"), Some(3)),
             actual(2, "10.0.0.2", Some("192.0.2.2:1"), None),
         ];
-        let c = reconcile(&[relay, relayed], &a, &owned, 0, false);
+        let c = reconcile(&[relay, relayed], &a, &owned, 0, false, &talking);
         assert_eq!(c.len(), 2);
         assert!(
             matches!(&c[0], PeerChange::Update { allowed_ips: Some(ips), .. } if ips.len() == 2)
@@ -295,9 +312,9 @@ mod tests {
         let d = vec![desired(1, "10.0.0.1", &["192.0.2.1:1", "192.0.2.2:1"])];
         let owned: BTreeSet<_> = [[1u8; 32]].into();
         let a = vec![actual(1, "10.0.0.1", Some("192.0.2.1:1"), None)];
-        assert!(reconcile(&d, &a, &owned, 0, false).is_empty());
+        assert!(reconcile(&d, &a, &owned, 0, false, &talking).is_empty());
         assert!(matches!(
-            reconcile(&d, &a, &owned, 1, false)[0],
+            reconcile(&d, &a, &owned, 1, false, &talking)[0],
             PeerChange::Update { endpoint: Some(e), .. } if e.to_string() == "192.0.2.2:1"
         ));
     }

@@ -566,7 +566,10 @@ impl Node {
         let rotation = (unix_ms() / 10_000) as usize;
         let poke = rotation != self.last_rotation;
         self.last_rotation = rotation;
-        let changes = reconcile(&desired, &actual, &self.owned, rotation, poke);
+        let traversal = &self.traversal;
+        let changes = reconcile(&desired, &actual, &self.owned, rotation, poke, &|k| {
+            !traversal.hearing(now, k)
+        });
         if !changes.is_empty() {
             for c in &changes {
                 log_change(c, &self.membership);

@@ -138,7 +138,13 @@ impl Discovery {
             .any(|m| local.contains(&m.ip()) && m.port() == wg_port)
         {
             NatKind::Public
-        } else if mapped.len() == 1 {
+        } else if mapped.len() == 1 || counts[0].1 >= 2 {
+            // One mapping, or one that several destinations agree on: a
+            // Linux NAT keeps the host's port per destination unless another
+            // host behind it already uses that port towards that same
+            // destination, so two members of one home on the default port
+            // see a few odd mappings next to the common one. Only mappings
+            // that all differ mean the NAT picks a port per destination.
             NatKind::EndpointIndependent
         } else {
             NatKind::EndpointDependent
@@ -188,6 +194,28 @@ mod tests {
         );
         // Unknown transaction ids are ignored.
         assert!(!d.handle_response(t0, [9; 12], m));
+
+        // Mostly one mapping, one odd one out (a port clash with another
+        // host behind the same NAT): still endpoint-independent, the common
+        // mapping first.
+        let mut d = Discovery::new(3);
+        let three: Vec<SocketAddr> = vec![
+            "198.18.0.1:51820".parse().unwrap(),
+            "198.18.0.2:51820".parse().unwrap(),
+            "198.18.0.3:51820".parse().unwrap(),
+        ];
+        let reqs = d.poll_transmit(t0, &three);
+        let odd: SocketAddr = "198.18.5.5:48711".parse().unwrap();
+        for (i, (_, r)) in reqs.iter().enumerate() {
+            d.handle_response(t0, txid_of(r), if i == 1 { odd } else { m });
+        }
+        assert_eq!(
+            d.info(&local, 51820, false),
+            NatInfo {
+                kind: NatKind::EndpointIndependent,
+                mapped: vec![m, odd]
+            }
+        );
 
         // Symmetric: a new port per destination.
         let mut d = Discovery::new(2);
