@@ -566,6 +566,9 @@ impl Node {
         let rotation = (unix_ms() / 10_000) as usize;
         let poke = rotation != self.last_rotation;
         self.last_rotation = rotation;
+        if poke {
+            self.traversal.punch().await;
+        }
         let traversal = &self.traversal;
         let changes = reconcile(&desired, &actual, &self.owned, rotation, poke, &|k| {
             !traversal.hearing(now, k)

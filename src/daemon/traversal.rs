@@ -37,6 +37,7 @@ pub struct Traversal {
     /// Where members observe our WireGuard packets (used in the record when
     /// STUN cannot tell, see `build_record`).
     pub observed_self: Vec<SocketAddr>,
+    punch_targets: Vec<SocketAddr>,
     discovery: Discovery,
     selector: PathSelector,
     sender: Option<RawSender>,
@@ -90,6 +91,7 @@ impl Traversal {
             seen_at: None,
             rejected_seen: HashSet::new(),
             observed_self: Vec::new(),
+            punch_targets: Vec::new(),
             discovery: Discovery::new(rand::random()),
             selector: PathSelector::default(),
             sender,
@@ -179,6 +181,23 @@ impl Traversal {
         }
     }
 
+    /// Opens our NAT towards every candidate of the peers without a direct
+    /// path: one small datagram (a STUN binding request, which members
+    /// answer and otherwise ignore) from the WireGuard port to each. The
+    /// device's WireGuard handshake goes to one endpoint at a time; with the
+    /// mappings open on both sides, whichever candidate the other side's
+    /// handshake uses gets through, and WireGuard roams to it. Called when
+    /// the peers are poked, so both ends punch at the same moment. (Not on
+    /// the kernel backend: its socket is the kernel's.)
+    pub async fn punch(&self) {
+        let Some(sender) = &self.sender else { return };
+        for to in &self.punch_targets {
+            let _ = sender
+                .send(*to, &stun::binding_request(rand::random()))
+                .await;
+        }
+    }
+
     /// Whether the data plane heard from this WireGuard key lately.
     pub fn hearing(&self, now: Instant, key: &[u8; 32]) -> bool {
         self.selector.hearing(now, key)
@@ -221,6 +240,13 @@ impl Traversal {
         let (desired, paths) = self
             .selector
             .select(now, desired, actual, &relays, &my_wg_key, &hopeless);
+        // Where to punch: every candidate of every peer still without a
+        // direct path that a punch can reach.
+        self.punch_targets = desired
+            .iter()
+            .filter(|d| paths.get(&d.public_key) != Some(&Path::Direct) && !hopeless(&d.public_key))
+            .flat_map(|d| d.endpoints.iter().take(4).copied())
+            .collect();
         for (k, p) in &paths {
             if self.paths.get(k) != Some(p) {
                 let name = m

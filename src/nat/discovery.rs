@@ -106,6 +106,14 @@ impl Discovery {
     pub fn handle_response(&mut self, now: Instant, txid: [u8; 12], mapped: SocketAddr) -> bool {
         match self.pending.remove(&txid) {
             Some((target, _)) => {
+                // A new public address (the router reconnected): older
+                // observations describe a NAT that is gone. (A new port
+                // alone is not enough: a symmetric NAT gives one per
+                // destination, and a flushed one is re-measured within a
+                // round.)
+                if self.observed.values().any(|(m, _)| m.ip() != mapped.ip()) {
+                    self.observed.clear();
+                }
                 self.observed.insert(target, (mapped, now));
                 true
             }
@@ -214,6 +222,19 @@ mod tests {
             NatInfo {
                 kind: NatKind::EndpointIndependent,
                 mapped: vec![m, odd]
+            }
+        );
+
+        // The router got a new public address: the old observations go at
+        // once, the new mapping is the answer.
+        let moved: SocketAddr = "198.18.9.9:40000".parse().unwrap();
+        let reqs = d.poll_transmit(t0 + SLOW_ROUND, &three);
+        d.handle_response(t0 + SLOW_ROUND, txid_of(&reqs[0].1), moved);
+        assert_eq!(
+            d.info(&local, 51820, false),
+            NatInfo {
+                kind: NatKind::EndpointIndependent,
+                mapped: vec![moved]
             }
         );
 
