@@ -40,17 +40,20 @@ pub enum Path {
 #[derive(Default)]
 pub struct PathSelector {
     since: HashMap<[u8; 32], Instant>,
+    /// When each peer's receive counter last grew.
+    grew: HashMap<[u8; 32], Instant>,
     /// Last rx byte count seen per peer and when it last grew.
     rx: HashMap<[u8; 32], (u64, Instant)>,
 }
 
 impl PathSelector {
     /// Whether the data plane received from `key` within [`RX_SILENCE`]
-    /// (as of the last `select`).
+    /// (as of the last `select`): its receive counter actually grew. A
+    /// peer just added (or re-added, counters reset) has not been heard.
     pub fn hearing(&self, now: Instant, key: &[u8; 32]) -> bool {
-        self.rx
+        self.grew
             .get(key)
-            .is_some_and(|(_, t)| now.saturating_duration_since(*t) < RX_SILENCE)
+            .is_some_and(|t| now.saturating_duration_since(*t) < RX_SILENCE)
     }
 
     /// Chooses a path per peer and rewrites allowed IPs accordingly.
@@ -77,8 +80,13 @@ impl PathSelector {
             .retain(|k, _| desired.iter().any(|d| &d.public_key == k));
         self.rx
             .retain(|k, _| desired.iter().any(|d| &d.public_key == k));
+        self.grew
+            .retain(|k, _| desired.iter().any(|d| &d.public_key == k));
         for a in actual {
             let e = self.rx.entry(a.public_key).or_insert((a.rx_bytes, now));
+            if a.rx_bytes > e.0 {
+                self.grew.insert(a.public_key, now);
+            }
             if a.rx_bytes != e.0 {
                 *e = (a.rx_bytes, now);
             }
