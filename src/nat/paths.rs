@@ -287,4 +287,30 @@ mod tests {
         assert_eq!(pick_relay(&[[1; 32]], &[1; 32], &[2; 32]), None);
         assert_eq!(pick_relay(&[[2; 32]], &[1; 32], &[2; 32]), None);
     }
+
+    #[test]
+    fn hearing_needs_the_receive_counter_to_grow() {
+        let mut s = PathSelector::default();
+        let t0 = Instant::now();
+        let at = |rx: u64| {
+            vec![ActualPeer {
+                public_key: [2; 32],
+                endpoint: None,
+                allowed_ips: vec![],
+                keepalive: Some(25),
+                handshake_age: Some(Duration::from_secs(1)),
+                rx_bytes: rx,
+                tx_bytes: 0,
+            }]
+        };
+        // First sight, and a re-added peer (counters reset): not heard.
+        s.select(t0, vec![peer(2)], &at(500), &[], &ME, &never);
+        assert!(!s.hearing(t0, &[2; 32]));
+        s.select(t0, vec![peer(2)], &at(0), &[], &ME, &never);
+        assert!(!s.hearing(t0, &[2; 32]));
+        // The counter grows: heard, until RX_SILENCE passes.
+        s.select(t0, vec![peer(2)], &at(100), &[], &ME, &never);
+        assert!(s.hearing(t0, &[2; 32]));
+        assert!(!s.hearing(t0 + RX_SILENCE, &[2; 32]));
+    }
 }
