@@ -107,6 +107,8 @@ struct Node {
     last_rotation: usize,
     ticks: u64,
     prober: rtt::Prober,
+    /// Our WireGuard public key (derived from the secret once).
+    wg_public: [u8; 32],
 }
 
 /// Runs the node until `shutdown` resolves or a `leave` request arrives.
@@ -274,7 +276,8 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()>) -> anyho
         backend = ?wg.backend, %advertise, "meshpeer is up"
     );
 
-    let cfg_interface = cfg.interface.clone();
+    let prober = rtt::Prober::new(&cfg.interface);
+    let wg_public = id.wg_public();
     let mut node = Node {
         cfg,
         dir,
@@ -296,7 +299,8 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()>) -> anyho
         traversal,
         last_rotation: 0,
         ticks: 0,
-        prober: rtt::Prober::new(&cfg_interface),
+        prober,
+        wg_public,
     };
 
     tokio::pin!(shutdown);
@@ -513,30 +517,22 @@ impl Node {
             .membership
             .desired_peers(now, &local, &|k| traversal.hearing(now, k));
         let actual = self.wg.peers()?;
-        let before = self.traversal.paths.clone();
         let desired = self.traversal.select_paths(
             now,
             desired,
             &actual,
             &self.membership,
             &me,
-            self.id.wg_public(),
+            self.wg_public,
         );
         // Round-trip probes: live members, again at once on a path change.
-        let changed: Vec<[u8; 32]> = self
-            .traversal
-            .paths
-            .iter()
-            .filter(|(k, p)| before.get(*k) != Some(*p))
-            .map(|(k, _)| *k)
-            .collect();
         let probe: Vec<([u8; 32], std::net::Ipv4Addr)> = self
             .membership
             .members()
             .filter(|x| x.record.node_key != me && x.liveness == Liveness::Live)
             .map(|x| (x.record.wg_public_key, x.record.overlay_ip))
             .collect();
-        self.prober.poll(now, &probe, &changed);
+        self.prober.poll(now, &probe, &self.traversal.changed);
 
         // Observed endpoints: publish what we see of members whose NAT is
         // unknown; learn what others see of us.

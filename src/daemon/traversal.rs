@@ -2,7 +2,7 @@
 //! socket, drives [`Discovery`], and applies [`PathSelector`]'s choice of
 //! direct or relayed paths. The decisions are in `crate::nat` (sans-IO).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
@@ -46,6 +46,8 @@ pub struct Traversal {
     pub nat: NatInfo,
     /// The path chosen for each peer (by WireGuard key).
     pub paths: BTreeMap<[u8; 32], Path>,
+    /// The peers whose path changed in the last `select_paths`.
+    pub changed: Vec<[u8; 32]>,
     forwarding: bool,
     forwarding_failed: bool,
     /// Outside STUN servers (`--stun-server`), asked before members.
@@ -101,6 +103,7 @@ impl Traversal {
                 mapped: vec![],
             },
             paths: BTreeMap::new(),
+            changed: Vec::new(),
             forwarding: false,
             forwarding_failed: false,
             outside,
@@ -226,12 +229,11 @@ impl Traversal {
         // A punch cannot work when either side is behind a symmetric NAT
         // and the other is not public.
         let our_nat = self.nat.kind;
-        let nat_of = |k: &[u8; 32]| {
-            m.members()
-                .find(|x| &x.record.wg_public_key == k)
-                .map(|x| x.record.nat)
-                .unwrap_or(NatKind::Unknown)
-        };
+        let nats: HashMap<[u8; 32], NatKind> = m
+            .members()
+            .map(|x| (x.record.wg_public_key, x.record.nat))
+            .collect();
+        let nat_of = |k: &[u8; 32]| nats.get(k).copied().unwrap_or(NatKind::Unknown);
         let hopeless = |k: &[u8; 32]| {
             let theirs = nat_of(k);
             (our_nat == NatKind::EndpointDependent && theirs != NatKind::Public)
@@ -247,8 +249,10 @@ impl Traversal {
             .filter(|d| paths.get(&d.public_key) != Some(&Path::Direct) && !hopeless(&d.public_key))
             .flat_map(|d| d.endpoints.iter().take(4).copied())
             .collect();
+        self.changed.clear();
         for (k, p) in &paths {
             if self.paths.get(k) != Some(p) {
+                self.changed.push(*k);
                 let name = m
                     .members()
                     .find(|x| &x.record.wg_public_key == k)
@@ -320,7 +324,7 @@ impl Traversal {
             self.observed_self = ours;
         }
 
-        let endpoint_of: std::collections::HashMap<[u8; 32], SocketAddr> = actual
+        let endpoint_of: HashMap<[u8; 32], SocketAddr> = actual
             .iter()
             .filter_map(|a| a.endpoint.map(|e| (a.public_key, e)))
             .collect();

@@ -15,11 +15,11 @@
 //!   pair is unreachable by the deadline or a pair's path (after settling)
 //!   is not the expected one (direct or relayed).
 //! * `stun_coturn`: `stun-coturn.toml` with Debian's coturn as outside STUN
-//!   server; every node's status must show its NAT kind and public address.
-//! * `stun_client`: the same scenario's `stun_client` step: Debian's RFC 3489
-//!   `stun` client behind a home NAT against meshpeer's WireGuard port must
-//!   print the NAT's public address. These two also need `turnserver`
-//!   (coturn) and `stun` (stun-client).
+//!   server; every node's status must show its NAT kind and public address,
+//!   and the run's `stun_client` step (Debian's RFC 3489 `stun` client behind
+//!   a home NAT against meshpeer's WireGuard port) must print the NAT's
+//!   public address. Also needs `turnserver` (coturn) and `stun`
+//!   (stun-client).
 //! * `address_change` (`address-change.toml`) and `nat_flush`
 //!   (`nat-flush.toml`): after each public address change / NAT flush,
 //!   every affected pair replies again within 30 s (issue 4's target).
@@ -287,8 +287,22 @@ fn matrix() {
 
 const STUN_TOOLS: [(&str, &str); 2] = [("turnserver", "coturn"), ("stun", "stun-client")];
 
-/// coturn as the outside STUN server: each node learns its NAT kind and
-/// public address (home NAT: the router's WAN address).
+/// The result of the first step of `run` with this action.
+fn step_result<'a>(run: &'a serde_json::Value, action: &str) -> &'a serde_json::Value {
+    &run["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["action"] == action)
+        .unwrap_or_else(|| panic!("a {action} step (did the run stop earlier?)"))["result"]
+}
+
+/// One run of `stun-coturn.toml`, two checks:
+/// * coturn as the outside STUN server: each node learns its NAT kind and
+///   public address (home NAT: the router's WAN address);
+/// * Debian's RFC 3489 `stun` client behind a home NAT, against meshpeer's
+///   WireGuard port on the (public) seed: the mapped address it prints is
+///   the NAT's public address.
 #[test]
 fn stun_coturn() {
     if !can_run_with("stun_coturn", &STUN_TOOLS) {
@@ -298,13 +312,8 @@ fn stun_coturn() {
         return;
     };
     let run = &report["runs"][0];
-    let step = run["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["action"] == "check_nat")
-        .expect("a check_nat step");
-    let nodes = step["result"]["nodes"].as_array().unwrap();
+    let check = step_result(run, "check_nat");
+    let nodes = check["nodes"].as_array().unwrap();
     let topo = report["topology"]["nodes"].as_array().unwrap();
     let mut home = 0;
     for n in nodes {
@@ -322,39 +331,15 @@ fn stun_coturn() {
         }
     }
     assert!(home >= 2, "stun-coturn.toml has nodes behind home NATs");
-    let c = &step["result"]["stun_server_counters"];
+    let c = &check["stun_server_counters"];
     assert!(
         c["requests_in"].as_u64().unwrap_or(0) > 0 && c["answers_out"].as_u64().unwrap_or(0) > 0,
         "coturn got no STUN requests or sent no answers: {c}"
     );
-    assert!(
-        out.status.success() && report["ok"] == true,
-        "stun_coturn: {}",
-        run["errors"]
-    );
-    let _ = std::fs::remove_dir_all(&out_dir);
-}
 
-/// Debian's RFC 3489 `stun` client behind a home NAT, against meshpeer's
-/// WireGuard port on the (public) seed: the mapped address it prints is the
-/// NAT's public address. Runs the `stun_client` step of `stun-coturn.toml`
-/// (in its own run).
-#[test]
-fn stun_client() {
-    if !can_run_with("stun_client", &STUN_TOOLS) {
-        return;
-    }
-    let Some((_out, report, out_dir)) = run_scenario("stun_client", "stun-coturn.toml") else {
-        return;
-    };
-    let run = &report["runs"][0];
-    let step = run["steps"]
+    let clients = step_result(run, "stun_client")["clients"]
         .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["action"] == "stun_client")
-        .expect("a stun_client step (did the run stop earlier?)");
-    let clients = step["result"]["clients"].as_array().unwrap();
+        .unwrap();
     assert!(!clients.is_empty());
     for c in clients {
         assert_eq!(
@@ -367,6 +352,11 @@ fn stun_client() {
             c["output"].as_str().unwrap_or("")
         );
     }
+    assert!(
+        out.status.success() && report["ok"] == true,
+        "stun_coturn: {}",
+        run["errors"]
+    );
     let _ = std::fs::remove_dir_all(&out_dir);
 }
 
