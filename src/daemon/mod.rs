@@ -307,8 +307,14 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()>) -> anyho
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut leave_reply = None;
+    let answered = node.traversal.answered();
     loop {
         tokio::select! {
+            // A connectivity check was answered: handshake there now, not
+            // at the next tick.
+            _ = answered.notified() => {
+                node.traversal.force_handshakes(Instant::now()).await;
+            }
             _ = &mut shutdown => {
                 tracing::info!("shutting down (members will mark this node down)");
                 break;
@@ -562,9 +568,6 @@ impl Node {
         let rotation = (unix_ms() / 10_000) as usize;
         let poke = rotation != self.last_rotation;
         self.last_rotation = rotation;
-        if poke {
-            self.traversal.punch().await;
-        }
         let traversal = &self.traversal;
         let changes = reconcile(&desired, &actual, &self.owned, rotation, poke, &|k| {
             !traversal.hearing(now, k)
@@ -587,6 +590,10 @@ impl Node {
             }
             self.persist(true);
         }
+        // Connectivity checks: handshakes to candidates that answered, then
+        // the next checks (and punches).
+        self.traversal.force_handshakes(now).await;
+        self.traversal.send_checks(now, poke).await;
 
         // Never alone for good: with no live member, knock on every address
         // we know (seeds and last-known members), with backoff.

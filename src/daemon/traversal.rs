@@ -6,15 +6,18 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc;
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, Notify};
 
 use crate::membership::{DesiredPeer, GossipEntry, Liveness, Membership};
+use crate::nat::checks::{Checks, Need, Validated};
 use crate::nat::discovery::{looks_public, Discovery, NatInfo};
 use crate::nat::paths::{Path, PathSelector};
 use crate::nat::stun::{self, StunMessage};
 use crate::observe::{self, ObservationBook, Observed, Seen};
 use crate::proto::PublicKeyBytes;
-use crate::reconcile::ActualPeer;
+use crate::reconcile::{ActualPeer, FRESH_HANDSHAKE};
 use crate::record::NatKind;
 use crate::wg::{userspace::RawSender, WgInterface};
 
@@ -37,11 +40,23 @@ pub struct Traversal {
     /// Where members observe our WireGuard packets (used in the record when
     /// STUN cannot tell, see `build_record`).
     pub observed_self: Vec<SocketAddr>,
-    punch_targets: Vec<SocketAddr>,
+    /// Peers without a direct path that a punch can reach, with their
+    /// candidates: the connectivity checks go there.
+    need: Vec<([u8; 32], Vec<SocketAddr>)>,
+    checks: Checks,
+    /// Signalled when a STUN answer arrived (the daemon then acts on
+    /// connectivity checks at once instead of at the next tick).
+    answered: Arc<Notify>,
+    /// Peers with a fresh handshake that we hear from (no checks).
+    working: HashSet<[u8; 32]>,
+    /// Checks answered since the last `force_handshakes`.
+    validated: Vec<Validated>,
     discovery: Discovery,
     selector: PathSelector,
     sender: Option<RawSender>,
-    responses: Option<mpsc::Receiver<([u8; 12], SocketAddr)>>,
+    /// STUN answers on the WireGuard port: transaction id, the mapped
+    /// address they report, and who sent them.
+    responses: Option<mpsc::Receiver<([u8; 12], SocketAddr, SocketAddr)>>,
     /// What STUN says about our NAT.
     pub nat: NatInfo,
     /// The path chosen for each peer (by WireGuard key).
@@ -59,10 +74,12 @@ impl Traversal {
     /// kernel's WireGuard socket cannot carry STUN, so a kernel node learns
     /// nothing here and publishes `NatKind::Unknown`).
     pub fn start(wg: &WgInterface, outside: Vec<SocketAddr>) -> Self {
+        let answered = Arc::new(Notify::new());
         let (sender, responses) = match wg.raw_channel() {
             Some((sender, mut raw)) => {
-                let (tx, rx) = mpsc::channel(64);
+                let (tx, rx) = mpsc::channel(1024);
                 let reply = sender.clone();
+                let signal = Arc::clone(&answered);
                 tokio::spawn(async move {
                     while let Some((from, bytes)) = raw.recv().await {
                         match stun::parse(&bytes) {
@@ -70,7 +87,8 @@ impl Traversal {
                                 let _ = reply.send(from, &stun::binding_response(txid, from)).await;
                             }
                             Some(StunMessage::Response { txid, mapped }) => {
-                                let _ = tx.try_send((txid, mapped));
+                                let _ = tx.try_send((txid, mapped, from));
+                                signal.notify_one();
                             }
                             Some(StunMessage::ClassicRequest { txid }) => {
                                 if let Some(r) = stun::classic_binding_response(txid, from) {
@@ -93,7 +111,11 @@ impl Traversal {
             seen_at: None,
             rejected_seen: HashSet::new(),
             observed_self: Vec::new(),
-            punch_targets: Vec::new(),
+            need: Vec::new(),
+            answered,
+            checks: Checks::default(),
+            working: HashSet::new(),
+            validated: Vec::new(),
             discovery: Discovery::new(rand::random()),
             selector: PathSelector::default(),
             sender,
@@ -143,11 +165,7 @@ impl Traversal {
         local: &[ipnet::Ipv4Net],
         sender: &RawSender,
     ) {
-        if let Some(rx) = &mut self.responses {
-            while let Ok((txid, mapped)) = rx.try_recv() {
-                self.discovery.handle_response(now, txid, mapped);
-            }
-        }
+        self.drain_responses(now);
         // STUN servers: public members first, then not-yet-measured ones;
         // never one on our own LAN (it sees our host address, not the NAT's).
         let on_lan = |a: &SocketAddr| match a.ip() {
@@ -184,20 +202,67 @@ impl Traversal {
         }
     }
 
-    /// Opens our NAT towards every candidate of the peers without a direct
-    /// path: one small datagram (a STUN binding request, which members
-    /// answer and otherwise ignore) from the WireGuard port to each. The
-    /// device's WireGuard handshake goes to one endpoint at a time; with the
-    /// mappings open on both sides, whichever candidate the other side's
-    /// handshake uses gets through, and WireGuard roams to it. Called when
-    /// the peers are poked, so both ends punch at the same moment. (Not on
-    /// the kernel backend: its socket is the kernel's.)
-    pub async fn punch(&self) {
+    /// Signalled whenever a STUN answer arrives on the WireGuard port: call
+    /// [`Traversal::force_handshakes`] then.
+    pub fn answered(&self) -> Arc<Notify> {
+        Arc::clone(&self.answered)
+    }
+
+    /// Hands the STUN answers received so far to the connectivity checks
+    /// (answers to them) or to discovery (the rest).
+    fn drain_responses(&mut self, now: Instant) {
+        if let Some(rx) = &mut self.responses {
+            while let Ok((txid, mapped, from)) = rx.try_recv() {
+                match self.checks.handle_response(now, &txid, from) {
+                    Some(v) => self.validated.push(v),
+                    None => {
+                        self.discovery.handle_response(now, txid, mapped);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Connectivity checks ([`Checks`]): a STUN binding request from the
+    /// WireGuard port to every candidate of each peer without a direct path
+    /// that a punch can reach, in a burst when the peer appears or its
+    /// candidates change and then on every poke (`poke`: the shared 10 s
+    /// beat, so both ends punch at the same moment). Each request also
+    /// opens our NAT towards that candidate. (Not on the kernel backend:
+    /// its socket is the kernel's.)
+    pub async fn send_checks(&mut self, now: Instant, poke: bool) {
         let Some(sender) = &self.sender else { return };
-        for to in &self.punch_targets {
-            let _ = sender
-                .send(*to, &stun::binding_request(rand::random()))
-                .await;
+        let need: Vec<Need<'_>> = self
+            .need
+            .iter()
+            .map(|(key, candidates)| Need {
+                key: *key,
+                candidates,
+            })
+            .collect();
+        let out = self
+            .checks
+            .poll(now, &need, poke, &mut || rand::random::<[u8; 12]>());
+        for (txid, to) in out {
+            let _ = sender.send(to, &stun::binding_request(txid)).await;
+        }
+    }
+
+    /// For each peer whose check was answered and that still has no direct
+    /// path: a WireGuard handshake to the candidate that answered, now
+    /// (instead of WireGuard's next retry, up to 5 s later). Call after the
+    /// peer changes were applied.
+    pub async fn force_handshakes(&mut self, now: Instant) {
+        self.drain_responses(now);
+        let Some(sender) = &self.sender else {
+            self.validated.clear();
+            return;
+        };
+        for v in std::mem::take(&mut self.validated) {
+            if !v.force || self.working.contains(&v.key) {
+                continue;
+            }
+            sender.initiate_handshake(&v.key, v.endpoint).await;
         }
     }
 
@@ -239,16 +304,35 @@ impl Traversal {
             (our_nat == NatKind::EndpointDependent && theirs != NatKind::Public)
                 || (theirs == NatKind::EndpointDependent && our_nat != NatKind::Public)
         };
-        let (desired, paths) = self
+        let (mut desired, paths) = self
             .selector
             .select(now, desired, actual, &relays, &my_wg_key, &hopeless);
-        // Where to punch: every candidate of every peer still without a
-        // direct path that a punch can reach.
-        self.punch_targets = desired
-            .iter()
-            .filter(|d| paths.get(&d.public_key) != Some(&Path::Direct) && !hopeless(&d.public_key))
-            .flat_map(|d| d.endpoints.iter().take(4).copied())
-            .collect();
+        // Where to check (and punch): the candidates of every peer still
+        // without a direct path that a punch can reach. A candidate that
+        // answered a check becomes the peer's only endpoint until the
+        // path is direct (WireGuard then roams as it likes).
+        // (A public relay counts as a direct path for the choice above, but
+        // it is checked like any other peer until its session works.)
+        self.need.clear();
+        self.working.clear();
+        for d in desired.iter_mut() {
+            let fresh = actual
+                .iter()
+                .find(|a| a.public_key == d.public_key)
+                .and_then(|a| a.handshake_age)
+                .is_some_and(|age| age < FRESH_HANDSHAKE);
+            if fresh && self.selector.hearing(now, &d.public_key) {
+                self.working.insert(d.public_key);
+                continue;
+            }
+            if hopeless(&d.public_key) {
+                continue;
+            }
+            self.need.push((d.public_key, d.endpoints.clone()));
+            if let Some(v) = self.checks.validated(now, &d.public_key) {
+                d.endpoints = vec![v];
+            }
+        }
         self.changed.clear();
         for (k, p) in &paths {
             if self.paths.get(k) != Some(p) {

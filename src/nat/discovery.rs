@@ -17,8 +17,8 @@ use super::stun;
 use crate::record::NatKind;
 
 pub const MAX_TARGETS: usize = 3;
-/// Rounds while nothing is known yet, and once results are in.
-pub const FAST_ROUND: Duration = Duration::from_secs(2);
+/// Rounds until two destinations answered, and once they have.
+pub const FAST_ROUND: Duration = Duration::from_secs(1);
 pub const SLOW_ROUND: Duration = Duration::from_secs(15);
 /// An observation older than this is forgotten.
 pub const OBSERVATION_TTL: Duration = Duration::from_secs(60);
@@ -82,7 +82,11 @@ impl Discovery {
         if self.next_round.is_some_and(|t| now < t) || targets.is_empty() {
             return Vec::new();
         }
-        let round = if self.observed.is_empty() {
+        // Fast until two destinations answered (one mapping cannot tell an
+        // endpoint-independent NAT from a symmetric one), or until every
+        // target we know answered.
+        let answered = self.observed.len();
+        let round = if answered < 2.min(targets.len().min(MAX_TARGETS)) {
             FAST_ROUND
         } else {
             SLOW_ROUND

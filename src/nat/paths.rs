@@ -83,7 +83,10 @@ impl PathSelector {
         self.grew
             .retain(|k, _| desired.iter().any(|d| &d.public_key == k));
         for a in actual {
-            let e = self.rx.entry(a.public_key).or_insert((a.rx_bytes, now));
+            // First sight of a peer: counters start at zero when a peer is
+            // added, so bytes already counted were received since then (a
+            // handshake that completed between two steps).
+            let e = self.rx.entry(a.public_key).or_insert((0, now));
             if a.rx_bytes > e.0 {
                 self.grew.insert(a.public_key, now);
             }
@@ -303,14 +306,23 @@ mod tests {
                 tx_bytes: 0,
             }]
         };
-        // First sight, and a re-added peer (counters reset): not heard.
-        s.select(t0, vec![peer(2)], &at(500), &[], &ME, &never);
-        assert!(!s.hearing(t0, &[2; 32]));
+        // First sight of a just-added peer with nothing received: not heard.
         s.select(t0, vec![peer(2)], &at(0), &[], &ME, &never);
         assert!(!s.hearing(t0, &[2; 32]));
         // The counter grows: heard, until RX_SILENCE passes.
         s.select(t0, vec![peer(2)], &at(100), &[], &ME, &never);
         assert!(s.hearing(t0, &[2; 32]));
         assert!(!s.hearing(t0 + RX_SILENCE, &[2; 32]));
+        // Gone from the desired set (its peer removed), then re-added with
+        // fresh counters: not heard until it receives.
+        let t1 = t0 + Duration::from_secs(1);
+        s.select(t1, vec![], &[], &[], &ME, &never);
+        s.select(t1, vec![peer(2)], &at(0), &[], &ME, &never);
+        assert!(!s.hearing(t1, &[2; 32]));
+        // First sight with bytes already counted: they arrived since the
+        // peer was added (a handshake between two steps): heard.
+        let mut s = PathSelector::default();
+        s.select(t0, vec![peer(2)], &at(148), &[], &ME, &never);
+        assert!(s.hearing(t0, &[2; 32]));
     }
 }

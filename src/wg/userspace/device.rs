@@ -279,6 +279,43 @@ impl RawSender {
             .map_err(UserspaceError::io("sending a raw datagram"))?;
         Ok(())
     }
+
+    /// Sends a fresh handshake initiation to the peer with `public_key` at
+    /// `endpoint` now, and makes that the peer's endpoint (as a UAPI set
+    /// would). WireGuard on its own retries a lost initiation only after
+    /// 5 s (`REKEY_TIMEOUT`); NAT traversal calls this when a connectivity
+    /// check found the candidate that answers. Returns false when the peer
+    /// is unknown or the device has no key or socket yet.
+    pub async fn initiate_handshake(&self, public_key: &Key, endpoint: SocketAddr) -> bool {
+        let mut out = vec![0u8; 256];
+        let (sock, packet) = {
+            let st = read(&self.shared.state);
+            let Some(peer) = st.peers.get(public_key) else {
+                return false;
+            };
+            let Some(sock) = st
+                .bound
+                .as_ref()
+                .and_then(|b| b.for_addr(&endpoint))
+                .cloned()
+            else {
+                return false;
+            };
+            let mut inner = lock(&peer.inner);
+            inner.endpoint = Some(endpoint);
+            let Some(tunn) = inner.tunn.as_mut() else {
+                return false;
+            };
+            let packet = match tunn.format_handshake_initiation(&mut out, true) {
+                boringtun::noise::TunnResult::WriteToNetwork(b) => b.to_vec(),
+                _ => return false,
+            };
+            inner.stats.tx_bytes += packet.len() as u64;
+            (sock, packet)
+        };
+        tracing::debug!(ifname = %self.shared.ifname, peer = %super::peer::short_key(public_key), %endpoint, "handshake initiation sent at once (a connectivity check answered)");
+        sock.send_to(&packet, endpoint).await.is_ok()
+    }
 }
 
 pub struct UserspaceDevice {

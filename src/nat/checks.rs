@@ -1,0 +1,386 @@
+//! Connectivity checks: which of a peer's candidate endpoints answers.
+//!
+//! WireGuard sends its handshake to one endpoint at a time and, when that
+//! initiation is lost (the other side's NAT was not open yet, or the
+//! candidate was wrong), retries only after `REKEY_TIMEOUT` (5 s). So instead
+//! of waiting for WireGuard to guess, each member sends a small STUN binding
+//! request from its WireGuard port to every candidate of each peer it has no
+//! direct path to (the ICE idea, without ICE's machinery: members answer
+//! STUN on their WireGuard port anyway). The request also opens our NAT
+//! towards that candidate. The first candidate that answers is *validated*:
+//! the shell points the WireGuard peer at it and starts a handshake at once.
+//!
+//! Schedule per peer: a burst right after the peer needs a path or its
+//! candidates change (0, 0.5, 1, 2, 4 and 8 s later), then with every poke
+//! (the 10 s wall-clock beat both ends share). A per-step budget bounds the
+//! datagrams a node sends when hundreds of members appear at once.
+//!
+//! A response only counts when its transaction id is one we sent to that
+//! candidate, and only names one of the peer's own signed candidates, so an
+//! off-path sender cannot steer a peer's endpoint (and WireGuard
+//! authenticates everything after that anyway).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+/// Delays (from the start of a burst) of the checks in a burst.
+const BURST: [Duration; 6] = [
+    Duration::from_millis(0),
+    Duration::from_millis(500),
+    Duration::from_millis(1000),
+    Duration::from_millis(2000),
+    Duration::from_millis(4000),
+    Duration::from_millis(8000),
+];
+/// At most this many check datagrams per step (the rest wait for the next).
+pub const CHECK_BUDGET: usize = 64;
+/// A request without an answer after this long is forgotten.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
+/// A validated candidate is trusted for this long after its last answer.
+pub const VALID_FOR: Duration = Duration::from_secs(30);
+/// At most one forced handshake per peer per this period.
+const FORCE_EVERY: Duration = Duration::from_secs(2);
+/// At most this many candidates of one peer are checked.
+const MAX_CANDIDATES: usize = 4;
+
+struct PeerChecks {
+    candidates: Vec<SocketAddr>,
+    burst_start: Instant,
+    /// How many checks of the burst were sent.
+    sent: usize,
+    validated: Option<(SocketAddr, Instant)>,
+    forced: Option<(SocketAddr, Instant)>,
+}
+
+/// The connectivity-check state of one member (sans-IO: the caller sends
+/// the requests and hands back the answers).
+#[derive(Default)]
+pub struct Checks {
+    peers: HashMap<[u8; 32], PeerChecks>,
+    pending: HashMap<[u8; 12], ([u8; 32], SocketAddr, Instant)>,
+}
+
+/// A peer that needs a path, with its candidates in preference order.
+pub struct Need<'a> {
+    pub key: [u8; 32],
+    pub candidates: &'a [SocketAddr],
+}
+
+impl Checks {
+    /// Which checks to send now. `need` lists the peers without a direct
+    /// path that a punch can reach; peers not listed are forgotten. `poke`
+    /// is the shared 10 s beat: every candidate of every listed peer is
+    /// checked then (within the budget). `txid` makes transaction ids.
+    pub fn poll(
+        &mut self,
+        now: Instant,
+        need: &[Need<'_>],
+        poke: bool,
+        txid: &mut dyn FnMut() -> [u8; 12],
+    ) -> Vec<([u8; 12], SocketAddr)> {
+        self.peers.retain(|k, _| need.iter().any(|n| &n.key == k));
+        self.pending
+            .retain(|_, (_, _, at)| now.saturating_duration_since(*at) < CHECK_TIMEOUT);
+        let mut out = Vec::new();
+        for n in need {
+            let cands: Vec<SocketAddr> =
+                n.candidates.iter().take(MAX_CANDIDATES).copied().collect();
+            if cands.is_empty() {
+                continue;
+            }
+            let p = self.peers.entry(n.key).or_insert_with(|| PeerChecks {
+                candidates: cands.clone(),
+                burst_start: now,
+                sent: 0,
+                validated: None,
+                forced: None,
+            });
+            if p.candidates != cands {
+                // New candidates (a record update): a new burst, and a
+                // validated endpoint no longer listed is dropped.
+                p.candidates = cands.clone();
+                p.burst_start = now;
+                p.sent = 0;
+                if p.validated.is_some_and(|(a, _)| !cands.contains(&a)) {
+                    p.validated = None;
+                }
+            }
+            let burst_due = BURST
+                .get(p.sent)
+                .is_some_and(|d| now.saturating_duration_since(p.burst_start) >= *d);
+            if !(burst_due || poke) {
+                continue;
+            }
+            if out.len() + cands.len() > CHECK_BUDGET {
+                // Over budget: this peer waits for the next step (its
+                // burst position is kept).
+                continue;
+            }
+            if burst_due {
+                p.sent += 1;
+            }
+            for c in cands {
+                let id = txid();
+                self.pending.insert(id, (n.key, c, now));
+                out.push((id, c));
+            }
+        }
+        out
+    }
+
+    /// An answer to one of our checks; returns the peer it validates (once
+    /// per peer per [`FORCE_EVERY`] and per new endpoint: the shell then
+    /// starts a handshake there). Answers we did not ask for are `None`
+    /// (the caller hands them to discovery).
+    pub fn handle_response(
+        &mut self,
+        now: Instant,
+        txid: &[u8; 12],
+        from: SocketAddr,
+    ) -> Option<Validated> {
+        let (key, candidate, _) = self.pending.remove(txid)?;
+        // Answered by the candidate we asked (a NAT in between may answer
+        // from the same address only: anything else is not this path).
+        if from != candidate {
+            return None;
+        }
+        let p = self.peers.get_mut(&key)?;
+        if !p.candidates.contains(&candidate) {
+            return None;
+        }
+        // Prefer the earlier candidate (same LAN before public) when both
+        // answer: only replace a fresh validation by a better-ranked one.
+        let rank = |a: &SocketAddr| p.candidates.iter().position(|c| c == a);
+        match p.validated {
+            Some((a, at))
+                if a != candidate
+                    && now.saturating_duration_since(at) < VALID_FOR
+                    && rank(&a) < rank(&candidate) => {}
+            _ => p.validated = Some((candidate, now)),
+        }
+        let (endpoint, _) = p.validated?;
+        let force = match p.forced {
+            Some((a, at)) => a != endpoint || now.saturating_duration_since(at) >= FORCE_EVERY,
+            None => true,
+        };
+        if force {
+            p.forced = Some((endpoint, now));
+        }
+        Some(Validated {
+            key,
+            endpoint,
+            force,
+        })
+    }
+
+    /// The candidate of `key` that answered lately, if any.
+    pub fn validated(&self, now: Instant, key: &[u8; 32]) -> Option<SocketAddr> {
+        self.peers
+            .get(key)?
+            .validated
+            .filter(|(_, at)| now.saturating_duration_since(*at) < VALID_FOR)
+            .map(|(a, _)| a)
+    }
+
+    /// How many checks are waiting for an answer.
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+}
+
+/// A peer whose candidate answered a check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Validated {
+    pub key: [u8; 32],
+    /// The best candidate that answered lately.
+    pub endpoint: SocketAddr,
+    /// Start a WireGuard handshake towards `endpoint` now.
+    pub force: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn a(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    fn ids() -> impl FnMut() -> [u8; 12] {
+        let mut n = 0u32;
+        move || {
+            n += 1;
+            let mut id = [0; 12];
+            id[..4].copy_from_slice(&n.to_le_bytes());
+            id
+        }
+    }
+
+    #[test]
+    fn burst_then_only_on_poke() {
+        let mut c = Checks::default();
+        let mut id = ids();
+        let t0 = Instant::now();
+        let cands = [a("198.51.100.1:51820"), a("192.168.1.2:51820")];
+        let need = [Need {
+            key: [1; 32],
+            candidates: &cands,
+        }];
+        let mut sent_at = vec![];
+        for step in 0..40u64 {
+            let now = t0 + Duration::from_millis(step * 500);
+            let out = c.poll(now, &need, false, &mut id);
+            if !out.is_empty() {
+                assert_eq!(out.len(), 2, "every candidate each time");
+                sent_at.push(step * 500);
+            }
+        }
+        assert_eq!(sent_at, vec![0, 500, 1000, 2000, 4000, 8000]);
+        // After the burst, a poke checks again.
+        let out = c.poll(t0 + Duration::from_secs(21), &need, true, &mut id);
+        assert_eq!(out.len(), 2);
+    }
+
+    #[test]
+    fn new_candidates_start_a_new_burst_and_drop_a_stale_validation() {
+        let mut c = Checks::default();
+        let mut id = ids();
+        let t0 = Instant::now();
+        let old = [a("198.51.100.1:51820")];
+        let out = c.poll(
+            t0,
+            &[Need {
+                key: [1; 32],
+                candidates: &old,
+            }],
+            false,
+            &mut id,
+        );
+        let v = c.handle_response(t0, &out[0].0, old[0]).unwrap();
+        assert_eq!(v.endpoint, old[0]);
+        assert!(v.force);
+        let t1 = t0 + Duration::from_secs(20);
+        let new = [a("198.51.100.7:40000")];
+        let out = c.poll(
+            t1,
+            &[Need {
+                key: [1; 32],
+                candidates: &new,
+            }],
+            false,
+            &mut id,
+        );
+        assert_eq!(out.len(), 1, "a new burst starts at once");
+        assert_eq!(c.validated(t1, &[1; 32]), None);
+    }
+
+    #[test]
+    fn only_our_own_requests_from_the_asked_candidate_count() {
+        let mut c = Checks::default();
+        let mut id = ids();
+        let t0 = Instant::now();
+        let cands = [a("198.51.100.1:51820")];
+        let out = c.poll(
+            t0,
+            &[Need {
+                key: [1; 32],
+                candidates: &cands,
+            }],
+            false,
+            &mut id,
+        );
+        assert_eq!(c.handle_response(t0, &[0xaa; 12], cands[0]), None);
+        assert_eq!(
+            c.handle_response(t0, &out[0].0, a("203.0.113.9:1")),
+            None,
+            "answer from elsewhere"
+        );
+        assert_eq!(c.validated(t0, &[1; 32]), None);
+        // A stale request is forgotten.
+        let out = c.poll(
+            t0 + Duration::from_millis(500),
+            &[Need {
+                key: [1; 32],
+                candidates: &cands,
+            }],
+            false,
+            &mut id,
+        );
+        let late = t0 + Duration::from_secs(6);
+        c.poll(
+            late,
+            &[Need {
+                key: [1; 32],
+                candidates: &cands,
+            }],
+            false,
+            &mut id,
+        );
+        assert_eq!(c.handle_response(late, &out[0].0, cands[0]), None);
+    }
+
+    #[test]
+    fn prefers_the_better_ranked_candidate_and_limits_forcing() {
+        let mut c = Checks::default();
+        let mut id = ids();
+        let t0 = Instant::now();
+        let lan = a("192.168.1.2:51820");
+        let public = a("198.51.100.1:40000");
+        let cands = [lan, public];
+        let need = [Need {
+            key: [1; 32],
+            candidates: &cands,
+        }];
+        let out = c.poll(t0, &need, false, &mut id);
+        let by = |x: SocketAddr| out.iter().find(|(_, c)| *c == x).unwrap().0;
+        let v = c.handle_response(t0, &by(public), public).unwrap();
+        assert_eq!((v.endpoint, v.force), (public, true));
+        let v = c.handle_response(t0, &by(lan), lan).unwrap();
+        assert_eq!(
+            (v.endpoint, v.force),
+            (lan, true),
+            "a better one forces again"
+        );
+        // The public one answering again does not replace the LAN one.
+        let t1 = t0 + Duration::from_millis(500);
+        let out = c.poll(t1, &need, false, &mut id);
+        let by = |x: SocketAddr| out.iter().find(|(_, c)| *c == x).unwrap().0;
+        let v = c.handle_response(t1, &by(public), public).unwrap();
+        assert_eq!((v.endpoint, v.force), (lan, false));
+        assert_eq!(c.validated(t1, &[1; 32]), Some(lan));
+        // Forced again only after FORCE_EVERY.
+        let t2 = t0 + Duration::from_secs(2);
+        let out = c.poll(t2, &need, false, &mut id);
+        let by = |x: SocketAddr| out.iter().find(|(_, c)| *c == x).unwrap().0;
+        let v = c.handle_response(t2, &by(lan), lan).unwrap();
+        assert!(v.force);
+    }
+
+    #[test]
+    fn the_budget_defers_peers_to_the_next_step() {
+        let mut c = Checks::default();
+        let mut id = ids();
+        let t0 = Instant::now();
+        let cands: Vec<[SocketAddr; 2]> = (0..100u16)
+            .map(|i| [a(&format!("198.51.100.1:{}", 1000 + i)), a("10.0.0.1:1")])
+            .collect();
+        let need: Vec<Need<'_>> = cands
+            .iter()
+            .enumerate()
+            .map(|(i, c)| Need {
+                key: [i as u8; 32],
+                candidates: c,
+            })
+            .collect();
+        let first = c.poll(t0, &need, false, &mut id);
+        assert_eq!(first.len(), CHECK_BUDGET);
+        let second = c.poll(t0 + Duration::from_millis(1), &need, false, &mut id);
+        assert_eq!(second.len(), CHECK_BUDGET, "the deferred peers go next");
+        let public = |v: &[([u8; 12], SocketAddr)]| -> Vec<SocketAddr> {
+            v.iter().map(|x| x.1).filter(|x| x.port() != 1).collect()
+        };
+        let (first, second) = (public(&first), public(&second));
+        assert!(first.iter().all(|f| !second.contains(f)));
+    }
+}
