@@ -530,6 +530,7 @@ impl Node {
             &self.membership,
             &me,
             self.wg_public,
+            &local,
         );
         // Round-trip probes: live members, again at once on a path change.
         let probe: Vec<([u8; 32], std::net::Ipv4Addr)> = self

@@ -280,6 +280,7 @@ impl Traversal {
         m: &Membership,
         me: &PublicKeyBytes,
         my_wg_key: [u8; 32],
+        local: &[ipnet::Ipv4Net],
     ) -> Vec<DesiredPeer> {
         // Every live relay the membership knows, not only those we have a
         // session with: both ends of a pair must choose from the same list
@@ -304,9 +305,31 @@ impl Traversal {
             (our_nat == NatKind::EndpointDependent && theirs != NatKind::Public)
                 || (theirs == NatKind::EndpointDependent && our_nat != NatKind::Public)
         };
+        // Behind the same public address as us but not on our LAN (two
+        // homes behind one CGNAT): only a NAT that hairpins lets a punch
+        // through, and most do not. Relayed at once; the checks go on, and
+        // a check answered over a hairpin makes the path direct.
+        let our_public: Vec<IpAddr> = self.nat.mapped.iter().map(|m| m.ip()).collect();
+        let endpoints: HashMap<[u8; 32], &[SocketAddr]> = desired
+            .iter()
+            .map(|d| (d.public_key, d.endpoints.as_slice()))
+            .collect();
+        let unlikely: HashSet<[u8; 32]> = endpoints
+            .iter()
+            .filter(|(_, eps)| {
+                let shares = eps.iter().any(|e| our_public.contains(&e.ip()));
+                let on_lan = eps.iter().any(|e| match e.ip() {
+                    IpAddr::V4(v4) => local.iter().any(|n| n.contains(&v4)),
+                    IpAddr::V6(_) => false,
+                });
+                shares && !on_lan
+            })
+            .map(|(k, _)| *k)
+            .collect();
+        let relay_now = |k: &[u8; 32]| hopeless(k) || unlikely.contains(k);
         let (mut desired, paths) = self
             .selector
-            .select(now, desired, actual, &relays, &my_wg_key, &hopeless);
+            .select(now, desired, actual, &relays, &my_wg_key, &relay_now);
         // Where to check (and punch): the candidates of every peer still
         // without a direct path that a punch can reach. A candidate that
         // answered a check becomes the peer's only endpoint until the

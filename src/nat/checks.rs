@@ -11,7 +11,7 @@
 //! the shell points the WireGuard peer at it and starts a handshake at once.
 //!
 //! Schedule per peer: a burst right after the peer needs a path or its
-//! candidates change (0, 0.5, 1, 2, 4 and 8 s later), then with every poke
+//! candidates change (0, 0.5, 1, 1.5, 2, 3, 4, 6 and 8 s later), then with every poke
 //! (the 10 s wall-clock beat both ends share). A per-step budget bounds the
 //! datagrams a node sends when hundreds of members appear at once.
 //!
@@ -25,12 +25,15 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 /// Delays (from the start of a burst) of the checks in a burst.
-const BURST: [Duration; 6] = [
+const BURST: [Duration; 9] = [
     Duration::from_millis(0),
     Duration::from_millis(500),
     Duration::from_millis(1000),
+    Duration::from_millis(1500),
     Duration::from_millis(2000),
+    Duration::from_millis(3000),
     Duration::from_millis(4000),
+    Duration::from_millis(6000),
     Duration::from_millis(8000),
 ];
 /// At most this many check datagrams per step (the rest wait for the next).
@@ -39,8 +42,10 @@ pub const CHECK_BUDGET: usize = 64;
 const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
 /// A validated candidate is trusted for this long after its last answer.
 pub const VALID_FOR: Duration = Duration::from_secs(30);
-/// At most one forced handshake per peer per this period.
-const FORCE_EVERY: Duration = Duration::from_secs(2);
+/// At most one forced handshake per peer per this period. (The other side
+/// may not know us yet and drop the first ones; each answered check after
+/// this long tries again.)
+const FORCE_EVERY: Duration = Duration::from_secs(1);
 /// At most this many candidates of one peer are checked.
 const MAX_CANDIDATES: usize = 4;
 
@@ -236,7 +241,7 @@ mod tests {
                 sent_at.push(step * 500);
             }
         }
-        assert_eq!(sent_at, vec![0, 500, 1000, 2000, 4000, 8000]);
+        assert_eq!(sent_at, vec![0, 500, 1000, 1500, 2000, 3000, 4000, 6000, 8000]);
         // After the burst, a poke checks again.
         let out = c.poll(t0 + Duration::from_secs(21), &need, true, &mut id);
         assert_eq!(out.len(), 2);
@@ -350,7 +355,7 @@ mod tests {
         assert_eq!((v.endpoint, v.force), (lan, false));
         assert_eq!(c.validated(t1, &[1; 32]), Some(lan));
         // Forced again only after FORCE_EVERY.
-        let t2 = t0 + Duration::from_secs(2);
+        let t2 = t0 + FORCE_EVERY;
         let out = c.poll(t2, &need, false, &mut id);
         let by = |x: SocketAddr| out.iter().find(|(_, c)| *c == x).unwrap().0;
         let v = c.handle_response(t2, &by(lan), lan).unwrap();

@@ -55,6 +55,8 @@ pub struct Discovery {
     pending: HashMap<[u8; 12], (SocketAddr, Instant)>,
     observed: HashMap<SocketAddr, (SocketAddr, Instant)>,
     next_round: Option<Instant>,
+    /// How many targets the last round asked.
+    asked: usize,
 }
 
 impl Discovery {
@@ -66,6 +68,7 @@ impl Discovery {
             pending: HashMap::new(),
             observed: HashMap::new(),
             next_round: None,
+            asked: 0,
         }
     }
 
@@ -79,9 +82,14 @@ impl Discovery {
             .retain(|_, (_, t)| now.saturating_duration_since(*t) < REQUEST_TTL);
         self.observed
             .retain(|_, (_, t)| now.saturating_duration_since(*t) < OBSERVATION_TTL);
-        if self.next_round.is_some_and(|t| now < t) || targets.is_empty() {
+        // A round is due on schedule, or at once while fewer than two
+        // destinations answered and more targets are known than the last
+        // round asked (members appear one by one after a join).
+        let more = self.observed.len() < 2 && targets.len().min(MAX_TARGETS) > self.asked;
+        if (self.next_round.is_some_and(|t| now < t) && !more) || targets.is_empty() {
             return Vec::new();
         }
+        self.asked = targets.len().min(MAX_TARGETS);
         // Fast until two destinations answered (one mapping cannot tell an
         // endpoint-independent NAT from a symmetric one), or until every
         // target we know answered.
@@ -302,5 +310,27 @@ mod tests {
         d.poll_transmit(t0 + OBSERVATION_TTL + Duration::from_secs(1), &targets);
         assert_eq!(d.info(&[], 51820, false).kind, NatKind::Unknown);
         assert_eq!(d.info(&[], 51820, true).kind, NatKind::Public);
+    }
+
+    #[test]
+    fn a_new_target_starts_a_round_at_once_until_two_answered() {
+        let t0 = Instant::now();
+        let one: Vec<SocketAddr> = vec!["198.18.0.1:51820".parse().unwrap()];
+        let two: Vec<SocketAddr> = vec![one[0], "198.18.0.3:51820".parse().unwrap()];
+        let three: Vec<SocketAddr> = vec![two[0], two[1], "198.18.0.5:51820".parse().unwrap()];
+        let mut d = Discovery::new(1);
+        let reqs = d.poll_transmit(t0, &one);
+        d.handle_response(t0, txid_of(&reqs[0].1), "198.18.5.5:1".parse().unwrap());
+        // A second member appears: asked at once, not a round later.
+        let t1 = t0 + Duration::from_millis(100);
+        let reqs = d.poll_transmit(t1, &two);
+        assert_eq!(reqs.len(), 2);
+        for (_, r) in &reqs {
+            d.handle_response(t1, txid_of(r), "198.18.5.5:1".parse().unwrap());
+        }
+        // Two answered: a third member waits for the schedule.
+        assert!(d
+            .poll_transmit(t1 + Duration::from_millis(100), &three)
+            .is_empty());
     }
 }

@@ -142,6 +142,7 @@ pub fn matrix(
     let mut rows: BTreeMap<String, Row> = BTreeMap::new();
     let mut flagged = vec![];
     let mut unreached = vec![];
+    let mut slowest: Vec<(f64, String, String)> = vec![];
     for &i in live {
         for &j in live {
             if i == j {
@@ -156,6 +157,7 @@ pub fn matrix(
             if p.first_reply >= 0.0 {
                 r.reached += 1;
                 r.ttfr.push(p.first_reply - p.since);
+                slowest.push((p.first_reply - p.since, format!("n{i}->n{j}"), ty.clone()));
             } else {
                 let side = |x: usize, y: usize| -> String {
                     let Some(poll) = poll else {
@@ -231,6 +233,12 @@ pub fn matrix(
             })
         })
         .collect();
+    slowest.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let slowest: Vec<Value> = slowest
+        .iter()
+        .take(10)
+        .map(|(t, pair, ty)| json!({"pair": pair, "type": ty, "first_reply_secs": t}))
+        .collect();
     let pairs: usize = rows.values().map(|r| r.pairs).sum();
     let reached: usize = rows.values().map(|r| r.reached).sum();
     json!({
@@ -240,6 +248,7 @@ pub fn matrix(
         "rows": table,
         "flagged": flagged,
         "unreached": unreached,
+        "slowest": slowest,
         "first_reply_note": "seconds from the later of the two nodes' start to the pair's first echo reply",
         "path_source": "the sending node's `meshpeer status` entry for the receiver (path, relay, why_not_direct)",
     })
