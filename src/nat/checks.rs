@@ -241,7 +241,10 @@ mod tests {
                 sent_at.push(step * 500);
             }
         }
-        assert_eq!(sent_at, vec![0, 500, 1000, 1500, 2000, 3000, 4000, 6000, 8000]);
+        assert_eq!(
+            sent_at,
+            vec![0, 500, 1000, 1500, 2000, 3000, 4000, 6000, 8000]
+        );
         // After the burst, a poke checks again.
         let out = c.poll(t0 + Duration::from_secs(21), &need, true, &mut id);
         assert_eq!(out.len(), 2);
