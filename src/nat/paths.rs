@@ -10,7 +10,7 @@
 //! direct handshake completes, the address moves back. Both ends see the same
 //! handshake, so they agree on the path.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use crate::membership::DesiredPeer;
@@ -76,13 +76,16 @@ impl PathSelector {
         me: &[u8; 32],
         hopeless: &dyn Fn(&[u8; 32]) -> bool,
     ) -> (Vec<DesiredPeer>, BTreeMap<[u8; 32], Path>) {
-        self.since
-            .retain(|k, _| desired.iter().any(|d| &d.public_key == k));
-        self.rx
-            .retain(|k, _| desired.iter().any(|d| &d.public_key == k));
-        self.grew
-            .retain(|k, _| desired.iter().any(|d| &d.public_key == k));
+        let wanted: HashSet<[u8; 32]> = desired.iter().map(|d| d.public_key).collect();
+        self.since.retain(|k, _| wanted.contains(k));
+        self.rx.retain(|k, _| wanted.contains(k));
+        self.grew.retain(|k, _| wanted.contains(k));
         for a in actual {
+            // Only peers we still want: a peer about to be removed must not
+            // count as heard from its old counters (it would come back).
+            if !wanted.contains(&a.public_key) {
+                continue;
+            }
             // First sight of a peer: counters start at zero when a peer is
             // added, so bytes already counted were received since then (a
             // handshake that completed between two steps).
@@ -319,6 +322,13 @@ mod tests {
         s.select(t1, vec![], &[], &[], &ME, &never);
         s.select(t1, vec![peer(2)], &at(0), &[], &ME, &never);
         assert!(!s.hearing(t1, &[2; 32]));
+        // A peer no longer desired but still on the device (removed this
+        // step) is not heard from its old counters.
+        let t2 = t1 + Duration::from_secs(1);
+        s.select(t2, vec![], &at(900), &[], &ME, &never);
+        assert!(!s.hearing(t2, &[2; 32]));
+        s.select(t2, vec![peer(2)], &at(0), &[], &ME, &never);
+        assert!(!s.hearing(t2, &[2; 32]));
         // First sight with bytes already counted: they arrived since the
         // peer was added (a handshake between two steps): heard.
         let mut s = PathSelector::default();
