@@ -354,6 +354,18 @@ impl Traversal {
             self.need.push((d.public_key, d.endpoints.clone()));
             if let Some(v) = self.checks.validated(now, &d.public_key) {
                 d.endpoints = vec![v];
+            } else if self.sender.is_some()
+                && matches!(
+                    nat_of(&d.public_key),
+                    NatKind::EndpointIndependent | NatKind::EndpointDependent
+                )
+            {
+                // A member behind a NAT it measured answers STUN on its
+                // WireGuard port: until one of its candidates answers a
+                // check, no WireGuard handshake goes anywhere (each costs
+                // X25519 work on both sides, and most would be lost). Its
+                // own handshake towards us still sets the endpoint.
+                d.endpoints.clear();
             }
         }
         self.changed.clear();

@@ -51,6 +51,12 @@ pub(crate) async fn tun_loop(shared: Arc<Shared>) {
             };
             let mut inner = lock(&peer.inner);
             let inner = &mut *inner;
+            if inner.endpoint.is_none() {
+                // Nowhere to send: do not start a handshake (two X25519
+                // operations) whose initiation would be dropped anyway.
+                tracing::trace!(peer = %peer.short_key(), "peer has no endpoint, dropped");
+                continue;
+            }
             let Some(tunn) = inner.tunn.as_mut() else {
                 continue;
             };
@@ -198,9 +204,17 @@ fn handle_datagram(shared: &Shared, from: SocketAddr, data: &[u8], out: &mut [u8
         }
         TunnResult::WriteToNetwork(b) => {
             let mut packets = vec![b.to_vec()];
-            // Flush packets queued while the handshake was pending.
-            while let TunnResult::WriteToNetwork(b) = tunn.decapsulate(None, &[], out) {
-                packets.push(b.to_vec());
+            // Flush packets queued while the handshake was pending, but not
+            // after answering an initiation: as responder we have no current
+            // session until the initiator's first data packet arrives, so
+            // boringtun would "flush" by starting a handshake of its own.
+            // When both ends have packets queued (a simultaneous punch),
+            // each answer then brings a new initiation from the other side,
+            // and the two ping-pong handshakes for seconds.
+            if kind != Kind::Init {
+                while let TunnResult::WriteToNetwork(b) = tunn.decapsulate(None, &[], out) {
+                    packets.push(b.to_vec());
+                }
             }
             if matches!(kind, Kind::Init | Kind::Response) {
                 inner.stats.last_handshake = Some(SystemTime::now());
@@ -267,6 +281,12 @@ pub(crate) async fn timer_loop(shared: Arc<Shared>) {
             for peer in st.peers.values() {
                 let mut inner = lock(&peer.inner);
                 let inner = &mut *inner;
+                if inner.endpoint.is_none() {
+                    // No endpoint means no session (a session's endpoint is
+                    // where its packets came from): nothing to retry, and
+                    // an initiation could not be sent.
+                    continue;
+                }
                 let Some(tunn) = inner.tunn.as_mut() else {
                     continue;
                 };
