@@ -272,6 +272,7 @@ impl Traversal {
     }
 
     /// Chooses direct or relayed paths and rewrites the desired peers.
+    #[allow(clippy::too_many_arguments)]
     pub fn select_paths(
         &mut self,
         now: Instant,
