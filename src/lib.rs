@@ -33,9 +33,45 @@ pub mod wg;
 
 /// Default UDP port of WireGuard, as users know it.
 pub const DEFAULT_WG_PORT: u16 = 51820;
+
+/// The WireGuard port when none is configured: [`DEFAULT_WG_PORT`] on a
+/// member with a public address (the port to open in a VPS firewall), and a
+/// port in 51822–52821 derived from the WireGuard key on a member behind
+/// NAT. Two members behind one NAT on the same source port make a Linux NAT
+/// (most home routers) keep that port for whichever of them reaches a given
+/// destination first and give the other a random one *for that destination
+/// only*; after a router restart or a mapping flush this differs per
+/// destination, so peers cannot punch through to either. Distinct ports
+/// keep each member's mapping the same for every destination.
+pub fn default_wg_port(public: bool, wg_public_key: &[u8; 32]) -> u16 {
+    if public {
+        DEFAULT_WG_PORT
+    } else {
+        let h = u16::from_le_bytes([wg_public_key[0], wg_public_key[1]]);
+        DEFAULT_WG_PORT + 2 + h % 1000
+    }
+}
 /// Default UDP port of the gossip (QUIC) endpoint.
 pub const DEFAULT_GOSSIP_PORT: u16 = 51821;
 /// Default WireGuard interface name.
 pub const DEFAULT_INTERFACE: &str = "mp0";
 /// Default state directory.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/meshpeer";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_wg_port_public_is_51820_behind_nat_spread_and_clear_of_gossip() {
+        assert_eq!(default_wg_port(true, &[7; 32]), 51820);
+        let mut seen = std::collections::HashSet::new();
+        for i in 0..=255u8 {
+            let p = default_wg_port(false, &[i; 32]);
+            assert!((51822..=52821).contains(&p), "{p}");
+            assert_ne!(p, DEFAULT_GOSSIP_PORT);
+            seen.insert(p);
+        }
+        assert!(seen.len() > 200, "ports spread: {}", seen.len());
+    }
+}

@@ -13,7 +13,7 @@ use clap::{Args, Parser, Subcommand};
 use meshpeer::daemon::DaemonConfig;
 use meshpeer::gossip::GossipTiming;
 use meshpeer::wg::BackendChoice;
-use meshpeer::{DEFAULT_GOSSIP_PORT, DEFAULT_INTERFACE, DEFAULT_STATE_DIR, DEFAULT_WG_PORT};
+use meshpeer::{DEFAULT_GOSSIP_PORT, DEFAULT_INTERFACE, DEFAULT_STATE_DIR};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -61,9 +61,11 @@ pub struct RunArgs {
     /// Name of the WireGuard interface meshpeer creates.
     #[arg(long, env = "MESHPEER_INTERFACE", default_value = DEFAULT_INTERFACE)]
     pub interface: String,
-    /// WireGuard UDP port.
-    #[arg(long, env = "MESHPEER_WG_PORT", default_value_t = DEFAULT_WG_PORT)]
-    pub wg_port: u16,
+    /// WireGuard UDP port [default: 51820 on a member with a public
+    /// address; behind NAT, a port in 51822-52821 derived from the node's
+    /// WireGuard key, so members behind one NAT never share a source port]
+    #[arg(long, env = "MESHPEER_WG_PORT")]
+    pub wg_port: Option<u16>,
     /// Gossip (QUIC) UDP port.
     #[arg(long, env = "MESHPEER_GOSSIP_PORT", default_value_t = DEFAULT_GOSSIP_PORT)]
     pub gossip_port: u16,

@@ -44,7 +44,8 @@ const LEAVE_LINGER: Duration = Duration::from_secs(2);
 pub struct DaemonConfig {
     pub state_dir: PathBuf,
     pub interface: String,
-    pub wg_port: u16,
+    /// `None`: [`crate::default_wg_port`] for this member.
+    pub wg_port: Option<u16>,
     pub gossip_port: u16,
     /// Seeds in `host:port` form (already validated).
     pub seeds: Vec<String>,
@@ -58,6 +59,13 @@ pub struct DaemonConfig {
     pub stun_servers: Vec<String>,
     /// How long a fresh joiner tries its seeds before giving up.
     pub join_timeout: Duration,
+}
+
+impl DaemonConfig {
+    /// The WireGuard port (resolved at start when not configured).
+    pub fn wg_port(&self) -> u16 {
+        self.wg_port.unwrap_or(crate::DEFAULT_WG_PORT)
+    }
 }
 
 fn unix_ms() -> u64 {
@@ -113,6 +121,7 @@ struct Node {
 
 /// Runs the node until `shutdown` resolves or a `leave` request arrives.
 pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let mut cfg = cfg;
     let dir = StateDir::open(&cfg.state_dir)?;
     let id = Identity::load(&dir)?;
     let (network, admission) = load_network(&dir)?;
@@ -162,6 +171,13 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()>) -> anyho
                 .map(|(n, _)| IpAddr::V4(n.addr()))
         })
         .ok_or_else(|| anyhow!("cannot find an address to advertise; pass --advertise-addr"))?;
+    let wg_port = cfg.wg_port.unwrap_or_else(|| {
+        crate::default_wg_port(
+            crate::nat::discovery::looks_public(advertise),
+            &id.wg_public(),
+        )
+    });
+    cfg.wg_port = Some(wg_port);
 
     let membership = Membership::new(network.key, id.node_key(), cfg.down_grace);
 
@@ -202,7 +218,7 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()>) -> anyho
     let wg = WgInterface::open(
         &cfg.interface,
         id.wg_secret.to_bytes(),
-        cfg.wg_port,
+        wg_port,
         owned_if,
         cfg.backend,
     )
@@ -236,7 +252,7 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()>) -> anyho
             Err(e) => tracing::warn!(server = %s, error = %e, "cannot resolve STUN server"),
         }
     }
-    let traversal = Traversal::start(&wg, stun_servers);
+    let traversal = Traversal::start(&wg, stun_servers, id.wg_public());
     let mut node_state = state;
     let record = build_record(
         (&id, &network, &admission),
@@ -419,12 +435,12 @@ fn build_record(
     if nat.kind == NatKind::Unknown {
         endpoints.extend(observed.iter().take(2).copied());
     }
-    let host = SocketAddr::new(advertise, cfg.wg_port);
+    let host = SocketAddr::new(advertise, cfg.wg_port());
     if !endpoints.contains(&host) {
         endpoints.push(host);
     }
     for (net, _) in crate::net::local_ipv4_nets(&[&cfg.interface]) {
-        let a = SocketAddr::new(IpAddr::V4(net.addr()), cfg.wg_port);
+        let a = SocketAddr::new(IpAddr::V4(net.addr()), cfg.wg_port());
         if !endpoints.contains(&a)
             && !network.cidr.contains(&net.addr())
             && endpoints.len() < crate::record::MAX_ENDPOINTS
@@ -443,7 +459,7 @@ fn build_record(
             .unwrap_or(ipalloc::first_host(network.cidr)),
         ip_claimed_at: state.ip_claimed_at,
         wg_public_key: id.wg_public(),
-        wg_port: cfg.wg_port,
+        wg_port: cfg.wg_port(),
         endpoints,
         gossip_addr: SocketAddr::new(advertise, cfg.gossip_port),
         tags: vec![],
@@ -508,7 +524,7 @@ impl Node {
                 &me,
                 &local,
                 self.advertise,
-                self.cfg.wg_port,
+                self.cfg.wg_port(),
             )
             .await
         {
@@ -714,7 +730,7 @@ impl Node {
                     MemberState::Connecting
                 };
                 let endpoint = if is_self {
-                    Some(SocketAddr::new(self.advertise, self.cfg.wg_port))
+                    Some(SocketAddr::new(self.advertise, self.cfg.wg_port()))
                 } else if let Some(Path::Relayed { via }) = path {
                     peer_of(&via).and_then(|p| p.endpoint)
                 } else {
@@ -768,7 +784,7 @@ impl Node {
             network: self.network.cidr.to_string(),
             interface: self.cfg.interface.clone(),
             backend: self.wg.backend,
-            listen_port: self.cfg.wg_port,
+            listen_port: self.cfg.wg_port(),
             gossip_addr: SocketAddr::new(self.advertise, self.cfg.gossip_port).to_string(),
             gossip_bytes_sent: sent,
             gossip_bytes_received: received,

@@ -29,6 +29,9 @@ pub struct ObserveStep {
     pub changed: bool,
 }
 
+/// A working path whose packets went unanswered this long gets checked.
+const SUSPECT: Duration = Duration::from_secs(2);
+
 /// How often our own observations may be republished.
 const SEEN_REPUBLISH: Duration = Duration::from_secs(10);
 
@@ -49,6 +52,9 @@ pub struct Traversal {
     answered: Arc<Notify>,
     /// Peers with a fresh handshake that we hear from (no checks).
     working: HashSet<[u8; 32]>,
+    /// Working peers whose packets go unanswered, with the endpoint in
+    /// use: checked, and moved only if another candidate answers.
+    suspect: HashMap<[u8; 32], SocketAddr>,
     /// Checks answered since the last `force_handshakes`.
     validated: Vec<Validated>,
     discovery: Discovery,
@@ -73,7 +79,7 @@ impl Traversal {
     /// Starts answering STUN on the WireGuard port (userspace backend; the
     /// kernel's WireGuard socket cannot carry STUN, so a kernel node learns
     /// nothing here and publishes `NatKind::Unknown`).
-    pub fn start(wg: &WgInterface, outside: Vec<SocketAddr>) -> Self {
+    pub fn start(wg: &WgInterface, outside: Vec<SocketAddr>, my_wg_key: [u8; 32]) -> Self {
         let answered = Arc::new(Notify::new());
         let (sender, responses) = match wg.raw_channel() {
             Some((sender, mut raw)) => {
@@ -83,8 +89,14 @@ impl Traversal {
                 tokio::spawn(async move {
                     while let Some((from, bytes)) = raw.recv().await {
                         match stun::parse(&bytes) {
-                            Some(StunMessage::Request { txid }) => {
-                                let _ = reply.send(from, &stun::binding_response(txid, from)).await;
+                            Some(StunMessage::Request { txid, for_key }) => {
+                                // A check meant for another member (it
+                                // shares our public address) stays
+                                // unanswered.
+                                if stun::answer_request(for_key, &my_wg_key) {
+                                    let _ =
+                                        reply.send(from, &stun::binding_response(txid, from)).await;
+                                }
                             }
                             Some(StunMessage::Response { txid, mapped }) => {
                                 let _ = tx.try_send((txid, mapped, from));
@@ -115,6 +127,7 @@ impl Traversal {
             answered,
             checks: Checks::default(),
             working: HashSet::new(),
+            suspect: HashMap::new(),
             validated: Vec::new(),
             discovery: Discovery::new(rand::random()),
             selector: PathSelector::default(),
@@ -243,8 +256,8 @@ impl Traversal {
         let out = self
             .checks
             .poll(now, &need, poke, &mut || rand::random::<[u8; 12]>());
-        for (txid, to) in out {
-            let _ = sender.send(to, &stun::binding_request(txid)).await;
+        for (txid, key, to) in out {
+            let _ = sender.send(to, &stun::check_request(txid, &key)).await;
         }
     }
 
@@ -259,7 +272,10 @@ impl Traversal {
             return;
         };
         for v in std::mem::take(&mut self.validated) {
-            if !v.force || self.working.contains(&v.key) {
+            if !v.force
+                || self.working.contains(&v.key)
+                || self.suspect.get(&v.key) == Some(&v.endpoint)
+            {
                 continue;
             }
             sender.initiate_handshake(&v.key, v.endpoint).await;
@@ -339,17 +355,41 @@ impl Traversal {
         // it is checked like any other peer until its session works.)
         self.need.clear();
         self.working.clear();
+        self.suspect.clear();
+        let device: HashMap<[u8; 32], &ActualPeer> =
+            actual.iter().map(|a| (a.public_key, a)).collect();
         for d in desired.iter_mut() {
-            let fresh = actual
-                .iter()
-                .find(|a| a.public_key == d.public_key)
+            let a = device.get(&d.public_key);
+            let fresh = a
                 .and_then(|a| a.handshake_age)
                 .is_some_and(|age| age < FRESH_HANDSHAKE);
-            if fresh && self.selector.hearing(now, &d.public_key) {
+            let ok = fresh && self.selector.hearing(now, &d.public_key);
+            // A working path whose packets have gone unanswered for a
+            // moment is suspect (a NAT dropped its mapping, a router got a
+            // new address or port): check the endpoint in use and the
+            // record's candidates. If the one in use answers, the path is
+            // fine (traffic is one-way); if only another one does, the
+            // handshake goes there. (Only WireGuard's passive keepalive
+            // would tell otherwise, after 10 s and more.)
+            let current = a.and_then(|a| a.endpoint);
+            let suspect = ok && self.selector.unanswered(now, &d.public_key) >= SUSPECT;
+            if ok && !suspect {
                 self.working.insert(d.public_key);
                 continue;
             }
             if hopeless(&d.public_key) {
+                continue;
+            }
+            if suspect {
+                // Perhaps our own mapping changed: measure it now.
+                self.discovery.hurry(now);
+                let mut candidates = d.endpoints.clone();
+                if let Some(c) = current {
+                    candidates.retain(|x| *x != c);
+                    candidates.insert(0, c);
+                    self.suspect.insert(d.public_key, c);
+                }
+                self.need.push((d.public_key, candidates));
                 continue;
             }
             self.need.push((d.public_key, d.endpoints.clone()));

@@ -83,7 +83,7 @@ impl Checks {
         need: &[Need<'_>],
         poke: bool,
         txid: &mut dyn FnMut() -> [u8; 12],
-    ) -> Vec<([u8; 12], SocketAddr)> {
+    ) -> Vec<([u8; 12], [u8; 32], SocketAddr)> {
         self.peers.retain(|k, _| need.iter().any(|n| &n.key == k));
         self.pending
             .retain(|_, (_, _, at)| now.saturating_duration_since(*at) < CHECK_TIMEOUT);
@@ -128,7 +128,7 @@ impl Checks {
             for c in cands {
                 let id = txid();
                 self.pending.insert(id, (n.key, c, now));
-                out.push((id, c));
+                out.push((id, n.key, c));
             }
         }
         out
@@ -341,7 +341,7 @@ mod tests {
             candidates: &cands,
         }];
         let out = c.poll(t0, &need, false, &mut id);
-        let by = |x: SocketAddr| out.iter().find(|(_, c)| *c == x).unwrap().0;
+        let by = |x: SocketAddr| out.iter().find(|(_, _, c)| *c == x).unwrap().0;
         let v = c.handle_response(t0, &by(public), public).unwrap();
         assert_eq!((v.endpoint, v.force), (public, true));
         let v = c.handle_response(t0, &by(lan), lan).unwrap();
@@ -353,14 +353,14 @@ mod tests {
         // The public one answering again does not replace the LAN one.
         let t1 = t0 + Duration::from_millis(500);
         let out = c.poll(t1, &need, false, &mut id);
-        let by = |x: SocketAddr| out.iter().find(|(_, c)| *c == x).unwrap().0;
+        let by = |x: SocketAddr| out.iter().find(|(_, _, c)| *c == x).unwrap().0;
         let v = c.handle_response(t1, &by(public), public).unwrap();
         assert_eq!((v.endpoint, v.force), (lan, false));
         assert_eq!(c.validated(t1, &[1; 32]), Some(lan));
         // Forced again only after FORCE_EVERY.
         let t2 = t0 + FORCE_EVERY;
         let out = c.poll(t2, &need, false, &mut id);
-        let by = |x: SocketAddr| out.iter().find(|(_, c)| *c == x).unwrap().0;
+        let by = |x: SocketAddr| out.iter().find(|(_, _, c)| *c == x).unwrap().0;
         let v = c.handle_response(t2, &by(lan), lan).unwrap();
         assert!(v.force);
     }
@@ -385,8 +385,8 @@ mod tests {
         assert_eq!(first.len(), CHECK_BUDGET);
         let second = c.poll(t0 + Duration::from_millis(1), &need, false, &mut id);
         assert_eq!(second.len(), CHECK_BUDGET, "the deferred peers go next");
-        let public = |v: &[([u8; 12], SocketAddr)]| -> Vec<SocketAddr> {
-            v.iter().map(|x| x.1).filter(|x| x.port() != 1).collect()
+        let public = |v: &[([u8; 12], [u8; 32], SocketAddr)]| -> Vec<SocketAddr> {
+            v.iter().map(|x| x.2).filter(|x| x.port() != 1).collect()
         };
         let (first, second) = (public(&first), public(&second));
         assert!(first.iter().all(|f| !second.contains(f)));

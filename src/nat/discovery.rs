@@ -19,7 +19,9 @@ use crate::record::NatKind;
 pub const MAX_TARGETS: usize = 3;
 /// Rounds until two destinations answered, and once they have.
 pub const FAST_ROUND: Duration = Duration::from_secs(1);
-pub const SLOW_ROUND: Duration = Duration::from_secs(15);
+/// (A round is a few small datagrams to at most three members; a shorter
+/// period finds a router's new public address sooner.)
+pub const SLOW_ROUND: Duration = Duration::from_secs(5);
 /// An observation older than this is forgotten.
 pub const OBSERVATION_TTL: Duration = Duration::from_secs(60);
 const REQUEST_TTL: Duration = Duration::from_secs(5);
@@ -57,6 +59,7 @@ pub struct Discovery {
     next_round: Option<Instant>,
     /// How many targets the last round asked.
     asked: usize,
+    round_started: Option<Instant>,
 }
 
 impl Discovery {
@@ -69,6 +72,7 @@ impl Discovery {
             observed: HashMap::new(),
             next_round: None,
             asked: 0,
+            round_started: None,
         }
     }
 
@@ -90,6 +94,7 @@ impl Discovery {
             return Vec::new();
         }
         self.asked = targets.len().min(MAX_TARGETS);
+        self.round_started = Some(now);
         // Fast until two destinations answered (one mapping cannot tell an
         // endpoint-independent NAT from a symmetric one), or until every
         // target we know answered.
@@ -112,6 +117,18 @@ impl Discovery {
                 (*t, stun::binding_request(txid))
             })
             .collect()
+    }
+
+    /// Something suggests our mapping changed (packets to peers go
+    /// unanswered): the next round is due now, unless one started less than
+    /// [`FAST_ROUND`] ago.
+    pub fn hurry(&mut self, now: Instant) {
+        if let Some(next) = self.next_round {
+            let started = self.round_started.unwrap_or(now - FAST_ROUND);
+            if now.saturating_duration_since(started) >= FAST_ROUND && next > now {
+                self.next_round = Some(now);
+            }
+        }
     }
 
     /// A binding response arrived; returns whether it answered our request.
@@ -179,7 +196,7 @@ mod tests {
 
     fn txid_of(req: &[u8]) -> [u8; 12] {
         match stun::parse(req) {
-            Some(stun::StunMessage::Request { txid }) => txid,
+            Some(stun::StunMessage::Request { txid, .. }) => txid,
             other => panic!("not a request: {other:?}"),
         }
     }
@@ -304,7 +321,10 @@ mod tests {
         let reqs = d.poll_transmit(t0 + FAST_ROUND, &targets);
         assert_eq!(reqs.len(), 1);
         assert!(d
-            .poll_transmit(t0 + FAST_ROUND + Duration::from_secs(5), &targets)
+            .poll_transmit(
+                t0 + FAST_ROUND + SLOW_ROUND - Duration::from_millis(1),
+                &targets
+            )
             .is_empty());
         // No answers for a minute: the old mapping is forgotten.
         d.poll_transmit(t0 + OBSERVATION_TTL + Duration::from_secs(1), &targets);
@@ -332,5 +352,21 @@ mod tests {
         assert!(d
             .poll_transmit(t1 + Duration::from_millis(100), &three)
             .is_empty());
+    }
+
+    #[test]
+    fn hurry_brings_the_next_round_forward_but_not_too_often() {
+        let t0 = Instant::now();
+        let targets: Vec<SocketAddr> = vec!["198.18.0.1:51820".parse().unwrap()];
+        let mut d = Discovery::new(1);
+        let reqs = d.poll_transmit(t0, &targets);
+        d.handle_response(t0, txid_of(&reqs[0].1), "198.18.5.5:1".parse().unwrap());
+        d.hurry(t0 + Duration::from_millis(100));
+        assert!(d
+            .poll_transmit(t0 + Duration::from_millis(100), &targets)
+            .is_empty());
+        let t1 = t0 + FAST_ROUND;
+        d.hurry(t1);
+        assert_eq!(d.poll_transmit(t1, &targets).len(), 1);
     }
 }

@@ -26,6 +26,13 @@ pub const PUNCH_GRACE: Duration = Duration::from_secs(3);
 /// poke each other every 10 s, see `reconcile`), e.g. after a NAT dropped
 /// the mapping; the peer goes back to trying/relayed.
 pub const RX_SILENCE: Duration = Duration::from_secs(25);
+/// A path whose sent packets went unanswered this long is broken, even if
+/// something was received within [`RX_SILENCE`]: a peer that receives data
+/// and sends nothing back answers with a keepalive after 10 s (WireGuard's
+/// passive keepalive), so silence after our packets for longer than that
+/// means they do not arrive (e.g. our router got a new address and the
+/// peer's NAT drops what comes from it).
+pub const UNANSWERED: Duration = Duration::from_secs(12);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Path {
@@ -44,6 +51,9 @@ pub struct PathSelector {
     grew: HashMap<[u8; 32], Instant>,
     /// Last rx byte count seen per peer and when it last grew.
     rx: HashMap<[u8; 32], (u64, Instant)>,
+    /// Last tx byte count per peer, and since when what we sent has gone
+    /// unanswered (tx grew, rx did not since).
+    tx: HashMap<[u8; 32], (u64, Option<Instant>)>,
 }
 
 impl PathSelector {
@@ -54,6 +64,16 @@ impl PathSelector {
         self.grew
             .get(key)
             .is_some_and(|t| now.saturating_duration_since(*t) < RX_SILENCE)
+            && self.unanswered(now, key) < UNANSWERED
+    }
+
+    /// How long what we sent to `key` has gone unanswered (zero when the
+    /// peer answered since our last packet).
+    pub fn unanswered(&self, now: Instant, key: &[u8; 32]) -> Duration {
+        self.tx
+            .get(key)
+            .and_then(|(_, since)| *since)
+            .map_or(Duration::ZERO, |t| now.saturating_duration_since(t))
     }
 
     /// Chooses a path per peer and rewrites allowed IPs accordingly.
@@ -80,6 +100,7 @@ impl PathSelector {
         self.since.retain(|k, _| wanted.contains(k));
         self.rx.retain(|k, _| wanted.contains(k));
         self.grew.retain(|k, _| wanted.contains(k));
+        self.tx.retain(|k, _| wanted.contains(k));
         for a in actual {
             // Only peers we still want: a peer about to be removed must not
             // count as heard from its old counters (it would come back).
@@ -90,29 +111,35 @@ impl PathSelector {
             // added, so bytes already counted were received since then (a
             // handshake that completed between two steps).
             let e = self.rx.entry(a.public_key).or_insert((0, now));
-            if a.rx_bytes > e.0 {
+            let heard = a.rx_bytes > e.0;
+            if heard {
                 self.grew.insert(a.public_key, now);
             }
             if a.rx_bytes != e.0 {
                 *e = (a.rx_bytes, now);
             }
+            let t = self.tx.entry(a.public_key).or_insert((0, None));
+            if heard {
+                t.1 = None;
+            } else if a.tx_bytes > t.0 && t.1.is_none() {
+                t.1 = Some(now);
+            }
+            t.0 = a.tx_bytes;
         }
-        let rx = &self.rx;
-        let working = |k: &[u8; 32]| {
-            let peer = actual.iter().find(|a| &a.public_key == k);
-            let handshake = peer
-                .and_then(|a| a.handshake_age)
-                .is_some_and(|a| a < FRESH_HANDSHAKE);
-            let hearing = rx
-                .get(k)
-                .is_some_and(|(_, t)| now.saturating_duration_since(*t) < RX_SILENCE);
-            handshake && hearing
-        };
+        let fresh_handshake: HashSet<[u8; 32]> = actual
+            .iter()
+            .filter(|a| a.handshake_age.is_some_and(|age| age < FRESH_HANDSHAKE))
+            .map(|a| a.public_key)
+            .collect();
+        let working: HashSet<[u8; 32]> = fresh_handshake
+            .into_iter()
+            .filter(|k| self.hearing(now, k))
+            .collect();
         let mut paths = BTreeMap::new();
         let mut moved: Vec<([u8; 32], Vec<std::net::Ipv4Addr>)> = Vec::new();
         for d in desired.iter_mut() {
             let since = *self.since.entry(d.public_key).or_insert(now);
-            let fresh = working(&d.public_key);
+            let fresh = working.contains(&d.public_key);
             let path = if fresh || relays.contains(&d.public_key) {
                 Path::Direct
             } else if now.saturating_duration_since(since) < PUNCH_GRACE && !hopeless(&d.public_key)
@@ -334,5 +361,40 @@ mod tests {
         let mut s = PathSelector::default();
         s.select(t0, vec![peer(2)], &at(148), &[], &ME, &never);
         assert!(s.hearing(t0, &[2; 32]));
+    }
+
+    #[test]
+    fn unanswered_packets_break_a_path_before_rx_silence() {
+        let mut s = PathSelector::default();
+        let t0 = Instant::now();
+        let at = |rx: u64, tx: u64| {
+            vec![ActualPeer {
+                public_key: [2; 32],
+                endpoint: None,
+                allowed_ips: vec![],
+                keepalive: Some(25),
+                handshake_age: Some(Duration::from_secs(1)),
+                rx_bytes: rx,
+                tx_bytes: tx,
+            }]
+        };
+        let sel = |s: &mut PathSelector, t: Instant, rx: u64, tx: u64| {
+            s.select(t, vec![peer(2)], &at(rx, tx), &[], &ME, &never).1[&[2; 32]]
+        };
+        assert_eq!(sel(&mut s, t0, 100, 100), Path::Direct);
+        // We keep sending, nothing comes back.
+        let t1 = t0 + Duration::from_secs(1);
+        sel(&mut s, t1, 100, 200);
+        assert_eq!(s.unanswered(t1, &[2; 32]), Duration::ZERO);
+        let t2 = t1 + UNANSWERED - Duration::from_millis(1);
+        assert_eq!(sel(&mut s, t2, 100, 900), Path::Direct);
+        assert!(s.hearing(t2, &[2; 32]));
+        let t3 = t1 + UNANSWERED;
+        assert_ne!(sel(&mut s, t3, 100, 1000), Path::Direct);
+        assert!(!s.hearing(t3, &[2; 32]));
+        // An answer mends it.
+        let t4 = t3 + Duration::from_secs(1);
+        assert_eq!(sel(&mut s, t4, 150, 1000), Path::Direct);
+        assert_eq!(s.unanswered(t4, &[2; 32]), Duration::ZERO);
     }
 }

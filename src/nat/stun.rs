@@ -7,7 +7,7 @@
 use std::net::SocketAddr;
 
 use bytecodec::{DecodeExt, EncodeExt};
-use stun_codec::rfc5389::attributes::XorMappedAddress;
+use stun_codec::rfc5389::attributes::{Username, XorMappedAddress};
 use stun_codec::rfc5389::{methods::BINDING, Attribute};
 use stun_codec::{Message, MessageClass, MessageDecoder, MessageEncoder, TransactionId};
 
@@ -16,6 +16,9 @@ use stun_codec::{Message, MessageClass, MessageDecoder, MessageEncoder, Transact
 pub enum StunMessage {
     Request {
         txid: [u8; 12],
+        /// For a connectivity check, the member it is meant for
+        /// ([`check_request`]); `None` for a plain binding request.
+        for_key: Option<[u8; 8]>,
     },
     Response {
         txid: [u8; 12],
@@ -50,6 +53,29 @@ pub fn binding_request(txid: [u8; 12]) -> Vec<u8> {
         BINDING,
         TransactionId::new(txid),
     ))
+}
+
+/// The `USERNAME` prefix that marks a connectivity check: the rest is the
+/// first 8 bytes of the WireGuard public key of the member it is meant for,
+/// in hex. Only that member answers it.
+const CHECK_PREFIX: &str = "meshpeer-check:";
+
+/// A binding request meant for the member whose WireGuard public key is
+/// `key`: any other host that shares the address (two members behind one
+/// NAT, after their mappings changed) leaves it unanswered, so an answer
+/// shows the right member is there.
+pub fn check_request(txid: [u8; 12], key: &[u8; 32]) -> Vec<u8> {
+    let mut m = Message::new(MessageClass::Request, BINDING, TransactionId::new(txid));
+    if let Ok(u) = Username::new(format!("{CHECK_PREFIX}{}", hex::encode(&key[..8]))) {
+        m.add_attribute(Attribute::Username(u));
+    }
+    encode(m)
+}
+
+/// Whether a binding request should be answered by the member with WireGuard
+/// key `ours`: plain requests always, checks only when meant for us.
+pub fn answer_request(for_key: Option<[u8; 8]>, ours: &[u8; 32]) -> bool {
+    for_key.is_none_or(|k| ours[..8] == k)
 }
 
 pub fn binding_response(txid: [u8; 12], observed: SocketAddr) -> Vec<u8> {
@@ -102,7 +128,14 @@ pub fn parse(bytes: &[u8]) -> Option<StunMessage> {
     }
     let txid = *msg.transaction_id().as_bytes();
     match msg.class() {
-        MessageClass::Request => Some(StunMessage::Request { txid }),
+        MessageClass::Request => {
+            let for_key = msg
+                .get_attribute::<Username>()
+                .and_then(|u| u.name().strip_prefix(CHECK_PREFIX))
+                .and_then(|h| hex::decode(h).ok())
+                .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok());
+            Some(StunMessage::Request { txid, for_key })
+        }
         MessageClass::SuccessResponse => {
             let mapped = msg.get_attribute::<XorMappedAddress>()?.address();
             Some(StunMessage::Response { txid, mapped })
@@ -119,7 +152,13 @@ mod tests {
     fn request_response_round_trip() {
         let req = binding_request([7; 12]);
         assert!(looks_like_stun(&req));
-        assert_eq!(parse(&req), Some(StunMessage::Request { txid: [7; 12] }));
+        assert_eq!(
+            parse(&req),
+            Some(StunMessage::Request {
+                txid: [7; 12],
+                for_key: None
+            })
+        );
         let a: SocketAddr = "198.51.100.7:40000".parse().unwrap();
         let resp = binding_response([7; 12], a);
         assert_eq!(
@@ -171,5 +210,25 @@ mod tests {
         for len in 0..req.len() {
             let _ = parse(&req[..len]);
         }
+    }
+
+    #[test]
+    fn checks_name_the_member_they_are_for() {
+        let key = [0xab; 32];
+        let req = check_request([3; 12], &key);
+        let Some(StunMessage::Request { txid, for_key }) = parse(&req) else {
+            panic!("not a request");
+        };
+        assert_eq!(txid, [3; 12]);
+        assert_eq!(for_key, Some([0xab; 8]));
+        assert!(answer_request(for_key, &key));
+        assert!(
+            !answer_request(for_key, &[0xcd; 32]),
+            "another member stays silent"
+        );
+        assert!(
+            answer_request(None, &[0xcd; 32]),
+            "plain requests are answered"
+        );
     }
 }
