@@ -586,9 +586,29 @@ impl Node {
         let poke = rotation != self.last_rotation;
         self.last_rotation = rotation;
         let traversal = &self.traversal;
-        let changes = reconcile(&desired, &actual, &self.owned, rotation, poke, &|k| {
+        let mut changes = reconcile(&desired, &actual, &self.owned, rotation, poke, &|k| {
             !traversal.hearing(now, k)
         });
+        if traversal.checks_punch() {
+            // Connectivity checks do the punching (and force the handshake
+            // when a candidate answers): a poke only keeps live sessions
+            // talking. Poking a peer without a session would start a
+            // handshake every 10 s that mostly goes nowhere, and at
+            // hundreds of members those X25519 operations are the largest
+            // CPU cost.
+            let sessions: std::collections::HashSet<[u8; 32]> = actual
+                .iter()
+                .filter(|a| {
+                    a.handshake_age
+                        .is_some_and(|age| age < crate::reconcile::FRESH_HANDSHAKE)
+                })
+                .map(|a| a.public_key)
+                .collect();
+            changes.retain(|c| match c {
+                PeerChange::Poke { public_key, .. } => sessions.contains(public_key),
+                _ => true,
+            });
+        }
         if !changes.is_empty() {
             for c in &changes {
                 log_change(c, &self.membership);

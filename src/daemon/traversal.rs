@@ -282,6 +282,12 @@ impl Traversal {
         }
     }
 
+    /// Whether connectivity checks run (userspace backend: they need the
+    /// WireGuard socket).
+    pub fn checks_punch(&self) -> bool {
+        self.sender.is_some()
+    }
+
     /// Whether the data plane heard from this WireGuard key lately.
     pub fn hearing(&self, now: Instant, key: &[u8; 32]) -> bool {
         self.selector.hearing(now, key)

@@ -42,10 +42,12 @@ pub const CHECK_BUDGET: usize = 64;
 const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
 /// A validated candidate is trusted for this long after its last answer.
 pub const VALID_FOR: Duration = Duration::from_secs(30);
-/// At most one forced handshake per peer per this period. (The other side
+/// The first gap between two forced handshakes to one peer (the other side
 /// may not know us yet and drop the first ones; each answered check after
-/// this long tries again.)
+/// the gap tries again). The gap doubles with each try, up to
+/// [`FORCE_MAX_GAP`], until the peer needs no checks any more.
 const FORCE_EVERY: Duration = Duration::from_secs(1);
+const FORCE_MAX_GAP: Duration = Duration::from_secs(32);
 /// At most this many candidates of one peer are checked.
 const MAX_CANDIDATES: usize = 4;
 
@@ -56,6 +58,8 @@ struct PeerChecks {
     sent: usize,
     validated: Option<(SocketAddr, Instant)>,
     forced: Option<(SocketAddr, Instant)>,
+    /// Gap before the next forced handshake to the same endpoint.
+    force_gap: Duration,
 }
 
 /// The connectivity-check state of one member (sans-IO: the caller sends
@@ -100,6 +104,7 @@ impl Checks {
                 sent: 0,
                 validated: None,
                 forced: None,
+                force_gap: FORCE_EVERY,
             });
             if p.candidates != cands {
                 // New candidates (a record update): a new burst, and a
@@ -166,10 +171,17 @@ impl Checks {
         }
         let (endpoint, _) = p.validated?;
         let force = match p.forced {
-            Some((a, at)) => a != endpoint || now.saturating_duration_since(at) >= FORCE_EVERY,
+            Some((a, _)) if a != endpoint => {
+                p.force_gap = FORCE_EVERY;
+                true
+            }
+            Some((_, at)) => now.saturating_duration_since(at) >= p.force_gap,
             None => true,
         };
         if force {
+            if p.forced.is_some_and(|(a, _)| a == endpoint) {
+                p.force_gap = (p.force_gap * 2).min(FORCE_MAX_GAP);
+            }
             p.forced = Some((endpoint, now));
         }
         Some(Validated {
@@ -363,6 +375,16 @@ mod tests {
         let by = |x: SocketAddr| out.iter().find(|(_, _, c)| *c == x).unwrap().0;
         let v = c.handle_response(t2, &by(lan), lan).unwrap();
         assert!(v.force);
+        // Then the gap doubles: 2 s, 4 s, ...
+        let answer = |c: &mut Checks, id: &mut dyn FnMut() -> [u8; 12], t: Instant| {
+            let out = c.poll(t, &need, true, id);
+            let tx = out.iter().find(|(_, _, x)| *x == lan).unwrap().0;
+            c.handle_response(t, &tx, lan).unwrap().force
+        };
+        assert!(!answer(&mut c, &mut id, t2 + Duration::from_millis(1900)));
+        assert!(answer(&mut c, &mut id, t2 + Duration::from_secs(2)));
+        assert!(!answer(&mut c, &mut id, t2 + Duration::from_secs(5)));
+        assert!(answer(&mut c, &mut id, t2 + Duration::from_secs(6)));
     }
 
     #[test]
