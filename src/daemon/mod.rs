@@ -328,9 +328,7 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()>) -> anyho
         tokio::select! {
             // A connectivity check was answered: handshake there now, not
             // at the next tick.
-            _ = answered.notified() => {
-                node.traversal.force_handshakes(Instant::now()).await;
-            }
+            _ = answered.notified() => node.on_stun_answer().await,
             _ = &mut shutdown => {
                 tracing::info!("shutting down (members will mark this node down)");
                 break;
@@ -671,6 +669,25 @@ impl Node {
     /// Whether this member offers relaying (public, and not `--no-relay`).
     fn relays(&self) -> bool {
         self.cfg.relay && self.traversal.nat.kind == NatKind::Public
+    }
+
+    /// A STUN answer arrived on the WireGuard port: handshakes to checked
+    /// candidates now, and a new NAT picture published now (one gossip hop
+    /// earlier for every member than waiting for the next tick).
+    async fn on_stun_answer(&mut self) {
+        self.traversal.force_handshakes(Instant::now()).await;
+        if self.traversal.take_discovery_news() {
+            let local: Vec<Ipv4Net> = crate::net::local_ipv4_nets(&[&self.cfg.interface])
+                .into_iter()
+                .map(|(n, _)| n)
+                .collect();
+            if self
+                .traversal
+                .refresh_nat(&local, self.advertise, self.cfg.wg_port())
+            {
+                self.republish(false).await;
+            }
+        }
     }
 
     async fn republish(&mut self, left: bool) {

@@ -57,6 +57,8 @@ pub struct Traversal {
     suspect: HashMap<[u8; 32], SocketAddr>,
     /// Checks answered since the last `force_handshakes`.
     validated: Vec<Validated>,
+    /// A discovery answer arrived (see `take_discovery_news`).
+    discovery_news: bool,
     discovery: Discovery,
     selector: PathSelector,
     sender: Option<RawSender>,
@@ -129,6 +131,7 @@ impl Traversal {
             working: HashSet::new(),
             suspect: HashMap::new(),
             validated: Vec::new(),
+            discovery_news: false,
             discovery: Discovery::new(rand::random()),
             selector: PathSelector::default(),
             sender,
@@ -159,6 +162,25 @@ impl Traversal {
         if let Some(sender) = self.sender.clone() {
             self.stun_round(now, m, me, local, &sender).await;
         }
+        self.discovery_news = false;
+        self.refresh_nat(local, advertise, wg_port)
+    }
+
+    /// Whether a discovery answer arrived since the last `discover` or
+    /// `take_discovery_news` (the daemon then calls [`Self::refresh_nat`]
+    /// at once rather than at the next tick).
+    pub fn take_discovery_news(&mut self) -> bool {
+        std::mem::take(&mut self.discovery_news)
+    }
+
+    /// Recomputes the NAT picture from the observations; true when it
+    /// changed (the record must be republished).
+    pub fn refresh_nat(
+        &mut self,
+        local: &[ipnet::Ipv4Net],
+        advertise: IpAddr,
+        wg_port: u16,
+    ) -> bool {
         let local_ips: Vec<IpAddr> = local.iter().map(|n| IpAddr::V4(n.addr())).collect();
         let hint = local_ips.contains(&advertise) && looks_public(advertise);
         let info = self.discovery.info(&local_ips, wg_port, hint);
@@ -229,7 +251,9 @@ impl Traversal {
                 match self.checks.handle_response(now, &txid, from) {
                     Some(v) => self.validated.push(v),
                     None => {
-                        self.discovery.handle_response(now, txid, mapped);
+                        if self.discovery.handle_response(now, txid, mapped) {
+                            self.discovery_news = true;
+                        }
                     }
                 }
             }
