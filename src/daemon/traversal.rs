@@ -17,7 +17,7 @@ use crate::nat::paths::{Path, PathSelector};
 use crate::nat::stun::{self, StunMessage};
 use crate::observe::{self, ObservationBook, Observed, Seen};
 use crate::proto::PublicKeyBytes;
-use crate::reconcile::{ActualPeer, FRESH_HANDSHAKE};
+use crate::reconcile::ActualPeer;
 use crate::record::NatKind;
 use crate::wg::{userspace::RawSender, WgInterface};
 
@@ -357,21 +357,17 @@ impl Traversal {
         // through, and most do not. Relayed at once; the checks go on, and
         // a check answered over a hairpin makes the path direct.
         let our_public: Vec<IpAddr> = self.nat.mapped.iter().map(|m| m.ip()).collect();
-        let endpoints: HashMap<[u8; 32], &[SocketAddr]> = desired
+        let unlikely: HashSet<[u8; 32]> = desired
             .iter()
-            .map(|d| (d.public_key, d.endpoints.as_slice()))
-            .collect();
-        let unlikely: HashSet<[u8; 32]> = endpoints
-            .iter()
-            .filter(|(_, eps)| {
-                let shares = eps.iter().any(|e| our_public.contains(&e.ip()));
-                let on_lan = eps.iter().any(|e| match e.ip() {
+            .filter(|d| {
+                let shares = d.endpoints.iter().any(|e| our_public.contains(&e.ip()));
+                let on_lan = d.endpoints.iter().any(|e| match e.ip() {
                     IpAddr::V4(v4) => local.iter().any(|n| n.contains(&v4)),
                     IpAddr::V6(_) => false,
                 });
                 shares && !on_lan
             })
-            .map(|(k, _)| *k)
+            .map(|d| d.public_key)
             .collect();
         let relay_now = |k: &[u8; 32]| hopeless(k) || unlikely.contains(k);
         let (mut desired, paths) = self
@@ -386,14 +382,12 @@ impl Traversal {
         self.need.clear();
         self.working.clear();
         self.suspect.clear();
-        let device: HashMap<[u8; 32], &ActualPeer> =
-            actual.iter().map(|a| (a.public_key, a)).collect();
+        let endpoint_of: HashMap<[u8; 32], SocketAddr> = actual
+            .iter()
+            .filter_map(|a| a.endpoint.map(|e| (a.public_key, e)))
+            .collect();
         for d in desired.iter_mut() {
-            let a = device.get(&d.public_key);
-            let fresh = a
-                .and_then(|a| a.handshake_age)
-                .is_some_and(|age| age < FRESH_HANDSHAKE);
-            let ok = fresh && self.selector.hearing(now, &d.public_key);
+            let ok = self.selector.working(&d.public_key);
             // A working path whose packets have gone unanswered for a
             // moment is suspect (a NAT dropped its mapping, a router got a
             // new address or port): check the endpoint in use and the
@@ -401,7 +395,7 @@ impl Traversal {
             // fine (traffic is one-way); if only another one does, the
             // handshake goes there. (Only WireGuard's passive keepalive
             // would tell otherwise, after 10 s and more.)
-            let current = a.and_then(|a| a.endpoint);
+            let current = endpoint_of.get(&d.public_key).copied();
             let suspect = ok && self.selector.unanswered(now, &d.public_key) >= SUSPECT;
             if ok && !suspect {
                 self.working.insert(d.public_key);

@@ -170,18 +170,22 @@ impl Checks {
             _ => p.validated = Some((candidate, now)),
         }
         let (endpoint, _) = p.validated?;
+        // Again to the same endpoint only after the gap, which then
+        // doubles; a new endpoint starts over.
         let force = match p.forced {
-            Some((a, _)) if a != endpoint => {
+            Some((a, at)) if a == endpoint => {
+                let due = now.saturating_duration_since(at) >= p.force_gap;
+                if due {
+                    p.force_gap = (p.force_gap * 2).min(FORCE_MAX_GAP);
+                }
+                due
+            }
+            _ => {
                 p.force_gap = FORCE_EVERY;
                 true
             }
-            Some((_, at)) => now.saturating_duration_since(at) >= p.force_gap,
-            None => true,
         };
         if force {
-            if p.forced.is_some_and(|(a, _)| a == endpoint) {
-                p.force_gap = (p.force_gap * 2).min(FORCE_MAX_GAP);
-            }
             p.forced = Some((endpoint, now));
         }
         Some(Validated {
@@ -224,6 +228,14 @@ mod tests {
         s.parse().unwrap()
     }
 
+    /// Peer [1; 32] with these candidates.
+    fn peer1(candidates: &[SocketAddr]) -> [Need<'_>; 1] {
+        [Need {
+            key: [1; 32],
+            candidates,
+        }]
+    }
+
     fn ids() -> impl FnMut() -> [u8; 12] {
         let mut n = 0u32;
         move || {
@@ -240,10 +252,7 @@ mod tests {
         let mut id = ids();
         let t0 = Instant::now();
         let cands = [a("198.51.100.1:51820"), a("192.168.1.2:51820")];
-        let need = [Need {
-            key: [1; 32],
-            candidates: &cands,
-        }];
+        let need = peer1(&cands);
         let mut sent_at = vec![];
         for step in 0..40u64 {
             let now = t0 + Duration::from_millis(step * 500);
@@ -268,29 +277,13 @@ mod tests {
         let mut id = ids();
         let t0 = Instant::now();
         let old = [a("198.51.100.1:51820")];
-        let out = c.poll(
-            t0,
-            &[Need {
-                key: [1; 32],
-                candidates: &old,
-            }],
-            false,
-            &mut id,
-        );
+        let out = c.poll(t0, &peer1(&old), false, &mut id);
         let v = c.handle_response(t0, &out[0].0, old[0]).unwrap();
         assert_eq!(v.endpoint, old[0]);
         assert!(v.force);
         let t1 = t0 + Duration::from_secs(20);
         let new = [a("198.51.100.7:40000")];
-        let out = c.poll(
-            t1,
-            &[Need {
-                key: [1; 32],
-                candidates: &new,
-            }],
-            false,
-            &mut id,
-        );
+        let out = c.poll(t1, &peer1(&new), false, &mut id);
         assert_eq!(out.len(), 1, "a new burst starts at once");
         assert_eq!(c.validated(t1, &[1; 32]), None);
     }
@@ -301,15 +294,7 @@ mod tests {
         let mut id = ids();
         let t0 = Instant::now();
         let cands = [a("198.51.100.1:51820")];
-        let out = c.poll(
-            t0,
-            &[Need {
-                key: [1; 32],
-                candidates: &cands,
-            }],
-            false,
-            &mut id,
-        );
+        let out = c.poll(t0, &peer1(&cands), false, &mut id);
         assert_eq!(c.handle_response(t0, &[0xaa; 12], cands[0]), None);
         assert_eq!(
             c.handle_response(t0, &out[0].0, a("203.0.113.9:1")),
@@ -320,23 +305,12 @@ mod tests {
         // A stale request is forgotten.
         let out = c.poll(
             t0 + Duration::from_millis(500),
-            &[Need {
-                key: [1; 32],
-                candidates: &cands,
-            }],
+            &peer1(&cands),
             false,
             &mut id,
         );
         let late = t0 + Duration::from_secs(6);
-        c.poll(
-            late,
-            &[Need {
-                key: [1; 32],
-                candidates: &cands,
-            }],
-            false,
-            &mut id,
-        );
+        c.poll(late, &peer1(&cands), false, &mut id);
         assert_eq!(c.handle_response(late, &out[0].0, cands[0]), None);
     }
 
@@ -348,10 +322,7 @@ mod tests {
         let lan = a("192.168.1.2:51820");
         let public = a("198.51.100.1:40000");
         let cands = [lan, public];
-        let need = [Need {
-            key: [1; 32],
-            candidates: &cands,
-        }];
+        let need = peer1(&cands);
         let out = c.poll(t0, &need, false, &mut id);
         let by = |x: SocketAddr| out.iter().find(|(_, _, c)| *c == x).unwrap().0;
         let v = c.handle_response(t0, &by(public), public).unwrap();

@@ -54,6 +54,9 @@ pub struct PathSelector {
     /// Last tx byte count per peer, and since when what we sent has gone
     /// unanswered (tx grew, rx did not since).
     tx: HashMap<[u8; 32], (u64, Option<Instant>)>,
+    /// Peers with a fresh handshake that we hear from (as of the last
+    /// `select`).
+    working: HashSet<[u8; 32]>,
 }
 
 impl PathSelector {
@@ -65,6 +68,12 @@ impl PathSelector {
             .get(key)
             .is_some_and(|t| now.saturating_duration_since(*t) < RX_SILENCE)
             && self.unanswered(now, key) < UNANSWERED
+    }
+
+    /// Whether the path to `key` works: a fresh handshake, and we hear
+    /// from it (as of the last `select`).
+    pub fn working(&self, key: &[u8; 32]) -> bool {
+        self.working.contains(key)
     }
 
     /// How long what we sent to `key` has gone unanswered (zero when the
@@ -126,20 +135,17 @@ impl PathSelector {
             }
             t.0 = a.tx_bytes;
         }
-        let fresh_handshake: HashSet<[u8; 32]> = actual
+        self.working = actual
             .iter()
             .filter(|a| a.handshake_age.is_some_and(|age| age < FRESH_HANDSHAKE))
             .map(|a| a.public_key)
-            .collect();
-        let working: HashSet<[u8; 32]> = fresh_handshake
-            .into_iter()
             .filter(|k| self.hearing(now, k))
             .collect();
         let mut paths = BTreeMap::new();
         let mut moved: Vec<([u8; 32], Vec<std::net::Ipv4Addr>)> = Vec::new();
         for d in desired.iter_mut() {
             let since = *self.since.entry(d.public_key).or_insert(now);
-            let fresh = working.contains(&d.public_key);
+            let fresh = self.working.contains(&d.public_key);
             let path = if fresh || relays.contains(&d.public_key) {
                 Path::Direct
             } else if now.saturating_duration_since(since) < PUNCH_GRACE && !hopeless(&d.public_key)
@@ -321,21 +327,24 @@ mod tests {
         assert_eq!(pick_relay(&[[2; 32]], &[1; 32], &[2; 32]), None);
     }
 
+    /// Peer 2 on the device, handshake 1 s ago, with these counters.
+    fn talking(rx: u64, tx: u64) -> Vec<ActualPeer> {
+        vec![ActualPeer {
+            public_key: [2; 32],
+            endpoint: None,
+            allowed_ips: vec![],
+            keepalive: Some(25),
+            handshake_age: Some(Duration::from_secs(1)),
+            rx_bytes: rx,
+            tx_bytes: tx,
+        }]
+    }
+
     #[test]
     fn hearing_needs_the_receive_counter_to_grow() {
         let mut s = PathSelector::default();
         let t0 = Instant::now();
-        let at = |rx: u64| {
-            vec![ActualPeer {
-                public_key: [2; 32],
-                endpoint: None,
-                allowed_ips: vec![],
-                keepalive: Some(25),
-                handshake_age: Some(Duration::from_secs(1)),
-                rx_bytes: rx,
-                tx_bytes: 0,
-            }]
-        };
+        let at = |rx: u64| talking(rx, 0);
         // First sight of a just-added peer with nothing received: not heard.
         s.select(t0, vec![peer(2)], &at(0), &[], &ME, &never);
         assert!(!s.hearing(t0, &[2; 32]));
@@ -367,19 +376,9 @@ mod tests {
     fn unanswered_packets_break_a_path_before_rx_silence() {
         let mut s = PathSelector::default();
         let t0 = Instant::now();
-        let at = |rx: u64, tx: u64| {
-            vec![ActualPeer {
-                public_key: [2; 32],
-                endpoint: None,
-                allowed_ips: vec![],
-                keepalive: Some(25),
-                handshake_age: Some(Duration::from_secs(1)),
-                rx_bytes: rx,
-                tx_bytes: tx,
-            }]
-        };
         let sel = |s: &mut PathSelector, t: Instant, rx: u64, tx: u64| {
-            s.select(t, vec![peer(2)], &at(rx, tx), &[], &ME, &never).1[&[2; 32]]
+            s.select(t, vec![peer(2)], &talking(rx, tx), &[], &ME, &never)
+                .1[&[2; 32]]
         };
         assert_eq!(sel(&mut s, t0, 100, 100), Path::Direct);
         // We keep sending, nothing comes back.
