@@ -80,7 +80,7 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 60)]
     pub down_grace_secs: u64,
     /// Gossip interval in milliseconds.
-    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(50..=60_000))]
+    #[arg(long, default_value_t = 250, value_parser = clap::value_parser!(u64).range(50..=60_000))]
     pub gossip_interval_ms: u64,
     /// An outside STUN server (HOST or HOST:PORT, default port 3478) to ask
     /// besides the members; repeatable, or comma-separated in the env var.

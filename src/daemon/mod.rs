@@ -36,7 +36,16 @@ mod rtt;
 mod traversal;
 use traversal::Traversal;
 
-const TICK: Duration = Duration::from_millis(500);
+/// The daemon's tick when the mesh is small; see [`tick_period`].
+const TICK: Duration = Duration::from_millis(250);
+/// Up to this many live members, the tick is [`TICK`]; above, it grows in
+/// proportion, up to [`MAX_TICK`].
+const TICK_MEMBERS: usize = 40;
+const MAX_TICK: Duration = Duration::from_secs(2);
+/// How often `status` is rebuilt when nothing changed.
+const STATUS_EVERY: Duration = Duration::from_secs(2);
+/// How often the host's addresses are read again.
+const LOCAL_NETS_EVERY: Duration = Duration::from_secs(2);
 /// How long a leaving node keeps gossiping its leave record.
 const LEAVE_LINGER: Duration = Duration::from_secs(2);
 
@@ -113,7 +122,9 @@ struct Node {
     seed_addrs: Vec<SocketAddr>,
     traversal: Traversal,
     last_rotation: usize,
-    ticks: u64,
+    last_status: Instant,
+    /// The host's IPv4 networks and when they were read.
+    local_nets: Option<(Instant, Vec<Ipv4Net>)>,
     prober: rtt::Prober,
     /// Our WireGuard public key (derived from the secret once).
     wg_public: [u8; 32],
@@ -314,7 +325,8 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()>) -> anyho
         seed_addrs,
         traversal,
         last_rotation: 0,
-        ticks: 0,
+        last_status: Instant::now(),
+        local_nets: None,
         prober,
         wg_public,
     };
@@ -336,6 +348,11 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()>) -> anyho
             _ = tick.tick() => {
                 if let Err(e) = node.step().await {
                     tracing::warn!(error = %format!("{e:#}"), "reconcile step failed; retrying");
+                }
+                let period = tick_period(node.membership.members().count());
+                if period != tick.period() {
+                    tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+                    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 }
             }
             Some((req, reply)) = ctl_rx.recv() => match req {
@@ -362,6 +379,21 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()>) -> anyho
         r.answer(Reply::Left).await;
     }
     Ok(())
+}
+
+/// The daemon's tick for a mesh of `live` known members (not left). A
+/// tick's work grows with the number of members (snapshot, desired peers,
+/// device reading, paths),
+/// so at hundreds of members a fixed tick makes every node's idle cost grow
+/// with N and the mesh's with N²; stretching the tick keeps a node's cost
+/// about flat, at the price of reacting a little later in large meshes.
+/// Events that need an answer at once (a STUN answer, a control request)
+/// do not wait for the tick.
+fn tick_period(live: usize) -> Duration {
+    if live <= TICK_MEMBERS {
+        return TICK;
+    }
+    (TICK * live as u32 / TICK_MEMBERS as u32).min(MAX_TICK)
 }
 
 /// Removes the control socket when the daemon ends.
@@ -507,10 +539,7 @@ impl Node {
         }
 
         // WireGuard: desired vs actual.
-        let local: Vec<Ipv4Net> = crate::net::local_ipv4_nets(&[&self.cfg.interface])
-            .into_iter()
-            .map(|(n, _)| n)
-            .collect();
+        let local = self.local_nets();
         // NAT: learn our mapping (STUN on the WireGuard port); republish
         // when it changed.
         let me = self.id.node_key();
@@ -625,6 +654,10 @@ impl Node {
             }
             self.persist(true);
         }
+        // Only members we now have a WireGuard peer for get answers to
+        // their checks.
+        self.traversal
+            .set_wg_peers(desired.iter().map(|d| &d.public_key));
         // Connectivity checks: handshakes to candidates that answered, then
         // the next checks (and punches).
         self.traversal.force_handshakes(now).await;
@@ -652,9 +685,12 @@ impl Node {
         // Status from this tick's reading of the device (before the changes
         // just applied). Rebuilt when something changed, else every 2 s:
         // at hundreds of members, building it is a good part of a tick.
-        self.ticks = self.ticks.wrapping_add(1);
-        if !events.is_empty() || !changes.is_empty() || self.ticks % 4 == 0 {
+        if !events.is_empty()
+            || !changes.is_empty()
+            || self.last_status.elapsed() >= STATUS_EVERY
+        {
             self.status.send_replace(Some(self.build_status(&actual)));
+            self.last_status = Instant::now();
         }
         if self.last_persist.elapsed() > Duration::from_secs(10) {
             let known = self.gossip.live_addrs().await;
@@ -664,6 +700,23 @@ impl Node {
             self.persist(false);
         }
         Ok(())
+    }
+
+    /// The host's IPv4 networks (not our overlay), read again every
+    /// [`LOCAL_NETS_EVERY`]: reading them is a few syscalls per interface,
+    /// and they change rarely.
+    fn local_nets(&mut self) -> Vec<Ipv4Net> {
+        match &self.local_nets {
+            Some((at, nets)) if at.elapsed() < LOCAL_NETS_EVERY => nets.clone(),
+            _ => {
+                let nets: Vec<Ipv4Net> = crate::net::local_ipv4_nets(&[&self.cfg.interface])
+                    .into_iter()
+                    .map(|(n, _)| n)
+                    .collect();
+                self.local_nets = Some((Instant::now(), nets.clone()));
+                nets
+            }
+        }
     }
 
     /// Whether this member offers relaying (public, and not `--no-relay`).
@@ -677,10 +730,7 @@ impl Node {
     async fn on_stun_answer(&mut self) {
         self.traversal.force_handshakes(Instant::now()).await;
         if self.traversal.take_discovery_news() {
-            let local: Vec<Ipv4Net> = crate::net::local_ipv4_nets(&[&self.cfg.interface])
-                .into_iter()
-                .map(|(n, _)| n)
-                .collect();
+            let local = self.local_nets();
             if self
                 .traversal
                 .refresh_nat(&local, self.advertise, self.cfg.wg_port())
@@ -902,6 +952,27 @@ fn log_change(c: &PeerChange, m: &Membership) {
         }
         PeerChange::Poke { .. } => {
             tracing::debug!(%peer, member = %name, "retrying the handshake (hole punch)")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tick_stretches_with_the_mesh_and_is_bounded() {
+        assert_eq!(tick_period(0), TICK);
+        assert_eq!(tick_period(TICK_MEMBERS), TICK);
+        assert_eq!(tick_period(2 * TICK_MEMBERS), 2 * TICK);
+        assert!(tick_period(100) > tick_period(60));
+        assert_eq!(tick_period(10_000), MAX_TICK);
+        // Monotone: a larger mesh never ticks faster.
+        let mut last = Duration::ZERO;
+        for n in 0..1000 {
+            let t = tick_period(n);
+            assert!(t >= last, "tick for {n} members shrank");
+            last = t;
         }
     }
 }

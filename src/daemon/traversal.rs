@@ -63,8 +63,8 @@ pub struct Traversal {
     selector: PathSelector,
     sender: Option<RawSender>,
     /// STUN answers on the WireGuard port: transaction id, the mapped
-    /// address they report, and who sent them.
-    responses: Option<mpsc::Receiver<([u8; 12], SocketAddr, SocketAddr)>>,
+    /// address they report (`None`: a refused check), and who sent them.
+    responses: Option<mpsc::Receiver<([u8; 12], Option<SocketAddr>, SocketAddr)>>,
     /// What STUN says about our NAT.
     pub nat: NatInfo,
     /// The path chosen for each peer (by WireGuard key).
@@ -75,6 +75,11 @@ pub struct Traversal {
     forwarding_failed: bool,
     /// Outside STUN servers (`--stun-server`), asked before members.
     outside: Vec<SocketAddr>,
+    /// Our WireGuard key (checks name their sender).
+    my_wg_key: [u8; 32],
+    /// First 8 bytes of the WireGuard keys we have peers for: a check from
+    /// anyone else is refused (their handshake would be dropped).
+    wg_peers: Arc<std::sync::RwLock<HashSet<[u8; 8]>>>,
 }
 
 impl Traversal {
@@ -83,26 +88,45 @@ impl Traversal {
     /// nothing here and publishes `NatKind::Unknown`).
     pub fn start(wg: &WgInterface, outside: Vec<SocketAddr>, my_wg_key: [u8; 32]) -> Self {
         let answered = Arc::new(Notify::new());
+        let wg_peers: Arc<std::sync::RwLock<HashSet<[u8; 8]>>> = Arc::default();
         let (sender, responses) = match wg.raw_channel() {
             Some((sender, mut raw)) => {
                 let (tx, rx) = mpsc::channel(1024);
                 let reply = sender.clone();
                 let signal = Arc::clone(&answered);
+                let peers = Arc::clone(&wg_peers);
                 tokio::spawn(async move {
                     while let Some((from, bytes)) = raw.recv().await {
                         match stun::parse(&bytes) {
-                            Some(StunMessage::Request { txid, for_key }) => {
+                            Some(StunMessage::Request {
+                                txid,
+                                for_key,
+                                from_key,
+                            }) => {
                                 // A check meant for another member (it
                                 // shares our public address) stays
-                                // unanswered.
-                                if stun::answer_request(for_key, &my_wg_key) {
-                                    let _ =
-                                        reply.send(from, &stun::binding_response(txid, from)).await;
+                                // unanswered; one from a member we have no
+                                // peer for yet is refused.
+                                let is_peer = |k: &[u8; 8]| {
+                                    peers.read().unwrap_or_else(|p| p.into_inner()).contains(k)
+                                };
+                                let answer = match stun::answer_request(
+                                    for_key, from_key, &my_wg_key, is_peer,
+                                ) {
+                                    stun::Answer::Answer => Some(stun::binding_response(txid, from)),
+                                    stun::Answer::Refuse => Some(stun::refusal(txid)),
+                                    stun::Answer::Ignore => None,
+                                };
+                                if let Some(a) = answer {
+                                    let _ = reply.send(from, &a).await;
                                 }
                             }
                             Some(StunMessage::Response { txid, mapped }) => {
-                                let _ = tx.try_send((txid, mapped, from));
+                                let _ = tx.try_send((txid, Some(mapped), from));
                                 signal.notify_one();
+                            }
+                            Some(StunMessage::Refused { txid }) => {
+                                let _ = tx.try_send((txid, None, from));
                             }
                             Some(StunMessage::ClassicRequest { txid }) => {
                                 if let Some(r) = stun::classic_binding_response(txid, from) {
@@ -127,6 +151,8 @@ impl Traversal {
             observed_self: Vec::new(),
             need: Vec::new(),
             answered,
+            my_wg_key,
+            wg_peers,
             checks: Checks::default(),
             working: HashSet::new(),
             suspect: HashMap::new(),
@@ -248,6 +274,10 @@ impl Traversal {
     fn drain_responses(&mut self, now: Instant) {
         if let Some(rx) = &mut self.responses {
             while let Ok((txid, mapped, from)) = rx.try_recv() {
+                let Some(mapped) = mapped else {
+                    self.checks.handle_refusal(&txid, from);
+                    continue;
+                };
                 match self.checks.handle_response(now, &txid, from) {
                     Some(v) => self.validated.push(v),
                     None => {
@@ -281,7 +311,9 @@ impl Traversal {
             .checks
             .poll(now, &need, poke, &mut || rand::random::<[u8; 12]>());
         for (txid, key, to) in out {
-            let _ = sender.send(to, &stun::check_request(txid, &key)).await;
+            let _ = sender
+                .send(to, &stun::check_request(txid, &key, &self.my_wg_key))
+                .await;
         }
     }
 
@@ -304,6 +336,19 @@ impl Traversal {
             }
             sender.initiate_handshake(&v.key, v.endpoint).await;
         }
+    }
+
+    /// The WireGuard peers we have (after the latest changes): only their
+    /// checks are answered.
+    pub fn set_wg_peers<'a>(&self, keys: impl Iterator<Item = &'a [u8; 32]>) {
+        let set: HashSet<[u8; 8]> = keys
+            .map(|k| {
+                let mut p = [0u8; 8];
+                p.copy_from_slice(&k[..8]);
+                p
+            })
+            .collect();
+        *self.wg_peers.write().unwrap_or_else(|p| p.into_inner()) = set;
     }
 
     /// Whether connectivity checks run (userspace backend: they need the
@@ -420,16 +465,22 @@ impl Traversal {
             if let Some(v) = self.checks.validated(now, &d.public_key) {
                 d.endpoints = vec![v];
             } else if self.sender.is_some()
-                && matches!(
+                && (matches!(
                     nat_of(&d.public_key),
                     NatKind::EndpointIndependent | NatKind::EndpointDependent
-                )
+                ) || self.checks.holds(now, &d.public_key))
             {
-                // A member behind a NAT it measured answers STUN on its
-                // WireGuard port: until one of its candidates answers a
-                // check, no WireGuard handshake goes anywhere (each costs
-                // X25519 work on both sides, and most would be lost). Its
-                // own handshake towards us still sets the endpoint.
+                // Until one of its candidates answers a check, no WireGuard
+                // handshake goes anywhere: each costs X25519 work on both
+                // sides, and it is lost when the NAT is not open yet or
+                // when the member has no peer for us yet (membership
+                // spreads in seconds at hundreds of members, and WireGuard
+                // retries every 5 s for 90 s). A member behind a NAT it
+                // measured answers checks on its WireGuard port; so does a
+                // public one, unless its WireGuard is the kernel's (it then
+                // never answers, and after a grace its record's endpoint is
+                // used as before). The member's own handshake towards us
+                // still sets the endpoint.
                 d.endpoints.clear();
             }
         }

@@ -23,6 +23,22 @@ pub const RECORD_KEY: &str = "record";
 /// The chitchat key of a node's signed observations ([`crate::observe`]).
 pub const SEEN_KEY: &str = "seen";
 
+/// chitchat's round interval. Small meshes gossip at this rate; above
+/// [`transport::FULL_RATE_MEMBERS`] reachable members the transport sends
+/// only a share of the rounds, so a node's gossip stays about flat as the
+/// mesh grows.
+pub const DEFAULT_INTERVAL: Duration = Duration::from_millis(250);
+/// Heartbeat gaps longer than this are not learned by the failure detector
+/// (chitchat's default is 10 s). In a mesh of hundreds, where most members
+/// sit behind NAT and only reach the public ones, a member's heartbeat can
+/// take longer than 10 s to reach everyone; with the default such a member
+/// would never count as live anywhere.
+const MAX_HEARTBEAT_GAP: Duration = Duration::from_secs(30);
+/// The failure detector's prior heartbeat gap (until it has learned the
+/// real one): lenient, so a member is not called down in its first
+/// seconds.
+const PRIOR_HEARTBEAT_GAP: Duration = Duration::from_secs(1);
+
 /// Timing of gossip and failure detection.
 #[derive(Debug, Clone)]
 pub struct GossipTiming {
@@ -34,7 +50,7 @@ pub struct GossipTiming {
 impl Default for GossipTiming {
     fn default() -> Self {
         Self {
-            interval: Duration::from_millis(500),
+            interval: DEFAULT_INTERVAL,
             dead_node_grace: Duration::from_secs(600),
         }
     }
@@ -74,7 +90,8 @@ impl Gossip {
             listen_addr: transport.local_addr()?,
             seed_nodes: seeds,
             failure_detector_config: FailureDetectorConfig {
-                initial_interval: timing.interval,
+                initial_interval: timing.interval.max(PRIOR_HEARTBEAT_GAP),
+                max_interval: MAX_HEARTBEAT_GAP,
                 dead_node_grace_period: timing.dead_node_grace,
                 ..Default::default()
             },

@@ -44,7 +44,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(300);
 /// mesh grows. Members on hold (behind NAT, unreachable for gossip) do not
 /// count: messages to them are dropped anyway. chitchat fixes its interval
 /// when it starts, hence this thinning.
-pub const FULL_RATE_MEMBERS: usize = 60;
+pub const FULL_RATE_MEMBERS: usize = 30;
 const SENDER_IDLE: Duration = Duration::from_secs(60);
 const SERVER_NAME: &str = "meshpeer";
 

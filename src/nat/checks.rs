@@ -50,8 +50,18 @@ const FORCE_EVERY: Duration = Duration::from_secs(1);
 const FORCE_MAX_GAP: Duration = Duration::from_secs(32);
 /// At most this many candidates of one peer are checked.
 const MAX_CANDIDATES: usize = 4;
+/// How long a public peer's record endpoint is held back waiting for a
+/// first answer to our checks (an answer or a refusal). A member whose
+/// WireGuard is the kernel's cannot answer; after this its record's
+/// endpoint is used as it is.
+pub const ANSWER_GRACE: Duration = Duration::from_secs(5);
 
 struct PeerChecks {
+    /// When the peer was first listed as needing checks (this time).
+    since: Instant,
+    /// One of its candidates answered or refused a check: it answers
+    /// checks (its WireGuard is meshpeer's own).
+    heard: bool,
     candidates: Vec<SocketAddr>,
     burst_start: Instant,
     /// How many checks of the burst were sent.
@@ -99,6 +109,8 @@ impl Checks {
                 continue;
             }
             let p = self.peers.entry(n.key).or_insert_with(|| PeerChecks {
+                since: now,
+                heard: false,
                 candidates: cands.clone(),
                 burst_start: now,
                 sent: 0,
@@ -159,6 +171,7 @@ impl Checks {
         if !p.candidates.contains(&candidate) {
             return None;
         }
+        p.heard = true;
         // Prefer the earlier candidate (same LAN before public) when both
         // answer: only replace a fresh validation by a better-ranked one.
         let rank = |a: &SocketAddr| p.candidates.iter().position(|c| c == a);
@@ -193,6 +206,38 @@ impl Checks {
             endpoint,
             force,
         })
+    }
+
+    /// A refusal of one of our checks: the member is there but has no
+    /// WireGuard peer for us yet. Nothing is validated (a handshake would
+    /// be dropped); the member does answer checks, so its endpoint stays
+    /// held back ([`Checks::holds`]) until it answers one. Its own checks
+    /// reach us once it knows us, and it then starts the handshake.
+    pub fn handle_refusal(&mut self, txid: &[u8; 12], from: SocketAddr) -> bool {
+        let Some((key, candidate, _)) = self.pending.remove(txid) else {
+            return false;
+        };
+        if from != candidate {
+            return false;
+        }
+        match self.peers.get_mut(&key) {
+            Some(p) if p.candidates.contains(&candidate) => {
+                p.heard = true;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether to hold back the record endpoint of a peer that needs
+    /// checks and has no validated candidate: yes while it is new (not
+    /// checked yet, or within [`ANSWER_GRACE`]) and for good once it
+    /// answered or refused a check; no for a peer that never answers.
+    pub fn holds(&self, now: Instant, key: &[u8; 32]) -> bool {
+        match self.peers.get(key) {
+            None => true,
+            Some(p) => p.heard || now.saturating_duration_since(p.since) < ANSWER_GRACE,
+        }
     }
 
     /// The candidate of `key` that answered lately, if any.
@@ -244,6 +289,40 @@ mod tests {
             id[..4].copy_from_slice(&n.to_le_bytes());
             id
         }
+    }
+
+    #[test]
+    fn a_refusal_validates_nothing_and_keeps_the_endpoint_held() {
+        let mut c = Checks::default();
+        let mut id = ids();
+        let t0 = Instant::now();
+        let cands = [a("198.51.100.1:51820")];
+        assert!(c.holds(t0, &[1; 32]), "a new peer is held before any check");
+        let out = c.poll(t0, &peer1(&cands), false, &mut id);
+        // A refusal from elsewhere is not one.
+        assert!(!c.handle_refusal(&out[0].0, a("198.51.100.9:51820")));
+        let out = c.poll(t0 + Duration::from_millis(500), &peer1(&cands), false, &mut id);
+        assert!(c.handle_refusal(&out[0].0, cands[0]));
+        assert_eq!(c.validated(t0, &[1; 32]), None);
+        let late = t0 + ANSWER_GRACE * 10;
+        assert!(c.holds(late, &[1; 32]), "it answers checks: held until it accepts us");
+        // Once it has a peer for us, its answer validates.
+        let out = c.poll(late, &peer1(&cands), true, &mut id);
+        let v = c.handle_response(late, &out[0].0, cands[0]).unwrap();
+        assert_eq!(v.endpoint, cands[0]);
+        assert_eq!(c.validated(late, &[1; 32]), Some(cands[0]));
+    }
+
+    #[test]
+    fn a_peer_that_never_answers_is_held_only_for_the_grace() {
+        // A public member whose WireGuard is the kernel's cannot answer.
+        let mut c = Checks::default();
+        let mut id = ids();
+        let t0 = Instant::now();
+        let cands = [a("198.51.100.1:51820")];
+        c.poll(t0, &peer1(&cands), false, &mut id);
+        assert!(c.holds(t0 + ANSWER_GRACE / 2, &[1; 32]));
+        assert!(!c.holds(t0 + ANSWER_GRACE, &[1; 32]));
     }
 
     #[test]

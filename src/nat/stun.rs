@@ -7,7 +7,7 @@
 use std::net::SocketAddr;
 
 use bytecodec::{DecodeExt, EncodeExt};
-use stun_codec::rfc5389::attributes::{Username, XorMappedAddress};
+use stun_codec::rfc5389::attributes::{ErrorCode, Username, XorMappedAddress};
 use stun_codec::rfc5389::{methods::BINDING, Attribute};
 use stun_codec::{Message, MessageClass, MessageDecoder, MessageEncoder, TransactionId};
 
@@ -19,10 +19,18 @@ pub enum StunMessage {
         /// For a connectivity check, the member it is meant for
         /// ([`check_request`]); `None` for a plain binding request.
         for_key: Option<[u8; 8]>,
+        /// For a connectivity check, the member that sent it.
+        from_key: Option<[u8; 8]>,
     },
     Response {
         txid: [u8; 12],
         mapped: SocketAddr,
+    },
+    /// The member a check was meant for is there, but has no WireGuard
+    /// peer for the sender yet ([`refusal`]): a handshake now would be
+    /// dropped.
+    Refused {
+        txid: [u8; 12],
     },
     /// An RFC 3489 ("classic") binding request, without the magic cookie,
     /// as old clients such as Debian's `stun` send: answered with
@@ -57,25 +65,71 @@ pub fn binding_request(txid: [u8; 12]) -> Vec<u8> {
 
 /// The `USERNAME` prefix that marks a connectivity check: the rest is the
 /// first 8 bytes of the WireGuard public key of the member it is meant for,
-/// in hex. Only that member answers it.
+/// in hex, then `:` and the same of the member that sends it.
 const CHECK_PREFIX: &str = "meshpeer-check:";
+/// The error code of a [`refusal`] (403 Forbidden).
+const REFUSED: u16 = 403;
 
-/// A binding request meant for the member whose WireGuard public key is
-/// `key`: any other host that shares the address (two members behind one
-/// NAT, after their mappings changed) leaves it unanswered, so an answer
-/// shows the right member is there.
-pub fn check_request(txid: [u8; 12], key: &[u8; 32]) -> Vec<u8> {
+/// A binding request from the member with WireGuard key `from`, meant for
+/// the member whose WireGuard public key is `to`: any other host that
+/// shares the address (two members behind one NAT, after their mappings
+/// changed) leaves it unanswered, so an answer shows the right member is
+/// there; and that member answers only once it has a WireGuard peer for
+/// `from`, so an answer also means a handshake will be accepted.
+pub fn check_request(txid: [u8; 12], to: &[u8; 32], from: &[u8; 32]) -> Vec<u8> {
     let mut m = Message::new(MessageClass::Request, BINDING, TransactionId::new(txid));
-    if let Ok(u) = Username::new(format!("{CHECK_PREFIX}{}", hex::encode(&key[..8]))) {
+    let name = format!(
+        "{CHECK_PREFIX}{}:{}",
+        hex::encode(&to[..8]),
+        hex::encode(&from[..8])
+    );
+    if let Ok(u) = Username::new(name) {
         m.add_attribute(Attribute::Username(u));
     }
     encode(m)
 }
 
-/// Whether a binding request should be answered by the member with WireGuard
-/// key `ours`: plain requests always, checks only when meant for us.
-pub fn answer_request(for_key: Option<[u8; 8]>, ours: &[u8; 32]) -> bool {
-    for_key.is_none_or(|k| ours[..8] == k)
+/// How the member with WireGuard key `ours` treats a binding request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    /// A success response with the mapped address.
+    Answer,
+    /// A [`refusal`]: the check is for us, but we have no peer for its sender.
+    Refuse,
+    /// Silence: the check is for another member.
+    Ignore,
+}
+
+/// Plain requests are always answered; checks only by the member they are
+/// meant for, and only when `is_peer` knows the sender (a check without a
+/// sender, from an older member, is answered as before).
+pub fn answer_request(
+    for_key: Option<[u8; 8]>,
+    from_key: Option<[u8; 8]>,
+    ours: &[u8; 32],
+    is_peer: impl Fn(&[u8; 8]) -> bool,
+) -> Answer {
+    match for_key {
+        None => Answer::Answer,
+        Some(k) if ours[..8] != k => Answer::Ignore,
+        Some(_) => match from_key {
+            Some(f) if !is_peer(&f) => Answer::Refuse,
+            _ => Answer::Answer,
+        },
+    }
+}
+
+/// The answer to a check from a member we have no WireGuard peer for (yet).
+pub fn refusal(txid: [u8; 12]) -> Vec<u8> {
+    let mut m = Message::new(
+        MessageClass::ErrorResponse,
+        BINDING,
+        TransactionId::new(txid),
+    );
+    if let Ok(e) = ErrorCode::new(REFUSED, "not a peer yet".into()) {
+        m.add_attribute(Attribute::ErrorCode(e));
+    }
+    encode(m)
 }
 
 pub fn binding_response(txid: [u8; 12], observed: SocketAddr) -> Vec<u8> {
@@ -129,16 +183,32 @@ pub fn parse(bytes: &[u8]) -> Option<StunMessage> {
     let txid = *msg.transaction_id().as_bytes();
     match msg.class() {
         MessageClass::Request => {
-            let for_key = msg
+            let name = msg
                 .get_attribute::<Username>()
-                .and_then(|u| u.name().strip_prefix(CHECK_PREFIX))
-                .and_then(|h| hex::decode(h).ok())
-                .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok());
-            Some(StunMessage::Request { txid, for_key })
+                .and_then(|u| u.name().strip_prefix(CHECK_PREFIX));
+            let key = |h: &str| {
+                hex::decode(h)
+                    .ok()
+                    .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
+            };
+            let (for_key, from_key) = match name.map(|n| n.split_once(':').unwrap_or((n, ""))) {
+                Some((to, "")) => (key(to), None),
+                Some((to, from)) => (key(to), key(from)),
+                None => (None, None),
+            };
+            Some(StunMessage::Request {
+                txid,
+                for_key,
+                from_key,
+            })
         }
         MessageClass::SuccessResponse => {
             let mapped = msg.get_attribute::<XorMappedAddress>()?.address();
             Some(StunMessage::Response { txid, mapped })
+        }
+        MessageClass::ErrorResponse => {
+            let code = msg.get_attribute::<ErrorCode>()?.code();
+            (code == REFUSED).then_some(StunMessage::Refused { txid })
         }
         _ => None,
     }
@@ -156,7 +226,8 @@ mod tests {
             parse(&req),
             Some(StunMessage::Request {
                 txid: [7; 12],
-                for_key: None
+                for_key: None,
+                from_key: None
             })
         );
         let a: SocketAddr = "198.51.100.7:40000".parse().unwrap();
@@ -213,22 +284,74 @@ mod tests {
     }
 
     #[test]
-    fn checks_name_the_member_they_are_for() {
+    fn checks_name_the_member_they_are_for_and_the_sender() {
         let key = [0xab; 32];
-        let req = check_request([3; 12], &key);
-        let Some(StunMessage::Request { txid, for_key }) = parse(&req) else {
+        let sender = [0x12; 32];
+        let req = check_request([3; 12], &key, &sender);
+        let Some(StunMessage::Request {
+            txid,
+            for_key,
+            from_key,
+        }) = parse(&req)
+        else {
             panic!("not a request");
         };
         assert_eq!(txid, [3; 12]);
         assert_eq!(for_key, Some([0xab; 8]));
-        assert!(answer_request(for_key, &key));
-        assert!(
-            !answer_request(for_key, &[0xcd; 32]),
+        assert_eq!(from_key, Some([0x12; 8]));
+        let knows = |k: &[u8; 8]| k == &[0x12; 8];
+        let stranger = |_: &[u8; 8]| false;
+        assert_eq!(answer_request(for_key, from_key, &key, knows), Answer::Answer);
+        assert_eq!(
+            answer_request(for_key, from_key, &key, stranger),
+            Answer::Refuse,
+            "no peer for the sender yet: refused, not silent"
+        );
+        assert_eq!(
+            answer_request(for_key, from_key, &[0xcd; 32], knows),
+            Answer::Ignore,
             "another member stays silent"
         );
-        assert!(
-            answer_request(None, &[0xcd; 32]),
+        assert_eq!(
+            answer_request(None, None, &[0xcd; 32], stranger),
+            Answer::Answer,
             "plain requests are answered"
         );
+        assert_eq!(
+            answer_request(for_key, None, &key, stranger),
+            Answer::Answer,
+            "a check without a sender (an older member) is answered"
+        );
+    }
+
+    #[test]
+    fn a_check_of_an_older_member_names_only_the_target() {
+        let mut m = Message::new(MessageClass::Request, BINDING, TransactionId::new([4; 12]));
+        m.add_attribute(Attribute::Username(
+            Username::new(format!("{CHECK_PREFIX}{}", hex::encode([0xab; 8]))).unwrap(),
+        ));
+        assert_eq!(
+            parse(&encode(m)),
+            Some(StunMessage::Request {
+                txid: [4; 12],
+                for_key: Some([0xab; 8]),
+                from_key: None
+            })
+        );
+    }
+
+    #[test]
+    fn refusals_round_trip() {
+        assert_eq!(
+            parse(&refusal([9; 12])),
+            Some(StunMessage::Refused { txid: [9; 12] })
+        );
+        let mut other = Message::new(
+            MessageClass::ErrorResponse,
+            BINDING,
+            TransactionId::new([9; 12]),
+        );
+        other.add_attribute(Attribute::ErrorCode(ErrorCode::new(400, "bad".into()).unwrap()));
+        assert_eq!(parse(&encode(other)), None, "other errors are not refusals");
     }
 }

@@ -165,15 +165,19 @@ impl DeviceConfig {
                 DeviceOp::ReplacePeers => c.peers.clear(),
             }
         }
+        // Once per request, not per peer section: deriving the public key
+        // is an X25519 base-point multiplication, and the daemon's periodic
+        // poke names every peer with a session.
+        let own = c.public_key();
         for section in &req.peers {
-            c.apply_peer(section);
+            c.apply_peer(section, own);
         }
         Ok(c)
     }
 
-    fn apply_peer(&mut self, section: &PeerSection) {
+    fn apply_peer(&mut self, section: &PeerSection, own: Option<Key>) {
         // A peer with our own public key is a "dummy": its lines are ignored.
-        let dummy = self.public_key() == Some(section.public_key);
+        let dummy = own == Some(section.public_key);
         let mut created = false;
         let mut idx = if dummy {
             None
