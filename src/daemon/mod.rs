@@ -685,10 +685,7 @@ impl Node {
         // Status from this tick's reading of the device (before the changes
         // just applied). Rebuilt when something changed, else every 2 s:
         // at hundreds of members, building it is a good part of a tick.
-        if !events.is_empty()
-            || !changes.is_empty()
-            || self.last_status.elapsed() >= STATUS_EVERY
-        {
+        if !events.is_empty() || !changes.is_empty() || self.last_status.elapsed() >= STATUS_EVERY {
             self.status.send_replace(Some(self.build_status(&actual)));
             self.last_status = Instant::now();
         }

@@ -113,7 +113,9 @@ impl Traversal {
                                 let answer = match stun::answer_request(
                                     for_key, from_key, &my_wg_key, is_peer,
                                 ) {
-                                    stun::Answer::Answer => Some(stun::binding_response(txid, from)),
+                                    stun::Answer::Answer => {
+                                        Some(stun::binding_response(txid, from))
+                                    }
                                     stun::Answer::Refuse => Some(stun::refusal(txid)),
                                     stun::Answer::Ignore => None,
                                 };
@@ -447,6 +449,17 @@ impl Traversal {
                 continue;
             }
             if hopeless(&d.public_key) {
+                // No punch can work (a symmetric NAT on one side, no public
+                // address on the other): only a candidate on our own LAN
+                // can carry a direct path. Any other endpoint would only
+                // draw WireGuard initiations (a persistent keepalive
+                // without a session starts one, then retries every 5 s
+                // for 90 s), each costing X25519 work for nothing; at 250
+                // members these were thousands per node.
+                if self.sender.is_some() {
+                    d.endpoints
+                        .retain(|e| matches!(e.ip(), IpAddr::V4(v4) if local.iter().any(|n| n.contains(&v4))));
+                }
                 continue;
             }
             if suspect {

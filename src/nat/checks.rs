@@ -301,11 +301,19 @@ mod tests {
         let out = c.poll(t0, &peer1(&cands), false, &mut id);
         // A refusal from elsewhere is not one.
         assert!(!c.handle_refusal(&out[0].0, a("198.51.100.9:51820")));
-        let out = c.poll(t0 + Duration::from_millis(500), &peer1(&cands), false, &mut id);
+        let out = c.poll(
+            t0 + Duration::from_millis(500),
+            &peer1(&cands),
+            false,
+            &mut id,
+        );
         assert!(c.handle_refusal(&out[0].0, cands[0]));
         assert_eq!(c.validated(t0, &[1; 32]), None);
         let late = t0 + ANSWER_GRACE * 10;
-        assert!(c.holds(late, &[1; 32]), "it answers checks: held until it accepts us");
+        assert!(
+            c.holds(late, &[1; 32]),
+            "it answers checks: held until it accepts us"
+        );
         // Once it has a peer for us, its answer validates.
         let out = c.poll(late, &peer1(&cands), true, &mut id);
         let v = c.handle_response(late, &out[0].0, cands[0]).unwrap();

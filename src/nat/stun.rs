@@ -301,7 +301,10 @@ mod tests {
         assert_eq!(from_key, Some([0x12; 8]));
         let knows = |k: &[u8; 8]| k == &[0x12; 8];
         let stranger = |_: &[u8; 8]| false;
-        assert_eq!(answer_request(for_key, from_key, &key, knows), Answer::Answer);
+        assert_eq!(
+            answer_request(for_key, from_key, &key, knows),
+            Answer::Answer
+        );
         assert_eq!(
             answer_request(for_key, from_key, &key, stranger),
             Answer::Refuse,
@@ -351,7 +354,9 @@ mod tests {
             BINDING,
             TransactionId::new([9; 12]),
         );
-        other.add_attribute(Attribute::ErrorCode(ErrorCode::new(400, "bad".into()).unwrap()));
+        other.add_attribute(Attribute::ErrorCode(
+            ErrorCode::new(400, "bad".into()).unwrap(),
+        ));
         assert_eq!(parse(&encode(other)), None, "other errors are not refusals");
     }
 }
