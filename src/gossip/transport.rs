@@ -31,7 +31,7 @@ use crate::proto;
 
 /// Largest gossip message or reply accepted on a stream.
 pub const MAX_MESSAGE: usize = 4 << 20;
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(4);
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(4);
 /// After a failed connection attempt, that address is left alone for this
 /// long, doubling up to [`MAX_BACKOFF`]: members behind NAT advertise an
 /// address others cannot reach, and chitchat keeps picking it.
@@ -152,10 +152,15 @@ impl QuicTransport {
     }
 
     /// Asks the member at `addr` for the records it holds, proving on the
-    /// way that both sides are admitted (mutual TLS).
-    pub async fn hello(&self, addr: SocketAddr) -> Result<HelloReply, ProbeError> {
+    /// way that both sides are admitted (mutual TLS); gives up after
+    /// `timeout`.
+    pub async fn hello(
+        &self,
+        addr: SocketAddr,
+        timeout: Duration,
+    ) -> Result<HelloReply, ProbeError> {
         let fut = async {
-            let conn = connect(&self.shared, addr).await?;
+            let conn = connect(&self.shared, addr, timeout).await?;
             let (mut send, recv) = conn.open_bi().await.map_err(|e| conn_err(addr, e))?;
             send.write_all(&proto::encode(&Request::Hello))
                 .await
@@ -169,9 +174,9 @@ impl QuicTransport {
             })?;
             proto::decode::<HelloReply>("hello reply", &bytes).map_err(|e| other(addr, e))
         };
-        tokio::time::timeout(CONNECT_TIMEOUT * 2, fut)
+        tokio::time::timeout(timeout, fut)
             .await
-            .map_err(|_| ProbeError::Timeout(addr, CONNECT_TIMEOUT * 2))?
+            .map_err(|_| ProbeError::Timeout(addr, timeout))?
     }
 
     pub fn close(&self) {
@@ -214,7 +219,11 @@ async fn read_all(mut recv: quinn::RecvStream) -> Result<Vec<u8>, quinn::ReadToE
     recv.read_to_end(MAX_MESSAGE).await
 }
 
-async fn connect(shared: &Arc<Shared>, addr: SocketAddr) -> Result<quinn::Connection, ProbeError> {
+async fn connect(
+    shared: &Arc<Shared>,
+    addr: SocketAddr,
+    timeout: Duration,
+) -> Result<quinn::Connection, ProbeError> {
     if let Some(c) = lock(&shared.conns).get(&addr) {
         if c.close_reason().is_none() {
             return Ok(c.clone());
@@ -224,8 +233,8 @@ async fn connect(shared: &Arc<Shared>, addr: SocketAddr) -> Result<quinn::Connec
         .endpoint
         .connect_with(shared.client.clone(), addr, SERVER_NAME)
         .map_err(|e| other(addr, e))?;
-    let res = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
-        Err(_) => Err(ProbeError::Timeout(addr, CONNECT_TIMEOUT)),
+    let res = match tokio::time::timeout(timeout, connecting).await {
+        Err(_) => Err(ProbeError::Timeout(addr, timeout)),
         Ok(r) => r.map_err(|e| conn_err(addr, e)),
     };
     let mut bad = lock(&shared.unreachable);
@@ -333,7 +342,7 @@ async fn sender_task(shared: Arc<Shared>, to: SocketAddr, mut rx: mpsc::Receiver
         }
         let mut sent = false;
         for _attempt in 0..2 {
-            let conn = match connect(&shared, to).await {
+            let conn = match connect(&shared, to, CONNECT_TIMEOUT).await {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::debug!(%to, error = %e, "cannot reach gossip peer");
