@@ -192,11 +192,6 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()>) -> anyho
 
     let membership = Membership::new(network.key, id.node_key(), cfg.down_grace);
 
-    // Gossip starts with the seeds, and a joiner adds a few public members
-    // from the seed's answer: when a whole cluster joins through one seed,
-    // the seed is the slowest member of all, and a joiner that gossips only
-    // with it can wait minutes for its first round (seen at 250 members).
-    let mut gossip_seeds = state.seeds.clone();
     // A node without an overlay address learns the members first, to pick a
     // free one; a fresh joiner that cannot reach any seed gives up with an error.
     if state.overlay_ip.is_none() {
@@ -225,7 +220,6 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()>) -> anyho
         state.overlay_ip = Some(ip);
         state.ip_claimed_at = unix_ms();
         tracing::info!(%ip, members = entries.len(), "joined; chose overlay address");
-        gossip_seeds.extend(extra_gossip_seeds(&seen, &id.node_key(), &reach));
     }
     let overlay_ip = state
         .overlay_ip
@@ -291,7 +285,7 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()>) -> anyho
     };
     let gossip = match Gossip::start(
         who,
-        gossip_seeds,
+        node_state.seeds.clone(),
         &cfg.timing,
         transport,
         record,
@@ -387,33 +381,6 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()>) -> anyho
     Ok(())
 }
 
-/// How many public members a joiner adds to its gossip seeds.
-const EXTRA_GOSSIP_SEEDS: usize = 4;
-
-/// Up to [`EXTRA_GOSSIP_SEEDS`] public members (their gossip addresses),
-/// chosen at random among those `seen` holds, other than us and the seeds.
-fn extra_gossip_seeds(
-    seen: &Membership,
-    me: &crate::proto::PublicKeyBytes,
-    seeds: &[SocketAddr],
-) -> Vec<String> {
-    use rand::seq::SliceRandom;
-    let public: Vec<SocketAddr> = seen
-        .members()
-        .filter(|m| {
-            &m.record.node_key != me
-                && m.record.nat == NatKind::Public
-                && !m.record.left
-                && !seeds.contains(&m.record.gossip_addr)
-        })
-        .map(|m| m.record.gossip_addr)
-        .collect();
-    public
-        .choose_multiple(&mut rand::thread_rng(), EXTRA_GOSSIP_SEEDS)
-        .map(|a| a.to_string())
-        .collect()
-}
-
 /// The daemon's tick for a mesh of `live` known members (not left). A
 /// tick's work grows with the number of members (snapshot, desired peers,
 /// device reading, paths),
@@ -448,18 +415,9 @@ async fn hello_any(
     let deadline = tokio::time::Instant::now() + timeout;
     let mut last_err = None;
     let mut backoff = Duration::from_millis(500);
-    // Each attempt may take longer than the one before: a seed that a
-    // whole cluster joins through at once answers slowly (its reply
-    // carries every record), and cutting it off at the same point each
-    // time would never let it finish.
-    let mut attempt_timeout = gossip::transport::CONNECT_TIMEOUT * 2;
     while tokio::time::Instant::now() < deadline {
         for addr in reach {
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            match transport
-                .hello(*addr, attempt_timeout.min(left.max(Duration::from_secs(1))))
-                .await
-            {
+            match transport.hello(*addr).await {
                 Ok(r) => return Ok(r.records),
                 Err(e @ gossip::transport::ProbeError::Refused { .. }) => {
                     return Err(anyhow!("cannot join: {e}"))
@@ -473,7 +431,6 @@ async fn hello_any(
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         tokio::time::sleep(backoff.min(left)).await;
         backoff = (backoff * 2).min(Duration::from_secs(5));
-        attempt_timeout = (attempt_timeout * 2).min(Duration::from_secs(32));
     }
     Err(anyhow!(
         "cannot join: no seed answered within {timeout:?}{}",

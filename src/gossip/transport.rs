@@ -31,7 +31,7 @@ use crate::proto;
 
 /// Largest gossip message or reply accepted on a stream.
 pub const MAX_MESSAGE: usize = 4 << 20;
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(4);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(4);
 /// After a failed connection attempt, that address is left alone for this
 /// long, doubling up to [`MAX_BACKOFF`]: members behind NAT advertise an
 /// address others cannot reach, and chitchat keeps picking it.
@@ -152,15 +152,10 @@ impl QuicTransport {
     }
 
     /// Asks the member at `addr` for the records it holds, proving on the
-    /// way that both sides are admitted (mutual TLS); gives up after
-    /// `timeout`.
-    pub async fn hello(
-        &self,
-        addr: SocketAddr,
-        timeout: Duration,
-    ) -> Result<HelloReply, ProbeError> {
+    /// way that both sides are admitted (mutual TLS).
+    pub async fn hello(&self, addr: SocketAddr) -> Result<HelloReply, ProbeError> {
         let fut = async {
-            let conn = connect(&self.shared, addr, timeout).await?;
+            let conn = connect(&self.shared, addr).await?;
             let (mut send, recv) = conn.open_bi().await.map_err(|e| conn_err(addr, e))?;
             send.write_all(&proto::encode(&Request::Hello))
                 .await
@@ -174,9 +169,9 @@ impl QuicTransport {
             })?;
             proto::decode::<HelloReply>("hello reply", &bytes).map_err(|e| other(addr, e))
         };
-        tokio::time::timeout(timeout, fut)
+        tokio::time::timeout(CONNECT_TIMEOUT * 2, fut)
             .await
-            .map_err(|_| ProbeError::Timeout(addr, timeout))?
+            .map_err(|_| ProbeError::Timeout(addr, CONNECT_TIMEOUT * 2))?
     }
 
     pub fn close(&self) {
@@ -219,11 +214,7 @@ async fn read_all(mut recv: quinn::RecvStream) -> Result<Vec<u8>, quinn::ReadToE
     recv.read_to_end(MAX_MESSAGE).await
 }
 
-async fn connect(
-    shared: &Arc<Shared>,
-    addr: SocketAddr,
-    timeout: Duration,
-) -> Result<quinn::Connection, ProbeError> {
+async fn connect(shared: &Arc<Shared>, addr: SocketAddr) -> Result<quinn::Connection, ProbeError> {
     if let Some(c) = lock(&shared.conns).get(&addr) {
         if c.close_reason().is_none() {
             return Ok(c.clone());
@@ -233,8 +224,8 @@ async fn connect(
         .endpoint
         .connect_with(shared.client.clone(), addr, SERVER_NAME)
         .map_err(|e| other(addr, e))?;
-    let res = match tokio::time::timeout(timeout, connecting).await {
-        Err(_) => Err(ProbeError::Timeout(addr, timeout)),
+    let res = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+        Err(_) => Err(ProbeError::Timeout(addr, CONNECT_TIMEOUT)),
         Ok(r) => r.map_err(|e| conn_err(addr, e)),
     };
     let mut bad = lock(&shared.unreachable);
@@ -342,7 +333,7 @@ async fn sender_task(shared: Arc<Shared>, to: SocketAddr, mut rx: mpsc::Receiver
         }
         let mut sent = false;
         for _attempt in 0..2 {
-            let conn = match connect(&shared, to, CONNECT_TIMEOUT).await {
+            let conn = match connect(&shared, to).await {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::debug!(%to, error = %e, "cannot reach gossip peer");
