@@ -64,7 +64,7 @@ pub struct Traversal {
     sender: Option<RawSender>,
     /// STUN answers on the WireGuard port: transaction id, the mapped
     /// address they report (`None`: a refused check), and who sent them.
-    responses: Option<mpsc::Receiver<([u8; 12], Option<SocketAddr>, SocketAddr)>>,
+    responses: Option<mpsc::Receiver<StunAnswer>>,
     /// What STUN says about our NAT.
     pub nat: NatInfo,
     /// The path chosen for each peer (by WireGuard key).
@@ -81,6 +81,10 @@ pub struct Traversal {
     /// anyone else is refused (their handshake would be dropped).
     wg_peers: Arc<std::sync::RwLock<HashSet<[u8; 8]>>>,
 }
+
+/// A STUN answer on the WireGuard port: transaction id, the mapped address
+/// it reports (`None`: a refused check), and who sent it.
+type StunAnswer = ([u8; 12], Option<SocketAddr>, SocketAddr);
 
 impl Traversal {
     /// Starts answering STUN on the WireGuard port (userspace backend; the
