@@ -42,6 +42,8 @@ const TICK: Duration = Duration::from_millis(250);
 /// proportion, up to [`MAX_TICK`].
 const TICK_MEMBERS: usize = 40;
 const MAX_TICK: Duration = Duration::from_secs(2);
+/// The least time between two steps when records change.
+const MIN_STEP_GAP: Duration = Duration::from_millis(50);
 /// How often `status` is rebuilt when nothing changed.
 const STATUS_EVERY: Duration = Duration::from_secs(2);
 /// How often the host's addresses are read again.
@@ -123,6 +125,8 @@ struct Node {
     traversal: Traversal,
     last_rotation: usize,
     last_status: Instant,
+    /// When the last step started.
+    last_step: Instant,
     /// The host's IPv4 networks and when they were read.
     local_nets: Option<(Instant, Vec<Ipv4Net>)>,
     prober: rtt::Prober,
@@ -326,6 +330,7 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()>) -> anyho
         traversal,
         last_rotation: 0,
         last_status: Instant::now(),
+        last_step: Instant::now(),
         local_nets: None,
         prober,
         wg_public,
@@ -336,8 +341,20 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()>) -> anyho
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut leave_reply = None;
     let answered = node.traversal.answered();
+    let records_changed = node.gossip.records_changed();
     loop {
+        let small = tick.period() <= TICK;
         tokio::select! {
+            // A record arrived or changed: in a small mesh, act on it now
+            // rather than at the next tick (one gossip hop is 250 ms, so
+            // waiting for the tick adds up to a hop to every join). Not in
+            // large meshes, where records change all the time and the
+            // stretched tick is what bounds a node's cost.
+            _ = records_changed.notified(), if small && node.last_step.elapsed() >= MIN_STEP_GAP => {
+                if let Err(e) = node.step().await {
+                    tracing::warn!(error = %format!("{e:#}"), "reconcile step failed; retrying");
+                }
+            }
             // A connectivity check was answered: handshake there now, not
             // at the next tick.
             _ = answered.notified() => node.on_stun_answer().await,
@@ -505,6 +522,7 @@ fn build_record(
 impl Node {
     async fn step(&mut self) -> anyhow::Result<()> {
         let now = Instant::now();
+        self.last_step = now;
         let entries = self.gossip.snapshot().await;
         let events = self.membership.handle_snapshot(now, &entries);
         for e in &events {

@@ -72,6 +72,11 @@ pub struct GossipIdentity {
 pub struct Gossip {
     handle: ChitchatHandle,
     pub transport: QuicTransport,
+    /// Notified when a member's record arrives or changes (see
+    /// [`Gossip::records_changed`]).
+    records_changed: Arc<tokio::sync::Notify>,
+    /// Keeps the chitchat listener behind `records_changed` subscribed.
+    _listener: chitchat::ListenerHandle,
 }
 
 impl Gossip {
@@ -101,7 +106,26 @@ impl Gossip {
         };
         let handle =
             spawn_chitchat(config, vec![(RECORD_KEY.to_string(), record)], &transport).await?;
-        Ok(Self { handle, transport })
+        let records_changed = Arc::new(tokio::sync::Notify::new());
+        let notify = Arc::clone(&records_changed);
+        // Runs under chitchat's lock: only a notification, nothing else.
+        let listener = handle
+            .chitchat()
+            .lock()
+            .await
+            .subscribe_event(RECORD_KEY, move |_| notify.notify_one());
+        Ok(Self {
+            handle,
+            transport,
+            records_changed,
+            _listener: listener,
+        })
+    }
+
+    /// Notified when a member's record arrives or changes, so the daemon
+    /// can act on it before its next tick.
+    pub fn records_changed(&self) -> Arc<tokio::sync::Notify> {
+        Arc::clone(&self.records_changed)
     }
 
     /// Publishes a new version of this node's record.
