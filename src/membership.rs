@@ -430,12 +430,17 @@ impl Membership {
     }
 }
 
-/// Orders candidates: same subnet as one of ours first, then the record's order.
-pub fn order_endpoints(candidates: &[SocketAddr], local_nets: &[Ipv4Net]) -> Vec<SocketAddr> {
-    let local = |a: &SocketAddr| match a {
+/// Whether `a` is on one of our own networks (our LAN).
+pub fn on_local_net(local_nets: &[Ipv4Net], a: &SocketAddr) -> bool {
+    match a {
         SocketAddr::V4(v4) => local_nets.iter().any(|n| n.contains(v4.ip())),
         SocketAddr::V6(_) => false,
-    };
+    }
+}
+
+/// Orders candidates: same subnet as one of ours first, then the record's order.
+pub fn order_endpoints(candidates: &[SocketAddr], local_nets: &[Ipv4Net]) -> Vec<SocketAddr> {
+    let local = |a: &SocketAddr| on_local_net(local_nets, a);
     let mut out: Vec<SocketAddr> = candidates.iter().filter(|a| local(a)).copied().collect();
     out.extend(candidates.iter().filter(|a| !local(a)));
     out
@@ -450,6 +455,18 @@ mod tests {
     }
     use crate::record::tests::sample;
     use ed25519_dalek::SigningKey;
+
+    /// A membership (down grace 60 s) and one other member's key and record.
+    fn one_member() -> (SigningKey, RecordBody, Membership) {
+        let net = SigningKey::from_bytes(&[1; 32]);
+        let (node, body) = sample(3, &net, "10.77.0.2".parse().unwrap());
+        let m = Membership::new(
+            net.verifying_key().to_bytes(),
+            [0; 32],
+            Duration::from_secs(60),
+        );
+        (node, body, m)
+    }
 
     fn entry(body: &RecordBody, node: &SigningKey, live: bool) -> GossipEntry {
         GossipEntry {
@@ -526,13 +543,7 @@ mod tests {
 
     #[test]
     fn down_members_lose_their_peer_after_the_grace_period() {
-        let net = SigningKey::from_bytes(&[1; 32]);
-        let (node, body) = sample(3, &net, "10.77.0.2".parse().unwrap());
-        let mut m = Membership::new(
-            net.verifying_key().to_bytes(),
-            [0; 32],
-            Duration::from_secs(60),
-        );
+        let (node, body, mut m) = one_member();
         let start = Instant::now();
         m.handle_snapshot(start, &[entry(&body, &node, true)]);
         // Dead for chitchat: suspected first, down after the suspicion.
@@ -590,13 +601,7 @@ mod tests {
 
     #[test]
     fn a_short_silence_is_not_down_and_suspicion_grows_with_the_mesh() {
-        let net = SigningKey::from_bytes(&[1; 32]);
-        let (node, body) = sample(3, &net, "10.77.0.2".parse().unwrap());
-        let mut m = Membership::new(
-            net.verifying_key().to_bytes(),
-            [0; 32],
-            Duration::from_secs(60),
-        );
+        let (node, body, mut m) = one_member();
         let t0 = Instant::now();
         m.handle_snapshot(t0, &[entry(&body, &node, true)]);
         // Flapping faster than the suspicion: never down.
@@ -616,13 +621,7 @@ mod tests {
 
     #[test]
     fn a_member_never_heard_from_goes_down_after_a_grace() {
-        let net = SigningKey::from_bytes(&[1; 32]);
-        let (node, body) = sample(3, &net, "10.77.0.2".parse().unwrap());
-        let mut m = Membership::new(
-            net.verifying_key().to_bytes(),
-            [0; 32],
-            Duration::from_secs(60),
-        );
+        let (node, body, mut m) = one_member();
         let t0 = Instant::now();
         // Learned of it (e.g. from a joiner's first sync) after it had died.
         m.handle_snapshot(t0, &[entry(&body, &node, false)]);

@@ -38,7 +38,7 @@ use traversal::Traversal;
 
 /// The daemon's tick when the mesh is small; see [`tick_period`].
 const TICK: Duration = Duration::from_millis(250);
-/// Up to this many live members, the tick is [`TICK`]; above, it grows in
+/// Up to this many known members, the tick is [`TICK`]; above, it grows in
 /// proportion, up to [`MAX_TICK`].
 const TICK_MEMBERS: usize = 40;
 const MAX_TICK: Duration = Duration::from_secs(2);
@@ -351,9 +351,7 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()>) -> anyho
             // large meshes, where records change all the time and the
             // stretched tick is what bounds a node's cost.
             _ = records_changed.notified(), if small && node.last_step.elapsed() >= MIN_STEP_GAP => {
-                if let Err(e) = node.step().await {
-                    tracing::warn!(error = %format!("{e:#}"), "reconcile step failed; retrying");
-                }
+                node.step_or_warn().await;
             }
             // A connectivity check was answered: handshake there now, not
             // at the next tick.
@@ -363,9 +361,7 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()>) -> anyho
                 break;
             }
             _ = tick.tick() => {
-                if let Err(e) = node.step().await {
-                    tracing::warn!(error = %format!("{e:#}"), "reconcile step failed; retrying");
-                }
+                node.step_or_warn().await;
                 let period = tick_period(node.membership.members().count());
                 if period != tick.period() {
                     tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
@@ -398,19 +394,18 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()>) -> anyho
     Ok(())
 }
 
-/// The daemon's tick for a mesh of `live` known members (not left). A
+/// The daemon's tick for a mesh of `members` known members (not left). A
 /// tick's work grows with the number of members (snapshot, desired peers,
-/// device reading, paths),
-/// so at hundreds of members a fixed tick makes every node's idle cost grow
-/// with N and the mesh's with N²; stretching the tick keeps a node's cost
-/// about flat, at the price of reacting a little later in large meshes.
-/// Events that need an answer at once (a STUN answer, a control request)
-/// do not wait for the tick.
-fn tick_period(live: usize) -> Duration {
-    if live <= TICK_MEMBERS {
+/// device reading, paths), so at hundreds of members a fixed tick makes
+/// every node's idle cost grow with N and the mesh's with N²; stretching
+/// the tick keeps a node's cost about flat, at the price of reacting a
+/// little later in large meshes. Events that need an answer at once (a
+/// STUN answer, a control request) do not wait for the tick.
+fn tick_period(members: usize) -> Duration {
+    if members <= TICK_MEMBERS {
         return TICK;
     }
-    (TICK * live as u32 / TICK_MEMBERS as u32).min(MAX_TICK)
+    (TICK * members as u32 / TICK_MEMBERS as u32).min(MAX_TICK)
 }
 
 /// Removes the control socket when the daemon ends.
@@ -520,6 +515,13 @@ fn build_record(
 }
 
 impl Node {
+    /// One step; a failed one is logged and retried at the next.
+    async fn step_or_warn(&mut self) {
+        if let Err(e) = self.step().await {
+            tracing::warn!(error = %format!("{e:#}"), "reconcile step failed; retrying");
+        }
+    }
+
     async fn step(&mut self) -> anyhow::Result<()> {
         let now = Instant::now();
         self.last_step = now;

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use tokio::sync::{mpsc, Notify};
 
-use crate::membership::{DesiredPeer, GossipEntry, Liveness, Membership};
+use crate::membership::{on_local_net, DesiredPeer, GossipEntry, Liveness, Membership};
 use crate::nat::checks::{Checks, Need, Validated};
 use crate::nat::discovery::{looks_public, Discovery, NatInfo};
 use crate::nat::paths::{Path, PathSelector};
@@ -235,10 +235,7 @@ impl Traversal {
         self.drain_responses(now);
         // STUN servers: public members first, then not-yet-measured ones;
         // never one on our own LAN (it sees our host address, not the NAT's).
-        let on_lan = |a: &SocketAddr| match a.ip() {
-            IpAddr::V4(v4) => local.iter().any(|n| n.contains(&v4)),
-            IpAddr::V6(_) => false,
-        };
+        let on_lan = |a: &SocketAddr| on_local_net(local, a);
         let mut targets: Vec<(u8, SocketAddr)> = m
             .members()
             .filter(|x| &x.record.node_key != me && x.liveness == Liveness::Live)
@@ -412,10 +409,7 @@ impl Traversal {
             .iter()
             .filter(|d| {
                 let shares = d.endpoints.iter().any(|e| our_public.contains(&e.ip()));
-                let on_lan = d.endpoints.iter().any(|e| match e.ip() {
-                    IpAddr::V4(v4) => local.iter().any(|n| n.contains(&v4)),
-                    IpAddr::V6(_) => false,
-                });
+                let on_lan = d.endpoints.iter().any(|e| on_local_net(local, e));
                 shares && !on_lan
             })
             .map(|d| d.public_key)
@@ -461,8 +455,7 @@ impl Traversal {
                 // for 90 s), each costing X25519 work for nothing; at 250
                 // members these were thousands per node.
                 if self.sender.is_some() {
-                    d.endpoints
-                        .retain(|e| matches!(e.ip(), IpAddr::V4(v4) if local.iter().any(|n| n.contains(&v4))));
+                    d.endpoints.retain(|e| on_local_net(local, e));
                 }
                 continue;
             }

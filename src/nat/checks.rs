@@ -161,17 +161,8 @@ impl Checks {
         txid: &[u8; 12],
         from: SocketAddr,
     ) -> Option<Validated> {
-        let (key, candidate, _) = self.pending.remove(txid)?;
-        // Answered by the candidate we asked (a NAT in between may answer
-        // from the same address only: anything else is not this path).
-        if from != candidate {
-            return None;
-        }
+        let (key, candidate) = self.take_answer(txid, from)?;
         let p = self.peers.get_mut(&key)?;
-        if !p.candidates.contains(&candidate) {
-            return None;
-        }
-        p.heard = true;
         // Prefer the earlier candidate (same LAN before public) when both
         // answer: only replace a fresh validation by a better-ranked one.
         let rank = |a: &SocketAddr| p.candidates.iter().position(|c| c == a);
@@ -214,19 +205,25 @@ impl Checks {
     /// held back ([`Checks::holds`]) until it answers one. Its own checks
     /// reach us once it knows us, and it then starts the handshake.
     pub fn handle_refusal(&mut self, txid: &[u8; 12], from: SocketAddr) -> bool {
-        let Some((key, candidate, _)) = self.pending.remove(txid) else {
-            return false;
-        };
+        self.take_answer(txid, from).is_some()
+    }
+
+    /// The peer and candidate of a pending check that `from` answered
+    /// (successfully or with a refusal); the peer is then known to answer
+    /// checks. Only the candidate we asked counts (a NAT in between may
+    /// answer from the same address only: anything else is not this
+    /// path), and only while it is still one of the peer's candidates.
+    fn take_answer(&mut self, txid: &[u8; 12], from: SocketAddr) -> Option<([u8; 32], SocketAddr)> {
+        let (key, candidate, _) = self.pending.remove(txid)?;
         if from != candidate {
-            return false;
+            return None;
         }
-        match self.peers.get_mut(&key) {
-            Some(p) if p.candidates.contains(&candidate) => {
-                p.heard = true;
-                true
-            }
-            _ => false,
+        let p = self.peers.get_mut(&key)?;
+        if !p.candidates.contains(&candidate) {
+            return None;
         }
+        p.heard = true;
+        Some((key, candidate))
     }
 
     /// Whether to hold back the record endpoint of a peer that needs
