@@ -332,6 +332,40 @@ pub fn summary(r: &Report) -> String {
                 f(&st["secs"]), st["nodes"], f(&st["gossip_bytes_per_sec_per_node"]["mean"]), f(&st["gossip_bytes_per_sec_per_node"]["max"]),
                 f(&st["cpu_percent_per_node"]["mean"]), f(&st["cpu_percent_per_node"]["max"]), f(&st["pinger_pps"])
             );
+            if let Some(kinds) = st["by_kind"].as_object() {
+                let parts: Vec<String> = kinds
+                    .iter()
+                    .map(|(k, v)| {
+                        format!(
+                            "{k} ({}) CPU {} % gossip {} B/s",
+                            v["nodes"],
+                            f(&v["cpu_percent"]["mean"]),
+                            f(&v["gossip_bytes_per_sec"]["mean"])
+                        )
+                    })
+                    .collect();
+                let _ = writeln!(s, "  mean by kind: {}", parts.join("; "));
+            }
+            if let Some(hot) = st["hottest"].as_array() {
+                let parts: Vec<String> = hot
+                    .iter()
+                    .map(|h| {
+                        let seed = if h["seed"].as_bool() == Some(true) {
+                            ", seed"
+                        } else {
+                            ""
+                        };
+                        format!(
+                            "n{} ({}{seed}) {} % {} B/s",
+                            h["node"],
+                            h["kind"].as_str().unwrap_or("?"),
+                            f(&h["cpu_percent"]),
+                            f(&h["gossip_bytes_per_sec"])
+                        )
+                    })
+                    .collect();
+                let _ = writeln!(s, "  hottest: {}", parts.join("; "));
+            }
         }
         let o = &run.overhead;
         let _ = writeln!(

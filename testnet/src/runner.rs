@@ -828,11 +828,33 @@ impl<'a> Ctx<'a> {
                 let sent_b = self.pinger.with(|s| s.sent);
                 let mut cpu = vec![];
                 let mut gossip = vec![];
+                // (node, cpu %, gossip B/s) for the per-node breakdown
+                let mut per_node: Vec<(usize, f64, f64)> = vec![];
                 for ((i, ca, ga), (_, cb, gb)) in a.iter().zip(b.iter()) {
                     if self.nodes.life[*i] == Life::Running {
-                        cpu.push((cb - ca) / dt * 100.0);
-                        gossip.push((gb.saturating_sub(*ga)) as f64 / dt);
+                        let (c, g) = ((cb - ca) / dt * 100.0, (gb.saturating_sub(*ga)) as f64 / dt);
+                        cpu.push(c);
+                        gossip.push(g);
+                        per_node.push((*i, c, g));
                     }
+                }
+                // Which nodes cost most, and what each kind of node costs:
+                // a mean hides one hot node (the seed, a public member).
+                per_node.sort_by(|x, y| y.1.total_cmp(&x.1));
+                let hottest: Vec<Value> = per_node
+                    .iter()
+                    .take(5)
+                    .map(|&(i, c, g)| json!({"node": i, "kind": self.plan.nodes[i].kind, "seed": i == 0, "cpu_percent": c, "gossip_bytes_per_sec": g}))
+                    .collect();
+                let mut by_kind = serde_json::Map::new();
+                for k in Kind::ALL {
+                    let of: Vec<&(usize, f64, f64)> = per_node.iter().filter(|n| self.plan.nodes[n.0].kind == k).collect();
+                    if of.is_empty() {
+                        continue;
+                    }
+                    let c: Vec<f64> = of.iter().map(|n| n.1).collect();
+                    let g: Vec<f64> = of.iter().map(|n| n.2).collect();
+                    by_kind.insert(k.as_str().into(), json!({"nodes": of.len(), "cpu_percent": stats(&c), "gossip_bytes_per_sec": stats(&g)}));
                 }
                 if !*with_pings {
                     self.pinger.set_paused(false);
@@ -843,6 +865,8 @@ impl<'a> Ctx<'a> {
                     "nodes": cpu.len(),
                     "cpu_percent_per_node": stats(&cpu),
                     "gossip_bytes_per_sec_per_node": if self.poller.is_some() { stats(&gossip) } else { Value::Null },
+                    "hottest": hottest,
+                    "by_kind": by_kind,
                     "pinger_pps": (sent_b - sent_a) as f64 / dt,
                     "testnet_cpu_percent": (sys::self_cpu_secs() - self_a) / dt * 100.0,
                 });
