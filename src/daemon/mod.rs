@@ -342,6 +342,14 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()>) -> anyho
     let mut leave_reply = None;
     let answered = node.traversal.answered();
     let records_changed = node.gossip.records_changed();
+    // Gossip rounds of a small mesh, between chitchat's own (see
+    // `Gossip::small_mesh_round`); a period of a day stands for never.
+    let mut rounds = tokio::time::interval(
+        node.gossip
+            .extra_round_every()
+            .unwrap_or(Duration::from_secs(86_400)),
+    );
+    rounds.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
         let small = tick.period() <= TICK;
         tokio::select! {
@@ -356,6 +364,9 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()>) -> anyho
             // A connectivity check was answered: handshake there now, not
             // at the next tick.
             _ = answered.notified() => node.on_stun_answer().await,
+            _ = rounds.tick(), if node.gossip.extra_round_every().is_some() => {
+                node.gossip.small_mesh_round().await
+            }
             _ = &mut shutdown => {
                 tracing::info!("shutting down (members will mark this node down)");
                 break;
@@ -687,7 +698,9 @@ impl Node {
         // we know (seeds and last-known members), with backoff.
         let me = self.id.node_id();
         let live = entries.iter().filter(|e| e.live && e.node_id != me).count();
-        self.gossip.transport.set_live_members(live);
+        self.gossip
+            .transport
+            .set_live(self.gossip.live_addrs().await);
         if live == 0 {
             if Instant::now() >= self.next_reach {
                 let mut addrs = self.seed_addrs.clone();

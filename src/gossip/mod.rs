@@ -23,11 +23,21 @@ pub const RECORD_KEY: &str = "record";
 /// The chitchat key of a node's signed observations ([`crate::observe`]).
 pub const SEEN_KEY: &str = "seen";
 
-/// chitchat's round interval. Small meshes gossip at this rate; above
-/// [`transport::FULL_RATE_MEMBERS`] reachable members the transport sends
-/// only a share of the rounds, so a node's gossip stays about flat as the
-/// mesh grows.
+/// The gossip round interval of a small mesh (up to [`SMALL_MESH`] live
+/// members): [`Gossip::small_mesh_round`] starts rounds at this rate.
 pub const DEFAULT_INTERVAL: Duration = Duration::from_millis(250);
+/// chitchat's own interval, at least: each chitchat round also does its
+/// housekeeping (failure detector over every member, key GC over every
+/// key, sets of every address), and at hundreds of members on a 2-core
+/// testnet that housekeeping four times a second was a fifth of a node's
+/// CPU. Large meshes gossip at this rate (and the transport thins further,
+/// see [`transport::FULL_RATE_MEMBERS`]).
+pub const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
+/// Up to this many live members, [`Gossip::small_mesh_round`] adds rounds
+/// at [`GossipTiming::interval`] to chitchat's own.
+pub const SMALL_MESH: usize = 30;
+/// Members a round goes to (chitchat's own rounds pick 3 as well).
+const ROUND_FANOUT: usize = 3;
 /// Heartbeat gaps longer than this are not learned by the failure detector
 /// (chitchat's default is 10 s). In a mesh of hundreds, where most members
 /// sit behind NAT and only reach the public ones, a member's heartbeat can
@@ -42,6 +52,8 @@ const PRIOR_HEARTBEAT_GAP: Duration = Duration::from_secs(1);
 /// Timing of gossip and failure detection.
 #[derive(Debug, Clone)]
 pub struct GossipTiming {
+    /// Round interval in small meshes (chitchat's own rounds run at
+    /// `max(interval, HOUSEKEEPING_INTERVAL)`).
     pub interval: Duration,
     /// How long chitchat keeps a dead node's state before forgetting it.
     pub dead_node_grace: Duration,
@@ -71,6 +83,9 @@ pub struct GossipIdentity {
 
 pub struct Gossip {
     handle: ChitchatHandle,
+    /// Extra rounds in small meshes (None: chitchat's own interval is
+    /// already the configured one).
+    extra_rounds: Option<Duration>,
     pub transport: QuicTransport,
     /// Notified when a member's record arrives or changes (see
     /// [`Gossip::records_changed`]).
@@ -91,7 +106,7 @@ impl Gossip {
         let config = ChitchatConfig {
             chitchat_id: ChitchatId::new(who.node_id, who.generation, who.advertise),
             cluster_id: who.cluster_id,
-            gossip_interval: timing.interval,
+            gossip_interval: timing.interval.max(HOUSEKEEPING_INTERVAL),
             listen_addr: transport.local_addr()?,
             seed_nodes: seeds,
             failure_detector_config: FailureDetectorConfig {
@@ -114,8 +129,10 @@ impl Gossip {
             .lock()
             .await
             .subscribe_event(RECORD_KEY, move |_| notify.notify_one());
+        let extra_rounds = (timing.interval < HOUSEKEEPING_INTERVAL).then_some(timing.interval);
         Ok(Self {
             handle,
+            extra_rounds,
             transport,
             records_changed,
             _listener: listener,
@@ -169,6 +186,48 @@ impl Gossip {
             .filter(|id| **id != me)
             .map(|id| id.gossip_advertise_addr)
             .collect()
+    }
+
+    /// How often the daemon should call [`Gossip::small_mesh_round`] (None:
+    /// never).
+    pub fn extra_round_every(&self) -> Option<Duration> {
+        self.extra_rounds
+    }
+
+    /// In a small mesh (up to [`SMALL_MESH`] live members), starts a round
+    /// with a few random live members (any known member while none is
+    /// live yet), as chitchat's own round does but without its
+    /// housekeeping: small meshes keep fast gossip (a hop every 250 ms by
+    /// default), large ones run at chitchat's slower interval.
+    pub async fn small_mesh_round(&self) {
+        use rand::seq::SliceRandom;
+        let targets: Vec<SocketAddr> = {
+            let chitchat = self.handle.chitchat();
+            let guard = chitchat.lock().await;
+            let me = guard.self_chitchat_id().clone();
+            let mut live: Vec<SocketAddr> = guard
+                .live_nodes()
+                .filter(|id| **id != me)
+                .map(|id| id.gossip_advertise_addr)
+                .collect();
+            if live.len() > SMALL_MESH {
+                return;
+            }
+            if live.is_empty() {
+                live = guard
+                    .node_states()
+                    .keys()
+                    .filter(|id| **id != me)
+                    .map(|id| id.gossip_advertise_addr)
+                    .collect();
+            }
+            live.choose_multiple(&mut rand::thread_rng(), ROUND_FANOUT)
+                .copied()
+                .collect()
+        };
+        for addr in targets {
+            self.gossip_to(addr);
+        }
     }
 
     /// Starts a gossip round with `addr` now (used to find the mesh again).

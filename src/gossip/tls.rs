@@ -27,6 +27,9 @@ pub const ALPN: &[u8] = b"meshpeer/1";
 /// see proto/PROTOCOL.md).
 pub const ADMISSION_OID: &[u64] = &[1, 3, 6, 1, 4, 1, 53594, 1, 1];
 const ED25519_OID: &str = "1.3.101.112";
+/// A gossip connection closes after this long without packets (see
+/// [`quic_configs`]).
+const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(180);
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -250,12 +253,15 @@ pub fn quic_configs(
 
     let mut transport = quinn::TransportConfig::default();
     // No keep-alive: a connection lives while gossip uses it and closes
-    // after 30 s of silence. Keeping one open to every member (a ping each
-    // few seconds on each) costs O(N) packets per second per node.
+    // after IDLE_TIMEOUT of silence. Keep-alives on a connection to every
+    // member (a ping each few seconds on each) would cost O(N) packets per
+    // second per node; an idle connection costs only memory. The timeout
+    // is long because in a large mesh a node gossips with a given member
+    // only every minute or so, and a new connection is a TLS handshake
+    // (signatures, key exchange, our certificate check) on both sides.
     transport.keep_alive_interval(None);
     transport.max_idle_timeout(Some(
-        quinn::IdleTimeout::try_from(std::time::Duration::from_secs(30))
-            .map_err(|e| TlsError::Quic(e.to_string()))?,
+        quinn::IdleTimeout::try_from(IDLE_TIMEOUT).map_err(|e| TlsError::Quic(e.to_string()))?,
     ));
     let transport = Arc::new(transport);
 

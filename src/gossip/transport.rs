@@ -37,14 +37,15 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(4);
 /// address others cannot reach, and chitchat keeps picking it.
 const FAILED_BACKOFF: Duration = Duration::from_secs(5);
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
-/// Up to this many reachable live members, every gossip round chitchat
-/// starts is sent; above it, each round's messages go out with probability
-/// `FULL_RATE_MEMBERS / reachable`, so the gossip a node starts per second
-/// (and the digest bytes, which grow with N) stay about constant as the
-/// mesh grows. Members on hold (behind NAT, unreachable for gossip) do not
-/// count: messages to them are dropped anyway. chitchat fixes its interval
-/// when it starts, hence this thinning.
-pub const FULL_RATE_MEMBERS: usize = 30;
+/// Up to this many live members, every gossip round is sent; above it,
+/// each round goes out with probability `FULL_RATE_MEMBERS / live`. A
+/// round carries a digest of every member, so a node's gossip cost is
+/// rounds × members: thinned like this (with chitchat's 1 s interval in
+/// large meshes, see [`crate::gossip::HOUSEKEEPING_INTERVAL`]) it stays
+/// flat up to this size and then falls as the mesh grows, at the price
+/// of slower spreading (rounds per node and second: 3 up to 75 members,
+/// 1.5 at 150, 0.9 at 250).
+pub const FULL_RATE_MEMBERS: usize = 75;
 const SENDER_IDLE: Duration = Duration::from_secs(60);
 /// At most one gossip round (Syn) in flight per destination: a new round
 /// to an address waits for the answer (SynAck) to the last one, or for this
@@ -91,8 +92,9 @@ struct Shared {
     unreachable: Mutex<HashMap<SocketAddr, (Instant, Duration)>>,
     /// Destinations with a gossip round in flight: when it was started.
     rounds: Mutex<HashMap<SocketAddr, Instant>>,
-    /// Live members as last counted by the daemon (for thinning).
-    live_members: std::sync::atomic::AtomicUsize,
+    /// Gossip addresses of the live members, as last told by the daemon
+    /// (for thinning and for redirecting rounds, see [`route_round`]).
+    live: Mutex<Vec<SocketAddr>>,
     /// Gossip bytes sent and received (for status and the testnet).
     bytes_out: std::sync::atomic::AtomicU64,
     bytes_in: std::sync::atomic::AtomicU64,
@@ -132,7 +134,7 @@ impl QuicTransport {
             records,
             unreachable: Mutex::new(HashMap::new()),
             rounds: Mutex::new(HashMap::new()),
-            live_members: 0.into(),
+            live: Mutex::new(Vec::new()),
             bytes_out: 0.into(),
             bytes_in: 0.into(),
         });
@@ -143,12 +145,10 @@ impl QuicTransport {
         })
     }
 
-    /// Tells the transport how many members are live (see
-    /// [`FULL_RATE_MEMBERS`]).
-    pub fn set_live_members(&self, n: usize) {
-        self.shared
-            .live_members
-            .store(n, std::sync::atomic::Ordering::Relaxed);
+    /// Tells the transport the gossip addresses of the live members (see
+    /// [`route_round`]).
+    pub fn set_live(&self, addrs: Vec<SocketAddr>) {
+        *lock(&self.shared.live) = addrs;
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -409,6 +409,50 @@ fn start_round(rounds: &mut HashMap<SocketAddr, Instant>, to: SocketAddr, now: I
     true
 }
 
+/// Where a gossip round that chitchat starts towards `to` goes, if
+/// anywhere (and records it as in flight):
+///
+/// * Above [`FULL_RATE_MEMBERS`] live members, only that share of rounds
+///   goes out.
+/// * A round towards a member we cannot reach (behind NAT: its advertised
+///   address is on hold) or with a round still in flight goes to a random
+///   reachable live member instead. A Syn carries only our digest, the
+///   same whoever gets it, so this is still Scuttlebutt; without it most
+///   rounds of a member behind NAT were dropped (80 % of the members it
+///   picks are behind NAT too), and its heartbeat left it at irregular
+///   gaps that the failure detector took for deaths once rounds were rarer.
+fn route_round<R: rand::Rng>(
+    live: &[SocketAddr],
+    held: impl Fn(&SocketAddr) -> bool,
+    rounds: &mut HashMap<SocketAddr, Instant>,
+    to: SocketAddr,
+    now: Instant,
+    rng: &mut R,
+) -> Option<SocketAddr> {
+    use rand::seq::SliceRandom;
+    let busy = |rounds: &HashMap<SocketAddr, Instant>, a: &SocketAddr| {
+        rounds
+            .get(a)
+            .is_some_and(|t| now.saturating_duration_since(*t) < ROUND_WAIT)
+    };
+    if live.len() > FULL_RATE_MEMBERS
+        && rng.gen::<f64>() >= FULL_RATE_MEMBERS as f64 / live.len() as f64
+    {
+        return None;
+    }
+    let target = if held(&to) || busy(rounds, &to) {
+        let free: Vec<SocketAddr> = live
+            .iter()
+            .filter(|a| **a != to && !held(a) && !busy(rounds, a))
+            .copied()
+            .collect();
+        *free.choose(rng)?
+    } else {
+        to
+    };
+    start_round(rounds, target, now).then_some(target)
+}
+
 struct QuicSocket {
     shared: Arc<Shared>,
     rx: Inbox,
@@ -430,31 +474,25 @@ impl Transport for QuicTransport {
 #[async_trait]
 impl Socket for QuicSocket {
     async fn send(&mut self, to: SocketAddr, msg: ChitchatMessage) -> anyhow::Result<()> {
-        if on_hold(&self.shared, &to) {
-            return Ok(());
-        }
-        if let ChitchatMessage::Syn { .. } = msg {
-            // A round chitchat starts: thinned above FULL_RATE_MEMBERS.
-            let live = self
-                .shared
-                .live_members
-                .load(std::sync::atomic::Ordering::Relaxed);
+        let to = if let ChitchatMessage::Syn { .. } = msg {
+            // A round chitchat starts: thinned, and sent where it can go.
             let now = Instant::now();
-            let held = lock(&self.shared.unreachable)
-                .values()
-                .filter(|(until, _)| now < *until)
-                .count();
-            let reachable = live.saturating_sub(held);
-            if reachable > FULL_RATE_MEMBERS
-                && rand::random::<f64>() >= FULL_RATE_MEMBERS as f64 / reachable as f64
-            {
+            let live = lock(&self.shared.live).clone();
+            let held = {
+                let bad = lock(&self.shared.unreachable);
+                move |a: &SocketAddr| bad.get(a).is_some_and(|(until, _)| now < *until)
+            };
+            let mut rounds = lock(&self.shared.rounds);
+            match route_round(&live, held, &mut rounds, to, now, &mut rand::thread_rng()) {
+                Some(t) => t,
+                None => return Ok(()),
+            }
+        } else {
+            if on_hold(&self.shared, &to) {
                 return Ok(());
             }
-            if !start_round(&mut lock(&self.shared.rounds), to, now) {
-                tracing::trace!(%to, "gossip round to this member still in flight; skipped");
-                return Ok(());
-            }
-        }
+            to
+        };
         let mut bytes = Vec::with_capacity(msg.serialized_len());
         msg.serialize(&mut bytes);
         let mut senders = lock(&self.shared.senders);
@@ -508,5 +546,63 @@ mod tests {
         rounds.remove(&b);
         assert!(start_round(&mut rounds, b, t0 + Duration::from_millis(300)));
         assert!(start_round(&mut rounds, a, t0 + ROUND_WAIT));
+    }
+
+    fn addr(i: usize) -> SocketAddr {
+        SocketAddr::from(([192, 0, 2, (i % 250) as u8], 51821 + (i / 250) as u16))
+    }
+
+    #[test]
+    fn rounds_towards_unreachable_members_go_to_reachable_ones() {
+        use rand::SeedableRng;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let now = Instant::now();
+        // Members 0-3 are reachable; 4-9 sit behind NAT (on hold).
+        let live: Vec<SocketAddr> = (0..10).map(addr).collect();
+        let held = |a: &SocketAddr| live[4..].contains(a);
+        let mut rounds = HashMap::new();
+        // A reachable, idle target is kept.
+        assert_eq!(
+            route_round(&live, held, &mut rounds, addr(1), now, &mut rng),
+            Some(addr(1))
+        );
+        for _ in 0..3 {
+            // Held, or with a round in flight: another reachable member.
+            let t = route_round(&live, held, &mut rounds, addr(5), now, &mut rng).unwrap();
+            assert!(live[..4].contains(&t) && t != addr(1), "{t}");
+        }
+        // Every reachable member has a round in flight: nowhere to go.
+        assert_eq!(
+            route_round(&live, held, &mut rounds, addr(6), now, &mut rng),
+            None
+        );
+        // Answers free them again.
+        rounds.clear();
+        assert!(route_round(&live, held, &mut rounds, addr(6), now, &mut rng).is_some());
+    }
+
+    #[test]
+    fn large_meshes_send_a_share_of_rounds() {
+        use rand::SeedableRng;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let now = Instant::now();
+        let live: Vec<SocketAddr> = (0..2 * FULL_RATE_MEMBERS).map(addr).collect();
+        let mut sent = 0;
+        for _ in 0..2000 {
+            let mut rounds = HashMap::new();
+            if route_round(&live, |_| false, &mut rounds, addr(0), now, &mut rng).is_some() {
+                sent += 1;
+            }
+        }
+        // Half of them, give or take.
+        assert!((850..1150).contains(&sent), "{sent}");
+        // A small mesh sends every round.
+        let small: Vec<SocketAddr> = (0..FULL_RATE_MEMBERS).map(addr).collect();
+        for i in 0..100 {
+            let mut rounds = HashMap::new();
+            assert!(
+                route_round(&small, |_| false, &mut rounds, addr(i % 10), now, &mut rng).is_some()
+            );
+        }
     }
 }
