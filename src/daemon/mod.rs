@@ -698,9 +698,18 @@ impl Node {
         // we know (seeds and last-known members), with backoff.
         let me = self.id.node_id();
         let live = entries.iter().filter(|e| e.live && e.node_id != me).count();
+        let expected: std::collections::HashSet<SocketAddr> = self
+            .membership
+            .members()
+            .filter(|m| {
+                m.record.nat == NatKind::Public
+                    || crate::membership::on_local_net(&local, &m.record.gossip_addr)
+            })
+            .map(|m| m.record.gossip_addr)
+            .collect();
         self.gossip
             .transport
-            .set_live(self.gossip.live_addrs().await);
+            .set_live(self.gossip.live_addrs().await, expected);
         if live == 0 {
             if Instant::now() >= self.next_reach {
                 let mut addrs = self.seed_addrs.clone();

@@ -95,6 +95,9 @@ struct Shared {
     /// Gossip addresses of the live members, as last told by the daemon
     /// (for thinning and for redirecting rounds, see [`route_round`]).
     live: Mutex<Vec<SocketAddr>>,
+    /// Gossip addresses that should be reachable (public members, members
+    /// on our LAN): a failed connection holds them only briefly.
+    expected: Mutex<std::collections::HashSet<SocketAddr>>,
     /// Gossip bytes sent and received (for status and the testnet).
     bytes_out: std::sync::atomic::AtomicU64,
     bytes_in: std::sync::atomic::AtomicU64,
@@ -135,6 +138,7 @@ impl QuicTransport {
             unreachable: Mutex::new(HashMap::new()),
             rounds: Mutex::new(HashMap::new()),
             live: Mutex::new(Vec::new()),
+            expected: Mutex::new(Default::default()),
             bytes_out: 0.into(),
             bytes_in: 0.into(),
         });
@@ -146,9 +150,15 @@ impl QuicTransport {
     }
 
     /// Tells the transport the gossip addresses of the live members (see
-    /// [`route_round`]).
-    pub fn set_live(&self, addrs: Vec<SocketAddr>) {
+    /// [`route_round`]) and those of members that should be reachable
+    /// (public, or on our LAN; see [`connect`]).
+    pub fn set_live(
+        &self,
+        addrs: Vec<SocketAddr>,
+        expected: std::collections::HashSet<SocketAddr>,
+    ) {
         *lock(&self.shared.live) = addrs;
+        *lock(&self.shared.expected) = expected;
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -250,10 +260,16 @@ async fn connect(shared: &Arc<Shared>, addr: SocketAddr) -> Result<quinn::Connec
             Ok(conn)
         }
         Err(e) => {
-            let backoff = bad
-                .get(&addr)
-                .map(|(_, b)| (*b * 2).min(MAX_BACKOFF))
-                .unwrap_or(FAILED_BACKOFF);
+            // A member that should be reachable (public, or on our LAN)
+            // and did not answer is busy or restarting: retry it soon. Only
+            // addresses nobody can reach (behind NAT) back off for long.
+            let backoff = if lock(&shared.expected).contains(&addr) {
+                FAILED_BACKOFF
+            } else {
+                bad.get(&addr)
+                    .map(|(_, b)| (*b * 2).min(MAX_BACKOFF))
+                    .unwrap_or(FAILED_BACKOFF)
+            };
             bad.insert(addr, (Instant::now() + backoff, backoff));
             Err(e)
         }
@@ -414,6 +430,7 @@ fn start_round(rounds: &mut HashMap<SocketAddr, Instant>, to: SocketAddr, now: I
 ///
 /// * Above [`FULL_RATE_MEMBERS`] live members, only that share of rounds
 ///   goes out.
+/// * `live` is the live members and those that should be reachable.
 /// * A round towards a member we cannot reach (behind NAT: its advertised
 ///   address is on hold) or with a round still in flight goes to a random
 ///   reachable live member instead. A Syn carries only our digest, the
@@ -477,7 +494,16 @@ impl Socket for QuicSocket {
         let to = if let ChitchatMessage::Syn { .. } = msg {
             // A round chitchat starts: thinned, and sent where it can go.
             let now = Instant::now();
-            let live = lock(&self.shared.live).clone();
+            let mut live = lock(&self.shared.live).clone();
+            // Members that should be reachable count as targets even when
+            // our failure detector thinks them dead: gossiping with them is
+            // how we would learn otherwise (under load, a node that only
+            // gossiped with those it believed live lost them one by one).
+            {
+                let known: std::collections::HashSet<SocketAddr> = live.iter().copied().collect();
+                let expected = lock(&self.shared.expected);
+                live.extend(expected.iter().filter(|a| !known.contains(a)));
+            }
             let held = {
                 let bad = lock(&self.shared.unreachable);
                 move |a: &SocketAddr| bad.get(a).is_some_and(|(until, _)| now < *until)
