@@ -438,9 +438,20 @@ async fn hello_any(
     let deadline = tokio::time::Instant::now() + timeout;
     let mut last_err = None;
     let mut backoff = Duration::from_millis(500);
+    // Each pass gives the seeds longer (8, 16, then 32 s): a seed that is
+    // slow to answer (hundreds of nodes joining at once) is not helped by
+    // being asked again from scratch.
+    let mut limit = Duration::from_secs(8);
     while tokio::time::Instant::now() < deadline {
         for addr in reach {
-            match transport.hello(*addr).await {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            match transport
+                .hello_within(*addr, limit.min(left.max(Duration::from_secs(1))))
+                .await
+            {
                 Ok(r) => return Ok(r.records),
                 Err(e @ gossip::transport::ProbeError::Refused { .. }) => {
                     return Err(anyhow!("cannot join: {e}"))
@@ -454,6 +465,7 @@ async fn hello_any(
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         tokio::time::sleep(backoff.min(left)).await;
         backoff = (backoff * 2).min(Duration::from_secs(5));
+        limit = (limit * 2).min(Duration::from_secs(32));
     }
     Err(anyhow!(
         "cannot join: no seed answered within {timeout:?}{}",

@@ -177,8 +177,19 @@ impl QuicTransport {
     /// Asks the member at `addr` for the records it holds, proving on the
     /// way that both sides are admitted (mutual TLS).
     pub async fn hello(&self, addr: SocketAddr) -> Result<HelloReply, ProbeError> {
+        self.hello_within(addr, CONNECT_TIMEOUT * 2).await
+    }
+
+    /// [`QuicTransport::hello`] with a time limit (half of it for the QUIC
+    /// handshake). A joiner that asks a loaded seed again gives it longer:
+    /// giving up drops the seed's work on the answer.
+    pub async fn hello_within(
+        &self,
+        addr: SocketAddr,
+        limit: Duration,
+    ) -> Result<HelloReply, ProbeError> {
         let fut = async {
-            let conn = connect(&self.shared, addr).await?;
+            let conn = connect_within(&self.shared, addr, limit / 2).await?;
             let (mut send, recv) = conn.open_bi().await.map_err(|e| conn_err(addr, e))?;
             send.write_all(&proto::encode(&Request::Hello))
                 .await
@@ -192,9 +203,9 @@ impl QuicTransport {
             })?;
             proto::decode::<HelloReply>("hello reply", &bytes).map_err(|e| other(addr, e))
         };
-        tokio::time::timeout(CONNECT_TIMEOUT * 2, fut)
+        tokio::time::timeout(limit, fut)
             .await
-            .map_err(|_| ProbeError::Timeout(addr, CONNECT_TIMEOUT * 2))?
+            .map_err(|_| ProbeError::Timeout(addr, limit))?
     }
 
     pub fn close(&self) {
@@ -238,6 +249,14 @@ async fn read_all(mut recv: quinn::RecvStream) -> Result<Vec<u8>, quinn::ReadToE
 }
 
 async fn connect(shared: &Arc<Shared>, addr: SocketAddr) -> Result<quinn::Connection, ProbeError> {
+    connect_within(shared, addr, CONNECT_TIMEOUT).await
+}
+
+async fn connect_within(
+    shared: &Arc<Shared>,
+    addr: SocketAddr,
+    limit: Duration,
+) -> Result<quinn::Connection, ProbeError> {
     if let Some(c) = lock(&shared.conns).get(&addr) {
         if c.close_reason().is_none() {
             return Ok(c.clone());
@@ -247,8 +266,8 @@ async fn connect(shared: &Arc<Shared>, addr: SocketAddr) -> Result<quinn::Connec
         .endpoint
         .connect_with(shared.client.clone(), addr, SERVER_NAME)
         .map_err(|e| other(addr, e))?;
-    let res = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
-        Err(_) => Err(ProbeError::Timeout(addr, CONNECT_TIMEOUT)),
+    let res = match tokio::time::timeout(limit, connecting).await {
+        Err(_) => Err(ProbeError::Timeout(addr, limit)),
         Ok(r) => r.map_err(|e| conn_err(addr, e)),
     };
     let mut bad = lock(&shared.unreachable);
