@@ -79,7 +79,9 @@ pub struct RunArgs {
     /// Seconds a member may be down before its WireGuard peer is removed.
     #[arg(long, default_value_t = 60)]
     pub down_grace_secs: u64,
-    /// Gossip interval in milliseconds.
+    /// Gossip round interval in milliseconds while the mesh is small (up to
+    /// 30 live members); chitchat's own rounds run every
+    /// max(this, 1000) ms, and larger meshes gossip at that rate.
     #[arg(long, default_value_t = 250, value_parser = clap::value_parser!(u64).range(50..=60_000))]
     pub gossip_interval_ms: u64,
     /// An outside STUN server (HOST or HOST:PORT, default port 3478) to ask
