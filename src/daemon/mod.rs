@@ -343,13 +343,12 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()>) -> anyho
     let answered = node.traversal.answered();
     let records_changed = node.gossip.records_changed();
     // Gossip rounds of a small mesh, between chitchat's own (see
-    // `Gossip::small_mesh_round`); a period of a day stands for never.
-    let mut rounds = tokio::time::interval(
-        node.gossip
-            .extra_round_every()
-            .unwrap_or(Duration::from_secs(86_400)),
-    );
-    rounds.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    // `Gossip::small_mesh_round`), unless chitchat's own are as frequent.
+    let mut rounds = node.gossip.extra_round_every().map(|period| {
+        let mut i = tokio::time::interval(period);
+        i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        i
+    });
     loop {
         let small = tick.period() <= TICK;
         tokio::select! {
@@ -364,7 +363,7 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()>) -> anyho
             // A connectivity check was answered: handshake there now, not
             // at the next tick.
             _ = answered.notified() => node.on_stun_answer().await,
-            _ = rounds.tick(), if node.gossip.extra_round_every().is_some() => {
+            Some(_) = async { Some(rounds.as_mut()?.tick().await) }, if rounds.is_some() => {
                 node.gossip.small_mesh_round().await
             }
             _ = &mut shutdown => {

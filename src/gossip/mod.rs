@@ -176,13 +176,24 @@ impl Gossip {
             .collect()
     }
 
-    /// Gossip addresses of all nodes currently live (for the restart list).
+    /// Gossip addresses of all other nodes currently live (for the restart
+    /// list and the transport).
     pub async fn live_addrs(&self) -> Vec<SocketAddr> {
+        self.addrs(true).await
+    }
+
+    /// Gossip addresses of the other nodes chitchat knows (only the live
+    /// ones if `live`).
+    async fn addrs(&self, live: bool) -> Vec<SocketAddr> {
         let chitchat = self.handle.chitchat();
         let guard = chitchat.lock().await;
         let me = guard.self_chitchat_id().clone();
-        guard
-            .live_nodes()
+        let ids: Vec<&ChitchatId> = if live {
+            guard.live_nodes().collect()
+        } else {
+            guard.node_states().keys().collect()
+        };
+        ids.into_iter()
             .filter(|id| **id != me)
             .map(|id| id.gossip_advertise_addr)
             .collect()
@@ -201,32 +212,15 @@ impl Gossip {
     /// default), large ones run at chitchat's slower interval.
     pub async fn small_mesh_round(&self) {
         use rand::seq::SliceRandom;
-        let targets: Vec<SocketAddr> = {
-            let chitchat = self.handle.chitchat();
-            let guard = chitchat.lock().await;
-            let me = guard.self_chitchat_id().clone();
-            let mut live: Vec<SocketAddr> = guard
-                .live_nodes()
-                .filter(|id| **id != me)
-                .map(|id| id.gossip_advertise_addr)
-                .collect();
-            if live.len() > SMALL_MESH {
-                return;
-            }
-            if live.is_empty() {
-                live = guard
-                    .node_states()
-                    .keys()
-                    .filter(|id| **id != me)
-                    .map(|id| id.gossip_advertise_addr)
-                    .collect();
-            }
-            live.choose_multiple(&mut rand::thread_rng(), ROUND_FANOUT)
-                .copied()
-                .collect()
-        };
-        for addr in targets {
-            self.gossip_to(addr);
+        let mut addrs = self.live_addrs().await;
+        if addrs.len() > SMALL_MESH {
+            return;
+        }
+        if addrs.is_empty() {
+            addrs = self.addrs(false).await;
+        }
+        for addr in addrs.choose_multiple(&mut rand::thread_rng(), ROUND_FANOUT) {
+            self.gossip_to(*addr);
         }
     }
 

@@ -92,9 +92,9 @@ struct Shared {
     unreachable: Mutex<HashMap<SocketAddr, (Instant, Duration)>>,
     /// Destinations with a gossip round in flight: when it was started.
     rounds: Mutex<HashMap<SocketAddr, Instant>>,
-    /// Gossip addresses of the live members, as last told by the daemon
-    /// (for thinning and for redirecting rounds, see [`route_round`]).
-    live: Mutex<Vec<SocketAddr>>,
+    /// Where rounds may go: the live members and those that should be
+    /// reachable, as last told by the daemon (see [`route_round`]).
+    targets: Mutex<Vec<SocketAddr>>,
     /// Gossip addresses that should be reachable (public members, members
     /// on our LAN): a failed connection holds them only briefly.
     expected: Mutex<std::collections::HashSet<SocketAddr>>,
@@ -137,7 +137,7 @@ impl QuicTransport {
             records,
             unreachable: Mutex::new(HashMap::new()),
             rounds: Mutex::new(HashMap::new()),
-            live: Mutex::new(Vec::new()),
+            targets: Mutex::new(Vec::new()),
             expected: Mutex::new(Default::default()),
             bytes_out: 0.into(),
             bytes_in: 0.into(),
@@ -149,15 +149,21 @@ impl QuicTransport {
         })
     }
 
-    /// Tells the transport the gossip addresses of the live members (see
-    /// [`route_round`]) and those of members that should be reachable
-    /// (public, or on our LAN; see [`connect`]).
+    /// Tells the transport the gossip addresses of the live members and
+    /// those of members that should be reachable (public, or on our LAN;
+    /// see [`connect_within`]). Both are round targets (see
+    /// [`route_round`]): the second even when our failure detector thinks
+    /// them dead, as gossiping with them is how we would learn otherwise
+    /// (under load, a node that only gossiped with those it believed live
+    /// lost them one by one).
     pub fn set_live(
         &self,
-        addrs: Vec<SocketAddr>,
+        mut live: Vec<SocketAddr>,
         expected: std::collections::HashSet<SocketAddr>,
     ) {
-        *lock(&self.shared.live) = addrs;
+        let known: std::collections::HashSet<SocketAddr> = live.iter().copied().collect();
+        live.extend(expected.iter().filter(|a| !known.contains(a)));
+        *lock(&self.shared.targets) = live;
         *lock(&self.shared.expected) = expected;
     }
 
@@ -430,10 +436,7 @@ async fn sender_task(shared: Arc<Shared>, to: SocketAddr, mut rx: mpsc::Receiver
 /// records it): not while the last one is unanswered and younger than
 /// [`ROUND_WAIT`].
 fn start_round(rounds: &mut HashMap<SocketAddr, Instant>, to: SocketAddr, now: Instant) -> bool {
-    if rounds
-        .get(&to)
-        .is_some_and(|t| now.saturating_duration_since(*t) < ROUND_WAIT)
-    {
+    if in_flight(rounds, &to, now) {
         return false;
     }
     // Forget answered-never rounds of long ago so the map stays small.
@@ -444,12 +447,20 @@ fn start_round(rounds: &mut HashMap<SocketAddr, Instant>, to: SocketAddr, now: I
     true
 }
 
+/// Whether a round to `to` is unanswered and younger than [`ROUND_WAIT`].
+fn in_flight(rounds: &HashMap<SocketAddr, Instant>, to: &SocketAddr, now: Instant) -> bool {
+    rounds
+        .get(to)
+        .is_some_and(|t| now.saturating_duration_since(*t) < ROUND_WAIT)
+}
+
 /// Where a gossip round that chitchat starts towards `to` goes, if
 /// anywhere (and records it as in flight):
 ///
-/// * Above [`FULL_RATE_MEMBERS`] live members, only that share of rounds
-///   goes out.
-/// * `live` is the live members and those that should be reachable.
+/// * `targets` are the live members and those that should be reachable
+///   (see [`QuicTransport::set_live`]).
+/// * Above [`FULL_RATE_MEMBERS`] targets, only that share of rounds goes
+///   out.
 /// * A round towards a member we cannot reach (behind NAT: its advertised
 ///   address is on hold) or with a round still in flight goes to a random
 ///   reachable live member instead. A Syn carries only our digest, the
@@ -458,7 +469,7 @@ fn start_round(rounds: &mut HashMap<SocketAddr, Instant>, to: SocketAddr, now: I
 ///   picks are behind NAT too), and its heartbeat left it at irregular
 ///   gaps that the failure detector took for deaths once rounds were rarer.
 fn route_round<R: rand::Rng>(
-    live: &[SocketAddr],
+    targets: &[SocketAddr],
     held: impl Fn(&SocketAddr) -> bool,
     rounds: &mut HashMap<SocketAddr, Instant>,
     to: SocketAddr,
@@ -466,20 +477,15 @@ fn route_round<R: rand::Rng>(
     rng: &mut R,
 ) -> Option<SocketAddr> {
     use rand::seq::SliceRandom;
-    let busy = |rounds: &HashMap<SocketAddr, Instant>, a: &SocketAddr| {
-        rounds
-            .get(a)
-            .is_some_and(|t| now.saturating_duration_since(*t) < ROUND_WAIT)
-    };
-    if live.len() > FULL_RATE_MEMBERS
-        && rng.gen::<f64>() >= FULL_RATE_MEMBERS as f64 / live.len() as f64
+    if targets.len() > FULL_RATE_MEMBERS
+        && rng.gen::<f64>() >= FULL_RATE_MEMBERS as f64 / targets.len() as f64
     {
         return None;
     }
-    let target = if held(&to) || busy(rounds, &to) {
-        let free: Vec<SocketAddr> = live
+    let target = if held(&to) || in_flight(rounds, &to, now) {
+        let free: Vec<SocketAddr> = targets
             .iter()
-            .filter(|a| **a != to && !held(a) && !busy(rounds, a))
+            .filter(|a| **a != to && !held(a) && !in_flight(rounds, a, now))
             .copied()
             .collect();
         *free.choose(rng)?
@@ -513,22 +519,20 @@ impl Socket for QuicSocket {
         let to = if let ChitchatMessage::Syn { .. } = msg {
             // A round chitchat starts: thinned, and sent where it can go.
             let now = Instant::now();
-            let mut live = lock(&self.shared.live).clone();
-            // Members that should be reachable count as targets even when
-            // our failure detector thinks them dead: gossiping with them is
-            // how we would learn otherwise (under load, a node that only
-            // gossiped with those it believed live lost them one by one).
-            {
-                let known: std::collections::HashSet<SocketAddr> = live.iter().copied().collect();
-                let expected = lock(&self.shared.expected);
-                live.extend(expected.iter().filter(|a| !known.contains(a)));
-            }
+            let targets = lock(&self.shared.targets).clone();
             let held = {
                 let bad = lock(&self.shared.unreachable);
                 move |a: &SocketAddr| bad.get(a).is_some_and(|(until, _)| now < *until)
             };
             let mut rounds = lock(&self.shared.rounds);
-            match route_round(&live, held, &mut rounds, to, now, &mut rand::thread_rng()) {
+            match route_round(
+                &targets,
+                held,
+                &mut rounds,
+                to,
+                now,
+                &mut rand::thread_rng(),
+            ) {
                 Some(t) => t,
                 None => return Ok(()),
             }
