@@ -34,6 +34,12 @@ pub const RX_SILENCE: Duration = Duration::from_secs(25);
 /// peer's NAT drops what comes from it).
 pub const UNANSWERED: Duration = Duration::from_secs(12);
 
+/// A WireGuard keepalive on the wire: an empty transport data message
+/// (16-byte header, 16-byte tag). Any packet with content is longer (an
+/// IPv4 packet pads to at least 32 bytes: 64 in all), and so are handshake
+/// messages (148 and 92).
+const KEEPALIVE_BYTES: u64 = 32;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Path {
     /// A direct WireGuard session exists.
@@ -128,9 +134,16 @@ impl PathSelector {
                 *e = (a.rx_bytes, now);
             }
             let t = self.tx.entry(a.public_key).or_insert((0, None));
+            // A lone keepalive expects no answer (a poke, WireGuard's
+            // passive or persistent keepalive): the peer's own keepalive
+            // comes at its own time, up to a poke period later. Counting
+            // it made every poke look unanswered after SUSPECT, and the
+            // connectivity checks and discovery rounds that follow were
+            // most of a node's packets at steady state.
+            let sent = a.tx_bytes.saturating_sub(t.0);
             if heard {
                 t.1 = None;
-            } else if a.tx_bytes > t.0 && t.1.is_none() {
+            } else if sent > KEEPALIVE_BYTES && t.1.is_none() {
                 t.1 = Some(now);
             }
             t.0 = a.tx_bytes;
@@ -395,5 +408,27 @@ mod tests {
         let t4 = t3 + Duration::from_secs(1);
         assert_eq!(sel(&mut s, t4, 150, 1000), Path::Direct);
         assert_eq!(s.unanswered(t4, &[2; 32]), Duration::ZERO);
+    }
+
+    #[test]
+    fn a_lone_keepalive_expects_no_answer() {
+        let mut s = PathSelector::default();
+        let t0 = Instant::now();
+        let sel = |s: &mut PathSelector, t: Instant, rx: u64, tx: u64| {
+            s.select(t, vec![peer(2)], &talking(rx, tx), &[], &ME, &never)
+                .1[&[2; 32]]
+        };
+        sel(&mut s, t0, 100, 100);
+        // A poke: one keepalive out, the peer's comes at its own time.
+        let t1 = t0 + Duration::from_secs(1);
+        sel(&mut s, t1, 100, 100 + KEEPALIVE_BYTES);
+        let t2 = t1 + UNANSWERED;
+        assert_eq!(sel(&mut s, t2, 100, 100 + KEEPALIVE_BYTES), Path::Direct);
+        assert_eq!(s.unanswered(t2, &[2; 32]), Duration::ZERO);
+        // Data does expect one.
+        sel(&mut s, t2, 100, 100 + KEEPALIVE_BYTES + 64);
+        let t3 = t2 + Duration::from_secs(3);
+        sel(&mut s, t3, 100, 100 + KEEPALIVE_BYTES + 64);
+        assert_eq!(s.unanswered(t3, &[2; 32]), Duration::from_secs(3));
     }
 }
