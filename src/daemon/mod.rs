@@ -48,6 +48,10 @@ const MIN_STEP_GAP: Duration = Duration::from_millis(50);
 const STATUS_EVERY: Duration = Duration::from_secs(2);
 /// How often the host's addresses are read again.
 const LOCAL_NETS_EVERY: Duration = Duration::from_secs(2);
+/// How often every peer is poked (a keepalive each way, see
+/// `reconcile::reconcile`) and the next endpoint candidate tried: the
+/// members' shared beat.
+const POKE_EVERY: Duration = Duration::from_secs(10);
 /// How long a leaving node keeps gossiping its leave record.
 const LEAVE_LINGER: Duration = Duration::from_secs(2);
 
@@ -651,7 +655,10 @@ impl Node {
         if obs.changed {
             self.republish(false).await;
         }
-        let rotation = (unix_ms() / 10_000) as usize;
+        // The poke beat is wall-clock time, shared by every member: both
+        // ends of a pair send their checks in the same beat, which is what
+        // opens both NATs at once (see `nat::checks`).
+        let rotation = (unix_ms() / POKE_EVERY.as_millis() as u64) as usize;
         let poke = rotation != self.last_rotation;
         self.last_rotation = rotation;
         let traversal = &self.traversal;

@@ -10,8 +10,21 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
-/// How often each member is probed once known.
+/// How often each member is probed once known, in a mesh of up to
+/// `PROBE_EVERY / PROBE_GAP` members; see [`probe_period`].
 pub const PROBE_EVERY: Duration = Duration::from_secs(30);
+/// The least mean gap between two probes of a node (at most two a second,
+/// whatever the mesh size).
+const PROBE_GAP: Duration = Duration::from_millis(500);
+/// How often each of `members` members is probed: every [`PROBE_EVERY`],
+/// or less often in a large mesh, so that a node's probing stays within
+/// one echo per [`PROBE_GAP`] (each is a round trip through two data
+/// planes; at hundreds of members a fixed period would make it a steady
+/// cost that grows with the mesh). `status` then shows an older RTT.
+pub fn probe_period(members: usize) -> Duration {
+    PROBE_EVERY.max(PROBE_GAP * members as u32)
+}
+
 /// How long a probe waits for its echo reply.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -63,6 +76,7 @@ impl Prober {
         self.next.retain(|k, _| members.iter().any(|(m, _)| m == k));
         self.rtt.retain(|k, _| self.next.contains_key(k));
         let Some(client) = &self.client else { return };
+        let period = probe_period(members.len());
         for (k, ip) in members {
             let due = self.next.entry(*k).or_insert_with(|| {
                 // New member: measure soon, spread so that a node learning
@@ -76,8 +90,8 @@ impl Prober {
                 continue;
             }
             // Next regular probe, jittered by up to a tenth either way.
-            let jitter = rand::random::<u64>() % (PROBE_EVERY.as_millis() as u64 / 5);
-            *due = now + PROBE_EVERY - PROBE_EVERY / 10 + Duration::from_millis(jitter);
+            let jitter = rand::random::<u64>() % (period.as_millis() as u64 / 5);
+            *due = now + period - period / 10 + Duration::from_millis(jitter);
             self.in_flight.insert(*k, now);
             let client = client.clone();
             let tx = self.tx.clone();
@@ -99,5 +113,23 @@ impl Prober {
         // the member for good.
         self.in_flight
             .retain(|_, t| now.saturating_duration_since(*t) < PROBE_TIMEOUT * 3);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probing_stays_within_its_budget_at_any_mesh_size() {
+        assert_eq!(probe_period(0), PROBE_EVERY);
+        assert_eq!(probe_period(60), PROBE_EVERY);
+        for n in [61usize, 250, 1000] {
+            let per_sec = n as f64 / probe_period(n).as_secs_f64();
+            assert!(
+                per_sec <= 1.0 / PROBE_GAP.as_secs_f64() + 1e-9,
+                "{n}: {per_sec}/s"
+            );
+        }
     }
 }

@@ -18,8 +18,25 @@ const MAX_PACKET: usize = 65535;
 /// Room for the WireGuard data header and tag (32 bytes) and for handshake
 /// messages (148 bytes).
 const OUT_BUF: usize = MAX_PACKET + 256;
-/// Period of the timer task (boringtun's device uses 250 ms).
+/// Period of the timer task with few peers (boringtun's device uses 250 ms);
+/// see [`timer_period`].
 const TIMER_TICK: Duration = Duration::from_millis(250);
+/// Up to this many peers the timer task runs every [`TIMER_TICK`]; above,
+/// its period grows in proportion, up to [`MAX_TIMER_TICK`].
+const TIMER_PEERS: usize = 40;
+const MAX_TIMER_TICK: Duration = Duration::from_secs(1);
+
+/// The timer task's period for `peers` peers. Each run visits every peer
+/// (`Tunn::update_timers`, keepalives), so at hundreds of peers a fixed
+/// 250 ms makes the idle cost of a node grow with the mesh. WireGuard's
+/// timers are seconds long (retry 5 s, keepalive 10 s, rekey 120 s), so a
+/// coarser run only makes them fire up to a second late.
+fn timer_period(peers: usize) -> Duration {
+    if peers <= TIMER_PEERS {
+        return TIMER_TICK;
+    }
+    (TIMER_TICK * peers as u32 / TIMER_PEERS as u32).min(MAX_TIMER_TICK)
+}
 
 /// TUN → longest-prefix match → encapsulate → UDP.
 pub(crate) async fn tun_loop(shared: Arc<Shared>) {
@@ -263,8 +280,8 @@ fn check_source(
     }
 }
 
-/// Every `TIMER_TICK`: rate-limiter reset, `Tunn::update_timers` for every
-/// peer (handshake retries, rekeys, passive keepalives) and persistent
+/// Every [`timer_period`]: rate-limiter reset, `Tunn::update_timers` for
+/// every peer (handshake retries, rekeys, passive keepalives) and persistent
 /// keepalives.
 pub(crate) async fn timer_loop(shared: Arc<Shared>) {
     let mut out = vec![0u8; OUT_BUF];
@@ -275,6 +292,11 @@ pub(crate) async fn timer_loop(shared: Arc<Shared>) {
         tick.tick().await;
         {
             let st = read(&shared.state);
+            let period = timer_period(st.peers.len());
+            if period != tick.period() {
+                tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            }
             if let Some(k) = &st.key {
                 k.front_limiter.reset_count();
             }
@@ -331,5 +353,19 @@ pub(crate) async fn timer_loop(shared: Arc<Shared>) {
                 tracing::trace!(to = %ep, error = %e, "UDP send failed");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod timer_tests {
+    use super::*;
+
+    #[test]
+    fn timer_period_stretches_with_peers_and_is_bounded() {
+        assert_eq!(timer_period(0), TIMER_TICK);
+        assert_eq!(timer_period(TIMER_PEERS), TIMER_TICK);
+        assert_eq!(timer_period(2 * TIMER_PEERS), 2 * TIMER_TICK);
+        assert_eq!(timer_period(10_000), MAX_TIMER_TICK);
+        assert!(timer_period(TIMER_PEERS + 1) > TIMER_TICK);
     }
 }
