@@ -322,11 +322,13 @@ pub(crate) async fn timer_loop(shared: Arc<Shared>) {
                     _ => None,
                 };
                 let ka = inner.persistent_keepalive;
-                let due = inner
-                    .last_traversal
-                    .is_none_or(|t| t.elapsed() >= Duration::from_secs(ka.into()));
+                let due = inner.keepalive_now
+                    || inner
+                        .last_traversal
+                        .is_none_or(|t| t.elapsed() >= Duration::from_secs(ka.into()));
                 if packet.is_none() && ka > 0 && due {
                     inner.last_traversal = Some(Instant::now());
+                    inner.keepalive_now = false;
                     // Without a session, start a handshake rather than queue
                     // an empty packet (which would pile up in `Tunn`'s queue).
                     let res = if tunn.time_since_last_handshake().is_some() {

@@ -237,8 +237,9 @@ fn update_peer(
     }
     if before.persistent_keepalive != after.persistent_keepalive {
         if before.persistent_keepalive == 0 {
-            // As wireguard-go: send a keepalive at once when turned on.
-            inner.last_traversal = None;
+            // As wireguard-go and the kernel: send a keepalive when turned
+            // on (at the next timer run).
+            inner.keepalive_now = true;
         }
         inner.persistent_keepalive = after.persistent_keepalive;
     }

@@ -216,3 +216,82 @@ async fn rejects_bad_interface_names() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_poke_is_sent_even_when_the_peer_pokes_first() {
+    in_private_netns("a_poke_is_sent_even_when_the_peer_pokes_first", poke_body);
+}
+
+/// Two devices on loopback with a session; both poke (keepalive off, then
+/// on) in the same instant, as members do on the shared beat. Each must
+/// send its keepalive: one arriving from the other side first must not
+/// cancel it (it did, and one side then heard nothing for 25 s).
+async fn poke_body() {
+    let dir = scratch_dir("poke");
+    let secret = |b: u8| x25519_dalek::StaticSecret::from([b; 32]);
+    let public = |b: u8| hex::encode(x25519_dalek::PublicKey::from(&secret(b)).as_bytes());
+    // Timer runs half a period apart, as two members' are: the poke of the
+    // one whose timer runs first reaches the other before its own run.
+    let a = UserspaceDevice::start_in("mpwt1", &dir).await.expect("a");
+    tokio::time::sleep(Duration::from_millis(125)).await;
+    let b = UserspaceDevice::start_in("mpwt2", &dir).await.expect("b");
+    for (dev, me) in [(&a, 1u8), (&b, 2u8)] {
+        dev.uapi_set(&format!(
+            "private_key={}\nlisten_port=0",
+            hex::encode(secret(me).to_bytes())
+        ))
+        .await
+        .expect("key");
+    }
+    let (pa, pb) = (
+        a.listen_port().expect("a port"),
+        b.listen_port().expect("b port"),
+    );
+    let peer_of = |other: u8, port: u16, ka: u16| {
+        format!(
+            "public_key={}\nendpoint=127.0.0.1:{port}\npersistent_keepalive_interval={ka}\n\
+             allowed_ip=10.99.0.{other}/32",
+            public(other)
+        )
+    };
+    a.uapi_set(&peer_of(2, pb, 25)).await.expect("a peer");
+    b.uapi_set(&peer_of(1, pa, 25)).await.expect("b peer");
+    let rx = |dump: String| -> u64 {
+        dump.lines()
+            .find_map(|l| l.strip_prefix("rx_bytes="))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    // The session: a keepalive right after the peer is added starts it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while rx(a.uapi_get().await) == 0 || rx(b.uapi_get().await) == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "no session");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for round in 0..5 {
+        // Let earlier packets settle, then poke both at once.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (ra, rb) = (rx(a.uapi_get().await), rx(b.uapi_get().await));
+        for (dev, other, port) in [(&a, 2u8, pb), (&b, 1u8, pa)] {
+            dev.uapi_set(&peer_of(other, port, 0)).await.expect("off");
+            dev.uapi_set(&peer_of(other, port, 25)).await.expect("on");
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+        loop {
+            let (na, nb) = (rx(a.uapi_get().await), rx(b.uapi_get().await));
+            if na > ra && nb > rb {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "round {round}: a poke was not sent (a heard {} bytes, b heard {})",
+                na - ra,
+                nb - rb
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    a.shutdown().await;
+    b.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

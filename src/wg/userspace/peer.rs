@@ -78,6 +78,13 @@ pub(crate) struct PeerInner {
     /// Last authenticated packet sent or received; `None` makes a persistent
     /// keepalive due at once (it was just turned on).
     pub last_traversal: Option<Instant>,
+    /// Persistent keepalive was just turned on: send one at the next timer
+    /// run whatever was sent or received meanwhile (as the kernel and
+    /// wireguard-go do, at once). A packet from the peer must not cancel
+    /// it: both ends poke in the same beat, and each one's poke arriving
+    /// first used to cancel the other's, so one side heard nothing for
+    /// 25 s and took the path for broken.
+    pub keepalive_now: bool,
     pub stats: PeerStats,
 }
 
@@ -93,6 +100,7 @@ impl Peer {
                 persistent_keepalive: cfg.persistent_keepalive,
                 preshared_key: cfg.preshared_key,
                 last_traversal: None,
+                keepalive_now: false,
                 stats: PeerStats::default(),
             }),
         }
