@@ -52,6 +52,9 @@ const LOCAL_NETS_EVERY: Duration = Duration::from_secs(2);
 /// `reconcile::reconcile`) and the next endpoint candidate tried: the
 /// members' shared beat.
 const POKE_EVERY: Duration = Duration::from_secs(10);
+/// How long after a record arrived or changed small-mesh gossip rounds
+/// keep their full fanout.
+const BUSY_GOSSIP: Duration = Duration::from_secs(10);
 /// How long a leaving node keeps gossiping its leave record.
 const LEAVE_LINGER: Duration = Duration::from_secs(2);
 
@@ -346,6 +349,9 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()>) -> anyho
     let mut leave_reply = None;
     let answered = node.traversal.answered();
     let records_changed = node.gossip.records_changed();
+    // Small-mesh rounds go to more members while records change (see
+    // `gossip::BUSY_FANOUT`); a node starts busy.
+    let mut busy_until = Instant::now() + BUSY_GOSSIP;
     // Gossip rounds of a small mesh, between chitchat's own (see
     // `Gossip::small_mesh_round`), unless chitchat's own are as frequent.
     let mut rounds = node.gossip.extra_round_every().map(|period| {
@@ -362,13 +368,19 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()>) -> anyho
             // large meshes, where records change all the time and the
             // stretched tick is what bounds a node's cost.
             _ = records_changed.notified(), if small && node.last_step.elapsed() >= MIN_STEP_GAP => {
+                busy_until = Instant::now() + BUSY_GOSSIP;
                 node.step_or_warn().await;
             }
             // A connectivity check was answered: handshake there now, not
             // at the next tick.
             _ = answered.notified() => node.on_stun_answer().await,
             Some(_) = async { Some(rounds.as_mut()?.tick().await) }, if rounds.is_some() => {
-                node.gossip.small_mesh_round().await
+                let fanout = if Instant::now() < busy_until {
+                    gossip::BUSY_FANOUT
+                } else {
+                    gossip::QUIET_FANOUT
+                };
+                node.gossip.small_mesh_round(fanout).await
             }
             _ = &mut shutdown => {
                 tracing::info!("shutting down (members will mark this node down)");

@@ -36,8 +36,14 @@ pub const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
 /// Up to this many live members, [`Gossip::small_mesh_round`] adds rounds
 /// at [`GossipTiming::interval`] to chitchat's own.
 pub const SMALL_MESH: usize = 30;
-/// Members a round goes to (chitchat's own rounds pick 3 as well).
-const ROUND_FANOUT: usize = 3;
+/// Members a small-mesh round goes to while records are changing (a join,
+/// a leave, a new endpoint): chitchat's own rounds pick 3 as well.
+pub const BUSY_FANOUT: usize = 3;
+/// Members a small-mesh round goes to while nothing changes: one is enough
+/// to carry heartbeats between chitchat's own rounds, and every round
+/// costs a digest of every member each way (at 10 members and fanout 3,
+/// 45 KiB/s of gossip per node, sent and received, and 1 % of a core).
+pub const QUIET_FANOUT: usize = 1;
 /// Heartbeat gaps longer than this are not learned by the failure detector
 /// (chitchat's default is 10 s). In a mesh of hundreds, where most members
 /// sit behind NAT and only reach the public ones, a member's heartbeat can
@@ -206,11 +212,12 @@ impl Gossip {
     }
 
     /// In a small mesh (up to [`SMALL_MESH`] live members), starts a round
-    /// with a few random live members (any known member while none is
+    /// with `fanout` random live members (any known member while none is
     /// live yet), as chitchat's own round does but without its
     /// housekeeping: small meshes keep fast gossip (a hop every 250 ms by
-    /// default), large ones run at chitchat's slower interval.
-    pub async fn small_mesh_round(&self) {
+    /// default), large ones run at chitchat's slower interval. The daemon
+    /// passes [`BUSY_FANOUT`] while records change, else [`QUIET_FANOUT`].
+    pub async fn small_mesh_round(&self, fanout: usize) {
         use rand::seq::SliceRandom;
         let mut addrs = self.live_addrs().await;
         if addrs.len() > SMALL_MESH {
@@ -219,7 +226,7 @@ impl Gossip {
         if addrs.is_empty() {
             addrs = self.addrs(false).await;
         }
-        for addr in addrs.choose_multiple(&mut rand::thread_rng(), ROUND_FANOUT) {
+        for addr in addrs.choose_multiple(&mut rand::thread_rng(), fanout) {
             self.gossip_to(*addr);
         }
     }
