@@ -24,6 +24,6 @@ if [ ${#need[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
 fi
 echo "==> building meshpeer and the testnet"
-cargo build --bins 2>&1 | tail -n 3
+cargo build --workspace --bins 2>&1 | tail -n 3
 echo "==> running testnet/scenarios/demo.toml"
 exec target/debug/testnet run --scenario testnet/scenarios/demo.toml "$@"
