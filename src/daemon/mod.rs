@@ -737,9 +737,8 @@ impl Node {
             })
             .map(|m| m.record.gossip_addr)
             .collect();
-        self.gossip
-            .transport
-            .set_live(self.gossip.live_addrs().await, expected);
+        let live_addrs = self.gossip.live_addrs().await;
+        self.gossip.transport.set_live(live_addrs.clone(), expected);
         if live == 0 {
             if Instant::now() >= self.next_reach {
                 let mut addrs = self.seed_addrs.clone();
@@ -762,9 +761,8 @@ impl Node {
             self.last_status = Instant::now();
         }
         if self.last_persist.elapsed() > Duration::from_secs(10) {
-            let known = self.gossip.live_addrs().await;
-            if !known.is_empty() && known != self.state.known_members {
-                self.state.known_members = known;
+            if !live_addrs.is_empty() && live_addrs != self.state.known_members {
+                self.state.known_members = live_addrs;
             }
             self.persist(false);
         }

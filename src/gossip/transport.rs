@@ -519,7 +519,7 @@ impl Socket for QuicSocket {
         let to = if let ChitchatMessage::Syn { .. } = msg {
             // A round chitchat starts: thinned, and sent where it can go.
             let now = Instant::now();
-            let targets = lock(&self.shared.targets).clone();
+            let targets = lock(&self.shared.targets);
             let held = {
                 let bad = lock(&self.shared.unreachable);
                 move |a: &SocketAddr| bad.get(a).is_some_and(|(until, _)| now < *until)
