@@ -1,267 +1,232 @@
-use std::io::BufRead;
+//! Gossip messages and their encoding.
+//!
+//! `magic (u16 LE 45139) || protocol version (u8) || type (u8) || fields`,
+//! with chitchat's primitive encodings (fixed-width little-endian integers,
+//! strings as u16 length + UTF-8). Protocol version 1 is meshpeer's
+//! (upstream chitchat 0.11 is version 0 and is refused).
 
-use anyhow::{Context, bail};
+use anyhow::{bail, Context};
 
 use crate::delta::Delta;
-use crate::digest::Digest;
+use crate::digest::{Digest, Summary, BUCKETS};
 use crate::serialize::{Deserializable, Serializable};
 
 const MAGIC_NUMBER: u16 = 45_139;
+/// Wire version of the messages (upstream chitchat 0.11 sends 0).
+pub const PROTOCOL_VERSION: u8 = 1;
 
-/// Chitchat message.
-///
-/// Each variant represents a step of the gossip "handshake"
-/// between node A and node B.
-/// The names {SYN, SYN-ACK, ACK} of the different steps are borrowed from
-/// TCP handshake.
-#[derive(Debug, Eq, PartialEq)]
+/// One step of a gossip round (see the crate documentation).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ChitchatMessage {
-    /// Scuttlebutt SYN: node A initiates a handshake and sends its digest.
-    Syn { cluster_id: String, digest: Digest },
-    /// Scuttlebutt SYN-ACK: node B returns a partial update as described in the Scuttlebutt
-    /// reconciliation algorithm and its own digest.
-    SynAck { digest: Digest, delta: Delta },
-    /// Scuttlebutt ACK: node A returns a partial update for B.
-    Ack { delta: Delta },
-    /// Node B rejects the SYN message because node A and B belong to different clusters.
+    /// A opens a round with its summary (and its bucket hashes in large
+    /// meshes).
+    Syn {
+        cluster_id: String,
+        summary: Summary,
+        buckets: Vec<u64>,
+    },
+    /// B answers: in sync (`None`), or its digest of the buckets that differ.
+    SynAck { digest: Option<Digest> },
+    /// A delta, with the sender's digest of the same scope when the other
+    /// side still owes one (A's answer to a SynAck), or without (B's last
+    /// word).
+    Ack {
+        delta: Delta,
+        digest: Option<Digest>,
+    },
+    /// B refuses: A belongs to another cluster.
     BadCluster,
-    /// A message used by tests to trigger a panic
-    #[cfg(test)]
-    PanicForTest,
 }
 
-#[derive(Clone, Copy, Eq, PartialEq)]
-#[repr(u8)]
-enum ProtocolVersion {
-    V0 = 0,
-}
-
-impl ProtocolVersion {
-    pub fn from_code(code: u8) -> Option<Self> {
-        match code {
-            0 => Some(Self::V0),
-            _ => None,
-        }
-    }
-
-    pub fn to_code(self) -> u8 {
-        self as u8
-    }
-}
-
-#[derive(Clone, Copy)]
 #[repr(u8)]
 enum MessageType {
     Syn = 0,
-    SynAck = 1u8,
-    Ack = 2u8,
-    BadCluster = 3u8,
-    #[cfg(test)]
-    PanicForTest = 255u8,
+    SynAck = 1,
+    Ack = 2,
+    BadCluster = 3,
 }
 
-impl MessageType {
-    pub fn from_code(code: u8) -> Option<Self> {
-        match code {
-            0 => Some(Self::Syn),
-            1 => Some(Self::SynAck),
-            2 => Some(Self::Ack),
-            3 => Some(Self::BadCluster),
-            #[cfg(test)]
-            255 => Some(Self::PanicForTest),
-            _ => None,
+fn serialize_digest(d: &Option<Digest>, buf: &mut Vec<u8>) {
+    match d {
+        None => buf.push(0),
+        Some(d) => {
+            buf.push(1);
+            d.serialize(buf);
         }
     }
+}
 
-    pub fn to_code(self) -> u8 {
-        self as u8
+fn digest_len(d: &Option<Digest>) -> usize {
+    1 + d.as_ref().map_or(0, Serializable::serialized_len)
+}
+
+fn deserialize_digest(buf: &mut &[u8]) -> anyhow::Result<Option<Digest>> {
+    match u8::deserialize(buf)? {
+        0 => Ok(None),
+        1 => Ok(Some(Digest::deserialize(buf)?)),
+        b => bail!("invalid digest flag {b}"),
     }
 }
 
 impl Serializable for ChitchatMessage {
     fn serialize(&self, buf: &mut Vec<u8>) {
-        buf.extend(MAGIC_NUMBER.to_le_bytes());
-        ProtocolVersion::V0.to_code().serialize(buf);
-
+        MAGIC_NUMBER.serialize(buf);
+        PROTOCOL_VERSION.serialize(buf);
         match self {
-            ChitchatMessage::Syn { cluster_id, digest } => {
-                buf.push(MessageType::Syn.to_code());
-                digest.serialize(buf);
+            ChitchatMessage::Syn {
+                cluster_id,
+                summary,
+                buckets,
+            } => {
+                buf.push(MessageType::Syn as u8);
                 cluster_id.serialize(buf);
+                summary.serialize(buf);
+                (buckets.len() as u8).serialize(buf);
+                for b in buckets {
+                    b.serialize(buf);
+                }
             }
-            ChitchatMessage::SynAck { digest, delta } => {
-                buf.push(MessageType::SynAck.to_code());
-                digest.serialize(buf);
+            ChitchatMessage::SynAck { digest } => {
+                buf.push(MessageType::SynAck as u8);
+                serialize_digest(digest, buf);
+            }
+            ChitchatMessage::Ack { delta, digest } => {
+                buf.push(MessageType::Ack as u8);
+                serialize_digest(digest, buf);
                 delta.serialize(buf);
             }
-            ChitchatMessage::Ack { delta } => {
-                buf.push(MessageType::Ack.to_code());
-                delta.serialize(buf);
-            }
-            ChitchatMessage::BadCluster => {
-                buf.push(MessageType::BadCluster.to_code());
-            }
-            #[cfg(test)]
-            ChitchatMessage::PanicForTest => {
-                buf.push(MessageType::PanicForTest.to_code());
-            }
+            ChitchatMessage::BadCluster => buf.push(MessageType::BadCluster as u8),
         }
     }
 
     fn serialized_len(&self) -> usize {
-        2 + 1
-            + match self {
-                ChitchatMessage::Syn { cluster_id, digest } => {
-                    1 + cluster_id.serialized_len() + digest.serialized_len()
-                }
-                ChitchatMessage::SynAck { digest, delta } => {
-                    1 + digest.serialized_len() + delta.serialized_len()
-                }
-                ChitchatMessage::Ack { delta } => 1 + delta.serialized_len(),
-                ChitchatMessage::BadCluster => 1,
-                #[cfg(test)]
-                ChitchatMessage::PanicForTest => 1,
-            }
+        4 + match self {
+            ChitchatMessage::Syn {
+                cluster_id,
+                buckets,
+                ..
+            } => cluster_id.serialized_len() + 12 + 1 + 8 * buckets.len(),
+            ChitchatMessage::SynAck { digest } => digest_len(digest),
+            ChitchatMessage::Ack { delta, digest } => digest_len(digest) + delta.serialized_len(),
+            ChitchatMessage::BadCluster => 0,
+        }
     }
 }
 
 impl Deserializable for ChitchatMessage {
     fn deserialize(buf: &mut &[u8]) -> anyhow::Result<Self> {
-        if buf.len() < 3 {
-            bail!("buffer too small to store the magic number and the protocol version");
+        let magic = u16::deserialize(buf).context("message too short")?;
+        if magic != MAGIC_NUMBER {
+            bail!("not a chitchat message (magic {magic})");
         }
-        let magic_number = u16::from_le_bytes(buf[0..2].try_into().unwrap());
-        if magic_number != MAGIC_NUMBER {
-            bail!("invalid chitchat magic number");
+        let version = u8::deserialize(buf)?;
+        if version != PROTOCOL_VERSION {
+            bail!("chitchat protocol version {version}, expected {PROTOCOL_VERSION}");
         }
-        let protocol_version =
-            ProtocolVersion::from_code(buf[2]).context("invalid protocol version")?;
-
-        if protocol_version != ProtocolVersion::V0 {
-            bail!(
-                "unsupported protocol version `{}`",
-                protocol_version.to_code()
-            )
-        }
-        buf.consume(3);
-
-        let message_type = buf
-            .first()
-            .copied()
-            .and_then(MessageType::from_code)
-            .context("invalid message type")?;
-        buf.consume(1);
-
-        match message_type {
-            MessageType::Syn => {
-                let digest = Digest::deserialize(buf)?;
-                let cluster_id = String::deserialize(buf)?;
-                Ok(Self::Syn { cluster_id, digest })
+        let kind = u8::deserialize(buf)?;
+        let msg = if kind == MessageType::Syn as u8 {
+            let cluster_id = String::deserialize(buf)?;
+            let summary = Summary::deserialize(buf)?;
+            let n = u8::deserialize(buf)? as usize;
+            if n != 0 && n != BUCKETS {
+                bail!("a summary has 0 or {BUCKETS} buckets, not {n}");
             }
-            MessageType::SynAck => {
-                let digest = Digest::deserialize(buf)?;
-                let delta = Delta::deserialize(buf)?;
-                Ok(Self::SynAck { digest, delta })
+            let mut buckets = Vec::with_capacity(n);
+            for _ in 0..n {
+                buckets.push(u64::deserialize(buf)?);
             }
-            MessageType::Ack => {
-                let delta = Delta::deserialize(buf)?;
-                Ok(Self::Ack { delta })
+            ChitchatMessage::Syn {
+                cluster_id,
+                summary,
+                buckets,
             }
-            MessageType::BadCluster => Ok(Self::BadCluster),
-            #[cfg(test)]
-            MessageType::PanicForTest => Ok(Self::PanicForTest),
+        } else if kind == MessageType::SynAck as u8 {
+            ChitchatMessage::SynAck {
+                digest: deserialize_digest(buf)?,
+            }
+        } else if kind == MessageType::Ack as u8 {
+            let digest = deserialize_digest(buf)?;
+            let delta = Delta::deserialize(buf)?;
+            ChitchatMessage::Ack { delta, digest }
+        } else if kind == MessageType::BadCluster as u8 {
+            ChitchatMessage::BadCluster
+        } else {
+            bail!("unknown chitchat message type {kind}");
+        };
+        if !buf.is_empty() {
+            bail!("{} trailing bytes after a chitchat message", buf.len());
         }
+        Ok(msg)
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use crate::serialize::test_serdeser_aux;
-    use crate::{ChitchatId, ChitchatMessage, Delta, Digest, Heartbeat};
+    use super::*;
+    use crate::delta::DeltaSerializer;
+    use crate::types::VersionedValue;
 
     #[test]
-    fn test_syn() {
-        {
-            let syn = ChitchatMessage::Syn {
-                cluster_id: "cluster-a".to_string(),
-                digest: Digest::default(),
-            };
-            test_serdeser_aux(&syn, 17);
-        }
-        {
-            let mut digest = Digest::default();
-            let node = ChitchatId::for_local_test(10_001);
-            digest.add_node(node, Heartbeat(0), 0, 0);
-
-            let syn = ChitchatMessage::Syn {
-                cluster_id: "cluster-a".to_string(),
-                digest,
-            };
-            test_serdeser_aux(&syn, 68);
+    fn messages_round_trip() {
+        let mut digest = Digest::default();
+        digest.entries.insert("n".into(), 3);
+        let mut s = DeltaSerializer::with_mtu(4096);
+        assert!(s.try_add_node("n".into(), 0));
+        assert!(s.try_add_kv(
+            "record",
+            &VersionedValue {
+                value: "v".into(),
+                version: 3
+            }
+        ));
+        let msgs = vec![
+            ChitchatMessage::Syn {
+                cluster_id: "c".into(),
+                summary: Summary { count: 2, hash: 9 },
+                buckets: vec![],
+            },
+            ChitchatMessage::Syn {
+                cluster_id: "c".into(),
+                summary: Summary { count: 2, hash: 9 },
+                buckets: vec![7; BUCKETS],
+            },
+            ChitchatMessage::SynAck { digest: None },
+            ChitchatMessage::SynAck {
+                digest: Some(digest.clone()),
+            },
+            ChitchatMessage::Ack {
+                delta: s.finish(),
+                digest: Some(digest),
+            },
+            ChitchatMessage::BadCluster,
+        ];
+        for m in msgs {
+            let bytes = m.serialize_to_vec();
+            assert_eq!(bytes.len(), m.serialized_len());
+            assert_eq!(ChitchatMessage::deserialize(&mut &bytes[..]).unwrap(), m);
+            // Every truncation and every single-byte change decodes to an
+            // error or to some message, never a panic.
+            for cut in 0..bytes.len() {
+                let _ = ChitchatMessage::deserialize(&mut &bytes[..cut]);
+            }
+            for i in 0..bytes.len() {
+                let mut b = bytes.clone();
+                b[i] ^= 0x5a;
+                let _ = ChitchatMessage::deserialize(&mut &b[..]);
+            }
         }
     }
 
     #[test]
-    fn test_syn_ack() {
-        {
-            let syn_ack = ChitchatMessage::SynAck {
-                digest: Digest::default(),
-                delta: Delta::default(),
-            };
-            // 2 (magic number) + 1 (protocol version) + 1 (message tag) + 2 (digest len) + 1 (delta
-            // end op)
-            test_serdeser_aux(&syn_ack, 7);
-        }
-        {
-            // 2 bytes.
-            let mut digest = Digest::default();
-            let node = ChitchatId::for_local_test(10_001);
-            // +43 bytes = 27 bytes (ChitchatId) + 8 (hearbeat) + 8 (max_version).
-            digest.add_node(node, Heartbeat(0), 0, 0);
-
-            // 4 bytes
-            let mut delta = Delta::default();
-            let node = ChitchatId::for_local_test(10_001);
-            // +27 bytes (ChitchatId)
-            // + 2 bytes (node delta len)
-            // + 8 bytes (last_gc_version)
-            // + 8 bytes (from_version).
-            delta.add_node(node.clone(), 0u64, 0u64);
-            // +22 bytes.
-            delta.add_kv(&node, "key", "value", 1, true);
-            // That's compression kicking in.
-            delta.set_serialized_len(70);
-
-            let syn_ack = ChitchatMessage::SynAck { digest, delta };
-            // 1 byte (protocol version) + 1 byte (message tag) + 53 bytes (digest) + 60 bytes
-            // (delta).
-            test_serdeser_aux(&syn_ack, 2 + 1 + 1 + 53 + 70);
-        }
-    }
-
-    #[test]
-    fn test_ack() {
-        {
-            let delta = Delta::default();
-            let ack = ChitchatMessage::Ack { delta };
-            test_serdeser_aux(&ack, 5);
-        }
-        {
-            // 4 bytes.
-            let mut delta = Delta::default();
-            let node = ChitchatId::for_local_test(10_001);
-            // +37 bytes = 27 bytes (ChitchatId) + 2 bytes (node delta len) + 8 bytes (heartbeat).
-            delta.add_node(node.clone(), 0u64, 0u64);
-            // +29 bytes.
-            delta.add_kv(&node, "key", "value", 1, true);
-            delta.set_serialized_len(70);
-            let ack = ChitchatMessage::Ack { delta };
-            test_serdeser_aux(&ack, 2 + 1 + 1 + 70);
-        }
-    }
-
-    #[test]
-    fn test_bad_cluster() {
-        test_serdeser_aux(&ChitchatMessage::BadCluster, 4);
+    fn upstream_messages_and_trailing_bytes_are_refused() {
+        // chitchat 0.11's version byte is 0.
+        let mut b = Vec::new();
+        MAGIC_NUMBER.serialize(&mut b);
+        0u8.serialize(&mut b);
+        b.push(3);
+        assert!(ChitchatMessage::deserialize(&mut &b[..]).is_err());
+        let mut ok = ChitchatMessage::BadCluster.serialize_to_vec();
+        ok.push(0);
+        assert!(ChitchatMessage::deserialize(&mut &ok[..]).is_err());
     }
 }
