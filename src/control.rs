@@ -17,6 +17,10 @@ use crate::status::Status;
 pub enum Request {
     Status,
     Leave,
+    /// A new revocation list (signed by the network key, gossip text).
+    Revoke {
+        list: String,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -24,6 +28,7 @@ pub enum Request {
 pub enum Reply {
     Status(Box<Status>),
     Left,
+    Revoked,
     Error { message: String },
 }
 

@@ -20,6 +20,7 @@ pub mod daemon;
 pub mod gossip;
 pub mod identity;
 pub mod ipalloc;
+pub mod liveness;
 pub mod membership;
 pub mod nat;
 pub mod net;
@@ -29,6 +30,7 @@ pub mod reconcile;
 pub mod record;
 pub mod state;
 pub mod status;
+pub mod trust;
 pub mod wg;
 
 /// Default UDP port of WireGuard, as users know it.

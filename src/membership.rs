@@ -1,89 +1,92 @@
-//! The membership core (sans-IO): which members exist, in what state, and
-//! which WireGuard peers this node should therefore have.
+//! The membership core (sans-IO): which members exist, who holds which
+//! address and name, in what state, and which WireGuard peers this node
+//! should therefore have.
 //!
 //! Driving contract: the shell reads a snapshot of the gossip state (one
-//! [`GossipEntry`] per chitchat node: its id, its record value, whether the
-//! failure detector holds it live) and calls [`Membership::handle_snapshot`]
-//! with the current `now`. The core verifies new record values, drops forged,
-//! foreign and replayed ones, tracks liveness, and returns [`Event`]s for the
-//! shell to log. [`Membership::desired_peers`] then says what WireGuard should
+//! [`GossipEntry`] per member: its id and its values) and calls
+//! [`Membership::handle_snapshot`] with the current `now`, the [`Trust`]
+//! (network, clock, revocations) and the liveness verdicts. The core verifies
+//! new records, drops forged, foreign, revoked and replayed ones, applies the
+//! holder rule (proto/PROTOCOL.md §3.1) and returns [`Event`]s for the shell
+//! to log. [`Membership::desired_peers`] then says what WireGuard should
 //! hold. The core does no I/O and reads no clock.
 //!
 //! Invariants:
 //! * only records that passed [`verify_record`] are ever stored;
 //! * a member's stored version never decreases (replays are dropped);
-//! * a member that left, or stayed down longer than the grace period, has no
-//!   desired peer.
+//! * an address or name is held by at most one member, and a member gets a
+//!   WireGuard peer only for an address it holds here;
+//! * no two peers share a WireGuard key;
+//! * a member that left, is revoked, or stayed down longer than the grace
+//!   period has no desired peer.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ipnet::Ipv4Net;
 
-use crate::ipalloc::Claim;
 use crate::proto::{self, PublicKeyBytes};
-use crate::record::{verify_record, RecordBody};
+use crate::record::{verify_record, RecordBody, Trust};
 
 /// How long a member may be down before its WireGuard peer is removed.
 pub const DEFAULT_DOWN_GRACE: Duration = Duration::from_secs(60);
-/// How long a member that was never heard from (no heartbeat since we
-/// learned of it) counts as joining rather than down.
-pub const NEVER_LIVE_GRACE: Duration = Duration::from_secs(30);
-/// A live member is down only after the failure detector has said so
-/// without a break for this long, times `max(1, log10(members))` (the
-/// suspicion timeout of SWIM/memberlist). chitchat's detector calls a member
-/// dead after a silence of 8 times its mean heartbeat gap, and under load,
-/// or at hundreds of members where heartbeats travel several gossip hops,
-/// such silences happen to live members: without this, members flapped
-/// down and up (466 times in 450 s on one node of a 250-node run), and
-/// every flap moved relayed pairs to another relay and back.
-pub const SUSPICION: Duration = Duration::from_secs(4);
-
-/// How long chitchat must call a member dead before it is down here.
-pub fn suspicion_for(members: usize) -> Duration {
-    let scale = (members.max(1) as f64).log10().max(1.0);
-    SUSPICION.mul_f64(scale)
-}
-/// Keepalive interval set on every peer (seconds), as users set it by hand.
-/// (meshpeer also pokes every peer every 10 s; see `reconcile`.)
+/// How long a down member is kept before it is forgotten (its address and
+/// name released).
+pub const FORGET_DOWN_AFTER: Duration = Duration::from_secs(600);
+/// How long a member that left is kept (shown as gone) before it is
+/// forgotten.
+pub const FORGET_LEFT_AFTER: Duration = Duration::from_secs(60);
+/// A holding younger than this is provisional: a competing claim made at
+/// the same time (two joiners picking one free address) may still win it by
+/// the race rule; after it, nothing takes it.
+pub const PROVISIONAL: Duration = Duration::from_secs(60);
+/// Keepalive interval for peers when this node is behind NAT (seconds), as
+/// users set it by hand: it keeps our NAT mapping towards the peer open.
 pub const KEEPALIVE_SECS: u16 = 25;
 
-/// One node as the gossip layer sees it.
+/// One member as the gossip layer holds it: its values (signed text).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GossipEntry {
     pub node_id: String,
-    pub record: Option<String>,
+    pub record: Option<Arc<str>>,
     /// Its signed observations of other members ([`crate::observe`]).
-    pub seen: Option<String>,
-    pub live: bool,
+    pub seen: Option<Arc<str>>,
+    /// Its refutations ([`crate::liveness::Alive`]).
+    pub alive: Option<Arc<str>>,
+    /// Its accusations ([`crate::liveness::Suspicions`]).
+    pub suspects: Option<Arc<str>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Liveness {
     Live,
-    /// The failure detector marked it down at this instant.
+    /// Liveness called it down at this instant.
     Down {
         since: Instant,
     },
-    /// It left on purpose.
-    Left,
+    /// It left on purpose, at this instant.
+    Left {
+        since: Instant,
+    },
 }
 
 #[derive(Debug, Clone)]
 pub struct Member {
     pub record: RecordBody,
     pub liveness: Liveness,
-    /// Whether the failure detector ever held it live: a member that just
-    /// appeared is not "down" before its first heartbeat arrives.
-    seen_live: bool,
-    /// When the liveness of a never-live member was first checked.
-    first_checked: Option<Instant>,
-    /// Since when the failure detector calls this live member dead
-    /// (it is down after [`suspicion_for`]).
-    silent_since: Option<Instant>,
+    /// The member was stamped by the network key (may advertise any route).
+    pub by_network: bool,
+    /// Its stamp's signature (relay choice hashes it).
+    pub stamp_signature: Vec<u8>,
+    /// Its admission's token (routes it may advertise).
+    pub allow_routes: Vec<crate::proto::Route>,
+    /// When it was admitted (its stamp's time, unix s): bounds its address
+    /// claim from below.
+    pub admitted_at: u64,
     /// The record text last accepted (to skip re-verifying it).
-    raw: String,
+    raw: Arc<str>,
 }
 
 /// What changed; the shell logs these.
@@ -119,53 +122,131 @@ pub enum Event {
         held: u64,
         got: u64,
     },
+    /// A member claims something another member holds; it does not get it.
+    Conflict {
+        what: String,
+        claimant: String,
+        holder: String,
+    },
 }
 
 /// A WireGuard peer this node should have.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DesiredPeer {
     pub public_key: [u8; 32],
-    /// Overlay addresses routed to this peer (its own, plus those it relays).
+    /// Overlay addresses routed to this peer: its own (and subnets it routes).
     pub allowed_ips: Vec<Ipv4Addr>,
     /// Candidate endpoints, best first.
     pub endpoints: Vec<SocketAddr>,
     pub keepalive: u16,
 }
 
+/// Who holds an address or a name here, since when.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Holding {
+    key: PublicKeyBytes,
+    /// `None`: established (adopted or reloaded; nothing takes it).
+    since: Option<Instant>,
+}
+
+/// The holder table (proto/PROTOCOL.md §3.1).
+#[derive(Debug, Clone, Default)]
+pub struct Holders {
+    ips: BTreeMap<Ipv4Addr, Holding>,
+    names: BTreeMap<String, Holding>,
+}
+
+impl Holders {
+    /// Established holdings, e.g. reloaded from the state directory or
+    /// adopted from the member that admitted us.
+    pub fn adopt(
+        &mut self,
+        ips: impl IntoIterator<Item = (Ipv4Addr, PublicKeyBytes)>,
+        names: impl IntoIterator<Item = (String, PublicKeyBytes)>,
+    ) {
+        for (ip, key) in ips {
+            self.ips.entry(ip).or_insert(Holding { key, since: None });
+        }
+        for (name, key) in names {
+            self.names
+                .entry(name)
+                .or_insert(Holding { key, since: None });
+        }
+    }
+
+    pub fn ips(&self) -> Vec<(Ipv4Addr, PublicKeyBytes)> {
+        self.ips.iter().map(|(ip, h)| (*ip, h.key)).collect()
+    }
+
+    pub fn names(&self) -> Vec<(String, PublicKeyBytes)> {
+        self.names.iter().map(|(n, h)| (n.clone(), h.key)).collect()
+    }
+
+    pub fn ip_holder(&self, ip: &Ipv4Addr) -> Option<PublicKeyBytes> {
+        self.ips.get(ip).map(|h| h.key)
+    }
+
+    pub fn name_holder(&self, name: &str) -> Option<PublicKeyBytes> {
+        self.names.get(name).map(|h| h.key)
+    }
+}
+
+/// The race order of claims: the earlier (clamped) claim, then the smaller
+/// key. `ip_claimed_at` is the claimant's word; it cannot go below its
+/// stamp, which the admitting member dated.
+fn claim_order(r: &RecordBody, admitted_at: u64) -> (u64, PublicKeyBytes) {
+    (
+        r.ip_claimed_at.max(admitted_at.saturating_mul(1000)),
+        r.node_key,
+    )
+}
+
 pub struct Membership {
-    network_key: PublicKeyBytes,
     self_key: PublicKeyBytes,
     down_grace: Duration,
     members: BTreeMap<PublicKeyBytes, Member>,
     /// Highest version ever accepted per node, kept after a member is
     /// forgotten so an old record cannot be replayed into the mesh.
     high_water: BTreeMap<PublicKeyBytes, u64>,
-    /// Node ids whose undecodable value was already reported (log once).
+    holders: Holders,
+    /// Members refused an address or name here (a conflict), and what.
+    conflicts: BTreeMap<PublicKeyBytes, String>,
+    /// Node ids whose bad value was already reported (log once).
     reported: BTreeMap<String, String>,
 }
 
 impl Membership {
-    pub fn new(
-        network_key: PublicKeyBytes,
-        self_key: PublicKeyBytes,
-        down_grace: Duration,
-    ) -> Self {
+    pub fn new(self_key: PublicKeyBytes, down_grace: Duration) -> Self {
         Self {
-            network_key,
             self_key,
             down_grace,
             members: BTreeMap::new(),
             high_water: BTreeMap::new(),
+            holders: Holders::default(),
+            conflicts: BTreeMap::new(),
             reported: BTreeMap::new(),
         }
     }
 
-    /// Feeds one snapshot of the gossip state.
-    pub fn handle_snapshot(&mut self, now: Instant, entries: &[GossipEntry]) -> Vec<Event> {
+    pub fn holders(&self) -> &Holders {
+        &self.holders
+    }
+
+    pub fn holders_mut(&mut self) -> &mut Holders {
+        &mut self.holders
+    }
+
+    /// Feeds one snapshot of the gossip state. `down` says which members
+    /// liveness calls down.
+    pub fn handle_snapshot(
+        &mut self,
+        now: Instant,
+        entries: &[GossipEntry],
+        trust: &Trust<'_>,
+        down: &dyn Fn(&PublicKeyBytes) -> bool,
+    ) -> Vec<Event> {
         let mut events = Vec::new();
-        // A node that restarted shows up under several chitchat generations:
-        // merge them (live if any generation is live; the newest record wins).
-        let mut seen: BTreeMap<PublicKeyBytes, bool> = BTreeMap::new();
+        let mut present: BTreeSet<PublicKeyBytes> = BTreeSet::new();
         for e in entries {
             let Some(key) = proto::parse_node_id(&e.node_id) else {
                 self.report(
@@ -175,36 +256,80 @@ impl Membership {
                 );
                 continue;
             };
-            *seen.entry(key).or_default() |= e.live;
+            present.insert(key);
             if let Some(text) = &e.record {
-                self.handle_record(&key, &e.node_id, text, &mut events);
+                self.handle_record(now, &key, &e.node_id, text, trust, &mut events);
             }
         }
-        let suspicion = suspicion_for(self.members.len());
-        for (key, live) in &seen {
-            self.handle_liveness(now, key, *live, suspicion, &mut events);
-        }
-        // Members gone from gossip altogether (chitchat garbage-collected them).
-        let gone: Vec<PublicKeyBytes> = self
+        // Revoked since their record was accepted: out at once.
+        let revoked: Vec<PublicKeyBytes> = self
             .members
             .keys()
-            .filter(|k| !seen.contains_key(*k) && **k != self.self_key)
+            .filter(|k| trust.revoked.node_revoked(k))
             .copied()
+            .collect();
+        for k in revoked {
+            if let Some(m) = self.members.remove(&k) {
+                events.push(Event::Rejected {
+                    node: proto::node_id_string(&k),
+                    reason: format!("{} is revoked", m.record.name),
+                });
+            }
+        }
+        for key in present.iter() {
+            self.handle_liveness(now, key, down(key), &mut events);
+        }
+        // Members gone from gossip (forgotten there), or kept long enough.
+        let gone: Vec<PublicKeyBytes> = self
+            .members
+            .iter()
+            .filter(|(k, m)| {
+                **k != self.self_key
+                    && (!present.contains(*k)
+                        || match m.liveness {
+                            Liveness::Left { since } => {
+                                now.saturating_duration_since(since) >= FORGET_LEFT_AFTER
+                            }
+                            Liveness::Down { since } => {
+                                now.saturating_duration_since(since) >= FORGET_DOWN_AFTER
+                            }
+                            Liveness::Live => false,
+                        })
+            })
+            .map(|(k, _)| *k)
             .collect();
         for key in gone {
             if let Some(m) = self.members.remove(&key) {
-                if m.liveness != Liveness::Left {
+                if !matches!(m.liveness, Liveness::Left { .. }) {
                     events.push(Event::Forgotten {
                         name: m.record.name,
                     });
                 }
             }
         }
+        self.apply_holder_rule(now, &mut events);
         events
+    }
+
+    /// Members to forget in gossip too (left long ago, down long enough,
+    /// revoked): not held here any more but still in `entries`.
+    pub fn to_forget<'a>(&self, entries: &'a [GossipEntry]) -> Vec<&'a str> {
+        entries
+            .iter()
+            .filter(|e| {
+                proto::parse_node_id(&e.node_id)
+                    .is_some_and(|k| k != self.self_key && !self.members.contains_key(&k))
+                    && e.record.is_some()
+            })
+            .map(|e| e.node_id.as_str())
+            .collect()
     }
 
     fn report(&mut self, node: &str, reason: String, events: &mut Vec<Event>) {
         if self.reported.get(node) != Some(&reason) {
+            if self.reported.len() > 4096 {
+                self.reported.clear();
+            }
             self.reported.insert(node.to_string(), reason.clone());
             events.push(Event::Rejected {
                 node: node.to_string(),
@@ -215,21 +340,24 @@ impl Membership {
 
     fn handle_record(
         &mut self,
+        now: Instant,
         key: &PublicKeyBytes,
         node_id: &str,
-        text: &str,
+        text: &Arc<str>,
+        trust: &Trust<'_>,
         events: &mut Vec<Event>,
     ) {
-        if self.members.get(key).is_some_and(|m| m.raw == text) {
+        if self.members.get(key).is_some_and(|m| m.raw == *text) {
             return;
         }
-        let record = match verify_record(text, &self.network_key, Some(key)) {
-            Ok(v) => v.body,
+        let verified = match verify_record(text, trust, Some(key)) {
+            Ok(v) => v,
             Err(e) => {
                 self.report(node_id, e.to_string(), events);
                 return;
             }
         };
+        let record = verified.body;
         let held = self.high_water.get(key).copied();
         if let Some(held) = held {
             // The same version again is only news if we had forgotten the
@@ -249,21 +377,35 @@ impl Membership {
                 return;
             }
         }
+        // Two members with one WireGuard key would fight over one peer: the
+        // one already held keeps it.
+        if let Some(other) = self
+            .members
+            .values()
+            .find(|m| m.record.node_key != *key && m.record.wg_public_key == record.wg_public_key)
+        {
+            let reason = format!(
+                "its WireGuard key is {}'s (the member already held keeps it)",
+                other.record.name
+            );
+            self.report(node_id, reason, events);
+            return;
+        }
         self.high_water.insert(*key, record.version);
         self.reported.remove(node_id);
         let name = record.name.clone();
         let prev = self.members.get(key).map(|m| m.liveness);
-        let seen_live = self.members.get(key).is_some_and(|m| m.seen_live);
-        let first_checked = self.members.get(key).and_then(|m| m.first_checked);
-        let silent_since = self.members.get(key).and_then(|m| m.silent_since);
         let liveness = if record.left {
-            if prev != Some(Liveness::Left) {
-                events.push(Event::Left { name: name.clone() });
+            match prev {
+                Some(l @ Liveness::Left { .. }) => l,
+                _ => {
+                    events.push(Event::Left { name: name.clone() });
+                    Liveness::Left { since: now }
+                }
             }
-            Liveness::Left
         } else {
             match prev {
-                None | Some(Liveness::Left) => {
+                None | Some(Liveness::Left { .. }) => {
                     events.push(Event::Joined {
                         name: name.clone(),
                         node: node_id.to_string(),
@@ -285,10 +427,11 @@ impl Membership {
             Member {
                 record,
                 liveness,
-                seen_live,
-                first_checked,
-                silent_since,
-                raw: text.to_string(),
+                by_network: verified.admission.by_network,
+                stamp_signature: verified.admission.stamp_signature,
+                allow_routes: verified.admission.allow_routes,
+                admitted_at: verified.admission.admitted_at,
+                raw: text.clone(),
             },
         );
     }
@@ -297,8 +440,7 @@ impl Membership {
         &mut self,
         now: Instant,
         key: &PublicKeyBytes,
-        live: bool,
-        suspicion: Duration,
+        down: bool,
         events: &mut Vec<Event>,
     ) {
         if *key == self.self_key {
@@ -307,35 +449,14 @@ impl Membership {
         let Some(m) = self.members.get_mut(key) else {
             return;
         };
-        if !m.seen_live {
-            // A member we learned of but never heard a heartbeat from: give
-            // it NEVER_LIVE_GRACE, then it is down like any other (e.g. it
-            // died before we joined).
-            let first = *m.first_checked.get_or_insert(now);
-            let overdue = now.saturating_duration_since(first) >= NEVER_LIVE_GRACE;
-            m.seen_live = live || overdue;
-            if !overdue {
-                return;
-            }
-            if !live {
-                // Silent since we learned of it: suspected all along.
-                m.silent_since = Some(first);
-            }
-        }
-        match (m.liveness, live) {
-            (Liveness::Live, true) => m.silent_since = None,
-            (Liveness::Live, false) => {
-                let since = *m.silent_since.get_or_insert(now);
-                if now.saturating_duration_since(since) < suspicion {
-                    return;
-                }
-                m.silent_since = None;
+        match (m.liveness, down) {
+            (Liveness::Live, true) => {
                 m.liveness = Liveness::Down { since: now };
                 events.push(Event::Down {
                     name: m.record.name.clone(),
                 });
             }
-            (Liveness::Down { .. }, true) => {
+            (Liveness::Down { .. }, false) => {
                 m.liveness = Liveness::Live;
                 events.push(Event::Up {
                     name: m.record.name.clone(),
@@ -345,67 +466,198 @@ impl Membership {
         }
     }
 
+    /// Assigns addresses and names to members by the holder rule.
+    fn apply_holder_rule(&mut self, now: Instant, events: &mut Vec<Event>) {
+        let present = |k: &PublicKeyBytes, members: &BTreeMap<PublicKeyBytes, Member>| {
+            members
+                .get(k)
+                .is_some_and(|m| !matches!(m.liveness, Liveness::Left { .. }))
+        };
+        // Release what absent members held, and what a member no longer claims.
+        let members = &self.members;
+        self.holders
+            .ips
+            .retain(|ip, h| present(&h.key, members) && members[&h.key].record.overlay_ip == *ip);
+        self.holders
+            .names
+            .retain(|n, h| present(&h.key, members) && members[&h.key].record.name == *n);
+        let mut conflicts = BTreeMap::new();
+        // Claims, in race order, so the first claimant of a free address
+        // (or a provisional one) takes it.
+        let mut claims: Vec<(&PublicKeyBytes, &Member)> = self
+            .members
+            .iter()
+            .filter(|(_, m)| !matches!(m.liveness, Liveness::Left { .. }))
+            .collect();
+        let admitted = |m: &Member| m.admitted_at;
+        claims.sort_by_key(|(_, m)| claim_order(&m.record, admitted(m)));
+        for (key, m) in claims {
+            let ip = m.record.overlay_ip;
+            match self.holders.ips.get(&ip).copied() {
+                None => {
+                    self.holders.ips.insert(
+                        ip,
+                        Holding {
+                            key: *key,
+                            since: Some(now),
+                        },
+                    );
+                }
+                Some(h) if h.key == *key => {}
+                Some(h) => {
+                    let holder = &self.members[&h.key];
+                    let provisional = h
+                        .since
+                        .is_some_and(|s| now.saturating_duration_since(s) < PROVISIONAL);
+                    if provisional
+                        && claim_order(&m.record, admitted(m))
+                            < claim_order(&holder.record, admitted(holder))
+                    {
+                        conflicts.insert(h.key, format!("address {ip}"));
+                        self.holders.ips.insert(
+                            ip,
+                            Holding {
+                                key: *key,
+                                since: Some(now),
+                            },
+                        );
+                    } else {
+                        conflicts.insert(*key, format!("address {ip}"));
+                    }
+                }
+            }
+            let name = &m.record.name;
+            match self.holders.names.get(name).copied() {
+                None => {
+                    self.holders.names.insert(
+                        name.clone(),
+                        Holding {
+                            key: *key,
+                            since: Some(now),
+                        },
+                    );
+                }
+                Some(h) if h.key == *key => {}
+                Some(h) => {
+                    // A name held by a member that is down (a crashed or
+                    // ephemeral node coming back with a new identity) is
+                    // released to the newcomer.
+                    let holder_down = matches!(
+                        self.members[&h.key].liveness,
+                        Liveness::Down { since } if now.saturating_duration_since(since) >= self.down_grace
+                    );
+                    if holder_down {
+                        self.holders.names.insert(
+                            name.clone(),
+                            Holding {
+                                key: *key,
+                                since: Some(now),
+                            },
+                        );
+                    } else {
+                        conflicts
+                            .entry(*key)
+                            .or_insert_with(|| format!("name {name}"));
+                    }
+                }
+            }
+        }
+        for (k, what) in &conflicts {
+            if self.conflicts.get(k) != Some(what) {
+                let holder = self
+                    .members
+                    .get(k)
+                    .and_then(|m| {
+                        if what.starts_with("address") {
+                            self.holders.ip_holder(&m.record.overlay_ip)
+                        } else {
+                            self.holders.name_holder(&m.record.name)
+                        }
+                    })
+                    .and_then(|h| self.members.get(&h))
+                    .map(|h| h.record.name.clone())
+                    .unwrap_or_default();
+                events.push(Event::Conflict {
+                    what: what.clone(),
+                    claimant: self
+                        .members
+                        .get(k)
+                        .map(|m| m.record.name.clone())
+                        .unwrap_or_default(),
+                    holder,
+                });
+            }
+        }
+        self.conflicts = conflicts;
+    }
+
     /// All known members except those that left, self included.
     pub fn members(&self) -> impl Iterator<Item = &Member> {
         self.members
             .values()
-            .filter(|m| m.liveness != Liveness::Left)
+            .filter(|m| !matches!(m.liveness, Liveness::Left { .. }))
     }
 
     pub fn member(&self, key: &PublicKeyBytes) -> Option<&Member> {
         self.members.get(key)
     }
 
-    /// Overlay addresses held by members other than `except`.
+    /// The member holding `wg_key` as WireGuard key.
+    pub fn by_wg_key(&self, wg_key: &[u8; 32]) -> Option<&Member> {
+        self.members
+            .values()
+            .find(|m| &m.record.wg_public_key == wg_key)
+    }
+
+    /// What a member claims but does not hold here.
+    pub fn conflict_of(&self, key: &PublicKeyBytes) -> Option<&str> {
+        self.conflicts.get(key).map(String::as_str)
+    }
+
+    /// Whether `key` holds its address here.
+    pub fn holds_address(&self, key: &PublicKeyBytes) -> bool {
+        self.members
+            .get(key)
+            .is_some_and(|m| self.holders.ip_holder(&m.record.overlay_ip) == Some(*key))
+    }
+
+    /// Overlay addresses held or claimed by members other than `except`.
     pub fn taken_ips(&self, except: &PublicKeyBytes) -> BTreeSet<Ipv4Addr> {
-        self.members()
+        let mut taken: BTreeSet<Ipv4Addr> = self
+            .members()
             .filter(|m| &m.record.node_key != except)
             .map(|m| m.record.overlay_ip)
-            .collect()
+            .collect();
+        taken.extend(
+            self.holders
+                .ips
+                .iter()
+                .filter(|(_, h)| &h.key != except)
+                .map(|(ip, _)| *ip),
+        );
+        taken
     }
 
-    /// Whether another member's claim beats `mine` for the same address.
-    pub fn loses_claim(&self, mine: &Claim) -> bool {
-        self.members().any(|m| {
-            m.record.node_key != mine.node_key
-                && m.record.overlay_ip == mine.ip
-                && Claim {
-                    ip: m.record.overlay_ip,
-                    claimed_at: m.record.ip_claimed_at,
-                    node_key: m.record.node_key,
-                }
-                .beats(mine)
-        })
+    /// Whether we must move off `ip`: another member holds it here. (Once
+    /// we have held it for [`PROVISIONAL`], nobody can.)
+    pub fn must_move(&self, ip: &Ipv4Addr) -> bool {
+        self.holders
+            .ip_holder(ip)
+            .is_some_and(|h| h != self.self_key)
     }
 
-    /// The WireGuard peers this node should have at `now`.
-    /// The WireGuard peers we want: live members, and down ones within the
-    /// down grace or still `hearing` (the data plane received from their
-    /// WireGuard key recently: gossip lost their heartbeat, e.g. on a
-    /// saturated host, but the member is there; removing its peer would
-    /// only cost a new handshake when it is seen again).
+    /// The WireGuard peers we want: live members holding their address, and
+    /// down ones within the down grace or still `hearing` (the data plane
+    /// received from their key recently: the member is there, whatever
+    /// gossip says). `keepalive` is the persistent keepalive to set (this
+    /// node's NAT decides it, see [`KEEPALIVE_SECS`]).
     pub fn desired_peers(
         &self,
         now: Instant,
         local_nets: &[Ipv4Net],
         hearing: &dyn Fn(&[u8; 32]) -> bool,
+        keepalive: u16,
     ) -> Vec<DesiredPeer> {
-        let mut claims: BTreeMap<Ipv4Addr, Claim> = BTreeMap::new();
-        for m in self.members() {
-            let c = Claim {
-                ip: m.record.overlay_ip,
-                claimed_at: m.record.ip_claimed_at,
-                node_key: m.record.node_key,
-            };
-            claims
-                .entry(c.ip)
-                .and_modify(|held| {
-                    if c.beats(held) {
-                        *held = c
-                    }
-                })
-                .or_insert(c);
-        }
         self.members()
             .filter(|m| m.record.node_key != self.self_key)
             .filter(|m| match m.liveness {
@@ -414,17 +666,14 @@ impl Membership {
                     now.saturating_duration_since(since) < self.down_grace
                         || hearing(&m.record.wg_public_key)
                 }
-                Liveness::Left => false,
+                Liveness::Left { .. } => false,
             })
-            // Of two members claiming one address, only the winner gets it.
-            .filter(|m| {
-                claims.get(&m.record.overlay_ip).map(|c| c.node_key) == Some(m.record.node_key)
-            })
+            .filter(|m| self.holds_address(&m.record.node_key))
             .map(|m| DesiredPeer {
                 public_key: m.record.wg_public_key,
                 allowed_ips: vec![m.record.overlay_ip],
                 endpoints: order_endpoints(&m.record.endpoints, local_nets),
-                keepalive: KEEPALIVE_SECS,
+                keepalive,
             })
             .collect()
     }
@@ -447,245 +696,4 @@ pub fn order_endpoints(candidates: &[SocketAddr], local_nets: &[Ipv4Net]) -> Vec
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn deaf(_: &[u8; 32]) -> bool {
-        false
-    }
-    use crate::record::tests::sample;
-    use ed25519_dalek::SigningKey;
-
-    /// A membership (down grace 60 s) and one other member's key and record.
-    fn one_member() -> (SigningKey, RecordBody, Membership) {
-        let net = SigningKey::from_bytes(&[1; 32]);
-        let (node, body) = sample(3, &net, "10.77.0.2".parse().unwrap());
-        let m = Membership::new(
-            net.verifying_key().to_bytes(),
-            [0; 32],
-            Duration::from_secs(60),
-        );
-        (node, body, m)
-    }
-
-    fn entry(body: &RecordBody, node: &SigningKey, live: bool) -> GossipEntry {
-        GossipEntry {
-            node_id: proto::node_id_string(&body.node_key),
-            record: Some(body.sign(node)),
-            seen: None,
-            live,
-        }
-    }
-
-    #[test]
-    fn join_update_replay_leave() {
-        let net = SigningKey::from_bytes(&[1; 32]);
-        let (me, my_body) = sample(2, &net, "10.77.0.1".parse().unwrap());
-        let (node, mut body) = sample(3, &net, "10.77.0.2".parse().unwrap());
-        let mut m = Membership::new(
-            net.verifying_key().to_bytes(),
-            my_body.node_key,
-            DEFAULT_DOWN_GRACE,
-        );
-        let t0 = Instant::now();
-        let ev = m.handle_snapshot(t0, &[entry(&my_body, &me, true), entry(&body, &node, true)]);
-        assert_eq!(ev.len(), 2, "{ev:?}");
-        assert!(
-            matches!(&ev[1], Event::Joined { name, .. } if name == "n3")
-                || matches!(&ev[0], Event::Joined { name, .. } if name == "n3")
-        );
-        let peers = m.desired_peers(t0, &[], &deaf);
-        assert_eq!(peers.len(), 1);
-        assert_eq!(
-            peers[0].allowed_ips,
-            vec!["10.77.0.2".parse::<Ipv4Addr>().unwrap()]
-        );
-
-        // Newer version: accepted.
-        let old = body.clone();
-        body.version = 2;
-        body.endpoints = vec!["192.0.2.9:51820".parse().unwrap()];
-        let ev = m.handle_snapshot(t0, &[entry(&body, &node, true)]);
-        assert_eq!(
-            ev,
-            vec![Event::Updated {
-                name: "n3".into(),
-                version: 2
-            }]
-        );
-        // Replay of the old version: dropped, reported once.
-        let ev = m.handle_snapshot(t0, &[entry(&old, &node, true)]);
-        assert!(matches!(
-            ev[0],
-            Event::Replay {
-                held: 2,
-                got: 1,
-                ..
-            }
-        ));
-        assert_eq!(m.desired_peers(t0, &[], &deaf)[0].endpoints, body.endpoints);
-        assert!(m
-            .handle_snapshot(t0, &[entry(&old, &node, true)])
-            .is_empty());
-
-        // Leave: the peer goes at once.
-        body.version = 3;
-        body.left = true;
-        let ev = m.handle_snapshot(t0, &[entry(&body, &node, true)]);
-        assert_eq!(ev, vec![Event::Left { name: "n3".into() }]);
-        assert!(m.desired_peers(t0, &[], &deaf).is_empty());
-        // Rejoin with a newer record.
-        body.version = 4;
-        body.left = false;
-        let ev = m.handle_snapshot(t0, &[entry(&body, &node, true)]);
-        assert!(matches!(ev[0], Event::Joined { .. }));
-    }
-
-    #[test]
-    fn down_members_lose_their_peer_after_the_grace_period() {
-        let (node, body, mut m) = one_member();
-        let start = Instant::now();
-        m.handle_snapshot(start, &[entry(&body, &node, true)]);
-        // Dead for chitchat: suspected first, down after the suspicion.
-        assert!(m
-            .handle_snapshot(start, &[entry(&body, &node, false)])
-            .is_empty());
-        let t0 = start + suspicion_for(1);
-        let ev = m.handle_snapshot(t0, &[entry(&body, &node, false)]);
-        assert_eq!(ev, vec![Event::Down { name: "n3".into() }]);
-        assert_eq!(
-            m.desired_peers(t0 + Duration::from_secs(59), &[], &deaf)
-                .len(),
-            1
-        );
-        assert!(m
-            .desired_peers(t0 + Duration::from_secs(60), &[], &deaf)
-            .is_empty());
-        // ... unless its WireGuard session still delivers packets.
-        let hearing = |k: &[u8; 32]| *k == body.wg_public_key;
-        assert_eq!(
-            m.desired_peers(t0 + Duration::from_secs(60), &[], &hearing)
-                .len(),
-            1
-        );
-        let ev = m.handle_snapshot(t0 + Duration::from_secs(61), &[entry(&body, &node, true)]);
-        assert_eq!(ev, vec![Event::Up { name: "n3".into() }]);
-        assert_eq!(
-            m.desired_peers(t0 + Duration::from_secs(61), &[], &deaf)
-                .len(),
-            1
-        );
-        // Gone from gossip altogether: forgotten. The same record seen again
-        // brings it back; an older one stays a replay.
-        let ev = m.handle_snapshot(t0, &[]);
-        assert_eq!(ev, vec![Event::Forgotten { name: "n3".into() }]);
-        let ev = m.handle_snapshot(t0, &[entry(&body, &node, true)]);
-        assert!(matches!(ev[0], Event::Joined { .. }), "{ev:?}");
-        m.handle_snapshot(t0, &[]);
-        let mut older = body.clone();
-        older.version = 0;
-        let ev = m.handle_snapshot(t0, &[entry(&older, &node, true)]);
-        assert!(
-            matches!(
-                ev[0],
-                Event::Replay {
-                    held: 1,
-                    got: 0,
-                    ..
-                }
-            ),
-            "{ev:?}"
-        );
-        assert!(m.desired_peers(t0, &[], &deaf).is_empty());
-    }
-
-    #[test]
-    fn a_short_silence_is_not_down_and_suspicion_grows_with_the_mesh() {
-        let (node, body, mut m) = one_member();
-        let t0 = Instant::now();
-        m.handle_snapshot(t0, &[entry(&body, &node, true)]);
-        // Flapping faster than the suspicion: never down.
-        for i in 0..20u64 {
-            let t = t0 + Duration::from_secs(i * 2);
-            let live = i % 2 == 1;
-            assert!(m
-                .handle_snapshot(t, &[entry(&body, &node, live)])
-                .is_empty());
-        }
-        assert_eq!(suspicion_for(1), SUSPICION);
-        assert_eq!(suspicion_for(10), SUSPICION);
-        assert_eq!(suspicion_for(100), SUSPICION * 2);
-        assert!(suspicion_for(250) > suspicion_for(100));
-        assert!(suspicion_for(250) < SUSPICION * 3);
-    }
-
-    #[test]
-    fn a_member_never_heard_from_goes_down_after_a_grace() {
-        let (node, body, mut m) = one_member();
-        let t0 = Instant::now();
-        // Learned of it (e.g. from a joiner's first sync) after it had died.
-        m.handle_snapshot(t0, &[entry(&body, &node, false)]);
-        assert!(m
-            .handle_snapshot(t0 + Duration::from_secs(29), &[entry(&body, &node, false)])
-            .is_empty());
-        let ev = m.handle_snapshot(t0 + NEVER_LIVE_GRACE, &[entry(&body, &node, false)]);
-        assert_eq!(ev, vec![Event::Down { name: "n3".into() }]);
-        assert!(m
-            .desired_peers(t0 + NEVER_LIVE_GRACE + Duration::from_secs(60), &[], &deaf)
-            .is_empty());
-    }
-
-    #[test]
-    fn forged_records_are_rejected_and_reported_once() {
-        let net = SigningKey::from_bytes(&[1; 32]);
-        let (_, body) = sample(3, &net, "10.77.0.2".parse().unwrap());
-        let attacker = SigningKey::from_bytes(&[66; 32]);
-        let mut m = Membership::new(net.verifying_key().to_bytes(), [0; 32], DEFAULT_DOWN_GRACE);
-        let forged = entry(&body, &attacker, true);
-        let ev = m.handle_snapshot(Instant::now(), std::slice::from_ref(&forged));
-        assert!(matches!(ev[0], Event::Rejected { .. }));
-        assert!(m.handle_snapshot(Instant::now(), &[forged]).is_empty());
-        assert!(m.desired_peers(Instant::now(), &[], &deaf).is_empty());
-    }
-
-    #[test]
-    fn address_conflicts_have_one_winner() {
-        let net = SigningKey::from_bytes(&[1; 32]);
-        let ip: Ipv4Addr = "10.77.0.7".parse().unwrap();
-        let (a, mut ab) = sample(3, &net, ip);
-        let (b, mut bb) = sample(4, &net, ip);
-        ab.ip_claimed_at = 100;
-        bb.ip_claimed_at = 200;
-        let mut m = Membership::new(net.verifying_key().to_bytes(), [0; 32], DEFAULT_DOWN_GRACE);
-        m.handle_snapshot(
-            Instant::now(),
-            &[entry(&ab, &a, true), entry(&bb, &b, true)],
-        );
-        let peers = m.desired_peers(Instant::now(), &[], &deaf);
-        assert_eq!(peers.len(), 1);
-        assert_eq!(peers[0].public_key, ab.wg_public_key);
-        let claim_b = Claim {
-            ip,
-            claimed_at: 200,
-            node_key: bb.node_key,
-        };
-        assert!(m.loses_claim(&claim_b));
-        let claim_a = Claim {
-            ip,
-            claimed_at: 100,
-            node_key: ab.node_key,
-        };
-        assert!(!m.loses_claim(&claim_a));
-    }
-
-    #[test]
-    fn same_subnet_endpoints_come_first() {
-        let c: Vec<SocketAddr> = vec![
-            "203.0.113.1:1".parse().unwrap(),
-            "192.168.1.5:1".parse().unwrap(),
-        ];
-        let nets = vec!["192.168.1.0/24".parse().unwrap()];
-        assert_eq!(order_endpoints(&c, &nets)[0], c[1]);
-        assert_eq!(order_endpoints(&c, &[])[0], c[0]);
-    }
-}
+mod tests;

@@ -10,14 +10,26 @@ use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 /// Version byte of every encoded object in this revision of the protocol.
-pub const WIRE_VERSION: u8 = 1;
+pub const WIRE_VERSION: u8 = 2;
 
 /// Domain-separation prefixes for signatures (see proto/PROTOCOL.md).
 pub mod domain {
-    pub const TOKEN: &[u8] = b"meshpeer-v1 token delegation\0";
-    pub const ADMISSION: &[u8] = b"meshpeer-v1 admission\0";
-    pub const RECORD: &[u8] = b"meshpeer-v1 record\0";
-    pub const OBSERVATIONS: &[u8] = b"meshpeer-v1 observations\0";
+    pub const TOKEN: &[u8] = b"meshpeer-v2 token delegation\0";
+    pub const ADMISSION: &[u8] = b"meshpeer-v2 admission\0";
+    pub const STAMP: &[u8] = b"meshpeer-v2 stamp\0";
+    pub const RECORD: &[u8] = b"meshpeer-v2 record\0";
+    pub const OBSERVATIONS: &[u8] = b"meshpeer-v2 observations\0";
+    pub const ALIVE: &[u8] = b"meshpeer-v2 alive\0";
+    pub const SUSPICIONS: &[u8] = b"meshpeer-v2 suspicions\0";
+    pub const REVOCATIONS: &[u8] = b"meshpeer-v2 revocations\0";
+    pub const PROBE_PROOF: &[u8] = b"meshpeer-v2 probe proof\0";
+}
+
+/// A subnet (site-to-site route, or a token's allowed routes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Route {
+    pub addr: std::net::IpAddr,
+    pub prefix: u8,
 }
 
 /// An ed25519 public key as it travels on the wire.
@@ -77,8 +89,52 @@ pub fn sign(key: &SigningKey, domain: &[u8], message: &[u8]) -> Vec<u8> {
     key.sign(&buf).to_bytes().to_vec()
 }
 
-/// Verifies a signature made by [`sign`].
+/// Signatures already verified, by a hash of (key, domain, message,
+/// signature): gossip carries the same signed values (and the same token
+/// delegations inside every record) again and again, and a simulation holds
+/// thousands of nodes' copies of one record. Process-wide and bounded.
+fn verified_cache() -> &'static std::sync::Mutex<lru::LruCache<[u8; 32], ()>> {
+    static CACHE: std::sync::OnceLock<std::sync::Mutex<lru::LruCache<[u8; 32], ()>>> =
+        std::sync::OnceLock::new();
+    CACHE.get_or_init(|| {
+        std::sync::Mutex::new(lru::LruCache::new(
+            std::num::NonZeroUsize::new(65_536).unwrap_or(std::num::NonZeroUsize::MIN),
+        ))
+    })
+}
+
+fn verify_key(key: &PublicKeyBytes, domain: &[u8], message: &[u8], signature: &[u8]) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(key);
+    h.update((domain.len() as u32).to_le_bytes());
+    h.update(domain);
+    h.update((message.len() as u32).to_le_bytes());
+    h.update(message);
+    h.update(signature);
+    h.finalize().into()
+}
+
+/// Verifies a signature made by [`sign`] (strict RFC 8032 verification;
+/// successes are cached, see [`verified_cache`]).
 pub fn verify(
+    key: &PublicKeyBytes,
+    domain: &[u8],
+    message: &[u8],
+    signature: &[u8],
+    what: &'static str,
+) -> Result<(), WireError> {
+    let cache_key = verify_key(key, domain, message, signature);
+    let lock = |c: &'static std::sync::Mutex<_>| c.lock().unwrap_or_else(|p| p.into_inner());
+    if lock(verified_cache()).get(&cache_key).is_some() {
+        return Ok(());
+    }
+    verify_uncached(key, domain, message, signature, what)?;
+    lock(verified_cache()).put(cache_key, ());
+    Ok(())
+}
+
+fn verify_uncached(
     key: &PublicKeyBytes,
     domain: &[u8],
     message: &[u8],
@@ -123,6 +179,40 @@ pub fn node_id_string(key: &PublicKeyBytes) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(key)
 }
 
+/// Signs `body` under `domain` and returns the standard base64 of the
+/// encoded [`Signed`]: the text form of every signed gossip value.
+pub fn signed_text<T: Serialize>(key: &SigningKey, domain: &[u8], body: &T) -> String {
+    use base64::Engine;
+    let body = encode(body);
+    let signature = sign(key, domain, &body);
+    base64::engine::general_purpose::STANDARD.encode(encode(&Signed { body, signature }))
+}
+
+/// Decodes the text form of a signed gossip value (at most `max` encoded
+/// bytes) into its [`Signed`] and body, without checking the signature.
+pub fn open_signed_text<T: DeserializeOwned>(
+    what: &'static str,
+    text: &str,
+    max: usize,
+) -> Result<(Signed, T), WireError> {
+    use base64::Engine;
+    if text.len() > max.div_ceil(3) * 4 + 4 {
+        return Err(WireError::Malformed {
+            what,
+            detail: format!("{} characters, more than {max} bytes", text.len()),
+        });
+    }
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(text)
+        .map_err(|_| WireError::Malformed {
+            what,
+            detail: "not base64".into(),
+        })?;
+    let signed: Signed = decode(what, &bytes)?;
+    let body: T = decode(what, &signed.body)?;
+    Ok((signed, body))
+}
+
 /// Parses a node id string back into the key.
 pub fn parse_node_id(s: &str) -> Option<PublicKeyBytes> {
     use base64::Engine;
@@ -144,7 +234,7 @@ mod tests {
             Err(WireError::Version(9))
         );
         assert!(matches!(
-            decode::<Signed>("x", &[1, 200]),
+            decode::<Signed>("x", &[WIRE_VERSION, 200]),
             Err(WireError::Malformed { .. })
         ));
         let mut ok = encode(&Signed {

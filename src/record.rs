@@ -5,13 +5,14 @@
 //! `version` only grows: a record older than (or as old as) one already held is
 //! a replay and is dropped by [`crate::membership`].
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, SocketAddr};
 
 use base64::Engine;
 use ed25519_dalek::SigningKey;
 use serde::{Deserialize, Serialize};
 
-use crate::admission::{self, AdmissionError, VerifiedAdmission};
+use crate::admission::{self, AdmissionError, Revocations, VerifiedAdmission};
+pub use crate::proto::Route;
 use crate::proto::{self, domain, PublicKeyBytes, Signed, WireError};
 
 /// Limits that keep one record small enough to gossip cheaply.
@@ -19,13 +20,53 @@ pub const MAX_RECORD_BYTES: usize = 4096;
 pub const MAX_NAME_LEN: usize = 63;
 pub const MAX_ENDPOINTS: usize = 16;
 pub const MAX_TAGS: usize = 32;
+pub const MAX_TAG_LEN: usize = 32;
 pub const MAX_ROUTES: usize = 32;
 
-/// A route a member offers into the mesh (site-to-site); carried now, used later.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Route {
-    pub addr: IpAddr,
-    pub prefix: u8,
+/// Whether `name` is a valid member name: a hostname label (RFC 1123):
+/// 1 to 63 bytes of `a-z`, `0-9` and `-`, not starting or ending with `-`.
+/// Names are what `/etc/hosts` and DNS answer for, so nothing else goes.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_NAME_LEN
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+}
+
+/// Whether `tag` is a valid tag: 1 to 32 bytes of `a-z 0-9 - _ .`.
+pub fn valid_tag(tag: &str) -> bool {
+    !tag.is_empty()
+        && tag.len() <= MAX_TAG_LEN
+        && tag.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_' | b'.')
+        })
+}
+
+/// A member name derived from free text (a host name): lower case, every
+/// run of other characters made one `-`, trimmed to 63 bytes; `node` if
+/// nothing is left.
+pub fn name_from(text: &str) -> String {
+    let mut out = String::new();
+    for c in text.chars() {
+        let c = c.to_ascii_lowercase();
+        if c.is_ascii_lowercase() || c.is_ascii_digit() {
+            out.push(c);
+        } else if !out.ends_with('-') {
+            out.push('-');
+        }
+        if out.len() >= MAX_NAME_LEN {
+            break;
+        }
+    }
+    let out = out.trim_matches('-').to_string();
+    if out.is_empty() {
+        "node".to_string()
+    } else {
+        out
+    }
 }
 
 /// What a member learned about the NAT in front of its WireGuard socket.
@@ -72,8 +113,10 @@ pub struct RecordBody {
     /// Whether the member relays traffic for pairs that cannot connect
     /// directly (only meaningful for public members).
     pub relay: bool,
-    /// The node's admission credential (see [`crate::admission`]).
+    /// The node's admission credential and the stamp of the member that
+    /// admitted it (see [`crate::admission`]).
     pub admission: Signed,
+    pub stamp: Signed,
 }
 
 /// A record whose signature and credential were checked.
@@ -95,10 +138,16 @@ pub enum RecordError {
     WrongNetwork,
     #[error("record was published under node id {gossip_id} but is signed by {signer}")]
     WrongNode { gossip_id: String, signer: String },
-    #[error("record carries an invalid admission: {0}")]
+    #[error("record carries an invalid credential: {0}")]
     Admission(#[from] AdmissionError),
-    #[error("overlay address {0} lies outside the network")]
+    #[error(
+        "overlay address {0} lies outside the network (or is its network or broadcast address)"
+    )]
     OutsideNetwork(Ipv4Addr),
+    #[error("name {0:?} is not a hostname label (a-z, 0-9, -; 1 to 63 bytes)")]
+    BadName(String),
+    #[error("tag {0:?} is not valid (a-z, 0-9, - _ .; 1 to 32 bytes)")]
+    BadTag(String),
     #[error("record exceeds a limit: {0}")]
     Limit(&'static str),
 }
@@ -112,16 +161,25 @@ impl RecordBody {
     }
 }
 
+/// What records are checked against: our network, our clock, and the
+/// revocations we hold.
+#[derive(Clone, Copy)]
+pub struct Trust<'a> {
+    pub network_key: &'a PublicKeyBytes,
+    pub now_unix: u64,
+    pub revoked: &'a Revocations,
+}
+
 /// Decodes and checks a record received from gossip.
 ///
 /// `gossip_id` is the node id the record was published under; a record signed
 /// by anyone else is rejected, so no member can speak for another.
 pub fn verify_record(
     text: &str,
-    network_key: &PublicKeyBytes,
+    trust: &Trust<'_>,
     gossip_id: Option<&PublicKeyBytes>,
 ) -> Result<VerifiedRecord, RecordError> {
-    if text.len() > MAX_RECORD_BYTES * 4 / 3 + 4 {
+    if text.len() > MAX_RECORD_BYTES.div_ceil(3) * 4 + 4 {
         return Err(RecordError::TooLarge(text.len() * 3 / 4));
     }
     let bytes = base64::engine::general_purpose::STANDARD
@@ -132,7 +190,7 @@ pub fn verify_record(
     }
     let signed: Signed = proto::decode("record", &bytes)?;
     let body: RecordBody = proto::decode("record body", &signed.body)?;
-    if &body.network_key != network_key {
+    if &body.network_key != trust.network_key {
         return Err(RecordError::WrongNetwork);
     }
     if let Some(id) = gossip_id {
@@ -150,18 +208,32 @@ pub fn verify_record(
         &signed.signature,
         "record",
     )?;
-    let admission = admission::verify_admission_of(&body.admission, network_key, &body.node_key)?;
-    if !admission.network.cidr.contains(&body.overlay_ip) {
+    let admission = admission::verify_credential(
+        &body.admission,
+        &body.stamp,
+        trust.network_key,
+        &body.node_key,
+        trust.now_unix,
+        trust.revoked,
+    )?;
+    let cidr = admission.network.cidr;
+    if !cidr.contains(&body.overlay_ip)
+        || (cidr.prefix_len() < 31
+            && (body.overlay_ip == cidr.network() || body.overlay_ip == cidr.broadcast()))
+    {
         return Err(RecordError::OutsideNetwork(body.overlay_ip));
     }
-    if body.name.len() > MAX_NAME_LEN {
-        return Err(RecordError::Limit("name longer than 63 bytes"));
+    if !valid_name(&body.name) {
+        return Err(RecordError::BadName(body.name));
     }
     if body.endpoints.len() > MAX_ENDPOINTS {
         return Err(RecordError::Limit("more than 16 endpoints"));
     }
     if body.tags.len() > MAX_TAGS {
         return Err(RecordError::Limit("more than 32 tags"));
+    }
+    if let Some(t) = body.tags.iter().find(|t| !valid_tag(t)) {
+        return Err(RecordError::BadTag(t.clone()));
     }
     if body.routes.len() > MAX_ROUTES {
         return Err(RecordError::Limit("more than 32 routes"));
@@ -172,18 +244,33 @@ pub fn verify_record(
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::admission::issue_token;
+    use crate::admission::{issue_token, stamp, Stamper, Token};
 
+    /// No revocations, a clock at 1000 s.
+    pub(crate) fn trust(nk: &PublicKeyBytes) -> Trust<'_> {
+        static NONE: std::sync::OnceLock<Revocations> = std::sync::OnceLock::new();
+        Trust {
+            network_key: nk,
+            now_unix: 1000,
+            revoked: NONE.get_or_init(Revocations::default),
+        }
+    }
+
+    /// A member's signing key and record, admitted and stamped by the
+    /// network key.
     pub(crate) fn sample(
         node_seed: u8,
         network: &SigningKey,
         ip: Ipv4Addr,
     ) -> (SigningKey, RecordBody) {
         let node = SigningKey::from_bytes(&[node_seed; 32]);
-        let token = issue_token(network, "10.77.0.0/16".parse().unwrap(), 0);
+        let token = issue_token(network, "10.77.0.0/16".parse().unwrap(), 0, vec![]);
+        let (_, d) = Token::parse(&token.to_text()).unwrap();
+        let nk = network.verifying_key().to_bytes();
+        let node_key = node.verifying_key().to_bytes();
         let body = RecordBody {
-            network_key: network.verifying_key().to_bytes(),
-            node_key: node.verifying_key().to_bytes(),
+            network_key: nk,
+            node_key,
             version: 1,
             name: format!("n{node_seed}"),
             overlay_ip: ip,
@@ -197,7 +284,8 @@ pub(crate) mod tests {
             left: false,
             nat: NatKind::Unknown,
             relay: false,
-            admission: token.admit(node.verifying_key().to_bytes(), 1),
+            admission: token.admit(node_key, 1),
+            stamp: stamp(network, Stamper::Network, nk, node_key, d.token_id, 1),
         };
         (node, body)
     }
@@ -206,52 +294,101 @@ pub(crate) mod tests {
     fn signed_record_verifies_and_forgeries_do_not() {
         let net = SigningKey::from_bytes(&[1; 32]);
         let nk = net.verifying_key().to_bytes();
+        let t = trust(&nk);
         let (node, body) = sample(5, &net, "10.77.0.9".parse().unwrap());
         let text = body.sign(&node);
-        let v = verify_record(&text, &nk, Some(&body.node_key)).unwrap();
+        let v = verify_record(&text, &t, Some(&body.node_key)).unwrap();
         assert_eq!(v.body, body);
 
         // Published under someone else's id.
         assert!(matches!(
-            verify_record(&text, &nk, Some(&[4; 32])),
+            verify_record(&text, &t, Some(&[4; 32])),
             Err(RecordError::WrongNode { .. })
         ));
         // Signed by a key other than the one it names.
         let other = SigningKey::from_bytes(&[6; 32]);
         assert!(matches!(
-            verify_record(&body.sign(&other), &nk, None),
+            verify_record(&body.sign(&other), &t, None),
             Err(RecordError::Wire(WireError::BadSignature(_)))
         ));
         // Another network.
         assert_eq!(
-            verify_record(&text, &[0; 32], None),
+            verify_record(&text, &trust(&[0; 32]), None),
             Err(RecordError::WrongNetwork)
         );
-        // Outside the CIDR.
-        let mut outside = body.clone();
-        outside.overlay_ip = "10.78.0.1".parse().unwrap();
-        assert!(matches!(
-            verify_record(&outside.sign(&node), &nk, None),
-            Err(RecordError::OutsideNetwork(_))
-        ));
-        // A credential that admits another node.
+        // Outside the CIDR, or its network/broadcast address.
+        for ip in ["10.78.0.1", "10.77.0.0", "10.77.255.255"] {
+            let mut outside = body.clone();
+            outside.overlay_ip = ip.parse().unwrap();
+            assert!(matches!(
+                verify_record(&outside.sign(&node), &t, None),
+                Err(RecordError::OutsideNetwork(_))
+            ));
+        }
+        // A credential or stamp that admits another node.
         let (_, other_body) = sample(7, &net, "10.77.0.9".parse().unwrap());
         let mut stolen = body.clone();
-        stolen.admission = other_body.admission;
+        stolen.admission = other_body.admission.clone();
         assert!(matches!(
-            verify_record(&stolen.sign(&node), &nk, None),
+            verify_record(&stolen.sign(&node), &t, None),
             Err(RecordError::Admission(_))
         ));
-        assert_eq!(verify_record("***", &nk, None), Err(RecordError::Base64));
+        let mut stolen = body.clone();
+        stolen.stamp = other_body.stamp;
+        assert!(matches!(
+            verify_record(&stolen.sign(&node), &t, None),
+            Err(RecordError::Admission(_))
+        ));
+        assert_eq!(verify_record("***", &t, None), Err(RecordError::Base64));
+    }
+
+    #[test]
+    fn names_and_tags_are_checked() {
+        let net = SigningKey::from_bytes(&[1; 32]);
+        let nk = net.verifying_key().to_bytes();
+        let t = trust(&nk);
+        let (node, body) = sample(5, &net, "10.77.0.9".parse().unwrap());
+        for bad in [
+            "",
+            "has space",
+            "Upper",
+            "-lead",
+            "trail-",
+            "ünï",
+            "a\x1b[31m",
+            &"x".repeat(64),
+        ] {
+            let mut b = body.clone();
+            b.name = bad.to_string();
+            assert!(
+                matches!(
+                    verify_record(&b.sign(&node), &t, None),
+                    Err(RecordError::BadName(_))
+                ),
+                "{bad:?}"
+            );
+        }
+        let mut b = body.clone();
+        b.tags = vec!["gpu".into(), "bad tag".into()];
+        assert!(matches!(
+            verify_record(&b.sign(&node), &t, None),
+            Err(RecordError::BadTag(_))
+        ));
+        b.tags = vec!["gpu".into(), "rack-1".into(), "slurm.compute".into()];
+        assert!(verify_record(&b.sign(&node), &t, None).is_ok());
+        assert_eq!(name_from("My Host_01.example"), "my-host-01-example");
+        assert_eq!(name_from("***"), "node");
+        assert!(valid_name(&name_from(&"é".repeat(100))));
     }
 
     #[test]
     fn garbage_never_panics() {
         let nk = [1u8; 32];
+        let t = trust(&nk);
         for len in 0..64 {
             let bytes: Vec<u8> = (0..len).map(|i| (i * 37 % 251) as u8).collect();
             let text = base64::engine::general_purpose::STANDARD.encode(&bytes);
-            assert!(verify_record(&text, &nk, None).is_err());
+            assert!(verify_record(&text, &t, None).is_err());
         }
     }
 }

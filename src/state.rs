@@ -7,8 +7,8 @@
 //! | `node.key` | ed25519 signing key (base64), the node's identity |
 //! | `wireguard.key` | x25519 WireGuard private key (base64) |
 //! | `network.key` | the network key (base64); only where `init` ran or one was copied |
-//! | `membership.json` | network key, CIDR, this node's admission credential |
-//! | `state.json` | overlay IP, record version, known members, interface ownership |
+//! | `membership.json` | network key, CIDR, this node's admission credential and stamp |
+//! | `state.json` | overlay IP, version counter, known members, interface ownership, holders, revocations |
 //! | `control.sock` | the running daemon's control socket |
 //!
 //! Every file is written atomically (temporary file, fsync, rename, fsync of
@@ -54,6 +54,10 @@ pub struct MembershipFile {
     pub cidr: ipnet::Ipv4Net,
     /// This node's admission credential, base64 of the encoded `Signed`.
     pub admission: String,
+    /// The stamp of the member that admitted it (base64 of the encoded
+    /// `Signed`); absent until the first join succeeded.
+    #[serde(default)]
+    pub stamp: Option<String>,
 }
 
 /// What `state.json` holds.
@@ -81,6 +85,16 @@ pub struct NodeState {
     /// Address advertised to other members, if fixed by the user.
     #[serde(default)]
     pub advertise_addr: Option<std::net::IpAddr>,
+    /// Who holds which overlay address (proto/PROTOCOL.md §3.1): node keys
+    /// in URL-safe base64.
+    #[serde(default)]
+    pub holders: Vec<(Ipv4Addr, String)>,
+    /// Who holds which name.
+    #[serde(default)]
+    pub names: Vec<(String, String)>,
+    /// The newest revocation list held (its gossip text).
+    #[serde(default)]
+    pub revoked: Option<String>,
 }
 
 #[derive(Debug, Clone)]

@@ -9,7 +9,7 @@
 //!   "self": MEMBER,
 //!   "members": [MEMBER, ...] }          // self included, sorted by overlay IP
 //! MEMBER = { "name", "node_id", "overlay_ip", "public_key" (WireGuard, base64),
-//!   "endpoint" (IP:PORT or null), "state": "self" | "connected" | "connecting" | "down",
+//!   "endpoint" (IP:PORT or null), "state": "self" | "connected" | "idle" | "connecting" | "down",
 //!   "path": "direct" | "relayed" | "trying" | null (self),
 //!   "relay": NAME | null, "why_not_direct": TEXT | null,
 //!   "nat": "public" | "endpoint-independent" | "symmetric" | "unknown",
@@ -19,9 +19,14 @@
 //! plus, at the top level, "nat", "mapped_endpoints": [..], "relaying": bool.
 //! ```
 //!
-//! `connected`: a WireGuard handshake within the last 180 s; `connecting`:
-//! live in gossip, no recent handshake yet; `down`: the failure detector
-//! lost it (its peer is removed after the down grace period).
+//! `connected`: a WireGuard session (a handshake within the last 180 s);
+//! `idle`: live, the tunnel has lapsed while unused (public members send no
+//! keepalives to each other) and comes back on the first packet, the path
+//! having worked before; `connecting`: live, no working path yet; `down`:
+//! liveness called it down (its own probes unanswered and no refutation,
+//! see `crate::liveness`; its peer is removed after the down grace period).
+//! Also per member: "conflict" (what it claims that another member holds,
+//! or null).
 
 use serde::{Deserialize, Serialize};
 
@@ -31,6 +36,7 @@ pub enum MemberState {
     #[serde(rename = "self")]
     Myself,
     Connected,
+    Idle,
     Connecting,
     Down,
 }
@@ -40,6 +46,7 @@ impl MemberState {
         match self {
             MemberState::Myself => "self",
             MemberState::Connected => "connected",
+            MemberState::Idle => "idle",
             MemberState::Connecting => "connecting",
             MemberState::Down => "down",
         }
@@ -69,6 +76,9 @@ pub struct MemberStatus {
     pub rx_bytes: u64,
     pub tx_bytes: u64,
     pub tags: Vec<String>,
+    /// What it claims that another member holds (it does not get it here).
+    #[serde(default)]
+    pub conflict: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -215,6 +225,7 @@ mod tests {
             rx_bytes: 0,
             tx_bytes: 2048,
             tags: vec![],
+            conflict: None,
         };
         let s = Status {
             node: "a".into(),

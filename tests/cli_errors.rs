@@ -51,7 +51,7 @@ fn init_prints_only_a_token_and_refuses_twice() {
     );
     let stdout = String::from_utf8(out.stdout).unwrap();
     assert_eq!(stdout.lines().count(), 1);
-    assert!(stdout.starts_with("mp1."));
+    assert!(stdout.starts_with("mp2."));
     for f in [
         "node.key",
         "wireguard.key",
@@ -71,7 +71,53 @@ fn init_prints_only_a_token_and_refuses_twice() {
     // invite works where the network key is.
     let inv = meshpeer(&["invite", "--state-dir", d]);
     assert!(inv.status.success());
-    assert!(String::from_utf8_lossy(&inv.stdout).starts_with("mp1."));
+    assert!(String::from_utf8_lossy(&inv.stdout).starts_with("mp2."));
+    let inv = meshpeer(&[
+        "invite",
+        "--state-dir",
+        d,
+        "--expires-in",
+        "7d",
+        "--allow-route",
+        "192.168.10.0/24",
+    ]);
+    assert!(
+        inv.status.success(),
+        "{}",
+        String::from_utf8_lossy(&inv.stderr)
+    );
+    fails_with(
+        &meshpeer(&["invite", "--state-dir", d, "--expires-in", "soon"]),
+        "not a duration",
+    );
+    fails_with(
+        &meshpeer(&["invite", "--state-dir", d, "--allow-route", "everything"]),
+        "not a CIDR",
+    );
+    // Tokens issued here are listed, with their expiry.
+    let list = meshpeer(&["tokens", "--state-dir", d]);
+    assert!(list.status.success());
+    let list = String::from_utf8_lossy(&list.stdout);
+    assert_eq!(
+        list.lines()
+            .filter(|l| l.ends_with("valid") || l.contains("valid (routes"))
+            .count(),
+        3,
+        "{list}"
+    );
+    // Bad names.
+    fails_with(
+        &meshpeer(&[
+            "init",
+            "--network",
+            "10.77.0.0/16",
+            "--state-dir",
+            "/nonexistent-x",
+            "--name",
+            "has space",
+        ]),
+        "host name label",
+    );
     // status without a daemon says so.
     fails_with(
         &meshpeer(&["status", "--state-dir", d]),
@@ -107,7 +153,7 @@ fn bad_tokens_and_seeds_are_refused_without_leaving_state() {
         "not a meshpeer token",
     );
     fails_with(
-        &meshpeer(&["join", "127.0.0.1", "--token", "mp1.AAAA", "--state-dir", d]),
+        &meshpeer(&["join", "127.0.0.1", "--token", "mp2.AAAA", "--state-dir", d]),
         "token is corrupt",
     );
     fails_with(
@@ -159,8 +205,40 @@ fn bad_tokens_and_seeds_are_refused_without_leaving_state() {
         "--join-timeout-secs",
         "3",
     ]);
-    fails_with(&out, "no seed answered");
+    fails_with(&out, "nothing answered at 127.0.0.1:9");
     assert!(!dir.exists(), "a failed join left {d} behind");
+    // An expired token: refused before anything is written, saying so.
+    let secret = {
+        use base64::Engine;
+        let text = std::fs::read_to_string(founder.join("network.key")).unwrap();
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(text.trim())
+            .unwrap();
+        ed25519_dalek::SigningKey::from_bytes(&raw.try_into().unwrap())
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let expired = meshpeer::admission::issue_token(
+        &secret,
+        "10.77.0.0/16".parse().unwrap(),
+        now - 10,
+        vec![],
+    )
+    .to_text();
+    let tf = founder.join("expired.token");
+    std::fs::write(&tf, &expired).unwrap();
+    let out = meshpeer(&[
+        "join",
+        "127.0.0.1:9",
+        "--token-file",
+        tf.to_str().unwrap(),
+        "--state-dir",
+        d,
+    ]);
+    fails_with(&out, "the token expired at");
+    assert!(!dir.exists(), "a refused join left {d} behind");
     // up on a missing state dir.
     fails_with(&meshpeer(&["up", "--state-dir", d]), "does not exist");
     std::fs::remove_dir_all(&founder).unwrap();

@@ -1,38 +1,102 @@
-//! chitchat over QUIC, in process on loopback: members converge, strangers
-//! are refused, and the transport honours chitchat's Socket contract.
+//! Gossip over QUIC, in process on loopback: members converge through
+//! rounds, strangers are refused both ways, a joiner (not stamped yet) may
+//! only ask to join, and a join request is answered with a stamp that
+//! verifies.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
-use chitchat::transport::Transport;
 use ed25519_dalek::SigningKey;
-use meshpeer::admission::issue_token;
-use meshpeer::gossip::transport::ProbeError;
-use meshpeer::gossip::{tls, Gossip, GossipIdentity, GossipTiming, QuicTransport};
-use tokio::sync::watch;
+use meshpeer::admission::{issue_token, stamp, Credential, Network, Stamper, Token};
+use meshpeer::gossip::transport::{HelloReply, JoinReply, ProbeError, Refusal, Request};
+use meshpeer::gossip::{tls, Gossip, QuicTransport, RequestHandler};
+use meshpeer::proto;
+use meshpeer::trust::{PeerIdentity, TrustState, RECORD_KEY};
 
-struct Creds {
+const CIDR: &str = "10.77.0.0/16";
+
+fn trust(network: &SigningKey) -> Arc<TrustState> {
+    Arc::new(TrustState::new(
+        Network {
+            key: network.verifying_key().to_bytes(),
+            cidr: CIDR.parse().unwrap(),
+        },
+        meshpeer::trust::system_clock(),
+    ))
+}
+
+struct Member {
     node: SigningKey,
+    admission: proto::Signed,
+    stamp: Option<proto::Signed>,
+    trust: Arc<TrustState>,
     transport: QuicTransport,
 }
 
-fn member(network: &SigningKey, seed: u8) -> Creds {
+/// A member (stamped by the network key), or a joiner if `stamped` is false.
+fn member(network: &SigningKey, seed: u8, stamped: bool) -> Member {
     let node = SigningKey::from_bytes(&[seed; 32]);
-    let token = issue_token(network, "10.77.0.0/16".parse().unwrap(), 0);
-    let cred = token.admit(node.verifying_key().to_bytes(), 1);
+    let key = node.verifying_key().to_bytes();
+    let token = issue_token(network, CIDR.parse().unwrap(), 0, vec![]);
+    let (_, d) = Token::parse(&token.to_text()).unwrap();
+    let admission = token.admit(key, 1);
+    let st = stamped.then(|| {
+        stamp(
+            network,
+            Stamper::Network,
+            network.verifying_key().to_bytes(),
+            key,
+            d.token_id,
+            1,
+        )
+    });
+    let cred = Credential {
+        admission: admission.clone(),
+        stamp: st.clone(),
+    };
+    let t = trust(network);
     let cert = tls::NodeCert::new(&node, &cred).unwrap();
-    let (server, client) = tls::quic_configs(&cert, network.verifying_key().to_bytes()).unwrap();
-    let (_tx, rx) = watch::channel(vec![format!("records-of-{seed}")]);
-    std::mem::forget(_tx);
+    let (server, client) = tls::quic_configs(&cert, t.clone()).unwrap();
     let transport =
-        QuicTransport::bind("127.0.0.1:0".parse().unwrap(), server, client, rx).unwrap();
-    Creds { node, transport }
+        QuicTransport::bind("127.0.0.1:0".parse().unwrap(), server, client, t.clone()).unwrap();
+    Member {
+        node,
+        admission,
+        stamp: st,
+        trust: t,
+        transport,
+    }
 }
 
-async fn wait_until<F: AsyncFnMut() -> bool>(what: &str, mut f: F) {
+/// A record of `m` (valid: signed, stamped), at `version`.
+fn record(network: &SigningKey, m: &Member, seed: u8, version: u64) -> String {
+    meshpeer::record::RecordBody {
+        network_key: network.verifying_key().to_bytes(),
+        node_key: m.node.verifying_key().to_bytes(),
+        version,
+        name: format!("n{seed}"),
+        overlay_ip: format!("10.77.0.{seed}").parse().unwrap(),
+        ip_claimed_at: 1,
+        wg_public_key: [seed; 32],
+        wg_port: 51820,
+        endpoints: vec![],
+        gossip_addr: m.transport.local_addr().unwrap(),
+        tags: vec![],
+        routes: vec![],
+        left: false,
+        nat: meshpeer::record::NatKind::Public,
+        relay: false,
+        admission: m.admission.clone(),
+        stamp: m.stamp.clone().unwrap(),
+    }
+    .sign(&m.node)
+}
+
+async fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     while tokio::time::Instant::now() < deadline {
-        if f().await {
+        if f() {
             return;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -41,119 +105,153 @@ async fn wait_until<F: AsyncFnMut() -> bool>(what: &str, mut f: F) {
 }
 
 #[tokio::test]
-async fn three_members_converge_over_quic() {
+async fn members_converge_through_rounds_over_quic() {
     let network = SigningKey::from_bytes(&[1; 32]);
-    let timing = GossipTiming {
-        interval: Duration::from_millis(100),
-        ..Default::default()
-    };
-    let mut nodes = Vec::new();
-    let mut seed: Option<SocketAddr> = None;
+    let mut nodes: Vec<Gossip> = Vec::new();
+    let mut addrs: Vec<SocketAddr> = Vec::new();
     for i in 0..3u8 {
-        let c = member(&network, 10 + i);
-        let addr = c.transport.local_addr().unwrap();
-        let who = GossipIdentity {
-            node_id: meshpeer::proto::node_id_string(&c.node.verifying_key().to_bytes()),
-            generation: 1,
-            advertise: addr,
-            cluster_id: "test-cluster".into(),
-        };
-        let g = Gossip::start(
-            who,
-            seed.iter().map(|s| s.to_string()).collect(),
-            &timing,
-            c.transport,
-            format!("value-{i}"),
-        )
-        .await
-        .unwrap();
-        seed.get_or_insert(addr);
+        let m = member(&network, 10 + i, true);
+        let id = proto::node_id_string(&m.node.verifying_key().to_bytes());
+        let text = record(&network, &m, 10 + i, 1000);
+        addrs.push(m.transport.local_addr().unwrap());
+        let g = Gossip::start(&id, "test".into(), m.trust.clone(), m.transport, i as u64);
+        g.publish(RECORD_KEY, text, 1000).unwrap();
         nodes.push(g);
     }
-    for g in &nodes {
-        wait_until("every node to hold every record", async || {
-            let snap = g.snapshot().await;
-            snap.len() == 3 && snap.iter().all(|e| e.record.is_some() && e.live)
-        })
-        .await;
-    }
-    // An update propagates.
-    nodes[2].publish("value-2-new".into()).await;
-    wait_until("the update to reach node 0", async || {
-        nodes[0]
-            .snapshot()
-            .await
-            .iter()
-            .any(|e| e.record.as_deref() == Some("value-2-new"))
+    // A chain of rounds: 0 -> 1, 1 -> 2, 2 -> 0, repeated.
+    wait_until("every node to hold every record", || {
+        for i in 0..3 {
+            nodes[i].round_with(addrs[(i + 1) % 3]);
+        }
+        nodes.iter().all(|g| g.snapshot().len() == 3)
     })
     .await;
+    assert!(nodes.windows(2).all(|w| w[0].summary() == w[1].summary()));
     let (sent, received) = nodes[0].transport.byte_counts();
     assert!(sent > 0 && received > 0);
+    // In sync: a round is two small messages.
+    let before = nodes[0].transport.byte_counts();
+    nodes[0].round_with(addrs[1]);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = nodes[0].transport.byte_counts();
+    assert!(
+        after.0 - before.0 < 100 && after.1 - before.1 < 100,
+        "{before:?} -> {after:?}"
+    );
     for g in nodes {
         g.shutdown().await;
     }
 }
 
-#[tokio::test]
-async fn strangers_are_refused_both_ways() {
-    let network = SigningKey::from_bytes(&[1; 32]);
-    let other = SigningKey::from_bytes(&[2; 32]);
-    let a = member(&network, 20);
-    let b = member(&network, 21);
-    let stranger = member(&other, 22);
-    let a_addr = a.transport.local_addr().unwrap();
+/// Answers `Hello` with a fixed reply and `Join` with a stamp by the network
+/// key (as a seed would, checking the joiner first).
+struct Seed {
+    network: SigningKey,
+    trust: Arc<TrustState>,
+}
 
-    // A member answers a member's hello with its records.
-    let reply = b.transport.hello(a_addr).await.unwrap();
-    assert_eq!(reply.records, vec!["records-of-20".to_string()]);
-
-    // A stranger (credential from another network) learns nothing.
-    let err = stranger.transport.hello(a_addr).await.unwrap_err();
-    assert!(matches!(err, ProbeError::Refused { .. }), "{err}");
-    // And a member refuses to talk to a stranger posing as a server.
-    let s_addr = stranger.transport.local_addr().unwrap();
-    let err = a.transport.hello(s_addr).await.unwrap_err();
-    assert!(matches!(err, ProbeError::Refused { .. }), "{err}");
+impl RequestHandler for Seed {
+    fn request(&self, _from: SocketAddr, peer: &PeerIdentity, req: Request) -> Vec<u8> {
+        match req {
+            Request::Hello => {
+                let r: Result<HelloReply, Refusal> = if peer.stamped {
+                    Ok(HelloReply {
+                        records: vec!["hello".into()],
+                        ..Default::default()
+                    })
+                } else {
+                    Err(Refusal::NotAJoiner)
+                };
+                proto::encode(&r)
+            }
+            Request::Join { .. } => {
+                let p = self
+                    .trust
+                    .check_credential(&peer.credential, &peer.node_key)
+                    .unwrap();
+                proto::encode(&JoinReply::Admitted {
+                    stamp: stamp(
+                        &self.network,
+                        Stamper::Network,
+                        self.network.verifying_key().to_bytes(),
+                        peer.node_key,
+                        p.admission.token_id,
+                        2,
+                    ),
+                    hello: HelloReply::default(),
+                })
+            }
+            _ => Vec::new(),
+        }
+    }
 }
 
 #[tokio::test]
-async fn socket_contract_as_chitchat_expects() {
+async fn strangers_are_refused_and_joiners_may_only_join() {
     let network = SigningKey::from_bytes(&[1; 32]);
-    let a = member(&network, 30);
-    let b = member(&network, 31);
-    let b_addr = b.transport.local_addr().unwrap();
-    let mut sa = a
+    let other = SigningKey::from_bytes(&[2; 32]);
+    let a = member(&network, 20, true);
+    let a_addr = a.transport.local_addr().unwrap();
+    let ga = Gossip::start("a", "test".into(), a.trust.clone(), a.transport, 0);
+    ga.set_request_handler(Arc::new(Seed {
+        network: network.clone(),
+        trust: a.trust.clone(),
+    }));
+    let limit = Duration::from_secs(8);
+
+    // A member asks hello and gets it.
+    let b = member(&network, 21, true);
+    let reply = b
         .transport
-        .open(a.transport.local_addr().unwrap())
+        .request(a_addr, &Request::Hello, limit)
         .await
         .unwrap();
-    // Opening twice is an error.
-    assert!(a
+    let hello: Result<HelloReply, Refusal> = proto::decode("hello", &reply).unwrap();
+    assert_eq!(hello.unwrap().records, vec!["hello".to_string()]);
+
+    // A stranger (credential of another network) is refused by TLS, both ways.
+    let stranger = member(&other, 22, true);
+    let err = stranger
         .transport
-        .open(a.transport.local_addr().unwrap())
+        .request(a_addr, &Request::Hello, limit)
         .await
-        .is_err());
-    let mut sb = b.transport.open(b_addr).await.unwrap();
-    // recv waits for a message.
-    assert!(tokio::time::timeout(Duration::from_millis(200), sb.recv())
+        .unwrap_err();
+    assert!(matches!(err, ProbeError::Refused { .. }), "{err}");
+    let s_addr = stranger.transport.local_addr().unwrap();
+    let err = b
+        .transport
+        .request(s_addr, &Request::Hello, limit)
         .await
-        .is_err());
-    sa.send(b_addr, chitchat::ChitchatMessage::BadCluster)
+        .unwrap_err();
+    assert!(matches!(err, ProbeError::Refused { .. }), "{err}");
+
+    // A joiner gets no hello, but is stamped when it asks to join, and the
+    // stamp makes a credential that verifies.
+    let j = member(&network, 23, false);
+    let reply = j
+        .transport
+        .request(a_addr, &Request::Hello, limit)
         .await
         .unwrap();
-    let (from, got) = tokio::time::timeout(Duration::from_secs(10), sb.recv())
+    let hello: Result<HelloReply, Refusal> = proto::decode("hello", &reply).unwrap();
+    assert_eq!(hello.unwrap_err(), Refusal::NotAJoiner);
+    let reply = j
+        .transport
+        .request(a_addr, &Request::Join { name: "j".into() }, limit)
         .await
-        .unwrap()
         .unwrap();
-    assert_eq!(got, chitchat::ChitchatMessage::BadCluster);
-    assert_eq!(from, a.transport.local_addr().unwrap());
-    // Sending to an address nobody listens on returns at once.
-    let t = std::time::Instant::now();
-    sa.send(
-        "127.0.0.1:9".parse().unwrap(),
-        chitchat::ChitchatMessage::BadCluster,
-    )
-    .await
-    .unwrap();
-    assert!(t.elapsed() < Duration::from_millis(100));
+    let JoinReply::Admitted { stamp: st, .. } = proto::decode("join", &reply).unwrap() else {
+        panic!("not admitted")
+    };
+    let cred = Credential {
+        admission: j.admission.clone(),
+        stamp: Some(st),
+    };
+    assert!(
+        j.trust
+            .check_credential(&cred, &j.node.verifying_key().to_bytes())
+            .unwrap()
+            .stamped
+    );
+    ga.shutdown().await;
 }

@@ -3,6 +3,7 @@
 pub mod config;
 mod init;
 mod join;
+mod revoke;
 mod status;
 
 use std::net::IpAddr;
@@ -11,7 +12,6 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use meshpeer::daemon::DaemonConfig;
-use meshpeer::gossip::GossipTiming;
 use meshpeer::wg::BackendChoice;
 use meshpeer::{DEFAULT_GOSSIP_PORT, DEFAULT_INTERFACE, DEFAULT_STATE_DIR};
 
@@ -43,6 +43,11 @@ pub enum Command {
     Invite(init::InviteArgs),
     /// Leave the mesh gracefully: members drop this node at once.
     Leave(status::LeaveArgs),
+    /// Throw a member (or every member of a token) out for good (needs the
+    /// network key, i.e. the `init` node).
+    Revoke(revoke::RevokeArgs),
+    /// List the tokens issued here and what is revoked.
+    Tokens(revoke::TokensArgs),
 }
 
 /// Where the node keeps its state.
@@ -69,6 +74,10 @@ pub struct RunArgs {
     /// Gossip (QUIC) UDP port.
     #[arg(long, env = "MESHPEER_GOSSIP_PORT", default_value_t = DEFAULT_GOSSIP_PORT)]
     pub gossip_port: u16,
+    /// Liveness probe UDP port, on the overlay address only (allow it on
+    /// the mesh interface if a firewall filters it).
+    #[arg(long, env = "MESHPEER_PROBE_PORT", default_value_t = meshpeer::liveness::DEFAULT_PROBE_PORT)]
+    pub probe_port: u16,
     /// Address other members use to reach this node (default: the address
     /// that routes to the seed, else the first non-loopback address).
     #[arg(long, env = "MESHPEER_ADVERTISE_ADDR")]
@@ -77,13 +86,12 @@ pub struct RunArgs {
     #[arg(long, env = "MESHPEER_BACKEND", value_enum, default_value = "auto")]
     pub backend: BackendChoice,
     /// Seconds a member may be down before its WireGuard peer is removed.
-    #[arg(long, default_value_t = 60)]
+    #[arg(long, env = "MESHPEER_DOWN_GRACE_SECS", default_value_t = 60)]
     pub down_grace_secs: u64,
-    /// Gossip round interval in milliseconds while the mesh is small (up to
-    /// 30 live members); chitchat's own rounds run every
-    /// max(this, 1000) ms, and larger meshes gossip at that rate.
-    #[arg(long, default_value_t = 250, value_parser = clap::value_parser!(u64).range(50..=60_000))]
-    pub gossip_interval_ms: u64,
+    /// A tag of this node (repeatable; lower-case letters, digits, - _ .),
+    /// published in its record: roles and groups for exports and filters.
+    #[arg(long = "tag", env = "MESHPEER_TAGS", value_delimiter = ',')]
+    pub tags: Vec<String>,
     /// An outside STUN server (HOST or HOST:PORT, default port 3478) to ask
     /// besides the members; repeatable, or comma-separated in the env var.
     #[arg(
@@ -96,9 +104,9 @@ pub struct RunArgs {
     /// (public members relay by default).
     #[arg(long, env = "MESHPEER_NO_RELAY", value_parser = clap::builder::FalseyValueParser::new())]
     pub no_relay: bool,
-    /// Seconds a fresh `join` tries its seed before giving up (a seed that
-    /// many nodes join at once answers slowly).
-    #[arg(long, default_value_t = 120)]
+    /// Seconds a first `join` waits for any seed to answer at all before it
+    /// gives up (a seed that answers but is slow gets at least 120 s).
+    #[arg(long, env = "MESHPEER_JOIN_TIMEOUT_SECS", default_value_t = 60)]
     pub join_timeout_secs: u64,
 }
 
@@ -117,19 +125,30 @@ impl RunArgs {
             meshpeer::net::normalize_seed(s, 3478)
                 .map_err(|e| anyhow::anyhow!("--stun-server: {e}"))?;
         }
+        for t in &self.tags {
+            if !meshpeer::record::valid_tag(t) {
+                anyhow::bail!(
+                    "--tag {t:?}: a tag has 1 to 32 characters of a-z, 0-9, '-', '_' and '.'"
+                );
+            }
+        }
+        if self.tags.len() > meshpeer::record::MAX_TAGS {
+            anyhow::bail!("at most {} tags", meshpeer::record::MAX_TAGS);
+        }
+        let mut tags = self.tags.clone();
+        tags.sort();
+        tags.dedup();
         Ok(DaemonConfig {
             state_dir: self.state.state_dir.clone(),
             interface: self.interface.clone(),
             wg_port: self.wg_port,
             gossip_port: self.gossip_port,
+            probe_port: self.probe_port,
             seeds,
             advertise: self.advertise_addr,
             backend: self.backend,
             down_grace: Duration::from_secs(self.down_grace_secs),
-            timing: GossipTiming {
-                interval: Duration::from_millis(self.gossip_interval_ms),
-                ..GossipTiming::default()
-            },
+            tags,
             join_timeout: Duration::from_secs(self.join_timeout_secs),
             relay: !self.no_relay,
             stun_servers: self
@@ -160,30 +179,22 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// Checks a node name given with --name.
+/// Checks a node name given with --name: a host name label, since members
+/// reach each other by it.
 pub fn check_name(name: &str) -> anyhow::Result<()> {
-    let max = meshpeer::record::MAX_NAME_LEN;
-    if name.is_empty() || name.len() > max || name.chars().any(char::is_control) {
+    if !meshpeer::record::valid_name(name) {
         anyhow::bail!(
-            "--name {name:?}: a node name has 1 to {max} bytes and no control characters"
+            "--name {name:?}: a node name is a host name label: 1 to {} characters of a-z, 0-9 and '-', not starting or ending with '-'",
+            meshpeer::record::MAX_NAME_LEN
         );
     }
     Ok(())
 }
 
+/// The default node name: the host name, made a valid label.
 pub fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .ok()
-        .filter(|s| !s.is_empty())
-        .map(|s| {
-            let mut end = s.len().min(meshpeer::record::MAX_NAME_LEN);
-            while !s.is_char_boundary(end) {
-                end -= 1;
-            }
-            s[..end].to_string()
-        })
-        .unwrap_or_else(|| "node".to_string())
+    let h = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    meshpeer::record::name_from(h.trim())
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -203,5 +214,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Join(a) => join::join(a).await,
         Command::Status(a) => status::status(a).await,
         Command::Leave(a) => status::leave(a).await,
+        Command::Revoke(a) => revoke::revoke(a).await,
+        Command::Tokens(a) => revoke::tokens(a),
     }
 }

@@ -42,7 +42,7 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<()> {
             Ok(())
         }
         Reply::Error { message } => bail!("the daemon says: {message}"),
-        Reply::Left => bail!("unexpected reply"),
+        Reply::Left | Reply::Revoked => bail!("unexpected reply"),
     }
 }
 
@@ -60,6 +60,6 @@ pub async fn leave(a: LeaveArgs) -> anyhow::Result<()> {
             Ok(())
         }
         Reply::Error { message } => bail!("the daemon says: {message}"),
-        Reply::Status(_) => bail!("unexpected reply"),
+        Reply::Status(_) | Reply::Revoked => bail!("unexpected reply"),
     }
 }

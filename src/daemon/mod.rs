@@ -1,39 +1,54 @@
-//! The daemon: the thin tokio shell around the membership core.
+//! The daemon: the thin tokio shell around the sans-IO cores.
 //!
-//! One loop, one tick (500 ms): read the gossip snapshot, feed it to
-//! [`Membership`], resolve address conflicts, reconcile WireGuard, refresh the
-//! status, persist what a restart needs. Control requests (status, leave) are
-//! served between ticks. Nothing here decides membership: that is the core's.
+//! [`run`] starts a node (joining through a seed the first time) and then
+//! loops over a few event sources, each handed to the core it belongs to:
+//!
+//! * the **tick** (250 ms, stretched in large meshes) runs [`Node::step`]:
+//!   gossip snapshot → membership → paths → WireGuard reconcile → what to
+//!   publish and with whom to gossip (`step.rs`);
+//! * **gossip news** (a value stored) steps at once in small meshes;
+//! * **liveness**: probe answers and the liveness timer go to
+//!   [`crate::liveness`]; its probes go out on the overlay (`probes.rs`);
+//! * **rounds**: the round planner's timer starts gossip rounds;
+//! * **STUN answers** on the WireGuard port (connectivity checks);
+//! * **control requests** (status, leave) from the control socket.
+//!
+//! Nothing here decides membership, liveness or paths: the cores do.
+
+mod join;
+mod probes;
+mod status;
+mod step;
+mod traversal;
+mod values;
 
 use std::collections::BTreeSet;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::{anyhow, bail, Context};
+use anyhow::{anyhow, Context};
 use base64::Engine;
 use ipnet::Ipv4Net;
 use tokio::sync::{mpsc, watch};
 
-use crate::admission::Network;
+use crate::admission::{Credential, Network};
 use crate::control::{self, Reply, Request};
-use crate::gossip::{self, tls, Gossip, GossipTiming, QuicTransport};
+use crate::gossip::rounds::RoundPlanner;
+use crate::gossip::transport::HelloReply;
+use crate::gossip::{tls, Gossip, QuicTransport};
 use crate::identity::Identity;
-use crate::ipalloc::{self, Claim};
-use crate::membership::{Event, GossipEntry, Liveness, Membership};
-use crate::nat::discovery::NatInfo;
-use crate::nat::paths::Path;
+use crate::ipalloc;
+use crate::liveness::Liveness;
+use crate::membership::Membership;
 use crate::proto::{self, Signed};
-use crate::reconcile::{reconcile, PeerChange, FRESH_HANDSHAKE};
-use crate::record::NatKind;
-use crate::record::RecordBody;
 use crate::state::{MembershipFile, NodeState, StateDir};
-use crate::status::{MemberState, MemberStatus, Status};
+use crate::status::Status;
+use crate::trust::{self, TrustState};
 use crate::wg::{BackendChoice, WgInterface};
 
-mod rtt;
-mod traversal;
 use traversal::Traversal;
 
 /// The daemon's tick when the mesh is small; see [`tick_period`].
@@ -44,19 +59,14 @@ const TICK_MEMBERS: usize = 40;
 const MAX_TICK: Duration = Duration::from_secs(2);
 /// The least time between two steps when records change.
 const MIN_STEP_GAP: Duration = Duration::from_millis(50);
-/// How often `status` is rebuilt when nothing changed.
-const STATUS_EVERY: Duration = Duration::from_secs(2);
-/// How often the host's addresses are read again.
-const LOCAL_NETS_EVERY: Duration = Duration::from_secs(2);
-/// How often every peer is poked (a keepalive each way, see
-/// `reconcile::reconcile`) and the next endpoint candidate tried: the
-/// members' shared beat.
-const POKE_EVERY: Duration = Duration::from_secs(10);
-/// How long after a record arrived or changed small-mesh gossip rounds
-/// keep their full fanout.
-const BUSY_GOSSIP: Duration = Duration::from_secs(10);
 /// How long a leaving node keeps gossiping its leave record.
 const LEAVE_LINGER: Duration = Duration::from_secs(2);
+/// A seed from which nothing at all answers fails the first join after this
+/// long (`--join-timeout-secs` sets it).
+pub const DEFAULT_JOIN_TIMEOUT: Duration = Duration::from_secs(60);
+/// A seed that answers the handshake but is slow to admit (hundreds of
+/// joiners at once) is waited for this long in all.
+const SLOW_SEED_WAIT: Duration = Duration::from_secs(120);
 
 #[derive(Debug, Clone)]
 pub struct DaemonConfig {
@@ -65,18 +75,21 @@ pub struct DaemonConfig {
     /// `None`: [`crate::default_wg_port`] for this member.
     pub wg_port: Option<u16>,
     pub gossip_port: u16,
+    /// UDP port of liveness probes, on the overlay address.
+    pub probe_port: u16,
     /// Seeds in `host:port` form (already validated).
     pub seeds: Vec<String>,
     pub advertise: Option<IpAddr>,
     pub backend: BackendChoice,
     pub down_grace: Duration,
-    pub timing: GossipTiming,
     /// Whether this member relays for others when it is public.
     pub relay: bool,
     /// Outside STUN servers, `host:port`.
     pub stun_servers: Vec<String>,
-    /// How long a fresh joiner tries its seeds before giving up.
+    /// How long a first join waits for any seed to answer at all.
     pub join_timeout: Duration,
+    /// Tags published in the record.
+    pub tags: Vec<String>,
 }
 
 impl DaemonConfig {
@@ -86,15 +99,26 @@ impl DaemonConfig {
     }
 }
 
-fn unix_ms() -> u64 {
+pub(crate) fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
 }
 
-/// Loads the network this node belongs to.
-pub fn load_network(dir: &StateDir) -> anyhow::Result<(Network, Signed)> {
+fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+fn unb64(what: &str, text: &str) -> anyhow::Result<Vec<u8>> {
+    base64::engine::general_purpose::STANDARD
+        .decode(text)
+        .with_context(|| format!("membership.json: {what} is not base64"))
+}
+
+/// The network this node belongs to, its admission and (once admitted)
+/// its stamp.
+pub fn load_network(dir: &StateDir) -> anyhow::Result<(Network, Signed, Option<Signed>)> {
     let m: MembershipFile = dir.read_json("membership.json")?.ok_or_else(|| {
         anyhow!(
             "{} holds no membership (run `meshpeer init` or `meshpeer join`)",
@@ -103,42 +127,67 @@ pub fn load_network(dir: &StateDir) -> anyhow::Result<(Network, Signed)> {
     })?;
     let key = proto::parse_node_id(&m.network_key)
         .ok_or_else(|| anyhow!("{}: bad network key", dir.file("membership.json").display()))?;
-    let admission_bytes = base64::engine::general_purpose::STANDARD
-        .decode(&m.admission)
-        .context("membership.json: admission is not base64")?;
-    let admission: Signed =
-        proto::decode("admission", &admission_bytes).context("membership.json: admission")?;
-    Ok((Network { key, cidr: m.cidr }, admission))
+    let admission: Signed = proto::decode("admission", &unb64("admission", &m.admission)?)
+        .context("membership.json: admission")?;
+    let stamp = match &m.stamp {
+        Some(s) => Some(
+            proto::decode::<Signed>("stamp", &unb64("stamp", s)?)
+                .context("membership.json: stamp")?,
+        ),
+        None => None,
+    };
+    Ok((Network { key, cidr: m.cidr }, admission, stamp))
 }
 
-struct Node {
+fn save_stamp(dir: &StateDir, stamp: &Signed) -> anyhow::Result<()> {
+    let mut m: MembershipFile = dir
+        .read_json("membership.json")?
+        .ok_or_else(|| anyhow!("membership.json vanished"))?;
+    m.stamp = Some(b64(&proto::encode(stamp)));
+    dir.write_json("membership.json", &m)?;
+    Ok(())
+}
+
+/// A running node: identity, cores and shells.
+pub(crate) struct Node {
     cfg: DaemonConfig,
     dir: StateDir,
     id: Identity,
     network: Network,
     admission: Signed,
+    stamp: Signed,
     state: NodeState,
     advertise: IpAddr,
+    trust: Arc<TrustState>,
     membership: Membership,
+    liveness: Liveness,
+    planner: RoundPlanner,
     wg: WgInterface,
     gossip: Gossip,
-    records_tx: watch::Sender<Vec<String>>,
+    hello_tx: watch::Sender<Arc<HelloReply>>,
     owned: BTreeSet<[u8; 32]>,
     status: watch::Sender<Option<Status>>,
     last_persist: Instant,
-    reach_backoff: Duration,
-    next_reach: Instant,
     seed_addrs: Vec<SocketAddr>,
     traversal: Traversal,
     last_rotation: usize,
     last_status: Instant,
-    /// When the last step started.
     last_step: Instant,
     /// The host's IPv4 networks and when they were read.
     local_nets: Option<(Instant, Vec<Ipv4Net>)>,
-    prober: rtt::Prober,
     /// Our WireGuard public key (derived from the secret once).
     wg_public: [u8; 32],
+    probes: Option<probes::ProbeSocket>,
+    probe_shared: probes::Shared,
+    acks_tx: mpsc::Sender<probes::Ack>,
+    /// When we took our current overlay address (we may lose it to a
+    /// competing claim only while it is provisional).
+    ip_since: Instant,
+    /// Values already fed to liveness (node id, key) -> text, to skip
+    /// re-verifying them every step.
+    fed: std::collections::HashMap<(String, &'static str), Arc<str>>,
+    /// What the last published record said (to republish only on change).
+    published_record: Option<crate::record::RecordBody>,
 }
 
 /// Runs the node until `shutdown` resolves or a `leave` request arrives.
@@ -146,7 +195,7 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()>) -> anyho
     let mut cfg = cfg;
     let dir = StateDir::open(&cfg.state_dir)?;
     let id = Identity::load(&dir)?;
-    let (network, admission) = load_network(&dir)?;
+    let (network, admission, stamp) = load_network(&dir)?;
     let mut state = dir.load_state()?;
     for s in &cfg.seeds {
         if !state.seeds.contains(s) {
@@ -160,12 +209,25 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()>) -> anyho
     let control_task = tokio::spawn(control::serve(listener, ctl_tx, status_rx));
     let _socket_guard = SocketGuard(dir.control_socket());
 
+    let trust = Arc::new(TrustState::new(network, trust::system_clock()));
+    if let Some(text) = &state.revoked {
+        match crate::admission::verify_revocations(text, &network.key) {
+            Ok(list) => {
+                trust.update_revocations(list, text.clone());
+            }
+            Err(e) => tracing::warn!(error = %e, "ignoring the stored revocation list"),
+        }
+    }
+
     // Gossip endpoint (mutual TLS from the node key and its credential).
-    let cert = tls::NodeCert::new(&id.signing, &admission)?;
-    let (server, client) = tls::quic_configs(&cert, network.key)?;
-    let (records_tx, records_rx) = watch::channel(Vec::new());
+    let credential = Credential {
+        admission: admission.clone(),
+        stamp: stamp.clone(),
+    };
+    let cert = tls::NodeCert::new(&id.signing, &credential)?;
+    let (server, client) = tls::quic_configs(&cert, trust.clone())?;
     let bind: SocketAddr = (std::net::Ipv4Addr::UNSPECIFIED, cfg.gossip_port).into();
-    let transport = QuicTransport::bind(bind, server, client, records_rx)
+    let transport = QuicTransport::bind(bind, server, client, trust.clone())
         .with_context(|| format!("cannot bind the gossip port udp/{} (is another meshpeer running in this network namespace?)", cfg.gossip_port))?;
 
     // Seeds: the ones given now, then the members known from last time.
@@ -193,45 +255,142 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()>) -> anyho
                 .map(|(n, _)| IpAddr::V4(n.addr()))
         })
         .ok_or_else(|| anyhow!("cannot find an address to advertise; pass --advertise-addr"))?;
+    // A seed that is this node itself would "admit" us to a mesh of one.
+    let own: Vec<IpAddr> = crate::net::local_ipv4_nets(&[])
+        .iter()
+        .map(|(n, _)| IpAddr::V4(n.addr()))
+        .collect();
+    if let Some(s) = seed_addrs
+        .iter()
+        .find(|s| (own.contains(&s.ip()) || s.ip().is_loopback()) && s.port() == cfg.gossip_port)
+    {
+        if stamp.is_none() {
+            anyhow::bail!("the seed {s} is this node itself; give the address of a member of the mesh to join");
+        }
+    }
     let wg_port = cfg.wg_port.unwrap_or_else(|| {
         crate::default_wg_port(
             crate::nat::discovery::looks_public(advertise),
             &id.wg_public(),
         )
     });
-    cfg.wg_port = Some(wg_port);
-
-    let membership = Membership::new(network.key, id.node_key(), cfg.down_grace);
-
-    // A node without an overlay address learns the members first, to pick a
-    // free one; a fresh joiner that cannot reach any seed gives up with an error.
-    if state.overlay_ip.is_none() {
-        let reply = hello_any(&transport, &reach, cfg.join_timeout).await?;
-        let entries: Vec<GossipEntry> = reply
-            .into_iter()
-            .filter_map(|text| {
-                let v = crate::record::verify_record(&text, &network.key, None).ok()?;
-                Some(GossipEntry {
-                    node_id: proto::node_id_string(&v.body.node_key),
-                    record: Some(text),
-                    seen: None,
-                    live: true,
-                })
-            })
-            .collect();
-        // A scratch view: only chitchat feeds the real one.
-        let mut seen = Membership::new(network.key, id.node_key(), cfg.down_grace);
-        seen.handle_snapshot(Instant::now(), &entries);
-        let ip = ipalloc::choose(
-            network.cidr,
-            &id.node_key(),
-            &seen.taken_ips(&id.node_key()),
-        )
-        .ok_or_else(|| anyhow!("network {} is full", network.cidr))?;
-        state.overlay_ip = Some(ip);
-        state.ip_claimed_at = unix_ms();
-        tracing::info!(%ip, members = entries.len(), "joined; chose overlay address");
+    if wg_port == cfg.gossip_port || wg_port == cfg.probe_port || cfg.gossip_port == cfg.probe_port
+    {
+        anyhow::bail!(
+            "ports must differ: WireGuard {wg_port}, gossip {}, probes {}",
+            cfg.gossip_port,
+            cfg.probe_port
+        );
     }
+    cfg.wg_port = Some(wg_port);
+    tracing::info!(
+        wireguard = %format!("{wg_port}/udp"), gossip = %format!("{}/udp", cfg.gossip_port),
+        probes = %format!("{}/udp (overlay only)", cfg.probe_port),
+        "ports this node uses (public members: open WireGuard and gossip)"
+    );
+
+    let mut membership = Membership::new(id.node_key(), cfg.down_grace);
+    membership.holders_mut().adopt(
+        state
+            .holders
+            .iter()
+            .filter_map(|(ip, k)| Some((*ip, proto::parse_node_id(k)?))),
+        state
+            .names
+            .iter()
+            .filter_map(|(n, k)| Some((n.clone(), proto::parse_node_id(k)?))),
+    );
+
+    // First contact: a joiner gets its stamp; a member without an address
+    // learns who holds what. Either way it picks a free address.
+    let mut stamp = stamp;
+    let mut first_records: Vec<String> = Vec::new();
+    if stamp.is_none() || state.overlay_ip.is_none() {
+        let outcome = join::contact(
+            &transport,
+            &reach,
+            &state.name,
+            stamp.is_none(),
+            cfg.join_timeout,
+            SLOW_SEED_WAIT.max(cfg.join_timeout),
+        )
+        .await?;
+        let hello = match outcome {
+            join::Outcome::Admitted {
+                stamp: s,
+                hello,
+                seed,
+            } => {
+                tracing::info!(%seed, "admitted to the mesh");
+                trust
+                    .check_credential(
+                        &Credential {
+                            admission: admission.clone(),
+                            stamp: Some(s.clone()),
+                        },
+                        &id.node_key(),
+                    )
+                    .context("the seed's stamp does not verify")?;
+                save_stamp(&dir, &s)?;
+                let credential = Credential {
+                    admission: admission.clone(),
+                    stamp: Some(s.clone()),
+                };
+                let cert = tls::NodeCert::new(&id.signing, &credential)?;
+                let (server, client) = tls::quic_configs(&cert, trust.clone())?;
+                transport.reconfigure(server, client);
+                stamp = Some(s);
+                hello
+            }
+            join::Outcome::Hello { hello, seed } => {
+                tracing::info!(%seed, members = hello.records.len(), "learned the mesh");
+                hello
+            }
+        };
+        if let Some(text) = &hello.revoked {
+            if let Ok(list) = crate::admission::verify_revocations(text, &network.key) {
+                trust.update_revocations(list, text.clone());
+                state.revoked = Some(text.clone());
+            }
+        }
+        membership
+            .holders_mut()
+            .adopt(hello.holders.clone(), hello.names.clone());
+        first_records = hello.records.clone();
+        if state.overlay_ip.is_none() {
+            let mut scratch = Membership::new(id.node_key(), cfg.down_grace);
+            scratch
+                .holders_mut()
+                .adopt(hello.holders.clone(), hello.names.clone());
+            let entries: Vec<crate::membership::GossipEntry> = hello
+                .records
+                .iter()
+                .filter_map(|text| {
+                    let v = trust
+                        .with_trust(|t| crate::record::verify_record(text, t, None))
+                        .ok()?;
+                    Some(crate::membership::GossipEntry {
+                        node_id: proto::node_id_string(&v.body.node_key),
+                        record: Some(text.as_str().into()),
+                        seen: None,
+                        alive: None,
+                        suspects: None,
+                    })
+                })
+                .collect();
+            trust.with_trust(|t| scratch.handle_snapshot(Instant::now(), &entries, t, &|_| false));
+            let ip = ipalloc::choose(
+                network.cidr,
+                &id.node_key(),
+                &scratch.taken_ips(&id.node_key()),
+            )
+            .ok_or_else(|| anyhow!("network {} is full", network.cidr))?;
+            state.overlay_ip = Some(ip);
+            state.ip_claimed_at = unix_ms();
+            tracing::info!(%ip, members = entries.len(), "chose overlay address");
+        }
+    }
+    let stamp = stamp.ok_or_else(|| anyhow!("not admitted"))?;
     let overlay_ip = state
         .overlay_ip
         .ok_or_else(|| anyhow!("no overlay address"))?;
@@ -275,113 +434,117 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()>) -> anyho
         }
     }
     let traversal = Traversal::start(&wg, stun_servers, id.wg_public());
-    let mut node_state = state;
-    let record = build_record(
-        (&id, &network, &admission),
-        &mut node_state,
-        &cfg,
-        advertise,
-        (&traversal.nat, &traversal.observed_self),
-        Flags {
-            relay: false,
-            left: false,
-        },
-    );
-    dir.save_state(&node_state)?;
-    let who = gossip::GossipIdentity {
-        node_id: id.node_id(),
-        generation: unix_ms(),
-        advertise: SocketAddr::new(advertise, cfg.gossip_port),
-        cluster_id: network.id(),
-    };
-    let gossip = match Gossip::start(
-        who,
-        node_state.seeds.clone(),
-        &cfg.timing,
+    let gossip = Gossip::start(
+        &id.node_id(),
+        network.id(),
+        trust.clone(),
         transport,
-        record,
-    )
-    .await
-    {
-        Ok(g) => g,
-        Err(e) => {
-            wg.destroy().await;
-            return Err(e);
-        }
-    };
-    tracing::info!(
-        node = %node_state.name, id = %id.node_id(), %overlay_ip, interface = %cfg.interface,
-        backend = ?wg.backend, %advertise, "meshpeer is up"
+        rand::random(),
     );
+    let (hello_tx, hello_rx) = watch::channel(Arc::new(HelloReply::default()));
+    gossip.set_request_handler(Arc::new(join::Handler {
+        trust: trust.clone(),
+        signing: id.signing.clone(),
+        admission: admission.clone(),
+        hello: hello_rx,
+        allocator: None,
+    }));
+    // What the seed handed over goes into gossip at once.
+    for text in &first_records {
+        if let Ok(v) = trust.with_trust(|t| crate::record::verify_record(text, t, None)) {
+            gossip.inject(
+                &proto::node_id_string(&v.body.node_key),
+                trust::RECORD_KEY,
+                text,
+                v.body.version,
+            );
+        }
+    }
+    if let Some(text) = &state.revoked {
+        if let Ok(list) = crate::admission::verify_revocations(text, &network.key) {
+            gossip.inject(
+                trust::AUTHORITY_NODE,
+                trust::REVOKED_KEY,
+                text,
+                list.issued_at_ms,
+            );
+        }
+    }
 
-    let prober = rtt::Prober::new(&cfg.interface);
+    let (acks_tx, mut acks_rx) = mpsc::channel(1024);
     let wg_public = id.wg_public();
+    let liveness = Liveness::new(network.key, id.node_key(), rand::random());
     let mut node = Node {
         cfg,
         dir,
         id,
         network,
         admission,
-        state: node_state,
+        stamp,
+        state,
         advertise,
+        trust,
         membership,
+        liveness,
+        planner: RoundPlanner::new(rand::random()),
         wg,
         gossip,
-        records_tx,
+        hello_tx,
         owned,
         status: status_tx,
         last_persist: Instant::now(),
-        reach_backoff: Duration::from_secs(1),
-        next_reach: Instant::now(),
         seed_addrs,
         traversal,
         last_rotation: 0,
         last_status: Instant::now(),
         last_step: Instant::now(),
         local_nets: None,
-        prober,
         wg_public,
+        probes: None,
+        probe_shared: probes::Shared::default(),
+        acks_tx,
+        ip_since: Instant::now(),
+        fed: Default::default(),
+        published_record: None,
     };
+    if let Err(e) = node.republish(false).await {
+        node.wg.destroy().await;
+        return Err(e);
+    }
+    node.bind_probes().await;
+    tracing::info!(
+        node = %node.state.name, id = %node.id.node_id(), %overlay_ip, interface = %node.cfg.interface,
+        backend = ?node.wg.backend, %advertise, "meshpeer is up"
+    );
 
     tokio::pin!(shutdown);
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut leave_reply = None;
     let answered = node.traversal.answered();
-    let records_changed = node.gossip.records_changed();
-    // Small-mesh rounds go to more members while records change (see
-    // `gossip::BUSY_FANOUT`); a node starts busy.
-    let mut busy_until = Instant::now() + BUSY_GOSSIP;
-    // Gossip rounds of a small mesh, between chitchat's own (see
-    // `Gossip::small_mesh_round`), unless chitchat's own are as frequent.
-    let mut rounds = node.gossip.extra_round_every().map(|period| {
-        let mut i = tokio::time::interval(period);
-        i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-        i
-    });
     loop {
         let small = tick.period() <= TICK;
+        let liveness_at = node
+            .liveness
+            .poll_timeout()
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
+        let rounds_at = node.planner.poll_timeout(Instant::now());
         tokio::select! {
-            // A record arrived or changed: in a small mesh, act on it now
-            // rather than at the next tick (one gossip hop is 250 ms, so
-            // waiting for the tick adds up to a hop to every join). Not in
-            // large meshes, where records change all the time and the
-            // stretched tick is what bounds a node's cost.
-            _ = records_changed.notified(), if small && node.last_step.elapsed() >= MIN_STEP_GAP => {
-                busy_until = Instant::now() + BUSY_GOSSIP;
+            // A value arrived: in a small mesh, act on it now rather than at
+            // the next tick (a gossip hop is 250 ms, waiting for the tick
+            // adds up to one more to every join).
+            _ = node.gossip.changed(), if small && node.last_step.elapsed() >= MIN_STEP_GAP => {
                 node.step_or_warn().await;
             }
-            // A connectivity check was answered: handshake there now, not
-            // at the next tick.
             _ = answered.notified() => node.on_stun_answer().await,
-            Some(_) = async { Some(rounds.as_mut()?.tick().await) }, if rounds.is_some() => {
-                let fanout = if Instant::now() < busy_until {
-                    gossip::BUSY_FANOUT
-                } else {
-                    gossip::QUIET_FANOUT
-                };
-                node.gossip.small_mesh_round(fanout).await
+            Some((from, nonce, summary)) = acks_rx.recv() => {
+                node.on_probe_ack(from, nonce, summary);
+                while let Ok((from, nonce, summary)) = acks_rx.try_recv() {
+                    node.on_probe_ack(from, nonce, summary);
+                }
             }
+            _ = tokio::time::sleep_until(liveness_at.into()) => node.run_liveness().await,
+            _ = tokio::time::sleep_until(rounds_at.into()) => node.start_rounds(),
             _ = &mut shutdown => {
                 tracing::info!("shutting down (members will mark this node down)");
                 break;
@@ -407,10 +570,15 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()>) -> anyho
                     leave_reply = Some(reply);
                     break;
                 }
+                Request::Revoke { list } => {
+                    let r = node.revoke(&list).await;
+                    reply.answer(r).await;
+                }
             }
         }
     }
     node.persist(true);
+    node.probes = None;
     node.gossip.shutdown().await;
     node.wg.destroy().await;
     control_task.abort();
@@ -421,12 +589,11 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()>) -> anyho
 }
 
 /// The daemon's tick for a mesh of `members` known members (not left). A
-/// tick's work grows with the number of members (snapshot, desired peers,
-/// device reading, paths), so at hundreds of members a fixed tick makes
-/// every node's idle cost grow with N and the mesh's with N²; stretching
-/// the tick keeps a node's cost about flat, at the price of reacting a
-/// little later in large meshes. Events that need an answer at once (a
-/// STUN answer, a control request) do not wait for the tick.
+/// tick's work grows with the number of members, so at hundreds of members
+/// a fixed tick makes every node's idle cost grow with N; stretching the
+/// tick keeps it about flat, at the price of reacting a little later in
+/// large meshes. Events that need an answer at once (a STUN answer, a probe
+/// answer, a control request, a liveness timer) do not wait for the tick.
 fn tick_period(members: usize) -> Duration {
     if members <= TICK_MEMBERS {
         return TICK;
@@ -442,382 +609,75 @@ impl Drop for SocketGuard {
     }
 }
 
-async fn hello_any(
-    transport: &QuicTransport,
-    reach: &[SocketAddr],
-    timeout: Duration,
-) -> anyhow::Result<Vec<String>> {
-    if reach.is_empty() {
-        bail!("this node has no overlay address and no seed to join through (pass a seed: `meshpeer join SEED`)");
-    }
-    let deadline = tokio::time::Instant::now() + timeout;
-    let mut last_err = None;
-    let mut backoff = Duration::from_millis(500);
-    // Each pass gives the seeds longer (8, 16, then 32 s): a seed that is
-    // slow to answer (hundreds of nodes joining at once) is not helped by
-    // being asked again from scratch.
-    let mut limit = Duration::from_secs(8);
-    while tokio::time::Instant::now() < deadline {
-        for addr in reach {
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            if left.is_zero() {
-                break;
-            }
-            match transport
-                .hello_within(*addr, limit.min(left.max(Duration::from_secs(1))))
-                .await
-            {
-                Ok(r) => return Ok(r.records),
-                Err(e @ gossip::transport::ProbeError::Refused { .. }) => {
-                    return Err(anyhow!("cannot join: {e}"))
-                }
-                Err(e) => {
-                    tracing::info!(seed = %addr, error = %e, "seed not reachable yet");
-                    last_err = Some(e);
-                }
-            }
-        }
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        tokio::time::sleep(backoff.min(left)).await;
-        backoff = (backoff * 2).min(Duration::from_secs(5));
-        limit = (limit * 2).min(Duration::from_secs(32));
-    }
-    Err(anyhow!(
-        "cannot join: no seed answered within {timeout:?}{}",
-        last_err
-            .map(|e| format!(" (last error: {e})"))
-            .unwrap_or_default()
-    ))
-}
-
-/// Builds and signs this node's record, bumping its version.
-/// The two booleans of a record, named.
-struct Flags {
-    relay: bool,
-    left: bool,
-}
-
-fn build_record(
-    (id, network, admission): (&Identity, &Network, &Signed),
-    state: &mut NodeState,
-    cfg: &DaemonConfig,
-    advertise: IpAddr,
-    (nat, observed): (&NatInfo, &[SocketAddr]),
-    Flags { relay, left }: Flags,
-) -> String {
-    // Candidates, best first: the server-reflexive endpoint (if the NAT keeps
-    // one mapping for all destinations), or, when STUN cannot tell (kernel
-    // WireGuard), the endpoint our peers observe; then host addresses.
-    let mut endpoints = Vec::new();
-    if nat.kind == NatKind::EndpointIndependent {
-        endpoints.extend(nat.mapped.first().copied());
-    }
-    if nat.kind == NatKind::Unknown {
-        endpoints.extend(observed.iter().take(2).copied());
-    }
-    let host = SocketAddr::new(advertise, cfg.wg_port());
-    if !endpoints.contains(&host) {
-        endpoints.push(host);
-    }
-    for (net, _) in crate::net::local_ipv4_nets(&[&cfg.interface]) {
-        let a = SocketAddr::new(IpAddr::V4(net.addr()), cfg.wg_port());
-        if !endpoints.contains(&a)
-            && !network.cidr.contains(&net.addr())
-            && endpoints.len() < crate::record::MAX_ENDPOINTS
-        {
-            endpoints.push(a);
-        }
-    }
-    state.record_version = (state.record_version + 1).max(unix_ms());
-    let body = RecordBody {
-        network_key: network.key,
-        node_key: id.node_key(),
-        version: state.record_version,
-        name: state.name.clone(),
-        overlay_ip: state
-            .overlay_ip
-            .unwrap_or(ipalloc::first_host(network.cidr)),
-        ip_claimed_at: state.ip_claimed_at,
-        wg_public_key: id.wg_public(),
-        wg_port: cfg.wg_port(),
-        endpoints,
-        gossip_addr: SocketAddr::new(advertise, cfg.gossip_port),
-        tags: vec![],
-        routes: vec![],
-        left,
-        nat: nat.kind,
-        relay,
-        admission: admission.clone(),
-    };
-    body.sign(&id.signing)
-}
-
 impl Node {
-    /// One step; a failed one is logged and retried at the next.
-    async fn step_or_warn(&mut self) {
-        if let Err(e) = self.step().await {
-            tracing::warn!(error = %format!("{e:#}"), "reconcile step failed; retrying");
-        }
-    }
-
-    async fn step(&mut self) -> anyhow::Result<()> {
-        let now = Instant::now();
-        self.last_step = now;
-        let entries = self.gossip.snapshot().await;
-        let events = self.membership.handle_snapshot(now, &entries);
-        for e in &events {
-            log_event(e);
-        }
-        // What a joiner's hello is answered with: refreshed on change.
-        if !events.is_empty() || self.records_tx.borrow().is_empty() {
-            self.records_tx
-                .send_replace(entries.iter().filter_map(|e| e.record.clone()).collect());
-        }
-
-        // Address conflict: the earlier claim keeps it; we move.
-        let my_ip = self
-            .state
-            .overlay_ip
-            .ok_or_else(|| anyhow!("no overlay address"))?;
-        let mine = Claim {
-            ip: my_ip,
-            claimed_at: self.state.ip_claimed_at,
-            node_key: self.id.node_key(),
-        };
-        if self.membership.loses_claim(&mine) {
-            let taken = self.membership.taken_ips(&self.id.node_key());
-            let ip = ipalloc::choose(self.network.cidr, &self.id.node_key(), &taken)
-                .ok_or_else(|| anyhow!("network {} is full", self.network.cidr))?;
-            tracing::warn!(old = %my_ip, new = %ip, "another member claimed our overlay address first; moving");
-            self.state.overlay_ip = Some(ip);
-            self.state.ip_claimed_at = unix_ms();
-            self.wg.set_address(ip, self.network.cidr)?;
-            self.republish(false).await;
-            self.dir.save_state(&self.state)?;
-        }
-
-        // WireGuard: desired vs actual.
-        let local = self.local_nets();
-        // NAT: learn our mapping (STUN on the WireGuard port); republish
-        // when it changed.
-        let me = self.id.node_key();
-        if self
-            .traversal
-            .discover(
-                now,
-                &self.membership,
-                &me,
-                &local,
-                self.advertise,
-                self.cfg.wg_port(),
-            )
-            .await
-        {
-            self.republish(false).await;
-        }
-        if self.relays() && self.traversal.ensure_forwarding() {
-            self.republish(false).await;
-        }
-
-        let traversal = &self.traversal;
-        let desired = self
-            .membership
-            .desired_peers(now, &local, &|k| traversal.hearing(now, k));
-        let actual = self.wg.peers()?;
-        let desired = self.traversal.select_paths(
-            now,
-            desired,
-            &actual,
-            &self.membership,
-            &me,
-            self.wg_public,
-            &local,
+    /// The next version of our values (proto/PROTOCOL.md §4.2).
+    fn next_version(&mut self) -> u64 {
+        let seen = self.gossip.take_self_seen().unwrap_or(0);
+        let v = values::next_version(
+            self.state.record_version.max(seen),
+            self.gossip.self_version(),
+            unix_ms(),
         );
-        // Round-trip probes: live members, again at once on a path change.
-        let probe: Vec<([u8; 32], std::net::Ipv4Addr)> = self
-            .membership
-            .members()
-            .filter(|x| x.record.node_key != me && x.liveness == Liveness::Live)
-            .map(|x| (x.record.wg_public_key, x.record.overlay_ip))
-            .collect();
-        self.prober.poll(now, &probe, &self.traversal.changed);
-
-        // Observed endpoints: publish what we see of members whose NAT is
-        // unknown; learn what others see of us.
-        let local_ips: Vec<IpAddr> = local.iter().map(|n| IpAddr::V4(n.addr())).collect();
-        let obs = self.traversal.observe(
-            now,
-            &entries,
-            &self.membership,
-            &me,
-            &actual,
-            &local_ips,
-            &self.network.key,
-        );
-        if let Some(seen) = obs.publish {
-            let text = crate::observe::Observations {
-                network_key: self.network.key,
-                observer: me,
-                issued_at: unix_ms(),
-                seen,
-            }
-            .sign(&self.id.signing);
-            self.gossip.publish_seen(text).await;
-        }
-        if obs.changed {
-            self.republish(false).await;
-        }
-        // The poke beat is wall-clock time, shared by every member: both
-        // ends of a pair send their checks in the same beat, which is what
-        // opens both NATs at once (see `nat::checks`).
-        let rotation = (unix_ms() / POKE_EVERY.as_millis() as u64) as usize;
-        let poke = rotation != self.last_rotation;
-        self.last_rotation = rotation;
-        let traversal = &self.traversal;
-        let mut changes = reconcile(&desired, &actual, &self.owned, rotation, poke, &|k| {
-            !traversal.hearing(now, k)
-        });
-        if traversal.checks_punch() {
-            // Connectivity checks do the punching (and force the handshake
-            // when a candidate answers): a poke only keeps live sessions
-            // talking. Poking a peer without a session would start a
-            // handshake every 10 s that mostly goes nowhere, and at
-            // hundreds of members those X25519 operations are the largest
-            // CPU cost.
-            let sessions: std::collections::HashSet<[u8; 32]> = actual
-                .iter()
-                .filter(|a| {
-                    a.handshake_age
-                        .is_some_and(|age| age < crate::reconcile::FRESH_HANDSHAKE)
-                })
-                .map(|a| a.public_key)
-                .collect();
-            changes.retain(|c| match c {
-                PeerChange::Poke { public_key, .. } => sessions.contains(public_key),
-                _ => true,
-            });
-        }
-        if !changes.is_empty() {
-            for c in &changes {
-                log_change(c, &self.membership);
-            }
-            self.wg.apply(&changes)?;
-            for c in &changes {
-                match c {
-                    PeerChange::Add { public_key, .. } => {
-                        self.owned.insert(*public_key);
-                    }
-                    PeerChange::Remove { public_key } => {
-                        self.owned.remove(public_key);
-                    }
-                    PeerChange::Update { .. } | PeerChange::Poke { .. } => {}
-                }
-            }
-            self.persist(true);
-        }
-        // Only members we now have a WireGuard peer for get answers to
-        // their checks.
-        self.traversal
-            .set_wg_peers(desired.iter().map(|d| &d.public_key));
-        // Connectivity checks: handshakes to candidates that answered, then
-        // the next checks (and punches).
-        self.traversal.force_handshakes(now).await;
-        self.traversal.send_checks(now, poke).await;
-
-        // Never alone for good: with no live member, knock on every address
-        // we know (seeds and last-known members), with backoff.
-        let me = self.id.node_id();
-        let live = entries.iter().filter(|e| e.live && e.node_id != me).count();
-        let expected: std::collections::HashSet<SocketAddr> = self
-            .membership
-            .members()
-            .filter(|m| {
-                m.record.nat == NatKind::Public
-                    || crate::membership::on_local_net(&local, &m.record.gossip_addr)
-            })
-            .map(|m| m.record.gossip_addr)
-            .collect();
-        let live_addrs = self.gossip.live_addrs().await;
-        self.gossip.transport.set_live(live_addrs.clone(), expected);
-        if live == 0 {
-            if Instant::now() >= self.next_reach {
-                let mut addrs = self.seed_addrs.clone();
-                addrs.extend(self.state.known_members.iter().copied());
-                for a in addrs {
-                    self.gossip.gossip_to(a);
-                }
-                self.next_reach = Instant::now() + self.reach_backoff;
-                self.reach_backoff = (self.reach_backoff * 2).min(Duration::from_secs(30));
-            }
-        } else {
-            self.reach_backoff = Duration::from_secs(1);
-        }
-
-        // Status from this tick's reading of the device (before the changes
-        // just applied). Rebuilt when something changed, else every 2 s:
-        // at hundreds of members, building it is a good part of a tick.
-        if !events.is_empty() || !changes.is_empty() || self.last_status.elapsed() >= STATUS_EVERY {
-            self.status.send_replace(Some(self.build_status(&actual)));
-            self.last_status = Instant::now();
-        }
-        if self.last_persist.elapsed() > Duration::from_secs(10) {
-            if !live_addrs.is_empty() && live_addrs != self.state.known_members {
-                self.state.known_members = live_addrs;
-            }
-            self.persist(false);
-        }
-        Ok(())
-    }
-
-    /// The host's IPv4 networks (not our overlay), read again every
-    /// [`LOCAL_NETS_EVERY`]: reading them is a few syscalls per interface,
-    /// and they change rarely.
-    fn local_nets(&mut self) -> Vec<Ipv4Net> {
-        match &self.local_nets {
-            Some((at, nets)) if at.elapsed() < LOCAL_NETS_EVERY => nets.clone(),
-            _ => {
-                let nets: Vec<Ipv4Net> = crate::net::local_ipv4_nets(&[&self.cfg.interface])
-                    .into_iter()
-                    .map(|(n, _)| n)
-                    .collect();
-                self.local_nets = Some((Instant::now(), nets.clone()));
-                nets
-            }
-        }
+        self.state.record_version = v;
+        v
     }
 
     /// Whether this member offers relaying (public, and not `--no-relay`).
     fn relays(&self) -> bool {
-        self.cfg.relay && self.traversal.nat.kind == NatKind::Public
+        self.cfg.relay && self.traversal.nat.kind == crate::record::NatKind::Public
     }
 
-    /// A STUN answer arrived on the WireGuard port: handshakes to checked
-    /// candidates now, and a new NAT picture published now (one gossip hop
-    /// earlier for every member than waiting for the next tick).
-    async fn on_stun_answer(&mut self) {
-        self.traversal.force_handshakes(Instant::now()).await;
-        if self.traversal.take_discovery_news() {
-            let local = self.local_nets();
-            if self
-                .traversal
-                .refresh_nat(&local, self.advertise, self.cfg.wg_port())
-            {
-                self.republish(false).await;
-            }
-        }
-    }
-
-    async fn republish(&mut self, left: bool) {
+    /// Publishes our record (again), with `left` for a leave.
+    async fn republish(&mut self, left: bool) -> anyhow::Result<()> {
         let relay = self.relays() && self.traversal.forwarding();
-        let record = build_record(
-            (&self.id, &self.network, &self.admission),
-            &mut self.state,
-            &self.cfg,
-            self.advertise,
-            (&self.traversal.nat, &self.traversal.observed_self),
-            Flags { relay, left },
-        );
-        self.gossip.publish(record).await;
+        let version = self.next_version();
+        let local = self.local_nets();
+        let body = values::build_record(&values::RecordInputs {
+            id: &self.id,
+            network: &self.network,
+            admission: &self.admission,
+            stamp: &self.stamp,
+            state: &self.state,
+            wg_port: self.cfg.wg_port(),
+            gossip_port: self.cfg.gossip_port,
+            advertise: self.advertise,
+            nat: &self.traversal.nat,
+            observed: &self.traversal.observed_self,
+            local_nets: &local,
+            relay,
+            left,
+            tags: &self.cfg.tags,
+            version,
+        });
+        let text = body.sign(&self.id.signing);
+        self.gossip
+            .publish(trust::RECORD_KEY, text, version)
+            .context("publishing our record")?;
+        self.published_record = Some(body);
+        Ok(())
+    }
+
+    /// (Re)binds the probe socket on our overlay address.
+    async fn bind_probes(&mut self) {
+        let Some(ip) = self.state.overlay_ip else {
+            return;
+        };
+        if self.probes.as_ref().is_some_and(|p| p.ip == ip) {
+            return;
+        }
+        self.probes = None;
+        match probes::ProbeSocket::bind(
+            ip,
+            self.cfg.probe_port,
+            self.probe_shared.clone(),
+            self.acks_tx.clone(),
+        )
+        .await
+        {
+            Ok(p) => self.probes = Some(p),
+            Err(e) => tracing::warn!(%ip, port = self.cfg.probe_port, error = %e,
+                "cannot bind the liveness probe socket; members will see this node through others only"),
+        }
     }
 
     fn persist(&mut self, force: bool) {
@@ -825,6 +685,20 @@ impl Node {
             .owned
             .iter()
             .map(|k| base64::engine::general_purpose::STANDARD.encode(k))
+            .collect();
+        self.state.holders = self
+            .membership
+            .holders()
+            .ips()
+            .into_iter()
+            .map(|(ip, k)| (ip, proto::node_id_string(&k)))
+            .collect();
+        self.state.names = self
+            .membership
+            .holders()
+            .names()
+            .into_iter()
+            .map(|(n, k)| (n, proto::node_id_string(&k)))
             .collect();
         if force || self.last_persist.elapsed() > Duration::from_secs(10) {
             if let Err(e) = self.dir.save_state(&self.state) {
@@ -834,212 +708,42 @@ impl Node {
         }
     }
 
-    /// Publishes a signed leave record and pushes it to every live member.
+    /// A revocation list from `meshpeer revoke`: trusted, persisted, spread.
+    async fn revoke(&mut self, text: &str) -> Reply {
+        let list = match crate::admission::verify_revocations(text, &self.network.key) {
+            Ok(l) => l,
+            Err(e) => {
+                return Reply::Error {
+                    message: e.to_string(),
+                }
+            }
+        };
+        let version = list.issued_at_ms;
+        if !self
+            .gossip
+            .inject(trust::AUTHORITY_NODE, trust::REVOKED_KEY, text, version)
+        {
+            return Reply::Error {
+                message: "a newer revocation list is already in the mesh; try again".into(),
+            };
+        }
+        self.step_or_warn().await;
+        Reply::Revoked
+    }
+
+    /// Publishes a signed leave record and pushes it to members for a while.
     async fn leave(&mut self) {
         tracing::info!("leaving the mesh");
-        self.republish(true).await;
+        if let Err(e) = self.republish(true).await {
+            tracing::warn!(error = %format!("{e:#}"), "cannot publish the leave record");
+        }
         let deadline = Instant::now() + LEAVE_LINGER;
+        let targets = self.round_targets();
         while Instant::now() < deadline {
-            for a in self.gossip.live_addrs().await {
-                self.gossip.gossip_to(a);
+            for t in &targets {
+                self.gossip.round_with(t.addr);
             }
-            tokio::time::sleep(self.cfg.timing.interval / 2).await;
-        }
-    }
-
-    fn build_status(&self, actual: &[crate::reconcile::ActualPeer]) -> Status {
-        let peer_of = |k: &[u8; 32]| actual.iter().find(|p| &p.public_key == k);
-        let fresh = |k: &[u8; 32]| {
-            peer_of(k)
-                .and_then(|p| p.handshake_age)
-                .is_some_and(|a| a < FRESH_HANDSHAKE)
-        };
-        let name_of = |k: &[u8; 32]| {
-            self.membership
-                .members()
-                .find(|x| &x.record.wg_public_key == k)
-                .map(|x| x.record.name.clone())
-                .unwrap_or_default()
-        };
-        let mut members: Vec<MemberStatus> = self
-            .membership
-            .members()
-            .map(|m| {
-                let r = &m.record;
-                let is_self = r.node_key == self.id.node_key();
-                let peer = peer_of(&r.wg_public_key);
-                let age = peer.and_then(|p| p.handshake_age);
-                let path = self.traversal.paths.get(&r.wg_public_key).copied();
-                let reachable = match path {
-                    Some(Path::Relayed { via }) => fresh(&via),
-                    _ => fresh(&r.wg_public_key),
-                };
-                let state = if is_self {
-                    MemberState::Myself
-                } else if matches!(m.liveness, Liveness::Down { .. }) {
-                    MemberState::Down
-                } else if reachable {
-                    MemberState::Connected
-                } else {
-                    MemberState::Connecting
-                };
-                let endpoint = if is_self {
-                    Some(SocketAddr::new(self.advertise, self.cfg.wg_port()))
-                } else if let Some(Path::Relayed { via }) = path {
-                    peer_of(&via).and_then(|p| p.endpoint)
-                } else {
-                    peer.and_then(|p| p.endpoint)
-                };
-                let (path_text, relay, why) = match path {
-                    _ if is_self || state == MemberState::Down => (None, None, None),
-                    Some(Path::Direct) => (Some("direct".to_string()), None, None),
-                    Some(Path::Relayed { via }) => (
-                        Some("relayed".to_string()),
-                        Some(name_of(&via)),
-                        Some(traversal::relay_reason(
-                            self.traversal.nat.kind,
-                            r.nat,
-                            &self.traversal.nat.mapped,
-                            &r.endpoints,
-                        )),
-                    ),
-                    Some(Path::Trying) | None => (Some("trying".to_string()), None, None),
-                };
-                MemberStatus {
-                    name: r.name.clone(),
-                    node_id: proto::node_id_string(&r.node_key),
-                    overlay_ip: r.overlay_ip,
-                    public_key: proto::key_b64(&r.wg_public_key),
-                    endpoint: endpoint.map(|e| e.to_string()),
-                    state,
-                    path: path_text,
-                    relay,
-                    why_not_direct: why,
-                    nat: nat_name(r.nat).to_string(),
-                    last_handshake_secs: age.map(|a| a.as_secs()),
-                    rtt_us: self
-                        .prober
-                        .rtt
-                        .get(&r.wg_public_key)
-                        .copied()
-                        .flatten()
-                        .map(|d| d.as_micros() as u64),
-                    rx_bytes: peer.map_or(0, |p| p.rx_bytes),
-                    tx_bytes: peer.map_or(0, |p| p.tx_bytes),
-                    tags: r.tags.clone(),
-                }
-            })
-            .collect();
-        members.sort_by_key(|m| m.overlay_ip);
-        let (sent, received) = self.gossip.transport.byte_counts();
-        Status {
-            node: self.state.name.clone(),
-            node_id: self.id.node_id(),
-            network: self.network.cidr.to_string(),
-            interface: self.cfg.interface.clone(),
-            backend: self.wg.backend,
-            listen_port: self.cfg.wg_port(),
-            gossip_addr: SocketAddr::new(self.advertise, self.cfg.gossip_port).to_string(),
-            gossip_bytes_sent: sent,
-            gossip_bytes_received: received,
-            nat: nat_name(self.traversal.nat.kind).to_string(),
-            mapped_endpoints: self
-                .traversal
-                .nat
-                .mapped
-                .iter()
-                .map(|e| e.to_string())
-                .collect(),
-            relaying: self.relays() && self.traversal.forwarding(),
-            myself: members
-                .iter()
-                .find(|m| m.state == MemberState::Myself)
-                .cloned(),
-            members,
-        }
-    }
-}
-
-fn nat_name(k: NatKind) -> &'static str {
-    match k {
-        NatKind::Unknown => "unknown",
-        NatKind::Public => "public",
-        NatKind::EndpointIndependent => "endpoint-independent",
-        NatKind::EndpointDependent => "symmetric",
-    }
-}
-
-fn log_event(e: &Event) {
-    match e {
-        Event::Joined {
-            name,
-            node,
-            overlay_ip,
-        } => tracing::info!(member = %name, %node, %overlay_ip, "member joined"),
-        Event::Updated { name, version } => {
-            tracing::debug!(member = %name, version, "member updated its record")
-        }
-        Event::Left { name } => tracing::info!(member = %name, "member left"),
-        Event::Down { name } => tracing::warn!(member = %name, "member is down"),
-        Event::Up { name } => tracing::info!(member = %name, "member is back up"),
-        Event::Forgotten { name } => tracing::info!(member = %name, "member forgotten"),
-        Event::Rejected { node, reason } => {
-            tracing::warn!(%node, %reason, "dropped a record that failed verification")
-        }
-        Event::Replay { node, held, got } => {
-            tracing::warn!(%node, held, got, "dropped a replayed (older) record")
-        }
-    }
-}
-
-fn log_change(c: &PeerChange, m: &Membership) {
-    let name = m
-        .members()
-        .find(|x| &x.record.wg_public_key == c.public_key())
-        .map(|x| x.record.name.clone())
-        .unwrap_or_else(|| "(gone)".into());
-    let peer = proto::short_key(c.public_key());
-    match c {
-        PeerChange::Add {
-            allowed_ips,
-            endpoint,
-            ..
-        } => {
-            tracing::info!(%peer, member = %name, ?allowed_ips, ?endpoint, "adding WireGuard peer")
-        }
-        PeerChange::Update {
-            endpoint,
-            allowed_ips,
-            ..
-        } => {
-            tracing::info!(%peer, member = %name, ?endpoint, ?allowed_ips, "updating WireGuard peer")
-        }
-        PeerChange::Remove { .. } => {
-            tracing::info!(%peer, member = %name, "removing WireGuard peer")
-        }
-        PeerChange::Poke { .. } => {
-            tracing::debug!(%peer, member = %name, "retrying the handshake (hole punch)")
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tick_stretches_with_the_mesh_and_is_bounded() {
-        assert_eq!(tick_period(0), TICK);
-        assert_eq!(tick_period(TICK_MEMBERS), TICK);
-        assert_eq!(tick_period(2 * TICK_MEMBERS), 2 * TICK);
-        assert!(tick_period(100) > tick_period(60));
-        assert_eq!(tick_period(10_000), MAX_TICK);
-        // Monotone: a larger mesh never ticks faster.
-        let mut last = Duration::ZERO;
-        for n in 0..1000 {
-            let t = tick_period(n);
-            assert!(t >= last, "tick for {n} members shrank");
-            last = t;
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 }

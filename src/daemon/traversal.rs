@@ -371,6 +371,11 @@ impl Traversal {
         self.sender.is_some()
     }
 
+    /// Liveness says our path to this WireGuard key is broken.
+    pub fn path_broken(&mut self, key: &[u8; 32]) {
+        self.selector.broken(key);
+    }
+
     /// Whether the data plane heard from this WireGuard key lately.
     pub fn hearing(&self, now: Instant, key: &[u8; 32]) -> bool {
         self.selector.hearing(now, key)

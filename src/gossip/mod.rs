@@ -1,245 +1,200 @@
-//! Gossip: chitchat (Scuttlebutt anti-entropy + phi-accrual failure
-//! detection) carried over QUIC ([`transport`]) with mutual TLS ([`tls`]).
+//! Gossip: the patched chitchat (sans-IO Scuttlebutt over signed values,
+//! `chitchat/`) driven over QUIC ([`transport`]) with mutual TLS ([`tls`]),
+//! and the round planner that decides when and with whom to gossip
+//! ([`rounds`], sans-IO).
 //!
-//! Each node publishes exactly one key, [`RECORD_KEY`], whose value is its
-//! signed membership record. chitchat does not authenticate what it relays,
-//! so nothing read from it is trusted until [`crate::membership`] verified it.
+//! Every member publishes its signed record, observations, refutations and
+//! accusations as chitchat values (keys in [`crate::trust`]); chitchat
+//! stores nothing that [`TrustState`] did not validate. This module is the
+//! shell: it holds the state behind a lock, hands received messages to it,
+//! sends what it answers and starts the rounds the daemon asks for.
 
+pub mod rounds;
 pub mod tls;
 pub mod transport;
 
-use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex, OnceLock};
 
-use chitchat::{spawn_chitchat, ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig};
+use chitchat::{Chitchat, ChitchatConfig, ChitchatMessage, SetError, Summary};
 
 use crate::membership::GossipEntry;
+use crate::trust::{
+    PeerIdentity, TrustState, ALIVE_KEY, AUTHORITY_NODE, RECORD_KEY, REVOKED_KEY, SEEN_KEY,
+    SUSPECTS_KEY,
+};
 pub use transport::QuicTransport;
+use transport::{Inbound, Request};
 
-/// The chitchat key under which a node publishes its record.
-pub const RECORD_KEY: &str = "record";
-/// The chitchat key of a node's signed observations ([`crate::observe`]).
-pub const SEEN_KEY: &str = "seen";
-
-/// The gossip round interval of a small mesh (up to [`SMALL_MESH`] live
-/// members): [`Gossip::small_mesh_round`] starts rounds at this rate.
-pub const DEFAULT_INTERVAL: Duration = Duration::from_millis(250);
-/// chitchat's own interval, at least: each chitchat round also does its
-/// housekeeping (failure detector over every member, key GC over every
-/// key, sets of every address), and at hundreds of members on a 2-core
-/// testnet that housekeeping four times a second was a fifth of a node's
-/// CPU. Large meshes gossip at this rate (and the transport thins further,
-/// see [`transport::FULL_RATE_MEMBERS`]).
-pub const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
-/// Up to this many live members, [`Gossip::small_mesh_round`] adds rounds
-/// at [`GossipTiming::interval`] to chitchat's own.
-pub const SMALL_MESH: usize = 30;
-/// Members a small-mesh round goes to while records are changing (a join,
-/// a leave, a new endpoint): chitchat's own rounds pick 3 as well.
-pub const BUSY_FANOUT: usize = 3;
-/// Members a small-mesh round goes to while nothing changes: one is enough
-/// to carry heartbeats between chitchat's own rounds, and every round
-/// costs a digest of every member each way (at 10 members and fanout 3,
-/// 45 KiB/s of gossip per node, sent and received, and 1 % of a core).
-pub const QUIET_FANOUT: usize = 1;
-/// Heartbeat gaps longer than this are not learned by the failure detector
-/// (chitchat's default is 10 s). In a mesh of hundreds, where most members
-/// sit behind NAT and only reach the public ones, a member's heartbeat can
-/// take longer than 10 s to reach everyone; with the default such a member
-/// would never count as live anywhere.
-const MAX_HEARTBEAT_GAP: Duration = Duration::from_secs(30);
-/// The failure detector's prior heartbeat gap (until it has learned the
-/// real one): lenient, so a member is not called down in its first
-/// seconds.
-const PRIOR_HEARTBEAT_GAP: Duration = Duration::from_secs(1);
-
-/// Timing of gossip and failure detection.
-#[derive(Debug, Clone)]
-pub struct GossipTiming {
-    /// Round interval in small meshes (chitchat's own rounds run at
-    /// `max(interval, HOUSEKEEPING_INTERVAL)`).
-    pub interval: Duration,
-    /// How long chitchat keeps a dead node's state before forgetting it.
-    pub dead_node_grace: Duration,
+/// Handles requests (join, hello, relay allocations): the daemon's part.
+pub trait RequestHandler: Send + Sync + 'static {
+    fn request(&self, from: SocketAddr, peer: &PeerIdentity, req: Request) -> Vec<u8>;
 }
 
-impl Default for GossipTiming {
-    fn default() -> Self {
-        Self {
-            interval: DEFAULT_INTERVAL,
-            dead_node_grace: Duration::from_secs(600),
+/// The gossip state and what answers the network.
+pub struct GossipCore {
+    chitchat: Mutex<Chitchat>,
+    trust: Arc<TrustState>,
+    /// Notified when a remote value was stored (the daemon steps at once in
+    /// small meshes).
+    changed: tokio::sync::Notify,
+    requests: OnceLock<Arc<dyn RequestHandler>>,
+}
+
+impl GossipCore {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Chitchat> {
+        // Chitchat's methods leave it consistent between calls; a panic in
+        // one (a bug) should not take gossip down with it.
+        self.chitchat.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Inbound for GossipCore {
+    fn gossip(&self, _from: SocketAddr, msg: ChitchatMessage) -> Option<ChitchatMessage> {
+        let mut c = self.lock();
+        let before = c.changes();
+        let reply = c.handle_message(msg, &*self.trust);
+        let changed = c.changes() != before;
+        drop(c);
+        if changed {
+            self.changed.notify_one();
+        }
+        reply
+    }
+
+    fn request(&self, from: SocketAddr, peer: &PeerIdentity, req: Request) -> Vec<u8> {
+        match self.requests.get() {
+            Some(h) => h.request(from, peer, req),
+            None => Vec::new(),
         }
     }
 }
 
-/// Who this node is in gossip.
-#[derive(Debug, Clone)]
-pub struct GossipIdentity {
-    /// The node id (URL-safe base64 of the node key).
-    pub node_id: String,
-    /// Distinguishes runs of one node (unix ms at start).
-    pub generation: u64,
-    /// The gossip address other members should use.
-    pub advertise: SocketAddr,
-    /// The network's cluster id ([`crate::admission::Network::id`]).
-    pub cluster_id: String,
-}
-
+/// A node's gossip: state plus transport.
 pub struct Gossip {
-    handle: ChitchatHandle,
-    /// Extra rounds in small meshes (None: chitchat's own interval is
-    /// already the configured one).
-    extra_rounds: Option<Duration>,
+    core: Arc<GossipCore>,
     pub transport: QuicTransport,
-    /// Notified when a member's record arrives or changes (see
-    /// [`Gossip::records_changed`]).
-    records_changed: Arc<tokio::sync::Notify>,
-    /// Keeps the chitchat listener behind `records_changed` subscribed.
-    _listener: chitchat::ListenerHandle,
 }
 
 impl Gossip {
-    /// Starts chitchat on an already bound transport.
-    pub async fn start(
-        who: GossipIdentity,
-        seeds: Vec<String>,
-        timing: &GossipTiming,
+    /// Starts answering gossip on a bound transport.
+    pub fn start(
+        node_id: &str,
+        cluster_id: String,
+        trust: Arc<TrustState>,
         transport: QuicTransport,
-        record: String,
-    ) -> anyhow::Result<Self> {
-        let config = ChitchatConfig {
-            chitchat_id: ChitchatId::new(who.node_id, who.generation, who.advertise),
-            cluster_id: who.cluster_id,
-            gossip_interval: timing.interval.max(HOUSEKEEPING_INTERVAL),
-            listen_addr: transport.local_addr()?,
-            seed_nodes: seeds,
-            failure_detector_config: FailureDetectorConfig {
-                initial_interval: timing.interval.max(PRIOR_HEARTBEAT_GAP),
-                max_interval: MAX_HEARTBEAT_GAP,
-                dead_node_grace_period: timing.dead_node_grace,
-                ..Default::default()
-            },
-            marked_for_deletion_grace_period: timing.dead_node_grace,
-            catchup_callback: None,
-            extra_liveness_predicate: None,
-        };
-        let handle =
-            spawn_chitchat(config, vec![(RECORD_KEY.to_string(), record)], &transport).await?;
-        let records_changed = Arc::new(tokio::sync::Notify::new());
-        let notify = Arc::clone(&records_changed);
-        // Runs under chitchat's lock: only a notification, nothing else.
-        let listener = handle
-            .chitchat()
+        seed: u64,
+    ) -> Self {
+        let mut config = ChitchatConfig::new(node_id, cluster_id);
+        config.seed = seed;
+        let core = Arc::new(GossipCore {
+            chitchat: Mutex::new(Chitchat::new(config)),
+            trust,
+            changed: tokio::sync::Notify::new(),
+            requests: OnceLock::new(),
+        });
+        transport.set_inbound(core.clone());
+        Gossip { core, transport }
+    }
+
+    /// Where requests go (set once, before peers can ask).
+    pub fn set_request_handler(&self, h: Arc<dyn RequestHandler>) {
+        let _ = self.core.requests.set(h);
+    }
+
+    /// Publishes one of our values (signed text) at its signed version.
+    pub fn publish(&self, key: &str, text: String, version: u64) -> Result<(), SetError> {
+        self.core.lock().set(key, text, version)
+    }
+
+    /// Our node's current max version (the next one must be above it).
+    pub fn self_version(&self) -> u64 {
+        self.core.lock().self_version()
+    }
+
+    /// A version of our own node someone else holds above ours (we lost our
+    /// counter), if any.
+    pub fn take_self_seen(&self) -> Option<u64> {
+        self.core.lock().take_self_seen()
+    }
+
+    /// Stores another node's value that reached us outside gossip (a joiner's
+    /// hello reply, a revocation list from the CLI), if valid and newer.
+    pub fn inject(&self, node_id: &str, key: &str, text: &str, version: u64) -> bool {
+        let stored = self
+            .core
             .lock()
-            .await
-            .subscribe_event(RECORD_KEY, move |_| notify.notify_one());
-        let extra_rounds = (timing.interval < HOUSEKEEPING_INTERVAL).then_some(timing.interval);
-        Ok(Self {
-            handle,
-            extra_rounds,
-            transport,
-            records_changed,
-            _listener: listener,
-        })
+            .inject(node_id, key, text, version, &*self.core.trust);
+        if stored {
+            self.core.changed.notify_one();
+        }
+        stored
     }
 
-    /// Notified when a member's record arrives or changes, so the daemon
-    /// can act on it before its next tick.
-    pub fn records_changed(&self) -> Arc<tokio::sync::Notify> {
-        Arc::clone(&self.records_changed)
+    /// Drops a node's state (left, down long enough, revoked).
+    pub fn forget(&self, node_id: &str) {
+        self.core.lock().forget(node_id);
     }
 
-    /// Publishes a new version of this node's record.
-    pub async fn publish(&self, record: String) {
-        let chitchat = self.handle.chitchat();
-        let mut guard = chitchat.lock().await;
-        guard.self_node_state().set(RECORD_KEY, record);
-    }
-
-    /// Publishes this node's signed observations of other members.
-    pub async fn publish_seen(&self, seen: String) {
-        let chitchat = self.handle.chitchat();
-        let mut guard = chitchat.lock().await;
-        guard.self_node_state().set(SEEN_KEY, seen);
-    }
-
-    /// A snapshot of every node chitchat knows, for the membership core.
-    pub async fn snapshot(&self) -> Vec<GossipEntry> {
-        let chitchat: Arc<_> = self.handle.chitchat();
-        let guard = chitchat.lock().await;
-        let live: HashSet<&ChitchatId> = guard.live_nodes().collect();
-        guard
-            .node_states()
+    /// Every member's values, for the membership core.
+    pub fn snapshot(&self) -> Vec<GossipEntry> {
+        let c = self.core.lock();
+        c.node_states()
             .iter()
-            .map(|(id, state)| GossipEntry {
-                node_id: id.node_id.to_string(),
-                record: state.get(RECORD_KEY).map(str::to_string),
-                seen: state.get(SEEN_KEY).map(str::to_string),
-                live: live.contains(id),
+            .filter(|(id, _)| &***id != AUTHORITY_NODE)
+            .map(|(id, s)| GossipEntry {
+                node_id: id.to_string(),
+                record: s.get_versioned(RECORD_KEY).map(|v| v.value.clone()),
+                seen: s.get_versioned(SEEN_KEY).map(|v| v.value.clone()),
+                alive: s.get_versioned(ALIVE_KEY).map(|v| v.value.clone()),
+                suspects: s.get_versioned(SUSPECTS_KEY).map(|v| v.value.clone()),
             })
             .collect()
     }
 
-    /// Gossip addresses of all other nodes currently live (for the restart
-    /// list and the transport).
-    pub async fn live_addrs(&self) -> Vec<SocketAddr> {
-        self.addrs(true).await
+    /// The revocation list gossip holds (text, version).
+    pub fn revocations(&self) -> Option<(Arc<str>, u64)> {
+        let c = self.core.lock();
+        c.node_state(AUTHORITY_NODE)
+            .and_then(|s| s.get_versioned(REVOKED_KEY))
+            .map(|v| (v.value.clone(), v.version))
     }
 
-    /// Gossip addresses of the other nodes chitchat knows (only the live
-    /// ones if `live`).
-    async fn addrs(&self, live: bool) -> Vec<SocketAddr> {
-        let chitchat = self.handle.chitchat();
-        let guard = chitchat.lock().await;
-        let me = guard.self_chitchat_id().clone();
-        let ids: Vec<&ChitchatId> = if live {
-            guard.live_nodes().collect()
-        } else {
-            guard.node_states().keys().collect()
-        };
-        ids.into_iter()
-            .filter(|id| **id != me)
-            .map(|id| id.gossip_advertise_addr)
-            .collect()
+    pub fn summary(&self) -> Summary {
+        self.core.lock().summary()
     }
 
-    /// How often the daemon should call [`Gossip::small_mesh_round`] (None:
-    /// never).
-    pub fn extra_round_every(&self) -> Option<Duration> {
-        self.extra_rounds
+    /// Grows whenever the state changed (ours or others' values).
+    pub fn changes(&self) -> u64 {
+        self.core.lock().changes()
     }
 
-    /// In a small mesh (up to [`SMALL_MESH`] live members), starts a round
-    /// with `fanout` random live members (any known member while none is
-    /// live yet), as chitchat's own round does but without its
-    /// housekeeping: small meshes keep fast gossip (a hop every 250 ms by
-    /// default), large ones run at chitchat's slower interval. The daemon
-    /// passes [`BUSY_FANOUT`] while records change, else [`QUIET_FANOUT`].
-    pub async fn small_mesh_round(&self, fanout: usize) {
-        use rand::seq::SliceRandom;
-        let mut addrs = self.live_addrs().await;
-        if addrs.len() > SMALL_MESH {
-            return;
-        }
-        if addrs.is_empty() {
-            addrs = self.addrs(false).await;
-        }
-        for addr in addrs.choose_multiple(&mut rand::thread_rng(), fanout) {
-            self.gossip_to(*addr);
-        }
+    pub fn stats(&self) -> chitchat::Stats {
+        self.core.lock().stats()
     }
 
-    /// Starts a gossip round with `addr` now (used to find the mesh again).
-    pub fn gossip_to(&self, addr: SocketAddr) {
-        if let Err(e) = self.handle.gossip(addr) {
-            tracing::debug!(%addr, error = %e, "cannot trigger gossip");
+    /// Notified when a remote value was stored.
+    pub async fn changed(&self) {
+        self.core.changed.notified().await
+    }
+
+    /// Starts a round with the member at `to`, unless one is in flight or
+    /// the address is held back; returns whether it started.
+    pub fn round_with(&self, to: SocketAddr) -> bool {
+        if !self.transport.try_start_round(to) {
+            return false;
         }
+        let syn = self.core.lock().syn();
+        self.transport.send(to, &syn);
+        true
     }
 
     pub async fn shutdown(self) {
-        let _ = self.handle.shutdown().await;
         self.transport.close();
     }
+}
+
+/// The chitchat cluster id of a network.
+pub fn cluster_id(network: &crate::admission::Network) -> String {
+    network.id()
 }

@@ -18,14 +18,15 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, Serve
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 
-use crate::admission::{self, VerifiedAdmission};
-use crate::proto::{self, PublicKeyBytes, Signed};
+use crate::admission::Credential;
+use crate::proto::{self, PublicKeyBytes};
+use crate::trust::{PeerIdentity, TrustState};
 
-/// ALPN of the gossip protocol, version 1.
-pub const ALPN: &[u8] = b"meshpeer/1";
-/// Private OID of the admission extension (arc reserved for meshpeer's use;
-/// see proto/PROTOCOL.md).
-pub const ADMISSION_OID: &[u64] = &[1, 3, 6, 1, 4, 1, 53594, 1, 1];
+/// ALPN of the gossip protocol, version 2.
+pub const ALPN: &[u8] = b"meshpeer/2";
+/// Private OID of the credential extension (arc reserved for meshpeer's use;
+/// see proto/PROTOCOL.md; version 1 used `.1.1`).
+pub const ADMISSION_OID: &[u64] = &[1, 3, 6, 1, 4, 1, 53594, 1, 2];
 const ED25519_OID: &str = "1.3.101.112";
 /// A gossip connection closes after this long without packets (see
 /// [`quic_configs`]).
@@ -54,7 +55,7 @@ pub struct NodeCert {
 }
 
 impl NodeCert {
-    pub fn new(signing: &SigningKey, admission: &Signed) -> Result<Self, TlsError> {
+    pub fn new(signing: &SigningKey, credential: &Credential) -> Result<Self, TlsError> {
         let pkcs8 = signing
             .to_pkcs8_der()
             .map_err(|e| TlsError::Pkcs8(e.to_string()))?;
@@ -65,7 +66,7 @@ impl NodeCert {
             .custom_extensions
             .push(rcgen::CustomExtension::from_oid_content(
                 ADMISSION_OID,
-                proto::encode(admission),
+                proto::encode(credential),
             ));
         let cert = params.self_signed(&kp)?;
         Ok(Self {
@@ -75,11 +76,8 @@ impl NodeCert {
     }
 }
 
-/// Extracts the node key and checks the credential in a peer certificate.
-pub fn check_certificate(
-    cert: &CertificateDer<'_>,
-    network_key: &PublicKeyBytes,
-) -> Result<VerifiedAdmission, String> {
+/// Extracts the node key and credential of a peer certificate.
+pub fn read_certificate(cert: &CertificateDer<'_>) -> Result<(PublicKeyBytes, Credential), String> {
     let (_, x509) = x509_parser::parse_x509_certificate(cert.as_ref())
         .map_err(|e| format!("unparsable certificate: {e}"))?;
     let spki = x509.public_key();
@@ -101,29 +99,42 @@ pub fn check_certificate(
         .extensions()
         .iter()
         .find(|e| e.oid.to_id_string() == oid)
-        .ok_or_else(|| "certificate carries no admission credential".to_string())?;
-    let credential: Signed =
-        proto::decode("admission credential", ext.value).map_err(|e| e.to_string())?;
-    admission::verify_admission_of(&credential, network_key, &node_key).map_err(|e| e.to_string())
+        .ok_or_else(|| "certificate carries no meshpeer v2 credential".to_string())?;
+    let credential: Credential =
+        proto::decode("credential", ext.value).map_err(|e| e.to_string())?;
+    Ok((node_key, credential))
+}
+
+/// Reads and checks the credential in a peer certificate.
+pub fn check_certificate(
+    cert: &CertificateDer<'_>,
+    trust: &TrustState,
+) -> Result<PeerIdentity, String> {
+    let (node_key, credential) = read_certificate(cert)?;
+    trust
+        .check_credential(&credential, &node_key)
+        .map_err(|e| e.to_string())
 }
 
 /// Verifies peers (as server and as client) against the network key.
-#[derive(Debug)]
 pub struct AdmissionVerifier {
-    network_key: PublicKeyBytes,
+    trust: Arc<TrustState>,
     provider: Arc<CryptoProvider>,
 }
 
+impl std::fmt::Debug for AdmissionVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdmissionVerifier").finish_non_exhaustive()
+    }
+}
+
 impl AdmissionVerifier {
-    pub fn new(network_key: PublicKeyBytes, provider: Arc<CryptoProvider>) -> Self {
-        Self {
-            network_key,
-            provider,
-        }
+    pub fn new(trust: Arc<TrustState>, provider: Arc<CryptoProvider>) -> Self {
+        Self { trust, provider }
     }
 
     fn check(&self, cert: &CertificateDer<'_>) -> Result<(), rustls::Error> {
-        check_certificate(cert, &self.network_key)
+        check_certificate(cert, &self.trust)
             .map(|_| ())
             .map_err(|e| {
                 tracing::debug!(error = %e, "rejected a peer certificate");
@@ -233,10 +244,10 @@ impl ClientCertVerifier for AdmissionVerifier {
 /// Builds quinn's server and client configurations for a node.
 pub fn quic_configs(
     cert: &NodeCert,
-    network_key: PublicKeyBytes,
+    trust: Arc<TrustState>,
 ) -> Result<(quinn::ServerConfig, quinn::ClientConfig), TlsError> {
     let provider = provider();
-    let verifier = Arc::new(AdmissionVerifier::new(network_key, provider.clone()));
+    let verifier = Arc::new(AdmissionVerifier::new(trust, provider.clone()));
     let key = || PrivateKeyDer::Pkcs8(cert.key.clone_key());
 
     let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
@@ -279,21 +290,51 @@ pub fn quic_configs(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::admission::issue_token;
+    use crate::admission::{issue_token, stamp, Network, Stamper, Token};
 
     #[test]
     fn certificates_carry_a_checkable_credential() {
         let net = SigningKey::from_bytes(&[1; 32]);
+        let nk = net.verifying_key().to_bytes();
+        let trust = TrustState::new(
+            Network {
+                key: nk,
+                cidr: "10.77.0.0/16".parse().unwrap(),
+            },
+            Arc::new(|| 1000),
+        );
         let node = SigningKey::from_bytes(&[2; 32]);
-        let token = issue_token(&net, "10.77.0.0/16".parse().unwrap(), 0);
-        let cred = token.admit(node.verifying_key().to_bytes(), 1);
-        let c = NodeCert::new(&node, &cred).unwrap();
-        let v = check_certificate(&c.cert, &net.verifying_key().to_bytes()).unwrap();
-        assert_eq!(v.node_key, node.verifying_key().to_bytes());
-        assert!(check_certificate(&c.cert, &[9; 32]).is_err());
+        let key = node.verifying_key().to_bytes();
+        let token = issue_token(&net, "10.77.0.0/16".parse().unwrap(), 0, vec![]);
+        let (_, d) = Token::parse(&token.to_text()).unwrap();
+        let admission = token.admit(key, 1);
+        // A joiner's certificate: accepted, but not as a member.
+        let joiner = Credential {
+            admission: admission.clone(),
+            stamp: None,
+        };
+        let c = NodeCert::new(&node, &joiner).unwrap();
+        let v = check_certificate(&c.cert, &trust).unwrap();
+        assert_eq!(v.node_key, key);
+        assert!(!v.stamped);
+        // A member's.
+        let member = Credential {
+            admission,
+            stamp: Some(stamp(&net, Stamper::Network, nk, key, d.token_id, 5)),
+        };
+        let c = NodeCert::new(&node, &member).unwrap();
+        assert!(check_certificate(&c.cert, &trust).unwrap().stamped);
+        let other = TrustState::new(
+            Network {
+                key: [9; 32],
+                cidr: "10.77.0.0/16".parse().unwrap(),
+            },
+            Arc::new(|| 1000),
+        );
+        assert!(check_certificate(&c.cert, &other).is_err());
         // A credential for another node inside my certificate is refused.
         let thief = SigningKey::from_bytes(&[3; 32]);
-        let c = NodeCert::new(&thief, &cred).unwrap();
-        assert!(check_certificate(&c.cert, &net.verifying_key().to_bytes()).is_err());
+        let c = NodeCert::new(&thief, &member).unwrap();
+        assert!(check_certificate(&c.cert, &trust).is_err());
     }
 }

@@ -76,6 +76,14 @@ impl PathSelector {
             && self.unanswered(now, key) < UNANSWERED
     }
 
+    /// Liveness found our path to `key` broken (the member refuted our
+    /// accusation, so it is alive): stop counting it as heard until it is
+    /// heard again, so the path is tried afresh (checks, relay meanwhile).
+    pub fn broken(&mut self, key: &[u8; 32]) {
+        self.grew.remove(key);
+        self.working.remove(key);
+    }
+
     /// Whether the path to `key` works: a fresh handshake, and we hear
     /// from it (as of the last `select`).
     pub fn working(&self, key: &[u8; 32]) -> bool {

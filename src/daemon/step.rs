@@ -1,0 +1,594 @@
+//! One step of the daemon, and the event handlers: each reads what changed,
+//! hands it to its core, and applies what the core decided.
+
+use std::collections::HashSet;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::anyhow;
+use ipnet::Ipv4Net;
+
+use super::{unix_ms, Node};
+use crate::gossip::rounds::Target;
+use crate::gossip::transport::HelloReply;
+use crate::liveness::{self, Alive, MemberView, Suspicions};
+use crate::membership::{on_local_net, Event, GossipEntry, Liveness, Membership};
+use crate::nat::paths::Path;
+use crate::proto;
+use crate::reconcile::{reconcile, PeerChange, FRESH_HANDSHAKE};
+use crate::record::NatKind;
+use crate::trust::{self, ALIVE_KEY, SUSPECTS_KEY};
+
+/// How often the host's addresses are read again.
+const LOCAL_NETS_EVERY: Duration = Duration::from_secs(2);
+/// How often every peer without a session is poked (the members' shared
+/// beat, kernel backend only: the userspace device punches with checks).
+const POKE_EVERY: Duration = Duration::from_secs(10);
+/// How often `status` is rebuilt when nothing changed.
+const STATUS_EVERY: Duration = Duration::from_secs(2);
+
+impl Node {
+    /// One step; a failed one is logged and retried at the next.
+    pub(super) async fn step_or_warn(&mut self) {
+        if let Err(e) = self.step().await {
+            tracing::warn!(error = %format!("{e:#}"), "reconcile step failed; retrying");
+        }
+    }
+
+    async fn step(&mut self) -> anyhow::Result<()> {
+        let now = Instant::now();
+        self.last_step = now;
+        self.take_revocations();
+        let entries = self.gossip.snapshot();
+        let liveness = &self.liveness;
+        let events = self.trust.with_trust(|t| {
+            self.membership
+                .handle_snapshot(now, &entries, t, &|k| liveness.is_down(k))
+        });
+        for e in &events {
+            log_event(e);
+        }
+        for id in self.membership.to_forget(&entries) {
+            self.gossip.forget(id);
+        }
+        self.feed_liveness(now, &entries);
+        if !events.is_empty() || self.hello_tx.borrow().records.is_empty() {
+            self.refresh_hello(&entries);
+        }
+        self.keep_address().await?;
+
+        let local = self.local_nets();
+        let me = self.id.node_key();
+        if self
+            .traversal
+            .discover(
+                now,
+                &self.membership,
+                &me,
+                &local,
+                self.advertise,
+                self.cfg.wg_port(),
+            )
+            .await
+        {
+            self.republish(false).await?;
+        }
+        if self.relays() && self.traversal.ensure_forwarding() {
+            self.republish(false).await?;
+        }
+        let changes = self.reconcile_wireguard(now, &local).await?;
+
+        // Liveness: who we can probe (a path exists), our summary.
+        let views: Vec<MemberView> = self
+            .membership
+            .members()
+            .filter(|m| {
+                m.record.node_key != me && self.membership.holds_address(&m.record.node_key)
+            })
+            .map(|m| MemberView {
+                key: m.record.node_key,
+                overlay_ip: m.record.overlay_ip,
+                reachable: matches!(
+                    self.traversal.paths.get(&m.record.wg_public_key),
+                    Some(Path::Direct) | Some(Path::Relayed { .. })
+                ),
+            })
+            .collect();
+        self.liveness.handle_members(now, &views);
+        {
+            let mut ips = self
+                .probe_shared
+                .members
+                .write()
+                .unwrap_or_else(|p| p.into_inner());
+            ips.clear();
+            ips.extend(views.iter().map(|v| v.overlay_ip));
+        }
+        let summary: liveness::Summary = self.gossip.summary().into();
+        self.liveness.set_summary(summary);
+        *self
+            .probe_shared
+            .summary
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = summary;
+        self.bind_probes().await;
+
+        self.publish_observations(now, &entries, &local).await;
+        self.publish_liveness_values();
+        self.start_rounds();
+
+        if !events.is_empty() || changes > 0 || self.last_status.elapsed() >= STATUS_EVERY {
+            let actual = self.wg.peers()?;
+            let status = self.build_status(&actual);
+            self.status.send_replace(Some(status));
+            self.last_status = Instant::now();
+        }
+        if self.last_persist.elapsed() > Duration::from_secs(10) {
+            let live: Vec<SocketAddr> = self.round_targets().iter().map(|t| t.addr).collect();
+            if !live.is_empty() && live != self.state.known_members {
+                self.state.known_members = live;
+            }
+            self.persist(false);
+        }
+        Ok(())
+    }
+
+    /// A newer revocation list from gossip: trusted from now on, persisted.
+    fn take_revocations(&mut self) {
+        let Some((text, version)) = self.gossip.revocations() else {
+            return;
+        };
+        if version <= self.trust.revocations().issued_at_ms() {
+            return;
+        }
+        match crate::admission::verify_revocations(&text, &self.network.key) {
+            Ok(list) => {
+                let n = list.entries.len();
+                if self.trust.update_revocations(list, text.to_string()) {
+                    tracing::warn!(entries = n, "new revocation list");
+                    self.state.revoked = Some(text.to_string());
+                    self.persist(true);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "gossip holds a bad revocation list"),
+        }
+    }
+
+    /// What a joiner's `Join` and a member's `Hello` are answered with.
+    fn refresh_hello(&mut self, entries: &[GossipEntry]) {
+        let h = self.membership.holders();
+        let reply = HelloReply {
+            records: entries
+                .iter()
+                .filter_map(|e| e.record.as_ref().map(|r| r.to_string()))
+                .collect(),
+            holders: h.ips(),
+            names: h.names(),
+            revoked: self.trust.revocations().text.clone(),
+        };
+        self.hello_tx.send_replace(Arc::new(reply));
+    }
+
+    /// Feeds members' signed liveness values (changed ones only) and record
+    /// versions to the liveness core.
+    fn feed_liveness(&mut self, now: Instant, entries: &[GossipEntry]) {
+        let nk = self.network.key;
+        for e in entries {
+            let Some(owner) = proto::parse_node_id(&e.node_id) else {
+                continue;
+            };
+            if let Some(m) = self.membership.member(&owner) {
+                self.liveness.handle_version(&owner, m.record.version);
+            }
+            for (key, value) in [(ALIVE_KEY, &e.alive), (SUSPECTS_KEY, &e.suspects)] {
+                let Some(text) = value else { continue };
+                let slot = (e.node_id.clone(), key);
+                if self
+                    .fed
+                    .get(&slot)
+                    .is_some_and(|t| Arc::ptr_eq(t, text) || t == text)
+                {
+                    continue;
+                }
+                self.fed.insert(slot, text.clone());
+                if key == ALIVE_KEY {
+                    if let Ok(a) = liveness::verify_alive(text, &nk, &owner) {
+                        self.liveness.handle_alive(now, &a);
+                    }
+                } else if let Ok(s) = liveness::verify_suspicions(text, &nk, &owner) {
+                    self.liveness.handle_suspicions(now, &s);
+                }
+            }
+        }
+        if self.fed.len() > 4 * entries.len() + 64 {
+            let ids: HashSet<&str> = entries.iter().map(|e| e.node_id.as_str()).collect();
+            self.fed.retain(|(id, _), _| ids.contains(id.as_str()));
+        }
+    }
+
+    /// Our address: moved if another member holds it here (a lost race;
+    /// only while our claim is provisional), probe socket rebound.
+    async fn keep_address(&mut self) -> anyhow::Result<()> {
+        let my_ip = self
+            .state
+            .overlay_ip
+            .ok_or_else(|| anyhow!("no overlay address"))?;
+        if !self.membership.must_move(&my_ip)
+            || self.ip_since.elapsed() >= crate::membership::PROVISIONAL
+        {
+            return Ok(());
+        }
+        let taken = self.membership.taken_ips(&self.id.node_key());
+        let ip = crate::ipalloc::choose(self.network.cidr, &self.id.node_key(), &taken)
+            .ok_or_else(|| anyhow!("network {} is full", self.network.cidr))?;
+        tracing::warn!(old = %my_ip, new = %ip, "another member claimed our overlay address at the same time and won; moving");
+        self.state.overlay_ip = Some(ip);
+        self.state.ip_claimed_at = unix_ms();
+        self.ip_since = Instant::now();
+        self.wg.set_address(ip, self.network.cidr)?;
+        self.republish(false).await?;
+        self.dir.save_state(&self.state)?;
+        self.bind_probes().await;
+        Ok(())
+    }
+
+    /// Desired peers → paths → reconcile → apply. Returns how many changes
+    /// were applied.
+    async fn reconcile_wireguard(
+        &mut self,
+        now: Instant,
+        local: &[Ipv4Net],
+    ) -> anyhow::Result<usize> {
+        let me = self.id.node_key();
+        // A member behind NAT keeps its mappings open with keepalives; a
+        // public member sends none (its tunnels lapse when unused and come
+        // back on the first packet: the peer behind NAT keeps the path open).
+        let keepalive = if self.traversal.nat.kind == NatKind::Public {
+            0
+        } else {
+            crate::membership::KEEPALIVE_SECS
+        };
+        let traversal = &self.traversal;
+        let desired =
+            self.membership
+                .desired_peers(now, local, &|k| traversal.hearing(now, k), keepalive);
+        let actual = self.wg.peers()?;
+        let desired = self.traversal.select_paths(
+            now,
+            desired,
+            &actual,
+            &self.membership,
+            &me,
+            self.wg_public,
+            local,
+        );
+        // The shared beat: both ends of a pair act in the same second.
+        let rotation = (unix_ms() / POKE_EVERY.as_millis() as u64) as usize;
+        let poke = rotation != self.last_rotation;
+        self.last_rotation = rotation;
+        let traversal = &self.traversal;
+        let mut changes = reconcile(&desired, &actual, &self.owned, rotation, poke, &|k| {
+            !traversal.hearing(now, k)
+        });
+        // Pokes (keepalive off and on) only for peers without a session,
+        // and only where WireGuard itself punches (the kernel backend; the
+        // userspace device punches with connectivity checks): a working
+        // session needs no traffic at rest.
+        let sessions: HashSet<[u8; 32]> = actual
+            .iter()
+            .filter(|a| a.handshake_age.is_some_and(|age| age < FRESH_HANDSHAKE))
+            .map(|a| a.public_key)
+            .collect();
+        let checks_punch = self.traversal.checks_punch();
+        changes.retain(|c| match c {
+            PeerChange::Poke { public_key, .. } => !checks_punch && !sessions.contains(public_key),
+            _ => true,
+        });
+        let n = changes.len();
+        if !changes.is_empty() {
+            for c in &changes {
+                log_change(c, &self.membership);
+            }
+            self.wg.apply(&changes)?;
+            for c in &changes {
+                match c {
+                    PeerChange::Add { public_key, .. } => {
+                        self.owned.insert(*public_key);
+                    }
+                    PeerChange::Remove { public_key } => {
+                        self.owned.remove(public_key);
+                    }
+                    PeerChange::Update { .. } | PeerChange::Poke { .. } => {}
+                }
+            }
+            self.persist(true);
+        }
+        self.traversal
+            .set_wg_peers(desired.iter().map(|d| &d.public_key));
+        self.traversal.force_handshakes(now).await;
+        self.traversal.send_checks(now, poke).await;
+        Ok(n)
+    }
+
+    /// Observed endpoints: publish what we see of members whose NAT is
+    /// unknown; learn what others see of us.
+    async fn publish_observations(
+        &mut self,
+        now: Instant,
+        entries: &[GossipEntry],
+        local: &[Ipv4Net],
+    ) {
+        let me = self.id.node_key();
+        let actual = match self.wg.peers() {
+            Ok(a) => a,
+            Err(_) => return,
+        };
+        let local_ips: Vec<IpAddr> = local.iter().map(|n| IpAddr::V4(n.addr())).collect();
+        let obs = self.traversal.observe(
+            now,
+            entries,
+            &self.membership,
+            &me,
+            &actual,
+            &local_ips,
+            &self.network.key,
+        );
+        if let Some(seen) = obs.publish {
+            let version = self.next_version();
+            let text = crate::observe::Observations {
+                network_key: self.network.key,
+                observer: me,
+                issued_at: version,
+                seen,
+            }
+            .sign(&self.id.signing);
+            if let Err(e) = self.gossip.publish(trust::SEEN_KEY, text, version) {
+                tracing::warn!(error = %e, "cannot publish our observations");
+            }
+        }
+        if obs.changed {
+            if let Err(e) = self.republish(false).await {
+                tracing::warn!(error = %format!("{e:#}"), "cannot republish our record");
+            }
+        }
+    }
+
+    /// Accusations and refutations the liveness core wants published.
+    fn publish_liveness_values(&mut self) {
+        if let Some(targets) = self.liveness.take_accusations() {
+            let version = self.next_version();
+            let text = Suspicions {
+                network_key: self.network.key,
+                accuser: self.id.node_key(),
+                issued_at_ms: version,
+                targets,
+            }
+            .sign(&self.id.signing);
+            if let Err(e) = self.gossip.publish(SUSPECTS_KEY, text, version) {
+                tracing::warn!(error = %e, "cannot publish our accusations");
+            }
+        }
+        if let Some(refutes) = self.liveness.take_refutations() {
+            tracing::info!(accusations = refutes.len(), "members suspect us; refuting");
+            let version = self.next_version();
+            let text = Alive {
+                network_key: self.network.key,
+                node_key: self.id.node_key(),
+                issued_at_ms: version,
+                refutes,
+            }
+            .sign(&self.id.signing);
+            if let Err(e) = self.gossip.publish(ALIVE_KEY, text, version) {
+                tracing::warn!(error = %e, "cannot publish our refutation");
+            }
+        }
+    }
+
+    /// Members we can gossip with now, and the address to use: the gossip
+    /// address of members that are reachable there (public, or on our
+    /// LAN), else the overlay address when a WireGuard path works.
+    pub(super) fn round_targets(&self) -> Vec<Target> {
+        let me = self.id.node_key();
+        let local = self
+            .local_nets
+            .as_ref()
+            .map(|(_, n)| n.clone())
+            .unwrap_or_default();
+        self.membership
+            .members()
+            .filter(|m| m.record.node_key != me && m.liveness == Liveness::Live)
+            .filter_map(|m| {
+                let r = &m.record;
+                let underlay = r.nat == NatKind::Public || on_local_net(&local, &r.gossip_addr);
+                let addr = if underlay {
+                    r.gossip_addr
+                } else if matches!(
+                    self.traversal.paths.get(&r.wg_public_key),
+                    Some(Path::Direct) | Some(Path::Relayed { .. })
+                ) && self.membership.holds_address(&r.node_key)
+                {
+                    SocketAddr::new(IpAddr::V4(r.overlay_ip), r.gossip_addr.port())
+                } else {
+                    return None;
+                };
+                Some(Target {
+                    key: r.node_key,
+                    addr,
+                })
+            })
+            .collect()
+    }
+
+    /// Starts the gossip rounds the planner wants now.
+    pub(super) fn start_rounds(&mut self) {
+        let now = Instant::now();
+        self.planner.handle_changes(now, self.gossip.changes());
+        let targets = self.round_targets();
+        let expected: std::collections::HashSet<SocketAddr> = targets
+            .iter()
+            .filter(|t| !matches!(t.addr.ip(), IpAddr::V4(ip) if self.network.cidr.contains(&ip)))
+            .map(|t| t.addr)
+            .collect();
+        self.gossip.transport.set_expected(expected);
+        let partner = self
+            .liveness
+            .monitored()
+            .next()
+            .and_then(|k| targets.iter().find(|t| &t.key == k).copied());
+        let mut bootstrap = self.seed_addrs.clone();
+        bootstrap.extend(self.state.known_members.iter().copied());
+        bootstrap.sort();
+        bootstrap.dedup();
+        for addr in self.planner.poll(now, &targets, partner, &bootstrap) {
+            self.gossip.round_with(addr);
+        }
+    }
+
+    /// A probe answer arrived.
+    pub(super) fn on_probe_ack(&mut self, from: Ipv4Addr, nonce: u64, summary: liveness::Summary) {
+        self.liveness
+            .handle_ack(Instant::now(), from, nonce, summary);
+        for k in self.liveness.take_mismatches() {
+            self.planner.handle_mismatch(k);
+        }
+    }
+
+    /// The liveness timer: run it, send its probes, act on its verdicts.
+    pub(super) async fn run_liveness(&mut self) {
+        let now = Instant::now();
+        self.liveness.handle_timeout(now, unix_ms());
+        if let Some(sock) = &self.probes {
+            for (to, probe) in self.liveness.poll_transmit() {
+                sock.send(to, &probe).await;
+            }
+        } else {
+            self.liveness.poll_transmit();
+        }
+        let mut verdict = false;
+        while let Some(e) = self.liveness.poll_event() {
+            let name = self
+                .membership
+                .member(match &e {
+                    liveness::Event::Down(k)
+                    | liveness::Event::Up(k)
+                    | liveness::Event::PathBroken(k) => k,
+                })
+                .map(|m| m.record.name.clone())
+                .unwrap_or_default();
+            match e {
+                liveness::Event::Down(_) => {
+                    verdict = true;
+                    tracing::warn!(member = %name, "no answer to our probes and no refutation: down");
+                }
+                liveness::Event::Up(_) => {
+                    verdict = true;
+                    tracing::info!(member = %name, "answers again");
+                }
+                liveness::Event::PathBroken(k) => {
+                    tracing::info!(member = %name, "alive, but our path to it is broken; trying another");
+                    if let Some(m) = self.membership.member(&k) {
+                        self.traversal.path_broken(&m.record.wg_public_key);
+                    }
+                }
+            }
+        }
+        self.publish_liveness_values();
+        if verdict {
+            self.step_or_warn().await;
+        }
+    }
+
+    /// A STUN answer arrived on the WireGuard port: handshakes to checked
+    /// candidates now, and a new NAT picture published now.
+    pub(super) async fn on_stun_answer(&mut self) {
+        self.traversal.force_handshakes(Instant::now()).await;
+        if self.traversal.take_discovery_news() {
+            let local = self.local_nets();
+            if self
+                .traversal
+                .refresh_nat(&local, self.advertise, self.cfg.wg_port())
+            {
+                if let Err(e) = self.republish(false).await {
+                    tracing::warn!(error = %format!("{e:#}"), "cannot republish our record");
+                }
+            }
+        }
+    }
+
+    /// The host's IPv4 networks (not our overlay), read again every
+    /// [`LOCAL_NETS_EVERY`].
+    pub(super) fn local_nets(&mut self) -> Vec<Ipv4Net> {
+        match &self.local_nets {
+            Some((at, nets)) if at.elapsed() < LOCAL_NETS_EVERY => nets.clone(),
+            _ => {
+                let nets: Vec<Ipv4Net> = crate::net::local_ipv4_nets(&[&self.cfg.interface])
+                    .into_iter()
+                    .map(|(n, _)| n)
+                    .collect();
+                self.local_nets = Some((Instant::now(), nets.clone()));
+                nets
+            }
+        }
+    }
+}
+
+pub(super) fn log_event(e: &Event) {
+    match e {
+        Event::Joined {
+            name,
+            node,
+            overlay_ip,
+        } => tracing::info!(member = %name, %node, %overlay_ip, "member joined"),
+        Event::Updated { name, version } => {
+            tracing::debug!(member = %name, version, "member updated its record")
+        }
+        Event::Left { name } => tracing::info!(member = %name, "member left"),
+        Event::Down { name } => tracing::warn!(member = %name, "member is down"),
+        Event::Up { name } => tracing::info!(member = %name, "member is back up"),
+        Event::Forgotten { name } => tracing::info!(member = %name, "member forgotten"),
+        Event::Rejected { node, reason } => {
+            tracing::warn!(%node, %reason, "dropped a record")
+        }
+        Event::Replay { node, held, got } => {
+            tracing::warn!(%node, held, got, "dropped a replayed (older) record")
+        }
+        Event::Conflict {
+            what,
+            claimant,
+            holder,
+        } => {
+            tracing::warn!(%what, %claimant, %holder, "a member claims what another member holds; refused")
+        }
+    }
+}
+
+fn log_change(c: &PeerChange, m: &Membership) {
+    let name = m
+        .by_wg_key(c.public_key())
+        .map(|x| x.record.name.clone())
+        .unwrap_or_else(|| "(gone)".into());
+    let peer = proto::short_key(c.public_key());
+    match c {
+        PeerChange::Add {
+            allowed_ips,
+            endpoint,
+            ..
+        } => {
+            tracing::info!(%peer, member = %name, ?allowed_ips, ?endpoint, "adding WireGuard peer")
+        }
+        PeerChange::Update {
+            endpoint,
+            allowed_ips,
+            ..
+        } => {
+            tracing::info!(%peer, member = %name, ?endpoint, ?allowed_ips, "updating WireGuard peer")
+        }
+        PeerChange::Remove { .. } => {
+            tracing::info!(%peer, member = %name, "removing WireGuard peer")
+        }
+        PeerChange::Poke { .. } => {
+            tracing::debug!(%peer, member = %name, "retrying the handshake (hole punch)")
+        }
+    }
+}

@@ -1,0 +1,280 @@
+//! When to gossip, and with whom (sans-IO; proto/PROTOCOL.md §4.5).
+//!
+//! * **Busy**: for [`BUSY_FOR`] after the state changed (our value, or a
+//!   new one from anyone), a round every [`BUSY_EVERY`] with
+//!   [`BUSY_FANOUT`] random members ([`SMALL_FANOUT`] in meshes of up to
+//!   [`SMALL_MESH`]): news spreads by infection, and whoever learns it
+//!   spreads it in turn.
+//! * **At rest**: one round every [`REST_EVERY`] with a fixed partner (our
+//!   first monitoring target, over a connection already open); nothing
+//!   else. Divergence at rest is found by liveness probes, which carry
+//!   summaries: a mismatch asks for a round with that member at once
+//!   ([`RoundPlanner::handle_mismatch`], at most one per member per
+//!   [`MISMATCH_GAP`]).
+//! * **Alone** (no member reachable yet): rounds to the seeds and the
+//!   members known from last time, backing off from 1 s to 30 s.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use rand::rngs::SmallRng;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+
+use crate::proto::PublicKeyBytes;
+
+pub const BUSY_FOR: Duration = Duration::from_secs(3);
+pub const BUSY_EVERY: Duration = Duration::from_millis(250);
+pub const BUSY_FANOUT: usize = 2;
+pub const SMALL_FANOUT: usize = 3;
+pub const SMALL_MESH: usize = 30;
+pub const REST_EVERY: Duration = Duration::from_secs(30);
+pub const MISMATCH_GAP: Duration = Duration::from_secs(1);
+const ALONE_FIRST: Duration = Duration::from_secs(1);
+const ALONE_MAX: Duration = Duration::from_secs(30);
+
+/// A member we can gossip with, and the address to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Target {
+    pub key: PublicKeyBytes,
+    pub addr: SocketAddr,
+}
+
+pub struct RoundPlanner {
+    last_changes: u64,
+    busy_until: Option<Instant>,
+    next_busy: Option<Instant>,
+    next_rest: Option<Instant>,
+    mismatches: Vec<PublicKeyBytes>,
+    last_mismatch: HashMap<PublicKeyBytes, Instant>,
+    alone_backoff: Duration,
+    next_alone: Option<Instant>,
+    rng: SmallRng,
+}
+
+impl RoundPlanner {
+    pub fn new(seed: u64) -> Self {
+        RoundPlanner {
+            last_changes: 0,
+            busy_until: None,
+            next_busy: None,
+            next_rest: None,
+            mismatches: Vec::new(),
+            last_mismatch: HashMap::new(),
+            alone_backoff: ALONE_FIRST,
+            next_alone: None,
+            rng: SmallRng::seed_from_u64(seed),
+        }
+    }
+
+    /// The state's change counter (see `chitchat::Chitchat::changes`): a new
+    /// value makes us busy.
+    pub fn handle_changes(&mut self, now: Instant, changes: u64) {
+        if changes != self.last_changes {
+            self.last_changes = changes;
+            self.busy_until = Some(now + BUSY_FOR);
+            if self.next_busy.is_none_or(|t| t > now + BUSY_EVERY) {
+                self.next_busy = Some(now);
+            }
+        }
+    }
+
+    /// A probe answer carried a summary other than ours.
+    pub fn handle_mismatch(&mut self, key: PublicKeyBytes) {
+        if !self.mismatches.contains(&key) {
+            self.mismatches.push(key);
+        }
+    }
+
+    pub fn busy(&self, now: Instant) -> bool {
+        self.busy_until.is_some_and(|t| now < t)
+    }
+
+    /// The rounds to start now: addresses, each at most once. `targets` are
+    /// the members we can reach; `partner` the rest-time partner;
+    /// `bootstrap` the seeds and last-known members, used while `targets`
+    /// is empty.
+    pub fn poll(
+        &mut self,
+        now: Instant,
+        targets: &[Target],
+        partner: Option<Target>,
+        bootstrap: &[SocketAddr],
+    ) -> Vec<SocketAddr> {
+        let mut out: Vec<SocketAddr> = Vec::new();
+        let add = |a: SocketAddr, out: &mut Vec<SocketAddr>| {
+            if !out.contains(&a) {
+                out.push(a);
+            }
+        };
+        if targets.is_empty() {
+            if self.next_alone.is_none_or(|t| now >= t) {
+                for a in bootstrap {
+                    add(*a, &mut out);
+                }
+                self.next_alone = Some(now + self.alone_backoff);
+                self.alone_backoff = (self.alone_backoff * 2).min(ALONE_MAX);
+            }
+            self.mismatches.clear();
+            return out;
+        }
+        self.alone_backoff = ALONE_FIRST;
+        self.next_alone = None;
+        // Mismatches found by probes.
+        for key in std::mem::take(&mut self.mismatches) {
+            if self
+                .last_mismatch
+                .get(&key)
+                .is_some_and(|t| now.saturating_duration_since(*t) < MISMATCH_GAP)
+            {
+                continue;
+            }
+            if let Some(t) = targets.iter().find(|t| t.key == key) {
+                self.last_mismatch.insert(key, now);
+                add(t.addr, &mut out);
+            }
+        }
+        if self.last_mismatch.len() > 4 * targets.len() + 16 {
+            self.last_mismatch
+                .retain(|_, t| now.saturating_duration_since(*t) < MISMATCH_GAP);
+        }
+        // Busy rounds.
+        if self.busy(now) && self.next_busy.is_some_and(|t| now >= t) {
+            let fanout = if targets.len() <= SMALL_MESH {
+                SMALL_FANOUT
+            } else {
+                BUSY_FANOUT
+            };
+            for t in targets.choose_multiple(&mut self.rng, fanout) {
+                add(t.addr, &mut out);
+            }
+            self.next_busy = Some(now + BUSY_EVERY);
+        }
+        // The rest round.
+        match self.next_rest {
+            None => self.next_rest = Some(now + REST_EVERY),
+            Some(at) if now >= at => {
+                self.next_rest = Some(now + REST_EVERY);
+                if let Some(p) = partner.or_else(|| targets.choose(&mut self.rng).copied()) {
+                    add(p.addr, &mut out);
+                }
+            }
+            Some(_) => {}
+        }
+        out
+    }
+
+    /// When [`RoundPlanner::poll`] has something to do next (a mismatch is
+    /// handled at the next poll).
+    pub fn poll_timeout(&self, now: Instant) -> Instant {
+        let mut next = self.next_rest.unwrap_or(now + REST_EVERY);
+        if self.busy(now) {
+            if let Some(b) = self.next_busy {
+                next = next.min(b);
+            }
+        }
+        if let Some(a) = self.next_alone {
+            next = next.min(a);
+        }
+        if !self.mismatches.is_empty() {
+            next = now;
+        }
+        next
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn targets(n: usize) -> Vec<Target> {
+        (0..n)
+            .map(|i| Target {
+                key: [i as u8; 32],
+                addr: SocketAddr::from(([192, 0, 2, i as u8 + 1], 51821)),
+            })
+            .collect()
+    }
+
+    /// Rounds started over `secs` seconds, polled every 50 ms.
+    fn run(p: &mut RoundPlanner, t0: Instant, secs: u64, ts: &[Target]) -> usize {
+        let mut n = 0;
+        for i in 0..secs * 20 {
+            n += p
+                .poll(t0 + Duration::from_millis(i * 50), ts, Some(ts[0]), &[])
+                .len();
+        }
+        n
+    }
+
+    #[test]
+    fn busy_after_a_change_then_quiet() {
+        let ts = targets(10);
+        let t0 = Instant::now();
+        let mut p = RoundPlanner::new(1);
+        p.handle_changes(t0, 5);
+        let busy = run(&mut p, t0, 3, &ts);
+        // 12 busy rounds of 3 (small mesh), give or take the first.
+        assert!((33..=39).contains(&busy), "{busy}");
+        // Then at rest: one round per REST_EVERY.
+        let t1 = t0 + Duration::from_secs(3);
+        let rest = run(&mut p, t1, 120, &ts);
+        assert!((3..=4).contains(&rest), "{rest}");
+        // The same counter again is no news.
+        p.handle_changes(t1, 5);
+        assert!(!p.busy(t1));
+    }
+
+    #[test]
+    fn large_meshes_use_a_smaller_fanout() {
+        let ts = targets(100);
+        let t0 = Instant::now();
+        let mut p = RoundPlanner::new(1);
+        p.handle_changes(t0, 1);
+        let out = p.poll(t0, &ts, None, &[]);
+        assert_eq!(out.len(), BUSY_FANOUT);
+    }
+
+    #[test]
+    fn mismatches_ask_for_a_round_at_most_once_a_second() {
+        let ts = targets(10);
+        let t0 = Instant::now();
+        let mut p = RoundPlanner::new(1);
+        p.poll(t0, &ts, None, &[]);
+        p.handle_mismatch(ts[4].key);
+        assert_eq!(p.poll_timeout(t0), t0);
+        assert_eq!(p.poll(t0, &ts, None, &[]), vec![ts[4].addr]);
+        p.handle_mismatch(ts[4].key);
+        assert!(p
+            .poll(t0 + Duration::from_millis(500), &ts, None, &[])
+            .is_empty());
+        p.handle_mismatch(ts[4].key);
+        assert_eq!(
+            p.poll(t0 + Duration::from_millis(1100), &ts, None, &[]),
+            vec![ts[4].addr]
+        );
+        // A member we cannot reach is skipped.
+        p.handle_mismatch([99; 32]);
+        assert!(p
+            .poll(t0 + Duration::from_secs(5), &ts, None, &[])
+            .is_empty());
+    }
+
+    #[test]
+    fn alone_it_knocks_on_the_seeds_with_backoff() {
+        let t0 = Instant::now();
+        let mut p = RoundPlanner::new(1);
+        let seeds = [SocketAddr::from(([198, 18, 0, 1], 51821))];
+        let mut at = Vec::new();
+        for i in 0..1200u64 {
+            let now = t0 + Duration::from_millis(i * 100);
+            if !p.poll(now, &[], None, &seeds).is_empty() {
+                at.push(i as f64 / 10.0);
+            }
+        }
+        assert_eq!(at[..5], [0.0, 1.0, 3.0, 7.0, 15.0]);
+        assert_eq!(at[5], 31.0);
+        assert_eq!(at[6], 61.0);
+    }
+}

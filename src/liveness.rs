@@ -1,0 +1,920 @@
+//! Liveness (sans-IO): who is down, decided so that no member can make
+//! another look dead, or a dead one look alive (proto/PROTOCOL.md §5).
+//!
+//! * Members sit on a **ring** (ordered by a hash of the network and node
+//!   keys). Each member **monitors** the next [`MONITORS`] reachable, live
+//!   members after itself and probes each every [`PROBE_EVERY`]; every
+//!   [`SPOT_EVERY`] it also probes one other member at random.
+//! * A **probe** is a UDP datagram on the overlay: it travels inside the
+//!   pair's WireGuard session, so an answer from the target's overlay
+//!   address is the target speaking. Probes and answers carry the sender's
+//!   gossip [`Summary`]: a different one makes the prober start a gossip
+//!   round (divergence at rest is found here, not by rounds).
+//! * Two unanswered probes make a node **accuse** the target: it publishes
+//!   the accusation (gossip key `suspects`, signed). An accusation is only a
+//!   request to look: every member that sees one **checks** the target
+//!   itself (two probes).
+//! * A suspected member **refutes** by publishing a signed `alive` naming
+//!   the accusations it saw.
+//! * A member's verdict is **down** iff its own probes went unanswered
+//!   **and** no refutation of the accusation arrived within
+//!   [`REFUTE_WAIT`]. Probes that fail while a refutation arrives mean our
+//!   path is broken, not the member ([`Event::PathBroken`]).
+//! * A down member is probed every [`DOWN_RECHECK`]; an answer, or a newer
+//!   signed value of it, brings it back.
+//!
+//! Driving contract (quinn-proto style): feed inputs with `handle_*` (the
+//! member list every step, probe answers as they arrive, gossip values as
+//! they change), call [`Liveness::handle_timeout`] when
+//! [`Liveness::poll_timeout`] says, then drain [`Liveness::poll_transmit`]
+//! (probes to send), [`Liveness::poll_event`], and the values to publish
+//! ([`Liveness::take_accusations`], [`Liveness::take_refutations`]). Time is
+//! passed in (`now` for timers, `unix_ms` for what is signed); nothing here
+//! reads a clock or does I/O.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::proto::{self, domain, PublicKeyBytes, Signed, WireError};
+
+/// Members each member monitors.
+pub const MONITORS: usize = 2;
+/// How often a monitor probes each of its targets.
+pub const PROBE_EVERY: Duration = Duration::from_secs(4);
+/// How long a probe waits for its answer.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+/// The gap between the two probes of a check.
+pub const CHECK_GAP: Duration = Duration::from_millis(500);
+/// How long after a check starts a refutation may still arrive.
+pub const REFUTE_WAIT: Duration = Duration::from_secs(2);
+/// How often a down member is probed again.
+pub const DOWN_RECHECK: Duration = Duration::from_secs(10);
+/// How often a node probes one member it does not monitor, at random (so a
+/// member whose monitors fail or lie is still watched).
+pub const SPOT_EVERY: Duration = Duration::from_secs(30);
+/// An accusation is kept (and acted on) this long.
+pub const ACCUSATION_TTL: Duration = Duration::from_secs(60);
+/// Most accusations (and refutations) in one published value.
+pub const MAX_LISTED: usize = 32;
+/// Default UDP port of probes, on the overlay address only.
+pub const DEFAULT_PROBE_PORT: u16 = 51819;
+
+/// A node's gossip summary, as probes carry it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Summary {
+    pub count: u32,
+    pub hash: u64,
+}
+
+impl From<chitchat::Summary> for Summary {
+    fn from(s: chitchat::Summary) -> Self {
+        Summary {
+            count: s.count,
+            hash: s.hash,
+        }
+    }
+}
+
+/// A probe datagram (`version byte || postcard`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Probe {
+    Ping {
+        nonce: u64,
+        summary: Summary,
+        /// Reserved: ask for a signed [`ProbeProof`] for this requester.
+        proof_for: Option<PublicKeyBytes>,
+    },
+    Ack {
+        nonce: u64,
+        summary: Summary,
+        proof: Option<Signed>,
+    },
+}
+
+/// Reserved: a member's signed answer to a probe made on someone's behalf.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProbeProof {
+    pub network_key: PublicKeyBytes,
+    pub node_key: PublicKeyBytes,
+    pub requester: PublicKeyBytes,
+    pub nonce: u64,
+}
+
+/// Largest probe datagram accepted.
+pub const MAX_PROBE_BYTES: usize = 512;
+
+impl Probe {
+    pub fn encode(&self) -> Vec<u8> {
+        proto::encode(self)
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Probe, WireError> {
+        if bytes.len() > MAX_PROBE_BYTES {
+            return Err(WireError::Malformed {
+                what: "probe",
+                detail: format!("{} bytes", bytes.len()),
+            });
+        }
+        proto::decode("probe", bytes)
+    }
+}
+
+/// One accusation as the accused names it when refuting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Accusation {
+    pub accuser: PublicKeyBytes,
+    pub since_ms: u64,
+}
+
+/// Gossip key `alive`: "I am alive, and I saw these accusations".
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Alive {
+    pub network_key: PublicKeyBytes,
+    pub node_key: PublicKeyBytes,
+    pub issued_at_ms: u64,
+    pub refutes: Vec<Accusation>,
+}
+
+/// One member a node accuses, since when (the accuser's clock).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Suspect {
+    pub node_key: PublicKeyBytes,
+    pub since_ms: u64,
+}
+
+/// Gossip key `suspects`: whom a node accuses.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Suspicions {
+    pub network_key: PublicKeyBytes,
+    pub accuser: PublicKeyBytes,
+    pub issued_at_ms: u64,
+    pub targets: Vec<Suspect>,
+}
+
+pub const MAX_ALIVE_BYTES: usize = 2048;
+pub const MAX_SUSPICIONS_BYTES: usize = 2048;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum LivenessValueError {
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    #[error("value is for another network")]
+    WrongNetwork,
+    #[error("value published under node {gossip_id} is signed by {signer}")]
+    WrongNode { gossip_id: String, signer: String },
+    #[error("more than {MAX_LISTED} entries")]
+    TooMany,
+}
+
+impl Alive {
+    pub fn sign(&self, key: &ed25519_dalek::SigningKey) -> String {
+        proto::signed_text(key, domain::ALIVE, self)
+    }
+}
+
+impl Suspicions {
+    pub fn sign(&self, key: &ed25519_dalek::SigningKey) -> String {
+        proto::signed_text(key, domain::SUSPICIONS, self)
+    }
+}
+
+fn owner_check(
+    network: &PublicKeyBytes,
+    expected_network: &PublicKeyBytes,
+    signer: &PublicKeyBytes,
+    gossip_id: &PublicKeyBytes,
+) -> Result<(), LivenessValueError> {
+    if network != expected_network {
+        return Err(LivenessValueError::WrongNetwork);
+    }
+    if signer != gossip_id {
+        return Err(LivenessValueError::WrongNode {
+            gossip_id: proto::short_key(gossip_id),
+            signer: proto::short_key(signer),
+        });
+    }
+    Ok(())
+}
+
+/// Decodes and checks an `alive` value published under `gossip_id`.
+pub fn verify_alive(
+    text: &str,
+    network_key: &PublicKeyBytes,
+    gossip_id: &PublicKeyBytes,
+) -> Result<Alive, LivenessValueError> {
+    let (signed, a): (Signed, Alive) = proto::open_signed_text("alive", text, MAX_ALIVE_BYTES)?;
+    owner_check(&a.network_key, network_key, &a.node_key, gossip_id)?;
+    if a.refutes.len() > MAX_LISTED {
+        return Err(LivenessValueError::TooMany);
+    }
+    proto::verify(
+        &a.node_key,
+        domain::ALIVE,
+        &signed.body,
+        &signed.signature,
+        "alive",
+    )?;
+    Ok(a)
+}
+
+/// Decodes and checks a `suspects` value published under `gossip_id`.
+pub fn verify_suspicions(
+    text: &str,
+    network_key: &PublicKeyBytes,
+    gossip_id: &PublicKeyBytes,
+) -> Result<Suspicions, LivenessValueError> {
+    let (signed, s): (Signed, Suspicions) =
+        proto::open_signed_text("suspicions", text, MAX_SUSPICIONS_BYTES)?;
+    owner_check(&s.network_key, network_key, &s.accuser, gossip_id)?;
+    if s.targets.len() > MAX_LISTED {
+        return Err(LivenessValueError::TooMany);
+    }
+    proto::verify(
+        &s.accuser,
+        domain::SUSPICIONS,
+        &signed.body,
+        &signed.signature,
+        "suspicions",
+    )?;
+    Ok(s)
+}
+
+/// A member as liveness needs to know it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemberView {
+    pub key: PublicKeyBytes,
+    pub overlay_ip: Ipv4Addr,
+    /// A WireGuard path to it exists (direct or relayed) that probes can
+    /// take; members still connecting are neither monitored nor checked.
+    pub reachable: bool,
+}
+
+/// What liveness decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    Down(PublicKeyBytes),
+    Up(PublicKeyBytes),
+    /// Our probes fail but the member proved it is alive: our path to it is
+    /// broken.
+    PathBroken(PublicKeyBytes),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Purpose {
+    Monitor,
+    Spot,
+    Check,
+    Recheck,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Pending {
+    target: PublicKeyBytes,
+    sent: Instant,
+    purpose: Purpose,
+}
+
+/// Why a check runs: someone's accusation, or our own failed probes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Check {
+    started: Instant,
+    probes_sent: u8,
+    next_probe: Instant,
+    failed: bool,
+    accusation: Accusation,
+}
+
+#[derive(Debug, Clone)]
+struct Target {
+    overlay_ip: Ipv4Addr,
+    reachable: bool,
+    ring: u64,
+    monitored: bool,
+    next_probe: Option<Instant>,
+    misses: u8,
+    check: Option<Check>,
+    down_since: Option<Instant>,
+    next_recheck: Option<Instant>,
+    last_ack: Option<Instant>,
+    /// Accusations against it that we know: accuser -> (since, when we learned it).
+    accused: BTreeMap<PublicKeyBytes, (u64, Instant)>,
+    /// The newest accusation of each accuser it refuted.
+    refuted: BTreeMap<PublicKeyBytes, u64>,
+    /// The highest signed version of any of its values we saw, and that
+    /// version when it went down (a newer one means it lived after).
+    version: u64,
+    version_at_down: u64,
+}
+
+impl Target {
+    fn new(v: &MemberView, ring: u64) -> Self {
+        Target {
+            overlay_ip: v.overlay_ip,
+            reachable: v.reachable,
+            ring,
+            monitored: false,
+            next_probe: None,
+            misses: 0,
+            check: None,
+            down_since: None,
+            next_recheck: None,
+            last_ack: None,
+            accused: BTreeMap::new(),
+            refuted: BTreeMap::new(),
+            version: 0,
+            version_at_down: 0,
+        }
+    }
+
+    fn refutes(&self, a: &Accusation) -> bool {
+        self.refuted
+            .get(&a.accuser)
+            .is_some_and(|s| *s >= a.since_ms)
+    }
+}
+
+/// The liveness state machine of one node.
+pub struct Liveness {
+    me: PublicKeyBytes,
+    my_ring: u64,
+    network_key: PublicKeyBytes,
+    targets: BTreeMap<PublicKeyBytes, Target>,
+    pending: HashMap<u64, Pending>,
+    /// Whom we accuse, since when (unix ms), and when (Instant).
+    accusing: BTreeMap<PublicKeyBytes, (u64, Instant)>,
+    accusing_changed: bool,
+    /// Accusations of us we have seen (to refute).
+    against_me: BTreeMap<PublicKeyBytes, u64>,
+    refutations_changed: bool,
+    transmits: Vec<(Ipv4Addr, Probe)>,
+    events: VecDeque<Event>,
+    mismatches: Vec<PublicKeyBytes>,
+    next_spot: Option<Instant>,
+    summary: Summary,
+    /// The last round trip of a probe to each member.
+    rtts: HashMap<PublicKeyBytes, Duration>,
+    rng: SmallRng,
+}
+
+/// A member's position on the ring.
+pub fn ring_position(network_key: &PublicKeyBytes, node_key: &PublicKeyBytes) -> u64 {
+    let mut h = Sha256::new();
+    h.update(network_key);
+    h.update(node_key);
+    let d = h.finalize();
+    u64::from_be_bytes(d[..8].try_into().unwrap_or([0; 8]))
+}
+
+impl Liveness {
+    pub fn new(network_key: PublicKeyBytes, me: PublicKeyBytes, seed: u64) -> Self {
+        Liveness {
+            me,
+            my_ring: ring_position(&network_key, &me),
+            network_key,
+            targets: BTreeMap::new(),
+            pending: HashMap::new(),
+            accusing: BTreeMap::new(),
+            accusing_changed: false,
+            against_me: BTreeMap::new(),
+            refutations_changed: false,
+            transmits: Vec::new(),
+            events: VecDeque::new(),
+            mismatches: Vec::new(),
+            next_spot: None,
+            summary: Summary::default(),
+            rtts: HashMap::new(),
+            rng: SmallRng::seed_from_u64(seed),
+        }
+    }
+
+    /// Whether our verdict on `key` is down.
+    pub fn is_down(&self, key: &PublicKeyBytes) -> bool {
+        self.targets
+            .get(key)
+            .is_some_and(|t| t.down_since.is_some())
+    }
+
+    /// The members we monitor now.
+    pub fn monitored(&self) -> impl Iterator<Item = &PublicKeyBytes> {
+        self.targets
+            .iter()
+            .filter(|(_, t)| t.monitored)
+            .map(|(k, _)| k)
+    }
+
+    /// Whether `key` has an accusation or a check running here.
+    pub fn suspected(&self, key: &PublicKeyBytes) -> bool {
+        self.targets
+            .get(key)
+            .is_some_and(|t| t.check.is_some() || self.accusing.contains_key(key))
+    }
+
+    /// The round trip of the last answered probe to `key`, and when.
+    pub fn rtt(&self, key: &PublicKeyBytes) -> Option<Duration> {
+        self.rtts.get(key).copied()
+    }
+
+    /// When `key` last answered a probe.
+    pub fn last_ack(&self, key: &PublicKeyBytes) -> Option<Instant> {
+        self.targets.get(key).and_then(|t| t.last_ack)
+    }
+
+    /// Our own gossip summary (carried by our probes and answers).
+    pub fn set_summary(&mut self, s: Summary) {
+        self.summary = s;
+    }
+
+    /// The current members (everyone not left, except us). Members missing
+    /// from the list are dropped.
+    pub fn handle_members(&mut self, now: Instant, members: &[MemberView]) {
+        let listed: std::collections::BTreeSet<PublicKeyBytes> =
+            members.iter().map(|m| m.key).collect();
+        self.targets.retain(|k, _| listed.contains(k));
+        self.rtts.retain(|k, _| listed.contains(k));
+        let before = self.accusing.len();
+        self.accusing.retain(|k, _| listed.contains(k));
+        if self.accusing.len() != before {
+            self.accusing_changed = true;
+        }
+        for m in members {
+            if m.key == self.me {
+                continue;
+            }
+            let ring = ring_position(&self.network_key, &m.key);
+            let t = self
+                .targets
+                .entry(m.key)
+                .or_insert_with(|| Target::new(m, ring));
+            t.overlay_ip = m.overlay_ip;
+            t.reachable = m.reachable;
+        }
+        self.choose_monitored(now);
+    }
+
+    /// Picks the next [`MONITORS`] reachable, live members after us on the
+    /// ring.
+    fn choose_monitored(&mut self, now: Instant) {
+        let mine = self.my_ring;
+        let mut order: Vec<(u64, PublicKeyBytes)> = self
+            .targets
+            .iter()
+            .map(|(k, t)| (t.ring.wrapping_sub(mine), *k))
+            .collect();
+        order.sort();
+        let mut chosen = Vec::new();
+        for (_, k) in order {
+            if chosen.len() == MONITORS {
+                break;
+            }
+            let t = &self.targets[&k];
+            if t.reachable && t.down_since.is_none() {
+                chosen.push(k);
+            }
+        }
+        for (k, t) in self.targets.iter_mut() {
+            let now_monitored = chosen.contains(k);
+            if now_monitored && !t.monitored {
+                // Spread first probes over the period.
+                let jitter = self.rng.gen_range(0..PROBE_EVERY.as_millis() as u64);
+                t.next_probe = Some(now + Duration::from_millis(jitter));
+                t.misses = 0;
+            }
+            if !now_monitored {
+                t.next_probe = None;
+            }
+            t.monitored = now_monitored;
+        }
+        if self.next_spot.is_none() {
+            let jitter = self.rng.gen_range(0..SPOT_EVERY.as_millis() as u64);
+            self.next_spot = Some(now + Duration::from_millis(jitter));
+        }
+    }
+
+    /// A signed version of one of `key`'s values (record, alive): a version
+    /// newer than the one it had when it went down brings it back.
+    pub fn handle_version(&mut self, key: &PublicKeyBytes, version: u64) {
+        let Some(t) = self.targets.get_mut(key) else {
+            return;
+        };
+        t.version = t.version.max(version);
+        if t.down_since.is_some() && t.version > t.version_at_down {
+            t.down_since = None;
+            t.next_recheck = None;
+            t.check = None;
+            t.misses = 0;
+            self.events.push_back(Event::Up(*key));
+        }
+    }
+
+    /// A member's accusations (its `suspects` value, already verified).
+    pub fn handle_suspicions(&mut self, now: Instant, s: &Suspicions) {
+        for sus in &s.targets {
+            if sus.node_key == self.me {
+                let e = self.against_me.entry(s.accuser).or_insert(0);
+                if sus.since_ms > *e {
+                    *e = sus.since_ms;
+                    self.refutations_changed = true;
+                }
+                continue;
+            }
+            if s.accuser == self.me {
+                continue;
+            }
+            let Some(t) = self.targets.get_mut(&sus.node_key) else {
+                continue;
+            };
+            let known = t.accused.get(&s.accuser).map(|(since, _)| *since);
+            if known.is_some_and(|k| k >= sus.since_ms) {
+                continue;
+            }
+            t.accused.insert(s.accuser, (sus.since_ms, now));
+            let a = Accusation {
+                accuser: s.accuser,
+                since_ms: sus.since_ms,
+            };
+            if t.refutes(&a) || t.down_since.is_some() || t.check.is_some() {
+                continue;
+            }
+            // Answered us since the accusation reached us? Nothing to check
+            // (our last answer is older than the accusation, so check).
+            t.check = Some(Check {
+                started: now,
+                probes_sent: 0,
+                next_probe: now,
+                failed: false,
+                accusation: a,
+            });
+        }
+    }
+
+    /// A member's refutations (its `alive` value, already verified).
+    pub fn handle_alive(&mut self, now: Instant, a: &Alive) {
+        let Some(t) = self.targets.get_mut(&a.node_key) else {
+            return;
+        };
+        for r in &a.refutes {
+            let e = t.refuted.entry(r.accuser).or_insert(0);
+            *e = (*e).max(r.since_ms);
+        }
+        let key = a.node_key;
+        let version = a.issued_at_ms;
+        if let Some(c) = t.check {
+            if t.refutes(&c.accusation) {
+                t.check = None;
+                if c.failed {
+                    self.events.push_back(Event::PathBroken(key));
+                }
+                if c.accusation.accuser == self.me {
+                    self.accusing.remove(&key);
+                    self.accusing_changed = true;
+                }
+            }
+        }
+        let _ = now;
+        self.handle_version(&key, version);
+    }
+
+    /// Our path to `key` went silent while we sent (WireGuard saw no answer):
+    /// check it ourselves.
+    pub fn path_silent(&mut self, now: Instant, unix_ms: u64, key: &PublicKeyBytes) {
+        let me = self.me;
+        if let Some(t) = self.targets.get_mut(key) {
+            if t.check.is_none() && t.down_since.is_none() && t.reachable {
+                t.check = Some(Check {
+                    started: now,
+                    probes_sent: 0,
+                    next_probe: now,
+                    failed: false,
+                    accusation: Accusation {
+                        accuser: me,
+                        since_ms: unix_ms,
+                    },
+                });
+            }
+        }
+    }
+
+    /// A probe answer from overlay address `from`.
+    pub fn handle_ack(&mut self, now: Instant, from: Ipv4Addr, nonce: u64, summary: Summary) {
+        let Some(p) = self.pending.get(&nonce).copied() else {
+            return;
+        };
+        let Some(t) = self.targets.get_mut(&p.target) else {
+            self.pending.remove(&nonce);
+            return;
+        };
+        if t.overlay_ip != from {
+            // Someone else's address: not the target speaking.
+            return;
+        }
+        self.pending.remove(&nonce);
+        t.last_ack = Some(now);
+        t.misses = 0;
+        self.rtts
+            .insert(p.target, now.saturating_duration_since(p.sent));
+        if t.check.take().is_some() && self.accusing.remove(&p.target).is_some() {
+            self.accusing_changed = true;
+        }
+        if t.down_since.take().is_some() {
+            t.next_recheck = None;
+            self.events.push_back(Event::Up(p.target));
+        }
+        if summary != self.summary && !self.mismatches.contains(&p.target) {
+            self.mismatches.push(p.target);
+        }
+    }
+
+    fn send(&mut self, now: Instant, target: PublicKeyBytes, purpose: Purpose) {
+        let Some(t) = self.targets.get(&target) else {
+            return;
+        };
+        let nonce: u64 = self.rng.gen();
+        self.pending.insert(
+            nonce,
+            Pending {
+                target,
+                sent: now,
+                purpose,
+            },
+        );
+        self.transmits.push((
+            t.overlay_ip,
+            Probe::Ping {
+                nonce,
+                summary: self.summary,
+                proof_for: None,
+            },
+        ));
+    }
+
+    fn accuse(&mut self, now: Instant, unix_ms: u64, target: PublicKeyBytes) {
+        if let std::collections::btree_map::Entry::Vacant(e) = self.accusing.entry(target) {
+            e.insert((unix_ms, now));
+            self.accusing_changed = true;
+        }
+        let since_ms = self.accusing[&target].0;
+        let me = self.me;
+        if let Some(t) = self.targets.get_mut(&target) {
+            // Our own probes already failed: only the refutation window is left.
+            t.check = Some(Check {
+                started: now,
+                probes_sent: 2,
+                next_probe: now,
+                failed: true,
+                accusation: Accusation {
+                    accuser: me,
+                    since_ms,
+                },
+            });
+        }
+    }
+
+    /// Runs the timers: probes due, probes timed out, checks decided.
+    pub fn handle_timeout(&mut self, now: Instant, unix_ms: u64) {
+        // Probes that went unanswered.
+        let expired: Vec<(u64, Pending)> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| now.saturating_duration_since(p.sent) >= PROBE_TIMEOUT)
+            .map(|(n, p)| (*n, *p))
+            .collect();
+        for (nonce, p) in expired {
+            self.pending.remove(&nonce);
+            let Some(t) = self.targets.get_mut(&p.target) else {
+                continue;
+            };
+            match p.purpose {
+                Purpose::Monitor | Purpose::Spot => {
+                    if t.check.is_some() || t.down_since.is_some() {
+                        continue;
+                    }
+                    t.misses += 1;
+                    if t.misses >= 2 {
+                        t.misses = 0;
+                        self.accuse(now, unix_ms, p.target);
+                    } else {
+                        self.send(now, p.target, p.purpose);
+                    }
+                }
+                Purpose::Check => {
+                    let still_waiting = self
+                        .pending
+                        .values()
+                        .any(|q| q.target == p.target && q.purpose == Purpose::Check);
+                    let me = self.me;
+                    let mut publish = None;
+                    if let Some(c) = &mut t.check {
+                        // Both probes sent and none left in flight, and no
+                        // answer since the check began: it failed.
+                        if c.probes_sent >= 2 && !c.failed && !still_waiting {
+                            c.failed = t.last_ack.is_none_or(|a| a < c.started);
+                            if c.failed && c.accusation.accuser == me {
+                                // Our own suspicion (our path went silent):
+                                // published, so the member can refute it;
+                                // the refutation window starts now.
+                                c.started = now;
+                                publish = Some(c.accusation.since_ms);
+                            }
+                        }
+                    }
+                    if let Some(since) = publish {
+                        if let std::collections::btree_map::Entry::Vacant(e) =
+                            self.accusing.entry(p.target)
+                        {
+                            e.insert((since, now));
+                            self.accusing_changed = true;
+                        }
+                    }
+                }
+                Purpose::Recheck => {}
+            }
+        }
+        // Checks: send their probes, decide the failed ones.
+        let keys: Vec<PublicKeyBytes> = self.targets.keys().copied().collect();
+        for k in keys {
+            let Some(t) = self.targets.get_mut(&k) else {
+                continue;
+            };
+            let Some(c) = t.check else { continue };
+            if !c.failed {
+                if c.probes_sent < 2 && now >= c.next_probe {
+                    if let Some(c) = &mut t.check {
+                        c.probes_sent += 1;
+                        c.next_probe = now + CHECK_GAP;
+                    }
+                    self.send(now, k, Purpose::Check);
+                }
+                continue;
+            }
+            if now.saturating_duration_since(c.started) < REFUTE_WAIT {
+                continue;
+            }
+            t.check = None;
+            if t.refutes(&c.accusation) {
+                self.events.push_back(Event::PathBroken(k));
+                if c.accusation.accuser == self.me && self.accusing.remove(&k).is_some() {
+                    self.accusing_changed = true;
+                }
+                continue;
+            }
+            if t.down_since.is_none() {
+                t.down_since = Some(now);
+                t.version_at_down = t.version;
+                t.next_recheck = Some(now + DOWN_RECHECK);
+                t.monitored = false;
+                t.next_probe = None;
+                self.events.push_back(Event::Down(k));
+            }
+        }
+        // Monitoring, rechecks of the down.
+        let due: Vec<(PublicKeyBytes, Purpose)> = self
+            .targets
+            .iter()
+            .filter_map(|(k, t)| {
+                if t.down_since.is_some() {
+                    return t
+                        .next_recheck
+                        .filter(|at| now >= *at)
+                        .map(|_| (*k, Purpose::Recheck));
+                }
+                if t.monitored && t.check.is_none() && t.next_probe.is_some_and(|at| now >= at) {
+                    let waiting = self.pending.values().any(|p| p.target == *k);
+                    return (!waiting).then_some((*k, Purpose::Monitor));
+                }
+                None
+            })
+            .collect();
+        for (k, purpose) in due {
+            if let Some(t) = self.targets.get_mut(&k) {
+                match purpose {
+                    Purpose::Recheck => t.next_recheck = Some(now + DOWN_RECHECK),
+                    _ => {
+                        let j = self.rng.gen_range(900..=1100u64);
+                        t.next_probe = Some(now + PROBE_EVERY * j as u32 / 1000);
+                    }
+                }
+            }
+            self.send(now, k, purpose);
+        }
+        // A spot check of someone we do not monitor.
+        if self.next_spot.is_some_and(|at| now >= at) {
+            self.next_spot = Some(now + SPOT_EVERY);
+            let candidates: Vec<PublicKeyBytes> = self
+                .targets
+                .iter()
+                .filter(|(_, t)| {
+                    t.reachable && !t.monitored && t.down_since.is_none() && t.check.is_none()
+                })
+                .map(|(k, _)| *k)
+                .collect();
+            if !candidates.is_empty() {
+                let k = candidates[self.rng.gen_range(0..candidates.len())];
+                self.send(now, k, Purpose::Spot);
+            }
+        }
+        // Old accusations (ours and others') are dropped.
+        let before = self.accusing.len();
+        let targets = &self.targets;
+        self.accusing.retain(|k, (_, at)| {
+            now.saturating_duration_since(*at) < ACCUSATION_TTL
+                || targets.get(k).is_some_and(|t| t.check.is_some())
+        });
+        if self.accusing.len() != before {
+            self.accusing_changed = true;
+        }
+        for t in self.targets.values_mut() {
+            t.accused
+                .retain(|_, (_, at)| now.saturating_duration_since(*at) < ACCUSATION_TTL);
+        }
+        // Down members stop being monitored; pick others.
+        self.choose_monitored(now);
+    }
+
+    /// When [`Liveness::handle_timeout`] should run next.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let mut next: Option<Instant> = self.next_spot;
+        let mut take = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
+        for p in self.pending.values() {
+            take(p.sent + PROBE_TIMEOUT);
+        }
+        for t in self.targets.values() {
+            if let Some(c) = t.check {
+                if c.failed {
+                    take(c.started + REFUTE_WAIT);
+                } else if c.probes_sent < 2 {
+                    take(c.next_probe);
+                }
+            }
+            if let Some(at) = t.next_recheck {
+                take(at);
+            }
+            if t.monitored && t.check.is_none() {
+                if let Some(at) = t.next_probe {
+                    take(at);
+                }
+            }
+        }
+        next
+    }
+
+    /// Probes to send: (target overlay address, probe).
+    pub fn poll_transmit(&mut self) -> Vec<(Ipv4Addr, Probe)> {
+        std::mem::take(&mut self.transmits)
+    }
+
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// Members whose answers carried a gossip summary other than ours.
+    pub fn take_mismatches(&mut self) -> Vec<PublicKeyBytes> {
+        std::mem::take(&mut self.mismatches)
+    }
+
+    /// Our accusations, when they changed since the last call (publish them
+    /// as `suspects`).
+    pub fn take_accusations(&mut self) -> Option<Vec<Suspect>> {
+        if !std::mem::take(&mut self.accusing_changed) {
+            return None;
+        }
+        let mut v: Vec<Suspect> = self
+            .accusing
+            .iter()
+            .map(|(k, (since, _))| Suspect {
+                node_key: *k,
+                since_ms: *since,
+            })
+            .collect();
+        v.sort_by_key(|s| std::cmp::Reverse(s.since_ms));
+        v.truncate(MAX_LISTED);
+        Some(v)
+    }
+
+    /// The accusations of us to refute, when new ones arrived (publish them
+    /// as `alive`).
+    pub fn take_refutations(&mut self) -> Option<Vec<Accusation>> {
+        if !std::mem::take(&mut self.refutations_changed) {
+            return None;
+        }
+        let mut v: Vec<Accusation> = self
+            .against_me
+            .iter()
+            .map(|(k, s)| Accusation {
+                accuser: *k,
+                since_ms: *s,
+            })
+            .collect();
+        v.sort_by_key(|a| std::cmp::Reverse(a.since_ms));
+        v.truncate(MAX_LISTED);
+        Some(v)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,329 @@
+//! Liveness on a virtual clock: several nodes, a lossless network that can
+//! drop chosen directions, and gossip that delivers published values to
+//! everyone after a delay.
+
+use std::collections::HashSet;
+
+use ed25519_dalek::SigningKey;
+
+use super::*;
+
+const NET: [u8; 32] = [9; 32];
+const STEP: Duration = Duration::from_millis(50);
+/// Gossip spreads published values to every node after this long.
+const GOSSIP_DELAY: Duration = Duration::from_millis(600);
+
+struct Sim {
+    t0: Instant,
+    now: Instant,
+    nodes: Vec<Liveness>,
+    keys: Vec<PublicKeyBytes>,
+    up: Vec<bool>,
+    /// (from, to) pairs whose probes are lost.
+    cut: HashSet<(usize, usize)>,
+    /// Published values waiting to be delivered: (due, publisher, value).
+    in_flight: Vec<(Instant, usize, Published)>,
+    events: Vec<(Duration, usize, Event)>,
+    pings_sent: Vec<usize>,
+}
+
+#[derive(Clone)]
+enum Published {
+    Suspicions(Suspicions),
+    Alive(Alive),
+}
+
+fn ip(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 77, 0, i as u8 + 1)
+}
+
+impl Sim {
+    fn new(n: usize) -> Self {
+        let keys: Vec<PublicKeyBytes> = (0..n)
+            .map(|i| {
+                SigningKey::from_bytes(&[i as u8 + 1; 32])
+                    .verifying_key()
+                    .to_bytes()
+            })
+            .collect();
+        let now = Instant::now();
+        let mut nodes: Vec<Liveness> = keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| Liveness::new(NET, *k, i as u64))
+            .collect();
+        let views: Vec<MemberView> = keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| MemberView {
+                key: *k,
+                overlay_ip: ip(i),
+                reachable: true,
+            })
+            .collect();
+        for n in nodes.iter_mut() {
+            n.handle_members(now, &views);
+        }
+        Sim {
+            t0: now,
+            now,
+            nodes,
+            keys,
+            up: vec![true; n],
+            cut: HashSet::new(),
+            in_flight: Vec::new(),
+            events: Vec::new(),
+            pings_sent: vec![0; n],
+        }
+    }
+
+    fn index_of_ip(&self, a: Ipv4Addr) -> usize {
+        (0..self.keys.len()).find(|i| ip(*i) == a).unwrap()
+    }
+
+    fn step(&mut self) {
+        self.now += STEP;
+        let unix_ms = 1_000_000 + self.now.duration_since(self.t0).as_millis() as u64;
+        // Gossip deliveries.
+        let (due, later): (Vec<_>, Vec<_>) = self
+            .in_flight
+            .drain(..)
+            .partition(|(at, _, _)| *at <= self.now);
+        self.in_flight = later;
+        for (_, _from, value) in due {
+            for i in 0..self.nodes.len() {
+                if !self.up[i] {
+                    continue;
+                }
+                match &value {
+                    Published::Suspicions(s) => self.nodes[i].handle_suspicions(self.now, s),
+                    Published::Alive(a) => self.nodes[i].handle_alive(self.now, a),
+                }
+            }
+        }
+        for i in 0..self.nodes.len() {
+            if !self.up[i] {
+                continue;
+            }
+            self.nodes[i].handle_timeout(self.now, unix_ms);
+            for (to_ip, probe) in self.nodes[i].poll_transmit() {
+                self.pings_sent[i] += 1;
+                let j = self.index_of_ip(to_ip);
+                if !self.up[j] || self.cut.contains(&(i, j)) {
+                    continue;
+                }
+                if let Probe::Ping { nonce, .. } = probe {
+                    // The target answers at once.
+                    self.nodes[i].handle_ack(self.now, ip(j), nonce, Summary::default());
+                }
+            }
+            while let Some(e) = self.nodes[i].poll_event() {
+                self.events.push((self.now - self.t0, i, e));
+            }
+            if let Some(targets) = self.nodes[i].take_accusations() {
+                let s = Suspicions {
+                    network_key: NET,
+                    accuser: self.keys[i],
+                    issued_at_ms: unix_ms,
+                    targets,
+                };
+                self.in_flight
+                    .push((self.now + GOSSIP_DELAY, i, Published::Suspicions(s)));
+            }
+            if let Some(refutes) = self.nodes[i].take_refutations() {
+                let a = Alive {
+                    network_key: NET,
+                    node_key: self.keys[i],
+                    issued_at_ms: unix_ms,
+                    refutes,
+                };
+                self.in_flight
+                    .push((self.now + GOSSIP_DELAY, i, Published::Alive(a)));
+            }
+        }
+    }
+
+    fn run(&mut self, d: Duration) {
+        let end = self.now + d;
+        while self.now < end {
+            self.step();
+        }
+    }
+
+    fn downs_of(&self, victim: usize) -> Vec<(Duration, usize)> {
+        self.events
+            .iter()
+            .filter(|(_, _, e)| *e == Event::Down(self.keys[victim]))
+            .map(|(t, i, _)| (*t, *i))
+            .collect()
+    }
+}
+
+#[test]
+fn a_killed_member_is_down_everywhere_within_ten_seconds() {
+    let mut sim = Sim::new(12);
+    sim.run(Duration::from_secs(10));
+    assert!(sim.events.is_empty(), "{:?}", sim.events);
+    let killed_at = sim.now - sim.t0;
+    sim.up[5] = false;
+    sim.run(Duration::from_secs(15));
+    let downs = sim.downs_of(5);
+    let observers: HashSet<usize> = downs.iter().map(|(_, i)| *i).collect();
+    assert_eq!(observers.len(), 11, "{downs:?}");
+    let last = downs.iter().map(|(t, _)| *t).max().unwrap() - killed_at;
+    assert!(
+        last <= Duration::from_secs(10),
+        "last verdict after {last:?}"
+    );
+    // Nobody else was called down.
+    assert!(sim
+        .events
+        .iter()
+        .all(|(_, _, e)| matches!(e, Event::Down(k) if *k == sim.keys[5])));
+}
+
+#[test]
+fn a_false_accusation_makes_members_look_and_nothing_more() {
+    let mut sim = Sim::new(8);
+    sim.run(Duration::from_secs(5));
+    // Node 7 accuses node 2, which is alive.
+    let lie = Suspicions {
+        network_key: NET,
+        accuser: sim.keys[7],
+        issued_at_ms: 1,
+        targets: vec![Suspect {
+            node_key: sim.keys[2],
+            since_ms: 1_002_000,
+        }],
+    };
+    sim.in_flight.push((sim.now, 7, Published::Suspicions(lie)));
+    let sent_before: usize = sim.pings_sent.iter().sum();
+    sim.run(Duration::from_secs(10));
+    assert!(sim.events.is_empty(), "{:?}", sim.events);
+    // Everyone looked (a probe each, at least), and 2 refuted.
+    let sent_after: usize = sim.pings_sent.iter().sum();
+    assert!(sent_after - sent_before >= 6);
+    assert!(sim.nodes.iter().all(|n| !n.is_down(&sim.keys[2])));
+}
+
+#[test]
+fn a_broken_path_is_not_a_death() {
+    let mut sim = Sim::new(6);
+    sim.run(Duration::from_secs(5));
+    // Node 0 can no longer reach node 1 (say, its NAT mapping broke); the
+    // others can. Node 0 checks (path silent), accuses, node 1 refutes.
+    sim.cut.insert((0, 1));
+    let unix_ms = 1_000_000 + (sim.now - sim.t0).as_millis() as u64;
+    let k1 = sim.keys[1];
+    sim.nodes[0].path_silent(sim.now, unix_ms, &k1);
+    sim.run(Duration::from_secs(10));
+    assert!(
+        sim.events.contains(&(
+            sim.events
+                .iter()
+                .find(|(_, i, e)| *i == 0 && *e == Event::PathBroken(k1))
+                .map(|(t, _, _)| *t)
+                .unwrap_or_default(),
+            0,
+            Event::PathBroken(k1)
+        )),
+        "{:?}",
+        sim.events
+    );
+    assert!(sim.downs_of(1).is_empty(), "{:?}", sim.events);
+}
+
+#[test]
+fn a_member_that_comes_back_is_up_again() {
+    let mut sim = Sim::new(5);
+    sim.run(Duration::from_secs(5));
+    sim.up[3] = false;
+    sim.run(Duration::from_secs(15));
+    assert_eq!(sim.downs_of(3).len(), 4);
+    sim.up[3] = true;
+    sim.run(Duration::from_secs(12));
+    let ups = sim
+        .events
+        .iter()
+        .filter(|(_, _, e)| *e == Event::Up(sim.keys[3]))
+        .count();
+    assert_eq!(ups, 4, "{:?}", sim.events);
+    assert!(sim.nodes.iter().all(|n| !n.is_down(&sim.keys[3])));
+}
+
+#[test]
+fn each_member_probes_about_once_a_second_whatever_the_size() {
+    for n in [4, 30] {
+        let mut sim = Sim::new(n);
+        sim.run(Duration::from_secs(60));
+        let per_node_per_sec = sim.pings_sent.iter().sum::<usize>() as f64 / n as f64 / 60.0;
+        // 2 monitored targets every 4 s, plus a spot check every 30 s.
+        assert!(
+            (0.4..0.7).contains(&per_node_per_sec),
+            "{n} nodes: {per_node_per_sec} probes/s per node"
+        );
+        for node in &sim.nodes {
+            assert_eq!(node.monitored().count(), MONITORS.min(n - 1));
+        }
+    }
+}
+
+#[test]
+fn answers_from_the_wrong_address_do_not_count() {
+    let mut sim = Sim::new(3);
+    sim.run(Duration::from_secs(1));
+    let now = sim.now;
+    let n = &mut sim.nodes[0];
+    n.handle_timeout(now + Duration::from_secs(5), 1);
+    let sent = n.poll_transmit();
+    let (to, Probe::Ping { nonce, .. }) = sent[0].clone() else {
+        panic!("no ping")
+    };
+    let other = if to == ip(1) { ip(2) } else { ip(1) };
+    n.handle_ack(now, other, nonce, Summary::default());
+    // Still pending: it times out.
+    n.handle_timeout(now + Duration::from_secs(7), 1);
+    assert!(!n.poll_transmit().is_empty(), "expected a retry");
+}
+
+#[test]
+fn wire_values_round_trip_and_forgeries_fail() {
+    let p = Probe::Ping {
+        nonce: 7,
+        summary: Summary { count: 3, hash: 9 },
+        proof_for: None,
+    };
+    assert_eq!(Probe::decode(&p.encode()).unwrap(), p);
+    for i in 0..64u8 {
+        let _ = Probe::decode(&[2, i, 1, 2, 3]);
+    }
+    assert!(Probe::decode(&vec![2u8; 600]).is_err());
+    let k = SigningKey::from_bytes(&[1; 32]);
+    let pk = k.verifying_key().to_bytes();
+    let a = Alive {
+        network_key: NET,
+        node_key: pk,
+        issued_at_ms: 5,
+        refutes: vec![Accusation {
+            accuser: [3; 32],
+            since_ms: 4,
+        }],
+    };
+    let text = a.sign(&k);
+    assert_eq!(verify_alive(&text, &NET, &pk).unwrap(), a);
+    assert!(verify_alive(&text, &NET, &[4; 32]).is_err());
+    assert!(verify_alive(&text, &[0; 32], &pk).is_err());
+    let other = SigningKey::from_bytes(&[2; 32]);
+    assert!(verify_alive(&a.sign(&other), &NET, &pk).is_err());
+    let s = Suspicions {
+        network_key: NET,
+        accuser: pk,
+        issued_at_ms: 5,
+        targets: vec![Suspect {
+            node_key: [3; 32],
+            since_ms: 4,
+        }],
+    };
+    assert_eq!(verify_suspicions(&s.sign(&k), &NET, &pk).unwrap(), s);
+    assert!(verify_suspicions(&s.sign(&other), &NET, &pk).is_err());
+}

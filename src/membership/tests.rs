@@ -1,0 +1,288 @@
+use super::*;
+use crate::admission::Revocations;
+use crate::record::tests::sample;
+use ed25519_dalek::SigningKey;
+
+fn deaf(_: &[u8; 32]) -> bool {
+    false
+}
+fn nobody_down(_: &PublicKeyBytes) -> bool {
+    false
+}
+
+struct World {
+    net: SigningKey,
+    nk: PublicKeyBytes,
+    revoked: Revocations,
+}
+
+impl World {
+    fn new() -> Self {
+        let net = SigningKey::from_bytes(&[1; 32]);
+        World {
+            nk: net.verifying_key().to_bytes(),
+            net,
+            revoked: Revocations::default(),
+        }
+    }
+    fn trust(&self) -> Trust<'_> {
+        Trust {
+            network_key: &self.nk,
+            now_unix: 1000,
+            revoked: &self.revoked,
+        }
+    }
+    fn snap(&self, m: &mut Membership, now: Instant, e: &[GossipEntry]) -> Vec<Event> {
+        m.handle_snapshot(now, e, &self.trust(), &nobody_down)
+    }
+}
+
+fn entry(body: &RecordBody, node: &SigningKey) -> GossipEntry {
+    GossipEntry {
+        node_id: proto::node_id_string(&body.node_key),
+        record: Some(body.sign(node).into()),
+        seen: None,
+        alive: None,
+        suspects: None,
+    }
+}
+
+#[test]
+fn join_update_replay_leave() {
+    let w = World::new();
+    let (me, my_body) = sample(2, &w.net, "10.77.0.1".parse().unwrap());
+    let (node, mut body) = sample(3, &w.net, "10.77.0.2".parse().unwrap());
+    let mut m = Membership::new(my_body.node_key, DEFAULT_DOWN_GRACE);
+    let t0 = Instant::now();
+    let ev = w.snap(&mut m, t0, &[entry(&my_body, &me), entry(&body, &node)]);
+    assert_eq!(ev.len(), 2, "{ev:?}");
+    let peers = m.desired_peers(t0, &[], &deaf, 0);
+    assert_eq!(peers.len(), 1);
+    assert_eq!(
+        peers[0].allowed_ips,
+        vec!["10.77.0.2".parse::<Ipv4Addr>().unwrap()]
+    );
+
+    let old = body.clone();
+    body.version = 2;
+    body.endpoints = vec!["192.0.2.9:51820".parse().unwrap()];
+    let ev = w.snap(&mut m, t0, &[entry(&body, &node)]);
+    assert_eq!(
+        ev,
+        vec![Event::Updated {
+            name: "n3".into(),
+            version: 2
+        }]
+    );
+    let ev = w.snap(&mut m, t0, &[entry(&old, &node)]);
+    assert!(matches!(
+        ev[0],
+        Event::Replay {
+            held: 2,
+            got: 1,
+            ..
+        }
+    ));
+    assert_eq!(
+        m.desired_peers(t0, &[], &deaf, 0)[0].endpoints,
+        body.endpoints
+    );
+
+    body.version = 3;
+    body.left = true;
+    let ev = w.snap(&mut m, t0, &[entry(&body, &node)]);
+    assert_eq!(ev, vec![Event::Left { name: "n3".into() }]);
+    assert!(m.desired_peers(t0, &[], &deaf, 0).is_empty());
+    // Forgotten after a while (and then to be forgotten in gossip too).
+    let later = t0 + FORGET_LEFT_AFTER;
+    let e = [entry(&body, &node)];
+    w.snap(&mut m, later, &e);
+    assert_eq!(m.to_forget(&e), vec![e[0].node_id.as_str()]);
+}
+
+#[test]
+fn down_members_lose_their_peer_after_the_grace_period() {
+    let w = World::new();
+    let (node, body) = sample(3, &w.net, "10.77.0.2".parse().unwrap());
+    let mut m = Membership::new([0; 32], Duration::from_secs(60));
+    let t0 = Instant::now();
+    let e = [entry(&body, &node)];
+    w.snap(&mut m, t0, &e);
+    let ev = m.handle_snapshot(t0, &e, &w.trust(), &|_| true);
+    assert_eq!(ev, vec![Event::Down { name: "n3".into() }]);
+    assert_eq!(
+        m.desired_peers(t0 + Duration::from_secs(59), &[], &deaf, 0)
+            .len(),
+        1
+    );
+    assert!(m
+        .desired_peers(t0 + Duration::from_secs(60), &[], &deaf, 0)
+        .is_empty());
+    let hearing = |k: &[u8; 32]| *k == body.wg_public_key;
+    assert_eq!(
+        m.desired_peers(t0 + Duration::from_secs(60), &[], &hearing, 0)
+            .len(),
+        1
+    );
+    let ev = w.snap(&mut m, t0 + Duration::from_secs(61), &e);
+    assert_eq!(ev, vec![Event::Up { name: "n3".into() }]);
+    // Gone from gossip: forgotten; an older record is then a replay.
+    let ev = w.snap(&mut m, t0, &[]);
+    assert_eq!(ev, vec![Event::Forgotten { name: "n3".into() }]);
+    let mut older = body.clone();
+    older.version = 0;
+    let ev = w.snap(&mut m, t0, &[entry(&older, &node)]);
+    assert!(
+        matches!(
+            ev[0],
+            Event::Replay {
+                held: 1,
+                got: 0,
+                ..
+            }
+        ),
+        "{ev:?}"
+    );
+}
+
+#[test]
+fn forged_and_revoked_records_are_rejected() {
+    let mut w = World::new();
+    let (node, body) = sample(3, &w.net, "10.77.0.2".parse().unwrap());
+    let attacker = SigningKey::from_bytes(&[66; 32]);
+    let mut m = Membership::new([0; 32], DEFAULT_DOWN_GRACE);
+    let forged = entry(&body, &attacker);
+    let ev = w.snap(&mut m, Instant::now(), std::slice::from_ref(&forged));
+    assert!(matches!(ev[0], Event::Rejected { .. }));
+    assert!(w.snap(&mut m, Instant::now(), &[forged]).is_empty());
+    assert!(m.desired_peers(Instant::now(), &[], &deaf, 0).is_empty());
+    // Accepted, then revoked: out at once.
+    w.snap(&mut m, Instant::now(), &[entry(&body, &node)]);
+    assert_eq!(m.desired_peers(Instant::now(), &[], &deaf, 0).len(), 1);
+    let list = crate::admission::RevocationList {
+        network_key: w.nk,
+        issued_at_ms: 1,
+        entries: vec![crate::admission::Revoked::Node(body.node_key)],
+    };
+    let text = list.sign(&w.net);
+    w.revoked.update(list, text);
+    let ev = w.snap(&mut m, Instant::now(), &[entry(&body, &node)]);
+    assert!(
+        ev.iter().any(|e| matches!(e, Event::Rejected { .. })),
+        "{ev:?}"
+    );
+    assert!(m.desired_peers(Instant::now(), &[], &deaf, 0).is_empty());
+}
+
+#[test]
+fn an_established_holder_keeps_its_address_whatever_a_claim_says() {
+    let w = World::new();
+    let ip: Ipv4Addr = "10.77.0.7".parse().unwrap();
+    let (victim, vb) = sample(3, &w.net, ip);
+    let mut m = Membership::new([0; 32], DEFAULT_DOWN_GRACE);
+    let t0 = Instant::now();
+    w.snap(&mut m, t0, &[entry(&vb, &victim)]);
+    // The attacker claims the victim's address, with the earliest claim time
+    // there is, a minute later.
+    let (attacker, mut ab) = sample(4, &w.net, ip);
+    ab.ip_claimed_at = 0;
+    let t1 = t0 + PROVISIONAL;
+    let ev = w.snap(&mut m, t1, &[entry(&vb, &victim), entry(&ab, &attacker)]);
+    assert!(
+        ev.iter().any(|e| matches!(e, Event::Conflict { claimant, holder, .. } if claimant == "n4" && holder == "n3")),
+        "{ev:?}"
+    );
+    let peers = m.desired_peers(t1, &[], &deaf, 0);
+    assert_eq!(peers.len(), 1);
+    assert_eq!(peers[0].public_key, vb.wg_public_key);
+    assert_eq!(m.conflict_of(&ab.node_key), Some("address 10.77.0.7"));
+    // Reloaded tables (a restart) are established from the start.
+    let mut m2 = Membership::new([0; 32], DEFAULT_DOWN_GRACE);
+    m2.holders_mut()
+        .adopt(m.holders().ips(), m.holders().names());
+    w.snap(&mut m2, t1, &[entry(&ab, &attacker), entry(&vb, &victim)]);
+    assert_eq!(
+        m2.desired_peers(t1, &[], &deaf, 0)[0].public_key,
+        vb.wg_public_key
+    );
+}
+
+#[test]
+fn two_new_claims_race_by_claim_time_and_the_loser_moves() {
+    let w = World::new();
+    let ip: Ipv4Addr = "10.77.0.7".parse().unwrap();
+    let (a, mut ab) = sample(3, &w.net, ip);
+    let (b, mut bb) = sample(4, &w.net, ip);
+    // The stamps say 1 s (1000 ms); claims after that.
+    ab.ip_claimed_at = 5_000;
+    bb.ip_claimed_at = 2_000;
+    let t0 = Instant::now();
+    // Seen in either order, b wins: every node agrees.
+    for order in [[0, 1], [1, 0]] {
+        let mut m = Membership::new(ab.node_key, DEFAULT_DOWN_GRACE);
+        let es = [entry(&ab, &a), entry(&bb, &b)];
+        w.snap(&mut m, t0, &[es[order[0]].clone()]);
+        w.snap(&mut m, t0 + Duration::from_secs(1), &es);
+        assert_eq!(m.holders().ip_holder(&ip), Some(bb.node_key));
+        // `a` (this node) must move.
+        assert!(m.must_move(&ip));
+    }
+}
+
+#[test]
+fn duplicate_wireguard_keys_are_refused() {
+    let w = World::new();
+    let (a, ab) = sample(3, &w.net, "10.77.0.2".parse().unwrap());
+    let (b, mut bb) = sample(4, &w.net, "10.77.0.3".parse().unwrap());
+    bb.wg_public_key = ab.wg_public_key;
+    let mut m = Membership::new([0; 32], DEFAULT_DOWN_GRACE);
+    let ev = w.snap(&mut m, Instant::now(), &[entry(&ab, &a), entry(&bb, &b)]);
+    assert!(
+        ev.iter().any(
+            |e| matches!(e, Event::Rejected { reason, .. } if reason.contains("WireGuard key"))
+        ),
+        "{ev:?}"
+    );
+    assert_eq!(m.desired_peers(Instant::now(), &[], &deaf, 0).len(), 1);
+}
+
+#[test]
+fn names_are_unique_and_a_down_holder_releases_its_name() {
+    let w = World::new();
+    let (a, ab) = sample(3, &w.net, "10.77.0.2".parse().unwrap());
+    let (b, mut bb) = sample(4, &w.net, "10.77.0.3".parse().unwrap());
+    bb.name = ab.name.clone();
+    let mut m = Membership::new([0; 32], Duration::from_secs(60));
+    let t0 = Instant::now();
+    w.snap(&mut m, t0, &[entry(&ab, &a)]);
+    let ev = w.snap(&mut m, t0 + PROVISIONAL, &[entry(&ab, &a), entry(&bb, &b)]);
+    assert!(
+        ev.iter()
+            .any(|e| matches!(e, Event::Conflict { what, .. } if what.starts_with("name"))),
+        "{ev:?}"
+    );
+    assert_eq!(m.holders().name_holder("n3"), Some(ab.node_key));
+    // a crashes; after the down grace its name goes to b (a node that came
+    // back with a new identity).
+    let a_down = |k: &PublicKeyBytes| *k == ab.node_key;
+    let t1 = t0 + PROVISIONAL + Duration::from_secs(1);
+    m.handle_snapshot(t1, &[entry(&ab, &a), entry(&bb, &b)], &w.trust(), &a_down);
+    m.handle_snapshot(
+        t1 + Duration::from_secs(61),
+        &[entry(&ab, &a), entry(&bb, &b)],
+        &w.trust(),
+        &a_down,
+    );
+    assert_eq!(m.holders().name_holder("n3"), Some(bb.node_key));
+}
+
+#[test]
+fn same_subnet_endpoints_come_first() {
+    let c: Vec<SocketAddr> = vec![
+        "203.0.113.1:1".parse().unwrap(),
+        "192.168.1.5:1".parse().unwrap(),
+    ];
+    let nets = vec!["192.168.1.0/24".parse().unwrap()];
+    assert_eq!(order_endpoints(&c, &nets)[0], c[1]);
+    assert_eq!(order_endpoints(&c, &[])[0], c[0]);
+}
