@@ -132,7 +132,8 @@ pub fn reconcile(
                     .collect();
                 want.sort();
                 let allowed_ips = (have != want).then(|| d.allowed_ips.clone());
-                let keepalive = (a.keepalive != Some(d.keepalive)).then_some(d.keepalive);
+                // The device reports no keepalive as None (or 0): both mean off.
+                let keepalive = (a.keepalive.unwrap_or(0) != d.keepalive).then_some(d.keepalive);
                 if endpoint.is_some() || allowed_ips.is_some() || keepalive.is_some() {
                     changes.push(PeerChange::Update {
                         public_key: d.public_key,
@@ -219,6 +220,21 @@ mod tests {
         let a = vec![actual(1, "10.0.0.1", Some("192.0.2.1:51820"), Some(5))];
         let owned: BTreeSet<_> = [[1u8; 32]].into();
         assert!(reconcile(&d, &a, &owned, 7, false, &talking).is_empty());
+    }
+
+    #[test]
+    fn keepalive_off_is_in_sync_with_a_device_that_reports_none() {
+        // A public member sets no keepalive (0); the device reports it as
+        // absent. Counting that as a difference re-applied the peer every
+        // step (four UAPI writes a second per peer at rest).
+        let mut d = desired(1, "10.0.0.1", &["192.0.2.1:51820"]);
+        d.keepalive = 0;
+        let mut a = actual(1, "10.0.0.1", Some("192.0.2.1:51820"), Some(5));
+        a.keepalive = None;
+        let owned: BTreeSet<_> = [[1u8; 32]].into();
+        assert!(reconcile(&[d.clone()], &[a.clone()], &owned, 7, true, &talking).is_empty());
+        a.keepalive = Some(0);
+        assert!(reconcile(&[d], &[a], &owned, 7, true, &talking).is_empty());
     }
 
     #[test]
