@@ -67,9 +67,26 @@ pub fn summary(r: &Report) -> String {
     if let Some(fl) = &r.floor {
         let _ = writeln!(
             s,
-            "pinger floor (underlay, no overlay): {} of {} pairs to public nodes replied, all after {} s, at {} echo/s, testnet CPU {} s",
-            fl["pairs_replied"], fl["pairs"], f(&fl["all_pairs_secs"]), f(&fl["pps"]), f(&fl["testnet_cpu_secs"])
+            "pinger floor (underlay, no overlay): {} of {} pairs to public nodes replied, all after {} s, at {} echo/s, testnet CPU {} s (pinger thread {} s, {} us per echo)",
+            fl["pairs_replied"], fl["pairs"], f(&fl["all_pairs_secs"]), f(&fl["pps"]), f(&fl["testnet_cpu_secs"]),
+            f(&fl["pinger_cpu_secs"]), f(&fl["pinger_cpu_us_per_echo"])
         );
+        let cal = &fl["calibration"];
+        if cal.is_object() {
+            let _ = writeln!(
+                s,
+                "pinger at its cap (underlay, {} s): {} echo/s (cap {}), pinger thread {} % of a core, {} us per echo",
+                f(&cal["secs"]), f(&cal["pps"]), f(&cal["rate_cap_pps"]), f(&cal["pinger_cpu_percent"]), f(&cal["pinger_cpu_us_per_echo"])
+            );
+        }
+        if let Some(idle) = fl.get("idle") {
+            let u = &idle["underlay_bytes_per_sec_per_node"];
+            let _ = writeln!(
+                s,
+                "underlay floor at rest (no engine, pinger paused, {} s, {} nodes): eth0 in+out per node mean {} median {} max {}",
+                f(&idle["secs"]), idle["nodes"], bps(&u["mean"]), bps(&u["p50"]), bps(&u["max"])
+            );
+        }
     }
     for run in &r.runs {
         let _ = writeln!(
@@ -89,6 +106,21 @@ pub fn summary(r: &Report) -> String {
                 f(&c["first_reply_max_secs"]), f(&c["all_pairs_secs"]), f(&c["membership_secs"]), f(&c["deadline_secs"]),
                 if c["converged"].as_bool() == Some(true) { "" } else { " -- NOT CONVERGED by the deadline" }
             );
+            let _ = writeln!(
+                s,
+                "  ordered pairs answered: 50 % at {} s, 99 % at {} s, 100 % at {} s from the scenario start (all {} nodes started at {} s)",
+                f(&c["timing"]["p50_secs"]), f(&c["timing"]["p99_secs"]), f(&c["timing"]["all_secs"]), c["nodes"], f(&c["all_started_secs"])
+            );
+            let _ = writeln!(s, "  {}", resolution_line(&c["resolution"]));
+            let ak = &c["resolution"]["address_known_after_start_secs"];
+            if ak.is_object() {
+                let _ = writeln!(
+                    s,
+                    "  overlay address known to the testnet after the node's start: median {} s, max {} s (the daemon's join, plus at most one 20 ms status poll)",
+                    f(&ak["p50"]),
+                    f(&ak["max"])
+                );
+            }
         }
         if !run.pair_classes.is_empty() {
             let _ = writeln!(s, "pairs by kind (at the first convergence check):");
@@ -205,6 +237,24 @@ pub fn summary(r: &Report) -> String {
                 } else {
                     format!(" (max of the recovered: {} s)", f(&rc["max_of_recovered_secs"]))
                 }
+            );
+            if rc["directions"].is_object() {
+                let d = &rc["directions"];
+                let _ = writeln!(
+                    s,
+                    "  new node -> others: {}/{} pairs, 99 % at {} s, all at {} s; others -> new node: {}/{} pairs, 99 % at {} s, all at {} s",
+                    d["new_to_old"]["replied"], d["new_to_old"]["pairs"], f(&d["new_to_old"]["p99_secs"]), f(&d["new_to_old"]["all_secs"]),
+                    d["old_to_new"]["replied"], d["old_to_new"]["pairs"], f(&d["old_to_new"]["p99_secs"]), f(&d["old_to_new"]["all_secs"]),
+                );
+            }
+            let res = &rc["resolution"];
+            let _ = writeln!(
+                s,
+                "  resolution: every affected pair probed after {} s; first-reply uncertainty p50 {} s max {} s ({} pairs answered their first probe)",
+                f(&res["every_pair_probed_after_secs"]),
+                f(&res["first_reply_uncertainty_secs"]["p50"]),
+                f(&res["first_reply_uncertainty_secs"]["max"]),
+                res["answered_at_first_probe"]
             );
             let slow: Vec<String> = rc["slowest"]
                 .as_array()
@@ -323,48 +373,37 @@ pub fn summary(r: &Report) -> String {
                     st.index, r["pairs_replied"], r["pairs"], f(&r["since"]), f(&r["all_pairs_secs"]), f(&r["membership_secs"]),
                     if r["converged"].as_bool() == Some(true) { "" } else { " (NOT converged by the deadline)" }
                 );
+                let _ = writeln!(
+                    s,
+                    "  ordered pairs answered since the mark: 50 % at {} s, 99 % at {} s, 100 % at {} s",
+                    f(&r["timing"]["p50_secs"]), f(&r["timing"]["p99_secs"]), f(&r["timing"]["all_secs"])
+                );
+                let _ = writeln!(s, "  {}", resolution_line(&r["resolution"]));
             }
         }
         if let Some(st) = &run.steady {
+            steady_lines(&mut s, st);
+        }
+        let fd = &run.false_down;
+        if fd.get("verdicts").is_some() {
             let _ = writeln!(
                 s,
-                "steady state ({} s, {} nodes): gossip bytes/s per node mean {} max {}; CPU % per node mean {} max {}; pinger {} echo/s",
-                f(&st["secs"]), st["nodes"], f(&st["gossip_bytes_per_sec_per_node"]["mean"]), f(&st["gossip_bytes_per_sec_per_node"]["max"]),
-                f(&st["cpu_percent_per_node"]["mean"]), f(&st["cpu_percent_per_node"]["max"]), f(&st["pinger_pps"])
+                "false \"down\" verdicts (a live member shown down or missing by another live member, no kill/leave since the last convergence): {} ({} down, {} missing; {} observer/subject pairs, {} subjects) over {} s of quiet time, {} status sweeps (one every {} s or slower)",
+                fd["verdicts"], fd["down"], fd["missing"], fd["observer_subject_pairs"], fd["subjects"], f(&fd["quiet_secs"]), fd["sweeps"], f(&fd["poll_interval_secs"])
             );
-            if let Some(kinds) = st["by_kind"].as_object() {
-                let parts: Vec<String> = kinds
-                    .iter()
-                    .map(|(k, v)| {
-                        format!(
-                            "{k} ({}) CPU {} % gossip {} B/s",
-                            v["nodes"],
-                            f(&v["cpu_percent"]["mean"]),
-                            f(&v["gossip_bytes_per_sec"]["mean"])
-                        )
-                    })
-                    .collect();
-                let _ = writeln!(s, "  mean by kind: {}", parts.join("; "));
-            }
-            if let Some(hot) = st["hottest"].as_array() {
-                let parts: Vec<String> = hot
-                    .iter()
-                    .map(|h| {
-                        let seed = if h["seed"].as_bool() == Some(true) {
-                            ", seed"
-                        } else {
-                            ""
-                        };
-                        format!(
-                            "n{} ({}{seed}) {} % {} B/s",
-                            h["node"],
-                            h["kind"].as_str().unwrap_or("?"),
-                            f(&h["cpu_percent"]),
-                            f(&h["gossip_bytes_per_sec"])
-                        )
-                    })
-                    .collect();
-                let _ = writeln!(s, "  hottest: {}", parts.join("; "));
+            for v in fd["first"].as_array().into_iter().flatten().take(5) {
+                let _ = writeln!(
+                    s,
+                    "  at {} s: n{} shows n{} {}{}",
+                    f(&v["t"]),
+                    v["observer"],
+                    v["subject"],
+                    v["verdict"].as_str().unwrap_or(""),
+                    v["until"]
+                        .as_f64()
+                        .map(|u| format!(" (up again at {u:.2} s)"))
+                        .unwrap_or_else(|| " (until the end of the quiet period)".into())
+                );
             }
         }
         let o = &run.overhead;
@@ -425,8 +464,187 @@ pub fn summary(r: &Report) -> String {
             let _ = writeln!(s, "ERROR: {e}");
         }
     }
+    at_rest_table(&mut s, r);
     let _ = writeln!(s, "\nresult: {}", if r.ok { "OK" } else { "FAILED" });
     s
+}
+
+/// Bytes per second from a JSON number (1 KB = 1000 B).
+fn bps(v: &Value) -> String {
+    v.as_f64()
+        .map(crate::runner::fmt_bps)
+        .unwrap_or_else(|| "n/a".into())
+}
+
+/// One line on the pinger's measured resolution during a wait.
+fn resolution_line(r: &Value) -> String {
+    let g = &r["unanswered_probe_interval_secs"];
+    let probes = if g.is_null() {
+        "no pair needed a second probe".to_string()
+    } else {
+        format!(
+            "unanswered pairs re-probed every {} s (median), {} s (p99), {} s (max)",
+            f(&g["p50"]),
+            f(&g["p99"]),
+            f(&g["max"])
+        )
+    };
+    let tail = &r["slowest_1pct"];
+    let at_first = tail["answered_at_first_probe"].as_u64().unwrap_or(0);
+    format!(
+        "resolution (measured): {probes}; first replies exact to within {} s (median); slowest 1 % ({} pairs) within {} s{}; first probe {} s (median) / {} s (max) after both addresses were known; every pair probed once by {} s; pinger {} echo/s, {} % CPU over this wait (cap {} echo/s)",
+        f(&r["first_reply_uncertainty_secs"]["p50"]),
+        tail["pairs"],
+        f(&tail["max_uncertainty_secs"]),
+        if at_first > 0 {
+            format!(" ({at_first} answered their first probe)")
+        } else {
+            String::new()
+        },
+        f(&r["first_probe_delay_secs"]["p50"]),
+        f(&r["first_probe_delay_secs"]["max"]),
+        f(&r["every_pair_probed_after_secs"]),
+        f(&r["pinger_pps"]),
+        f(&r["pinger_cpu_percent"]),
+        f(&r["rate_cap_pps"]),
+    )
+}
+
+/// The `measure_steady` lines of one engine.
+fn steady_lines(s: &mut String, st: &Value) {
+    let u = &st["underlay_bytes_per_sec_per_node"];
+    let _ = writeln!(
+        s,
+        "steady state ({} s, {} nodes, pinger {}): underlay eth0 in+out per node mean {} median {} max {}; gossip per node mean {} max {}; CPU % per node mean {} max {}; RSS MiB per node mean {} max {}",
+        f(&st["secs"]),
+        st["nodes"],
+        st["pinger"].as_str().unwrap_or(if st["with_pings"] == true { "running" } else { "paused" }),
+        bps(&u["mean"]),
+        bps(&u["p50"]),
+        bps(&u["max"]),
+        bps(&st["gossip_bytes_per_sec_per_node"]["mean"]),
+        bps(&st["gossip_bytes_per_sec_per_node"]["max"]),
+        f(&st["cpu_percent_per_node"]["mean"]),
+        f(&st["cpu_percent_per_node"]["max"]),
+        f(&st["rss_mib_per_node"]["mean"]),
+        f(&st["rss_mib_per_node"]["max"]),
+    );
+    if let Some(kinds) = st["by_kind"].as_object() {
+        let _ = writeln!(
+            s,
+            "  {:<10} {:>5} {:>12} {:>12} {:>12} {:>12} {:>7} {:>8}",
+            "kind",
+            "nodes",
+            "under mean",
+            "under p50",
+            "under max",
+            "gossip mean",
+            "CPU %",
+            "RSS MiB"
+        );
+        for g in crate::runner::GROUPS {
+            let Some(v) = kinds.get(g) else { continue };
+            let _ = writeln!(
+                s,
+                "  {:<10} {:>5} {:>12} {:>12} {:>12} {:>12} {:>7} {:>8}",
+                g,
+                v["nodes"],
+                bps(&v["underlay_bytes_per_sec"]["mean"]),
+                bps(&v["underlay_bytes_per_sec"]["p50"]),
+                bps(&v["underlay_bytes_per_sec"]["max"]),
+                bps(&v["gossip_bytes_per_sec"]["mean"]),
+                f(&v["cpu_percent"]["mean"]),
+                f(&v["rss_mib"]["mean"]),
+            );
+        }
+    }
+    if let Some(hot) = st["hottest"].as_array() {
+        let parts: Vec<String> = hot
+            .iter()
+            .map(|h| {
+                let seed = if h["seed"].as_bool() == Some(true) {
+                    ", seed"
+                } else {
+                    ""
+                };
+                format!(
+                    "n{} ({}{seed}) {} % {}",
+                    h["node"],
+                    h["kind"].as_str().unwrap_or("?"),
+                    f(&h["cpu_percent"]),
+                    bps(&h["underlay_bytes_per_sec"])
+                )
+            })
+            .collect();
+        let _ = writeln!(s, "  hottest (CPU): {}", parts.join("; "));
+    }
+}
+
+/// The engines at rest side by side (the last measure_steady of each) with
+/// the floor.
+fn at_rest_table(s: &mut String, r: &Report) {
+    let steady: Vec<(&str, &Value)> = r
+        .runs
+        .iter()
+        .filter_map(|run| run.steady.as_ref().map(|st| (run.engine.as_str(), st)))
+        .collect();
+    if steady.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        s,
+        "\nat rest, per node (measure_steady; underlay = eth0 bytes in+out, L2 frames; 1 KB = 1000 bytes; pinger {}):",
+        if steady.iter().all(|(_, st)| st["with_pings"] != true) {
+            "paused"
+        } else {
+            "RUNNING in some windows (its echoes are included there)"
+        }
+    );
+    let _ = writeln!(
+        s,
+        "  {:<22} {:>5} {:>7} {:>11} {:>11} {:>11} {:>12} {:>7} {:>8}",
+        "",
+        "nodes",
+        "secs",
+        "under mean",
+        "under p50",
+        "under max",
+        "gossip mean",
+        "CPU %",
+        "RSS MiB"
+    );
+    if let Some(idle) = r.floor.as_ref().and_then(|f| f.get("idle")) {
+        let u = &idle["underlay_bytes_per_sec_per_node"];
+        let _ = writeln!(
+            s,
+            "  {:<22} {:>5} {:>7} {:>11} {:>11} {:>11} {:>12} {:>7} {:>8}",
+            "floor (no engine)",
+            idle["nodes"],
+            f(&idle["secs"]),
+            bps(&u["mean"]),
+            bps(&u["p50"]),
+            bps(&u["max"]),
+            "",
+            "",
+            ""
+        );
+    }
+    for (engine, st) in steady {
+        let u = &st["underlay_bytes_per_sec_per_node"];
+        let _ = writeln!(
+            s,
+            "  {:<22} {:>5} {:>7} {:>11} {:>11} {:>11} {:>12} {:>7} {:>8}",
+            engine,
+            st["nodes"],
+            f(&st["secs"]),
+            bps(&u["mean"]),
+            bps(&u["p50"]),
+            bps(&u["max"]),
+            bps(&st["gossip_bytes_per_sec_per_node"]["mean"]),
+            f(&st["cpu_percent_per_node"]["mean"]),
+            f(&st["rss_mib_per_node"]["mean"]),
+        );
+    }
 }
 
 const COLORS: [&str; 3] = ["#1f77b4", "#d62728", "#2ca02c"];
