@@ -60,6 +60,20 @@ enum Cmd {
         #[arg(long)]
         all: bool,
     },
+    /// Plot idle underlay bytes per node against the number of nodes, one
+    /// line per engine, from several report.json files (SVG + a text table).
+    PlotIdle {
+        /// report.json files (or their directories).
+        #[arg(required = true)]
+        reports: Vec<PathBuf>,
+        /// The SVG to write (default target/testnet/idle-per-node.svg); the
+        /// table goes next to it (.txt).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// y scale: auto (log when the values span more than 30x), linear, log.
+        #[arg(long, default_value = "auto", value_parser = ["auto", "linear", "log"])]
+        scale: String,
+    },
     /// Build a topology, measure the underlay with the pinger, destroy it,
     /// and print the timings (no overlay daemons).
     Topo {
@@ -141,6 +155,11 @@ fn main() {
         Cmd::Run(a) => cmd_run(*a),
         Cmd::ProbeNat { kind, json } => cmd_probe(kind, json),
         Cmd::Cleanup { all } => cmd_cleanup(all),
+        Cmd::PlotIdle {
+            reports,
+            out,
+            scale,
+        } => report::cmd_plot_idle(&reports, out, &scale),
         Cmd::Topo {
             nodes,
             topology,

@@ -929,3 +929,363 @@ pub fn write(r: &Report, out: &Path) -> Result<()> {
     std::fs::write(out.join("reachability.svg"), svg(r))?;
     Ok(())
 }
+
+/// One (engine, N) point of `plot-idle`.
+#[derive(Debug, Clone)]
+pub struct IdlePoint {
+    pub engine: String,
+    pub nodes: u64,
+    pub topology: String,
+    pub secs: f64,
+    pub mean: f64,
+    pub p50: f64,
+    pub max: f64,
+    pub gossip: Option<f64>,
+    pub cpu: Option<f64>,
+    pub rss: Option<f64>,
+    pub source: String,
+}
+
+/// The idle points of one report.json: each engine's last `measure_steady`
+/// and the floor's idle window.
+pub fn idle_points(v: &Value, source: &str) -> Vec<IdlePoint> {
+    let topo = v["topology"]["kind"].as_str().unwrap_or("?").to_string();
+    let point = |engine: &str, st: &Value| -> Option<IdlePoint> {
+        let u = &st["underlay_bytes_per_sec_per_node"];
+        Some(IdlePoint {
+            engine: engine.to_string(),
+            nodes: st["nodes"].as_u64()?,
+            topology: topo.clone(),
+            secs: st["secs"].as_f64().unwrap_or(0.0),
+            mean: u["mean"].as_f64()?,
+            p50: u["p50"].as_f64()?,
+            max: u["max"].as_f64()?,
+            gossip: st["gossip_bytes_per_sec_per_node"]["mean"].as_f64(),
+            cpu: st["cpu_percent_per_node"]["mean"].as_f64(),
+            rss: st["rss_mib_per_node"]["mean"].as_f64(),
+            source: source.to_string(),
+        })
+    };
+    let mut out = vec![];
+    if let Some(idle) = v["floor"].get("idle") {
+        out.extend(point("floor (no engine)", idle));
+    }
+    for run in v["runs"].as_array().into_iter().flatten() {
+        if let Some(st) = run.get("steady").filter(|s| !s.is_null()) {
+            out.extend(point(run["engine"].as_str().unwrap_or("?"), st));
+        }
+    }
+    out
+}
+
+/// The text table of `plot-idle`.
+pub fn idle_table(points: &[IdlePoint]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "idle underlay traffic per node (eth0 bytes in+out per second, L2 frames; 1 KB = 1000 bytes; pinger paused)"
+    );
+    let _ = writeln!(
+        s,
+        "{:<18} {:>5} {:<9} {:>7} {:>11} {:>11} {:>11} {:>12} {:>7} {:>8}  report",
+        "engine",
+        "nodes",
+        "topology",
+        "secs",
+        "mean",
+        "median",
+        "max",
+        "gossip mean",
+        "CPU %",
+        "RSS MiB"
+    );
+    let o = |x: Option<f64>| x.map(|v| format!("{v:.2}")).unwrap_or_else(|| "n/a".into());
+    for p in points {
+        let _ = writeln!(
+            s,
+            "{:<18} {:>5} {:<9} {:>7.0} {:>11} {:>11} {:>11} {:>12} {:>7} {:>8}  {}",
+            p.engine,
+            p.nodes,
+            p.topology,
+            p.secs,
+            crate::runner::fmt_bps(p.mean),
+            crate::runner::fmt_bps(p.p50),
+            crate::runner::fmt_bps(p.max),
+            p.gossip
+                .map(crate::runner::fmt_bps)
+                .unwrap_or_else(|| "n/a".into()),
+            o(p.cpu),
+            o(p.rss),
+            p.source
+        );
+    }
+    s
+}
+
+/// Idle underlay bytes per node (y) against nodes (x), one line per engine
+/// (the mean; a hollow mark at the busiest node), same style as the
+/// reachability plot.
+pub fn idle_svg(points: &[IdlePoint], scale: &str) -> String {
+    let (w, h) = (860.0, 540.0);
+    let (ml, mr, mt, mb) = (90.0, 30.0, 40.0, 110.0);
+    let pw = w - ml - mr;
+    let ph = h - mt - mb;
+    let nmax_raw = points.iter().map(|p| p.nodes).max().unwrap_or(1).max(1) as f64;
+    let nstep = nice_step(nmax_raw, 8.0);
+    let nmax = (nmax_raw / nstep).ceil() * nstep;
+    let ys: Vec<f64> = points.iter().flat_map(|p| [p.mean, p.max]).collect();
+    let ymax_raw = ys.iter().cloned().fold(1.0_f64, f64::max);
+    let pos_min = ys
+        .iter()
+        .cloned()
+        .filter(|y| *y >= 1.0)
+        .fold(f64::INFINITY, f64::min);
+    let log = match scale {
+        "log" => true,
+        "linear" => false,
+        _ => pos_min.is_finite() && ymax_raw / pos_min > 30.0,
+    };
+    // log: whole decades, values under 1 B/s drawn at 1 B/s
+    let (lo, hi) = if log {
+        (
+            10f64.powf(pos_min.min(ymax_raw).max(1.0).log10().floor()),
+            10f64.powf(ymax_raw.log10().ceil().max(1.0)),
+        )
+    } else {
+        let st = nice_step(ymax_raw * 1.05, 6.0);
+        (0.0, ((ymax_raw * 1.05) / st).ceil() * st)
+    };
+    let x = |n: f64| ml + n / nmax * pw;
+    let y = |v: f64| {
+        if log {
+            let v = v.max(lo);
+            mt + ph - (v.log10() - lo.log10()) / (hi.log10() - lo.log10()) * ph
+        } else {
+            mt + ph - v / hi * ph
+        }
+    };
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
+    let _ = writeln!(
+        s,
+        r#"<text x="{}" y="22" text-anchor="middle" font-size="15">idle underlay traffic per node (eth0 in+out) against mesh size</text>"#,
+        w / 2.0
+    );
+    // y grid
+    let mut ticks = vec![];
+    if log {
+        let mut v = lo;
+        while v <= hi * 1.0001 {
+            ticks.push(v);
+            v *= 10.0;
+        }
+    } else {
+        let st = nice_step(hi, 6.0);
+        let mut v = 0.0;
+        while v <= hi + 1e-9 {
+            ticks.push(v);
+            v += st;
+        }
+    }
+    for v in ticks {
+        let yy = y(v);
+        let _ = writeln!(
+            s,
+            r##"<line x1="{ml}" y1="{yy:.1}" x2="{:.1}" y2="{yy:.1}" stroke="#e6e6e6"/>"##,
+            ml + pw
+        );
+        let _ = writeln!(
+            s,
+            r#"<text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"#,
+            ml - 6.0,
+            yy + 4.0,
+            esc(&crate::runner::fmt_bps(v))
+        );
+    }
+    let mut n = 0.0;
+    while n <= nmax + 1e-9 {
+        let _ = writeln!(
+            s,
+            r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{}</text>"#,
+            x(n),
+            mt + ph + 16.0,
+            n
+        );
+        let _ = writeln!(
+            s,
+            r##"<line x1="{:.1}" y1="{:.1}" x2="{:.1}" y2="{:.1}" stroke="black"/>"##,
+            x(n),
+            mt + ph,
+            x(n),
+            mt + ph + 4.0
+        );
+        n += nstep;
+    }
+    let _ = writeln!(
+        s,
+        r#"<rect x="{ml}" y="{mt}" width="{pw}" height="{ph}" fill="none" stroke="black"/>"#
+    );
+    let _ = writeln!(
+        s,
+        r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">nodes</text>"#,
+        ml + pw / 2.0,
+        mt + ph + 34.0
+    );
+    let _ = writeln!(
+        s,
+        r#"<text transform="translate(18,{:.1}) rotate(-90)" text-anchor="middle">bytes/s per node{}</text>"#,
+        mt + ph / 2.0,
+        if log { " (log scale)" } else { "" }
+    );
+    let mut engines: Vec<String> = vec![];
+    for p in points {
+        if !engines.contains(&p.engine) {
+            engines.push(p.engine.clone());
+        }
+    }
+    for (k, e) in engines.iter().enumerate() {
+        let c = if e.starts_with("floor") {
+            "#888"
+        } else {
+            COLORS[k % COLORS.len()]
+        };
+        let mut pts: Vec<&IdlePoint> = points.iter().filter(|p| &p.engine == e).collect();
+        pts.sort_by_key(|p| p.nodes);
+        let line: Vec<String> = pts
+            .iter()
+            .map(|p| format!("{:.1},{:.1}", x(p.nodes as f64), y(p.mean)))
+            .collect();
+        let dash = if e.starts_with("floor") {
+            r#" stroke-dasharray="6,4""#
+        } else {
+            ""
+        };
+        let _ = writeln!(
+            s,
+            r#"<polyline fill="none" stroke="{c}" stroke-width="2"{dash} points="{}"/>"#,
+            line.join(" ")
+        );
+        for p in pts {
+            let _ = writeln!(
+                s,
+                r#"<circle cx="{:.1}" cy="{:.1}" r="3.5" fill="{c}"/>"#,
+                x(p.nodes as f64),
+                y(p.mean)
+            );
+            let _ = writeln!(
+                s,
+                r#"<circle cx="{:.1}" cy="{:.1}" r="3.5" fill="none" stroke="{c}"/>"#,
+                x(p.nodes as f64),
+                y(p.max)
+            );
+        }
+        let ly = mt + ph + 58.0 + 16.0 * (k / 3) as f64;
+        let lx = ml + 250.0 * (k % 3) as f64;
+        let _ = writeln!(
+            s,
+            r#"<line x1="{lx:.1}" y1="{ly:.1}" x2="{:.1}" y2="{ly:.1}" stroke="{c}" stroke-width="2"{dash}/>"#,
+            lx + 24.0
+        );
+        let _ = writeln!(
+            s,
+            r#"<text x="{:.1}" y="{:.1}">{}: mean (hollow: busiest node)</text>"#,
+            lx + 30.0,
+            ly + 4.0,
+            esc(e)
+        );
+    }
+    let _ = writeln!(
+        s,
+        r##"<text x="{ml}" y="{:.1}" font-size="10" fill="#555">Bytes counted by the kernel on each node's eth0 (L2 frames, in + out) over the measure_steady window with the pinger paused; 1 KB = 1000 bytes.{}</text>"##,
+        h - 12.0,
+        if log {
+            " Values under the lowest decade are drawn on it."
+        } else {
+            ""
+        }
+    );
+    s.push_str("</svg>\n");
+    s
+}
+
+/// `testnet plot-idle`: reads the reports, writes the SVG and the table.
+pub fn cmd_plot_idle(
+    reports: &[std::path::PathBuf],
+    out: Option<std::path::PathBuf>,
+    scale: &str,
+) -> Result<i32> {
+    let mut points = vec![];
+    for p in reports {
+        let file = if p.is_dir() {
+            p.join("report.json")
+        } else {
+            p.clone()
+        };
+        let text = std::fs::read_to_string(&file)
+            .map_err(|e| anyhow::anyhow!("reading {}: {e}", file.display()))?;
+        let v: Value = serde_json::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("parsing {}: {e}", file.display()))?;
+        let got = idle_points(&v, &file.display().to_string());
+        if got.is_empty() {
+            eprintln!(
+                "plot-idle: {} has no measure_steady window with underlay figures; skipped",
+                file.display()
+            );
+        }
+        points.extend(got);
+    }
+    if points.is_empty() {
+        anyhow::bail!("no idle figures in the given reports");
+    }
+    points.sort_by(|a, b| a.engine.cmp(&b.engine).then(a.nodes.cmp(&b.nodes)));
+    let out = out.unwrap_or_else(|| std::path::PathBuf::from("target/testnet/idle-per-node.svg"));
+    if let Some(d) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(d)?;
+    }
+    let table = idle_table(&points);
+    std::fs::write(&out, idle_svg(&points, scale))?;
+    let txt = out.with_extension("txt");
+    std::fs::write(&txt, &table)?;
+    print!("{table}");
+    println!("plot:  {}\ntable: {}", out.display(), txt.display());
+    Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn idle_points_plot_and_table() {
+        let st = |mean: f64| {
+            json!({"nodes": 10, "secs": 30.0,
+                   "underlay_bytes_per_sec_per_node": {"mean": mean, "p50": mean, "max": mean * 1.2},
+                   "gossip_bytes_per_sec_per_node": null, "cpu_percent_per_node": {"mean": 1.0},
+                   "rss_mib_per_node": {"mean": 12.0}})
+        };
+        let report = json!({
+            "topology": {"kind": "flat"},
+            "floor": {"idle": st(50.0)},
+            "runs": [{"engine": "meshpeer", "steady": st(60_000.0)},
+                     {"engine": "nebula", "steady": st(600.0)},
+                     {"engine": "x", "steady": null}],
+        });
+        let pts = idle_points(&report, "r.json");
+        assert_eq!(pts.len(), 3);
+        assert_eq!(pts[0].engine, "floor (no engine)");
+        let table = idle_table(&pts);
+        assert!(
+            table.contains("60.0 KB/s") && table.contains("600 B/s"),
+            "{table}"
+        );
+        let svg = idle_svg(&pts, "auto");
+        assert!(svg.starts_with("<svg") && svg.contains("log scale"));
+        assert_eq!(svg.matches("<polyline").count(), 3);
+        assert!(!idle_svg(&pts, "linear").contains("log scale"));
+    }
+}
