@@ -1103,7 +1103,7 @@ pub fn idle_svg(points: &[IdlePoint], scale: &str) -> String {
             r#"<text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"#,
             ml - 6.0,
             yy + 4.0,
-            esc(&crate::runner::fmt_bps(v))
+            esc(&tick_bps(v))
         );
     }
     let mut n = 0.0;
@@ -1147,11 +1147,16 @@ pub fn idle_svg(points: &[IdlePoint], scale: &str) -> String {
             engines.push(p.engine.clone());
         }
     }
-    for (k, e) in engines.iter().enumerate() {
+    // Engines in the colours of the reachability plot; the floor grey.
+    let mut lx = ml;
+    let ly = mt + ph + 62.0;
+    let mut k = 0;
+    for e in &engines {
         let c = if e.starts_with("floor") {
             "#888"
         } else {
-            COLORS[k % COLORS.len()]
+            k += 1;
+            COLORS[(k - 1) % COLORS.len()]
         };
         let mut pts: Vec<&IdlePoint> = points.iter().filter(|p| &p.engine == e).collect();
         pts.sort_by_key(|p| p.nodes);
@@ -1183,8 +1188,6 @@ pub fn idle_svg(points: &[IdlePoint], scale: &str) -> String {
                 y(p.max)
             );
         }
-        let ly = mt + ph + 58.0 + 16.0 * (k / 3) as f64;
-        let lx = ml + 250.0 * (k % 3) as f64;
         let _ = writeln!(
             s,
             r#"<line x1="{lx:.1}" y1="{ly:.1}" x2="{:.1}" y2="{ly:.1}" stroke="{c}" stroke-width="2"{dash}/>"#,
@@ -1192,24 +1195,41 @@ pub fn idle_svg(points: &[IdlePoint], scale: &str) -> String {
         );
         let _ = writeln!(
             s,
-            r#"<text x="{:.1}" y="{:.1}">{}: mean (hollow: busiest node)</text>"#,
+            r#"<text x="{:.1}" y="{:.1}">{}</text>"#,
             lx + 30.0,
             ly + 4.0,
             esc(e)
         );
+        lx += 50.0 + 7.0 * e.len() as f64;
     }
     let _ = writeln!(
         s,
-        r##"<text x="{ml}" y="{:.1}" font-size="10" fill="#555">Bytes counted by the kernel on each node's eth0 (L2 frames, in + out) over the measure_steady window with the pinger paused; 1 KB = 1000 bytes.{}</text>"##,
+        r##"<text x="{ml}" y="{:.1}" font-size="10" fill="#555">Dots: the mean over nodes; circles: the busiest node. Bytes counted by the kernel on each node's eth0 (L2 frames, in + out)</text>"##,
+        h - 26.0
+    );
+    let _ = writeln!(
+        s,
+        r##"<text x="{ml}" y="{:.1}" font-size="10" fill="#555">over the last measure_steady window of each run, the pinger paused; 1 KB = 1000 bytes.{}</text>"##,
         h - 12.0,
         if log {
-            " Values under the lowest decade are drawn on it."
+            " Values below the lowest decade are drawn on it."
         } else {
             ""
         }
     );
     s.push_str("</svg>\n");
     s
+}
+
+/// An axis label: "500 B/s", "2 KB/s", "2.5 KB/s" (1 KB = 1000 B).
+fn tick_bps(v: f64) -> String {
+    let (x, unit) = if v >= 1000.0 {
+        (v / 1000.0, "KB/s")
+    } else {
+        (v, "B/s")
+    };
+    let t = format!("{x:.1}");
+    format!("{} {unit}", t.trim_end_matches(".0"))
 }
 
 /// `testnet plot-idle`: reads the reports, writes the SVG and the table.
