@@ -564,7 +564,10 @@ impl<'a> Ctx<'a> {
                 .map(|n| n.addr_at - n.started_at)
                 .collect()
         });
-        r["address_known_after_start_secs"] = stats(&addr_known);
+        // Nebula's addresses are fixed (known at start): only meshpeer's are learned.
+        if self.nodes.engine == EngineKind::Meshpeer {
+            r["address_known_after_start_secs"] = stats(&addr_known);
+        }
         let (gaps, now, sent, rate, retry, keep_eff, by_class, counts) = self.pinger.with(|s| {
             (
                 s.gaps.to_json(),
@@ -785,7 +788,9 @@ impl<'a> Ctx<'a> {
                     "membership_secs": member_at.map(|t| t - mark),
                     "converged": ok,
                 }));
-                if ok {
+                // Every member listed every other as up: a quiet period (for
+                // false "down" verdicts) can start.
+                if ok && check_members {
                     if let Some(p) = &self.poller {
                         p.begin_quiet(&self.nodes.live());
                     }
