@@ -250,8 +250,13 @@ pub fn summary(r: &Report) -> String {
             let res = &rc["resolution"];
             let _ = writeln!(
                 s,
-                "  resolution: every affected pair probed after {} s; first-reply uncertainty p50 {} s max {} s ({} pairs answered their first probe)",
+                "  resolution (measured): every affected pair probed after {} s{}; first probe {} s (max) after both addresses were known; first-reply uncertainty p50 {} s max {} s ({} pairs answered their first probe)",
                 f(&res["every_pair_probed_after_secs"]),
+                rc["new_nodes_address_known_secs"]["max"]
+                    .as_f64()
+                    .map(|t| format!(" (the new node's overlay address known to the testnet after {t:.2} s)"))
+                    .unwrap_or_default(),
+                f(&res["first_probe_delay_secs"]["max"]),
                 f(&res["first_reply_uncertainty_secs"]["p50"]),
                 f(&res["first_reply_uncertainty_secs"]["max"]),
                 res["answered_at_first_probe"]

@@ -414,6 +414,11 @@ impl<'a> Ctx<'a> {
             "p99_secs": share(&secs, total, 0.99),
             "all_secs": share(&secs, total, 1.0),
             "resolution": self.pair_resolution(&rec.pairs, rec.t),
+            "new_nodes_address_known_secs": if rec.new_nodes.is_empty() { Value::Null } else {
+                let v: Vec<f64> = self.pinger.with(|s| rec.new_nodes.iter().map(|&i| &s.nodes[i])
+                    .filter(|n| n.addr_at >= 0.0).map(|n| n.addr_at - rec.t).collect());
+                stats(&v)
+            },
             "directions": if rec.new_nodes.is_empty() { Value::Null } else {
                 let dir = |from_new: bool| -> Value {
                     let ps: Vec<(usize, usize)> = rec.pairs.iter().copied()
@@ -854,7 +859,7 @@ impl<'a> Ctx<'a> {
                     member_at.map(|t| format!(", membership at +{:.2}s", t - mark)).unwrap_or_default(),
                     r["resolution"]["unanswered_probe_interval_secs"]["p99"]
                         .as_f64()
-                        .map(|g| format!(" (unanswered pairs probed every {g:.2}s or better, p99)"))
+                        .map(|g| format!(" (unanswered pairs re-probed every {g:.2}s or sooner, p99)"))
                         .unwrap_or_default()
                 );
                 self.marker(msg);
