@@ -60,6 +60,20 @@ enum Cmd {
         #[arg(long)]
         all: bool,
     },
+    /// Plot idle underlay bytes per node against the number of nodes, one
+    /// line per engine, from several report.json files (SVG + a text table).
+    PlotIdle {
+        /// report.json files (or their directories).
+        #[arg(required = true)]
+        reports: Vec<PathBuf>,
+        /// The SVG to write (default target/testnet/idle-per-node.svg); the
+        /// table goes next to it (.txt).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// y scale: auto (log when the values span more than 30x), linear, log.
+        #[arg(long, default_value = "auto", value_parser = ["auto", "linear", "log"])]
+        scale: String,
+    },
     /// Build a topology, measure the underlay with the pinger, destroy it,
     /// and print the timings (no overlay daemons).
     Topo {
@@ -69,7 +83,7 @@ enum Cmd {
         topology: String,
         #[arg(long)]
         mix: Option<String>,
-        #[arg(long, default_value_t = 2000.0)]
+        #[arg(long, default_value_t = pinger::DEFAULT_RATE)]
         ping_rate: f64,
         /// Keep the topology until Ctrl-C (to look around with `ip netns`).
         #[arg(long)]
@@ -107,7 +121,8 @@ struct RunArgs {
     /// The meshpeer binary (default: $MESHPEER_BIN, else `meshpeer` next to this binary).
     #[arg(long)]
     meshpeer_bin: Option<PathBuf>,
-    /// Echo requests per second for the pinger (all pairs together).
+    /// Cap on echo requests per second for the pinger (all pairs together;
+    /// default 10000).
     #[arg(long)]
     ping_rate: Option<f64>,
     /// Override how nodes start: all (at once) or staggered.
@@ -125,6 +140,10 @@ struct RunArgs {
     /// Skip the underlay floor measurement.
     #[arg(long)]
     no_floor: bool,
+    /// Override the length of every `measure_steady` (idle) window, e.g. 60
+    /// for a quick try of idle-100.toml; the floor's idle window follows.
+    #[arg(long)]
+    idle_secs: Option<f64>,
     /// Copy the daemons' logs into the report directory (always done when the run fails).
     #[arg(long)]
     keep_logs: bool,
@@ -136,6 +155,11 @@ fn main() {
         Cmd::Run(a) => cmd_run(*a),
         Cmd::ProbeNat { kind, json } => cmd_probe(kind, json),
         Cmd::Cleanup { all } => cmd_cleanup(all),
+        Cmd::PlotIdle {
+            reports,
+            out,
+            scale,
+        } => report::cmd_plot_idle(&reports, out, &scale),
         Cmd::Topo {
             nodes,
             topology,
@@ -267,8 +291,17 @@ fn yn(b: bool) -> &'static str {
 
 /// Pings from every node to every public node's underlay address: what the
 /// checker itself costs and how fast it confirms pairs without any overlay.
-fn measure_floor(plan: &Plan, pinger: &pinger::Pinger, nodes: usize) -> serde_json::Value {
+/// With `idle_secs`, then also reads every node's eth0 byte counters over an
+/// idle window of that length (no engine running, the pinger paused): the
+/// harness' own noise under the engines' idle figures.
+fn measure_floor(
+    plan: &Plan,
+    pinger: &pinger::Pinger,
+    nodes: usize,
+    idle_secs: Option<f64>,
+) -> serde_json::Value {
     pinger.reset();
+    let ping_cpu0 = pinger.cpu_secs();
     for i in 0..nodes {
         pinger.node_started(i, Some(plan.nodes[i].underlay));
         if plan.nodes[i].kind != Kind::Public {
@@ -321,11 +354,96 @@ fn measure_floor(plan: &Plan, pinger: &pinger::Pinger, nodes: usize) -> serde_js
             }
         });
     }
-    pinger.set_paused(true);
+    let ping_cpu = pinger.cpu_secs() - ping_cpu0;
+    // The pinger at its cap: every pair due all the time for a while (good
+    // pairs re-probed without delay), to measure what the checker costs.
+    let calibration = {
+        let (keep, share) = pinger.with(|s| (s.keep, s.good_share));
+        {
+            let mut s = pinger.state.lock().unwrap();
+            s.keep = 0.0;
+            s.good_share = 1.0;
+        }
+        let (c0, s0, t0) = (
+            pinger.cpu_secs(),
+            pinger.with(|s| s.sent),
+            std::time::Instant::now(),
+        );
+        let secs = 2.0;
+        while t0.elapsed().as_secs_f64() < secs && !cleanup::stopping() {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let dt = t0.elapsed().as_secs_f64();
+        let (c1, s1) = (pinger.cpu_secs(), pinger.with(|s| s.sent));
+        {
+            let mut s = pinger.state.lock().unwrap();
+            s.keep = keep;
+            s.good_share = share;
+        }
+        let pps = (s1 - s0) as f64 / dt;
+        json!({"secs": dt, "pps": pps, "pinger_cpu_percent": (c1 - c0) / dt * 100.0,
+               "pinger_cpu_us_per_echo": if s1 > s0 { Some((c1 - c0) / (s1 - s0) as f64 * 1e6) } else { None },
+               "rate_cap_pps": pinger.with(|s| s.rate),
+               "note": "the pinger thread's CPU while it pings the underlay at its rate cap (every pair due all the time)"})
+    };
+    let drain = pinger.pause_and_drain();
     for i in 0..nodes {
         pinger.node_stopped(i);
     }
-    json!({"pairs": total, "pairs_replied": done, "all_pairs_secs": if ok { Some(last_first) } else { None }, "pps": sent as f64 / t.max(1e-3), "testnet_cpu_secs": cpu, "sent": sent})
+    let mut v = json!({"pairs": total, "pairs_replied": done, "all_pairs_secs": if ok { Some(last_first) } else { None },
+        "pps": sent as f64 / t.max(1e-3), "testnet_cpu_secs": cpu, "sent": sent,
+        "pinger_cpu_secs": ping_cpu, "pinger_cpu_us_per_echo": if sent > 0 { Some(ping_cpu / sent as f64 * 1e6) } else { None },
+        "pinger_drain_secs": drain, "calibration": calibration});
+    if let Some(secs) = idle_secs {
+        v["idle"] = measure_idle_floor(plan, pinger, nodes, secs);
+    }
+    v
+}
+
+/// Underlay bytes on every node's eth0 over `secs` with no engine running
+/// and the pinger paused.
+fn measure_idle_floor(
+    plan: &Plan,
+    pinger: &pinger::Pinger,
+    nodes: usize,
+    secs: f64,
+) -> serde_json::Value {
+    let t0 = pinger.with(|s| s.t0);
+    let ns: Vec<String> = (0..nodes).map(|i| plan.nodes[i].ns.clone()).collect();
+    let sent_a = pinger.with(|s| s.sent);
+    let a = sys::if_bytes_in(&ns, "eth0", t0);
+    let end = std::time::Instant::now() + Duration::from_secs_f64(secs.max(0.0));
+    while std::time::Instant::now() < end && !cleanup::stopping() {
+        std::thread::sleep((end - std::time::Instant::now()).min(Duration::from_millis(100)));
+    }
+    let b = sys::if_bytes_in(&ns, "eth0", t0);
+    let sent_b = pinger.with(|s| s.sent);
+    let rows: Vec<runner::NodeRow> = (0..nodes)
+        .filter_map(|i| {
+            let (x, y) = (a[i]?, b[i]?);
+            let w = (y.t - x.t).max(1e-3);
+            let (rx, tx) = (y.rx.saturating_sub(x.rx), y.tx.saturating_sub(x.tx));
+            Some(runner::NodeRow {
+                node: i,
+                cpu_percent: None,
+                gossip: None,
+                under: Some((rx + tx) as f64 / w),
+                rx: Some(rx as f64 / w),
+                tx: Some(tx as f64 / w),
+                rss_mib: None,
+            })
+        })
+        .collect();
+    let window = rows
+        .first()
+        .and_then(|r| Some(b[r.node]?.t - a[r.node]?.t))
+        .unwrap_or(0.0);
+    let mut v = runner::node_table(plan, &rows);
+    v["secs"] = json!(window);
+    v["pinger"] = json!("paused");
+    v["pinger_sent_in_window"] = json!(sent_b - sent_a);
+    v["note"] = json!("the bare underlay (topology built, no engine running, pinger paused): bytes in+out of each node's eth0 per second; what the harness and the kernel send on their own (ARP, ...)");
+    v
 }
 
 fn cmd_topo(nodes: usize, kind: &str, mix: Option<String>, rate: f64, hold: bool) -> Result<i32> {
@@ -364,7 +482,7 @@ fn cmd_topo(nodes: usize, kind: &str, mix: Option<String>, rate: f64, hold: bool
     println!("{}", serde_json::to_string(&plan.counts)?);
     let ns: Vec<String> = plan.nodes.iter().map(|n| n.ns.clone()).collect();
     let pinger = pinger::Pinger::start(&ns, rate)?;
-    let floor = measure_floor(&plan, &pinger, nodes);
+    let floor = measure_floor(&plan, &pinger, nodes, None);
     println!("underlay floor: {floor}");
     drop(pinger);
     if hold {
@@ -407,6 +525,9 @@ fn cmd_run(a: RunArgs) -> Result<i32> {
     }
     if let Some(r) = a.ping_rate {
         sc.measure.ping_rate = r;
+    }
+    if let Some(v) = a.idle_secs {
+        sc.set_idle_secs(v);
     }
     if let Some(v) = &a.start {
         sc.nodes.start = v.clone();
@@ -514,8 +635,18 @@ fn cmd_run(a: RunArgs) -> Result<i32> {
     let ns: Vec<String> = plan.nodes.iter().map(|n| n.ns.clone()).collect();
     let pinger = pinger::Pinger::start(&ns, sc.measure.ping_rate)?;
     let floor = if sc.measure.floor && !a.no_floor {
-        let f = measure_floor(&plan, &pinger, sc.topology.nodes);
-        println!("pinger floor on the underlay: {f}");
+        let idle = sc.measure.floor_idle_secs.or_else(|| sc.idle_secs());
+        if let Some(s) = idle {
+            println!("floor: pinging the underlay, then {s:.0} s idle (no engine) for the underlay byte floor");
+        }
+        let f = measure_floor(&plan, &pinger, sc.topology.nodes, idle);
+        let mut brief = f.clone();
+        if let Some(o) = brief.as_object_mut() {
+            if let Some(idle) = o.get_mut("idle").and_then(|v| v.as_object_mut()) {
+                idle.remove("per_node");
+            }
+        }
+        println!("pinger floor on the underlay: {brief}");
         Some(f)
     } else {
         None

@@ -3,7 +3,14 @@
 //! robin, and keeps the latest observation of each. From those it tracks
 //! membership convergence ("every node lists every other") and failure
 //! detection events (kill or leave → every other node shows the node down
-//! or gone → its WireGuard peer is removed everywhere).
+//! or gone → its WireGuard peer is removed everywhere), and false "down"
+//! verdicts: a live member shown `down` (or not listed) by another live
+//! member during a quiet period (after a convergence, before the next kill,
+//! leave, restart, partition, NAT change or churn).
+//!
+//! Nodes whose overlay address is not known yet are asked every 20 ms
+//! between sweeps (the pinger cannot probe a node before), so a low sweep
+//! rate does not delay the convergence measurement.
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -72,6 +79,28 @@ pub struct Target {
     pub ifname: String,
 }
 
+/// A live member shown `down` (or missing from the member list) by another
+/// live member during a quiet period.
+#[derive(Debug, Clone, Serialize)]
+pub struct FalseDown {
+    /// First sweep that showed it.
+    pub t: f64,
+    pub observer: usize,
+    pub subject: usize,
+    /// "down" (listed with state down) or "missing" (not listed).
+    pub verdict: String,
+    /// First later sweep that showed the subject up again (None: not within
+    /// the quiet period).
+    pub until: Option<f64>,
+}
+
+/// A quiet period: nothing was killed, left, restarted, partitioned or
+/// renumbered since it began; `members` were live and converged then.
+pub struct Quiet {
+    pub since: f64,
+    pub members: Vec<bool>,
+}
+
 pub struct PollState {
     pub t0: Instant,
     pub targets: Vec<Option<Target>>,
@@ -82,6 +111,14 @@ pub struct PollState {
     pub member_ok: Option<f64>,
     pub sweeps: u64,
     pub last_sweep_secs: f64,
+    pub quiet: Option<Quiet>,
+    /// Quiet time so far (closed periods).
+    pub quiet_secs: f64,
+    pub false_downs: Vec<FalseDown>,
+    /// (observer, subject) → index of its open verdict in `false_downs`.
+    open: HashMap<(usize, usize), usize>,
+    /// Observations compared with the quiet-period members.
+    pub quiet_checks: u64,
 }
 
 impl PollState {
@@ -114,6 +151,54 @@ impl PollState {
             }
         }
         !live.is_empty()
+    }
+    /// Checks observer o's latest view against the quiet period.
+    fn update_quiet(&mut self, o: usize) {
+        let Some(q) = &self.quiet else {
+            return;
+        };
+        if !q.members.get(o).copied().unwrap_or(false) {
+            return;
+        }
+        let Some(obs) = &self.obs[o] else {
+            return;
+        };
+        if obs.t < q.since {
+            return;
+        }
+        let t = obs.t;
+        let mut opened = vec![];
+        let mut closed = vec![];
+        for (x, member) in q.members.iter().enumerate() {
+            if !member || x == o || self.targets[x].is_none() {
+                continue;
+            }
+            let verdict = match obs.members.get(&format!("n{x}")) {
+                None => Some("missing"),
+                Some((st, _)) if st == "down" => Some("down"),
+                Some(_) => None,
+            };
+            match (verdict, self.open.get(&(o, x))) {
+                (Some(v), None) => opened.push((x, v)),
+                (None, Some(&k)) => closed.push(((o, x), k)),
+                _ => {}
+            }
+        }
+        self.quiet_checks += 1;
+        for (key, k) in closed {
+            self.false_downs[k].until = Some(t);
+            self.open.remove(&key);
+        }
+        for (x, v) in opened {
+            self.open.insert((o, x), self.false_downs.len());
+            self.false_downs.push(FalseDown {
+                t,
+                observer: o,
+                subject: x,
+                verdict: v.into(),
+                until: None,
+            });
+        }
     }
     fn update_events(&mut self, o: usize) {
         let Some(obs) = self.obs[o].clone() else {
@@ -246,7 +331,9 @@ fn parse(v: &Value, t: f64) -> Obs {
 }
 
 impl Poller {
-    pub fn start(n: usize, t0: Instant, min_sweep: Duration) -> Poller {
+    /// `on_addr(i, ip)` is called (outside the lock) when node i's overlay
+    /// address is first seen, so the pinger can probe it at once.
+    pub fn start(n: usize, t0: Instant, min_sweep: Duration, on_addr: AddrHook) -> Poller {
         let state = Arc::new(Mutex::new(PollState {
             t0,
             targets: vec![None; n],
@@ -256,6 +343,11 @@ impl Poller {
             member_ok: None,
             sweeps: 0,
             last_sweep_secs: 0.0,
+            quiet: None,
+            quiet_secs: 0.0,
+            false_downs: vec![],
+            open: HashMap::new(),
+            quiet_checks: 0,
         }));
         let stop = Arc::new(AtomicBool::new(false));
         let (s2, st2) = (state.clone(), stop.clone());
@@ -263,8 +355,34 @@ impl Poller {
             .name("poller".into())
             .spawn(move || {
                 crate::sys::boost_this_thread();
+                let mut next_sweep = Instant::now();
                 while !st2.load(Ordering::Relaxed) {
+                    // Fast lane: nodes whose overlay address is unknown.
+                    let pending: Vec<(usize, Target)> = {
+                        let s = s2.lock().unwrap();
+                        s.targets
+                            .iter()
+                            .enumerate()
+                            .filter(|(i, t)| {
+                                t.is_some()
+                                    && s.obs[*i].as_ref().and_then(|o| o.overlay_ip).is_none()
+                            })
+                            .filter_map(|(i, t)| t.clone().map(|t| (i, t)))
+                            .collect()
+                    };
+                    for (i, t) in pending {
+                        if st2.load(Ordering::Relaxed) {
+                            return;
+                        }
+                        poll_one(&s2, i, &t, false, &on_addr);
+                    }
+                    if Instant::now() < next_sweep {
+                        let left = next_sweep - Instant::now();
+                        std::thread::sleep(left.min(Duration::from_millis(20)));
+                        continue;
+                    }
                     let start = Instant::now();
+                    next_sweep = start + min_sweep;
                     let targets: Vec<(usize, Target)> = {
                         let s = s2.lock().unwrap();
                         s.targets
@@ -277,19 +395,7 @@ impl Poller {
                         if st2.load(Ordering::Relaxed) {
                             return;
                         }
-                        let v = control_status(&t.state_dir);
-                        let peers = uapi_peers(&t.ifname).map(|v| v.into_iter().collect());
-                        let mut s = s2.lock().unwrap();
-                        if s.targets[i].is_none() {
-                            continue; // stopped meanwhile
-                        }
-                        let now = s.now();
-                        if let Some(v) = v {
-                            let mut o = parse(&v, now);
-                            o.peers = peers;
-                            s.obs[i] = Some(o);
-                            s.update_events(i);
-                        }
+                        poll_one(&s2, i, &t, true, &on_addr);
                     }
                     {
                         let mut s = s2.lock().unwrap();
@@ -299,10 +405,6 @@ impl Poller {
                             let now = s.now();
                             s.member_ok = Some(now);
                         }
-                    }
-                    let el = start.elapsed();
-                    if el < min_sweep {
-                        std::thread::sleep(min_sweep - el);
                     }
                 }
             })
@@ -318,8 +420,40 @@ impl Poller {
         let mut s = self.state.lock().unwrap();
         if t.is_none() {
             s.obs[i] = None;
+            // A node that is gone is no longer a quiet-period member.
+            if let Some(q) = s.quiet.as_mut() {
+                if let Some(m) = q.members.get_mut(i) {
+                    *m = false;
+                }
+            }
         }
         s.targets[i] = t;
+    }
+
+    /// Starts a quiet period with these members (live and converged now),
+    /// unless one is running.
+    pub fn begin_quiet(&self, members: &[usize]) {
+        let mut s = self.state.lock().unwrap();
+        if s.quiet.is_some() {
+            return;
+        }
+        let n = s.targets.len();
+        let mut m = vec![false; n];
+        for &i in members {
+            m[i] = true;
+        }
+        let since = s.now();
+        s.quiet = Some(Quiet { since, members: m });
+    }
+
+    /// Ends the quiet period (before a kill, leave, partition, ...).
+    pub fn end_quiet(&self) {
+        let mut s = self.state.lock().unwrap();
+        if let Some(q) = s.quiet.take() {
+            let now = s.now();
+            s.quiet_secs += now - q.since;
+            s.open.clear();
+        }
     }
 
     pub fn mark_membership(&self, t: f64) {
@@ -346,11 +480,117 @@ impl Poller {
     }
 }
 
+/// Asks node i for its status (and, on a full sweep, its WireGuard peers)
+/// and records the observation.
+pub type AddrHook = Box<dyn Fn(usize, std::net::Ipv4Addr) + Send + Sync>;
+
+fn poll_one(state: &Arc<Mutex<PollState>>, i: usize, t: &Target, full: bool, on_addr: &AddrHook) {
+    let v = control_status(&t.state_dir);
+    let peers = if full {
+        uapi_peers(&t.ifname).map(|v| v.into_iter().collect())
+    } else {
+        None
+    };
+    let mut s = state.lock().unwrap();
+    if s.targets[i].is_none() {
+        return; // stopped meanwhile
+    }
+    let now = s.now();
+    let mut learned = None;
+    if let Some(v) = v {
+        let mut o = parse(&v, now);
+        o.peers = peers;
+        if s.obs[i].as_ref().and_then(|x| x.overlay_ip).is_none() {
+            learned = o.overlay_ip;
+        }
+        s.obs[i] = Some(o);
+        s.update_events(i);
+        s.update_quiet(i);
+    }
+    drop(s);
+    if let Some(ip) = learned {
+        on_addr(i, ip);
+    }
+}
+
 impl Drop for Poller {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(n: usize) -> PollState {
+        PollState {
+            t0: Instant::now(),
+            targets: (0..n)
+                .map(|i| {
+                    Some(Target {
+                        state_dir: PathBuf::from(format!("/nonexistent/n{i}")),
+                        ifname: format!("x{i}"),
+                    })
+                })
+                .collect(),
+            obs: vec![None; n],
+            events: vec![],
+            member_mark: 0.0,
+            member_ok: None,
+            sweeps: 0,
+            last_sweep_secs: 0.0,
+            quiet: None,
+            quiet_secs: 0.0,
+            false_downs: vec![],
+            open: HashMap::new(),
+            quiet_checks: 0,
+        }
+    }
+
+    fn obs(t: f64, members: &[(usize, &str)]) -> Obs {
+        Obs {
+            t,
+            members: members
+                .iter()
+                .map(|(i, st)| (format!("n{i}"), (st.to_string(), String::new())))
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn false_downs_are_counted_once_per_episode() {
+        let mut s = state(4);
+        // Outside a quiet period nothing counts.
+        s.obs[0] = Some(obs(1.0, &[(1, "down"), (2, "connected"), (3, "connected")]));
+        s.update_quiet(0);
+        assert!(s.false_downs.is_empty());
+        // Members 0, 1, 2 (3 joined later: not a member, never a subject).
+        s.quiet = Some(Quiet {
+            since: 2.0,
+            members: vec![true, true, true, false],
+        });
+        s.obs[0] = Some(obs(3.0, &[(1, "down"), (2, "connected")]));
+        s.update_quiet(0);
+        s.obs[0] = Some(obs(4.0, &[(1, "down"), (2, "connected")]));
+        s.update_quiet(0);
+        assert_eq!(s.false_downs.len(), 1, "one episode, seen twice");
+        s.obs[0] = Some(obs(5.0, &[(1, "connected"), (2, "connected")]));
+        s.update_quiet(0);
+        assert_eq!(s.false_downs[0].until, Some(5.0));
+        // Node 1 misses node 2 entirely: a "missing" verdict.
+        s.obs[1] = Some(obs(6.0, &[(0, "connected")]));
+        s.update_quiet(1);
+        assert_eq!(s.false_downs.len(), 2);
+        assert_eq!(
+            (s.false_downs[1].observer, s.false_downs[1].subject),
+            (1, 2)
+        );
+        assert_eq!(s.false_downs[1].verdict, "missing");
+        assert_eq!(s.quiet_checks, 4);
     }
 }

@@ -67,9 +67,26 @@ pub fn summary(r: &Report) -> String {
     if let Some(fl) = &r.floor {
         let _ = writeln!(
             s,
-            "pinger floor (underlay, no overlay): {} of {} pairs to public nodes replied, all after {} s, at {} echo/s, testnet CPU {} s",
-            fl["pairs_replied"], fl["pairs"], f(&fl["all_pairs_secs"]), f(&fl["pps"]), f(&fl["testnet_cpu_secs"])
+            "pinger floor (underlay, no overlay): {} of {} pairs to public nodes replied, all after {} s, at {} echo/s, testnet CPU {} s (pinger thread {} s, {} us per echo)",
+            fl["pairs_replied"], fl["pairs"], f(&fl["all_pairs_secs"]), f(&fl["pps"]), f(&fl["testnet_cpu_secs"]),
+            f(&fl["pinger_cpu_secs"]), f(&fl["pinger_cpu_us_per_echo"])
         );
+        let cal = &fl["calibration"];
+        if cal.is_object() {
+            let _ = writeln!(
+                s,
+                "pinger at its cap (underlay, {} s): {} echo/s (cap {}), pinger thread {} % of a core, {} us per echo",
+                f(&cal["secs"]), f(&cal["pps"]), f(&cal["rate_cap_pps"]), f(&cal["pinger_cpu_percent"]), f(&cal["pinger_cpu_us_per_echo"])
+            );
+        }
+        if let Some(idle) = fl.get("idle") {
+            let u = &idle["underlay_bytes_per_sec_per_node"];
+            let _ = writeln!(
+                s,
+                "underlay floor at rest (no engine, pinger paused, {} s, {} nodes): eth0 in+out per node mean {} median {} max {}",
+                f(&idle["secs"]), idle["nodes"], bps(&u["mean"]), bps(&u["p50"]), bps(&u["max"])
+            );
+        }
     }
     for run in &r.runs {
         let _ = writeln!(
@@ -89,6 +106,21 @@ pub fn summary(r: &Report) -> String {
                 f(&c["first_reply_max_secs"]), f(&c["all_pairs_secs"]), f(&c["membership_secs"]), f(&c["deadline_secs"]),
                 if c["converged"].as_bool() == Some(true) { "" } else { " -- NOT CONVERGED by the deadline" }
             );
+            let _ = writeln!(
+                s,
+                "  ordered pairs answered: 50 % at {} s, 99 % at {} s, 100 % at {} s from the scenario start (all {} nodes started at {} s)",
+                f(&c["timing"]["p50_secs"]), f(&c["timing"]["p99_secs"]), f(&c["timing"]["all_secs"]), c["nodes"], f(&c["all_started_secs"])
+            );
+            let _ = writeln!(s, "  {}", resolution_line(&c["resolution"]));
+            let ak = &c["resolution"]["address_known_after_start_secs"];
+            if ak.is_object() {
+                let _ = writeln!(
+                    s,
+                    "  overlay address known to the testnet after the node's start: median {} s, max {} s (the daemon's join, plus at most one 20 ms status poll)",
+                    f(&ak["p50"]),
+                    f(&ak["max"])
+                );
+            }
         }
         if !run.pair_classes.is_empty() {
             let _ = writeln!(s, "pairs by kind (at the first convergence check):");
@@ -205,6 +237,29 @@ pub fn summary(r: &Report) -> String {
                 } else {
                     format!(" (max of the recovered: {} s)", f(&rc["max_of_recovered_secs"]))
                 }
+            );
+            if rc["directions"].is_object() {
+                let d = &rc["directions"];
+                let _ = writeln!(
+                    s,
+                    "  new node -> others: {}/{} pairs, 99 % at {} s, all at {} s; others -> new node: {}/{} pairs, 99 % at {} s, all at {} s",
+                    d["new_to_old"]["replied"], d["new_to_old"]["pairs"], f(&d["new_to_old"]["p99_secs"]), f(&d["new_to_old"]["all_secs"]),
+                    d["old_to_new"]["replied"], d["old_to_new"]["pairs"], f(&d["old_to_new"]["p99_secs"]), f(&d["old_to_new"]["all_secs"]),
+                );
+            }
+            let res = &rc["resolution"];
+            let _ = writeln!(
+                s,
+                "  resolution (measured): every affected pair probed after {} s{}; first probe {} s (max) after both addresses were known; first-reply uncertainty p50 {} s max {} s ({} pairs answered their first probe)",
+                f(&res["every_pair_probed_after_secs"]),
+                rc["new_nodes_address_known_secs"]["max"]
+                    .as_f64()
+                    .map(|t| format!(" (the new node's overlay address known to the testnet after {t:.2} s)"))
+                    .unwrap_or_default(),
+                f(&res["first_probe_delay_secs"]["max"]),
+                f(&res["first_reply_uncertainty_secs"]["p50"]),
+                f(&res["first_reply_uncertainty_secs"]["max"]),
+                res["answered_at_first_probe"]
             );
             let slow: Vec<String> = rc["slowest"]
                 .as_array()
@@ -323,48 +378,37 @@ pub fn summary(r: &Report) -> String {
                     st.index, r["pairs_replied"], r["pairs"], f(&r["since"]), f(&r["all_pairs_secs"]), f(&r["membership_secs"]),
                     if r["converged"].as_bool() == Some(true) { "" } else { " (NOT converged by the deadline)" }
                 );
+                let _ = writeln!(
+                    s,
+                    "  ordered pairs answered since the mark: 50 % at {} s, 99 % at {} s, 100 % at {} s",
+                    f(&r["timing"]["p50_secs"]), f(&r["timing"]["p99_secs"]), f(&r["timing"]["all_secs"])
+                );
+                let _ = writeln!(s, "  {}", resolution_line(&r["resolution"]));
             }
         }
         if let Some(st) = &run.steady {
+            steady_lines(&mut s, st);
+        }
+        let fd = &run.false_down;
+        if fd.get("verdicts").is_some() {
             let _ = writeln!(
                 s,
-                "steady state ({} s, {} nodes): gossip bytes/s per node mean {} max {}; CPU % per node mean {} max {}; pinger {} echo/s",
-                f(&st["secs"]), st["nodes"], f(&st["gossip_bytes_per_sec_per_node"]["mean"]), f(&st["gossip_bytes_per_sec_per_node"]["max"]),
-                f(&st["cpu_percent_per_node"]["mean"]), f(&st["cpu_percent_per_node"]["max"]), f(&st["pinger_pps"])
+                "false \"down\" verdicts (a live member shown down or missing by another live member, no kill/leave since the last convergence): {} ({} down, {} missing; {} observer/subject pairs, {} subjects) over {} s of quiet time, {} status sweeps (one every {} s or slower)",
+                fd["verdicts"], fd["down"], fd["missing"], fd["observer_subject_pairs"], fd["subjects"], f(&fd["quiet_secs"]), fd["sweeps"], f(&fd["poll_interval_secs"])
             );
-            if let Some(kinds) = st["by_kind"].as_object() {
-                let parts: Vec<String> = kinds
-                    .iter()
-                    .map(|(k, v)| {
-                        format!(
-                            "{k} ({}) CPU {} % gossip {} B/s",
-                            v["nodes"],
-                            f(&v["cpu_percent"]["mean"]),
-                            f(&v["gossip_bytes_per_sec"]["mean"])
-                        )
-                    })
-                    .collect();
-                let _ = writeln!(s, "  mean by kind: {}", parts.join("; "));
-            }
-            if let Some(hot) = st["hottest"].as_array() {
-                let parts: Vec<String> = hot
-                    .iter()
-                    .map(|h| {
-                        let seed = if h["seed"].as_bool() == Some(true) {
-                            ", seed"
-                        } else {
-                            ""
-                        };
-                        format!(
-                            "n{} ({}{seed}) {} % {} B/s",
-                            h["node"],
-                            h["kind"].as_str().unwrap_or("?"),
-                            f(&h["cpu_percent"]),
-                            f(&h["gossip_bytes_per_sec"])
-                        )
-                    })
-                    .collect();
-                let _ = writeln!(s, "  hottest: {}", parts.join("; "));
+            for v in fd["first"].as_array().into_iter().flatten().take(5) {
+                let _ = writeln!(
+                    s,
+                    "  at {} s: n{} shows n{} {}{}",
+                    f(&v["t"]),
+                    v["observer"],
+                    v["subject"],
+                    v["verdict"].as_str().unwrap_or(""),
+                    v["until"]
+                        .as_f64()
+                        .map(|u| format!(" (up again at {u:.2} s)"))
+                        .unwrap_or_else(|| " (until the end of the quiet period)".into())
+                );
             }
         }
         let o = &run.overhead;
@@ -425,8 +469,187 @@ pub fn summary(r: &Report) -> String {
             let _ = writeln!(s, "ERROR: {e}");
         }
     }
+    at_rest_table(&mut s, r);
     let _ = writeln!(s, "\nresult: {}", if r.ok { "OK" } else { "FAILED" });
     s
+}
+
+/// Bytes per second from a JSON number (1 KB = 1000 B).
+fn bps(v: &Value) -> String {
+    v.as_f64()
+        .map(crate::runner::fmt_bps)
+        .unwrap_or_else(|| "n/a".into())
+}
+
+/// One line on the pinger's measured resolution during a wait.
+fn resolution_line(r: &Value) -> String {
+    let g = &r["unanswered_probe_interval_secs"];
+    let probes = if g.is_null() {
+        "no pair needed a second probe".to_string()
+    } else {
+        format!(
+            "unanswered pairs re-probed every {} s (median), {} s (p99), {} s (max)",
+            f(&g["p50"]),
+            f(&g["p99"]),
+            f(&g["max"])
+        )
+    };
+    let tail = &r["slowest_1pct"];
+    let at_first = tail["answered_at_first_probe"].as_u64().unwrap_or(0);
+    format!(
+        "resolution (measured): {probes}; first replies exact to within {} s (median); slowest 1 % ({} pairs) within {} s{}; first probe {} s (median) / {} s (max) after both addresses were known; every pair probed once by {} s; pinger {} echo/s, {} % CPU over this wait (cap {} echo/s)",
+        f(&r["first_reply_uncertainty_secs"]["p50"]),
+        tail["pairs"],
+        f(&tail["max_uncertainty_secs"]),
+        if at_first > 0 {
+            format!(" ({at_first} answered their first probe)")
+        } else {
+            String::new()
+        },
+        f(&r["first_probe_delay_secs"]["p50"]),
+        f(&r["first_probe_delay_secs"]["max"]),
+        f(&r["every_pair_probed_after_secs"]),
+        f(&r["pinger_pps"]),
+        f(&r["pinger_cpu_percent"]),
+        f(&r["rate_cap_pps"]),
+    )
+}
+
+/// The `measure_steady` lines of one engine.
+fn steady_lines(s: &mut String, st: &Value) {
+    let u = &st["underlay_bytes_per_sec_per_node"];
+    let _ = writeln!(
+        s,
+        "steady state ({} s, {} nodes, pinger {}): underlay eth0 in+out per node mean {} median {} max {}; gossip per node mean {} max {}; CPU % per node mean {} max {}; RSS MiB per node mean {} max {}",
+        f(&st["secs"]),
+        st["nodes"],
+        st["pinger"].as_str().unwrap_or(if st["with_pings"] == true { "running" } else { "paused" }),
+        bps(&u["mean"]),
+        bps(&u["p50"]),
+        bps(&u["max"]),
+        bps(&st["gossip_bytes_per_sec_per_node"]["mean"]),
+        bps(&st["gossip_bytes_per_sec_per_node"]["max"]),
+        f(&st["cpu_percent_per_node"]["mean"]),
+        f(&st["cpu_percent_per_node"]["max"]),
+        f(&st["rss_mib_per_node"]["mean"]),
+        f(&st["rss_mib_per_node"]["max"]),
+    );
+    if let Some(kinds) = st["by_kind"].as_object() {
+        let _ = writeln!(
+            s,
+            "  {:<10} {:>5} {:>12} {:>12} {:>12} {:>12} {:>7} {:>8}",
+            "kind",
+            "nodes",
+            "under mean",
+            "under p50",
+            "under max",
+            "gossip mean",
+            "CPU %",
+            "RSS MiB"
+        );
+        for g in crate::runner::GROUPS {
+            let Some(v) = kinds.get(g) else { continue };
+            let _ = writeln!(
+                s,
+                "  {:<10} {:>5} {:>12} {:>12} {:>12} {:>12} {:>7} {:>8}",
+                g,
+                v["nodes"],
+                bps(&v["underlay_bytes_per_sec"]["mean"]),
+                bps(&v["underlay_bytes_per_sec"]["p50"]),
+                bps(&v["underlay_bytes_per_sec"]["max"]),
+                bps(&v["gossip_bytes_per_sec"]["mean"]),
+                f(&v["cpu_percent"]["mean"]),
+                f(&v["rss_mib"]["mean"]),
+            );
+        }
+    }
+    if let Some(hot) = st["hottest"].as_array() {
+        let parts: Vec<String> = hot
+            .iter()
+            .map(|h| {
+                let seed = if h["seed"].as_bool() == Some(true) {
+                    ", seed"
+                } else {
+                    ""
+                };
+                format!(
+                    "n{} ({}{seed}) {} % {}",
+                    h["node"],
+                    h["kind"].as_str().unwrap_or("?"),
+                    f(&h["cpu_percent"]),
+                    bps(&h["underlay_bytes_per_sec"])
+                )
+            })
+            .collect();
+        let _ = writeln!(s, "  hottest (CPU): {}", parts.join("; "));
+    }
+}
+
+/// The engines at rest side by side (the last measure_steady of each) with
+/// the floor.
+fn at_rest_table(s: &mut String, r: &Report) {
+    let steady: Vec<(&str, &Value)> = r
+        .runs
+        .iter()
+        .filter_map(|run| run.steady.as_ref().map(|st| (run.engine.as_str(), st)))
+        .collect();
+    if steady.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        s,
+        "\nat rest, per node (measure_steady; underlay = eth0 bytes in+out, L2 frames; 1 KB = 1000 bytes; pinger {}):",
+        if steady.iter().all(|(_, st)| st["with_pings"] != true) {
+            "paused"
+        } else {
+            "RUNNING in some windows (its echoes are included there)"
+        }
+    );
+    let _ = writeln!(
+        s,
+        "  {:<22} {:>5} {:>7} {:>11} {:>11} {:>11} {:>12} {:>7} {:>8}",
+        "",
+        "nodes",
+        "secs",
+        "under mean",
+        "under p50",
+        "under max",
+        "gossip mean",
+        "CPU %",
+        "RSS MiB"
+    );
+    if let Some(idle) = r.floor.as_ref().and_then(|f| f.get("idle")) {
+        let u = &idle["underlay_bytes_per_sec_per_node"];
+        let _ = writeln!(
+            s,
+            "  {:<22} {:>5} {:>7} {:>11} {:>11} {:>11} {:>12} {:>7} {:>8}",
+            "floor (no engine)",
+            idle["nodes"],
+            f(&idle["secs"]),
+            bps(&u["mean"]),
+            bps(&u["p50"]),
+            bps(&u["max"]),
+            "",
+            "",
+            ""
+        );
+    }
+    for (engine, st) in steady {
+        let u = &st["underlay_bytes_per_sec_per_node"];
+        let _ = writeln!(
+            s,
+            "  {:<22} {:>5} {:>7} {:>11} {:>11} {:>11} {:>12} {:>7} {:>8}",
+            engine,
+            st["nodes"],
+            f(&st["secs"]),
+            bps(&u["mean"]),
+            bps(&u["p50"]),
+            bps(&u["max"]),
+            bps(&st["gossip_bytes_per_sec_per_node"]["mean"]),
+            f(&st["cpu_percent_per_node"]["mean"]),
+            f(&st["rss_mib_per_node"]["mean"]),
+        );
+    }
 }
 
 const COLORS: [&str; 3] = ["#1f77b4", "#d62728", "#2ca02c"];
@@ -710,4 +933,384 @@ pub fn write(r: &Report, out: &Path) -> Result<()> {
     std::fs::write(out.join("summary.txt"), summary(r))?;
     std::fs::write(out.join("reachability.svg"), svg(r))?;
     Ok(())
+}
+
+/// One (engine, N) point of `plot-idle`.
+#[derive(Debug, Clone)]
+pub struct IdlePoint {
+    pub engine: String,
+    pub nodes: u64,
+    pub topology: String,
+    pub secs: f64,
+    pub mean: f64,
+    pub p50: f64,
+    pub max: f64,
+    pub gossip: Option<f64>,
+    pub cpu: Option<f64>,
+    pub rss: Option<f64>,
+    pub source: String,
+}
+
+/// The idle points of one report.json: each engine's last `measure_steady`
+/// and the floor's idle window.
+pub fn idle_points(v: &Value, source: &str) -> Vec<IdlePoint> {
+    let topo = v["topology"]["kind"].as_str().unwrap_or("?").to_string();
+    let point = |engine: &str, st: &Value| -> Option<IdlePoint> {
+        let u = &st["underlay_bytes_per_sec_per_node"];
+        Some(IdlePoint {
+            engine: engine.to_string(),
+            nodes: st["nodes"].as_u64()?,
+            topology: topo.clone(),
+            secs: st["secs"].as_f64().unwrap_or(0.0),
+            mean: u["mean"].as_f64()?,
+            p50: u["p50"].as_f64()?,
+            max: u["max"].as_f64()?,
+            gossip: st["gossip_bytes_per_sec_per_node"]["mean"].as_f64(),
+            cpu: st["cpu_percent_per_node"]["mean"].as_f64(),
+            rss: st["rss_mib_per_node"]["mean"].as_f64(),
+            source: source.to_string(),
+        })
+    };
+    let mut out = vec![];
+    if let Some(idle) = v["floor"].get("idle") {
+        out.extend(point("floor (no engine)", idle));
+    }
+    for run in v["runs"].as_array().into_iter().flatten() {
+        if let Some(st) = run.get("steady").filter(|s| !s.is_null()) {
+            out.extend(point(run["engine"].as_str().unwrap_or("?"), st));
+        }
+    }
+    out
+}
+
+/// The text table of `plot-idle`.
+pub fn idle_table(points: &[IdlePoint]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "idle underlay traffic per node (eth0 bytes in+out per second, L2 frames; 1 KB = 1000 bytes; pinger paused)"
+    );
+    let _ = writeln!(
+        s,
+        "{:<18} {:>5} {:<9} {:>7} {:>11} {:>11} {:>11} {:>12} {:>7} {:>8}  report",
+        "engine",
+        "nodes",
+        "topology",
+        "secs",
+        "mean",
+        "median",
+        "max",
+        "gossip mean",
+        "CPU %",
+        "RSS MiB"
+    );
+    let o = |x: Option<f64>| x.map(|v| format!("{v:.2}")).unwrap_or_else(|| "n/a".into());
+    for p in points {
+        let _ = writeln!(
+            s,
+            "{:<18} {:>5} {:<9} {:>7.0} {:>11} {:>11} {:>11} {:>12} {:>7} {:>8}  {}",
+            p.engine,
+            p.nodes,
+            p.topology,
+            p.secs,
+            crate::runner::fmt_bps(p.mean),
+            crate::runner::fmt_bps(p.p50),
+            crate::runner::fmt_bps(p.max),
+            p.gossip
+                .map(crate::runner::fmt_bps)
+                .unwrap_or_else(|| "n/a".into()),
+            o(p.cpu),
+            o(p.rss),
+            p.source
+        );
+    }
+    s
+}
+
+/// Idle underlay bytes per node (y) against nodes (x), one line per engine
+/// (the mean; a hollow mark at the busiest node), same style as the
+/// reachability plot.
+pub fn idle_svg(points: &[IdlePoint], scale: &str) -> String {
+    let (w, h) = (860.0, 540.0);
+    let (ml, mr, mt, mb) = (90.0, 30.0, 40.0, 110.0);
+    let pw = w - ml - mr;
+    let ph = h - mt - mb;
+    let nmax_raw = points.iter().map(|p| p.nodes).max().unwrap_or(1).max(1) as f64;
+    let nstep = nice_step(nmax_raw, 8.0);
+    let nmax = (nmax_raw / nstep).ceil() * nstep;
+    let ys: Vec<f64> = points.iter().flat_map(|p| [p.mean, p.max]).collect();
+    let ymax_raw = ys.iter().cloned().fold(1.0_f64, f64::max);
+    let pos_min = ys
+        .iter()
+        .cloned()
+        .filter(|y| *y >= 1.0)
+        .fold(f64::INFINITY, f64::min);
+    let log = match scale {
+        "log" => true,
+        "linear" => false,
+        _ => pos_min.is_finite() && ymax_raw / pos_min > 30.0,
+    };
+    // log: whole decades, values under 1 B/s drawn at 1 B/s
+    let (lo, hi) = if log {
+        (
+            10f64.powf(pos_min.min(ymax_raw).max(1.0).log10().floor()),
+            10f64.powf(ymax_raw.log10().ceil().max(1.0)),
+        )
+    } else {
+        let st = nice_step(ymax_raw * 1.05, 6.0);
+        (0.0, ((ymax_raw * 1.05) / st).ceil() * st)
+    };
+    let x = |n: f64| ml + n / nmax * pw;
+    let y = |v: f64| {
+        if log {
+            let v = v.max(lo);
+            mt + ph - (v.log10() - lo.log10()) / (hi.log10() - lo.log10()) * ph
+        } else {
+            mt + ph - v / hi * ph
+        }
+    };
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
+    let _ = writeln!(
+        s,
+        r#"<text x="{}" y="22" text-anchor="middle" font-size="15">idle underlay traffic per node (eth0 in+out) against mesh size</text>"#,
+        w / 2.0
+    );
+    // y grid
+    let mut ticks = vec![];
+    if log {
+        let mut v = lo;
+        while v <= hi * 1.0001 {
+            ticks.push(v);
+            v *= 10.0;
+        }
+    } else {
+        let st = nice_step(hi, 6.0);
+        let mut v = 0.0;
+        while v <= hi + 1e-9 {
+            ticks.push(v);
+            v += st;
+        }
+    }
+    for v in ticks {
+        let yy = y(v);
+        let _ = writeln!(
+            s,
+            r##"<line x1="{ml}" y1="{yy:.1}" x2="{:.1}" y2="{yy:.1}" stroke="#e6e6e6"/>"##,
+            ml + pw
+        );
+        let _ = writeln!(
+            s,
+            r#"<text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"#,
+            ml - 6.0,
+            yy + 4.0,
+            esc(&tick_bps(v))
+        );
+    }
+    let mut n = 0.0;
+    while n <= nmax + 1e-9 {
+        let _ = writeln!(
+            s,
+            r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{}</text>"#,
+            x(n),
+            mt + ph + 16.0,
+            n
+        );
+        let _ = writeln!(
+            s,
+            r##"<line x1="{:.1}" y1="{:.1}" x2="{:.1}" y2="{:.1}" stroke="black"/>"##,
+            x(n),
+            mt + ph,
+            x(n),
+            mt + ph + 4.0
+        );
+        n += nstep;
+    }
+    let _ = writeln!(
+        s,
+        r#"<rect x="{ml}" y="{mt}" width="{pw}" height="{ph}" fill="none" stroke="black"/>"#
+    );
+    let _ = writeln!(
+        s,
+        r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">nodes</text>"#,
+        ml + pw / 2.0,
+        mt + ph + 34.0
+    );
+    let _ = writeln!(
+        s,
+        r#"<text transform="translate(18,{:.1}) rotate(-90)" text-anchor="middle">bytes/s per node{}</text>"#,
+        mt + ph / 2.0,
+        if log { " (log scale)" } else { "" }
+    );
+    let mut engines: Vec<String> = vec![];
+    for p in points {
+        if !engines.contains(&p.engine) {
+            engines.push(p.engine.clone());
+        }
+    }
+    // Engines in the colours of the reachability plot; the floor grey.
+    let mut lx = ml;
+    let ly = mt + ph + 62.0;
+    let mut k = 0;
+    for e in &engines {
+        let c = if e.starts_with("floor") {
+            "#888"
+        } else {
+            k += 1;
+            COLORS[(k - 1) % COLORS.len()]
+        };
+        let mut pts: Vec<&IdlePoint> = points.iter().filter(|p| &p.engine == e).collect();
+        pts.sort_by_key(|p| p.nodes);
+        let line: Vec<String> = pts
+            .iter()
+            .map(|p| format!("{:.1},{:.1}", x(p.nodes as f64), y(p.mean)))
+            .collect();
+        let dash = if e.starts_with("floor") {
+            r#" stroke-dasharray="6,4""#
+        } else {
+            ""
+        };
+        let _ = writeln!(
+            s,
+            r#"<polyline fill="none" stroke="{c}" stroke-width="2"{dash} points="{}"/>"#,
+            line.join(" ")
+        );
+        for p in pts {
+            let _ = writeln!(
+                s,
+                r#"<circle cx="{:.1}" cy="{:.1}" r="3.5" fill="{c}"/>"#,
+                x(p.nodes as f64),
+                y(p.mean)
+            );
+            let _ = writeln!(
+                s,
+                r#"<circle cx="{:.1}" cy="{:.1}" r="3.5" fill="none" stroke="{c}"/>"#,
+                x(p.nodes as f64),
+                y(p.max)
+            );
+        }
+        let _ = writeln!(
+            s,
+            r#"<line x1="{lx:.1}" y1="{ly:.1}" x2="{:.1}" y2="{ly:.1}" stroke="{c}" stroke-width="2"{dash}/>"#,
+            lx + 24.0
+        );
+        let _ = writeln!(
+            s,
+            r#"<text x="{:.1}" y="{:.1}">{}</text>"#,
+            lx + 30.0,
+            ly + 4.0,
+            esc(e)
+        );
+        lx += 50.0 + 7.0 * e.len() as f64;
+    }
+    let _ = writeln!(
+        s,
+        r##"<text x="{ml}" y="{:.1}" font-size="10" fill="#555">Dots: the mean over nodes; circles: the busiest node. Bytes counted by the kernel on each node's eth0 (L2 frames, in + out)</text>"##,
+        h - 26.0
+    );
+    let _ = writeln!(
+        s,
+        r##"<text x="{ml}" y="{:.1}" font-size="10" fill="#555">over the last measure_steady window of each run, the pinger paused; 1 KB = 1000 bytes.{}</text>"##,
+        h - 12.0,
+        if log {
+            " Values below the lowest decade are drawn on it."
+        } else {
+            ""
+        }
+    );
+    s.push_str("</svg>\n");
+    s
+}
+
+/// An axis label: "500 B/s", "2 KB/s", "2.5 KB/s" (1 KB = 1000 B).
+fn tick_bps(v: f64) -> String {
+    let (x, unit) = if v >= 1000.0 {
+        (v / 1000.0, "KB/s")
+    } else {
+        (v, "B/s")
+    };
+    let t = format!("{x:.1}");
+    format!("{} {unit}", t.trim_end_matches(".0"))
+}
+
+/// `testnet plot-idle`: reads the reports, writes the SVG and the table.
+pub fn cmd_plot_idle(
+    reports: &[std::path::PathBuf],
+    out: Option<std::path::PathBuf>,
+    scale: &str,
+) -> Result<i32> {
+    let mut points = vec![];
+    for p in reports {
+        let file = if p.is_dir() {
+            p.join("report.json")
+        } else {
+            p.clone()
+        };
+        let text = std::fs::read_to_string(&file)
+            .map_err(|e| anyhow::anyhow!("reading {}: {e}", file.display()))?;
+        let v: Value = serde_json::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("parsing {}: {e}", file.display()))?;
+        let got = idle_points(&v, &file.display().to_string());
+        if got.is_empty() {
+            eprintln!(
+                "plot-idle: {} has no measure_steady window with underlay figures; skipped",
+                file.display()
+            );
+        }
+        points.extend(got);
+    }
+    if points.is_empty() {
+        anyhow::bail!("no idle figures in the given reports");
+    }
+    points.sort_by(|a, b| a.engine.cmp(&b.engine).then(a.nodes.cmp(&b.nodes)));
+    let out = out.unwrap_or_else(|| std::path::PathBuf::from("target/testnet/idle-per-node.svg"));
+    if let Some(d) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(d)?;
+    }
+    let table = idle_table(&points);
+    std::fs::write(&out, idle_svg(&points, scale))?;
+    let txt = out.with_extension("txt");
+    std::fs::write(&txt, &table)?;
+    print!("{table}");
+    println!("plot:  {}\ntable: {}", out.display(), txt.display());
+    Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn idle_points_plot_and_table() {
+        let st = |mean: f64| {
+            json!({"nodes": 10, "secs": 30.0,
+                   "underlay_bytes_per_sec_per_node": {"mean": mean, "p50": mean, "max": mean * 1.2},
+                   "gossip_bytes_per_sec_per_node": null, "cpu_percent_per_node": {"mean": 1.0},
+                   "rss_mib_per_node": {"mean": 12.0}})
+        };
+        let report = json!({
+            "topology": {"kind": "flat"},
+            "floor": {"idle": st(50.0)},
+            "runs": [{"engine": "meshpeer", "steady": st(60_000.0)},
+                     {"engine": "nebula", "steady": st(600.0)},
+                     {"engine": "x", "steady": null}],
+        });
+        let pts = idle_points(&report, "r.json");
+        assert_eq!(pts.len(), 3);
+        assert_eq!(pts[0].engine, "floor (no engine)");
+        let table = idle_table(&pts);
+        assert!(
+            table.contains("60.0 KB/s") && table.contains("600 B/s"),
+            "{table}"
+        );
+        let svg = idle_svg(&pts, "auto");
+        assert!(svg.starts_with("<svg") && svg.contains("log scale"));
+        assert_eq!(svg.matches("<polyline").count(), 3);
+        assert!(!idle_svg(&pts, "linear").contains("log scale"));
+    }
 }

@@ -54,6 +54,11 @@ pub struct EngineResult {
     /// pairs took to reply again (measured by the next `wait_converged`).
     pub recoveries: Vec<Value>,
     pub failure_detection: Vec<Value>,
+    /// Every wait_converged: time to 50/99/100 % of ordered pairs and the
+    /// pinger's measured resolution.
+    pub convergences: Vec<Value>,
+    /// False "down" verdicts during quiet periods (meshpeer).
+    pub false_down: Value,
     pub steady: Option<Value>,
     pub overhead: Value,
     pub paths: Value,
@@ -94,12 +99,20 @@ pub struct Ctx<'a> {
     renumbered: BTreeMap<usize, usize>,
     /// Current public address of routers that were renumbered.
     public_now: BTreeMap<String, std::net::Ipv4Addr>,
+    /// Every wait_converged: timing (50/99/100 %) and measured resolution.
+    convergences: Vec<Value>,
+    /// When the last initial node was started.
+    all_started: Option<f64>,
+    /// False "down" verdicts printed so far.
+    false_printed: usize,
 }
 
 struct PendingRecovery {
     event: String,
     t: f64,
     pairs: Vec<(usize, usize)>,
+    /// For a join: the new nodes (the figure is split by direction).
+    new_nodes: Vec<usize>,
 }
 
 impl<'a> Ctx<'a> {
@@ -115,6 +128,25 @@ impl<'a> Ctx<'a> {
 
     /// Housekeeping every 100 ms: reap crashed daemons, learn overlay addresses.
     fn sync(&mut self) {
+        if let Some(p) = &self.poller {
+            let shown = self.false_printed;
+            let new: Vec<crate::poller::FalseDown> = p.with(|s| {
+                s.false_downs
+                    .iter()
+                    .skip(shown)
+                    .take(10usize.saturating_sub(shown))
+                    .cloned()
+                    .collect()
+            });
+            let total = p.with(|s| s.false_downs.len());
+            for f in &new {
+                println!(
+                    "  [{:7.2}s] FALSE {}: n{} shows n{} {} (no kill/leave since the last convergence)",
+                    f.t, f.verdict.to_uppercase(), f.observer, f.subject, f.verdict
+                );
+            }
+            self.false_printed = total.max(shown);
+        }
         for (i, msg) in self.nodes.reap() {
             let t = self.now();
             self.pinger.node_stopped(i);
@@ -379,9 +411,311 @@ impl<'a> Ctx<'a> {
             "slowest": slowest,
             "pairs": all,
             "not_recovered": missing,
-            "resolution_secs": self.pinger.with(|s| s.retry.max(s.keep)),
-            "note": "seconds from the change to the first echo reply (to a request sent after the change) per affected ordered pair",
+            "p99_secs": share(&secs, total, 0.99),
+            "all_secs": share(&secs, total, 1.0),
+            "resolution": self.pair_resolution(&rec.pairs, rec.t),
+            "new_nodes_address_known_secs": if rec.new_nodes.is_empty() { Value::Null } else {
+                let v: Vec<f64> = self.pinger.with(|s| rec.new_nodes.iter().map(|&i| &s.nodes[i])
+                    .filter(|n| n.addr_at >= 0.0).map(|n| n.addr_at - rec.t).collect());
+                stats(&v)
+            },
+            "directions": if rec.new_nodes.is_empty() { Value::Null } else {
+                let dir = |from_new: bool| -> Value {
+                    let ps: Vec<(usize, usize)> = rec.pairs.iter().copied()
+                        .filter(|(i, j)| live.contains(i) && live.contains(j))
+                        .filter(|(i, j)| if from_new { rec.new_nodes.contains(i) } else { rec.new_nodes.contains(j) && !rec.new_nodes.contains(i) })
+                        .collect();
+                    let mut t: Vec<f64> = ps.iter().filter_map(|&(i, j)| {
+                        let f = self.pinger.with(|s| s.pair(i, j).first_since_mark);
+                        (f >= 0.0).then_some(f - rec.t)
+                    }).collect();
+                    t.sort_by(f64::total_cmp);
+                    json!({"pairs": ps.len(), "replied": t.len(), "p50_secs": share(&t, ps.len(), 0.5),
+                           "p99_secs": share(&t, ps.len(), 0.99), "all_secs": share(&t, ps.len(), 1.0)})
+                };
+                json!({"new_to_old": dir(true), "old_to_new": dir(false)})
+            },
+            "note": if rec.new_nodes.is_empty() {
+                "seconds from the change to the first echo reply (to a request sent after the change) per affected ordered pair"
+            } else {
+                "seconds from the join step (just before the first new node started) to the first echo reply per ordered pair with a new node, both directions"
+            },
         })
+    }
+
+    /// Measured resolution of the first replies since `from` of `pairs`:
+    /// the probe interval before each pair's first reply (its uncertainty),
+    /// and by when the pinger had probed every pair once.
+    fn pair_resolution(&self, pairs: &[(usize, usize)], from: f64) -> Value {
+        let live = self.nodes.live();
+        self.pinger.with(|s| {
+            let mut gaps = vec![];
+            let mut delays = vec![];
+            let (mut at_first, mut unprobed) = (0, 0);
+            let mut first_probe: f64 = 0.0;
+            for &(i, j) in pairs {
+                if !live.contains(&i) || !live.contains(&j) {
+                    continue;
+                }
+                let p = s.pair(i, j);
+                if p.first_sent_since_mark < 0.0 {
+                    unprobed += 1;
+                } else {
+                    first_probe = first_probe.max(p.first_sent_since_mark - from);
+                    // from "both addresses known (and the mark)" to the first probe
+                    let ready = s.nodes[i].addr_at.max(s.nodes[j].addr_at).max(from);
+                    delays.push(p.first_sent_since_mark - ready);
+                }
+                if p.first_since_mark >= 0.0 {
+                    if p.first_gap >= 0.0 {
+                        gaps.push(p.first_gap);
+                    } else {
+                        at_first += 1;
+                    }
+                }
+            }
+            json!({
+                "first_reply_uncertainty_secs": stats(&gaps),
+                "first_probe_delay_secs": stats(&delays),
+                "answered_at_first_probe": at_first,
+                "every_pair_probed_after_secs": if unprobed == 0 { Some(first_probe) } else { None },
+                "pairs_never_probed": unprobed,
+            })
+        })
+    }
+
+    /// Time to 50 %, 99 % and 100 % of the ordered pairs of live nodes:
+    /// from the scenario start by each pair's first reply ever (`from` None:
+    /// the first convergence), else by its first reply since the mark `from`.
+    fn timing(&self, from: Option<f64>) -> Value {
+        let (mut times, total) = self.pinger.with(|s| {
+            let live = s.live();
+            let mut v = vec![];
+            let mut total = 0;
+            for &i in &live {
+                for &j in &live {
+                    if i == j {
+                        continue;
+                    }
+                    total += 1;
+                    let p = s.pair(i, j);
+                    let t = if from.is_none() {
+                        p.first_reply
+                    } else {
+                        p.first_since_mark
+                    };
+                    if t >= 0.0 {
+                        v.push(t - from.unwrap_or(0.0));
+                    }
+                }
+            }
+            (v, total)
+        });
+        times.sort_by(f64::total_cmp);
+        json!({
+            "from": if from.is_none() { "scenario start (the seed's start)" } else { "the last disruptive step (the mark)" },
+            "pairs": total,
+            "replied": times.len(),
+            "p50_secs": share(&times, total, 0.5),
+            "p99_secs": share(&times, total, 0.99),
+            "all_secs": share(&times, total, 1.0),
+        })
+    }
+
+    /// What the pinger achieved during a wait_converged that began at
+    /// `t_step0` (pinger clock) for the period since the mark `mark`.
+    fn resolution(&self, mark: f64, cpu0: f64, sent0: u64, t_step0: f64) -> Value {
+        let cpu = self.pinger.cpu_secs() - cpu0;
+        let live = self.nodes.live();
+        let pairs: Vec<(usize, usize)> = live
+            .iter()
+            .flat_map(|&i| live.iter().map(move |&j| (i, j)))
+            .filter(|(i, j)| i != j)
+            .collect();
+        let mut r = self.pair_resolution(&pairs, mark);
+        // The slowest 1 % of pairs decide the 99 % and 100 % figures: how
+        // exact were their first replies?
+        // A pair answered at its first probe is exact to within the time
+        // from both addresses being known (and the mark) to that probe.
+        let tail = self.pinger.with(|s| {
+            let mut f: Vec<(f64, f64, bool)> = pairs
+                .iter()
+                .filter(|&&(i, j)| s.pair(i, j).first_since_mark >= 0.0)
+                .map(|&(i, j)| {
+                    let p = s.pair(i, j);
+                    if p.first_gap >= 0.0 {
+                        (p.first_since_mark, p.first_gap, false)
+                    } else {
+                        let ready = s.nodes[i].addr_at.max(s.nodes[j].addr_at).max(mark);
+                        (
+                            p.first_since_mark,
+                            (p.first_sent_since_mark - ready).max(0.0),
+                            true,
+                        )
+                    }
+                })
+                .collect();
+            f.sort_by(|a, b| a.0.total_cmp(&b.0));
+            let k = ((pairs.len() as f64) * 0.99).ceil().max(1.0) as usize - 1;
+            let t = f.get(k.min(f.len())..).unwrap_or(&[]);
+            let max = t.iter().map(|x| x.1).reduce(f64::max);
+            json!({"pairs": t.len(), "max_uncertainty_secs": max,
+                   "answered_at_first_probe": t.iter().filter(|x| x.2).count()})
+        });
+        let addr_known: Vec<f64> = self.pinger.with(|s| {
+            live.iter()
+                .map(|&i| &s.nodes[i])
+                .filter(|n| n.addr_at >= 0.0 && n.started_at >= 0.0)
+                .map(|n| n.addr_at - n.started_at)
+                .collect()
+        });
+        // Nebula's addresses are fixed (known at start): only meshpeer's are learned.
+        if self.nodes.engine == EngineKind::Meshpeer {
+            r["address_known_after_start_secs"] = stats(&addr_known);
+        }
+        let (gaps, now, sent, rate, retry, keep_eff, by_class, counts) = self.pinger.with(|s| {
+            (
+                s.gaps.to_json(),
+                s.now(),
+                s.sent,
+                s.rate,
+                s.retry,
+                s.keep_effective(),
+                s.sent_by_class,
+                s.class_counts(),
+            )
+        });
+        let dt = (now - t_step0).max(1e-3);
+        r["unanswered_probe_interval_secs"] = gaps;
+        r["slowest_1pct"] = tail;
+        r["window_secs"] = json!(dt);
+        r["pinger_pps"] = json!((sent - sent0) as f64 / dt);
+        r["pinger_cpu_percent"] = json!(cpu / dt * 100.0);
+        r["rate_cap_pps"] = json!(rate);
+        r["retry_secs"] = json!(retry);
+        r["keep_secs_effective"] = json!(keep_eff);
+        r["sent_by_class_total"] =
+            json!({"unanswered": by_class[0], "stale": by_class[1], "good": by_class[2]});
+        r["pairs_by_class_now"] =
+            json!({"unanswered": counts[0], "stale": counts[1], "good": counts[2]});
+        r["note"] = json!("unanswered_probe_interval_secs: measured intervals between two probes of a pair that had not answered (yet), since the mark; first_reply_uncertainty_secs: per pair, the interval before the probe that got its first reply (the first reply time is exact to within it; answered_at_first_probe: pairs whose first probe since the mark was answered, whose uncertainty is first_probe_delay_secs plus the wait for the addresses); first_probe_delay_secs: per pair, from the moment both overlay addresses were known to the testnet (and the mark) to its first probe; address_known_after_start_secs: per live node, from its (last) start to the moment the testnet knew its overlay address (the daemon's join time plus at most one 20 ms status poll); pinger_pps and pinger_cpu_percent: the pinger thread over this wait");
+        r
+    }
+
+    /// One node's counters at one moment (for a measuring window).
+    fn snap_node(&self, i: usize) -> NodeSnap {
+        let t = self.now();
+        let gossip = if self.nodes.engine == EngineKind::Meshpeer {
+            control_status(&self.nodes.state_dir(i)).map(|v| {
+                v.get("gossip_bytes_sent")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(0)
+                    + v.get("gossip_bytes_received")
+                        .and_then(Value::as_u64)
+                        .unwrap_or(0)
+            })
+        } else {
+            None
+        };
+        NodeSnap {
+            t,
+            pid: self.nodes.pid(i),
+            cpu: self.nodes.cpu_secs(i),
+            gossip,
+        }
+    }
+
+    /// Measures the live nodes over `secs`: underlay bytes on each node's
+    /// `eth0` (read inside its namespace), CPU, RSS and (meshpeer) gossip
+    /// bytes from `status`, read directly at both ends of the window.
+    fn measure_window(
+        &mut self,
+        live0: &[usize],
+        secs: f64,
+        with_pings: bool,
+        drain: Option<f64>,
+    ) -> Value {
+        let t0 = self.pinger.with(|s| s.t0);
+        let ns: Vec<String> = live0
+            .iter()
+            .map(|&i| self.plan.nodes[i].ns.clone())
+            .collect();
+        let sent_a = self.pinger.with(|s| s.sent);
+        let self_a = sys::self_cpu_secs();
+        let ping_cpu_a = self.pinger.cpu_secs();
+        let ta = self.now();
+        let ua = sys::if_bytes_in(&ns, "eth0", t0);
+        let a: Vec<NodeSnap> = live0.iter().map(|&i| self.snap_node(i)).collect();
+        let tb_want = ta + secs;
+        self.wait(tb_want - self.now(), |_| false);
+        let ub = sys::if_bytes_in(&ns, "eth0", t0);
+        let b: Vec<NodeSnap> = live0.iter().map(|&i| self.snap_node(i)).collect();
+        let dt = self.now() - ta;
+        let sent_b = self.pinger.with(|s| s.sent);
+        let mut rows: Vec<NodeRow> = vec![];
+        for (k, &i) in live0.iter().enumerate() {
+            let (sa, sb) = (&a[k], &b[k]);
+            // Only nodes that ran the whole window as one process.
+            if self.nodes.life[i] != Life::Running || sa.pid.is_none() || sa.pid != sb.pid {
+                continue;
+            }
+            let w = (sb.t - sa.t).max(1e-3);
+            let (under, rx, tx) = match (ua[k], ub[k]) {
+                (Some(x), Some(y)) => {
+                    let uw = (y.t - x.t).max(1e-3);
+                    let (rx, tx) = (y.rx.saturating_sub(x.rx), y.tx.saturating_sub(x.tx));
+                    (
+                        Some((rx + tx) as f64 / uw),
+                        Some(rx as f64 / uw),
+                        Some(tx as f64 / uw),
+                    )
+                }
+                _ => (None, None, None),
+            };
+            rows.push(NodeRow {
+                node: i,
+                cpu_percent: Some((sb.cpu - sa.cpu) / w * 100.0),
+                gossip: match (sa.gossip, sb.gossip) {
+                    (Some(x), Some(y)) => Some(y.saturating_sub(x) as f64 / w),
+                    _ => None,
+                },
+                under,
+                rx,
+                tx,
+                rss_mib: sb
+                    .pid
+                    .and_then(sys::proc_rss_kib)
+                    .map(|k| k as f64 / 1024.0),
+            });
+        }
+        let mut r = node_table(self.plan, &rows);
+        let hottest: Vec<Value> = {
+            let mut v: Vec<&NodeRow> = rows.iter().collect();
+            v.sort_by(|x, y| {
+                y.cpu_percent
+                    .unwrap_or(0.0)
+                    .total_cmp(&x.cpu_percent.unwrap_or(0.0))
+            });
+            v.iter()
+                .take(5)
+                .map(|n| json!({"node": n.node, "kind": self.plan.nodes[n.node].kind, "seed": n.node == 0, "cpu_percent": n.cpu_percent, "gossip_bytes_per_sec": n.gossip, "underlay_bytes_per_sec": n.under}))
+                .collect()
+        };
+        r["secs"] = json!(dt);
+        r["with_pings"] = json!(with_pings);
+        r["pinger"] = json!(if with_pings { "running" } else { "paused" });
+        r["pinger_drain_secs"] = json!(drain);
+        r["pinger_sent_in_window"] = json!(sent_b - sent_a);
+        r["pinger_pps"] = json!((sent_b - sent_a) as f64 / dt);
+        r["pinger_cpu_percent"] = json!((self.pinger.cpu_secs() - ping_cpu_a) / dt * 100.0);
+        r["testnet_cpu_percent"] = json!((sys::self_cpu_secs() - self_a) / dt * 100.0);
+        r["hottest"] = json!(hottest);
+        r["note"] = json!(if with_pings {
+            "underlay = bytes in+out of each node's eth0 (L2 frames, read in its namespace), per second; the pinger was running, so its echoes are included"
+        } else {
+            "underlay = bytes in+out of each node's eth0 (L2 frames, read in its namespace), per second; the pinger was paused, so this is the engine's own traffic (plus the harness noise measured by the floor)"
+        });
+        r
     }
 
     fn run_step(&mut self, idx: usize, step: &Step) -> Result<(bool, Value)> {
@@ -400,6 +734,8 @@ impl<'a> Ctx<'a> {
                     }
                 }
                 let mark = self.mark;
+                let ping_cpu0 = self.pinger.cpu_secs();
+                let (sent0, t_step0) = self.pinger.with(|s| (s.sent, s.now()));
                 let check_members = *membership && self.poller.is_some();
                 // The deadline counts from the disruption, not from this step.
                 let deadline = *deadline_secs;
@@ -430,6 +766,11 @@ impl<'a> Ctx<'a> {
                     .take(20)
                     .map(|(i, j)| format!("n{i}({})->n{j}({})", self.plan.nodes[*i].kind.as_str(), self.plan.nodes[*j].kind.as_str()))
                     .collect();
+                let first = self.first_convergence.is_none();
+                // The first convergence counts from the scenario start (each
+                // pair's first reply ever), later ones from the mark.
+                let timing = self.timing(if first { None } else { Some(mark) });
+                let resolution = self.resolution(mark, ping_cpu0, sent0, t_step0);
                 let mut r = json!({
                     "since": mark,
                     "deadline_secs": deadline,
@@ -438,9 +779,27 @@ impl<'a> Ctx<'a> {
                     "all_pairs_secs": pairs_done_at.map(|t| t - mark),
                     "membership_secs": member_at.map(|t| t - mark),
                     "converged": ok,
+                    "timing": timing,
+                    "resolution": resolution,
                     "classes": classes,
                     "missing_sample": missing,
                 });
+                self.convergences.push(json!({
+                    "step": idx,
+                    "first": first,
+                    "since": mark,
+                    "timing": r["timing"].clone(),
+                    "resolution": r["resolution"].clone(),
+                    "membership_secs": member_at.map(|t| t - mark),
+                    "converged": ok,
+                }));
+                // Every member listed every other as up: a quiet period (for
+                // false "down" verdicts) can start.
+                if ok && check_members {
+                    if let Some(p) = &self.poller {
+                        p.begin_quiet(&self.nodes.live());
+                    }
+                }
                 if self.first_convergence.is_none() {
                     let mut firsts: Vec<f64> = self.pinger.with(|s| {
                         let live = s.live();
@@ -473,6 +832,9 @@ impl<'a> Ctx<'a> {
                         "membership_secs": member_at,
                         "converged": ok,
                         "deadline_secs": deadline,
+                        "all_started_secs": self.all_started,
+                        "timing": r["timing"].clone(),
+                        "resolution": r["resolution"].clone(),
                     });
                     r["first_reply"] = conv.clone();
                     self.first_convergence = Some(conv);
@@ -492,9 +854,13 @@ impl<'a> Ctx<'a> {
                     self.recoveries.push(v);
                 }
                 let msg = format!(
-                    "wait_converged: {done}/{total} pairs replied{}{}",
+                    "wait_converged: {done}/{total} pairs replied{}{}{}",
                     pairs_done_at.map(|t| format!(", all pairs at +{:.2}s", t - mark)).unwrap_or_default(),
-                    member_at.map(|t| format!(", membership at +{:.2}s", t - mark)).unwrap_or_default()
+                    member_at.map(|t| format!(", membership at +{:.2}s", t - mark)).unwrap_or_default(),
+                    r["resolution"]["unanswered_probe_interval_secs"]["p99"]
+                        .as_f64()
+                        .map(|g| format!(" (unanswered pairs re-probed every {g:.2}s or sooner, p99)"))
+                        .unwrap_or_default()
                 );
                 self.marker(msg);
                 if !ok {
@@ -531,6 +897,9 @@ impl<'a> Ctx<'a> {
                 (true, json!({"nodes": chosen}))
             }
             Step::Join { count, stagger_ms } => {
+                // The mark before the first start: the next wait_converged
+                // times every pair with a new node from here.
+                let t = self.mark_now();
                 let mut started = vec![];
                 for _ in 0..*count {
                     if self.next_slot >= self.nodes.len() {
@@ -546,6 +915,13 @@ impl<'a> Ctx<'a> {
                     }
                 }
                 self.marker(format!("join {} new nodes", started.len()));
+                let live = self.nodes.live();
+                let pairs: Vec<(usize, usize)> = live
+                    .iter()
+                    .flat_map(|&i| live.iter().map(move |&j| (i, j)))
+                    .filter(|&(i, j)| i != j && (started.contains(&i) || started.contains(&j)))
+                    .collect();
+                self.pending_recovery = Some(PendingRecovery { event: "join".into(), t, pairs, new_nodes: started.clone() });
                 (true, json!({"nodes": started}))
             }
             Step::Partition => {
@@ -568,7 +944,7 @@ impl<'a> Ctx<'a> {
                     .flat_map(|&i| live.iter().map(move |&j| (i, j)))
                     .filter(|&(i, j)| i != j && (!self.plan.nodes[i].routers.is_empty() || !self.plan.nodes[j].routers.is_empty()))
                     .collect();
-                self.pending_recovery = Some(PendingRecovery { event: "flush_nat".into(), t, pairs });
+                self.pending_recovery = Some(PendingRecovery { event: "flush_nat".into(), t, pairs, new_nodes: vec![] });
                 self.marker(format!("flush NAT mappings ({n} routers)"));
                 (true, json!({"routers": n}))
             }
@@ -601,7 +977,7 @@ impl<'a> Ctx<'a> {
                     .flat_map(|&i| live.iter().map(move |&j| (i, j)))
                     .filter(|&(i, j)| i != j && (behind.contains(&i) || behind.contains(&j)))
                     .collect();
-                self.pending_recovery = Some(PendingRecovery { event: "change_public_address".into(), t, pairs });
+                self.pending_recovery = Some(PendingRecovery { event: "change_public_address".into(), t, pairs, new_nodes: vec![] });
                 (true, json!({"nodes": chosen, "routers": changes, "nodes_behind": behind, "secs": self.now() - t}))
             }
             Step::ExpectPaths { deadline_secs, stable_secs, required } => {
@@ -803,77 +1179,18 @@ impl<'a> Ctx<'a> {
                 (ok || !*required, json!({"events": evs, "complete": ok}))
             }
             Step::MeasureSteady { secs, with_pings } => {
-                if !*with_pings {
-                    self.pinger.set_paused(true);
-                    // let in-flight echoes drain
-                    self.wait(1.0, |_| false);
-                }
+                let drain = if !*with_pings { Some(self.pinger.pause_and_drain()) } else { None };
                 let live0 = self.nodes.live();
-                let snap = |c: &Ctx| -> Vec<(usize, f64, u64)> {
-                    let g: Vec<Option<u64>> = match &c.poller {
-                        Some(p) => p.with(|s| s.obs.iter().map(|o| o.as_ref().map(|o| o.gossip_sent + o.gossip_received)).collect()),
-                        None => vec![None; c.nodes.len()],
-                    };
-                    live0.iter().map(|&i| (i, c.nodes.cpu_secs(i), g[i].unwrap_or(0))).collect()
-                };
-                let a = snap(self);
-                let sent_a = self.pinger.with(|s| s.sent);
-                let self_a = sys::self_cpu_secs();
-                let ta = self.now();
-                let s = *secs;
-                self.wait(s, |_| false);
-                // one more sweep so gossip counters are fresh
-                let b = snap(self);
-                let dt = self.now() - ta;
-                let sent_b = self.pinger.with(|s| s.sent);
-                let mut cpu = vec![];
-                let mut gossip = vec![];
-                // (node, cpu %, gossip B/s) for the per-node breakdown
-                let mut per_node: Vec<(usize, f64, f64)> = vec![];
-                for ((i, ca, ga), (_, cb, gb)) in a.iter().zip(b.iter()) {
-                    if self.nodes.life[*i] == Life::Running {
-                        let (c, g) = ((cb - ca) / dt * 100.0, (gb.saturating_sub(*ga)) as f64 / dt);
-                        cpu.push(c);
-                        gossip.push(g);
-                        per_node.push((*i, c, g));
-                    }
-                }
-                // Which nodes cost most, and what each kind of node costs:
-                // a mean hides one hot node (the seed, a public member).
-                per_node.sort_by(|x, y| y.1.total_cmp(&x.1));
-                let hottest: Vec<Value> = per_node
-                    .iter()
-                    .take(5)
-                    .map(|&(i, c, g)| json!({"node": i, "kind": self.plan.nodes[i].kind, "seed": i == 0, "cpu_percent": c, "gossip_bytes_per_sec": g}))
-                    .collect();
-                let mut by_kind = serde_json::Map::new();
-                for k in Kind::ALL {
-                    let of: Vec<&(usize, f64, f64)> = per_node.iter().filter(|n| self.plan.nodes[n.0].kind == k).collect();
-                    if of.is_empty() {
-                        continue;
-                    }
-                    let c: Vec<f64> = of.iter().map(|n| n.1).collect();
-                    let g: Vec<f64> = of.iter().map(|n| n.2).collect();
-                    by_kind.insert(k.as_str().into(), json!({"nodes": of.len(), "cpu_percent": stats(&c), "gossip_bytes_per_sec": stats(&g)}));
-                }
+                let r = self.measure_window(&live0, *secs, *with_pings, drain);
                 if !*with_pings {
                     self.pinger.set_paused(false);
                 }
-                let r = json!({
-                    "secs": dt,
-                    "with_pings": *with_pings,
-                    "nodes": cpu.len(),
-                    "cpu_percent_per_node": stats(&cpu),
-                    "gossip_bytes_per_sec_per_node": if self.poller.is_some() { stats(&gossip) } else { Value::Null },
-                    "hottest": hottest,
-                    "by_kind": by_kind,
-                    "pinger_pps": (sent_b - sent_a) as f64 / dt,
-                    "testnet_cpu_percent": (sys::self_cpu_secs() - self_a) / dt * 100.0,
-                });
                 self.marker(format!(
-                    "steady state over {dt:.1}s: cpu/node mean {:.2}%, gossip/node mean {}",
+                    "steady state over {:.1}s: underlay in+out/node mean {}, cpu/node mean {:.2}%, gossip/node mean {}",
+                    r["secs"].as_f64().unwrap_or(f64::NAN),
+                    r["underlay_bytes_per_sec_per_node"]["mean"].as_f64().map(fmt_bps).unwrap_or_else(|| "n/a".into()),
                     r["cpu_percent_per_node"]["mean"].as_f64().unwrap_or(f64::NAN),
-                    r["gossip_bytes_per_sec_per_node"]["mean"].as_f64().map(|g| format!("{g:.0} B/s")).unwrap_or_else(|| "n/a".into())
+                    r["gossip_bytes_per_sec_per_node"]["mean"].as_f64().map(fmt_bps).unwrap_or_else(|| "n/a".into())
                 ));
                 self.steady = Some(r.clone());
                 (true, r)
@@ -929,6 +1246,109 @@ pub fn stats(v: &[f64]) -> Value {
     json!({"mean": mean, "p50": q(0.5), "p99": q(0.99), "max": q(1.0), "n": s.len()})
 }
 
+/// The time by which a share `q` of `total` items was done, from the
+/// sorted done times (None: fewer were done).
+pub fn share(sorted: &[f64], total: usize, q: f64) -> Option<f64> {
+    if total == 0 {
+        return None;
+    }
+    let k = ((total as f64) * q - 1e-9).ceil().max(1.0) as usize;
+    sorted.get(k - 1).copied()
+}
+
+/// A node's counters at one end of a measuring window.
+struct NodeSnap {
+    t: f64,
+    pid: Option<u32>,
+    cpu: f64,
+    gossip: Option<u64>,
+}
+
+/// One node's figures over a measuring window.
+pub struct NodeRow {
+    pub node: usize,
+    pub cpu_percent: Option<f64>,
+    /// Gossip bytes (sent + received) per second, from `status` (meshpeer).
+    pub gossip: Option<f64>,
+    /// Underlay bytes per second on the node's eth0: in+out, in, out.
+    pub under: Option<f64>,
+    pub rx: Option<f64>,
+    pub tx: Option<f64>,
+    pub rss_mib: Option<f64>,
+}
+
+/// The group of a node for the per-kind tables: "seed" (node 0) apart from
+/// the other public nodes.
+pub fn group_of(plan: &Plan, i: usize) -> &'static str {
+    if i == 0 {
+        "seed"
+    } else {
+        plan.nodes[i].kind.as_str()
+    }
+}
+
+pub const GROUPS: [&str; 5] = ["seed", "public", "nat", "cgnat", "symmetric"];
+
+/// Stats over the rows, overall and by group, plus the rows themselves.
+pub fn node_table(plan: &Plan, rows: &[NodeRow]) -> Value {
+    let col = |rs: &[&NodeRow], f: &dyn Fn(&NodeRow) -> Option<f64>| -> Value {
+        let v: Vec<f64> = rs.iter().filter_map(|r| f(r)).collect();
+        stats(&v)
+    };
+    let all: Vec<&NodeRow> = rows.iter().collect();
+    let mut by_kind = serde_json::Map::new();
+    for g in GROUPS {
+        let of: Vec<&NodeRow> = rows
+            .iter()
+            .filter(|r| group_of(plan, r.node) == g)
+            .collect();
+        if of.is_empty() {
+            continue;
+        }
+        by_kind.insert(
+            g.into(),
+            json!({
+                "nodes": of.len(),
+                "underlay_bytes_per_sec": col(&of, &|r| r.under),
+                "cpu_percent": col(&of, &|r| r.cpu_percent),
+                "gossip_bytes_per_sec": col(&of, &|r| r.gossip),
+                "rss_mib": col(&of, &|r| r.rss_mib),
+            }),
+        );
+    }
+    let per_node: Vec<Value> = rows
+        .iter()
+        .map(|r| {
+            json!({"node": r.node, "group": group_of(plan, r.node), "underlay_bytes_per_sec": r.under,
+                   "underlay_rx_bytes_per_sec": r.rx, "underlay_tx_bytes_per_sec": r.tx,
+                   "cpu_percent": r.cpu_percent, "gossip_bytes_per_sec": r.gossip, "rss_mib": r.rss_mib})
+        })
+        .collect();
+    json!({
+        "nodes": rows.len(),
+        "underlay_bytes_per_sec_per_node": col(&all, &|r| r.under),
+        "underlay_rx_bytes_per_sec_per_node": col(&all, &|r| r.rx),
+        "underlay_tx_bytes_per_sec_per_node": col(&all, &|r| r.tx),
+        "cpu_percent_per_node": col(&all, &|r| r.cpu_percent),
+        "gossip_bytes_per_sec_per_node": col(&all, &|r| r.gossip),
+        "rss_mib_per_node": col(&all, &|r| r.rss_mib),
+        "by_kind": by_kind,
+        "per_node": per_node,
+        "units": "bytes per second; 1 KB = 1000 bytes; underlay bytes are L2 frame bytes (Ethernet header included) counted by the kernel on the node's eth0, in + out",
+    })
+}
+
+/// Bytes per second for people: "512 B/s", "23.4 KB/s" (1 KB = 1000 B).
+pub fn fmt_bps(x: f64) -> String {
+    if !x.is_finite() {
+        "n/a".into()
+    } else if x < 1000.0 {
+        format!("{x:.0} B/s")
+    } else {
+        format!("{:.1} KB/s", x / 1000.0)
+    }
+}
+
 /// Runs the whole scenario with one engine.
 pub fn run_engine(
     engine: EngineKind,
@@ -950,14 +1370,19 @@ pub fn run_engine(
     pinger.reset();
     let t0 = pinger.with(|s| s.t0);
     let poller = match engine {
-        EngineKind::Meshpeer => Some(Poller::start(
-            plan.nodes.len(),
-            t0,
-            Duration::from_millis(sc.measure.poll_interval_ms),
-        )),
+        EngineKind::Meshpeer => {
+            let ps = pinger.state.clone();
+            Some(Poller::start(
+                plan.nodes.len(),
+                t0,
+                Duration::from_millis(sc.measure.poll_interval_ms),
+                Box::new(move |i, ip| crate::pinger::learn_addr(&ps, i, ip)),
+            ))
+        }
         EngineKind::Nebula => None,
     };
     let self_cpu0 = sys::self_cpu_secs();
+    let ping_cpu0 = pinger.cpu_secs();
     let mut c = Ctx {
         sc,
         plan,
@@ -981,6 +1406,9 @@ pub fn run_engine(
         pending_recovery: None,
         renumbered: BTreeMap::new(),
         public_now: BTreeMap::new(),
+        convergences: vec![],
+        all_started: None,
+        false_printed: 0,
     };
     println!(
         "== {} ({} nodes, {})",
@@ -1007,10 +1435,19 @@ pub fn run_engine(
                 c.wait(stagger as f64 / 1000.0, |_| false);
             }
         }
+        c.all_started = Some(c.now());
         c.marker(format!("all {initial} nodes started"));
         for (idx, step) in sc.steps.iter().enumerate() {
             if stopping() {
                 bail!("interrupted");
+            }
+            // A quiet period (for false "down" verdicts) ends before
+            // anything that may rightly make a member look down; a join
+            // does not (the new node is not a member of the period).
+            if step.disruptive() && !matches!(step, Step::Join { .. }) {
+                if let Some(p) = &c.poller {
+                    p.end_quiet();
+                }
             }
             let t_start = c.now();
             let (ok, result) = c.run_step(idx, step)?;
@@ -1071,6 +1508,13 @@ pub fn run_engine(
         None
     };
     let duration = c.now();
+    let false_down = match &c.poller {
+        Some(p) => {
+            p.end_quiet();
+            false_down_summary(p, sc.measure.poll_interval_ms)
+        }
+        None => json!({"source": "not available for this engine (no membership view)"}),
+    };
     c.nodes.stop_all();
     let started: Vec<usize> = (0..c.nodes.len())
         .filter(|i| c.nodes.started_once[*i])
@@ -1086,9 +1530,12 @@ pub fn run_engine(
         "peak_rss_mib_per_node": stats(&rss),
         "handshakes": handshakes,
     });
-    let pstats = pinger.with(|s| json!({"sent": s.sent, "received": s.received, "send_errors": s.send_errors, "rate_cap_pps": s.rate, "retry_secs": s.retry, "keep_secs": s.keep, "reach_window_secs": s.window()}));
+    let pstats = pinger.with(|s| json!({"sent": s.sent, "received": s.received, "send_errors": s.send_errors, "rate_cap_pps": s.rate, "retry_secs": s.retry, "keep_secs": s.keep, "good_share": s.good_share, "reach_window_secs": s.window(),
+        "sent_by_class": {"unanswered": s.sent_by_class[0], "stale": s.sent_by_class[1], "good": s.sent_by_class[2]}}));
     let mut pstats = pstats;
     pstats["testnet_cpu_secs"] = json!(sys::self_cpu_secs() - self_cpu0);
+    pstats["pinger_cpu_secs"] = json!(pinger.cpu_secs() - ping_cpu0);
+    pstats["run_secs"] = json!(duration);
     pinger.set_paused(true);
     let timeline = pinger.with(|s| s.samples.clone());
     let ok = c.errors.is_empty();
@@ -1103,6 +1550,8 @@ pub fn run_engine(
         pair_matrix: c.pair_matrix,
         recoveries: c.recoveries,
         failure_detection: c.failures,
+        convergences: c.convergences,
+        false_down,
         steady: c.steady,
         overhead,
         paths,
@@ -1112,6 +1561,33 @@ pub fn run_engine(
         timeline,
         status_table,
         duration_secs: duration,
+    })
+}
+
+/// The false "down" verdicts of a run, for the report.
+fn false_down_summary(p: &Poller, poll_interval_ms: u64) -> Value {
+    p.with(|s| {
+        let v = &s.false_downs;
+        let down = v.iter().filter(|f| f.verdict == "down").count();
+        let mut pairs: Vec<(usize, usize)> = v.iter().map(|f| (f.observer, f.subject)).collect();
+        pairs.sort();
+        pairs.dedup();
+        let mut subjects: Vec<usize> = v.iter().map(|f| f.subject).collect();
+        subjects.sort();
+        subjects.dedup();
+        json!({
+            "verdicts": v.len(),
+            "down": down,
+            "missing": v.len() - down,
+            "observer_subject_pairs": pairs.len(),
+            "subjects": subjects.len(),
+            "quiet_secs": s.quiet_secs,
+            "checks": s.quiet_checks,
+            "sweeps": s.sweeps,
+            "poll_interval_secs": poll_interval_ms as f64 / 1000.0,
+            "first": v.iter().take(10).collect::<Vec<_>>(),
+            "note": "a verdict: a live member shown `down` (or not listed: missing) by another live member during a quiet period (from a successful wait_converged to the next kill, leave, restart, partition, heal, NAT flush, address change or churn; members are the nodes live at its start); counted once per observer and subject until shown up again; resolution: one status sweep",
+        })
     })
 }
 
@@ -1129,4 +1605,27 @@ pub fn stun_counters(ns: &str) -> Value {
         })
         .collect();
     json!({"requests_in": nums.first(), "answers_out": nums.get(1)})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn share_counts_all_pairs_not_only_the_replied() {
+        let t = [1.0, 2.0, 3.0, 4.0];
+        assert_eq!(share(&t, 4, 0.5), Some(2.0));
+        assert_eq!(share(&t, 4, 1.0), Some(4.0));
+        // 100 pairs, 99 replied: 99 % is there, 100 % is not.
+        let t: Vec<f64> = (1..=99).map(|x| x as f64).collect();
+        assert_eq!(share(&t, 100, 0.99), Some(99.0));
+        assert_eq!(share(&t, 100, 1.0), None);
+        assert_eq!(share(&[], 0, 0.5), None);
+    }
+
+    #[test]
+    fn bytes_per_second_use_1000() {
+        assert_eq!(fmt_bps(999.0), "999 B/s");
+        assert_eq!(fmt_bps(61_040.0), "61.0 KB/s");
+    }
 }

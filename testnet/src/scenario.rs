@@ -93,7 +93,7 @@ impl Default for NodesSection {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct MeasureSection {
-    /// Echo requests per second, all pairs together.
+    /// Cap on echo requests per second, all pairs together.
     #[serde(default = "d_rate")]
     pub ping_rate: f64,
     /// Measure the pinger on the bare underlay first.
@@ -102,6 +102,10 @@ pub struct MeasureSection {
     /// Least time between two status sweeps over all nodes.
     #[serde(default = "d_1000")]
     pub poll_interval_ms: u64,
+    /// Length of the floor's idle window (underlay bytes with no engine
+    /// running); default: as long as the longest `measure_steady` window.
+    #[serde(default)]
+    pub floor_idle_secs: Option<f64>,
 }
 
 impl Default for MeasureSection {
@@ -183,9 +187,10 @@ pub enum Step {
         #[serde(default = "d_true")]
         peer_removal: bool,
     },
-    /// Measure gossip bytes and CPU over a quiet window. The pinger pauses
-    /// (so its echo traffic does not count as the daemons' own load) unless
-    /// `with_pings`.
+    /// Measure underlay bytes (each node's eth0), gossip bytes, CPU and RSS
+    /// over a quiet window. The pinger pauses (so its echo traffic does not
+    /// count as the daemons' own load) unless `with_pings`.
+    #[serde(alias = "measure_idle")]
     MeasureSteady {
         secs: f64,
         #[serde(default)]
@@ -306,7 +311,7 @@ fn d_1000() -> u64 {
     1000
 }
 fn d_rate() -> f64 {
-    2000.0
+    crate::pinger::DEFAULT_RATE
 }
 fn d_30f() -> f64 {
     30.0
@@ -342,6 +347,26 @@ impl Scenario {
             }
         }
         Ok(())
+    }
+
+    /// The longest `measure_steady` window (None: the scenario has none).
+    pub fn idle_secs(&self) -> Option<f64> {
+        self.steps
+            .iter()
+            .filter_map(|s| match s {
+                Step::MeasureSteady { secs, .. } => Some(*secs),
+                _ => None,
+            })
+            .reduce(f64::max)
+    }
+
+    /// Sets every `measure_steady` window to `secs` (`--idle-secs`).
+    pub fn set_idle_secs(&mut self, v: f64) {
+        for s in self.steps.iter_mut() {
+            if let Step::MeasureSteady { secs, .. } = s {
+                *secs = v;
+            }
+        }
     }
 
     /// Node slots the run needs: initial nodes plus every joiner.
@@ -426,7 +451,30 @@ action = "partition"
         )
         .unwrap();
         assert_eq!(s.steps.len(), 4);
+        assert_eq!(s.idle_secs(), None);
         assert_eq!(s.slots(), 8);
         assert!(matches!(s.steps[1], Step::Kill { ref select } if select.count == Some(2)));
+    }
+
+    #[test]
+    fn idle_window_alias_and_override() {
+        let mut s: Scenario = toml::from_str(
+            r#"
+name = "x"
+[topology]
+nodes = 5
+[[step]]
+action = "measure_idle"
+secs = 1800
+[[step]]
+action = "measure_steady"
+secs = 30
+"#,
+        )
+        .unwrap();
+        assert_eq!(s.idle_secs(), Some(1800.0));
+        s.set_idle_secs(60.0);
+        assert_eq!(s.idle_secs(), Some(60.0));
+        assert!(s.steps.iter().all(|x| x.name() == "measure_steady"));
     }
 }

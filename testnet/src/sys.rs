@@ -307,3 +307,109 @@ pub fn command_in(ns: &str, prog: &str, args: &[String]) -> Result<Command> {
     }
     Ok(c)
 }
+
+/// Current resident set size (VmRSS) in KiB.
+pub fn proc_rss_kib(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+}
+
+/// The calling thread's kernel id (for `thread_cpu_secs`).
+pub fn gettid() -> i32 {
+    // SAFETY: no preconditions.
+    unsafe { libc::syscall(libc::SYS_gettid) as i32 }
+}
+
+/// CPU seconds of one thread of this process: from `schedstat` (ns), else
+/// from `stat` (clock ticks).
+pub fn thread_cpu_secs(tid: i32) -> Option<f64> {
+    if let Some(ns) = std::fs::read_to_string(format!("/proc/self/task/{tid}/schedstat"))
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+    {
+        return Some(ns as f64 / 1e9);
+    }
+    let s = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).ok()?;
+    let rest = &s[s.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ut: f64 = f.get(11)?.parse().ok()?;
+    let st: f64 = f.get(12)?.parse().ok()?;
+    Some((ut + st) / clk_tck())
+}
+
+/// One reading of an interface's byte counters inside a namespace.
+#[derive(Debug, Clone, Copy)]
+pub struct IfBytes {
+    /// Seconds on the caller's clock (`t0.elapsed()`) when it was read.
+    pub t: f64,
+    pub rx: u64,
+    pub tx: u64,
+}
+
+/// Parses `/proc/net/dev` text: (rx bytes, tx bytes) of `ifname`.
+pub fn parse_net_dev(text: &str, ifname: &str) -> Option<(u64, u64)> {
+    for l in text.lines() {
+        let Some((name, rest)) = l.split_once(':') else {
+            continue;
+        };
+        if name.trim() != ifname {
+            continue;
+        }
+        let f: Vec<u64> = rest
+            .split_whitespace()
+            .map(|x| x.parse().unwrap_or(0))
+            .collect();
+        // rx: bytes packets errs drop fifo frame compressed multicast; tx: bytes ...
+        return Some((*f.first()?, *f.get(8)?));
+    }
+    None
+}
+
+/// Reads `ifname`'s rx/tx byte counters in every namespace of `namespaces`
+/// (one thread that `setns`es into each in turn and reads
+/// `/proc/thread-self/net/dev`, which shows the thread's own namespace;
+/// `/proc/net` and `/sys/class/net` would show the process's). A namespace
+/// that cannot be read gives `None`.
+pub fn if_bytes_in(
+    namespaces: &[String],
+    ifname: &str,
+    t0: std::time::Instant,
+) -> Vec<Option<IfBytes>> {
+    let names = namespaces.to_vec();
+    let ifname = ifname.to_string();
+    std::thread::spawn(move || {
+        let Ok(home) = current_netns() else {
+            return vec![None; names.len()];
+        };
+        let out = names
+            .iter()
+            .map(|ns| {
+                let f = open_netns(ns).ok()?;
+                setns_fd(&f).ok()?;
+                let text = std::fs::read_to_string("/proc/thread-self/net/dev").ok();
+                let t = t0.elapsed().as_secs_f64();
+                let _ = setns_fd(&home);
+                let (rx, tx) = parse_net_dev(&text?, &ifname)?;
+                Some(IfBytes { t, rx, tx })
+            })
+            .collect();
+        let _ = setns_fd(&home);
+        out
+    })
+    .join()
+    .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn net_dev_parses() {
+        let t = "Inter-|   Receive                                                |  Transmit\n face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets errs drop fifo colls carrier compressed\n    lo:       0       0    0    0    0     0          0         0        0       0    0    0    0     0       0          0\n  eth0:   12345      10    0    0    0     0          0         0     6789       9    0    0    0     0       0          0\n";
+        assert_eq!(super::parse_net_dev(t, "eth0"), Some((12345, 6789)));
+        assert_eq!(super::parse_net_dev(t, "lo"), Some((0, 0)));
+        assert_eq!(super::parse_net_dev(t, "wan"), None);
+    }
+}
