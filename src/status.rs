@@ -92,6 +92,17 @@ pub struct Status {
     pub gossip_addr: String,
     pub gossip_bytes_sent: u64,
     pub gossip_bytes_received: u64,
+    /// Gossip rounds this node started, and how many found the other side
+    /// already in sync (two small messages).
+    #[serde(default)]
+    pub gossip_rounds: u64,
+    #[serde(default)]
+    pub gossip_rounds_in_sync: u64,
+    /// Values gossip stored from others, and refused (failed validation).
+    #[serde(default)]
+    pub gossip_values_stored: u64,
+    #[serde(default)]
+    pub gossip_values_rejected: u64,
     /// Our NAT as STUN measured it, and our mapped (server-reflexive) endpoints.
     pub nat: String,
     pub mapped_endpoints: Vec<String>,
@@ -237,6 +248,10 @@ mod tests {
             gossip_addr: "192.0.2.1:51821".into(),
             gossip_bytes_sent: 0,
             gossip_bytes_received: 0,
+            gossip_rounds: 0,
+            gossip_rounds_in_sync: 0,
+            gossip_values_stored: 0,
+            gossip_values_rejected: 0,
             nat: "public".into(),
             mapped_endpoints: vec![],
             relaying: false,

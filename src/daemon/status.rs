@@ -108,6 +108,7 @@ impl Node {
             .collect();
         members.sort_by_key(|m| m.overlay_ip);
         let (sent, received) = self.gossip.transport.byte_counts();
+        let stats = self.gossip.stats();
         Status {
             node: self.state.name.clone(),
             node_id: self.id.node_id(),
@@ -118,6 +119,10 @@ impl Node {
             gossip_addr: SocketAddr::new(self.advertise, self.cfg.gossip_port).to_string(),
             gossip_bytes_sent: sent,
             gossip_bytes_received: received,
+            gossip_rounds: stats.rounds_started,
+            gossip_rounds_in_sync: stats.rounds_in_sync,
+            gossip_values_stored: stats.values_stored,
+            gossip_values_rejected: stats.values_rejected,
             nat: nat_name(self.traversal.nat.kind).to_string(),
             mapped_endpoints: self
                 .traversal

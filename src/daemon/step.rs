@@ -267,9 +267,11 @@ impl Node {
         let rotation = (unix_ms() / POKE_EVERY.as_millis() as u64) as usize;
         let poke = rotation != self.last_rotation;
         self.last_rotation = rotation;
+        // A working path (idle or not) keeps the endpoint WireGuard roamed
+        // to; a broken one gets the record's candidates again.
         let traversal = &self.traversal;
         let mut changes = reconcile(&desired, &actual, &self.owned, rotation, poke, &|k| {
-            !traversal.hearing(now, k)
+            !traversal.working(k)
         });
         // Pokes (keepalive off and on) only for peers without a session,
         // and only where WireGuard itself punches (the kernel backend; the

@@ -376,6 +376,11 @@ impl Traversal {
         self.selector.broken(key);
     }
 
+    /// Whether the path to this WireGuard key works (idle or not).
+    pub fn working(&self, key: &[u8; 32]) -> bool {
+        self.selector.working(key)
+    }
+
     /// Whether the data plane heard from this WireGuard key lately.
     pub fn hearing(&self, now: Instant, key: &[u8; 32]) -> bool {
         self.selector.hearing(now, key)
@@ -431,9 +436,18 @@ impl Traversal {
             .map(|d| d.public_key)
             .collect();
         let relay_now = |k: &[u8; 32]| hopeless(k) || unlikely.contains(k);
-        let (mut desired, paths) = self
-            .selector
-            .select(now, desired, actual, &relays, &my_wg_key, &relay_now);
+        // Peers behind NAT send keepalives; only their silence means a
+        // broken path (public members send none at rest).
+        let sends_keepalives = |k: &[u8; 32]| nat_of(k) != NatKind::Public;
+        let (mut desired, paths) = self.selector.select(
+            now,
+            desired,
+            actual,
+            &relays,
+            &my_wg_key,
+            &relay_now,
+            &sends_keepalives,
+        );
         // Where to check (and punch): the candidates of every peer still
         // without a direct path that a punch can reach. A candidate that
         // answered a check becomes the peer's only endpoint until the

@@ -34,6 +34,12 @@ pub const RX_SILENCE: Duration = Duration::from_secs(25);
 /// peer's NAT drops what comes from it).
 pub const UNANSWERED: Duration = Duration::from_secs(12);
 
+/// A path to a peer that sends keepalives (it is behind NAT: every 25 s)
+/// and from which nothing arrived this long is broken. Peers that send no
+/// keepalives (public members, whose tunnels lapse while unused) may be
+/// silent for good: only unanswered data breaks their path.
+pub const KEEPALIVE_SILENCE: Duration = Duration::from_secs(40);
+
 /// A WireGuard keepalive on the wire: an empty transport data message
 /// (16-byte header, 16-byte tag). Any packet with content is longer (an
 /// IPv4 packet pads to at least 32 bytes: 64 in all), and so are handshake
@@ -60,8 +66,11 @@ pub struct PathSelector {
     /// Last tx byte count per peer, and since when what we sent has gone
     /// unanswered (tx grew, rx did not since).
     tx: HashMap<[u8; 32], (u64, Option<Instant>)>,
-    /// Peers with a fresh handshake that we hear from (as of the last
-    /// `select`).
+    /// Peers whose path works: it had a fresh handshake and was heard from,
+    /// and nothing broke it since (unanswered data, a peer that sends
+    /// keepalives falling silent, liveness finding it broken). An idle
+    /// path stays working: a tunnel between members that send no
+    /// keepalives lapses when unused and comes back on the first packet.
     working: HashSet<[u8; 32]>,
 }
 
@@ -84,8 +93,8 @@ impl PathSelector {
         self.working.remove(key);
     }
 
-    /// Whether the path to `key` works: a fresh handshake, and we hear
-    /// from it (as of the last `select`).
+    /// Whether the path to `key` works (as of the last `select`; see
+    /// `working`): established and not broken since, idle or not.
     pub fn working(&self, key: &[u8; 32]) -> bool {
         self.working.contains(key)
     }
@@ -110,6 +119,9 @@ impl PathSelector {
     /// Each pair picks its relay from the pair's two keys (XOR, so both
     /// ends pick the same one when they know the same relays), which
     /// spreads relayed pairs over all relays instead of piling them on one.
+    /// `sends_keepalives` says which peers keep their path busy with
+    /// keepalives (behind NAT): only their silence breaks a path.
+    #[allow(clippy::too_many_arguments)]
     pub fn select(
         &mut self,
         now: Instant,
@@ -118,6 +130,7 @@ impl PathSelector {
         relays: &[[u8; 32]],
         me: &[u8; 32],
         hopeless: &dyn Fn(&[u8; 32]) -> bool,
+        sends_keepalives: &dyn Fn(&[u8; 32]) -> bool,
     ) -> (Vec<DesiredPeer>, BTreeMap<[u8; 32], Path>) {
         let wanted: HashSet<[u8; 32]> = desired.iter().map(|d| d.public_key).collect();
         self.since.retain(|k, _| wanted.contains(k));
@@ -156,12 +169,26 @@ impl PathSelector {
             }
             t.0 = a.tx_bytes;
         }
-        self.working = actual
+        let on_device: HashSet<[u8; 32]> = actual
             .iter()
-            .filter(|a| a.handshake_age.is_some_and(|age| age < FRESH_HANDSHAKE))
+            .filter(|a| wanted.contains(&a.public_key) && a.endpoint.is_some())
             .map(|a| a.public_key)
-            .filter(|k| self.hearing(now, k))
             .collect();
+        for a in actual {
+            let k = a.public_key;
+            if a.handshake_age.is_some_and(|age| age < FRESH_HANDSHAKE) && self.hearing(now, &k) {
+                self.working.insert(k);
+            }
+            let silent_too_long = sends_keepalives(&k)
+                && self
+                    .grew
+                    .get(&k)
+                    .is_none_or(|t| now.saturating_duration_since(*t) >= KEEPALIVE_SILENCE);
+            if self.unanswered(now, &k) >= UNANSWERED || silent_too_long {
+                self.working.remove(&k);
+            }
+        }
+        self.working.retain(|k| on_device.contains(k));
         let mut paths = BTreeMap::new();
         let mut moved: Vec<([u8; 32], Vec<std::net::Ipv4Addr>)> = Vec::new();
         for d in desired.iter_mut() {
@@ -226,6 +253,9 @@ mod tests {
     fn never(_: &[u8; 32]) -> bool {
         false
     }
+    fn always_talks(_: &[u8; 32]) -> bool {
+        true
+    }
 
     fn peer(k: u8) -> DesiredPeer {
         DesiredPeer {
@@ -245,7 +275,7 @@ mod tests {
         let ages = |fresh_2: bool, rx: u64| {
             let a = |k: u8, age: Option<u64>, rx: u64| ActualPeer {
                 public_key: [k; 32],
-                endpoint: None,
+                endpoint: Some("192.0.2.9:51820".parse().unwrap()),
                 allowed_ips: vec![],
                 keepalive: Some(25),
                 handshake_age: age.map(Duration::from_secs),
@@ -255,7 +285,15 @@ mod tests {
             vec![a(1, Some(3), rx), a(2, fresh_2.then_some(1), rx)]
         };
         // Within the grace: trying direct, addresses untouched.
-        let (d, p) = s.select(t0, peers.clone(), &ages(false, 0), &[relay], &ME, &never);
+        let (d, p) = s.select(
+            t0,
+            peers.clone(),
+            &ages(false, 0),
+            &[relay],
+            &ME,
+            &never,
+            &never,
+        );
         assert_eq!(p[&[2; 32]], Path::Trying);
         assert_eq!(p[&relay], Path::Direct);
         assert_eq!(d, peers);
@@ -267,6 +305,7 @@ mod tests {
             &[relay],
             &ME,
             &never,
+            &always_talks,
         );
         assert_eq!(p[&[2; 32]], Path::Relayed { via: relay });
         assert!(d[1].allowed_ips.is_empty());
@@ -285,13 +324,23 @@ mod tests {
             &[relay],
             &ME,
             &never,
+            &always_talks,
         );
         assert_eq!(p[&[2; 32]], Path::Direct);
         assert_eq!(d, peers);
         // Then silence (a NAT dropped the mapping): relayed again, although
         // the handshake is not yet 180 s old.
-        let later = t0 + PUNCH_GRACE * 3 + RX_SILENCE;
-        let (_, p) = s.select(later, peers.clone(), &ages(true, 2), &[relay], &ME, &never);
+        // (Peer 2 sends keepalives: it is behind NAT.)
+        let later = t0 + PUNCH_GRACE * 3 + KEEPALIVE_SILENCE;
+        let (_, p) = s.select(
+            later,
+            peers.clone(),
+            &ages(true, 2),
+            &[relay],
+            &ME,
+            &never,
+            &always_talks,
+        );
         assert_eq!(p[&[2; 32]], Path::Relayed { via: relay });
     }
 
@@ -299,8 +348,16 @@ mod tests {
     fn without_a_relay_the_direct_attempt_goes_on() {
         let mut s = PathSelector::default();
         let t0 = Instant::now();
-        let (d, p) = s.select(t0 + PUNCH_GRACE * 2, vec![peer(2)], &[], &[], &ME, &never);
-        let (d2, p2) = s.select(t0 + PUNCH_GRACE * 4, d, &[], &[], &ME, &never);
+        let (d, p) = s.select(
+            t0 + PUNCH_GRACE * 2,
+            vec![peer(2)],
+            &[],
+            &[],
+            &ME,
+            &never,
+            &never,
+        );
+        let (d2, p2) = s.select(t0 + PUNCH_GRACE * 4, d, &[], &[], &ME, &never, &never);
         assert_eq!(p[&[2; 32]], Path::Trying);
         assert_eq!(p2[&[2; 32]], Path::Trying);
         assert_eq!(d2[0].allowed_ips.len(), 1);
@@ -312,7 +369,15 @@ mod tests {
         let t0 = Instant::now();
         let relay = [1u8; 32];
         let always = |_: &[u8; 32]| true;
-        let (d, p) = s.select(t0, vec![peer(1), peer(2)], &[], &[relay], &ME, &always);
+        let (d, p) = s.select(
+            t0,
+            vec![peer(1), peer(2)],
+            &[],
+            &[relay],
+            &ME,
+            &always,
+            &never,
+        );
         assert_eq!(p[&[2; 32]], Path::Relayed { via: relay });
         assert!(d[1].allowed_ips.is_empty());
     }
@@ -352,7 +417,7 @@ mod tests {
     fn talking(rx: u64, tx: u64) -> Vec<ActualPeer> {
         vec![ActualPeer {
             public_key: [2; 32],
-            endpoint: None,
+            endpoint: Some("192.0.2.9:51820".parse().unwrap()),
             allowed_ips: vec![],
             keepalive: Some(25),
             handshake_age: Some(Duration::from_secs(1)),
@@ -367,29 +432,29 @@ mod tests {
         let t0 = Instant::now();
         let at = |rx: u64| talking(rx, 0);
         // First sight of a just-added peer with nothing received: not heard.
-        s.select(t0, vec![peer(2)], &at(0), &[], &ME, &never);
+        s.select(t0, vec![peer(2)], &at(0), &[], &ME, &never, &never);
         assert!(!s.hearing(t0, &[2; 32]));
         // The counter grows: heard, until RX_SILENCE passes.
-        s.select(t0, vec![peer(2)], &at(100), &[], &ME, &never);
+        s.select(t0, vec![peer(2)], &at(100), &[], &ME, &never, &never);
         assert!(s.hearing(t0, &[2; 32]));
         assert!(!s.hearing(t0 + RX_SILENCE, &[2; 32]));
         // Gone from the desired set (its peer removed), then re-added with
         // fresh counters: not heard until it receives.
         let t1 = t0 + Duration::from_secs(1);
-        s.select(t1, vec![], &[], &[], &ME, &never);
-        s.select(t1, vec![peer(2)], &at(0), &[], &ME, &never);
+        s.select(t1, vec![], &[], &[], &ME, &never, &never);
+        s.select(t1, vec![peer(2)], &at(0), &[], &ME, &never, &never);
         assert!(!s.hearing(t1, &[2; 32]));
         // A peer no longer desired but still on the device (removed this
         // step) is not heard from its old counters.
         let t2 = t1 + Duration::from_secs(1);
-        s.select(t2, vec![], &at(900), &[], &ME, &never);
+        s.select(t2, vec![], &at(900), &[], &ME, &never, &never);
         assert!(!s.hearing(t2, &[2; 32]));
-        s.select(t2, vec![peer(2)], &at(0), &[], &ME, &never);
+        s.select(t2, vec![peer(2)], &at(0), &[], &ME, &never, &never);
         assert!(!s.hearing(t2, &[2; 32]));
         // First sight with bytes already counted: they arrived since the
         // peer was added (a handshake between two steps): heard.
         let mut s = PathSelector::default();
-        s.select(t0, vec![peer(2)], &at(148), &[], &ME, &never);
+        s.select(t0, vec![peer(2)], &at(148), &[], &ME, &never, &never);
         assert!(s.hearing(t0, &[2; 32]));
     }
 
@@ -398,7 +463,7 @@ mod tests {
         let mut s = PathSelector::default();
         let t0 = Instant::now();
         let sel = |s: &mut PathSelector, t: Instant, rx: u64, tx: u64| {
-            s.select(t, vec![peer(2)], &talking(rx, tx), &[], &ME, &never)
+            s.select(t, vec![peer(2)], &talking(rx, tx), &[], &ME, &never, &never)
                 .1[&[2; 32]]
         };
         assert_eq!(sel(&mut s, t0, 100, 100), Path::Direct);
@@ -419,11 +484,35 @@ mod tests {
     }
 
     #[test]
+    fn an_idle_path_between_quiet_members_stays_working() {
+        // Two public members send each other nothing at rest: the tunnel
+        // lapses, the path does not break (it comes back on first use).
+        let mut s = PathSelector::default();
+        let t0 = Instant::now();
+        let sel = |s: &mut PathSelector, t: Instant, rx: u64, tx: u64| {
+            s.select(t, vec![peer(2)], &talking(rx, tx), &[], &ME, &never, &never)
+                .1[&[2; 32]]
+        };
+        assert_eq!(sel(&mut s, t0, 100, 100), Path::Direct);
+        let quiet = t0 + Duration::from_secs(600);
+        assert_eq!(sel(&mut s, quiet, 100, 100), Path::Direct);
+        assert!(s.working(&[2; 32]));
+        // Data that goes unanswered breaks it.
+        sel(&mut s, quiet, 100, 900);
+        assert_ne!(sel(&mut s, quiet + UNANSWERED, 100, 900), Path::Direct);
+        // Liveness can break it too.
+        let mut s = PathSelector::default();
+        sel(&mut s, t0, 100, 100);
+        s.broken(&[2; 32]);
+        assert!(!s.working(&[2; 32]));
+    }
+
+    #[test]
     fn a_lone_keepalive_expects_no_answer() {
         let mut s = PathSelector::default();
         let t0 = Instant::now();
         let sel = |s: &mut PathSelector, t: Instant, rx: u64, tx: u64| {
-            s.select(t, vec![peer(2)], &talking(rx, tx), &[], &ME, &never)
+            s.select(t, vec![peer(2)], &talking(rx, tx), &[], &ME, &never, &never)
                 .1[&[2; 32]]
         };
         sel(&mut s, t0, 100, 100);
