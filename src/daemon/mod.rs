@@ -53,6 +53,12 @@ use traversal::Traversal;
 
 /// The daemon's tick when the mesh is small; see [`tick_period`].
 const TICK: Duration = Duration::from_millis(250);
+/// The tick of a node at rest: nothing changed for [`SETTLE`], every path
+/// works, no gossip news. Events that need an answer at once (a value
+/// arriving, a STUN or probe answer, a liveness timer) do not wait for it.
+const QUIET_TICK: Duration = Duration::from_secs(1);
+/// How long after the last change a node counts as at rest.
+const SETTLE: Duration = Duration::from_secs(10);
 /// Up to this many known members, the tick is [`TICK`]; above, it grows in
 /// proportion, up to [`MAX_TICK`].
 const TICK_MEMBERS: usize = 40;
@@ -188,6 +194,9 @@ pub(crate) struct Node {
     fed: std::collections::HashMap<(String, &'static str), Arc<str>>,
     /// What the last published record said (to republish only on change).
     published_record: Option<crate::record::RecordBody>,
+    /// When the last step saw a change (membership events, WireGuard
+    /// changes, path changes).
+    last_change: Instant,
 }
 
 /// Runs the node until `shutdown` resolves or a `leave` request arrives.
@@ -506,6 +515,7 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()>) -> anyho
         ip_since: Instant::now(),
         fed: Default::default(),
         published_record: None,
+        last_change: Instant::now(),
     };
     if let Err(e) = node.republish(false).await {
         node.wg.destroy().await;
@@ -551,7 +561,7 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()>) -> anyho
             }
             _ = tick.tick() => {
                 node.step_or_warn().await;
-                let period = tick_period(node.membership.members().count());
+                let period = tick_period(node.membership.members().count(), node.at_rest());
                 if period != tick.period() {
                     tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
                     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -594,11 +604,17 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()>) -> anyho
 /// tick keeps it about flat, at the price of reacting a little later in
 /// large meshes. Events that need an answer at once (a STUN answer, a probe
 /// answer, a control request, a liveness timer) do not wait for the tick.
-fn tick_period(members: usize) -> Duration {
-    if members <= TICK_MEMBERS {
-        return TICK;
+fn tick_period(members: usize, at_rest: bool) -> Duration {
+    let busy = if members <= TICK_MEMBERS {
+        TICK
+    } else {
+        (TICK * members as u32 / TICK_MEMBERS as u32).min(MAX_TICK)
+    };
+    if at_rest {
+        busy.max(QUIET_TICK)
+    } else {
+        busy
     }
-    (TICK * members as u32 / TICK_MEMBERS as u32).min(MAX_TICK)
 }
 
 /// Removes the control socket when the daemon ends.
@@ -610,6 +626,14 @@ impl Drop for SocketGuard {
 }
 
 impl Node {
+    /// At rest: no change for [`SETTLE`], every path settled, no gossip
+    /// news being spread.
+    fn at_rest(&self) -> bool {
+        self.last_change.elapsed() >= SETTLE
+            && self.traversal.settled()
+            && !self.planner.busy(Instant::now())
+    }
+
     /// The next version of our values (proto/PROTOCOL.md §4.2).
     fn next_version(&mut self) -> u64 {
         let seen = self.gossip.take_self_seen().unwrap_or(0);
@@ -744,6 +768,27 @@ impl Node {
                 self.gossip.round_with(t.addr);
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_tick_stretches_with_the_mesh_and_at_rest() {
+        assert_eq!(tick_period(0, false), TICK);
+        assert_eq!(tick_period(TICK_MEMBERS, false), TICK);
+        assert_eq!(tick_period(2 * TICK_MEMBERS, false), 2 * TICK);
+        assert_eq!(tick_period(10_000, false), MAX_TICK);
+        assert_eq!(tick_period(10, true), QUIET_TICK);
+        assert_eq!(tick_period(10_000, true), MAX_TICK);
+        let mut last = Duration::ZERO;
+        for n in 0..1000 {
+            let t = tick_period(n, false);
+            assert!(t >= last, "tick for {n} members shrank");
+            last = t;
         }
     }
 }

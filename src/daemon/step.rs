@@ -118,6 +118,9 @@ impl Node {
         self.publish_liveness_values();
         self.start_rounds();
 
+        if !events.is_empty() || changes > 0 || !self.traversal.changed.is_empty() {
+            self.last_change = now;
+        }
         if !events.is_empty() || changes > 0 || self.last_status.elapsed() >= STATUS_EVERY {
             let actual = self.wg.peers()?;
             let status = self.build_status(&actual);

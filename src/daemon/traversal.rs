@@ -295,7 +295,7 @@ impl Traversal {
                 match self.checks.handle_response(now, &txid, from) {
                     Some(v) => self.validated.push(v),
                     None => {
-                        if self.discovery.handle_response(now, txid, mapped) {
+                        if self.discovery.handle_response(now, txid, from, mapped) {
                             self.discovery_news = true;
                         }
                     }
@@ -363,6 +363,16 @@ impl Traversal {
             })
             .collect();
         *self.wg_peers.write().unwrap_or_else(|p| p.into_inner()) = set;
+    }
+
+    /// Whether every peer's path works or is relayed (no punching or
+    /// checking going on): the daemon may tick slowly.
+    pub fn settled(&self) -> bool {
+        self.need.is_empty()
+            && self
+                .paths
+                .values()
+                .all(|p| matches!(p, Path::Direct | Path::Relayed { .. }))
     }
 
     /// Whether connectivity checks run (userspace backend: they need the

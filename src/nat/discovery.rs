@@ -19,9 +19,10 @@ use crate::record::NatKind;
 pub const MAX_TARGETS: usize = 3;
 /// Rounds until two destinations answered, and once they have.
 pub const FAST_ROUND: Duration = Duration::from_secs(1);
-/// (A round is a few small datagrams to at most three members; a shorter
-/// period finds a router's new public address sooner.)
-pub const SLOW_ROUND: Duration = Duration::from_secs(5);
+/// Rounds once the picture is known. A mesh at rest sends little else, so
+/// this is slow; a mapping that changes shows first as paths whose packets
+/// go unanswered, which bring the next round forward ([`Discovery::hurry`]).
+pub const SLOW_ROUND: Duration = Duration::from_secs(30);
 /// An observation older than this is forgotten.
 pub const OBSERVATION_TTL: Duration = Duration::from_secs(60);
 const REQUEST_TTL: Duration = Duration::from_secs(5);
@@ -52,8 +53,10 @@ pub fn looks_public(ip: IpAddr) -> bool {
 }
 
 pub struct Discovery {
-    counter: u64,
-    salt: u32,
+    /// Transaction ids: 96 random bits each, from a generator seeded by the
+    /// operating system's CSPRNG (predictable ids would let anyone who saw
+    /// one answer for a server it is not).
+    rng: rand::rngs::StdRng,
     pending: HashMap<[u8; 12], (SocketAddr, Instant)>,
     observed: HashMap<SocketAddr, (SocketAddr, Instant)>,
     next_round: Option<Instant>,
@@ -63,11 +66,11 @@ pub struct Discovery {
 }
 
 impl Discovery {
-    /// `salt` makes transaction ids unpredictable to others (pass randomness).
-    pub fn new(salt: u32) -> Self {
+    /// `seed` seeds the transaction ids (pass 32 bytes from the OS CSPRNG).
+    pub fn new(seed: [u8; 32]) -> Self {
+        use rand::SeedableRng;
         Self {
-            counter: 0,
-            salt,
+            rng: rand::rngs::StdRng::from_seed(seed),
             pending: HashMap::new(),
             observed: HashMap::new(),
             next_round: None,
@@ -109,10 +112,7 @@ impl Discovery {
             .iter()
             .take(MAX_TARGETS)
             .map(|t| {
-                self.counter += 1;
-                let mut txid = [0u8; 12];
-                txid[..4].copy_from_slice(&self.salt.to_be_bytes());
-                txid[4..].copy_from_slice(&self.counter.to_be_bytes());
+                let txid: [u8; 12] = rand::Rng::gen(&mut self.rng);
                 self.pending.insert(txid, (*t, now));
                 (*t, stun::binding_request(txid))
             })
@@ -131,10 +131,20 @@ impl Discovery {
         }
     }
 
-    /// A binding response arrived; returns whether it answered our request.
-    pub fn handle_response(&mut self, now: Instant, txid: [u8; 12], mapped: SocketAddr) -> bool {
-        match self.pending.remove(&txid) {
-            Some((target, _)) => {
+    /// A binding response from `from` arrived; returns whether it answered
+    /// our request (our transaction id, from the server we asked; each id
+    /// counts once).
+    pub fn handle_response(
+        &mut self,
+        now: Instant,
+        txid: [u8; 12],
+        from: SocketAddr,
+        mapped: SocketAddr,
+    ) -> bool {
+        match self.pending.get(&txid) {
+            Some((target, _)) if *target == from => {
+                let target = *target;
+                self.pending.remove(&txid);
                 // A new public address (the router reconnected): older
                 // observations describe a NAT that is gone. (A new port
                 // alone is not enough: a symmetric NAT gives one per
@@ -146,7 +156,7 @@ impl Discovery {
                 self.observed.insert(target, (mapped, now));
                 true
             }
-            None => false,
+            _ => false,
         }
     }
 
@@ -211,7 +221,7 @@ mod tests {
         let local: Vec<IpAddr> = vec!["192.168.1.2".parse().unwrap()];
 
         // Endpoint-independent: both see the same mapping.
-        let mut d = Discovery::new(1);
+        let mut d = Discovery::new([1; 32]);
         let reqs = d.poll_transmit(t0, &targets);
         assert_eq!(reqs.len(), 2);
         assert!(
@@ -219,8 +229,8 @@ mod tests {
             "one round at a time"
         );
         let m: SocketAddr = "198.18.5.5:40000".parse().unwrap();
-        for (_, r) in &reqs {
-            assert!(d.handle_response(t0, txid_of(r), m));
+        for (to, r) in &reqs {
+            assert!(d.handle_response(t0, txid_of(r), *to, m));
         }
         assert_eq!(
             d.info(&local, 51820, false),
@@ -230,12 +240,20 @@ mod tests {
             }
         );
         // Unknown transaction ids are ignored.
-        assert!(!d.handle_response(t0, [9; 12], m));
+        assert!(!d.handle_response(t0, [9; 12], targets[0], m));
+        // So are answers from anyone but the server asked.
+        let reqs = d.poll_transmit(t0 + SLOW_ROUND, &targets);
+        let stranger: SocketAddr = "198.18.66.66:3478".parse().unwrap();
+        assert!(!d.handle_response(t0 + SLOW_ROUND, txid_of(&reqs[0].1), stranger, m));
+        assert!(d.handle_response(t0 + SLOW_ROUND, txid_of(&reqs[0].1), reqs[0].0, m));
+        // Each transaction id counts once, and ids do not repeat.
+        assert!(!d.handle_response(t0 + SLOW_ROUND, txid_of(&reqs[0].1), reqs[0].0, m));
+        assert_ne!(txid_of(&reqs[0].1), txid_of(&reqs[1].1));
 
         // Mostly one mapping, one odd one out (a port clash with another
         // host behind the same NAT): still endpoint-independent, the common
         // mapping first.
-        let mut d = Discovery::new(3);
+        let mut d = Discovery::new([3; 32]);
         let three: Vec<SocketAddr> = vec![
             "198.18.0.1:51820".parse().unwrap(),
             "198.18.0.2:51820".parse().unwrap(),
@@ -243,8 +261,8 @@ mod tests {
         ];
         let reqs = d.poll_transmit(t0, &three);
         let odd: SocketAddr = "198.18.5.5:48711".parse().unwrap();
-        for (i, (_, r)) in reqs.iter().enumerate() {
-            d.handle_response(t0, txid_of(r), if i == 1 { odd } else { m });
+        for (i, (to, r)) in reqs.iter().enumerate() {
+            d.handle_response(t0, txid_of(r), *to, if i == 1 { odd } else { m });
         }
         assert_eq!(
             d.info(&local, 51820, false),
@@ -258,7 +276,7 @@ mod tests {
         // once, the new mapping is the answer.
         let moved: SocketAddr = "198.18.9.9:40000".parse().unwrap();
         let reqs = d.poll_transmit(t0 + SLOW_ROUND, &three);
-        d.handle_response(t0 + SLOW_ROUND, txid_of(&reqs[0].1), moved);
+        d.handle_response(t0 + SLOW_ROUND, txid_of(&reqs[0].1), reqs[0].0, moved);
         assert_eq!(
             d.info(&local, 51820, false),
             NatInfo {
@@ -268,10 +286,15 @@ mod tests {
         );
 
         // Symmetric: a new port per destination.
-        let mut d = Discovery::new(2);
+        let mut d = Discovery::new([2; 32]);
         let reqs = d.poll_transmit(t0, &targets);
-        for (i, (_, r)) in reqs.iter().enumerate() {
-            d.handle_response(t0, txid_of(r), SocketAddr::new(m.ip(), 40000 + i as u16));
+        for (i, (to, r)) in reqs.iter().enumerate() {
+            d.handle_response(
+                t0,
+                txid_of(r),
+                *to,
+                SocketAddr::new(m.ip(), 40000 + i as u16),
+            );
         }
         assert_eq!(
             d.info(&local, 51820, false).kind,
@@ -279,11 +302,12 @@ mod tests {
         );
 
         // Public: the mapping is our own address and port.
-        let mut d = Discovery::new(3);
+        let mut d = Discovery::new([3; 32]);
         let reqs = d.poll_transmit(t0, &targets);
         d.handle_response(
             t0,
             txid_of(&reqs[0].1),
+            reqs[0].0,
             "192.168.1.2:51820".parse().unwrap(),
         );
         assert_eq!(d.info(&local, 51820, false).kind, NatKind::Public);
@@ -312,12 +336,17 @@ mod tests {
     fn observations_expire_and_rounds_slow_down() {
         let t0 = Instant::now();
         let targets: Vec<SocketAddr> = vec!["198.18.0.1:51820".parse().unwrap()];
-        let mut d = Discovery::new(1);
+        let mut d = Discovery::new([1; 32]);
         let reqs = d.poll_transmit(t0, &targets);
         assert!(d
             .poll_transmit(t0 + FAST_ROUND - Duration::from_millis(1), &targets)
             .is_empty());
-        d.handle_response(t0, txid_of(&reqs[0].1), "198.18.5.5:1".parse().unwrap());
+        d.handle_response(
+            t0,
+            txid_of(&reqs[0].1),
+            reqs[0].0,
+            "198.18.5.5:1".parse().unwrap(),
+        );
         let reqs = d.poll_transmit(t0 + FAST_ROUND, &targets);
         assert_eq!(reqs.len(), 1);
         assert!(d
@@ -338,15 +367,20 @@ mod tests {
         let one: Vec<SocketAddr> = vec!["198.18.0.1:51820".parse().unwrap()];
         let two: Vec<SocketAddr> = vec![one[0], "198.18.0.3:51820".parse().unwrap()];
         let three: Vec<SocketAddr> = vec![two[0], two[1], "198.18.0.5:51820".parse().unwrap()];
-        let mut d = Discovery::new(1);
+        let mut d = Discovery::new([1; 32]);
         let reqs = d.poll_transmit(t0, &one);
-        d.handle_response(t0, txid_of(&reqs[0].1), "198.18.5.5:1".parse().unwrap());
+        d.handle_response(
+            t0,
+            txid_of(&reqs[0].1),
+            reqs[0].0,
+            "198.18.5.5:1".parse().unwrap(),
+        );
         // A second member appears: asked at once, not a round later.
         let t1 = t0 + Duration::from_millis(100);
         let reqs = d.poll_transmit(t1, &two);
         assert_eq!(reqs.len(), 2);
-        for (_, r) in &reqs {
-            d.handle_response(t1, txid_of(r), "198.18.5.5:1".parse().unwrap());
+        for (to, r) in &reqs {
+            d.handle_response(t1, txid_of(r), *to, "198.18.5.5:1".parse().unwrap());
         }
         // Two answered: a third member waits for the schedule.
         assert!(d
@@ -358,9 +392,14 @@ mod tests {
     fn hurry_brings_the_next_round_forward_but_not_too_often() {
         let t0 = Instant::now();
         let targets: Vec<SocketAddr> = vec!["198.18.0.1:51820".parse().unwrap()];
-        let mut d = Discovery::new(1);
+        let mut d = Discovery::new([1; 32]);
         let reqs = d.poll_transmit(t0, &targets);
-        d.handle_response(t0, txid_of(&reqs[0].1), "198.18.5.5:1".parse().unwrap());
+        d.handle_response(
+            t0,
+            txid_of(&reqs[0].1),
+            reqs[0].0,
+            "198.18.5.5:1".parse().unwrap(),
+        );
         d.hurry(t0 + Duration::from_millis(100));
         assert!(d
             .poll_transmit(t0 + Duration::from_millis(100), &targets)
