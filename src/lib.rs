@@ -10,18 +10,24 @@
 //!   (desired vs actual WireGuard peers).
 //! * shell: [`gossip`] (chitchat over quinn), [`wg`] (WireGuard backends),
 //!   [`daemon`] (the run loop), [`control`] (the local control socket),
-//!   [`state`] (the state directory).
+//!   [`state`] (the state directory), [`metrics`] (the Prometheus endpoint).
+//! * operations: [`config`] (the typed config file and option layering),
+//!   [`export`] (hosts, Ansible, MPI, Slurm, ssh_config renderings of
+//!   `status`).
 //!
 //! See ARCHITECTURE.md for the data flow and the invariants.
 
 pub mod admission;
+pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod export;
 pub mod gossip;
 pub mod identity;
 pub mod ipalloc;
 pub mod liveness;
 pub mod membership;
+pub mod metrics;
 pub mod nat;
 pub mod net;
 pub mod observe;

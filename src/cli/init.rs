@@ -23,7 +23,7 @@ pub struct InitArgs {
     #[arg(long)]
     pub network: String,
     /// This node's name (default: the host name).
-    #[arg(long)]
+    #[arg(long, env = "MESHPEER_NAME", value_parser = meshpeer::config::parse_name)]
     pub name: Option<String>,
     /// How long the printed token admits new nodes: e.g. 30s, 10m, 24h, 7d,
     /// or `never` (a token that never expires must be asked for).
@@ -146,12 +146,10 @@ pub fn parse_network(s: &str) -> anyhow::Result<Ipv4Net> {
     Ok(net.trunc())
 }
 
-pub fn init(a: InitArgs) -> anyhow::Result<()> {
+pub fn init(a: InitArgs, file: &meshpeer::config::Options) -> anyhow::Result<()> {
     let cidr = parse_network(&a.network)?;
-    if let Some(n) = &a.name {
-        super::check_name(n)?;
-    }
-    let dir = StateDir::create(&a.state.state_dir)?;
+    let name = a.name.clone().or_else(|| file.name.clone());
+    let dir = StateDir::create(&a.state.resolve(file))?;
     let network_key = SigningKey::generate(&mut OsRng);
     let id = Identity::generate();
     // The founder admits itself with a token of its own, stamped by the
@@ -169,7 +167,7 @@ pub fn init(a: InitArgs) -> anyhow::Result<()> {
         now(),
     );
     let state = NodeState {
-        name: a.name.unwrap_or_else(super::hostname),
+        name: name.unwrap_or_else(super::hostname),
         overlay_ip: Some(ipalloc::first_host(cidr)),
         ip_claimed_at: 1, // the founder's claim predates every joiner's
         ..Default::default()
@@ -249,8 +247,8 @@ pub fn network_secret(dir: &StateDir) -> anyhow::Result<SigningKey> {
     Ok(network_key)
 }
 
-pub fn invite(a: InviteArgs) -> anyhow::Result<()> {
-    let dir = StateDir::open(&a.state.state_dir)?;
+pub fn invite(a: InviteArgs, file: &meshpeer::config::Options) -> anyhow::Result<()> {
+    let dir = StateDir::open(&a.state.resolve(file))?;
     let network_key = network_secret(&dir)?;
     let (network, _, _) = meshpeer::daemon::load_network(&dir)?;
     let token = issue_token(

@@ -11,11 +11,14 @@
 //!   [`crate::liveness`]; its probes go out on the overlay (`probes.rs`);
 //! * **rounds**: the round planner's timer starts gossip rounds;
 //! * **STUN answers** on the WireGuard port (connectivity checks);
-//! * **control requests** (status, leave) from the control socket.
+//! * **control requests** (status, leave, revoke; ping and netcheck go to
+//!   `ops.rs`) from the control socket;
+//! * **reloads** (SIGHUP: a new configuration, applied by `ops.rs`).
 //!
 //! Nothing here decides membership, liveness or paths: the cores do.
 
 mod join;
+mod ops;
 mod probes;
 mod status;
 mod step;
@@ -96,6 +99,10 @@ pub struct DaemonConfig {
     pub join_timeout: Duration,
     /// Tags published in the record.
     pub tags: Vec<String>,
+    /// Where to serve Prometheus metrics (`GET /metrics`); off when `None`.
+    pub metrics_addr: Option<SocketAddr>,
+    /// Leave the mesh when stopped, or stay a member.
+    pub on_stop: crate::config::OnStop,
 }
 
 impl DaemonConfig {
@@ -197,10 +204,23 @@ pub(crate) struct Node {
     /// When the last step saw a change (membership events, WireGuard
     /// changes, path changes).
     last_change: Instant,
+    /// Metrics endpoint and the like (`ops.rs`).
+    ops: ops::Ops,
 }
 
 /// Runs the node until `shutdown` resolves or a `leave` request arrives.
 pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    run_with_reload(cfg, shutdown, None).await
+}
+
+/// [`run`], taking new configurations from `reload` (sent on SIGHUP): what
+/// can change at run time is applied, the rest is logged as needing a
+/// restart (see `ops.rs`).
+pub async fn run_with_reload(
+    cfg: DaemonConfig,
+    shutdown: impl Future<Output = ()>,
+    mut reload: Option<watch::Receiver<DaemonConfig>>,
+) -> anyhow::Result<()> {
     let mut cfg = cfg;
     let dir = StateDir::open(&cfg.state_dir)?;
     let id = Identity::load(&dir)?;
@@ -215,6 +235,7 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()>) -> anyho
     let listener = control::bind(&dir.control_socket()).await?;
     let (ctl_tx, mut ctl_rx) = mpsc::channel(16);
     let (status_tx, status_rx) = watch::channel(None);
+    let ops = ops::Ops::start(&cfg, &status_rx).await?;
     let control_task = tokio::spawn(control::serve(listener, ctl_tx, status_rx));
     let _socket_guard = SocketGuard(dir.control_socket());
 
@@ -292,6 +313,11 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()>) -> anyho
         );
     }
     cfg.wg_port = Some(wg_port);
+    ops::firewall_notice(
+        &cfg,
+        wg_port,
+        crate::nat::discovery::looks_public(advertise),
+    );
     tracing::info!(
         wireguard = %format!("{wg_port}/udp"), gossip = %format!("{}/udp", cfg.gossip_port),
         probes = %format!("{}/udp (overlay only)", cfg.probe_port),
@@ -516,6 +542,7 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()>) -> anyho
         fed: Default::default(),
         published_record: None,
         last_change: Instant::now(),
+        ops,
     };
     if let Err(e) = node.republish(false).await {
         node.wg.destroy().await;
@@ -556,9 +583,10 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()>) -> anyho
             _ = tokio::time::sleep_until(liveness_at.into()) => node.run_liveness().await,
             _ = tokio::time::sleep_until(rounds_at.into()) => node.start_rounds(),
             _ = &mut shutdown => {
-                tracing::info!("shutting down (members will mark this node down)");
+                node.on_stop().await;
                 break;
             }
+            new = ops::next_reload(&mut reload) => node.reload(new).await,
             _ = tick.tick() => {
                 node.step_or_warn().await;
                 let period = tick_period(node.membership.members().count(), node.at_rest());
@@ -583,6 +611,9 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()>) -> anyho
                 Request::Revoke { list } => {
                     let r = node.revoke(&list).await;
                     reply.answer(r).await;
+                }
+                req @ (Request::Ping { .. } | Request::Netcheck) => {
+                    node.handle_ops(req, reply).await;
                 }
             }
         }
