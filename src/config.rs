@@ -66,6 +66,7 @@ pub const KEYS: &[&str] = &[
     "tags",
     "stun_servers",
     "no_relay",
+    "relay_ports",
     "token_file",
     "metrics_addr",
     "log_level",
@@ -124,6 +125,8 @@ pub struct Options {
     /// Normalized `host:port`.
     pub stun_servers: Option<Vec<String>>,
     pub no_relay: Option<bool>,
+    /// First and last port.
+    pub relay_ports: Option<(u16, u16)>,
     pub token_file: Option<PathBuf>,
     pub metrics_addr: Option<SocketAddr>,
     pub log_level: Option<String>,
@@ -156,6 +159,7 @@ impl Options {
             tags,
             stun_servers,
             no_relay,
+            relay_ports,
             token_file,
             metrics_addr,
             log_level,
@@ -191,6 +195,7 @@ impl Options {
                 self.down_grace_secs.unwrap_or(DEFAULT_DOWN_GRACE_SECS),
             ),
             relay: !self.no_relay.unwrap_or(false),
+            relay_ports: self.relay_ports.unwrap_or(crate::relay::DEFAULT_PORTS),
             stun_servers: self.stun_servers.clone().unwrap_or_default(),
             join_timeout: Duration::from_secs(
                 self.join_timeout_secs.unwrap_or(DEFAULT_JOIN_TIMEOUT_SECS),
@@ -338,6 +343,21 @@ pub fn parse_log_level(s: &str) -> Result<String, String> {
         })
 }
 
+/// `FIRST-LAST`: a UDP port range of at least two ports (relay
+/// allocations).
+pub fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
+    let bad = || format!("{s:?} is not a port range like 52900-57899");
+    let (a, b) = s.split_once('-').ok_or_else(bad)?;
+    let a: u16 = a.trim().parse().map_err(|_| bad())?;
+    let b: u16 = b.trim().parse().map_err(|_| bad())?;
+    if a == 0 || b <= a {
+        return Err(format!(
+            "{s:?}: the range must hold at least two ports, not starting at 0"
+        ));
+    }
+    Ok((a, b))
+}
+
 /// What to do on stop: `stay` or `leave`.
 pub fn parse_on_stop(s: &str) -> Result<OnStop, String> {
     s.parse()
@@ -430,6 +450,7 @@ struct Raw {
     tags: Option<Spanned<Vec<Spanned<String>>>>,
     stun_servers: Option<Spanned<Vec<Spanned<String>>>>,
     no_relay: Option<Spanned<bool>>,
+    relay_ports: Option<Spanned<String>>,
     token_file: Option<Spanned<PathBuf>>,
     metrics_addr: Option<Spanned<String>>,
     log_level: Option<Spanned<String>>,
@@ -529,6 +550,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Options, ConfigError> {
         stun_servers: each(raw.stun_servers, "stun_servers", parse_stun_server, &at)?
             .map(|(_, v)| v),
         no_relay: raw.no_relay.map(Spanned::into_inner),
+        relay_ports: check(raw.relay_ports, "relay_ports", |s| parse_port_range(s), &at)?,
         token_file: raw.token_file.map(Spanned::into_inner),
         metrics_addr: check(
             raw.metrics_addr,
@@ -635,6 +657,7 @@ join_timeout_secs = 10
 tags = ["gpu", "compute", "gpu"]
 stun_servers = ["stun.example.net", "192.0.2.1:1234"]
 no_relay = true
+relay_ports = "40000-40100"
 token_file = "/etc/meshpeer/token"
 metrics_addr = "127.0.0.1:9477"
 log_level = "debug"
@@ -659,6 +682,7 @@ on_stop = "leave"
             ])
         );
         assert_eq!(o.no_relay, Some(true));
+        assert_eq!(o.relay_ports, Some((40000, 40100)));
         assert_eq!(o.metrics_addr, Some("127.0.0.1:9477".parse().unwrap()));
         assert_eq!(o.on_stop, Some(OnStop::Leave));
         let cfg = o.daemon_config(vec![]);
@@ -737,6 +761,11 @@ on_stop = "leave"
         assert!(m.contains("not an interface name"), "{m}");
         let (_, _, m) = err_at("name = \"Node 1\"");
         assert!(m.contains("host name label"), "{m}");
+        let (_, _, m) = err_at("relay_ports = \"9000-8000\"");
+        assert!(
+            m.starts_with("relay_ports:") && m.contains("at least two ports"),
+            "{m}"
+        );
         let (_, _, m) = err_at("stun_servers = [\"x:y\"]");
         assert!(m.contains("STUN server"), "{m}");
         // Not TOML at all.

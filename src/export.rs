@@ -288,6 +288,9 @@ mod tests {
             nat: "public".into(),
             mapped_endpoints: vec![],
             relaying: false,
+            relay_allocations: 0,
+            relay_forwarded: 0,
+            relay_dropped: 0,
             myself: None,
             members: vec![
                 m("node1", "10.77.0.1", MemberState::Myself, &["login"]),

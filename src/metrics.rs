@@ -19,6 +19,7 @@
 //! | `peer_relay{peer,relay}` | gauge (1) | the relay a relayed peer goes through |
 //! | `relaying` | gauge (0/1) | this node relays for others |
 //! | `relayed_peers` | gauge | members this node reaches through a relay |
+//! | `relay_allocations`, `relay_forwarded_datagrams`, `relay_dropped_datagrams` | gauge | relay use: pairs allocated now, datagrams forwarded and dropped by the current allocations |
 //! | `gossip_sent_bytes_total`, `gossip_received_bytes_total` | counter | gossip (QUIC) payload bytes |
 //! | `gossip_rounds_total`, `gossip_rounds_in_sync_total` | counter | rounds started, and those that found the other side in sync |
 //! | `gossip_values_stored_total`, `gossip_values_rejected_total` | counter | values stored from others, refused by validation |
@@ -278,6 +279,21 @@ pub fn render(
         "Members this node reaches through a relay",
         gauge(relayed as i64),
     );
+    reg.register(
+        "relay_allocations",
+        "Relayed pairs this node forwards for now (when relaying)",
+        gauge(s.relay_allocations as i64),
+    );
+    reg.register(
+        "relay_forwarded_datagrams",
+        "Sealed datagrams forwarded by the current relay allocations",
+        gauge(i64::try_from(s.relay_forwarded).unwrap_or(i64::MAX)),
+    );
+    reg.register(
+        "relay_dropped_datagrams",
+        "Datagrams dropped by the current relay allocations (wrong sender, over the rate)",
+        gauge(i64::try_from(s.relay_dropped).unwrap_or(i64::MAX)),
+    );
 
     reg.register_with_unit(
         "gossip_sent",
@@ -512,6 +528,9 @@ mod tests {
             nat: "public".into(),
             mapped_endpoints: vec![],
             relaying: true,
+            relay_allocations: 2,
+            relay_forwarded: 40,
+            relay_dropped: 1,
             myself: None,
             members,
         }
@@ -545,6 +564,9 @@ mod tests {
             "meshpeer_peer_relay{peer=\"c\",relay=\"r1\"} 1",
             "meshpeer_relaying 1",
             "meshpeer_relayed_peers 1",
+            "meshpeer_relay_allocations 2",
+            "meshpeer_relay_forwarded_datagrams 40",
+            "meshpeer_relay_dropped_datagrams 1",
             "meshpeer_gossip_sent_bytes_total 7",
             "meshpeer_gossip_received_bytes_total 8",
             "meshpeer_gossip_rounds_total 3",

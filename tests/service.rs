@@ -35,6 +35,7 @@ fn the_unit_is_hardened_and_verifies() {
         "StateDirectory=meshpeer",
         "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK",
         "ProtectKernelModules=yes",
+        "ProtectKernelTunables=yes",
         "SystemCallFilter=@system-service",
     ] {
         assert!(UNIT.lines().any(|l| l == line), "the unit lacks {line:?}");
@@ -43,7 +44,7 @@ fn the_unit_is_hardened_and_verifies() {
     for exception in [
         "ReadWritePaths=/etc",
         "PrivateDevices=no",
-        "ProtectKernelTunables=no",
+        "RuntimeDirectory=wireguard",
     ] {
         let lines: Vec<&str> = UNIT.lines().collect();
         let i = lines

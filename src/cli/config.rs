@@ -54,6 +54,7 @@ fn is_set(o: &meshpeer::config::Options, key: &str) -> bool {
         "tags" => o.tags.is_some(),
         "stun_servers" => o.stun_servers.is_some(),
         "no_relay" => o.no_relay.is_some(),
+        "relay_ports" => o.relay_ports.is_some(),
         "token_file" => o.token_file.is_some(),
         "metrics_addr" => o.metrics_addr.is_some(),
         "log_level" => o.log_level.is_some(),

@@ -147,6 +147,11 @@ pub struct RunArgs {
         value_parser = cfg::parse_stun_server
     )]
     pub stun_servers: Option<Vec<String>>,
+    /// UDP port range of relay allocations (two ports per relayed pair) on
+    /// a public member that relays: open it in the firewall there
+    /// [default: 52900-57899].
+    #[arg(long, env = "MESHPEER_RELAY_PORTS", value_parser = cfg::parse_port_range)]
+    pub relay_ports: Option<(u16, u16)>,
     /// Do not relay for members that cannot reach each other directly
     /// (public members relay by default). `--no-relay=false` undoes a
     /// `no_relay = true` in the config file.
@@ -210,6 +215,7 @@ impl RunArgs {
             tags,
             stun_servers: self.stun_servers.clone(),
             no_relay: self.no_relay,
+            relay_ports: self.relay_ports,
             token_file: None,
             metrics_addr: self.metrics_addr,
             log_level: self.log_level.clone(),

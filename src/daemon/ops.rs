@@ -127,15 +127,23 @@ pub(super) fn firewall_notice(cfg: &DaemonConfig, wg_port: u16, public: bool) {
         "liveness probes use {}/udp on the overlay interface {} only",
         cfg.probe_port, cfg.interface
     );
+    let relay = if cfg.relay {
+        format!(
+            ", {}-{}/udp (relay allocations)",
+            cfg.relay_ports.0, cfg.relay_ports.1
+        )
+    } else {
+        String::new()
+    };
+    let ports = format!(
+        "{wg_port}/udp (WireGuard), {}/udp (gossip){relay}",
+        cfg.gossip_port
+    );
     if public {
-        eprintln!(
-            "meshpeer: firewall: open {wg_port}/udp (WireGuard) and {}/udp (gossip) inbound on this node{metrics}; {probes}",
-            cfg.gossip_port
-        );
+        eprintln!("meshpeer: firewall: open {ports} inbound on this node{metrics}; {probes}");
     } else {
         eprintln!(
-            "meshpeer: firewall: this node looks behind NAT, nothing needs opening; with a public address open {wg_port}/udp (WireGuard) and {}/udp (gossip) inbound{metrics}; {probes}",
-            cfg.gossip_port
+            "meshpeer: firewall: this node looks behind NAT, nothing needs opening; with a public address open {ports} inbound{metrics}; {probes}"
         );
     }
 }
@@ -285,7 +293,7 @@ impl Node {
             advertise_addr: self.advertise.to_string(),
             wg_port: self.cfg.wg_port(),
             gossip_port: self.cfg.gossip_port,
-            relaying: self.relays() && self.traversal.forwarding(),
+            relaying: self.relays(),
             stun_servers: self.cfg.stun_servers.clone(),
             answers,
         }
@@ -356,6 +364,9 @@ impl Node {
         }
         if new.relay != old.relay {
             restart.push("no_relay");
+        }
+        if new.relay_ports != old.relay_ports {
+            restart.push("relay_ports");
         }
         if new.stun_servers != old.stun_servers {
             restart.push("stun_servers");
