@@ -240,3 +240,63 @@ fn bad_values_and_no_daemon_are_clear_errors() {
     }
     std::fs::remove_dir_all(&d).unwrap();
 }
+
+/// A `join` that cannot reach its seed logs (the ports line at info) and
+/// fails within a second: enough to see the log's form and level.
+#[test]
+fn logs_are_plain_off_a_terminal_and_the_level_is_chosen() {
+    let founder = scratch("founder");
+    let f = founder.to_str().unwrap();
+    let out = meshpeer(
+        &["init", "--network", "10.77.0.0/16", "--state-dir", f],
+        &[],
+    );
+    let token = founder.join("token");
+    std::fs::write(&token, ok(&out)).unwrap();
+    let joiner = scratch("joiner");
+    let _ = std::fs::remove_dir_all(&joiner);
+    let join = |extra: &[&str], env: &[(&str, &str)]| -> String {
+        let mut args = vec![
+            "join",
+            "127.0.0.1:9",
+            "--token-file",
+            token.to_str().unwrap(),
+            "--state-dir",
+            joiner.to_str().unwrap(),
+            "--gossip-port",
+            "0",
+            "--join-timeout-secs",
+            "1",
+        ];
+        args.extend_from_slice(extra);
+        let mut env = env.to_vec();
+        env.push(("NO_COLOR", ""));
+        fails_with(&meshpeer(&args, &env), "nothing answered at 127.0.0.1:9")
+    };
+    let info_line = "ports this node uses";
+    // stderr is a pipe here: no ANSI colour codes, even at debug.
+    let err = join(&["--log-level", "debug"], &[]);
+    assert!(err.contains(info_line), "{err}");
+    assert!(
+        !err.contains('\u{1b}'),
+        "colour codes in a piped log: {err:?}"
+    );
+    // --log-level beats RUST_LOG; RUST_LOG beats the file; the file beats the default.
+    let err = join(&["--log-level", "warn"], &[("RUST_LOG", "info")]);
+    assert!(!err.contains(info_line), "{err}");
+    let err = join(&["--log-level", "info"], &[("RUST_LOG", "warn")]);
+    assert!(err.contains(info_line), "{err}");
+    let conf = founder.join("c.toml");
+    std::fs::write(&conf, "log_level = \"warn\"\n").unwrap();
+    let c = conf.to_str().unwrap();
+    let err = join(&["--config", c], &[("RUST_LOG", "info")]);
+    assert!(err.contains(info_line), "{err}");
+    let err = join(&["--config", c], &[("RUST_LOG", "")]);
+    assert!(!err.contains(info_line), "{err}");
+    let err = join(&["--config", c], &[("MESHPEER_LOG_LEVEL", "info")]);
+    assert!(err.contains(info_line), "{err}");
+    // The firewall notice is printed whatever the level.
+    assert!(err.contains("firewall:"), "{err}");
+    assert!(!joiner.exists(), "a failed join left its state behind");
+    std::fs::remove_dir_all(&founder).unwrap();
+}

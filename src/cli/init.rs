@@ -209,13 +209,15 @@ pub fn init(a: InitArgs, file: &meshpeer::config::Options) -> anyhow::Result<()>
     eprintln!(
         "created network {cidr}; this node is {} at {}. Start it with `meshpeer up`; join others with the token below ({}).\n\
          The network key is in {} (back it up; only this node can invite and revoke).\n\
-         Ports: WireGuard {}/udp and gossip {}/udp must be open on public members.",
+         Ports: WireGuard {}/udp, gossip {}/udp and relay allocations {}-{}/udp must be open on public members (README: Firewall).",
         state.name,
         ipalloc::first_host(cidr),
         describe_expiry(a.expires_in),
         dir.file("network.key").display(),
         meshpeer::DEFAULT_WG_PORT,
         meshpeer::DEFAULT_GOSSIP_PORT,
+        meshpeer::relay::DEFAULT_PORTS.0,
+        meshpeer::relay::DEFAULT_PORTS.1,
     );
     println!("{}", token.to_text());
     Ok(())

@@ -143,7 +143,7 @@ pub(super) fn firewall_notice(cfg: &DaemonConfig, wg_port: u16, public: bool) {
         eprintln!("meshpeer: firewall: open {ports} inbound on this node{metrics}; {probes}");
     } else {
         eprintln!(
-            "meshpeer: firewall: this node looks behind NAT, nothing needs opening; with a public address open {ports} inbound{metrics}; {probes}"
+            "meshpeer: firewall: this node looks behind NAT: nothing needs opening inbound (it uses {ports}{metrics}); {probes}"
         );
     }
 }
