@@ -561,7 +561,7 @@ impl Node {
 
     /// The daemon's environment: ours, less the meshpeer settings that would
     /// change what the test expects (the flags it passes, the default ports,
-    /// the advertised address). MESHPEER_BACKEND is passed on, to let a run
+    /// the advertised address, a config file, tags, metrics, the log level). MESHPEER_BACKEND is passed on, to let a run
     /// force a backend.
     fn env(&self, c: &mut Command) {
         for var in [
@@ -572,6 +572,13 @@ impl Node {
             "MESHPEER_GOSSIP_PORT",
             "MESHPEER_ADVERTISE_ADDR",
             "MESHPEER_NO_RELAY",
+            "MESHPEER_CONFIG",
+            "MESHPEER_NAME",
+            "MESHPEER_TAGS",
+            "MESHPEER_WITH_TAG",
+            "MESHPEER_METRICS_ADDR",
+            "MESHPEER_LOG_LEVEL",
+            "MESHPEER_ON_STOP",
         ] {
             c.env_remove(var);
         }
