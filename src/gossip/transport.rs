@@ -270,6 +270,13 @@ impl QuicTransport {
         send_to(&self.shared, to, msg);
     }
 
+    /// Queues `bytes` as one gossip message to `to`, as they are. Only for
+    /// tests that play a hostile member (crafted or malformed messages).
+    #[doc(hidden)]
+    pub fn send_raw(&self, to: SocketAddr, bytes: Vec<u8>) {
+        queue_bytes(&self.shared, to, bytes);
+    }
+
     /// Sends one request to `addr` and returns the raw reply, within
     /// `limit` (half of it for the QUIC handshake).
     pub async fn request(
@@ -451,6 +458,12 @@ async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection) {
     };
     let peer = Arc::new(peer);
     loop {
+        // Revoked since the handshake: the connection ends here.
+        if shared.trust.peer_revoked(&peer) {
+            tracing::info!(%remote, "closing the connection of a revoked member");
+            conn.close(0x2u32.into(), b"revoked");
+            break;
+        }
         tokio::select! {
             uni = conn.accept_uni() => {
                 let Ok(stream) = uni else { break };
@@ -462,6 +475,9 @@ async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection) {
                     }
                 };
                 shared.bytes_in.fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                if shared.trust.peer_revoked(&peer) {
+                    continue;
+                }
                 if !peer.stamped {
                     tracing::debug!(%remote, "gossip from a joiner that is not admitted yet; dropped");
                     continue;
@@ -502,6 +518,9 @@ async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection) {
                         }
                     };
                     let Some(inbound) = shared.inbound.get() else { return };
+                    if shared.trust.peer_revoked(&peer) {
+                        return;
+                    }
                     let reply = inbound.request(remote, &peer, req);
                     use std::sync::atomic::Ordering::Relaxed;
                     shared.bytes_in.fetch_add(bytes.len() as u64, Relaxed);
@@ -533,6 +552,10 @@ fn send_to(shared: &Arc<Shared>, to: SocketAddr, msg: &ChitchatMessage) {
     }
     let mut bytes = Vec::with_capacity(msg.serialized_len());
     msg.serialize(&mut bytes);
+    queue_bytes(shared, to, bytes);
+}
+
+fn queue_bytes(shared: &Arc<Shared>, to: SocketAddr, bytes: Vec<u8>) {
     let mut senders = lock(&shared.senders);
     let tx = match senders.get(&to) {
         Some(tx) if !tx.is_closed() => tx.clone(),
