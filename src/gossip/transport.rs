@@ -172,6 +172,24 @@ struct Shared {
     expected: Mutex<std::collections::HashSet<SocketAddr>>,
     bytes_out: std::sync::atomic::AtomicU64,
     bytes_in: std::sync::atomic::AtomicU64,
+    /// When each address was last warned about (bad input is logged at
+    /// warning level once a minute per address).
+    warned: Mutex<HashMap<std::net::IpAddr, Instant>>,
+}
+
+fn warn_once_a_minute(shared: &Shared, remote: SocketAddr) -> bool {
+    let now = Instant::now();
+    let mut w = lock(&shared.warned);
+    if w.len() > 1024 {
+        w.retain(|_, t| now.saturating_duration_since(*t) < Duration::from_secs(60));
+    }
+    match w.get(&remote.ip()) {
+        Some(t) if now.saturating_duration_since(*t) < Duration::from_secs(60) => false,
+        _ => {
+            w.insert(remote.ip(), now);
+            true
+        }
+    }
 }
 
 /// A QUIC endpoint carrying gossip and requests; cheap to clone.
@@ -207,6 +225,7 @@ impl QuicTransport {
             expected: Mutex::new(Default::default()),
             bytes_out: 0.into(),
             bytes_in: 0.into(),
+            warned: Mutex::new(HashMap::new()),
         });
         tokio::spawn(accept_loop(shared.clone()));
         Ok(Self { shared })
@@ -485,7 +504,11 @@ async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection) {
                 let msg = match ChitchatMessage::deserialize(&mut bytes.as_slice()) {
                     Ok(m) => m,
                     Err(e) => {
-                        tracing::warn!(%remote, error = %e, "dropped a malformed gossip message");
+                        if warn_once_a_minute(&shared, remote) {
+                            tracing::warn!(%remote, error = %e, "dropped a malformed gossip message (more from this address are logged at debug level for a minute)");
+                        } else {
+                            tracing::debug!(%remote, error = %e, "dropped a malformed gossip message");
+                        }
                         continue;
                     }
                 };
@@ -513,7 +536,9 @@ async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection) {
                     let req = match proto::decode::<Request>("request", &bytes) {
                         Ok(r) => r,
                         Err(e) => {
-                            tracing::warn!(%remote, error = %e, "dropped a malformed request");
+                            if warn_once_a_minute(&shared, remote) {
+                                tracing::warn!(%remote, error = %e, "dropped a malformed request");
+                            }
                             return;
                         }
                     };
