@@ -105,6 +105,13 @@ impl TrustState {
             .update(list, text)
     }
 
+    /// Whether a peer that was admitted at its handshake has been revoked
+    /// since (its node key or its token).
+    pub fn peer_revoked(&self, peer: &PeerIdentity) -> bool {
+        let r = self.revoked.read().unwrap_or_else(|p| p.into_inner());
+        r.node_revoked(&peer.node_key) || r.token_revoked(&peer.admission.token_id)
+    }
+
     /// Checks a peer's credential: a member's (admission and stamp), or a
     /// joiner's (admission only, its token unexpired now).
     pub fn check_credential(
