@@ -71,6 +71,7 @@ pub const KEYS: &[&str] = &[
     "metrics_addr",
     "log_level",
     "on_stop",
+    "ephemeral",
 ];
 
 /// What the daemon does when it is stopped (SIGTERM, SIGINT).
@@ -131,6 +132,7 @@ pub struct Options {
     pub metrics_addr: Option<SocketAddr>,
     pub log_level: Option<String>,
     pub on_stop: Option<OnStop>,
+    pub ephemeral: Option<bool>,
 }
 
 macro_rules! layer {
@@ -163,15 +165,26 @@ impl Options {
             token_file,
             metrics_addr,
             log_level,
-            on_stop
+            on_stop,
+            ephemeral
         )
     }
 
-    /// The state directory (default [`crate::DEFAULT_STATE_DIR`]).
+    /// The state directory (default [`crate::DEFAULT_STATE_DIR`], or
+    /// [`crate::DEFAULT_EPHEMERAL_STATE_DIR`] for an ephemeral node).
     pub fn state_dir(&self) -> PathBuf {
-        self.state_dir
-            .clone()
-            .unwrap_or_else(|| PathBuf::from(crate::DEFAULT_STATE_DIR))
+        self.state_dir.clone().unwrap_or_else(|| {
+            PathBuf::from(if self.ephemeral() {
+                crate::DEFAULT_EPHEMERAL_STATE_DIR
+            } else {
+                crate::DEFAULT_STATE_DIR
+            })
+        })
+    }
+
+    /// Whether the node is ephemeral (default: no).
+    pub fn ephemeral(&self) -> bool {
+        self.ephemeral.unwrap_or(false)
     }
 
     /// The daemon's configuration, defaults filled in. Values were checked
@@ -202,7 +215,12 @@ impl Options {
             ),
             tags: self.tags.clone().unwrap_or_default(),
             metrics_addr: self.metrics_addr,
-            on_stop: self.on_stop.unwrap_or_default(),
+            on_stop: if self.ephemeral() {
+                OnStop::Leave
+            } else {
+                self.on_stop.unwrap_or_default()
+            },
+            ephemeral: self.ephemeral(),
         }
     }
 
@@ -455,6 +473,7 @@ struct Raw {
     metrics_addr: Option<Spanned<String>>,
     log_level: Option<Spanned<String>>,
     on_stop: Option<Spanned<String>>,
+    ephemeral: Option<Spanned<bool>>,
 }
 
 /// A checked list and the place of the whole list.
@@ -560,6 +579,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Options, ConfigError> {
         )?,
         log_level: check(raw.log_level, "log_level", |s| parse_log_level(s), &at)?,
         on_stop: check(raw.on_stop, "on_stop", |s| parse_on_stop(s), &at)?,
+        ephemeral: raw.ephemeral.map(Spanned::into_inner),
     })
 }
 

@@ -66,6 +66,9 @@ pub const DEFAULT_GOSSIP_PORT: u16 = 51821;
 pub const DEFAULT_INTERFACE: &str = "mp0";
 /// Default state directory.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/meshpeer";
+/// Default state directory of an ephemeral node (`--ephemeral`): a tmpfs,
+/// gone at reboot.
+pub const DEFAULT_EPHEMERAL_STATE_DIR: &str = "/run/meshpeer";
 
 #[cfg(test)]
 mod tests {

@@ -76,6 +76,9 @@ pub struct MemberStatus {
     pub rx_bytes: u64,
     pub tx_bytes: u64,
     pub tags: Vec<String>,
+    /// A stateless member (`--ephemeral`), forgotten soon after it goes down.
+    #[serde(default)]
+    pub ephemeral: bool,
     /// What it claims that another member holds (it does not get it here).
     #[serde(default)]
     pub conflict: Option<String>,
@@ -291,6 +294,7 @@ mod tests {
             rx_bytes: 0,
             tx_bytes: 2048,
             tags: vec![],
+            ephemeral: false,
             conflict: None,
         };
         let s = Status {

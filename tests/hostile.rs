@@ -245,6 +245,7 @@ fn a_hostile_member_cannot_take_forge_crash_or_silence() {
                     left: false,
                     nat: NatKind::Public,
                     relay: false,
+                    ephemeral: false,
                     admission: admission.clone(),
                     stamp: stamp.clone(),
                 };

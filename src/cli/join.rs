@@ -223,7 +223,7 @@ pub async fn join(
 }
 
 fn remove_fresh_state(path: &std::path::Path) {
-    for f in ["node.key", "wireguard.key", "state.json", "membership.json"] {
+    for f in StateDir::IDENTITY_FILES {
         let _ = std::fs::remove_file(path.join(f));
     }
     let _ = std::fs::remove_dir(path);

@@ -91,14 +91,23 @@ pub struct StateArgs {
 
 impl StateArgs {
     /// The state directory: flag or environment, else the config file, else
-    /// the default.
+    /// the default; when nothing names one and no node lives in the
+    /// default, an ephemeral node's (so `status` finds a node started with
+    /// `--ephemeral`).
     pub fn resolve(&self, file: &Options) -> PathBuf {
-        Options {
+        let o = Options {
             state_dir: self.state_dir.clone(),
             ..Default::default()
         }
-        .or(file.clone())
-        .state_dir()
+        .or(file.clone());
+        let dir = o.state_dir();
+        if o.state_dir.is_none() && !o.ephemeral() {
+            let eph = PathBuf::from(meshpeer::DEFAULT_EPHEMERAL_STATE_DIR);
+            if !dir.join("membership.json").exists() && eph.join("membership.json").exists() {
+                return eph;
+            }
+        }
+        dir
     }
 }
 
@@ -183,6 +192,20 @@ pub struct RunArgs {
     /// [default: stay]. Changes on SIGHUP.
     #[arg(long, env = "MESHPEER_ON_STOP", value_parser = cfg::parse_on_stop)]
     pub on_stop: Option<OnStop>,
+    /// A stateless node that joins afresh on every boot: keys and state in
+    /// /run/meshpeer (unless --state-dir), a leave on every stop (whatever
+    /// --on-stop says) after which its identity is deleted, and members
+    /// forget it 60 s after a crash. Give it a reusable, expiring token
+    /// (`invite --expires-in 30d`) with --token-file.
+    #[arg(
+        long,
+        env = "MESHPEER_EPHEMERAL",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub ephemeral: Option<bool>,
 }
 
 #[derive(Args, Debug)]
@@ -220,6 +243,7 @@ impl RunArgs {
             metrics_addr: self.metrics_addr,
             log_level: self.log_level.clone(),
             on_stop: self.on_stop,
+            ephemeral: self.ephemeral,
         })
     }
 }

@@ -104,8 +104,13 @@ pub struct DaemonConfig {
     pub relay_ports: (u16, u16),
     /// Where to serve Prometheus metrics (`GET /metrics`); off when `None`.
     pub metrics_addr: Option<SocketAddr>,
-    /// Leave the mesh when stopped, or stay a member.
+    /// Leave the mesh when stopped, or stay a member (always leave when
+    /// ephemeral).
     pub on_stop: crate::config::OnStop,
+    /// A stateless node: its record says so (members forget it soon after
+    /// it goes down), it leaves when stopped and then deletes its identity,
+    /// so its next start is a fresh join.
+    pub ephemeral: bool,
 }
 
 impl DaemonConfig {
@@ -213,6 +218,8 @@ pub(crate) struct Node {
     alloc_tx: mpsc::Sender<AllocAnswer>,
     /// Metrics endpoint and the like (`ops.rs`).
     ops: ops::Ops,
+    /// Set once this node published its leave.
+    left: bool,
 }
 
 /// An answer to an allocation request: (peer, relay) WireGuard keys, and
@@ -234,6 +241,13 @@ pub async fn run_with_reload(
 ) -> anyhow::Result<()> {
     let mut cfg = cfg;
     let dir = StateDir::open(&cfg.state_dir)?;
+    if cfg.ephemeral && dir.file("network.key").exists() {
+        anyhow::bail!(
+            "{} holds the network key (this node ran `init`): it cannot be ephemeral, \
+             it would delete its identity on stop",
+            cfg.state_dir.display()
+        );
+    }
     let id = Identity::load(&dir)?;
     let (network, admission, stamp) = load_network(&dir)?;
     let mut state = dir.load_state()?;
@@ -554,6 +568,7 @@ pub async fn run_with_reload(
         ip_since: Instant::now(),
         fed: Default::default(),
         published_record: None,
+        left: false,
         last_change: Instant::now(),
         relay,
         alloc_tx,
@@ -642,6 +657,13 @@ pub async fn run_with_reload(
     node.gossip.shutdown().await;
     node.wg.destroy().await;
     control_task.abort();
+    if node.cfg.ephemeral && node.left {
+        // An ephemeral node that left is done with its identity: the next
+        // start joins afresh (a crash keeps it, for a restart in place).
+        let _ = std::fs::remove_file(node.dir.control_socket());
+        node.dir.forget_identity();
+        tracing::info!(state_dir = %node.cfg.state_dir.display(), "ephemeral node: identity deleted");
+    }
     if let Some(r) = leave_reply {
         r.answer(Reply::Left).await;
     }
@@ -719,6 +741,7 @@ impl Node {
             observed: &self.traversal.observed_self,
             local_nets: &local,
             relay,
+            ephemeral: self.cfg.ephemeral,
             left,
             tags: &self.cfg.tags,
             version,
@@ -808,6 +831,7 @@ impl Node {
     /// Publishes a signed leave record and pushes it to members for a while.
     async fn leave(&mut self) {
         tracing::info!("leaving the mesh");
+        self.left = true;
         if let Err(e) = self.republish(true).await {
             tracing::warn!(error = %format!("{e:#}"), "cannot publish the leave record");
         }

@@ -371,6 +371,9 @@ impl Node {
         if new.stun_servers != old.stun_servers {
             restart.push("stun_servers");
         }
+        if new.ephemeral != old.ephemeral {
+            restart.push("ephemeral");
+        }
         if restart.is_empty() {
             tracing::info!(applied = ?applied, "configuration reloaded");
         } else {
@@ -386,7 +389,11 @@ impl Node {
                 "shutting down, staying a member (members will mark this node down until it is back)"
             ),
             OnStop::Leave => {
-                tracing::info!("shutting down and leaving the mesh (--on-stop leave)");
+                if self.cfg.ephemeral {
+                    tracing::info!("shutting down and leaving the mesh (ephemeral node)");
+                } else {
+                    tracing::info!("shutting down and leaving the mesh (--on-stop leave)");
+                }
                 self.leave().await;
             }
         }
