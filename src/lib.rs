@@ -18,6 +18,7 @@
 //! See ARCHITECTURE.md for the data flow and the invariants.
 
 pub mod admission;
+pub mod clock;
 pub mod config;
 pub mod control;
 pub mod daemon;
@@ -37,6 +38,8 @@ pub mod record;
 pub mod relay;
 pub mod state;
 pub mod status;
+#[doc(hidden)]
+pub mod testing;
 pub mod trust;
 pub mod wg;
 
