@@ -116,19 +116,22 @@ impl TrustState {
     ) -> Result<PeerIdentity, AdmissionError> {
         let revoked = self.revoked.read().unwrap_or_else(|p| p.into_inner());
         let now = self.now_unix();
-        let (admission, stamped) = match &credential.stamp {
-            Some(stamp) => (
-                admission::verify_credential(
-                    &credential.admission,
-                    stamp,
-                    &self.network.key,
-                    node_key,
-                    now,
-                    &revoked,
-                )?,
-                true,
-            ),
-            None => (
+        let member = credential.stamp.as_ref().map(|stamp| {
+            admission::verify_credential(
+                &credential.admission,
+                stamp,
+                &self.network.key,
+                node_key,
+                now,
+                &revoked,
+            )
+        });
+        let (admission, stamped) = match member {
+            Some(Ok(a)) => (a, true),
+            Some(Err(e)) if !matches!(e, AdmissionError::StamperRevoked(_)) => return Err(e),
+            // No stamp (a joiner), or one made by a member revoked since: a
+            // joiner, who may ask for a (new) stamp while its token is good.
+            _ => (
                 admission::verify_joiner(
                     &credential.admission,
                     &self.network.key,

@@ -155,6 +155,24 @@ pub fn load_network(dir: &StateDir) -> anyhow::Result<(Network, Signed, Option<S
     Ok((Network { key, cidr: m.cidr }, admission, stamp))
 }
 
+/// Checks our own credential against the current revocations.
+fn own_credential(
+    trust: &TrustState,
+    id: &Identity,
+    admission: &Signed,
+    stamp: &Signed,
+) -> Result<(), crate::admission::AdmissionError> {
+    crate::admission::verify_credential(
+        admission,
+        stamp,
+        &trust.network.key,
+        &id.node_key(),
+        trust.now_unix(),
+        &trust.revocations(),
+    )
+    .map(|_| ())
+}
+
 fn save_stamp(dir: &StateDir, stamp: &Signed) -> anyhow::Result<()> {
     let mut m: MembershipFile = dir
         .read_json("membership.json")?
@@ -215,6 +233,13 @@ pub(crate) struct Node {
     ops: ops::Ops,
     /// Set once this node published its leave.
     left: bool,
+    /// Re-stamping (our stamper was revoked): when to ask next, and where
+    /// the new stamp arrives.
+    restamp_at: Option<Instant>,
+    restamp_tx: mpsc::Sender<Signed>,
+    /// Set when a revocation names this node or its token: the daemon
+    /// stops with this reason.
+    self_revoked: Option<String>,
 }
 
 /// An answer to an allocation request: (peer, relay) WireGuard keys, and
@@ -268,6 +293,22 @@ pub async fn run_with_reload(
             Err(e) => tracing::warn!(error = %e, "ignoring the stored revocation list"),
         }
     }
+    // A stamp by a member revoked since is void: ask for a new one below,
+    // as a joiner does (granted while our token is good).
+    if let Some(s) = &stamp {
+        if let Err(crate::admission::AdmissionError::Revoked(what)) =
+            own_credential(&trust, &id, &admission, s)
+        {
+            anyhow::bail!("this node was revoked ({what}); it is no longer a member of the mesh");
+        }
+    }
+    let stamp = stamp.filter(|s| match own_credential(&trust, &id, &admission, s) {
+        Err(crate::admission::AdmissionError::StamperRevoked(by)) => {
+            tracing::warn!(stamper = %by, "the member that admitted this node was revoked; asking for a new stamp");
+            false
+        }
+        _ => true,
+    });
 
     // Gossip endpoint (mutual TLS from the node key and its credential).
     let credential = Credential {
@@ -529,6 +570,7 @@ pub async fn run_with_reload(
 
     let (acks_tx, mut acks_rx) = mpsc::channel(1024);
     let (alloc_tx, mut alloc_rx) = mpsc::channel::<AllocAnswer>(256);
+    let (restamp_tx, mut restamp_rx) = mpsc::channel::<Signed>(1);
     let wg_public = id.wg_public();
     let liveness = Liveness::new(network.key, id.node_key(), rand::random());
     let mut node = Node {
@@ -564,6 +606,9 @@ pub async fn run_with_reload(
         fed: Default::default(),
         published_record: None,
         left: false,
+        restamp_at: None,
+        restamp_tx,
+        self_revoked: None,
         last_change: Instant::now(),
         relay,
         alloc_tx,
@@ -584,7 +629,15 @@ pub async fn run_with_reload(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut leave_reply = None;
     let answered = node.traversal.answered();
+    let mut exit_error = None;
     loop {
+        if let Some(why) = node.self_revoked.take() {
+            tracing::error!(%why, "this node was revoked: it is no longer a member; stopping");
+            exit_error = Some(anyhow!(
+                "this node was revoked ({why}); it is no longer a member of the mesh"
+            ));
+            break;
+        }
         let small = tick.period() <= TICK;
         let liveness_at = node
             .liveness
@@ -599,6 +652,7 @@ pub async fn run_with_reload(
                 node.step_or_warn().await;
             }
             _ = answered.notified() => node.on_stun_answer().await,
+            Some(stamp) = restamp_rx.recv() => node.on_new_stamp(stamp).await,
             Some((peer, relay, endpoint)) = alloc_rx.recv() => {
                 node.traversal.handle_allocation(&peer, &relay, endpoint);
                 node.step_or_warn().await;
@@ -661,6 +715,9 @@ pub async fn run_with_reload(
     }
     if let Some(r) = leave_reply {
         r.answer(Reply::Left).await;
+    }
+    if let Some(e) = exit_error {
+        return Err(e);
     }
     Ok(())
 }
