@@ -229,6 +229,10 @@ pub(crate) struct Node {
     relay: relay::RelayServer,
     /// Answers to our allocation requests: (peer, relay, endpoint).
     alloc_tx: mpsc::Sender<AllocAnswer>,
+    /// The last allocation request (Allocate or Release) sent per (peer,
+    /// relay): the next one for the same pair waits for it, so a release
+    /// never overtakes the allocation asked for after it (`step.rs`).
+    alloc_chain: relay::RequestChain<([u8; 32], [u8; 32])>,
     /// Metrics endpoint and the like (`ops.rs`).
     ops: ops::Ops,
     /// Set once this node published its leave.
@@ -318,7 +322,8 @@ pub async fn run_with_reload(
     let cert = tls::NodeCert::new(&id.signing, &credential)?;
     let (server, client) = tls::quic_configs(&cert, trust.clone())?;
     let bind: SocketAddr = (std::net::Ipv4Addr::UNSPECIFIED, cfg.gossip_port).into();
-    let transport = QuicTransport::bind(bind, server, client, trust.clone())
+    let reset = crate::gossip::transport::reset_secret(&id.signing.to_bytes());
+    let transport = QuicTransport::bind_with_reset_secret(bind, server, client, trust.clone(), Some(reset))
         .with_context(|| format!("cannot bind the gossip port udp/{} (is another meshpeer running in this network namespace?)", cfg.gossip_port))?;
 
     // Seeds: the ones given now, then the members known from last time.
@@ -612,6 +617,7 @@ pub async fn run_with_reload(
         last_change: Instant::now(),
         relay,
         alloc_tx,
+        alloc_chain: Default::default(),
         ops,
     };
     if let Err(e) = node.republish(false).await {

@@ -286,3 +286,79 @@ async fn forward(
         }
     }
 }
+
+/// Requests that must reach their destination in the order they were
+/// made, per key (our allocation requests to one relay for one peer: a
+/// `Release` must not overtake the `Allocate` asked for after it, nor the
+/// other way round). Each pushed request runs in its own task once the
+/// previous one for its key has finished; keys are independent.
+pub struct RequestChain<K> {
+    last: HashMap<K, JoinHandle<()>>,
+}
+
+impl<K> Default for RequestChain<K> {
+    fn default() -> Self {
+        Self {
+            last: HashMap::new(),
+        }
+    }
+}
+
+impl<K: std::hash::Hash + Eq> RequestChain<K> {
+    /// Runs `request` after the previous request pushed for `key`.
+    pub fn push<F>(&mut self, key: K, request: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.last.retain(|_, h| !h.is_finished());
+        let prev = self.last.remove(&key);
+        let h = tokio::spawn(async move {
+            if let Some(p) = prev {
+                let _ = p.await;
+            }
+            request.await;
+        });
+        self.last.insert(key, h);
+    }
+
+    /// Keys with a request not finished yet.
+    #[cfg(test)]
+    pub fn pending(&self) -> usize {
+        self.last.values().filter(|h| !h.is_finished()).count()
+    }
+}
+
+#[cfg(test)]
+mod chain_tests {
+    use super::RequestChain;
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    /// A release that is slow to go out (the relay's answer takes a while)
+    /// still reaches the relay before the allocation asked for after it,
+    /// as when a relay flaps: down (release), up again (allocate).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_later_request_waits_for_the_earlier_one_of_its_key() {
+        let log = Arc::new(Mutex::new(Vec::<&'static str>::new()));
+        let mut chain = RequestChain::default();
+        let l = log.clone();
+        chain.push(("peer", "relay"), async move {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            l.lock().unwrap().push("release");
+        });
+        let l = log.clone();
+        chain.push(("peer", "relay"), async move {
+            l.lock().unwrap().push("allocate");
+        });
+        // Another pair is not held up by the slow one.
+        let l = log.clone();
+        chain.push(("other", "relay"), async move {
+            l.lock().unwrap().push("other");
+        });
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while chain.pending() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(*log.lock().unwrap(), vec!["other", "release", "allocate"]);
+    }
+}

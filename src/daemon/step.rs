@@ -398,11 +398,34 @@ impl Node {
     /// Asks relays for the allocations our relayed peers need, and gives
     /// back the ones no longer needed (requests over QUIC, in tasks; the
     /// answers come back to the loop).
+    ///
+    /// Requests for one (peer, relay) pair go out in the order they were
+    /// planned, each after the previous one was answered: a relay that
+    /// flaps (down, then up again a moment later) makes us release its
+    /// allocation and ask for it again, and a release that overtook the
+    /// new request would take away the allocation just handed to us (the
+    /// relay answers a request for a pair it already serves with the same
+    /// port), leaving the pair on a dead port for good.
     fn exchange_allocations(&mut self) {
         let lookup = |m: &Membership, wg: &[u8; 32]| {
             m.by_wg_key(wg)
                 .map(|x| (x.record.node_key, x.record.gossip_addr))
         };
+        for (peer, relay) in self.traversal.take_alloc_releases() {
+            let (Some((peer_key, _)), Some((_, relay_addr))) = (
+                lookup(&self.membership, &peer),
+                lookup(&self.membership, &relay),
+            ) else {
+                continue;
+            };
+            let transport = self.gossip.transport.clone();
+            self.alloc_chain.push((peer, relay), async move {
+                let req = crate::gossip::transport::Request::Release { peer: peer_key };
+                let _ = transport
+                    .request(relay_addr, &req, Duration::from_secs(8))
+                    .await;
+            });
+        }
         for (peer, relay) in self.traversal.take_alloc_requests() {
             let (Some((peer_key, _)), Some((_, relay_addr))) = (
                 lookup(&self.membership, &peer),
@@ -412,7 +435,7 @@ impl Node {
             };
             let transport = self.gossip.transport.clone();
             let tx = self.alloc_tx.clone();
-            tokio::spawn(async move {
+            self.alloc_chain.push((peer, relay), async move {
                 let req = crate::gossip::transport::Request::Allocate { peer: peer_key };
                 let endpoint = match transport
                     .request(relay_addr, &req, Duration::from_secs(8))
@@ -437,21 +460,6 @@ impl Node {
                     }
                 };
                 let _ = tx.send((peer, relay, endpoint)).await;
-            });
-        }
-        for (peer, relay) in self.traversal.take_alloc_releases() {
-            let (Some((peer_key, _)), Some((_, relay_addr))) = (
-                lookup(&self.membership, &peer),
-                lookup(&self.membership, &relay),
-            ) else {
-                continue;
-            };
-            let transport = self.gossip.transport.clone();
-            tokio::spawn(async move {
-                let req = crate::gossip::transport::Request::Release { peer: peer_key };
-                let _ = transport
-                    .request(relay_addr, &req, Duration::from_secs(8))
-                    .await;
             });
         }
     }

@@ -676,9 +676,14 @@ impl Traversal {
         relay: &[u8; 32],
         endpoint: Option<SocketAddr>,
     ) {
-        if let Some(a) = self.allocations.get_mut(peer) {
-            if &a.relay == relay {
-                a.endpoint = endpoint;
+        match self.allocations.get_mut(peer) {
+            Some(a) if &a.relay == relay => a.endpoint = endpoint,
+            // An answer from a relay we moved away from meanwhile (it
+            // flapped): give that allocation back.
+            _ => {
+                if endpoint.is_some() {
+                    self.alloc_releases.push((*peer, *relay));
+                }
             }
         }
     }

@@ -212,7 +212,39 @@ impl QuicTransport {
         client: quinn::ClientConfig,
         trust: Arc<TrustState>,
     ) -> std::io::Result<Self> {
-        let endpoint = quinn::Endpoint::server(server, addr)?;
+        Self::bind_with_reset_secret(addr, server, client, trust, None)
+    }
+
+    /// [`QuicTransport::bind`] with the key of QUIC stateless resets
+    /// derived from `reset_secret`, which must stay the same across
+    /// restarts of this node (see [`reset_secret`]). A member that was
+    /// killed and restarted then answers the packets of connections it no
+    /// longer knows with a reset its peers accept (RFC 9000 §10.3), and
+    /// they connect again at once. With a random key (quinn's default) the
+    /// peers cannot tell the reset from noise and keep sending into the
+    /// dead connection until it idles out (180 s): no gossip and no
+    /// requests (relay allocations, pings) reach the member meanwhile.
+    pub fn bind_with_reset_secret(
+        addr: SocketAddr,
+        server: quinn::ServerConfig,
+        client: quinn::ClientConfig,
+        trust: Arc<TrustState>,
+        reset_secret: Option<[u8; 32]>,
+    ) -> std::io::Result<Self> {
+        let config = match reset_secret {
+            Some(s) => quinn::EndpointConfig::new(Arc::new(ring::hmac::Key::new(
+                ring::hmac::HMAC_SHA256,
+                &s,
+            ))),
+            None => quinn::EndpointConfig::default(),
+        };
+        let socket = std::net::UdpSocket::bind(addr)?;
+        let endpoint = quinn::Endpoint::new(
+            config,
+            Some(server),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )?;
         let shared = Arc::new(Shared {
             endpoint,
             client: Mutex::new(client),
@@ -332,6 +364,17 @@ impl QuicTransport {
     pub fn close(&self) {
         self.shared.endpoint.close(0u32.into(), b"bye");
     }
+}
+
+/// The secret of a node's QUIC stateless-reset key: a hash of its node
+/// key's secret, domain-separated, so it survives restarts and says
+/// nothing about the node key.
+pub fn reset_secret(node_secret: &[u8; 32]) -> [u8; 32] {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    h.update(b"meshpeer quic stateless reset key v1\0");
+    h.update(node_secret);
+    h.finalize().into()
 }
 
 fn other(addr: SocketAddr, e: impl std::fmt::Display) -> ProbeError {

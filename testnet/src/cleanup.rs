@@ -279,6 +279,50 @@ pub fn cleanup_prefix(prefix: &str) -> CleanupStats {
     st
 }
 
+/// What is left of run `prefix` (after its cleanup): namespaces with the
+/// prefix, processes whose command line names its work directory (every
+/// daemon's `--state-dir` is in it) or that live in one of its namespaces,
+/// UAPI sockets with the prefix, the work directory and the registry entry.
+pub fn leftovers(prefix: &str, work: &std::path::Path) -> serde_json::Value {
+    let names = namespaces_with_prefix(prefix);
+    let work_s = work.display().to_string();
+    let mut procs: Vec<u32> = pids_in_namespaces(&names);
+    let me = std::process::id();
+    if let Ok(d) = std::fs::read_dir("/proc") {
+        for e in d.flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            if pid == me || procs.contains(&pid) {
+                continue;
+            }
+            let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+            if String::from_utf8_lossy(&cmd).contains(&work_s) {
+                procs.push(pid);
+            }
+        }
+    }
+    let sockets = std::fs::read_dir("/var/run/wireguard")
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with(prefix))
+                .count()
+        })
+        .unwrap_or(0);
+    let work_left = usize::from(work.exists());
+    let registry = usize::from(registry_file(prefix).exists());
+    serde_json::json!({
+        "namespaces": names.len(),
+        "processes": procs.len(),
+        "process_ids": procs,
+        "uapi_sockets": sockets,
+        "work_dir": work_left,
+        "registry_entry": registry,
+        "total": names.len() + procs.len() + sockets + work_left + registry,
+        "note": "read after the run's cleanup: namespaces named with the run's prefix, processes living in them or whose command line names the run's work directory, /var/run/wireguard sockets with the prefix, the work directory, the registry entry",
+    })
+}
+
 #[derive(Default, Debug, Clone, Copy)]
 pub struct CleanupStats {
     pub namespaces: usize,

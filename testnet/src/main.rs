@@ -687,6 +687,16 @@ fn cmd_run(a: RunArgs) -> Result<i32> {
         }
     }
     drop(guard);
+    // What the run left behind after its cleanup (must be nothing).
+    let leftovers = cleanup::leftovers(&prefix, &work);
+    let soak_checked = sc
+        .steps
+        .iter()
+        .any(|s| matches!(s, scenario::Step::SoakCheck(_)));
+    if leftovers["total"] != 0 {
+        println!("LEFTOVERS after cleanup: {leftovers}");
+    }
+    let ok = ok && !(soak_checked && leftovers["total"] != 0);
     let rep = report::Report {
         testnet_version: env!("CARGO_PKG_VERSION").into(),
         scenario: sc.clone(),
@@ -701,6 +711,7 @@ fn cmd_run(a: RunArgs) -> Result<i32> {
         floor,
         stun_server,
         runs,
+        leftovers: Some(leftovers),
         ok,
     };
     report::write(&rep, &out)?;

@@ -23,6 +23,11 @@ pub struct Report {
     /// The coturn STUN server, when the topology has one.
     pub stun_server: Option<Value>,
     pub runs: Vec<EngineResult>,
+    /// What the run left on the machine after its cleanup: namespaces with
+    /// its prefix, processes started from its work directory, UAPI sockets,
+    /// the work directory, the registry entry (all must be 0).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub leftovers: Option<Value>,
     pub ok: bool,
 }
 
@@ -411,6 +416,7 @@ pub fn summary(r: &Report) -> String {
                 );
             }
         }
+        soak_lines(&mut s, run);
         let o = &run.overhead;
         let _ = writeln!(
             s,
@@ -470,8 +476,62 @@ pub fn summary(r: &Report) -> String {
         }
     }
     at_rest_table(&mut s, r);
+    if let Some(l) = &r.leftovers {
+        let _ = writeln!(
+            s,
+            "after cleanup: {} namespaces, {} processes, {} UAPI sockets, {} work dirs, {} registry entries of this run left",
+            l["namespaces"], l["processes"], l["uapi_sockets"], l["work_dir"], l["registry_entry"]
+        );
+    }
     let _ = writeln!(s, "\nresult: {}", if r.ok { "OK" } else { "FAILED" });
     s
+}
+
+/// The soak's lines: faults performed, then the end checks.
+fn soak_lines(s: &mut String, run: &EngineResult) {
+    for st in &run.steps {
+        let r = &st.result;
+        match st.action.as_str() {
+            "soak" => {
+                let c = &r["counts"];
+                let _ = writeln!(
+                    s,
+                    "soak: {} s, a fault every {} s (seed {}), live nodes kept within {}..{} (mean {}, {} at the end): kill {}, leave {}, restart {}, join {}, seed loss {} (seed restarts {}), partitions {}, no fault possible {}; last fault at {} s; daemons that exited on their own: {}",
+                    f(&r["secs"]), f(&r["every_secs"]), r["seed"], r["min_live"], r["max_live"], f(&r["live_nodes"]["mean"]), r["live_at_end"],
+                    c["kill"], c["leave"], c["restart"], c["join"], c["seed_loss"], c["seed_restart"], c["partition"], c["none"],
+                    f(&r["last_fault_t"]), r["crashes"].as_array().map(Vec::len).unwrap_or(0)
+                );
+            }
+            "soak_check" => {
+                let p = &r["problems"];
+                let m = &r["memory"];
+                let d = &r["descriptors"];
+                let _ = writeln!(
+                    s,
+                    "soak check ({}): {} live nodes; lost members {}, lingering {}, not forgotten {}, duplicates {}, mismatches {}, conflicts {}, stale WireGuard peers {}, unknown {}, no status {} (held after {} s)",
+                    if r["ok"] == true { "OK" } else { "FAILED" },
+                    r["figures"]["live"], p["lost"], p["lingering"], p["not_forgotten"], p["duplicate"], p["mismatch"], p["conflict"], p["stale_peer"], p["unknown"], p["no_status"],
+                    f(&r["membership_held_after_secs"])
+                );
+                let _ = writeln!(
+                    s,
+                    "  RSS MiB per node: start mean {} max {} ({} long-lived nodes); end mean {} max {}; peak (VmHWM) mean {} max {}; bound: end <= {}x start, all <= {} MiB",
+                    f(&m["rss_mib_start"]["mean"]), f(&m["rss_mib_start"]["max"]), m["long_lived_nodes"],
+                    f(&m["rss_mib_end"]["mean"]), f(&m["rss_mib_end"]["max"]),
+                    f(&m["rss_mib_peak_hwm"]["mean"]), f(&m["rss_mib_peak_hwm"]["max"]),
+                    r["bounds"]["rss_factor"], r["bounds"]["rss_max_mib"]
+                );
+                let _ = writeln!(
+                    s,
+                    "  open descriptors per node: start mean {} max {}; end mean {} max {}; growth (long-lived) mean {} max {} (bound +{}); sockets start mean {} end mean {}",
+                    f(&d["fds_start"]["mean"]), f(&d["fds_start"]["max"]), f(&d["fds_end"]["mean"]), f(&d["fds_end"]["max"]),
+                    f(&d["fd_growth_long_lived"]["mean"]), f(&d["fd_growth_long_lived"]["max"]), r["bounds"]["fd_growth"],
+                    f(&d["sockets_start"]["mean"]), f(&d["sockets_end"]["mean"])
+                );
+            }
+            _ => {}
+        }
+    }
 }
 
 /// Bytes per second from a JSON number (1 KB = 1000 B).

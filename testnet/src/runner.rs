@@ -20,6 +20,8 @@ use crate::scenario::{Scenario, Select, Step};
 use crate::sys;
 use crate::topology::{Kind, Plan};
 
+mod soak;
+
 #[derive(Debug, Clone, Serialize)]
 pub struct StepLog {
     pub index: usize,
@@ -105,6 +107,8 @@ pub struct Ctx<'a> {
     all_started: Option<f64>,
     /// False "down" verdicts printed so far.
     false_printed: usize,
+    /// What a `soak` step leaves for its `soak_check`.
+    soak: Option<soak::SoakState>,
 }
 
 struct PendingRecovery {
@@ -193,14 +197,22 @@ impl<'a> Ctx<'a> {
     }
 
     fn start_node(&mut self, i: usize) -> Result<()> {
+        self.start_node_via(i, None)
+    }
+
+    /// Starts node i; a joiner joins through `via`, or by default through
+    /// node 0, or (once it is gone) the first live public node.
+    fn start_node_via(&mut self, i: usize, via: Option<usize>) -> Result<()> {
         let network = self.sc.nodes.network.clone();
-        // Join through node 0, or (once it is gone) the first live public node.
-        let seed = std::iter::once(0)
-            .chain(0..self.nodes.len())
-            .find(|j| {
-                self.nodes.life[*j] == Life::Running && self.plan.nodes[*j].kind == Kind::Public
-            })
-            .unwrap_or(0);
+        let seed = via.unwrap_or_else(|| {
+            std::iter::once(0)
+                .chain(0..self.nodes.len())
+                .find(|j| {
+                    self.nodes.life[*j] == Life::Running
+                        && self.plan.nodes[*j].kind == Kind::Public
+                })
+                .unwrap_or(0)
+        });
         self.nodes.start(i, &network, seed)?;
         let fixed = self.nodes.fixed_overlay(i);
         self.pinger.node_started(i, fixed);
@@ -1242,6 +1254,8 @@ impl<'a> Ctx<'a> {
                 self.steady = Some(r.clone());
                 (true, r)
             }
+            Step::Soak(k) => return self.run_soak(k),
+            Step::SoakCheck(k) => return self.run_soak_check(idx, k),
             Step::Churn { secs, every_secs } => {
                 let end = self.now() + secs;
                 let mut killed = vec![];
@@ -1456,6 +1470,7 @@ pub fn run_engine(
         convergences: vec![],
         all_started: None,
         false_printed: 0,
+        soak: None,
     };
     println!(
         "== {} ({} nodes, {})",

@@ -250,6 +250,104 @@ pub enum Step {
         #[serde(default = "d_true")]
         required: bool,
     },
+    /// Faults over time: for `secs`, every `every_secs` one fault drawn
+    /// with a seeded RNG (kill -9, leave, restart, join, seed loss), plus
+    /// partitions at fixed times; see `crate::runner::soak`.
+    Soak(Box<SoakSpec>),
+    /// The soak's end checks: no lost member, no duplicate address, memory
+    /// and descriptors within bounds (see `crate::runner::soak`).
+    SoakCheck(SoakCheckSpec),
+}
+
+/// Weights of the faults a soak draws from (0 = never).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SoakWeights {
+    #[serde(default = "d_3f")]
+    pub kill: f64,
+    #[serde(default = "d_2f")]
+    pub leave: f64,
+    #[serde(default = "d_3f")]
+    pub restart: f64,
+    #[serde(default = "d_2f")]
+    pub join: f64,
+    #[serde(default = "d_1f")]
+    pub seed_loss: f64,
+}
+
+impl Default for SoakWeights {
+    fn default() -> Self {
+        toml::from_str("").unwrap()
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SoakSpec {
+    /// How long faults go on.
+    pub secs: f64,
+    /// One fault every this many seconds.
+    pub every_secs: f64,
+    /// The RNG seed of the fault sequence (default: the topology's seed).
+    #[serde(default)]
+    pub seed: Option<u64>,
+    /// Never fewer live nodes than this (kills and leaves wait).
+    pub min_live: usize,
+    /// Never more live nodes than this (joins and restarts wait); default
+    /// the initial nodes.
+    #[serde(default)]
+    pub max_live: Option<usize>,
+    /// Brand-new nodes at most (the topology gets this many extra slots).
+    pub max_joins: usize,
+    #[serde(default)]
+    pub weights: SoakWeights,
+    /// When partitions start, as fractions of `secs`.
+    #[serde(default = "d_thirds")]
+    pub partitions: Vec<f64>,
+    /// How long each partition lasts before the heal.
+    #[serde(default = "d_60f")]
+    pub partition_secs: f64,
+    /// How long the seed stays down after a seed loss before it restarts.
+    #[serde(default = "d_60f")]
+    pub seed_down_secs: f64,
+    /// Least time between two seed losses (from the seed's restart).
+    #[serde(default = "d_120f")]
+    pub seed_loss_gap_secs: f64,
+    /// A seed loss is forced at this fraction of `secs` if none happened.
+    #[serde(default = "d_half")]
+    pub seed_loss_by: f64,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SoakCheckSpec {
+    /// How long the membership checks may take to hold (status views are
+    /// eventually consistent); memory and descriptors are read once.
+    #[serde(default = "d_60f")]
+    pub deadline_secs: f64,
+    #[serde(default = "d_true")]
+    pub required: bool,
+    /// Final RSS of a node that ran through the whole soak: at most this
+    /// many times its RSS at the soak's start ...
+    #[serde(default = "d_2f")]
+    pub rss_factor: f64,
+    /// ... and every live node's final RSS (and every sampled RSS) at most
+    /// this many MiB.
+    #[serde(default = "d_64f")]
+    pub rss_max_mib: f64,
+    /// Open descriptors of a node that ran through the whole soak: at most
+    /// this many more at the end than at the soak's start.
+    #[serde(default = "d_16")]
+    pub fd_growth: usize,
+    /// meshpeer's forget times (membership::FORGET_DOWN_AFTER and
+    /// FORGET_LEFT_AFTER): a node stopped longer ago than this plus
+    /// `forget_slack_secs` must not be listed at all.
+    #[serde(default = "d_600f")]
+    pub forget_down_secs: f64,
+    #[serde(default = "d_60f")]
+    pub forget_left_secs: f64,
+    #[serde(default = "d_60f")]
+    pub forget_slack_secs: f64,
 }
 
 impl Step {
@@ -272,6 +370,8 @@ impl Step {
             Step::CheckNat { .. } => "check_nat",
             Step::CheckSealed { .. } => "check_sealed",
             Step::StunClient { .. } => "stun_client",
+            Step::Soak(_) => "soak",
+            Step::SoakCheck(_) => "soak_check",
         }
     }
     /// Does this step change the mesh (and so reset the convergence mark)?
@@ -286,6 +386,7 @@ impl Step {
                 | Step::CheckNat { .. }
                 | Step::CheckSealed { .. }
                 | Step::StunClient { .. }
+                | Step::SoakCheck(_)
         )
     }
 }
@@ -329,6 +430,33 @@ fn d_30f() -> f64 {
 fn d_3f() -> f64 {
     3.0
 }
+fn d_1f() -> f64 {
+    1.0
+}
+fn d_2f() -> f64 {
+    2.0
+}
+fn d_60f() -> f64 {
+    60.0
+}
+fn d_64f() -> f64 {
+    64.0
+}
+fn d_120f() -> f64 {
+    120.0
+}
+fn d_600f() -> f64 {
+    600.0
+}
+fn d_half() -> f64 {
+    0.5
+}
+fn d_16() -> usize {
+    16
+}
+fn d_thirds() -> Vec<f64> {
+    vec![1.0 / 3.0, 2.0 / 3.0]
+}
 fn d_true() -> bool {
     true
 }
@@ -351,6 +479,32 @@ impl Scenario {
             bail!("nodes.start must be \"all\" or \"staggered\"");
         }
         self.topo_options()?.mix_for_kind()?;
+        for st in &self.steps {
+            if let Step::Soak(k) = st {
+                if k.every_secs <= 0.0 || k.secs <= 0.0 {
+                    bail!("soak: secs and every_secs must be positive");
+                }
+                if k.min_live < 2 || k.min_live > self.topology.nodes {
+                    bail!(
+                        "soak: min_live must be between 2 and topology.nodes ({})",
+                        self.topology.nodes
+                    );
+                }
+                if k.max_live.is_some_and(|m| m < k.min_live) {
+                    bail!("soak: max_live must be at least min_live");
+                }
+                if k.partitions.iter().any(|f| !(0.0..1.0).contains(f)) {
+                    bail!("soak: partitions are fractions of secs in [0, 1)");
+                }
+                let w = &k.weights;
+                if [w.kill, w.leave, w.restart, w.join, w.seed_loss]
+                    .iter()
+                    .any(|x| *x < 0.0 || !x.is_finite())
+                {
+                    bail!("soak: weights must be finite and not negative");
+                }
+            }
+        }
         if let Some(s) = &self.topology.stun_server {
             if s != "coturn" {
                 bail!("topology.stun_server must be \"coturn\" (got {s:?})");
@@ -388,6 +542,7 @@ impl Scenario {
                 Step::Churn { secs, every_secs } => {
                     n += (secs / every_secs.max(0.1)).ceil() as usize + 1
                 }
+                Step::Soak(s) => n += s.max_joins,
                 _ => {}
             }
         }

@@ -23,6 +23,8 @@
 //! * `address_change` (`address-change.toml`) and `nat_flush`
 //!   (`nat-flush.toml`): after each public address change / NAT flush,
 //!   every affected pair replies again within 30 s (issue 4's target).
+//! * `soak_short` (`soak-short.toml`): a minute of faults at 12 nodes, then
+//!   convergence, the soak's end checks and no leftovers after the run.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -363,4 +365,39 @@ fn address_change() {
 #[test]
 fn nat_flush() {
     recovery_within("nat_flush", "nat-flush.toml", 30.0);
+}
+
+/// `soak-short.toml`: a minute of faults at 12 nodes (kill -9, leave,
+/// restart, join, a seed loss, two partitions), then convergence and the
+/// soak's end checks (no lost member, no duplicate address, memory and
+/// descriptors within bounds) and no leftovers after the run. The
+/// 30-minute soak (`soak.toml`) is run by hand (testnet/README.md).
+#[test]
+fn soak_short() {
+    if !can_run("soak_short") {
+        return;
+    }
+    let Some((out, report, out_dir)) = run_scenario("soak_short", "soak-short.toml") else {
+        return;
+    };
+    let run = &report["runs"][0];
+    let soak = step_result(run, "soak");
+    let check = step_result(run, "soak_check");
+    assert!(
+        out.status.success() && report["ok"] == true,
+        "soak_short: errors {}; check problems {} examples {}; soak counts {}; leftovers {}",
+        run["errors"],
+        check["problems"],
+        check["examples"],
+        soak["counts"],
+        report["leftovers"]
+    );
+    let c = &soak["counts"];
+    for k in ["kill", "leave", "restart", "join", "seed_loss", "partition"] {
+        assert!(c[k].as_u64().unwrap_or(0) >= 1, "soak_short: no {k}: {c}");
+    }
+    assert_eq!(check["ok"], true);
+    assert_eq!(check["duplicates"], 0);
+    assert_eq!(report["leftovers"]["total"], 0, "{}", report["leftovers"]);
+    let _ = std::fs::remove_dir_all(&out_dir);
 }
