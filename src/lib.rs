@@ -35,6 +35,7 @@ pub mod proto;
 pub mod reconcile;
 pub mod record;
 pub mod relay;
+pub mod routes;
 pub mod state;
 pub mod status;
 pub mod trust;
