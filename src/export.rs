@@ -265,6 +265,7 @@ mod tests {
             tx_bytes: 0,
             tags: tags.iter().map(|t| t.to_string()).collect(),
             conflict: None,
+            routes: vec![],
         }
     }
 
@@ -291,6 +292,7 @@ mod tests {
             relay_allocations: 0,
             relay_forwarded: 0,
             relay_dropped: 0,
+            routes_installed: 0,
             myself: None,
             members: vec![
                 m("node1", "10.77.0.1", MemberState::Myself, &["login"]),

@@ -21,6 +21,7 @@ mod join;
 mod ops;
 mod probes;
 mod relay;
+mod routes;
 mod status;
 mod step;
 mod traversal;
@@ -106,6 +107,11 @@ pub struct DaemonConfig {
     pub metrics_addr: Option<SocketAddr>,
     /// Leave the mesh when stopped, or stay a member.
     pub on_stop: crate::config::OnStop,
+    /// Subnets behind this node, published in its record (a gateway).
+    pub advertise_routes: Vec<Ipv4Net>,
+    /// The hosts(5) file whose managed block lists the members' names;
+    /// `None`: off.
+    pub hosts_file: Option<PathBuf>,
 }
 
 impl DaemonConfig {
@@ -213,6 +219,8 @@ pub(crate) struct Node {
     alloc_tx: mpsc::Sender<AllocAnswer>,
     /// Metrics endpoint and the like (`ops.rs`).
     ops: ops::Ops,
+    /// Members' subnets routed here, and our own (`routes.rs`).
+    routes: routes::RouteState,
 }
 
 /// An answer to an allocation request: (peer, relay) WireGuard keys, and
@@ -466,6 +474,10 @@ pub async fn run_with_reload(
     } else {
         BTreeSet::new()
     };
+    if !owned_if {
+        // A new interface has none of the routes a former one had.
+        state.installed_routes.clear();
+    }
     dir.save_state(&state)?;
     if let Err(e) = wg.set_address(overlay_ip, network.cidr) {
         wg.destroy().await;
@@ -522,6 +534,7 @@ pub async fn run_with_reload(
     let (alloc_tx, mut alloc_rx) = mpsc::channel::<AllocAnswer>(256);
     let wg_public = id.wg_public();
     let liveness = Liveness::new(network.key, id.node_key(), rand::random());
+    let route_state = routes::RouteState::new(&state.installed_routes);
     let mut node = Node {
         cfg,
         dir,
@@ -558,6 +571,7 @@ pub async fn run_with_reload(
         relay,
         alloc_tx,
         ops,
+        routes: route_state,
     };
     if let Err(e) = node.republish(false).await {
         node.wg.destroy().await;
@@ -637,6 +651,7 @@ pub async fn run_with_reload(
             }
         }
     }
+    node.routes_down();
     node.persist(true);
     node.probes = None;
     node.gossip.shutdown().await;
@@ -721,6 +736,7 @@ impl Node {
             relay,
             left,
             tags: &self.cfg.tags,
+            routes: &self.cfg.advertise_routes,
             version,
         });
         let text = body.sign(&self.id.signing);

@@ -252,10 +252,13 @@ impl Node {
             crate::membership::KEEPALIVE_SECS
         };
         let traversal = &self.traversal;
-        let desired =
+        let mut desired =
             self.membership
                 .desired_peers(now, local, &|k| traversal.hearing(now, k), keepalive);
         let actual = self.wg.peers()?;
+        // Members' subnets: into their allowed IPs now, kernel routes below.
+        let plan = self.plan_routes(now, local, &desired, &actual);
+        self.route_allowed_ips(&plan, &mut desired);
         let desired = self.traversal.select_paths(
             now,
             desired,
@@ -312,7 +315,7 @@ impl Node {
             .set_wg_peers(desired.iter().map(|d| &d.public_key));
         self.traversal.force_handshakes(now).await;
         self.traversal.send_checks(now, poke).await;
-        Ok(n)
+        Ok(n + self.apply_routes(now, plan))
     }
 
     /// Asks relays for the allocations our relayed peers need, and gives
