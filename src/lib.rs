@@ -23,6 +23,7 @@ pub mod control;
 pub mod daemon;
 pub mod export;
 pub mod gossip;
+pub mod hosts;
 pub mod identity;
 pub mod ipalloc;
 pub mod liveness;

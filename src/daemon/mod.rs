@@ -17,6 +17,7 @@
 //!
 //! Nothing here decides membership, liveness or paths: the cores do.
 
+mod hosts;
 mod join;
 mod ops;
 mod probes;
@@ -221,6 +222,8 @@ pub(crate) struct Node {
     ops: ops::Ops,
     /// Members' subnets routed here, and our own (`routes.rs`).
     routes: routes::RouteState,
+    /// The members' names in the hosts file (`hosts.rs`); `None`: off.
+    hosts: Option<hosts::HostsState>,
 }
 
 /// An answer to an allocation request: (peer, relay) WireGuard keys, and
@@ -535,6 +538,7 @@ pub async fn run_with_reload(
     let wg_public = id.wg_public();
     let liveness = Liveness::new(network.key, id.node_key(), rand::random());
     let route_state = routes::RouteState::new(&state.installed_routes);
+    let hosts_state = hosts::HostsState::new(cfg.hosts_file.clone());
     let mut node = Node {
         cfg,
         dir,
@@ -572,6 +576,7 @@ pub async fn run_with_reload(
         alloc_tx,
         ops,
         routes: route_state,
+        hosts: hosts_state,
     };
     if let Err(e) = node.republish(false).await {
         node.wg.destroy().await;
@@ -824,6 +829,7 @@ impl Node {
     /// Publishes a signed leave record and pushes it to members for a while.
     async fn leave(&mut self) {
         tracing::info!("leaving the mesh");
+        self.remove_hosts_block();
         if let Err(e) = self.republish(true).await {
             tracing::warn!(error = %format!("{e:#}"), "cannot publish the leave record");
         }

@@ -123,6 +123,7 @@ impl Node {
         if !events.is_empty() || changes > 0 || self.last_status.elapsed() >= STATUS_EVERY {
             let actual = self.wg.peers()?;
             let status = self.build_status(&actual);
+            self.sync_hosts(&status);
             self.status.send_replace(Some(status));
             self.last_status = Instant::now();
         }

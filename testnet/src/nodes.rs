@@ -173,7 +173,9 @@ impl Nodes {
             .stdout(log.try_clone()?)
             .stderr(log)
             .env("RUST_LOG", &self.opts.log)
-            .env("NO_COLOR", "1");
+            .env("NO_COLOR", "1")
+            // Hundreds of daemons on one machine: never the host's /etc/hosts.
+            .env("MESHPEER_HOSTS_FILE", "none");
         let raw = fd.as_raw_fd();
         // SAFETY: only async-signal-safe syscalls between fork and exec; `fd`
         // stays open until spawn returns (it is moved into the closure).
