@@ -26,11 +26,15 @@
 //!    second gateway for the same subnet takes over when the first one is
 //!    gone. Different prefixes that overlap are just routing: the most
 //!    specific one wins, in the kernel as in WireGuard's allowed IPs.
-//! 5. **No loops**: no route covers its own member's underlay addresses
-//!    (WireGuard endpoints, gossip address): WireGuard would send the
-//!    tunnel's own packets into the tunnel.
+//! 5. **No loops**: no route covers a public address of its own member
+//!    (a WireGuard endpoint or its gossip address): the tunnel to it would
+//!    carry its own packets. A *private* address of its own is fine: a
+//!    gateway standing on the LAN it advertises (one interface, behind the
+//!    LAN's router) is reached through its NAT's public mapping or a
+//!    relay, and no member ever uses a WireGuard endpoint that lies inside
+//!    a subnet it routes through the mesh ([`Plan::usable_endpoint`]).
 //! 6. **No capture** (local to this node): no route covers an address this
-//!    host reaches a member at outside the mesh (the endpoints its
+//!    host reaches *another* member at outside the mesh (the endpoints its
 //!    WireGuard device uses, members' public endpoints and gossip
 //!    addresses), overlaps one of this host's connected networks (its LAN
 //!    stays its LAN), or replaces a route this host already has that
@@ -196,7 +200,7 @@ pub struct Advertiser<'a> {
     /// Its stamp's time (unix s): the holder order of identical subnets.
     pub admitted_at: u64,
     /// Its underlay addresses (record endpoints and gossip address): none
-    /// of its routes may cover them.
+    /// of its routes may cover a public one.
     pub underlay: &'a [IpAddr],
     /// It has a WireGuard peer here (live, or down within the grace, and
     /// holding its address); this node is always active for itself.
@@ -212,10 +216,10 @@ pub struct Host<'a> {
     /// This host's connected IPv4 networks (not the mesh interface's).
     pub connected: &'a [Ipv4Net],
     /// Addresses this host reaches members at outside the mesh, which no
-    /// route may cover: the endpoints its WireGuard device uses and
-    /// members' public endpoints and gossip addresses (see
-    /// [`reachable_endpoints`]), with the member's name.
-    pub endpoints: &'a [(IpAddr, String)],
+    /// other member's route may cover: the endpoints its WireGuard device
+    /// uses and members' public endpoints and gossip addresses (see
+    /// [`reachable_endpoints`]).
+    pub endpoints: &'a [Endpoint],
     /// Subnets this host already routes that meshpeer did not install.
     pub foreign: &'a [Ipv4Net],
 }
@@ -235,8 +239,8 @@ pub enum Refusal {
     /// Another member advertises the identical subnet and holds it (it was
     /// admitted first).
     Taken { holder: String },
-    /// It covers its own member's underlay address (a loop), or one this
-    /// host reaches a member at.
+    /// It covers a public address of its own member (a loop), or one this
+    /// host reaches another member at (a capture).
     Endpoint { member: String, addr: IpAddr },
     /// It overlaps one of this host's connected networks.
     Connected(Ipv4Net),
@@ -267,7 +271,7 @@ impl fmt::Display for Refusal {
             ),
             Refusal::Endpoint { member, addr } => write!(
                 f,
-                "covers {member}'s underlay address {addr} (WireGuard would loop)"
+                "covers {member}'s underlay address {addr} (WireGuard would loop or be captured)"
             ),
             Refusal::Connected(n) => {
                 write!(f, "overlaps this host's connected network {n}")
@@ -352,6 +356,12 @@ impl Plan {
         self.installs.get(key).map(Vec::as_slice).unwrap_or(&[])
     }
 
+    /// Whether a WireGuard endpoint may be used: never one inside a subnet
+    /// routed through the mesh (the tunnel would carry its own packets).
+    pub fn usable_endpoint(&self, addr: &IpAddr) -> bool {
+        !self.installs.values().flatten().any(|n| covers(*n, addr))
+    }
+
     /// The outcomes of `key`'s routes.
     pub fn outcomes_of<'a>(
         &'a self,
@@ -361,17 +371,20 @@ impl Plan {
     }
 }
 
-/// The first of `addrs` that `net` covers.
-fn covering<'a>(
-    net: Ipv4Net,
-    mut addrs: impl Iterator<Item = (&'a IpAddr, &'a str)>,
-) -> Option<(IpAddr, &'a str)> {
-    addrs
-        .find(|(a, _)| match a {
-            IpAddr::V4(v4) => net.contains(v4),
-            IpAddr::V6(_) => false,
-        })
-        .map(|(a, n)| (*a, n))
+/// An address this host reaches a member at outside the mesh.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Endpoint {
+    pub addr: IpAddr,
+    pub node: PublicKeyBytes,
+    pub name: String,
+}
+
+/// Whether `net` covers `a`.
+fn covers(net: Ipv4Net, a: &IpAddr) -> bool {
+    match a {
+        IpAddr::V4(v4) => net.contains(v4),
+        IpAddr::V6(_) => false,
+    }
 }
 
 /// Whether `a` is meaningful only on its own network: RFC 1918, shared
@@ -394,20 +407,27 @@ pub fn is_private(a: &IpAddr) -> bool {
 
 /// The addresses this host reaches members at outside the mesh (for
 /// [`Host::endpoints`]): every endpoint in `used` (its WireGuard device's,
-/// with the member's name), and every member's public (not
+/// with the member's key and name), and every member's public (not
 /// [`is_private`]) addresses in `members` (record endpoints and gossip
 /// address). Deduplicated.
 pub fn reachable_endpoints<'a>(
-    used: impl IntoIterator<Item = (IpAddr, &'a str)>,
-    members: impl IntoIterator<Item = (&'a str, &'a [IpAddr])>,
-) -> Vec<(IpAddr, String)> {
-    let mut out: BTreeMap<IpAddr, String> = BTreeMap::new();
-    for (a, n) in used {
-        out.entry(a).or_insert_with(|| n.to_string());
+    used: impl IntoIterator<Item = (IpAddr, PublicKeyBytes, &'a str)>,
+    members: impl IntoIterator<Item = (PublicKeyBytes, &'a str, &'a [IpAddr])>,
+) -> Vec<Endpoint> {
+    let mut out: BTreeSet<Endpoint> = BTreeSet::new();
+    let mut add = |addr: IpAddr, node: PublicKeyBytes, name: &str| {
+        out.insert(Endpoint {
+            addr,
+            node,
+            name: name.to_string(),
+        });
+    };
+    for (a, k, n) in used {
+        add(a, k, n);
     }
-    for (n, addrs) in members {
+    for (k, n, addrs) in members {
         for a in addrs.iter().filter(|a| !is_private(a)) {
-            out.entry(*a).or_insert_with(|| n.to_string());
+            add(*a, k, n);
         }
     }
     out.into_iter().collect()
@@ -455,12 +475,13 @@ pub fn plan(host: &Host<'_>, members: &[Advertiser<'_>]) -> Plan {
             } else if let Some(what) = special(net) {
                 Some(Refusal::Special(what))
             } else {
-                covering(net, m.underlay.iter().map(|a| (a, m.name))).map(|(addr, member)| {
-                    Refusal::Endpoint {
-                        member: member.to_string(),
-                        addr,
-                    }
-                })
+                m.underlay
+                    .iter()
+                    .find(|a| !is_private(a) && covers(net, a))
+                    .map(|a| Refusal::Endpoint {
+                        member: m.name.to_string(),
+                        addr: *a,
+                    })
             };
             let key = (m.key, net.to_string());
             match refusal {
@@ -491,12 +512,17 @@ pub fn plan(host: &Host<'_>, members: &[Advertiser<'_>]) -> Plan {
                 ),
             );
         }
-        let covered = covering(net, host.endpoints.iter().map(|(a, n)| (a, n.as_str())));
-        let verdict = if let Some((addr, member)) = covered {
+        // Another member's address only: the holder's own private ones are
+        // fine (see the module documentation), its public ones were refused.
+        let covered = host
+            .endpoints
+            .iter()
+            .find(|e| e.node != holder.key && covers(net, &e.addr));
+        let verdict = if let Some(e) = covered {
             // Our own route too: members that use that address refuse it.
             Verdict::Refused(Refusal::Endpoint {
-                member: member.to_string(),
-                addr,
+                member: e.name.clone(),
+                addr: e.addr,
             })
         } else if holder.key == host.self_key {
             Verdict::Advertised

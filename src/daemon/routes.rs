@@ -80,19 +80,15 @@ impl Node {
             .collect();
         let used = actual.iter().filter_map(|p| {
             let ep = p.endpoint?;
-            let name = self
-                .membership
-                .by_wg_key(&p.public_key)
-                .map(|m| m.record.name.as_str())
-                .unwrap_or("a peer");
-            Some((ep.ip(), name))
+            let m = self.membership.by_wg_key(&p.public_key)?;
+            Some((ep.ip(), m.record.node_key, m.record.name.as_str()))
         });
         let endpoints = routes::reachable_endpoints(
             used,
             members
                 .iter()
                 .zip(&underlay)
-                .map(|(m, u)| (m.record.name.as_str(), u.as_slice())),
+                .map(|(m, u)| (m.record.node_key, m.record.name.as_str(), u.as_slice())),
         );
         self.routes
             .foreign
@@ -125,7 +121,10 @@ impl Node {
         )
     }
 
-    /// Adds the planned subnets to their members' allowed IPs.
+    /// Adds the planned subnets to their members' allowed IPs, and drops
+    /// the endpoint candidates that lie inside a subnet routed through the
+    /// mesh (a gateway's own address on the LAN it advertises): WireGuard
+    /// must never send its packets into its own tunnel.
     pub(super) fn route_allowed_ips(&self, plan: &Plan, desired: &mut [DesiredPeer]) {
         if plan.installs.is_empty() {
             return;
@@ -135,6 +134,7 @@ impl Node {
                 d.allowed_ips
                     .extend_from_slice(plan.installs_for(&m.record.node_key));
             }
+            d.endpoints.retain(|e| plan.usable_endpoint(&e.ip()));
         }
     }
 

@@ -260,6 +260,13 @@ impl Node {
         // Members' subnets: into their allowed IPs now, kernel routes below.
         let plan = self.plan_routes(now, local, &desired, &actual);
         self.route_allowed_ips(&plan, &mut desired);
+        // A device endpoint inside a routed subnet is replaced, whatever
+        // its handshake says.
+        let unusable: HashSet<[u8; 32]> = actual
+            .iter()
+            .filter(|a| a.endpoint.is_some_and(|e| !plan.usable_endpoint(&e.ip())))
+            .map(|a| a.public_key)
+            .collect();
         let desired = self.traversal.select_paths(
             now,
             desired,
@@ -277,7 +284,7 @@ impl Node {
         // to; a broken one gets the record's candidates again.
         let traversal = &self.traversal;
         let mut changes = reconcile(&desired, &actual, &self.owned, rotation, poke, &|k| {
-            !traversal.working(k)
+            !traversal.working(k) || unusable.contains(k)
         });
         // Pokes (keepalive off and on) only for peers without a session,
         // and only where WireGuard itself punches (the kernel backend; the

@@ -59,9 +59,18 @@ fn adv(ms: &[M]) -> Vec<Advertiser<'_>> {
 
 const SELF: u8 = 1;
 
+/// Member `k` reached here at `a`.
+fn ep(a: &str, k: u8) -> Endpoint {
+    Endpoint {
+        addr: a.parse().unwrap(),
+        node: [k; 32],
+        name: format!("n{k}"),
+    }
+}
+
 fn host<'a>(
     connected: &'a [Ipv4Net],
-    endpoints: &'a [(IpAddr, String)],
+    endpoints: &'a [Endpoint],
     foreign: &'a [Ipv4Net],
 ) -> Host<'a> {
     Host {
@@ -126,7 +135,7 @@ fn the_network_key_holder_may_advertise_any_route_but_not_a_capture() {
     let mut init = m(2, &["192.168.7.0/24", "0.0.0.0/0", "10.0.0.0/8"], &[]);
     init.by_network = true;
     let ms = [m(SELF, &[], &[]), init];
-    let eps = [(IpAddr::from([198, 51, 100, 7]), "n2".to_string())];
+    let eps = [ep("198.51.100.7", 2)];
     let p = plan(&host(&[], &eps, &[]), &adv(&ms));
     assert_eq!(verdict(&p, 2, "192.168.7.0/24"), Verdict::Installed);
     // 0.0.0.0/0 and 10.0.0.0/8 contain the overlay.
@@ -201,13 +210,7 @@ fn no_route_covers_an_endpoint_a_connected_network_or_a_foreign_route() {
             any,
         ),
     ];
-    let eps = [
-        (IpAddr::from([198, 51, 100, 9]), "n3".to_string()),
-        (
-            IpAddr::from([0x2001, 0xdb8, 0, 0, 0, 0, 0, 1]),
-            "n3".to_string(),
-        ),
-    ];
+    let eps = [ep("198.51.100.9", 3), ep("2001:db8::1", 3)];
     let connected = [net("192.168.1.10/24")];
     let foreign = [net("172.16.0.0/24")];
     let p = plan(&host(&connected, &eps, &foreign), &adv(&ms));
@@ -241,30 +244,33 @@ fn no_route_covers_an_endpoint_a_connected_network_or_a_foreign_route() {
 }
 
 #[test]
-fn a_route_never_covers_its_own_member_and_only_used_or_public_addresses_count() {
+fn a_route_never_covers_its_own_public_address_but_a_one_armed_gateway_is_fine() {
     let any = &["0.0.0.0/0"];
+    // Its public address: the tunnel to it would carry its own packets.
     let mut gw = m(2, &["198.51.100.0/24", "192.168.50.0/24"], any);
     gw.underlay = vec![
         IpAddr::from([198, 51, 100, 20]),
-        IpAddr::from([192, 168, 50, 1]),
+        IpAddr::from([192, 168, 50, 2]),
     ];
+    // We use its LAN address as its endpoint (tried before a handshake).
+    let eps = [ep("192.168.50.2", 2)];
     let ms = [m(SELF, &[], &[]), gw];
-    let p = plan(&host(&[], &[], &[]), &adv(&ms));
-    for (r, a) in [
-        ("198.51.100.0/24", "198.51.100.20"),
-        ("192.168.50.0/24", "192.168.50.1"),
-    ] {
-        let v = verdict(&p, 2, r);
-        assert_eq!(
-            v,
-            Verdict::Refused(Refusal::Endpoint {
-                member: "n2".into(),
-                addr: a.parse().unwrap()
-            })
-        );
-        assert!(v.reason().unwrap().contains("WireGuard would loop"));
-    }
-    assert!(p.routes().is_empty());
+    let p = plan(&host(&[], &eps, &[]), &adv(&ms));
+    let v = verdict(&p, 2, "198.51.100.0/24");
+    assert_eq!(
+        v,
+        Verdict::Refused(Refusal::Endpoint {
+            member: "n2".into(),
+            addr: "198.51.100.20".parse().unwrap()
+        })
+    );
+    assert!(v.reason().unwrap().contains("WireGuard would loop"));
+    // Its private address on the LAN it advertises (a gateway with one
+    // interface, behind the LAN's router): installed, and that address is
+    // never used as a WireGuard endpoint.
+    assert_eq!(verdict(&p, 2, "192.168.50.0/24"), Verdict::Installed);
+    assert!(!p.usable_endpoint(&"192.168.50.2".parse().unwrap()));
+    assert!(p.usable_endpoint(&"198.51.100.20".parse().unwrap()));
 
     // What this host reaches members at: the device's endpoints (private or
     // not) and members' public addresses; other members' private host
@@ -274,8 +280,14 @@ fn a_route_never_covers_its_own_member_and_only_used_or_public_addresses_count()
         IpAddr::from([100, 64, 3, 4]),
         IpAddr::from([198, 51, 100, 9]),
     ];
-    let eps = reachable_endpoints([(IpAddr::from([10, 99, 0, 3]), "n3")], [("n4", home)]);
-    let addrs: Vec<String> = eps.iter().map(|(a, n)| format!("{a}={n}")).collect();
+    let eps = reachable_endpoints(
+        [(IpAddr::from([10, 99, 0, 3]), [3; 32], "n3")],
+        [([4; 32], "n4", home)],
+    );
+    let addrs: Vec<String> = eps
+        .iter()
+        .map(|e| format!("{}={}", e.addr, e.name))
+        .collect();
     assert_eq!(addrs, ["10.99.0.3=n3", "198.51.100.9=n4"]);
     let ms = [
         m(SELF, &[], &[]),
@@ -401,7 +413,7 @@ fn our_own_routes_are_advertised_not_installed() {
 
     // Our route covering a member's endpoint: we see why members refuse it.
     let me = m(SELF, &["198.51.100.0/24"], &["0.0.0.0/0"]);
-    let eps = [(IpAddr::from([198, 51, 100, 9]), "n3".to_string())];
+    let eps = [ep("198.51.100.9", 3)];
     let p = plan(&host(&[], &eps, &[]), &adv(&[me]));
     assert!(matches!(
         verdict(&p, SELF, "198.51.100.0/24"),
