@@ -472,6 +472,7 @@ fn cmd_topo(nodes: usize, kind: &str, mix: Option<String>, rate: f64, hold: bool
         home_size_exact: false,
         home_sizes: Default::default(),
         stun_server: false,
+        sites: vec![],
     };
     let plan = Plan::new(&prefix, &opts)?;
     let build = plan.build()?;
