@@ -240,6 +240,18 @@ pub(crate) struct Node {
     /// Set when a revocation names this node or its token: the daemon
     /// stops with this reason.
     self_revoked: Option<String>,
+    /// A first join tells the user on stderr how many members it reached,
+    /// until all or [`JOIN_PROGRESS_FOR`].
+    join_progress: Option<JoinProgress>,
+}
+
+/// How long a first join reports its progress on stderr.
+const JOIN_PROGRESS_FOR: Duration = Duration::from_secs(60);
+
+struct JoinProgress {
+    since: Instant,
+    /// (connected, members) last printed.
+    last: (usize, usize),
 }
 
 /// An answer to an allocation request: (peer, relay) WireGuard keys, and
@@ -399,6 +411,7 @@ pub async fn run_with_reload(
 
     // First contact: a joiner gets its stamp; a member without an address
     // learns who holds what. Either way it picks a free address.
+    let first_join = stamp.is_none();
     let mut stamp = stamp;
     let mut first_records: Vec<String> = Vec::new();
     if stamp.is_none() || state.overlay_ip.is_none() {
@@ -406,6 +419,7 @@ pub async fn run_with_reload(
             &transport,
             &reach,
             &state.name,
+            stamp.is_none(),
             stamp.is_none(),
             cfg.join_timeout,
             SLOW_SEED_WAIT.max(cfg.join_timeout),
@@ -484,6 +498,9 @@ pub async fn run_with_reload(
             state.overlay_ip = Some(ip);
             state.ip_claimed_at = unix_ms();
             tracing::info!(%ip, members = entries.len(), "chose overlay address");
+            if first_join {
+                eprintln!("meshpeer: overlay address {ip}");
+            }
         }
     }
     let stamp = stamp.ok_or_else(|| anyhow!("not admitted"))?;
@@ -609,6 +626,10 @@ pub async fn run_with_reload(
         restamp_at: None,
         restamp_tx,
         self_revoked: None,
+        join_progress: first_join.then(|| JoinProgress {
+            since: Instant::now(),
+            last: (usize::MAX, 0),
+        }),
         last_change: Instant::now(),
         relay,
         alloc_tx,

@@ -126,6 +126,7 @@ impl Node {
         if !events.is_empty() || changes > 0 || self.last_status.elapsed() >= STATUS_EVERY {
             let actual = self.wg.peers()?;
             let status = self.build_status(&actual);
+            self.report_join_progress(&status);
             self.status.send_replace(Some(status));
             self.last_status = Instant::now();
         }
@@ -158,6 +159,45 @@ impl Node {
                 }
             }
             Err(e) => tracing::warn!(error = %e, "gossip holds a bad revocation list"),
+        }
+    }
+
+    /// A first join: "k/n members connected" on stderr when it changes,
+    /// until every member is reached or for a minute.
+    fn report_join_progress(&mut self, status: &crate::status::Status) {
+        use crate::status::MemberState;
+        let Some(p) = &mut self.join_progress else {
+            return;
+        };
+        let others: Vec<_> = status
+            .members
+            .iter()
+            .filter(|m| m.state != MemberState::Myself)
+            .collect();
+        let n = others.len();
+        let k = others
+            .iter()
+            .filter(|m| matches!(m.state, MemberState::Connected | MemberState::Idle))
+            .count();
+        let elapsed = p.since.elapsed();
+        if (k, n) != p.last {
+            p.last = (k, n);
+            if n > 0 && k == n {
+                eprintln!(
+                    "meshpeer: joined: all {n} member(s) connected after {:.1} s",
+                    elapsed.as_secs_f64()
+                );
+                self.join_progress = None;
+                return;
+            }
+            eprintln!("meshpeer: {k}/{n} members connected");
+        }
+        if elapsed >= super::JOIN_PROGRESS_FOR {
+            eprintln!(
+                "meshpeer: {k}/{n} members connected after {} s; the others keep trying (see `meshpeer status`)",
+                elapsed.as_secs()
+            );
+            self.join_progress = None;
         }
     }
 
@@ -195,7 +235,7 @@ impl Node {
         let tx = self.restamp_tx.clone();
         tokio::spawn(async move {
             let wait = Duration::from_secs(20);
-            match super::join::contact(&transport, &seeds, &name, true, wait, wait).await {
+            match super::join::contact(&transport, &seeds, &name, true, false, wait, wait).await {
                 Ok(super::join::Outcome::Admitted { stamp, seed, .. }) => {
                     tracing::info!(%seed, "stamped again");
                     let _ = tx.send(stamp).await;
