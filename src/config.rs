@@ -79,6 +79,7 @@ pub const KEYS: &[&str] = &[
     "on_stop",
     "advertise_routes",
     "hosts_file",
+    "ephemeral",
 ];
 
 /// What the daemon does when it is stopped (SIGTERM, SIGINT).
@@ -161,6 +162,7 @@ pub struct Options {
     /// Subnets behind this node (sorted, without duplicates).
     pub advertise_routes: Option<Vec<Ipv4Net>>,
     pub hosts_file: Option<HostsFile>,
+    pub ephemeral: Option<bool>,
 }
 
 macro_rules! layer {
@@ -195,15 +197,26 @@ impl Options {
             log_level,
             on_stop,
             advertise_routes,
-            hosts_file
+            hosts_file,
+            ephemeral
         )
     }
 
-    /// The state directory (default [`crate::DEFAULT_STATE_DIR`]).
+    /// The state directory (default [`crate::DEFAULT_STATE_DIR`], or
+    /// [`crate::DEFAULT_EPHEMERAL_STATE_DIR`] for an ephemeral node).
     pub fn state_dir(&self) -> PathBuf {
-        self.state_dir
-            .clone()
-            .unwrap_or_else(|| PathBuf::from(crate::DEFAULT_STATE_DIR))
+        self.state_dir.clone().unwrap_or_else(|| {
+            PathBuf::from(if self.ephemeral() {
+                crate::DEFAULT_EPHEMERAL_STATE_DIR
+            } else {
+                crate::DEFAULT_STATE_DIR
+            })
+        })
+    }
+
+    /// Whether the node is ephemeral (default: no).
+    pub fn ephemeral(&self) -> bool {
+        self.ephemeral.unwrap_or(false)
     }
 
     /// The daemon's configuration, defaults filled in. Values were checked
@@ -234,12 +247,17 @@ impl Options {
             ),
             tags: self.tags.clone().unwrap_or_default(),
             metrics_addr: self.metrics_addr,
-            on_stop: self.on_stop.unwrap_or_default(),
             advertise_routes: self.advertise_routes.clone().unwrap_or_default(),
             hosts_file: match &self.hosts_file {
                 None => Some(PathBuf::from(DEFAULT_HOSTS_FILE)),
                 Some(h) => h.path().map(Path::to_path_buf),
             },
+            on_stop: if self.ephemeral() {
+                OnStop::Leave
+            } else {
+                self.on_stop.unwrap_or_default()
+            },
+            ephemeral: self.ephemeral(),
         }
     }
 
@@ -515,6 +533,7 @@ struct Raw {
     on_stop: Option<Spanned<String>>,
     advertise_routes: Option<Spanned<Vec<Spanned<String>>>>,
     hosts_file: Option<Spanned<String>>,
+    ephemeral: Option<Spanned<bool>>,
 }
 
 /// A checked list and the place of the whole list.
@@ -628,6 +647,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Options, ConfigError> {
         on_stop: check(raw.on_stop, "on_stop", |s| parse_on_stop(s), &at)?,
         advertise_routes,
         hosts_file: check(raw.hosts_file, "hosts_file", |s| parse_hosts_file(s), &at)?,
+        ephemeral: raw.ephemeral.map(Spanned::into_inner),
     })
 }
 

@@ -264,6 +264,7 @@ mod tests {
             rx_bytes: 0,
             tx_bytes: 0,
             tags: tags.iter().map(|t| t.to_string()).collect(),
+            ephemeral: false,
             conflict: None,
             routes: vec![],
         }

@@ -19,6 +19,7 @@
 //! See ARCHITECTURE.md for the data flow and the invariants.
 
 pub mod admission;
+pub mod clock;
 pub mod config;
 pub mod control;
 pub mod daemon;
@@ -40,6 +41,8 @@ pub mod relay;
 pub mod routes;
 pub mod state;
 pub mod status;
+#[doc(hidden)]
+pub mod testing;
 pub mod trust;
 pub mod wg;
 
@@ -69,6 +72,9 @@ pub const DEFAULT_GOSSIP_PORT: u16 = 51821;
 pub const DEFAULT_INTERFACE: &str = "mp0";
 /// Default state directory.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/meshpeer";
+/// Default state directory of an ephemeral node (`--ephemeral`): a tmpfs,
+/// gone at reboot.
+pub const DEFAULT_EPHEMERAL_STATE_DIR: &str = "/run/meshpeer";
 
 #[cfg(test)]
 mod tests {

@@ -35,6 +35,10 @@ pub const DEFAULT_DOWN_GRACE: Duration = Duration::from_secs(60);
 /// How long a down member is kept before it is forgotten (its address and
 /// name released).
 pub const FORGET_DOWN_AFTER: Duration = Duration::from_secs(600);
+/// How long a down ephemeral member is kept before it is forgotten: a
+/// stateless node that crashed comes back under a new identity, and its
+/// name and address should be free for it by then.
+pub const FORGET_EPHEMERAL_AFTER: Duration = DEFAULT_DOWN_GRACE;
 /// How long a member that left is kept (shown as gone) before it is
 /// forgotten.
 pub const FORGET_LEFT_AFTER: Duration = Duration::from_secs(60);
@@ -293,7 +297,12 @@ impl Membership {
                                 now.saturating_duration_since(since) >= FORGET_LEFT_AFTER
                             }
                             Liveness::Down { since } => {
-                                now.saturating_duration_since(since) >= FORGET_DOWN_AFTER
+                                let after = if m.record.ephemeral {
+                                    FORGET_EPHEMERAL_AFTER
+                                } else {
+                                    FORGET_DOWN_AFTER
+                                };
+                                now.saturating_duration_since(since) >= after
                             }
                             Liveness::Live => false,
                         })

@@ -524,6 +524,7 @@ mod tests {
             rx_bytes: 100,
             tx_bytes: 200,
             tags: vec![],
+            ephemeral: false,
             conflict: None,
             routes: vec![],
         }

@@ -86,6 +86,9 @@ pub struct MemberStatus {
     pub rx_bytes: u64,
     pub tx_bytes: u64,
     pub tags: Vec<String>,
+    /// A stateless member (`--ephemeral`), forgotten soon after it goes down.
+    #[serde(default)]
+    pub ephemeral: bool,
     /// What it claims that another member holds (it does not get it here).
     #[serde(default)]
     pub conflict: Option<String>,
@@ -293,7 +296,7 @@ impl Status {
             out.push_str(&line(&cells, note));
         }
         out.push_str(&self.render_routes());
-        out
+        printable(&out)
     }
 
     /// The routes section of [`Status::render`]: every advertised subnet,
@@ -340,12 +343,41 @@ impl Status {
     }
 }
 
+/// `text` with every control character but newline shown as `\u{..}`: what
+/// other members wrote (names, tags; checked when their records were
+/// verified, but a status may come from another daemon version) never
+/// reaches the terminal as an escape sequence.
+pub fn printable(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() && c != '\n' {
+            out.push_str(&c.escape_unicode().to_string());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn json_schema_has_the_documented_fields() {
+    fn terminal_escapes_never_reach_the_table() {
+        assert_eq!(printable("n1\x1b[2J\tx\n"), "n1\\u{1b}[2J\\u{9}x\n");
+        let mut s = sample_status();
+        s.members[0].name = "evil\x1b]0;pwned\x07".into();
+        s.members[0].tags = vec!["t\x1b[31m".into()];
+        let table = s.render();
+        assert!(
+            !table.chars().any(|c| c.is_control() && c != '\n'),
+            "{table:?}"
+        );
+        assert!(table.contains("evil\\u{1b}]0;pwned\\u{7}"), "{table}");
+    }
+
+    fn sample_status() -> Status {
         let m = MemberStatus {
             name: "a".into(),
             node_id: "id".into(),
@@ -362,10 +394,11 @@ mod tests {
             rx_bytes: 0,
             tx_bytes: 2048,
             tags: vec![],
+            ephemeral: false,
             conflict: None,
             routes: vec![],
         };
-        let s = Status {
+        Status {
             node: "a".into(),
             node_id: "id".into(),
             network: "10.77.0.0/16".into(),
@@ -388,7 +421,12 @@ mod tests {
             routes_installed: 0,
             myself: Some(m.clone()),
             members: vec![m],
-        };
+        }
+    }
+
+    #[test]
+    fn json_schema_has_the_documented_fields() {
+        let s = sample_status();
         let v: serde_json::Value = serde_json::to_value(&s).unwrap();
         assert_eq!(v["backend"], "userspace");
         assert_eq!(v["self"]["state"], "self");

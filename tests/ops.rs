@@ -430,7 +430,56 @@ fn exports_ping_netcheck_reload_and_leave_on_a_live_mesh() {
         }
     });
     assert!(n3.log_tail(10_000).contains("leaving the mesh"));
-    progress(t0, "n3 left on SIGTERM; done");
+    progress(t0, "n3 left on SIGTERM");
+
+    // An ephemeral node in n3's place, twice with the same reusable token
+    // and name: it is marked ephemeral, leaves on SIGTERM (no --on-stop),
+    // deletes its identity, and its next start is a new identity that gets
+    // the name back at once.
+    let token = stdout(n1.cli(&["invite", "--expires-in", "10m"]).expect("invite"));
+    let token = token.trim();
+    let mut keys = Vec::new();
+    for round in 0..2 {
+        let eph = Node::new("eph", &mesh._netns[2], "mpt3", mesh.work.path());
+        eph.spawn_join_with("10.99.0.1", token, &["--ephemeral"]);
+        let key = wait_for(secs(30), "n1 sees the ephemeral node connected", || {
+            eph.assert_running();
+            let s = n1.status()?;
+            match members(&s).iter().find(|m| m["name"] == "eph") {
+                Some(m) if m["state"] == "connected" && m["ephemeral"] == true => {
+                    Ok(m["public_key"].as_str().unwrap_or_default().to_string())
+                }
+                _ => Err(format!("members [{}]", members_summary(&s))),
+            }
+        });
+        eph.stop();
+        wait_for(secs(10), "n1 drops the ephemeral node at once", || {
+            let s = n1.status()?;
+            let peers = n1.wg_peers()?;
+            if members(&s).iter().any(|m| m["name"] == "eph") || peers.contains(&key) {
+                Err(format!(
+                    "members [{}], peers {peers:?}",
+                    members_summary(&s)
+                ))
+            } else {
+                Ok(())
+            }
+        });
+        assert!(
+            !eph.state_dir.join("node.key").exists(),
+            "round {round}: the ephemeral node kept its key"
+        );
+        assert!(eph.log_tail(10_000).contains("identity deleted"));
+        keys.push(key);
+    }
+    assert_ne!(
+        keys[0], keys[1],
+        "an ephemeral node rejoins as a new identity"
+    );
+    progress(
+        t0,
+        "ephemeral node: joined, left on SIGTERM, forgot itself, rejoined anew; done",
+    );
     drop(mesh);
     drop(conf);
 }

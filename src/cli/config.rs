@@ -61,6 +61,7 @@ fn is_set(o: &meshpeer::config::Options, key: &str) -> bool {
         "on_stop" => o.on_stop.is_some(),
         "advertise_routes" => o.advertise_routes.is_some(),
         "hosts_file" => o.hosts_file.is_some(),
+        "ephemeral" => o.ephemeral.is_some(),
         _ => false,
     }
 }

@@ -1,7 +1,5 @@
 //! `meshpeer init` and `meshpeer invite`.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use anyhow::{bail, Context};
 use base64::Engine;
 use clap::Args;
@@ -90,12 +88,7 @@ pub fn parse_route(s: &str) -> Result<Route, String> {
     })
 }
 
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
+use meshpeer::clock::unix_secs as now;
 
 fn expiry(e: Expiry) -> u64 {
     match e {

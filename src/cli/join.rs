@@ -1,7 +1,6 @@
 //! `meshpeer join SEED`: admit this node with a token and run the daemon.
 
 use std::path::PathBuf;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
 use base64::Engine;
@@ -140,10 +139,7 @@ pub async fn join(
         }
     };
     let (token, delegation) = Token::parse(&text).context("invalid join token")?;
-    let now_secs = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let now_secs = meshpeer::clock::unix_secs();
     let path = &merged.state_dir();
     let fresh = !path.join("membership.json").exists();
     if fresh && delegation.expires_at != 0 && now_secs > delegation.expires_at {
@@ -170,10 +166,7 @@ pub async fn join(
     } else {
         let dir = StateDir::create(path)?;
         let id = Identity::generate();
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
+        let now = meshpeer::clock::unix_secs();
         let admission = token.admit(id.node_key(), now);
         let cidr = ipnet::Ipv4Net::new(delegation.cidr_addr, delegation.cidr_prefix)
             .context("token names an invalid network")?;
@@ -223,7 +216,7 @@ pub async fn join(
 }
 
 fn remove_fresh_state(path: &std::path::Path) {
-    for f in ["node.key", "wireguard.key", "state.json", "membership.json"] {
+    for f in StateDir::IDENTITY_FILES {
         let _ = std::fs::remove_file(path.join(f));
     }
     let _ = std::fs::remove_dir(path);

@@ -92,14 +92,23 @@ pub struct StateArgs {
 
 impl StateArgs {
     /// The state directory: flag or environment, else the config file, else
-    /// the default.
+    /// the default; when nothing names one and no node lives in the
+    /// default, an ephemeral node's (so `status` finds a node started with
+    /// `--ephemeral`).
     pub fn resolve(&self, file: &Options) -> PathBuf {
-        Options {
+        let o = Options {
             state_dir: self.state_dir.clone(),
             ..Default::default()
         }
-        .or(file.clone())
-        .state_dir()
+        .or(file.clone());
+        let dir = o.state_dir();
+        if o.state_dir.is_none() && !o.ephemeral() {
+            let eph = PathBuf::from(meshpeer::DEFAULT_EPHEMERAL_STATE_DIR);
+            if !dir.join("membership.json").exists() && eph.join("membership.json").exists() {
+                return eph;
+            }
+        }
+        dir
     }
 }
 
@@ -202,6 +211,20 @@ pub struct RunArgs {
     /// never touched), or `none` [default: /etc/hosts].
     #[arg(long, env = "MESHPEER_HOSTS_FILE", value_parser = cfg::parse_hosts_file)]
     pub hosts_file: Option<HostsFile>,
+    /// A stateless node that joins afresh on every boot: keys and state in
+    /// /run/meshpeer (unless --state-dir), a leave on every stop (whatever
+    /// --on-stop says) after which its identity is deleted, and members
+    /// forget it 60 s after a crash. Give it a reusable, expiring token
+    /// (`invite --expires-in 30d`) with --token-file.
+    #[arg(
+        long,
+        env = "MESHPEER_EPHEMERAL",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub ephemeral: Option<bool>,
 }
 
 #[derive(Args, Debug)]
@@ -246,6 +269,7 @@ impl RunArgs {
                 ),
             },
             hosts_file: self.hosts_file.clone(),
+            ephemeral: self.ephemeral,
         })
     }
 }

@@ -32,12 +32,7 @@ pub struct TokensArgs {
     pub state: StateArgs,
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+use meshpeer::clock::unix_ms as now_ms;
 
 pub async fn revoke(a: RevokeArgs, file: &meshpeer::config::Options) -> anyhow::Result<()> {
     let dir = StateDir::open(&a.state.resolve(file))?;

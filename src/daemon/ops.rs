@@ -384,6 +384,9 @@ impl Node {
         if new.hosts_file != old.hosts_file {
             restart.push("hosts_file");
         }
+        if new.ephemeral != old.ephemeral {
+            restart.push("ephemeral");
+        }
         if restart.is_empty() {
             tracing::info!(applied = ?applied, "configuration reloaded");
         } else {
@@ -399,7 +402,11 @@ impl Node {
                 "shutting down, staying a member (members will mark this node down until it is back)"
             ),
             OnStop::Leave => {
-                tracing::info!("shutting down and leaving the mesh (--on-stop leave)");
+                if self.cfg.ephemeral {
+                    tracing::info!("shutting down and leaving the mesh (ephemeral node)");
+                } else {
+                    tracing::info!("shutting down and leaving the mesh (--on-stop leave)");
+                }
                 self.leave().await;
             }
         }

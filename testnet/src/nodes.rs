@@ -55,7 +55,6 @@ pub enum Life {
 /// Daemon options from the scenario.
 #[derive(Debug, Clone, Default)]
 pub struct DaemonOpts {
-    pub gossip_interval_ms: Option<u64>,
     pub down_grace_secs: Option<u64>,
     pub extra_args: Vec<String>,
     pub join_args: Vec<String>,
@@ -202,10 +201,6 @@ impl Nodes {
 
     fn run_flags(&self) -> Vec<String> {
         let mut v = vec![];
-        if let Some(g) = self.opts.gossip_interval_ms {
-            v.push("--gossip-interval-ms".into());
-            v.push(g.to_string());
-        }
         if let Some(d) = self.opts.down_grace_secs {
             v.push("--down-grace-secs".into());
             v.push(d.to_string());

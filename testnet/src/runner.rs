@@ -1578,7 +1578,6 @@ pub fn run_engine(
     initial: usize,
 ) -> Result<EngineResult> {
     let opts = DaemonOpts {
-        gossip_interval_ms: sc.nodes.gossip_interval_ms,
         down_grace_secs: sc.nodes.down_grace_secs,
         extra_args: sc.nodes.extra_args.clone(),
         join_args: sc.nodes.join_args.clone(),

@@ -90,8 +90,6 @@ pub struct NodesSection {
     #[serde(default = "d_network")]
     pub network: String,
     #[serde(default)]
-    pub gossip_interval_ms: Option<u64>,
-    #[serde(default)]
     pub down_grace_secs: Option<u64>,
     /// More flags for `meshpeer up/join`.
     #[serde(default)]

@@ -70,57 +70,18 @@ pub const POLL: Duration = Duration::from_millis(200);
 // Environment
 // ---------------------------------------------------------------------------
 
-/// True when running under CI (`CI` set to anything but "", "0", "false").
-pub fn is_ci() -> bool {
-    match std::env::var("CI") {
-        Ok(v) => !matches!(
-            v.trim().to_ascii_lowercase().as_str(),
-            "" | "0" | "false" | "no"
-        ),
-        Err(_) => false,
-    }
-}
-
-/// Returns true if the test may go on. Not root: prints why and returns false
-/// (the test then passes as skipped), except under CI, where it panics.
-pub fn require_root(test: &str) -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    if is_ci() {
-        panic!("{test}: needs root (network namespaces), and CI=true forbids skipping");
-    }
-    skip(&format!(
-        "{test}: needs root to create network namespaces (run as root, or under CI=true to make this a failure)"
-    ));
-    false
-}
-
-/// Prints "SKIPPED: why" straight to stderr, past the test harness's output
-/// capture, so that a skipped test (which passes) still says so.
-pub fn skip(why: &str) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr(), "SKIPPED {why}");
-}
+// The skip rule (root, programs; a failure under CI) lives in one place,
+// `meshpeer::testing`, shared with the unit tests and testnet/tests.
+#[allow(unused_imports)]
+pub use meshpeer::testing::{find_in_path, is_ci, require_root, skip};
 
 /// Skips (returns false) or, under CI, panics, when `prog` is not on PATH.
 pub fn require_program(test: &str, prog: &str) -> bool {
-    if find_in_path(prog).is_some() {
-        return true;
-    }
-    if is_ci() {
-        panic!("{test}: `{prog}` not found on PATH, and CI=true forbids skipping");
-    }
-    skip(&format!("{test}: `{prog}` not found on PATH"));
-    false
-}
-
-pub fn find_in_path(prog: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(prog))
-        .find(|p| p.is_file())
+    meshpeer::testing::may_run(
+        test,
+        find_in_path(prog).is_some(),
+        &format!("`{prog}` not found on PATH (.ci/run installs what the tests need)"),
+    )
 }
 
 /// The meshpeer binary: `$MESHPEER_BIN`, or the one cargo built for this test.
@@ -625,6 +586,7 @@ impl Node {
             "MESHPEER_LOG_LEVEL",
             "MESHPEER_ON_STOP",
             "MESHPEER_ADVERTISE_ROUTES",
+            "MESHPEER_EPHEMERAL",
         ] {
             c.env_remove(var);
         }
