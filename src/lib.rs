@@ -28,6 +28,7 @@ pub mod observe;
 pub mod proto;
 pub mod reconcile;
 pub mod record;
+pub mod relay;
 pub mod state;
 pub mod status;
 pub mod trust;

@@ -174,10 +174,16 @@ impl ObservationBook {
     pub fn endpoints_of(&self, me: &PublicKeyBytes, local: &[IpAddr]) -> Vec<SocketAddr> {
         let mut count: BTreeMap<SocketAddr, usize> = BTreeMap::new();
         for (_, obs) in self.by_observer.values() {
-            for s in &obs.seen {
-                if &s.node_key == me && !local.contains(&s.endpoint.ip()) {
-                    *count.entry(s.endpoint).or_default() += 1;
-                }
+            // One vote per observer and endpoint: listing an endpoint 32
+            // times counts once.
+            let mine: std::collections::BTreeSet<SocketAddr> = obs
+                .seen
+                .iter()
+                .filter(|s| &s.node_key == me && !local.contains(&s.endpoint.ip()))
+                .map(|s| s.endpoint)
+                .collect();
+            for e in mine {
+                *count.entry(e).or_default() += 1;
             }
         }
         let mut v: Vec<(usize, SocketAddr)> = count.into_iter().map(|(e, n)| (n, e)).collect();
@@ -266,6 +272,25 @@ mod tests {
         assert_eq!(book.endpoints_of(&me, &local), vec![e1, e2]);
         book.retain(|k| *k != ak);
         assert_eq!(book.endpoints_of(&me, &local), vec![e1]);
+        // One observer listing an endpoint many times is one vote: `b` and
+        // `c` agree on e1, a stuffing `a` cannot outvote them with e2.
+        let stuffed = Observations {
+            network_key: net,
+            observer: ak,
+            issued_at: 20,
+            seen: vec![
+                Seen {
+                    node_key: me,
+                    endpoint: e2
+                };
+                MAX_SEEN
+            ],
+        }
+        .sign(&a);
+        book.handle(&net, &ak, &stuffed).unwrap();
+        book.handle(&net, &c.verifying_key().to_bytes(), &publish(&c, 11, e1))
+            .unwrap();
+        assert_eq!(book.endpoints_of(&me, &local), vec![e1, e2]);
     }
 
     #[test]

@@ -108,6 +108,14 @@ pub struct Status {
     pub mapped_endpoints: Vec<String>,
     /// Whether this member relays for others.
     pub relaying: bool,
+    /// Relay use (when relaying): pairs allocated now, sealed datagrams
+    /// forwarded and dropped by the current allocations.
+    #[serde(default)]
+    pub relay_allocations: usize,
+    #[serde(default)]
+    pub relay_forwarded: u64,
+    #[serde(default)]
+    pub relay_dropped: u64,
     #[serde(rename = "self")]
     pub myself: Option<MemberStatus>,
     pub members: Vec<MemberStatus>,
@@ -255,6 +263,9 @@ mod tests {
             nat: "public".into(),
             mapped_endpoints: vec![],
             relaying: false,
+            relay_allocations: 0,
+            relay_forwarded: 0,
+            relay_dropped: 0,
             myself: Some(m.clone()),
             members: vec![m],
         };

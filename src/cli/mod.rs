@@ -100,6 +100,10 @@ pub struct RunArgs {
         value_delimiter = ','
     )]
     pub stun_servers: Vec<String>,
+    /// UDP port range of relay allocations (two ports per relayed pair) on
+    /// a public member that relays: open it in the firewall there.
+    #[arg(long, env = "MESHPEER_RELAY_PORTS", default_value = "52900-57899", value_parser = parse_port_range)]
+    pub relay_ports: (u16, u16),
     /// Do not relay for members that cannot reach each other directly
     /// (public members relay by default).
     #[arg(long, env = "MESHPEER_NO_RELAY", value_parser = clap::builder::FalseyValueParser::new())]
@@ -151,6 +155,7 @@ impl RunArgs {
             tags,
             join_timeout: Duration::from_secs(self.join_timeout_secs),
             relay: !self.no_relay,
+            relay_ports: self.relay_ports,
             stun_servers: self
                 .stun_servers
                 .iter()
@@ -158,6 +163,20 @@ impl RunArgs {
                 .collect(),
         })
     }
+}
+
+/// Parses `FIRST-LAST` (a UDP port range of at least two ports).
+pub fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
+    let bad = || format!("{s:?} is not a port range like 52900-57899");
+    let (a, b) = s.split_once('-').ok_or_else(bad)?;
+    let a: u16 = a.trim().parse().map_err(|_| bad())?;
+    let b: u16 = b.trim().parse().map_err(|_| bad())?;
+    if a == 0 || b <= a {
+        return Err(format!(
+            "{s:?}: the range must hold at least two ports, not starting at 0"
+        ));
+    }
+    Ok((a, b))
 }
 
 /// Resolves when the process gets SIGINT or SIGTERM.

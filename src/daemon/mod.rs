@@ -17,6 +17,7 @@
 
 mod join;
 mod probes;
+mod relay;
 mod status;
 mod step;
 mod traversal;
@@ -96,6 +97,8 @@ pub struct DaemonConfig {
     pub join_timeout: Duration,
     /// Tags published in the record.
     pub tags: Vec<String>,
+    /// UDP port range of relay allocations (first, last).
+    pub relay_ports: (u16, u16),
 }
 
 impl DaemonConfig {
@@ -197,7 +200,15 @@ pub(crate) struct Node {
     /// When the last step saw a change (membership events, WireGuard
     /// changes, path changes).
     last_change: Instant,
+    /// Our relay (allocations for others), when we relay.
+    relay: relay::RelayServer,
+    /// Answers to our allocation requests: (peer, relay, endpoint).
+    alloc_tx: mpsc::Sender<AllocAnswer>,
 }
+
+/// An answer to an allocation request: (peer, relay) WireGuard keys, and
+/// the endpoint to use (None: refused or unreachable).
+type AllocAnswer = ([u8; 32], [u8; 32], Option<SocketAddr>);
 
 /// Runs the node until `shutdown` resolves or a `leave` request arrives.
 pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
@@ -451,12 +462,13 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()>) -> anyho
         rand::random(),
     );
     let (hello_tx, hello_rx) = watch::channel(Arc::new(HelloReply::default()));
+    let relay = relay::RelayServer::new(cfg.relay_ports);
     gossip.set_request_handler(Arc::new(join::Handler {
         trust: trust.clone(),
         signing: id.signing.clone(),
         admission: admission.clone(),
         hello: hello_rx,
-        allocator: None,
+        allocator: Some(Arc::new(relay.clone())),
     }));
     // What the seed handed over goes into gossip at once.
     for text in &first_records {
@@ -481,6 +493,7 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()>) -> anyho
     }
 
     let (acks_tx, mut acks_rx) = mpsc::channel(1024);
+    let (alloc_tx, mut alloc_rx) = mpsc::channel::<AllocAnswer>(256);
     let wg_public = id.wg_public();
     let liveness = Liveness::new(network.key, id.node_key(), rand::random());
     let mut node = Node {
@@ -516,6 +529,8 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()>) -> anyho
         fed: Default::default(),
         published_record: None,
         last_change: Instant::now(),
+        relay,
+        alloc_tx,
     };
     if let Err(e) = node.republish(false).await {
         node.wg.destroy().await;
@@ -547,6 +562,10 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()>) -> anyho
                 node.step_or_warn().await;
             }
             _ = answered.notified() => node.on_stun_answer().await,
+            Some((peer, relay, endpoint)) = alloc_rx.recv() => {
+                node.traversal.handle_allocation(&peer, &relay, endpoint);
+                node.step_or_warn().await;
+            }
             Some((from, nonce, summary)) = acks_rx.recv() => {
                 node.on_probe_ack(from, nonce, summary);
                 while let Ok((from, nonce, summary)) = acks_rx.try_recv() {
@@ -653,7 +672,7 @@ impl Node {
 
     /// Publishes our record (again), with `left` for a leave.
     async fn republish(&mut self, left: bool) -> anyhow::Result<()> {
-        let relay = self.relays() && self.traversal.forwarding();
+        let relay = self.relays();
         let version = self.next_version();
         let local = self.local_nets();
         let body = values::build_record(&values::RecordInputs {

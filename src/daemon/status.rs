@@ -43,10 +43,8 @@ impl Node {
                 let peer = peer_of(&r.wg_public_key);
                 let age = peer.and_then(|p| p.handshake_age);
                 let path = self.traversal.paths.get(&r.wg_public_key).copied();
-                let reachable = match path {
-                    Some(Path::Relayed { via }) => fresh(&via),
-                    _ => fresh(&r.wg_public_key),
-                };
+                // Relayed or not, the session is end to end.
+                let reachable = fresh(&r.wg_public_key);
                 // A tunnel that worked and lapsed while unused (no keepalive
                 // between public members) is idle: it comes back on the first
                 // packet.
@@ -66,8 +64,6 @@ impl Node {
                 };
                 let endpoint = if is_self {
                     Some(SocketAddr::new(self.advertise, self.cfg.wg_port()))
-                } else if let Some(Path::Relayed { via }) = path {
-                    peer_of(&via).and_then(|p| p.endpoint)
                 } else {
                     peer.and_then(|p| p.endpoint)
                 };
@@ -109,6 +105,7 @@ impl Node {
         members.sort_by_key(|m| m.overlay_ip);
         let (sent, received) = self.gossip.transport.byte_counts();
         let stats = self.gossip.stats();
+        let relay = self.relay.stats();
         Status {
             node: self.state.name.clone(),
             node_id: self.id.node_id(),
@@ -131,7 +128,10 @@ impl Node {
                 .iter()
                 .map(|e| e.to_string())
                 .collect(),
-            relaying: self.relays() && self.traversal.forwarding(),
+            relaying: self.relays(),
+            relay_allocations: relay.allocations,
+            relay_forwarded: relay.forwarded,
+            relay_dropped: relay.dropped,
             myself: members
                 .iter()
                 .find(|m| m.state == MemberState::Myself)

@@ -11,7 +11,7 @@ use ipnet::Ipv4Net;
 
 use super::{unix_ms, Node};
 use crate::gossip::rounds::Target;
-use crate::gossip::transport::HelloReply;
+use crate::gossip::transport::{AllocReply, HelloReply};
 use crate::liveness::{self, Alive, MemberView, Suspicions};
 use crate::membership::{on_local_net, Event, GossipEntry, Liveness, Membership};
 use crate::nat::paths::Path;
@@ -74,10 +74,9 @@ impl Node {
         {
             self.republish(false).await?;
         }
-        if self.relays() && self.traversal.ensure_forwarding() {
-            self.republish(false).await?;
-        }
         let changes = self.reconcile_wireguard(now, &local).await?;
+        self.exchange_allocations();
+        self.feed_relay();
 
         // Liveness: who we can probe (a path exists), our summary.
         let views: Vec<MemberView> = self
@@ -314,6 +313,94 @@ impl Node {
         self.traversal.force_handshakes(now).await;
         self.traversal.send_checks(now, poke).await;
         Ok(n)
+    }
+
+    /// Asks relays for the allocations our relayed peers need, and gives
+    /// back the ones no longer needed (requests over QUIC, in tasks; the
+    /// answers come back to the loop).
+    fn exchange_allocations(&mut self) {
+        let lookup = |m: &Membership, wg: &[u8; 32]| {
+            m.by_wg_key(wg)
+                .map(|x| (x.record.node_key, x.record.gossip_addr))
+        };
+        for (peer, relay) in self.traversal.take_alloc_requests() {
+            let (Some((peer_key, _)), Some((_, relay_addr))) = (
+                lookup(&self.membership, &peer),
+                lookup(&self.membership, &relay),
+            ) else {
+                continue;
+            };
+            let transport = self.gossip.transport.clone();
+            let tx = self.alloc_tx.clone();
+            tokio::spawn(async move {
+                let req = crate::gossip::transport::Request::Allocate { peer: peer_key };
+                let endpoint = match transport
+                    .request(relay_addr, &req, Duration::from_secs(8))
+                    .await
+                {
+                    Ok(bytes) => match proto::decode::<AllocReply>("allocation reply", &bytes) {
+                        Ok(AllocReply::Allocated { port, .. }) => {
+                            Some(SocketAddr::new(relay_addr.ip(), port))
+                        }
+                        Ok(other) => {
+                            tracing::info!(relay = %relay_addr, answer = ?other, "relay refused an allocation");
+                            None
+                        }
+                        Err(e) => {
+                            tracing::warn!(relay = %relay_addr, error = %e, "bad allocation reply");
+                            None
+                        }
+                    },
+                    Err(e) => {
+                        tracing::info!(relay = %relay_addr, error = %e, "cannot reach the relay");
+                        None
+                    }
+                };
+                let _ = tx.send((peer, relay, endpoint)).await;
+            });
+        }
+        for (peer, relay) in self.traversal.take_alloc_releases() {
+            let (Some((peer_key, _)), Some((_, relay_addr))) = (
+                lookup(&self.membership, &peer),
+                lookup(&self.membership, &relay),
+            ) else {
+                continue;
+            };
+            let transport = self.gossip.transport.clone();
+            tokio::spawn(async move {
+                let req = crate::gossip::transport::Request::Release { peer: peer_key };
+                let _ = transport
+                    .request(relay_addr, &req, Duration::from_secs(8))
+                    .await;
+            });
+        }
+    }
+
+    /// Tells our relay (if we relay) who the members are and where their
+    /// datagrams may come from.
+    fn feed_relay(&mut self) {
+        let enabled = self.relays();
+        let members = if enabled {
+            self.membership
+                .members()
+                .map(|m| {
+                    let mut ips: Vec<IpAddr> = m.record.endpoints.iter().map(|e| e.ip()).collect();
+                    ips.push(m.record.gossip_addr.ip());
+                    ips.sort();
+                    ips.dedup();
+                    (
+                        m.record.node_key,
+                        super::relay::MemberInfo {
+                            wg_key: m.record.wg_public_key,
+                            known_ips: ips,
+                        },
+                    )
+                })
+                .collect()
+        } else {
+            Default::default()
+        };
+        self.relay.set_members(enabled, members);
     }
 
     /// Observed endpoints: publish what we see of members whose NAT is

@@ -32,6 +32,17 @@ pub struct ObserveStep {
 /// A working path whose packets went unanswered this long gets checked.
 const SUSPECT: Duration = Duration::from_secs(2);
 
+/// A relay allocation asked for and not answered is asked again after this.
+const ALLOC_RETRY: Duration = Duration::from_secs(1);
+
+/// A relay allocation we hold or asked for.
+struct Alloc {
+    relay: [u8; 32],
+    /// The relay's address and the port of our side, once allocated.
+    endpoint: Option<SocketAddr>,
+    asked: Instant,
+}
+
 /// How often our own observations may be republished.
 const SEEN_REPUBLISH: Duration = Duration::from_secs(10);
 
@@ -71,8 +82,10 @@ pub struct Traversal {
     pub paths: BTreeMap<[u8; 32], Path>,
     /// The peers whose path changed in the last `select_paths`.
     pub changed: Vec<[u8; 32]>,
-    forwarding: bool,
-    forwarding_failed: bool,
+    /// Relay allocations per peer (WireGuard key).
+    allocations: HashMap<[u8; 32], Alloc>,
+    alloc_requests: Vec<([u8; 32], [u8; 32])>,
+    alloc_releases: Vec<([u8; 32], [u8; 32])>,
     /// Outside STUN servers (`--stun-server`), asked before members.
     outside: Vec<SocketAddr>,
     /// Our WireGuard key (checks name their sender).
@@ -174,8 +187,9 @@ impl Traversal {
             },
             paths: BTreeMap::new(),
             changed: Vec::new(),
-            forwarding: false,
-            forwarding_failed: false,
+            allocations: HashMap::new(),
+            alloc_requests: Vec::new(),
+            alloc_releases: Vec::new(),
             outside,
         }
     }
@@ -411,11 +425,11 @@ impl Traversal {
         // Every live relay the membership knows, not only those we have a
         // session with: both ends of a pair must choose from the same list
         // (see `paths::pick_relay`), and a public relay is reached on demand.
-        let mut relays: Vec<[u8; 32]> = m
+        let mut relays: Vec<([u8; 32], &[u8])> = m
             .members()
             .filter(|x| &x.record.node_key != me && x.liveness == Liveness::Live)
             .filter(|x| x.record.relay && x.record.nat == NatKind::Public)
-            .map(|x| x.record.wg_public_key)
+            .map(|x| (x.record.wg_public_key, x.stamp_signature.as_slice()))
             .collect();
         relays.sort();
         // A punch cannot work when either side is behind a symmetric NAT
@@ -449,15 +463,24 @@ impl Traversal {
         // Peers behind NAT send keepalives; only their silence means a
         // broken path (public members send none at rest).
         let sends_keepalives = |k: &[u8; 32]| nat_of(k) != NatKind::Public;
-        let (mut desired, paths) = self.selector.select(
+        let allocations = &self.allocations;
+        let relayed_at = |k: &[u8; 32]| {
+            allocations
+                .get(k)
+                .and_then(|a| a.endpoint.map(|e| (a.relay, e)))
+        };
+        let paths = self.selector.select(
             now,
-            desired,
+            &desired,
             actual,
             &relays,
             &my_wg_key,
             &relay_now,
             &sends_keepalives,
+            &relayed_at,
         );
+        let mut desired = desired;
+        self.plan_allocations(now, &paths);
         // Where to check (and punch): the candidates of every peer still
         // without a direct path that a punch can reach. A candidate that
         // answered a check becomes the peer's only endpoint until the
@@ -472,6 +495,17 @@ impl Traversal {
             .filter_map(|a| a.endpoint.map(|e| (a.public_key, e)))
             .collect();
         for d in desired.iter_mut() {
+            // The record's candidates (same-LAN first): what checks try.
+            let candidates = d.endpoints.clone();
+            let relayed = matches!(paths.get(&d.public_key), Some(Path::Relayed { .. }));
+            let relay_ep = relayed
+                .then(|| self.allocations.get(&d.public_key).and_then(|a| a.endpoint))
+                .flatten();
+            if let Some(ep) = relay_ep {
+                // Relayed: the one session goes through the relay's port
+                // for this pair.
+                d.endpoints = vec![ep];
+            }
             let ok = self.selector.working(&d.public_key);
             // A working path whose packets have gone unanswered for a
             // moment is suspect (a NAT dropped its mapping, a router got a
@@ -484,6 +518,18 @@ impl Traversal {
             let suspect = ok && self.selector.unanswered(now, &d.public_key) >= SUSPECT;
             if ok && !suspect {
                 self.working.insert(d.public_key);
+                if relayed && !hopeless(&d.public_key) {
+                    // Relayed and working: keep looking for a direct path.
+                    self.need.push((d.public_key, candidates));
+                }
+                continue;
+            }
+            if relay_ep.is_some() {
+                // A relayed session coming up: keep the relay's endpoint,
+                // and punch on the side where a punch can work.
+                if !hopeless(&d.public_key) {
+                    self.need.push((d.public_key, candidates));
+                }
                 continue;
             }
             if hopeless(&d.public_key) {
@@ -562,6 +608,76 @@ impl Traversal {
         desired
     }
 
+    /// Relay allocations to ask for and to give back, after a path choice:
+    /// a relayed peer needs one at its relay (asked again after
+    /// [`ALLOC_RETRY`] without an answer); a direct one gives its back.
+    fn plan_allocations(&mut self, now: Instant, paths: &BTreeMap<[u8; 32], Path>) {
+        for (k, p) in paths {
+            match p {
+                Path::Relayed { via } => {
+                    let stale = match self.allocations.get(k) {
+                        None => true,
+                        Some(a) if a.relay != *via => {
+                            if a.endpoint.is_some() {
+                                self.alloc_releases.push((*k, a.relay));
+                            }
+                            true
+                        }
+                        Some(a) => {
+                            a.endpoint.is_none()
+                                && now.saturating_duration_since(a.asked) >= ALLOC_RETRY
+                        }
+                    };
+                    if stale {
+                        self.allocations.insert(
+                            *k,
+                            Alloc {
+                                relay: *via,
+                                endpoint: None,
+                                asked: now,
+                            },
+                        );
+                        self.alloc_requests.push((*k, *via));
+                    }
+                }
+                Path::Direct => {
+                    if let Some(a) = self.allocations.remove(k) {
+                        if a.endpoint.is_some() {
+                            self.alloc_releases.push((*k, a.relay));
+                        }
+                    }
+                }
+                Path::Trying => {}
+            }
+        }
+        self.allocations.retain(|k, _| paths.contains_key(k));
+    }
+
+    /// Allocations to ask relays for: (peer, relay), WireGuard keys.
+    pub fn take_alloc_requests(&mut self) -> Vec<([u8; 32], [u8; 32])> {
+        std::mem::take(&mut self.alloc_requests)
+    }
+
+    /// Allocations to give back: (peer, relay), WireGuard keys.
+    pub fn take_alloc_releases(&mut self) -> Vec<([u8; 32], [u8; 32])> {
+        std::mem::take(&mut self.alloc_releases)
+    }
+
+    /// A relay answered our request for the pair with `peer`: the endpoint
+    /// to use (None: refused, asked again later).
+    pub fn handle_allocation(
+        &mut self,
+        peer: &[u8; 32],
+        relay: &[u8; 32],
+        endpoint: Option<SocketAddr>,
+    ) {
+        if let Some(a) = self.allocations.get_mut(peer) {
+            if &a.relay == relay {
+                a.endpoint = endpoint;
+            }
+        }
+    }
+
     /// Observed endpoints, both ways: what we see of members whose NAT is
     /// unknown (published, at most every 10 s and only on change), and what
     /// live members see of us (`observed_self`).
@@ -635,34 +751,6 @@ impl Traversal {
             seen
         });
         ObserveStep { publish, changed }
-    }
-
-    /// A relay forwards overlay packets between its peers: IPv4 forwarding
-    /// must be on in its network namespace. Turned on once, logged; returns
-    /// true when it just became available (the record must say so).
-    pub fn ensure_forwarding(&mut self) -> bool {
-        if self.forwarding || self.forwarding_failed {
-            return false;
-        }
-        const PATH: &str = "/proc/sys/net/ipv4/ip_forward";
-        match std::fs::read_to_string(PATH) {
-            Ok(v) if v.trim() == "1" => self.forwarding = true,
-            _ => match std::fs::write(PATH, "1\n") {
-                Ok(()) => {
-                    tracing::info!("enabled IPv4 forwarding so this public member can relay for members behind NAT (--no-relay turns relaying off)");
-                    self.forwarding = true;
-                }
-                Err(e) => {
-                    self.forwarding_failed = true;
-                    tracing::warn!(error = %e, "cannot enable IPv4 forwarding; this member will not relay")
-                }
-            },
-        }
-        self.forwarding
-    }
-
-    pub fn forwarding(&self) -> bool {
-        self.forwarding
     }
 }
 

@@ -271,6 +271,10 @@ pub fn quic_configs(
     // only every minute or so, and a new connection is a TLS handshake
     // (signatures, key exchange, our certificate check) on both sides.
     transport.keep_alive_interval(None);
+    // Each gossip message or request takes one stream: a peer may have a
+    // few in flight, not thousands (proto/PROTOCOL.md §4.6).
+    transport.max_concurrent_uni_streams(16u32.into());
+    transport.max_concurrent_bidi_streams(16u32.into());
     transport.max_idle_timeout(Some(
         quinn::IdleTimeout::try_from(IDLE_TIMEOUT).map_err(|e| TlsError::Quic(e.to_string()))?,
     ));

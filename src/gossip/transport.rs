@@ -410,11 +410,10 @@ fn identify(shared: &Shared, conn: &quinn::Connection) -> Option<PeerIdentity> {
 /// Remembers a connection by its remote address and serves its streams.
 fn register(shared: &Arc<Shared>, conn: quinn::Connection) {
     lock(&shared.unreachable).remove(&conn.remote_address());
-    if let Some(old) = lock(&shared.conns).insert(conn.remote_address(), conn.clone()) {
-        if old.stable_id() != conn.stable_id() {
-            old.close(0u32.into(), b"replaced");
-        }
-    }
+    // Two members may connect to each other at the same moment: both
+    // connections stay usable (the older one idles out), the map keeps the
+    // newest for sending.
+    lock(&shared.conns).insert(conn.remote_address(), conn.clone());
     tokio::spawn(serve_connection(shared.clone(), conn));
 }
 

@@ -564,6 +564,39 @@ pub fn uapi_peers(ifname: &str) -> Option<Vec<String>> {
     )
 }
 
+/// Each peer of a userspace WireGuard device (UAPI): public key (base64)
+/// and its allowed IPs (`addr/prefix`).
+pub fn uapi_allowed_ips(ifname: &str) -> Option<Vec<(String, Vec<String>)>> {
+    let mut s = UnixStream::connect(format!("/var/run/wireguard/{ifname}.sock")).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
+    s.write_all(b"get=1\n\n").ok()?;
+    let mut text = String::new();
+    let mut buf = [0u8; 65536];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                text.push_str(&String::from_utf8_lossy(&buf[..n]));
+                if text.contains("errno=") && text.ends_with("\n\n") {
+                    break;
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    let mut out: Vec<(String, Vec<String>)> = Vec::new();
+    for l in text.lines() {
+        if let Some(k) = l.strip_prefix("public_key=") {
+            out.push((hex_to_b64(k)?, Vec::new()));
+        } else if let Some(ip) = l.strip_prefix("allowed_ip=") {
+            if let Some(last) = out.last_mut() {
+                last.1.push(ip.to_string());
+            }
+        }
+    }
+    Some(out)
+}
+
 fn hex_to_b64(h: &str) -> Option<String> {
     let bytes: Option<Vec<u8>> = (0..h.len() / 2)
         .map(|i| u8::from_str_radix(h.get(2 * i..2 * i + 2)?, 16).ok())

@@ -1074,6 +1074,53 @@ impl<'a> Ctx<'a> {
                 let counters = self.plan.stun.as_ref().map(|(ns, _)| stun_counters(ns));
                 (ok || !*required, json!({"ok": ok, "nodes": rows, "stun_server_counters": counters}))
             }
+            Step::CheckSealed { required } => {
+                if self.poller.is_none() {
+                    return Ok((true, json!({"skipped": "no status for this engine"})));
+                }
+                let mut bad: Vec<String> = Vec::new();
+                let (mut forwarded, mut dropped, mut relayed_paths) = (0u64, 0u64, 0usize);
+                let live = self.nodes.live();
+                for &i in &live {
+                    let Some(st) = crate::nodes::control_status(&self.nodes.state_dir(i)) else {
+                        bad.push(format!("n{i}: no status"));
+                        continue;
+                    };
+                    forwarded += st["relay_forwarded"].as_u64().unwrap_or(0);
+                    dropped += st["relay_dropped"].as_u64().unwrap_or(0);
+                    let members = st["members"].as_array().cloned().unwrap_or_default();
+                    relayed_paths += members.iter().filter(|m| m["path"] == "relayed").count();
+                    let own: std::collections::HashMap<String, String> = members
+                        .iter()
+                        .filter_map(|m| Some((m["public_key"].as_str()?.to_string(), format!("{}/32", m["overlay_ip"].as_str()?))))
+                        .collect();
+                    let Some(peers) = crate::nodes::uapi_allowed_ips(&self.nodes.ifname(i)) else {
+                        bad.push(format!("n{i}: cannot read its WireGuard device"));
+                        continue;
+                    };
+                    for (key, ips) in peers {
+                        let mine = own.get(&key);
+                        for ip in ips {
+                            if Some(&ip) != mine {
+                                bad.push(format!("n{i}: peer {} holds {ip} (its own is {})", &key[..8], mine.map(String::as_str).unwrap_or("unknown")));
+                            }
+                        }
+                    }
+                }
+                if relayed_paths > 0 && forwarded == 0 {
+                    bad.push(format!("{relayed_paths} relayed paths, but no relay forwarded anything"));
+                }
+                let ok = bad.is_empty();
+                self.marker(format!("check_sealed: {} nodes, {relayed_paths} relayed paths, relays forwarded {forwarded} sealed datagrams (dropped {dropped}); {} problems", live.len(), bad.len()));
+                if !ok {
+                    let msg = format!("step {idx} check_sealed: {}", bad.join("; "));
+                    println!("  {msg}");
+                    if *required {
+                        self.errors.push(msg);
+                    }
+                }
+                (ok || !*required, json!({"ok": ok, "relayed_paths": relayed_paths, "relay_forwarded": forwarded, "relay_dropped": dropped, "problems": bad}))
+            }
             Step::StunClient { select, server, required } => {
                 let live = self.nodes.live();
                 let want_kind = select.kind.or(Some(Kind::Nat));

@@ -222,6 +222,14 @@ pub enum Step {
         #[serde(default = "d_true")]
         required: bool,
     },
+    /// Check that relaying is sealed: no WireGuard peer on any node holds an
+    /// overlay address other than its own member's (read from each node's
+    /// device over UAPI and its status), and, when some pair is relayed,
+    /// that relays forwarded sealed datagrams (`relay_forwarded`).
+    CheckSealed {
+        #[serde(default = "d_true")]
+        required: bool,
+    },
     /// Wait until every node's `status` shows the NAT kind and public
     /// address the topology gives it (`self`/`nat`/`mapped_endpoints`).
     CheckNat {
@@ -262,6 +270,7 @@ impl Step {
             Step::ChangePublicAddress { .. } => "change_public_address",
             Step::ExpectPaths { .. } => "expect_paths",
             Step::CheckNat { .. } => "check_nat",
+            Step::CheckSealed { .. } => "check_sealed",
             Step::StunClient { .. } => "stun_client",
         }
     }
@@ -275,6 +284,7 @@ impl Step {
                 | Step::MeasureSteady { .. }
                 | Step::ExpectPaths { .. }
                 | Step::CheckNat { .. }
+                | Step::CheckSealed { .. }
                 | Step::StunClient { .. }
         )
     }

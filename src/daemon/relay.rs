@@ -1,0 +1,288 @@
+//! The relay shell (proto/PROTOCOL.md §7): a public member's allocations,
+//! two UDP ports each from its relay range, and the task that forwards
+//! sealed WireGuard datagrams between them. What is forwarded is decided by
+//! [`crate::relay::Allocation`] (sans-IO).
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::net::UdpSocket;
+use tokio::task::JoinHandle;
+
+use super::join::Allocator;
+use crate::gossip::transport::AllocReply;
+use crate::proto::{self, PublicKeyBytes};
+use crate::relay::{pair_key, Allocation, End, PairKey, Side, Verdict, IDLE_LIFETIME};
+use crate::trust::PeerIdentity;
+
+/// What the relay knows of a member.
+#[derive(Debug, Clone)]
+pub struct MemberInfo {
+    pub wg_key: [u8; 32],
+    pub known_ips: Vec<IpAddr>,
+}
+
+struct Running {
+    ports: (u16, u16),
+    state: Arc<Mutex<Allocation>>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[derive(Default)]
+struct Inner {
+    enabled: bool,
+    range: (u16, u16),
+    members: HashMap<PublicKeyBytes, MemberInfo>,
+    allocations: HashMap<PairKey, Running>,
+}
+
+/// A member's relay: cheap to clone.
+#[derive(Clone)]
+pub struct RelayServer {
+    inner: Arc<Mutex<Inner>>,
+}
+
+fn lock(m: &Mutex<Inner>) -> std::sync::MutexGuard<'_, Inner> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// (allocations, datagrams forwarded, datagrams dropped) over the relay's life.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RelayStats {
+    pub allocations: usize,
+    pub forwarded: u64,
+    pub dropped: u64,
+}
+
+impl RelayServer {
+    pub fn new(range: (u16, u16)) -> Self {
+        RelayServer {
+            inner: Arc::new(Mutex::new(Inner {
+                range,
+                ..Default::default()
+            })),
+        }
+    }
+
+    /// Whether this member relays now (public and not `--no-relay`), and
+    /// who the members are: allocations of members no longer listed end.
+    pub fn set_members(&self, enabled: bool, members: HashMap<PublicKeyBytes, MemberInfo>) {
+        let mut g = lock(&self.inner);
+        g.enabled = enabled;
+        if !enabled {
+            g.allocations.clear();
+        }
+        g.allocations
+            .retain(|(a, b), _| members.contains_key(a) && members.contains_key(b));
+        // Known addresses may have changed (a router got a new address).
+        for ((a, b), r) in g.allocations.iter() {
+            let mut st = r.state.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(m) = members.get(a) {
+                st.a.known_ips = m.known_ips.clone();
+            }
+            if let Some(m) = members.get(b) {
+                st.b.known_ips = m.known_ips.clone();
+            }
+        }
+        g.members = members;
+        // Idle allocations end (their task may have ended them already).
+        g.allocations.retain(|_, r| !r.task.is_finished());
+    }
+
+    pub fn stats(&self) -> RelayStats {
+        let g = lock(&self.inner);
+        let mut s = RelayStats {
+            allocations: g.allocations.len(),
+            ..Default::default()
+        };
+        for r in g.allocations.values() {
+            let st = r.state.lock().unwrap_or_else(|p| p.into_inner());
+            s.forwarded += st.forwarded;
+            s.dropped += st.dropped;
+        }
+        s
+    }
+
+    fn bind_pair(range: (u16, u16)) -> std::io::Result<(std::net::UdpSocket, std::net::UdpSocket)> {
+        let span = u32::from(range.1.saturating_sub(range.0)) + 1;
+        let mut last = std::io::Error::other("empty relay port range");
+        for _ in 0..64 {
+            let pa = range.0 + (rand::random::<u32>() % span) as u16;
+            let pb = range.0 + (rand::random::<u32>() % span) as u16;
+            if pa == pb {
+                continue;
+            }
+            let a = match std::net::UdpSocket::bind(SocketAddr::from(([0, 0, 0, 0], pa))) {
+                Ok(s) => s,
+                Err(e) => {
+                    last = e;
+                    continue;
+                }
+            };
+            match std::net::UdpSocket::bind(SocketAddr::from(([0, 0, 0, 0], pb))) {
+                Ok(b) => return Ok((a, b)),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+}
+
+impl Allocator for RelayServer {
+    fn allocate(&self, _from: SocketAddr, peer: &PeerIdentity, other: [u8; 32]) -> AllocReply {
+        let refuse = |r: &str| AllocReply::Refused {
+            reason: r.to_string(),
+        };
+        let mut g = lock(&self.inner);
+        if !g.enabled {
+            return refuse("this member does not relay");
+        }
+        let me = peer.node_key;
+        let (Some(mi), Some(oi)) = (g.members.get(&me).cloned(), g.members.get(&other).cloned())
+        else {
+            return refuse("both ends must be current members");
+        };
+        if me == other {
+            return refuse("a pair has two members");
+        }
+        let key = pair_key(&me, &other);
+        let side_of_me = if key.0 == me { Side::A } else { Side::B };
+        let port = |r: &Running| match side_of_me {
+            Side::A => r.ports.0,
+            Side::B => r.ports.1,
+        };
+        if let Some(r) = g.allocations.get(&key) {
+            if !r.task.is_finished() {
+                // Asked again (a new mapping): the asker's latch resets.
+                let mut st = r.state.lock().unwrap_or_else(|p| p.into_inner());
+                match side_of_me {
+                    Side::A => st.a.latched = None,
+                    Side::B => st.b.latched = None,
+                }
+                return AllocReply::Allocated {
+                    port: port(r),
+                    lifetime_secs: IDLE_LIFETIME.as_secs() as u32,
+                };
+            }
+        }
+        let (sa, sb) = match Self::bind_pair(g.range) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot bind relay ports");
+                return refuse("no free relay port");
+            }
+        };
+        let ports = (
+            sa.local_addr().map(|a| a.port()).unwrap_or(0),
+            sb.local_addr().map(|a| a.port()).unwrap_or(0),
+        );
+        let to_tokio = |s: std::net::UdpSocket| -> std::io::Result<UdpSocket> {
+            s.set_nonblocking(true)?;
+            UdpSocket::from_std(s)
+        };
+        let (sa, sb) = match (to_tokio(sa), to_tokio(sb)) {
+            (Ok(a), Ok(b)) => (a, b),
+            _ => return refuse("cannot set up relay ports"),
+        };
+        let (ia, ib) = if side_of_me == Side::A {
+            (mi, oi)
+        } else {
+            (oi, mi)
+        };
+        let now = Instant::now();
+        let state = Arc::new(Mutex::new(Allocation::new(
+            now,
+            End {
+                node_key: key.0,
+                wg_key: ia.wg_key,
+                known_ips: ia.known_ips,
+                latched: None,
+            },
+            End {
+                node_key: key.1,
+                wg_key: ib.wg_key,
+                known_ips: ib.known_ips,
+                latched: None,
+            },
+        )));
+        let task = tokio::spawn(forward(sa, sb, state.clone(), self.inner.clone(), key));
+        tracing::info!(
+            a = %proto::short_key(&key.0), b = %proto::short_key(&key.1),
+            port_a = ports.0, port_b = ports.1, "relay allocation"
+        );
+        let r = Running { ports, state, task };
+        let p = port(&r);
+        g.allocations.insert(key, r);
+        AllocReply::Allocated {
+            port: p,
+            lifetime_secs: IDLE_LIFETIME.as_secs() as u32,
+        }
+    }
+
+    fn release(&self, peer: &PeerIdentity, other: [u8; 32]) -> AllocReply {
+        let key = pair_key(&peer.node_key, &other);
+        if lock(&self.inner).allocations.remove(&key).is_some() {
+            tracing::info!(a = %proto::short_key(&key.0), b = %proto::short_key(&key.1), "relay allocation released");
+        }
+        AllocReply::Released
+    }
+}
+
+/// Forwards between a pair's two ports until the allocation idles out.
+async fn forward(
+    sa: UdpSocket,
+    sb: UdpSocket,
+    state: Arc<Mutex<Allocation>>,
+    inner: Arc<Mutex<Inner>>,
+    key: PairKey,
+) {
+    let mut ba = vec![0u8; 2048];
+    let mut bb = vec![0u8; 2048];
+    let mut idle = tokio::time::interval(Duration::from_secs(30));
+    idle.tick().await;
+    loop {
+        let (side, n, from) = tokio::select! {
+            r = sa.recv_from(&mut ba) => match r { Ok((n, f)) => (Side::A, n, f), Err(_) => continue },
+            r = sb.recv_from(&mut bb) => match r { Ok((n, f)) => (Side::B, n, f), Err(_) => continue },
+            _ = idle.tick() => {
+                let expired = state.lock().unwrap_or_else(|p| p.into_inner()).expired(Instant::now());
+                if expired {
+                    tracing::info!(a = %proto::short_key(&key.0), b = %proto::short_key(&key.1), "relay allocation idle; closed");
+                    lock(&inner).allocations.remove(&key);
+                    return;
+                }
+                continue;
+            }
+        };
+        let data = match side {
+            Side::A => &ba[..n],
+            Side::B => &bb[..n],
+        };
+        let v = state.lock().unwrap_or_else(|p| p.into_inner()).handle(
+            Instant::now(),
+            side,
+            from,
+            data,
+        );
+        match v {
+            Verdict::Forward(to) => {
+                let out = match side {
+                    Side::A => &sb,
+                    Side::B => &sa,
+                };
+                let _ = out.send_to(data, to).await;
+            }
+            Verdict::Drop(why) => {
+                tracing::trace!(%from, why, len = data.len(), first = data.first().copied().unwrap_or(0), "relay dropped a datagram")
+            }
+        }
+    }
+}
