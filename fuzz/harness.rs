@@ -69,6 +69,7 @@ pub const TARGETS: &[(&str, fn(&[u8]))] = &[
     ("control", control),
     ("uapi", uapi),
     ("config", config),
+    ("relay", relay),
 ];
 
 // ---------------------------------------------------------------------------
@@ -925,6 +926,76 @@ pub fn stun(data: &[u8]) {
 }
 
 // ---------------------------------------------------------------------------
+// Relay ports.
+
+/// The two ends of the relay target's allocation: `node` (WireGuard key
+/// of secret [3; 32], known at 198.51.100.3) and `stamper` ([4; 32], at
+/// 203.0.113.4).
+fn relay_end(secret: u8, ip: [u8; 4]) -> meshpeer::relay::End {
+    let k = keys();
+    meshpeer::relay::End {
+        node_key: if secret == 3 { k.node_pk } else { k.stamper_pk },
+        wg_key: uapi::public_key_of(&[secret; 32]),
+        known_ips: vec![std::net::IpAddr::from(ip)],
+        latched: None,
+    }
+}
+
+/// Datagrams arriving at a relay allocation's two ports
+/// (`relay::Allocation::handle`, with `wg_shape` and `mac1_for`). Frames
+/// (`u16 LE length || header || datagram`): header bit 0 the side, bits
+/// 1-2 the source (A's known address, B's, a stranger, A's address on
+/// another port), bits 3-7 time passing (x 250 ms). A forwarded datagram
+/// is WireGuard-shaped, came from the address that latched its side, and
+/// goes to the other side's latched address.
+pub fn relay(data: &[u8]) {
+    use meshpeer::relay::{self, Allocation, Side, Verdict};
+    let t0 = base_instant();
+    let mut alloc = Allocation::new(
+        t0,
+        relay_end(3, [198, 51, 100, 3]),
+        relay_end(4, [203, 0, 113, 4]),
+    );
+    let sources: [SocketAddr; 4] = [
+        SocketAddr::from(([198, 51, 100, 3], 51820)),
+        SocketAddr::from(([203, 0, 113, 4], 40000)),
+        SocketAddr::from(([192, 0, 2, 66], 666)),
+        SocketAddr::from(([198, 51, 100, 3], 51999)),
+    ];
+    let mut now = t0;
+    let mut n = 0u64;
+    for frame in frames(data) {
+        let Some((&h, d)) = frame.split_first() else {
+            continue;
+        };
+        let side = if h & 1 == 0 { Side::A } else { Side::B };
+        let from = sources[usize::from((h >> 1) & 3)];
+        now += Duration::from_millis(250 * u64::from(h >> 3));
+        let shape = relay::wg_shape(d);
+        if shape.is_some() {
+            assert!(uapi::is_wireguard_message(d));
+        }
+        let _ = relay::mac1_for(d, &alloc.a.wg_key);
+        let v = alloc.handle(now, side, from, d);
+        n += 1;
+        if let Verdict::Forward(to) = v {
+            assert!(
+                shape.is_some(),
+                "forwarded a datagram that is not WireGuard"
+            );
+            let (me, other) = match side {
+                Side::A => (&alloc.a, &alloc.b),
+                Side::B => (&alloc.b, &alloc.a),
+            };
+            assert_eq!(me.latched.map(|l| l.0), Some(from));
+            assert_eq!(other.latched.map(|l| l.0), Some(to));
+        }
+        assert_eq!(alloc.forwarded + alloc.dropped, n);
+        let _ = alloc.expired(now);
+    }
+}
+
+// ---------------------------------------------------------------------------
 // Control socket.
 
 /// The control socket's JSON (`mode & 1`: 0 `control::Request`, the
@@ -1396,6 +1467,56 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
     let mut classic = vec![0x00, 0x01, 0x00, 0x00];
     classic.extend_from_slice(&[0x42; 16]);
     add("stun", "classic-request", classic);
+
+    // Relay: a handshake initiation from each end keyed to the other (the
+    // mac1 latch), a response, data, and a stranger's datagram.
+    let wg = |secret: u8, peer: u8| {
+        use boringtun::noise::{Tunn, TunnResult};
+        use boringtun::x25519::{PublicKey, StaticSecret};
+        let peer = PublicKey::from(&StaticSecret::from([peer; 32]));
+        let mut t = Tunn::new(StaticSecret::from([secret; 32]), peer, None, None, 1, None);
+        let mut buf = vec![0u8; 256];
+        match t.format_handshake_initiation(&mut buf, false) {
+            TunnResult::WriteToNetwork(b) => b.to_vec(),
+            _ => Vec::new(),
+        }
+    };
+    let relay_frames = |fs: &[(u8, Vec<u8>)]| {
+        let mut v = Vec::new();
+        for (h, d) in fs {
+            v.extend_from_slice(&((d.len() + 1) as u16).to_le_bytes());
+            v.push(*h);
+            v.extend_from_slice(d);
+        }
+        v
+    };
+    let init_ab = wg(3, 4);
+    let init_ba = wg(4, 3);
+    let mut data_msg = vec![4, 0, 0, 0];
+    data_msg.extend_from_slice(&[0x11; 44]);
+    let mut response = vec![2, 0, 0, 0];
+    response.extend_from_slice(&[0x22; 88]);
+    add(
+        "relay",
+        "mac1-latch",
+        relay_frames(&[
+            (4, init_ab.clone()),
+            (3, init_ba.clone()),
+            (0, data_msg.clone()),
+            (1 | 8, data_msg.clone()),
+        ]),
+    );
+    add(
+        "relay",
+        "known-addresses",
+        relay_frames(&[
+            (0, data_msg.clone()),
+            (3, response.clone()),
+            (4, data_msg.clone()),
+            (6 | 48, init_ab.clone()),
+            (1, data_msg.clone()),
+        ]),
+    );
 
     // Control socket.
     add("control", "status", with(0, br#"{"cmd":"status"}"#));
