@@ -45,10 +45,6 @@ use meshpeer::record::{self, RecordBody, Trust};
 use meshpeer::trust::{TrustState, ALIVE_KEY, AUTHORITY_NODE, RECORD_KEY, REVOKED_KEY, SEEN_KEY};
 use meshpeer::wg::userspace::{self as uapi, DeviceConfig};
 
-#[path = "../src/cli/config.rs"]
-#[allow(dead_code)]
-mod cli_config;
-
 /// The clock every verifier runs with (unix seconds).
 pub const NOW: u64 = 1_000_000;
 /// The network's CIDR.
@@ -1091,16 +1087,49 @@ pub fn uapi(data: &[u8]) {
 // ---------------------------------------------------------------------------
 // Configuration files.
 
-/// The TOML configuration file parser (`src/cli/config.rs`, compiled into
-/// this harness with `#[path]`: it lives in the binary crate). What it
-/// returns names only known variables.
+/// The TOML configuration file parser, `meshpeer::config::parse`, and
+/// what the daemon makes of its result (`Options::or`, `daemon_config`,
+/// `log_filter`) or of its error (`ConfigError::pretty`, which points at a
+/// line and column). An accepted file's options hold checked values (tags
+/// sorted, unique and valid; a non-empty state directory); an error's
+/// place lies in the text and its line is that line of the text.
 pub fn config(data: &[u8]) {
+    use meshpeer::config::{self, ConfigError, Options};
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
-    if let Ok(vars) = cli_config::parse(std::path::Path::new("fuzz.toml"), text) {
-        for (env, _) in vars {
-            assert!(env.starts_with("MESHPEER_"), "{env}");
+    match config::parse(std::path::Path::new("fuzz.toml"), text) {
+        Ok(opts) => {
+            if let Some(tags) = &opts.tags {
+                assert!(tags.windows(2).all(|w| w[0] < w[1]), "tags {tags:?}");
+                for t in tags {
+                    assert_eq!(config::parse_tag(t).as_ref(), Ok(t), "tag {t:?}");
+                }
+            }
+            if let Some(d) = &opts.state_dir {
+                assert!(!d.as_os_str().is_empty());
+            }
+            let layered = Options::default().or(opts.clone());
+            assert_eq!(layered, opts);
+            let _ = opts.daemon_config(vec!["192.0.2.1:51821".into()]);
+            let _ = opts.log_filter();
+        }
+        Err(e) => {
+            let pretty = e.pretty();
+            if let ConfigError::At {
+                line,
+                column,
+                source_line,
+                ..
+            } = &e
+            {
+                let lines: Vec<&str> = text.split('\n').collect();
+                assert!(*line >= 1 && *line <= lines.len().max(1), "line {line}");
+                assert!(*column >= 1);
+                let want = lines.get(line - 1).copied().unwrap_or("");
+                assert_eq!(source_line, want.trim_end_matches('\r'));
+                assert!(pretty.contains(source_line.as_str()));
+            }
         }
     }
 }
@@ -1237,6 +1266,7 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
         left: false,
         nat: record::NatKind::EndpointIndependent,
         relay: true,
+        ephemeral: false,
         admission: adm.clone(),
         stamp: net_stamp.clone(),
     };
@@ -1582,15 +1612,26 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
         .into_bytes(),
     );
 
-    // Configuration file (README's example).
+    // Configuration files: every key, and a few errors.
     add(
         "config",
-        "example",
-        b"state_dir = \"/var/lib/meshpeer\"\ninterface = \"mp0\"\nwg_port = 51820\n\
-gossip_port = 51821\nadvertise_addr = \"203.0.113.10\"\nbackend = \"auto\"\n\
-no_relay = false\nstun_servers = [\"stun.example.net:3478\"]\n\
-token_file = \"/etc/meshpeer/token\"\n"
+        "every-key",
+        b"state_dir = \"/var/lib/meshpeer\"\ninterface = \"mp0\"\nname = \"node-3\"\n\
+wg_port = 51820\ngossip_port = 51821\nprobe_port = 51819\n\
+advertise_addr = \"203.0.113.10\"\nbackend = \"auto\"\ndown_grace_secs = 60\n\
+join_timeout_secs = 60\ntags = [\"gpu\", \"compute\"]\n\
+stun_servers = [\"stun.example.net:3478\", \"[2001:db8::1]:3478\"]\nno_relay = false\n\
+relay_ports = \"52900-57899\"\ntoken_file = \"/etc/meshpeer/token\"\n\
+metrics_addr = \"127.0.0.1:9477\"\nlog_level = \"info,meshpeer::gossip=debug\"\n\
+on_stop = \"leave\"\nephemeral = true\n"
             .to_vec(),
+    );
+    add("config", "unknown-key", b"interfase = \"mp0\"\n".to_vec());
+    add("config", "bad-port", b"# ports\nwg_port = 70000\n".to_vec());
+    add(
+        "config",
+        "bad-tag",
+        b"tags = [\"ok\", \"Not OK\"]\n".to_vec(),
     );
 
     // Gossip: the messages of real rounds between two nodes, one of which

@@ -1,6 +1,6 @@
 //! The local control socket (`<state-dir>/control.sock`, mode 0600): how
-//! `meshpeer status` and `meshpeer leave` talk to the running daemon.
-//! One JSON request line, one JSON reply line.
+//! `meshpeer status`, `leave`, `revoke`, `ping`, `netcheck` and the exports
+//! talk to the running daemon. One JSON request line, one JSON reply line.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -21,6 +21,70 @@ pub enum Request {
     Revoke {
         list: String,
     },
+    /// Probe one member over the overlay (a liveness probe) and report the
+    /// round trip and the path (`meshpeer ping`). `member`: a name, node id
+    /// or overlay address.
+    Ping {
+        member: String,
+        /// How long to wait for the answer (default [`DEFAULT_PING_TIMEOUT`]).
+        #[serde(default)]
+        timeout_ms: Option<u64>,
+    },
+    /// This node's NAT as STUN measured it (`meshpeer netcheck`).
+    Netcheck,
+}
+
+/// How long the daemon waits for a ping's answer unless told.
+pub const DEFAULT_PING_TIMEOUT: Duration = Duration::from_secs(2);
+/// The longest wait a ping may ask for.
+pub const MAX_PING_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The answer to [`Request::Ping`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PingReply {
+    pub name: String,
+    pub node_id: String,
+    pub overlay_ip: std::net::Ipv4Addr,
+    /// The round trip, or null when no answer came in time.
+    pub rtt_us: Option<u64>,
+    /// As in `status`: the member's state, "direct" / "relayed" / "trying",
+    /// the relay's name, the WireGuard endpoint in use, why not direct.
+    pub state: crate::status::MemberState,
+    pub path: Option<String>,
+    pub relay: Option<String>,
+    pub endpoint: Option<String>,
+    pub why_not_direct: Option<String>,
+}
+
+/// The answer to [`Request::Netcheck`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetcheckReport {
+    /// public, endpoint-independent, symmetric or unknown.
+    pub nat: String,
+    /// Our server-reflexive WireGuard endpoints, most often seen first.
+    pub mapped_endpoints: Vec<String>,
+    /// The address other members are told to use, and our ports.
+    pub advertise_addr: String,
+    pub wg_port: u16,
+    pub gossip_port: u16,
+    /// Whether this member relays for others.
+    pub relaying: bool,
+    /// Outside STUN servers configured (`--stun-server`).
+    pub stun_servers: Vec<String>,
+    /// The STUN answers the NAT picture comes from (the last minute).
+    pub answers: Vec<StunAnswer>,
+}
+
+/// One STUN server (a member's WireGuard port, or an outside server) that
+/// answered, and what it saw.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StunAnswer {
+    pub server: String,
+    /// The member whose WireGuard port that is (null: an outside server).
+    pub member: Option<String>,
+    /// Our endpoint as that server saw it.
+    pub mapped: String,
+    pub age_secs: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -29,6 +93,8 @@ pub enum Reply {
     Status(Box<Status>),
     Left,
     Revoked,
+    Pong(Box<PingReply>),
+    Netcheck(Box<NetcheckReport>),
     Error { message: String },
 }
 

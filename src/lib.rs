@@ -10,18 +10,25 @@
 //!   (desired vs actual WireGuard peers).
 //! * shell: [`gossip`] (chitchat over quinn), [`wg`] (WireGuard backends),
 //!   [`daemon`] (the run loop), [`control`] (the local control socket),
-//!   [`state`] (the state directory).
+//!   [`state`] (the state directory), [`metrics`] (the Prometheus endpoint).
+//! * operations: [`config`] (the typed config file and option layering),
+//!   [`export`] (hosts, Ansible, MPI, Slurm, ssh_config renderings of
+//!   `status`).
 //!
 //! See ARCHITECTURE.md for the data flow and the invariants.
 
 pub mod admission;
+pub mod clock;
+pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod export;
 pub mod gossip;
 pub mod identity;
 pub mod ipalloc;
 pub mod liveness;
 pub mod membership;
+pub mod metrics;
 pub mod nat;
 pub mod net;
 pub mod observe;
@@ -31,6 +38,8 @@ pub mod record;
 pub mod relay;
 pub mod state;
 pub mod status;
+#[doc(hidden)]
+pub mod testing;
 pub mod trust;
 pub mod wg;
 
@@ -60,6 +69,9 @@ pub const DEFAULT_GOSSIP_PORT: u16 = 51821;
 pub const DEFAULT_INTERFACE: &str = "mp0";
 /// Default state directory.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/meshpeer";
+/// Default state directory of an ephemeral node (`--ephemeral`): a tmpfs,
+/// gone at reboot.
+pub const DEFAULT_EPHEMERAL_STATE_DIR: &str = "/run/meshpeer";
 
 #[cfg(test)]
 mod tests {

@@ -35,6 +35,10 @@ pub const DEFAULT_DOWN_GRACE: Duration = Duration::from_secs(60);
 /// How long a down member is kept before it is forgotten (its address and
 /// name released).
 pub const FORGET_DOWN_AFTER: Duration = Duration::from_secs(600);
+/// How long a down ephemeral member is kept before it is forgotten: a
+/// stateless node that crashed comes back under a new identity, and its
+/// name and address should be free for it by then.
+pub const FORGET_EPHEMERAL_AFTER: Duration = DEFAULT_DOWN_GRACE;
 /// How long a member that left is kept (shown as gone) before it is
 /// forgotten.
 pub const FORGET_LEFT_AFTER: Duration = Duration::from_secs(60);
@@ -191,14 +195,11 @@ impl Holders {
     }
 }
 
-/// The race order of claims: the earlier (clamped) claim, then the smaller
-/// key. `ip_claimed_at` is the claimant's word; it cannot go below its
-/// stamp, which the admitting member dated.
+/// The race order of first claims: the earlier admission (the stamp's
+/// time, dated by the admitting member, not by the claimant), then the
+/// smaller key. Nothing in a claimant's own record moves it.
 fn claim_order(r: &RecordBody, admitted_at: u64) -> (u64, PublicKeyBytes) {
-    (
-        r.ip_claimed_at.max(admitted_at.saturating_mul(1000)),
-        r.node_key,
-    )
+    (admitted_at, r.node_key)
 }
 
 pub struct Membership {
@@ -211,6 +212,9 @@ pub struct Membership {
     holders: Holders,
     /// Members refused an address or name here (a conflict), and what.
     conflicts: BTreeMap<PublicKeyBytes, String>,
+    /// Members that have held an address here: any other address they
+    /// claim, they get only if it is free (they cannot race).
+    settled: BTreeSet<PublicKeyBytes>,
     /// Node ids whose bad value was already reported (log once).
     reported: BTreeMap<String, String>,
 }
@@ -224,6 +228,7 @@ impl Membership {
             high_water: BTreeMap::new(),
             holders: Holders::default(),
             conflicts: BTreeMap::new(),
+            settled: BTreeSet::new(),
             reported: BTreeMap::new(),
         }
     }
@@ -291,7 +296,12 @@ impl Membership {
                                 now.saturating_duration_since(since) >= FORGET_LEFT_AFTER
                             }
                             Liveness::Down { since } => {
-                                now.saturating_duration_since(since) >= FORGET_DOWN_AFTER
+                                let after = if m.record.ephemeral {
+                                    FORGET_EPHEMERAL_AFTER
+                                } else {
+                                    FORGET_DOWN_AFTER
+                                };
+                                now.saturating_duration_since(since) >= after
                             }
                             Liveness::Live => false,
                         })
@@ -466,13 +476,34 @@ impl Membership {
         }
     }
 
-    /// Assigns addresses and names to members by the holder rule.
+    /// Assigns addresses and names to members by the holder rule
+    /// (proto/PROTOCOL.md §3.1):
+    /// * a holder keeps what it holds;
+    /// * a member that already held an address here and now claims another
+    ///   (a *mover*) gets it only if nobody holds it: it cannot race;
+    /// * first claims race while the holding is provisional, by
+    ///   [`claim_order`].
     fn apply_holder_rule(&mut self, now: Instant, events: &mut Vec<Event>) {
         let present = |k: &PublicKeyBytes, members: &BTreeMap<PublicKeyBytes, Member>| {
             members
                 .get(k)
                 .is_some_and(|m| !matches!(m.liveness, Liveness::Left { .. }))
         };
+        // Members that held an address here (adopted holdings included);
+        // those claiming another one now are movers.
+        self.settled
+            .extend(self.holders.ips.values().map(|h| h.key));
+        self.settled.retain(|k| self.members.contains_key(k));
+        let movers: BTreeSet<PublicKeyBytes> = self
+            .settled
+            .iter()
+            .filter(|k| {
+                self.members
+                    .get(*k)
+                    .is_some_and(|m| self.holders.ip_holder(&m.record.overlay_ip) != Some(**k))
+            })
+            .copied()
+            .collect();
         // Release what absent members held, and what a member no longer claims.
         let members = &self.members;
         self.holders
@@ -482,15 +513,13 @@ impl Membership {
             .names
             .retain(|n, h| present(&h.key, members) && members[&h.key].record.name == *n);
         let mut conflicts = BTreeMap::new();
-        // Claims, in race order, so the first claimant of a free address
-        // (or a provisional one) takes it.
+        // First claims in race order, then movers.
         let mut claims: Vec<(&PublicKeyBytes, &Member)> = self
             .members
             .iter()
             .filter(|(_, m)| !matches!(m.liveness, Liveness::Left { .. }))
             .collect();
-        let admitted = |m: &Member| m.admitted_at;
-        claims.sort_by_key(|(_, m)| claim_order(&m.record, admitted(m)));
+        claims.sort_by_key(|(k, m)| (movers.contains(*k), claim_order(&m.record, m.admitted_at)));
         for (key, m) in claims {
             let ip = m.record.overlay_ip;
             match self.holders.ips.get(&ip).copied() {
@@ -510,8 +539,9 @@ impl Membership {
                         .since
                         .is_some_and(|s| now.saturating_duration_since(s) < PROVISIONAL);
                     if provisional
-                        && claim_order(&m.record, admitted(m))
-                            < claim_order(&holder.record, admitted(holder))
+                        && !movers.contains(key)
+                        && claim_order(&m.record, m.admitted_at)
+                            < claim_order(&holder.record, holder.admitted_at)
                     {
                         conflicts.insert(h.key, format!("address {ip}"));
                         self.holders.ips.insert(

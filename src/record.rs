@@ -113,6 +113,10 @@ pub struct RecordBody {
     /// Whether the member relays traffic for pairs that cannot connect
     /// directly (only meaningful for public members).
     pub relay: bool,
+    /// An ephemeral member (a stateless node that joins afresh on every
+    /// boot): members forget it soon after it goes down
+    /// ([`crate::membership::FORGET_EPHEMERAL_AFTER`]).
+    pub ephemeral: bool,
     /// The node's admission credential and the stamp of the member that
     /// admitted it (see [`crate::admission`]).
     pub admission: Signed,
@@ -284,6 +288,7 @@ pub(crate) mod tests {
             left: false,
             nat: NatKind::Unknown,
             relay: false,
+            ephemeral: false,
             admission: token.admit(node_key, 1),
             stamp: stamp(network, Stamper::Network, nk, node_key, d.token_id, 1),
         };

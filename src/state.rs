@@ -133,6 +133,28 @@ impl StateDir {
         self.path.join(name)
     }
 
+    /// The files that make a node (keys, admission, state): what `join`
+    /// writes. The network key and the token log of an `init` node are not
+    /// among them.
+    pub const IDENTITY_FILES: [&'static str; 4] =
+        ["node.key", "wireguard.key", "state.json", "membership.json"];
+
+    /// Deletes this node's identity (an ephemeral node that left), then the
+    /// directory itself if nothing else is in it. Best effort: a file that
+    /// cannot be removed is logged.
+    pub fn forget_identity(&self) {
+        for f in Self::IDENTITY_FILES {
+            match fs::remove_file(self.file(f)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(file = %self.file(f).display(), error = %e, "cannot delete")
+                }
+            }
+        }
+        let _ = fs::remove_dir(&self.path);
+    }
+
     pub fn control_socket(&self) -> PathBuf {
         self.file("control.sock")
     }

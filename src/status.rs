@@ -14,8 +14,8 @@
 //!   "relay": NAME | null, "why_not_direct": TEXT | null,
 //!   "nat": "public" | "endpoint-independent" | "symmetric" | "unknown",
 //!   "last_handshake_secs" (age or null), "rtt_us" (round trip of the last
-//!   ICMP echo over the overlay, in microseconds; null before the first
-//!   answer or when the last probe got none), "rx_bytes", "tx_bytes", "tags": [..] }
+//!   answered liveness probe over the overlay, in microseconds; null before
+//!   the first answer), "rx_bytes", "tx_bytes", "tags": [..] }
 //! plus, at the top level, "nat", "mapped_endpoints": [..], "relaying": bool.
 //! ```
 //!
@@ -76,6 +76,9 @@ pub struct MemberStatus {
     pub rx_bytes: u64,
     pub tx_bytes: u64,
     pub tags: Vec<String>,
+    /// A stateless member (`--ephemeral`), forgotten soon after it goes down.
+    #[serde(default)]
+    pub ephemeral: bool,
     /// What it claims that another member holds (it does not get it here).
     #[serde(default)]
     pub conflict: Option<String>,
@@ -146,10 +149,18 @@ fn age(secs: Option<u64>) -> String {
 }
 
 impl Status {
-    /// The human-readable table.
+    /// How many members are in state `st`.
+    pub fn count(&self, st: MemberState) -> usize {
+        self.members.iter().filter(|m| m.state == st).count()
+    }
+
+    /// The human-readable view: a header about this node, then one line per
+    /// member (`wg show` meets `tailscale status`), a note at the end of a
+    /// line saying why a pair is not direct, or what a member claims that
+    /// another holds.
     pub fn render(&self) -> String {
         let mut out = format!(
-            "node {} ({}) in {} on {} ({} WireGuard, port {}), gossip {}\n\n",
+            "{} ({}) in {} on {}: {} WireGuard port {}, gossip {}, NAT {}{}\n",
             self.node,
             &self.node_id[..8.min(self.node_id.len())],
             self.network,
@@ -159,64 +170,103 @@ impl Status {
                 crate::wg::BackendKind::Userspace => "userspace",
             },
             self.listen_port,
-            self.gossip_addr
+            self.gossip_addr,
+            self.nat,
+            if self.relaying {
+                format!(
+                    ", relaying for others ({} pair{} now)",
+                    self.relay_allocations,
+                    if self.relay_allocations == 1 { "" } else { "s" }
+                )
+            } else {
+                String::new()
+            },
         );
-        let header = [
-            "NAME",
+        let others = self.members.len() - self.count(MemberState::Myself);
+        out.push_str(&format!(
+            "{} member{} besides this node: {} connected, {} idle, {} connecting, {} down\n\n",
+            others,
+            if others == 1 { "" } else { "s" },
+            self.count(MemberState::Connected),
+            self.count(MemberState::Idle),
+            self.count(MemberState::Connecting),
+            self.count(MemberState::Down),
+        ));
+        const HEADER: [&str; 10] = [
             "OVERLAY IP",
-            "KEY",
-            "ENDPOINT",
+            "NAME",
             "STATE",
             "PATH",
+            "ENDPOINT",
             "RTT",
             "HANDSHAKE",
             "RX",
             "TX",
+            "TAGS",
         ];
-        let rows: Vec<[String; 10]> = self
+        let rows: Vec<([String; 10], String)> = self
             .members
             .iter()
             .map(|m| {
-                [
-                    m.name.clone(),
-                    m.overlay_ip.to_string(),
-                    m.public_key.chars().take(8).collect(),
-                    m.endpoint.clone().unwrap_or_else(|| "-".into()),
-                    m.state.as_str().to_string(),
-                    match (&m.path, &m.relay) {
-                        (Some(p), Some(r)) => format!("{p} via {r}"),
-                        (Some(p), None) => p.clone(),
-                        _ => "-".into(),
-                    },
-                    m.rtt_us
-                        .map(|us| format!("{:.1} ms", us as f64 / 1000.0))
-                        .unwrap_or_else(|| "-".into()),
-                    age(m.last_handshake_secs),
-                    bytes(m.rx_bytes),
-                    bytes(m.tx_bytes),
-                ]
+                let note = match (&m.conflict, &m.why_not_direct) {
+                    (Some(c), _) => format!("conflict: {c}"),
+                    (None, Some(w)) => format!("not direct: {w}"),
+                    _ => String::new(),
+                };
+                let dash = || "-".to_string();
+                (
+                    [
+                        m.overlay_ip.to_string(),
+                        m.name.clone(),
+                        m.state.as_str().to_string(),
+                        match (&m.path, &m.relay) {
+                            (Some(p), Some(r)) => format!("{p} via {r}"),
+                            (Some(p), None) => p.clone(),
+                            _ => dash(),
+                        },
+                        m.endpoint.clone().unwrap_or_else(dash),
+                        m.rtt_us
+                            .map(|us| format!("{:.1} ms", us as f64 / 1000.0))
+                            .unwrap_or_else(dash),
+                        age(m.last_handshake_secs),
+                        if m.state == MemberState::Myself {
+                            dash()
+                        } else {
+                            bytes(m.rx_bytes)
+                        },
+                        if m.state == MemberState::Myself {
+                            dash()
+                        } else {
+                            bytes(m.tx_bytes)
+                        },
+                        if m.tags.is_empty() {
+                            dash()
+                        } else {
+                            m.tags.join(",")
+                        },
+                    ],
+                    note,
+                )
             })
             .collect();
-        let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
-        for r in &rows {
+        let mut widths: Vec<usize> = HEADER.iter().map(|h| h.len()).collect();
+        for (r, _) in &rows {
             for (w, c) in widths.iter_mut().zip(r.iter()) {
                 *w = (*w).max(c.chars().count());
             }
         }
-        let line = |cells: Vec<&str>| -> String {
+        let line = |cells: &[&str], note: &str| -> String {
             let mut s = String::new();
             for (i, c) in cells.iter().enumerate() {
-                if i + 1 == cells.len() {
-                    s.push_str(c);
-                } else {
-                    s.push_str(&format!("{c:<w$}  ", w = widths[i]));
-                }
+                s.push_str(&format!("{c:<w$}  ", w = widths[i]));
             }
+            s.push_str(note);
             s.trim_end().to_string() + "\n"
         };
-        out.push_str(&line(header.to_vec()));
-        for r in &rows {
-            out.push_str(&line(r.iter().map(String::as_str).collect()));
+        out.push_str(&line(&HEADER, ""));
+        for (r, note) in &rows {
+            let cells: Vec<&str> = r.iter().map(String::as_str).collect();
+            out.push_str(&line(&cells, note));
         }
         out
     }
@@ -244,6 +294,7 @@ mod tests {
             rx_bytes: 0,
             tx_bytes: 2048,
             tags: vec![],
+            ephemeral: false,
             conflict: None,
         };
         let s = Status {
@@ -276,6 +327,32 @@ mod tests {
             assert!(v["members"][0].get(f).is_some(), "{f}");
         }
         let table = s.render();
-        assert!(table.contains("NAME") && table.contains("10.77.0.1") && table.contains("2.0 KiB"));
+        assert!(
+            table.contains("NAME") && table.contains("10.77.0.1"),
+            "{table}"
+        );
+        let mut other = s.members[0].clone();
+        other.state = MemberState::Connected;
+        other.name = "b".into();
+        other.path = Some("relayed".into());
+        other.relay = Some("r".into());
+        other.why_not_direct =
+            Some("their NAT maps each destination to a new port (symmetric)".into());
+        other.tags = vec!["gpu".into(), "compute".into()];
+        let mut s2 = s.clone();
+        s2.members.push(other);
+        let table = s2.render();
+        let line = table.lines().find(|l| l.contains(" b ")).unwrap();
+        assert!(line.contains("relayed via r"), "{table}");
+        assert!(line.contains("2.0 KiB"), "{table}");
+        assert!(line.contains("gpu,compute"), "{table}");
+        assert!(
+            line.ends_with("not direct: their NAT maps each destination to a new port (symmetric)"),
+            "{table}"
+        );
+        assert!(
+            table.contains("1 member besides this node: 1 connected"),
+            "{table}"
+        );
     }
 }

@@ -40,12 +40,7 @@ pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
 
 /// The system clock.
 pub fn system_clock() -> Clock {
-    Arc::new(|| {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0)
-    })
+    Arc::new(crate::clock::unix_secs)
 }
 
 /// The network, the clock and the revocations; cheap to share.
@@ -105,6 +100,13 @@ impl TrustState {
             .update(list, text)
     }
 
+    /// Whether a peer that was admitted at its handshake has been revoked
+    /// since (its node key or its token).
+    pub fn peer_revoked(&self, peer: &PeerIdentity) -> bool {
+        let r = self.revoked.read().unwrap_or_else(|p| p.into_inner());
+        r.node_revoked(&peer.node_key) || r.token_revoked(&peer.admission.token_id)
+    }
+
     /// Checks a peer's credential: a member's (admission and stamp), or a
     /// joiner's (admission only, its token unexpired now).
     pub fn check_credential(
@@ -114,19 +116,22 @@ impl TrustState {
     ) -> Result<PeerIdentity, AdmissionError> {
         let revoked = self.revoked.read().unwrap_or_else(|p| p.into_inner());
         let now = self.now_unix();
-        let (admission, stamped) = match &credential.stamp {
-            Some(stamp) => (
-                admission::verify_credential(
-                    &credential.admission,
-                    stamp,
-                    &self.network.key,
-                    node_key,
-                    now,
-                    &revoked,
-                )?,
-                true,
-            ),
-            None => (
+        let member = credential.stamp.as_ref().map(|stamp| {
+            admission::verify_credential(
+                &credential.admission,
+                stamp,
+                &self.network.key,
+                node_key,
+                now,
+                &revoked,
+            )
+        });
+        let (admission, stamped) = match member {
+            Some(Ok(a)) => (a, true),
+            Some(Err(e)) if !matches!(e, AdmissionError::StamperRevoked(_)) => return Err(e),
+            // No stamp (a joiner), or one made by a member revoked since: a
+            // joiner, who may ask for a (new) stamp while its token is good.
+            _ => (
                 admission::verify_joiner(
                     &credential.admission,
                     &self.network.key,

@@ -16,7 +16,6 @@
 
 mod common;
 
-use common::is_ci;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -80,11 +79,11 @@ fn mesh_in_vm_with_kernel_wireguard() {
         String::from_utf8_lossy(&check.stdout),
         String::from_utf8_lossy(&check.stderr)
     );
-    if !check.status.success() {
-        if is_ci() {
-            panic!("{TEST}: cannot run the VM, and CI=true forbids skipping:\n{check_text}");
-        }
-        common::skip(&format!("{TEST}: cannot run the VM:\n{check_text}"));
+    if !meshpeer::testing::may_run(
+        TEST,
+        check.status.success(),
+        &format!("cannot run the VM:\n{check_text}"),
+    ) {
         return;
     }
 

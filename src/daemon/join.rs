@@ -180,17 +180,18 @@ pub struct Handler {
 
 impl Handler {
     fn join(&self, peer: &PeerIdentity, name: &str) -> JoinReply {
-        if peer.stamped {
-            return JoinReply::Refused {
-                reason: Refusal::NotAJoiner,
-            };
-        }
         // Checked at the handshake; again now (the token may have expired
-        // since, or a revocation arrived).
+        // since, or a revocation arrived: a member whose stamper was revoked
+        // is a joiner again and gets a new stamp while its token is good).
         let checked = self
             .trust
             .check_credential(&peer.credential, &peer.node_key);
         let admission = match checked {
+            Ok(p) if p.stamped => {
+                return JoinReply::Refused {
+                    reason: Refusal::NotAJoiner,
+                }
+            }
             Ok(p) => p.admission,
             Err(AdmissionError::Expired { expires_at, at }) => {
                 return JoinReply::Refused {
@@ -223,7 +224,12 @@ impl Handler {
             admission.token_id,
             now,
         );
-        tracing::info!(joiner = %proto::short_key(&peer.node_key), name, "admitted a new member");
+        if peer.credential.stamp.is_some() {
+            tracing::info!(member = %proto::short_key(&peer.node_key), name,
+                "stamped again a member whose stamper was revoked");
+        } else {
+            tracing::info!(joiner = %proto::short_key(&peer.node_key), name, "admitted a new member");
+        }
         JoinReply::Admitted {
             stamp,
             hello: (**self.hello.borrow()).clone(),

@@ -98,6 +98,7 @@ impl Node {
                     rx_bytes: peer.map_or(0, |p| p.rx_bytes),
                     tx_bytes: peer.map_or(0, |p| p.tx_bytes),
                     tags: r.tags.clone(),
+                    ephemeral: r.ephemeral,
                     conflict: self.membership.conflict_of(&r.node_key).map(str::to_string),
                 }
             })

@@ -25,6 +25,8 @@ const LOCAL_NETS_EVERY: Duration = Duration::from_secs(2);
 /// How often every peer without a session is poked (the members' shared
 /// beat, kernel backend only: the userspace device punches with checks).
 const POKE_EVERY: Duration = Duration::from_secs(10);
+/// How often a member whose stamper was revoked asks again for a stamp.
+const RESTAMP_EVERY: Duration = Duration::from_secs(30);
 /// How often `status` is rebuilt when nothing changed.
 const STATUS_EVERY: Duration = Duration::from_secs(2);
 
@@ -40,6 +42,7 @@ impl Node {
         let now = Instant::now();
         self.last_step = now;
         self.take_revocations();
+        self.restamp_if_due(now);
         let entries = self.gossip.snapshot();
         let liveness = &self.liveness;
         let events = self.trust.with_trust(|t| {
@@ -151,10 +154,87 @@ impl Node {
                     tracing::warn!(entries = n, "new revocation list");
                     self.state.revoked = Some(text.to_string());
                     self.persist(true);
+                    self.check_own_credential();
                 }
             }
             Err(e) => tracing::warn!(error = %e, "gossip holds a bad revocation list"),
         }
+    }
+
+    /// After a new revocation list: are we still a member? A revoked node
+    /// stops; one whose stamper was revoked asks for a new stamp.
+    fn check_own_credential(&mut self) {
+        use crate::admission::AdmissionError;
+        match super::own_credential(&self.trust, &self.id, &self.admission, &self.stamp) {
+            Ok(()) => {}
+            Err(AdmissionError::StamperRevoked(by)) => {
+                tracing::warn!(stamper = %by,
+                    "the member that admitted this node was revoked: its stamp is void; asking another member for a new one");
+                self.restamp_at = Some(Instant::now());
+            }
+            Err(AdmissionError::Revoked(what)) => self.self_revoked = Some(what),
+            Err(e) => tracing::warn!(error = %e, "our own credential does not verify"),
+        }
+    }
+
+    /// Asks live members for a new stamp (as a joiner asks its seed), every
+    /// [`RESTAMP_EVERY`] until one arrives.
+    fn restamp_if_due(&mut self, now: Instant) {
+        if self.restamp_at.is_none_or(|t| now < t) {
+            return;
+        }
+        self.restamp_at = Some(now + RESTAMP_EVERY);
+        let targets: Vec<SocketAddr> = self.round_targets().iter().map(|t| t.addr).collect();
+        let seeds: Vec<SocketAddr> = if targets.is_empty() {
+            self.seed_addrs.clone()
+        } else {
+            targets
+        };
+        let transport = self.gossip.transport.clone();
+        let name = self.state.name.clone();
+        let tx = self.restamp_tx.clone();
+        tokio::spawn(async move {
+            let wait = Duration::from_secs(20);
+            match super::join::contact(&transport, &seeds, &name, true, wait, wait).await {
+                Ok(super::join::Outcome::Admitted { stamp, seed, .. }) => {
+                    tracing::info!(%seed, "stamped again");
+                    let _ = tx.send(stamp).await;
+                }
+                Ok(super::join::Outcome::Hello { .. }) => {}
+                Err(e) => tracing::error!(error = %e,
+                    "cannot get a new stamp (a token that expired or was revoked cannot: join again with a new token); retrying"),
+            }
+        });
+    }
+
+    /// A new stamp (our stamper was revoked): check it, keep it, present it
+    /// in TLS and in our record.
+    pub(super) async fn on_new_stamp(&mut self, stamp: proto::Signed) {
+        if let Err(e) = super::own_credential(&self.trust, &self.id, &self.admission, &stamp) {
+            tracing::warn!(error = %e, "the new stamp does not verify; asking again");
+            return;
+        }
+        if let Err(e) = super::save_stamp(&self.dir, &stamp) {
+            tracing::warn!(error = %format!("{e:#}"), "cannot save the new stamp");
+        }
+        let credential = crate::admission::Credential {
+            admission: self.admission.clone(),
+            stamp: Some(stamp.clone()),
+        };
+        match crate::gossip::tls::NodeCert::new(&self.id.signing, &credential)
+            .and_then(|cert| crate::gossip::tls::quic_configs(&cert, self.trust.clone()))
+        {
+            Ok((server, client)) => self.gossip.transport.reconfigure(server, client),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot build TLS configurations for the new stamp")
+            }
+        }
+        self.stamp = stamp;
+        self.restamp_at = None;
+        if let Err(e) = self.republish(false).await {
+            tracing::warn!(error = %format!("{e:#}"), "cannot publish our record with the new stamp");
+        }
+        tracing::info!("member again with a new stamp");
     }
 
     /// What a joiner's `Join` and a member's `Hello` are answered with.

@@ -29,6 +29,7 @@ pub struct RecordInputs<'a> {
     /// The host's other IPv4 networks (host candidates).
     pub local_nets: &'a [Ipv4Net],
     pub relay: bool,
+    pub ephemeral: bool,
     pub left: bool,
     pub tags: &'a [String],
     pub version: u64,
@@ -78,6 +79,7 @@ pub fn build_record(i: &RecordInputs<'_>) -> RecordBody {
         left: i.left,
         nat: i.nat.kind,
         relay: i.relay,
+        ephemeral: i.ephemeral,
         admission: i.admission.clone(),
         stamp: i.stamp.clone(),
     }

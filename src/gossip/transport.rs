@@ -172,6 +172,24 @@ struct Shared {
     expected: Mutex<std::collections::HashSet<SocketAddr>>,
     bytes_out: std::sync::atomic::AtomicU64,
     bytes_in: std::sync::atomic::AtomicU64,
+    /// When each address was last warned about (bad input is logged at
+    /// warning level once a minute per address).
+    warned: Mutex<HashMap<std::net::IpAddr, Instant>>,
+}
+
+fn warn_once_a_minute(shared: &Shared, remote: SocketAddr) -> bool {
+    let now = Instant::now();
+    let mut w = lock(&shared.warned);
+    if w.len() > 1024 {
+        w.retain(|_, t| now.saturating_duration_since(*t) < Duration::from_secs(60));
+    }
+    match w.get(&remote.ip()) {
+        Some(t) if now.saturating_duration_since(*t) < Duration::from_secs(60) => false,
+        _ => {
+            w.insert(remote.ip(), now);
+            true
+        }
+    }
 }
 
 /// A QUIC endpoint carrying gossip and requests; cheap to clone.
@@ -207,6 +225,7 @@ impl QuicTransport {
             expected: Mutex::new(Default::default()),
             bytes_out: 0.into(),
             bytes_in: 0.into(),
+            warned: Mutex::new(HashMap::new()),
         });
         tokio::spawn(accept_loop(shared.clone()));
         Ok(Self { shared })
@@ -268,6 +287,13 @@ impl QuicTransport {
     /// Queues a gossip message to `to` (never waits on the network).
     pub fn send(&self, to: SocketAddr, msg: &ChitchatMessage) {
         send_to(&self.shared, to, msg);
+    }
+
+    /// Queues `bytes` as one gossip message to `to`, as they are. Only for
+    /// tests that play a hostile member (crafted or malformed messages).
+    #[doc(hidden)]
+    pub fn send_raw(&self, to: SocketAddr, bytes: Vec<u8>) {
+        queue_bytes(&self.shared, to, bytes);
     }
 
     /// Sends one request to `addr` and returns the raw reply, within
@@ -451,6 +477,12 @@ async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection) {
     };
     let peer = Arc::new(peer);
     loop {
+        // Revoked since the handshake: the connection ends here.
+        if shared.trust.peer_revoked(&peer) {
+            tracing::info!(%remote, "closing the connection of a revoked member");
+            conn.close(0x2u32.into(), b"revoked");
+            break;
+        }
         tokio::select! {
             uni = conn.accept_uni() => {
                 let Ok(stream) = uni else { break };
@@ -462,6 +494,9 @@ async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection) {
                     }
                 };
                 shared.bytes_in.fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                if shared.trust.peer_revoked(&peer) {
+                    continue;
+                }
                 if !peer.stamped {
                     tracing::debug!(%remote, "gossip from a joiner that is not admitted yet; dropped");
                     continue;
@@ -469,7 +504,11 @@ async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection) {
                 let msg = match ChitchatMessage::deserialize(&mut bytes.as_slice()) {
                     Ok(m) => m,
                     Err(e) => {
-                        tracing::warn!(%remote, error = %e, "dropped a malformed gossip message");
+                        if warn_once_a_minute(&shared, remote) {
+                            tracing::warn!(%remote, error = %e, "dropped a malformed gossip message (more from this address are logged at debug level for a minute)");
+                        } else {
+                            tracing::debug!(%remote, error = %e, "dropped a malformed gossip message");
+                        }
                         continue;
                     }
                 };
@@ -497,11 +536,16 @@ async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection) {
                     let req = match proto::decode::<Request>("request", &bytes) {
                         Ok(r) => r,
                         Err(e) => {
-                            tracing::warn!(%remote, error = %e, "dropped a malformed request");
+                            if warn_once_a_minute(&shared, remote) {
+                                tracing::warn!(%remote, error = %e, "dropped a malformed request");
+                            }
                             return;
                         }
                     };
                     let Some(inbound) = shared.inbound.get() else { return };
+                    if shared.trust.peer_revoked(&peer) {
+                        return;
+                    }
                     let reply = inbound.request(remote, &peer, req);
                     use std::sync::atomic::Ordering::Relaxed;
                     shared.bytes_in.fetch_add(bytes.len() as u64, Relaxed);
@@ -533,6 +577,10 @@ fn send_to(shared: &Arc<Shared>, to: SocketAddr, msg: &ChitchatMessage) {
     }
     let mut bytes = Vec::with_capacity(msg.serialized_len());
     msg.serialize(&mut bytes);
+    queue_bytes(shared, to, bytes);
+}
+
+fn queue_bytes(shared: &Arc<Shared>, to: SocketAddr, bytes: Vec<u8>) {
     let mut senders = lock(&shared.senders);
     let tx = match senders.get(&to) {
         Some(tx) if !tx.is_closed() => tx.clone(),

@@ -208,25 +208,76 @@ fn an_established_holder_keeps_its_address_whatever_a_claim_says() {
 }
 
 #[test]
-fn two_new_claims_race_by_claim_time_and_the_loser_moves() {
+fn two_new_claims_race_by_admission_and_the_loser_moves() {
     let w = World::new();
     let ip: Ipv4Addr = "10.77.0.7".parse().unwrap();
     let (a, mut ab) = sample(3, &w.net, ip);
-    let (b, mut bb) = sample(4, &w.net, ip);
-    // The stamps say 1 s (1000 ms); claims after that.
-    ab.ip_claimed_at = 5_000;
-    bb.ip_claimed_at = 2_000;
+    let (b, bb) = sample(4, &w.net, ip);
+    // Both stamped at 1 s: the smaller key wins. Claim times do not matter.
+    ab.ip_claimed_at = 0;
+    let winner = ab.node_key.min(bb.node_key);
     let t0 = Instant::now();
-    // Seen in either order, b wins: every node agrees.
     for order in [[0, 1], [1, 0]] {
         let mut m = Membership::new(ab.node_key, DEFAULT_DOWN_GRACE);
         let es = [entry(&ab, &a), entry(&bb, &b)];
         w.snap(&mut m, t0, &[es[order[0]].clone()]);
         w.snap(&mut m, t0 + Duration::from_secs(1), &es);
-        assert_eq!(m.holders().ip_holder(&ip), Some(bb.node_key));
-        // `a` (this node) must move.
-        assert!(m.must_move(&ip));
+        assert_eq!(m.holders().ip_holder(&ip), Some(winner));
+        assert_eq!(m.must_move(&ip), winner != ab.node_key);
     }
+}
+
+#[test]
+fn a_member_cannot_move_onto_a_fresh_address_by_backdating() {
+    // The victim joined a moment ago (its holding is provisional); the
+    // attacker, established elsewhere, claims it with the earliest claim
+    // time there is: refused (a mover only takes free addresses).
+    let w = World::new();
+    let (attacker, mut ab) = sample(3, &w.net, "10.77.0.3".parse().unwrap());
+    let ip: Ipv4Addr = "10.77.0.7".parse().unwrap();
+    let (victim, vb) = sample(4, &w.net, ip);
+    let mut m = Membership::new([0; 32], DEFAULT_DOWN_GRACE);
+    let t0 = Instant::now();
+    w.snap(&mut m, t0, &[entry(&ab, &attacker)]);
+    w.snap(
+        &mut m,
+        t0 + Duration::from_secs(1),
+        &[entry(&ab, &attacker), entry(&vb, &victim)],
+    );
+    ab.version = 2;
+    ab.overlay_ip = ip;
+    ab.ip_claimed_at = 0;
+    let ev = w.snap(
+        &mut m,
+        t0 + Duration::from_secs(2),
+        &[entry(&ab, &attacker), entry(&vb, &victim)],
+    );
+    assert!(
+        ev.iter().any(|e| matches!(e, Event::Conflict { .. })),
+        "{ev:?}"
+    );
+    assert_eq!(m.holders().ip_holder(&ip), Some(vb.node_key));
+    // ... and stays refused at the next steps (it no longer holds anything).
+    for i in 3..6 {
+        w.snap(
+            &mut m,
+            t0 + Duration::from_secs(i),
+            &[entry(&ab, &attacker), entry(&vb, &victim)],
+        );
+        assert_eq!(m.holders().ip_holder(&ip), Some(vb.node_key));
+    }
+    let peers = m.desired_peers(t0, &[], &deaf, 0);
+    assert_eq!(peers.len(), 1);
+    assert_eq!(peers[0].public_key, vb.wg_public_key);
+    // Moving to a free address is allowed (a loser of a race moves).
+    ab.version = 3;
+    ab.overlay_ip = "10.77.0.9".parse().unwrap();
+    w.snap(
+        &mut m,
+        t0 + Duration::from_secs(7),
+        &[entry(&ab, &attacker), entry(&vb, &victim)],
+    );
+    assert!(m.holds_address(&ab.node_key));
 }
 
 #[test]
@@ -285,4 +336,28 @@ fn same_subnet_endpoints_come_first() {
     let nets = vec!["192.168.1.0/24".parse().unwrap()];
     assert_eq!(order_endpoints(&c, &nets)[0], c[1]);
     assert_eq!(order_endpoints(&c, &[])[0], c[0]);
+}
+
+#[test]
+fn a_down_ephemeral_member_is_forgotten_after_the_grace_a_stateful_one_is_kept() {
+    let w = World::new();
+    let (a, mut ab) = sample(3, &w.net, "10.77.0.2".parse().unwrap());
+    let (b, bb) = sample(4, &w.net, "10.77.0.3".parse().unwrap());
+    ab.ephemeral = true;
+    let mut m = Membership::new([0; 32], DEFAULT_DOWN_GRACE);
+    let t0 = Instant::now();
+    let e = [entry(&ab, &a), entry(&bb, &b)];
+    w.snap(&mut m, t0, &e);
+    let all_down = |_: &PublicKeyBytes| true;
+    m.handle_snapshot(t0 + Duration::from_secs(1), &e, &w.trust(), &all_down);
+    let later = t0 + Duration::from_secs(1) + FORGET_EPHEMERAL_AFTER;
+    let ev = m.handle_snapshot(later, &e, &w.trust(), &all_down);
+    assert_eq!(ev, vec![Event::Forgotten { name: "n3".into() }]);
+    // Gossip is told to forget the ephemeral member only.
+    assert_eq!(m.to_forget(&e), vec![e[0].node_id.as_str()]);
+    assert_eq!(m.holders().ip_holder(&"10.77.0.2".parse().unwrap()), None);
+    assert_eq!(
+        m.holders().ip_holder(&"10.77.0.3".parse().unwrap()),
+        Some(bb.node_key)
+    );
 }
