@@ -1564,6 +1564,37 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
     add("control", "reply-left", with(1, br#"{"reply":"left"}"#));
     add(
         "control",
+        "ping",
+        with(0, br#"{"cmd":"ping","member":"node-4","timeout_ms":500}"#),
+    );
+    add("control", "netcheck", with(0, br#"{"cmd":"netcheck"}"#));
+    let pong = serde_json::json!({
+        "reply": "pong", "name": "node-4", "node_id": proto::node_id_string(&k.other_pk),
+        "overlay_ip": "10.77.0.4", "rtt_us": 1200, "state": "connected", "path": "relayed",
+        "relay": "node-9", "endpoint": "198.51.100.9:52901", "why_not_direct": "symmetric NAT"
+    });
+    add(
+        "control",
+        "reply-pong",
+        with(1, pong.to_string().as_bytes()),
+    );
+    let netcheck = serde_json::json!({
+        "reply": "netcheck", "nat": "endpoint-independent",
+        "mapped_endpoints": ["203.0.113.10:51820"], "advertise_addr": "203.0.113.10",
+        "wg_port": 51820, "gossip_port": 51821, "relaying": false,
+        "stun_servers": ["stun.example.net:3478"],
+        "answers": [{"server": "198.51.100.4:51820", "member": "node-4",
+                     "mapped": "203.0.113.10:51820", "age_secs": 3},
+                    {"server": "stun.example.net:3478", "member": null,
+                     "mapped": "203.0.113.10:51820", "age_secs": 12}]
+    });
+    add(
+        "control",
+        "reply-netcheck",
+        with(1, netcheck.to_string().as_bytes()),
+    );
+    add(
+        "control",
         "reply-error",
         with(1, br#"{"reply":"error","message":"bad request"}"#),
     );
@@ -1573,8 +1604,13 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
         "gossip_addr": "198.51.100.3:51821", "gossip_bytes_sent": 10, "gossip_bytes_received": 20,
         "gossip_rounds": 3, "gossip_rounds_in_sync": 2, "gossip_values_stored": 1,
         "gossip_values_rejected": 0, "nat": "public", "mapped_endpoints": ["198.51.100.3:51820"],
-        "relaying": true,
-        "self": null,
+        "relaying": true, "relay_allocations": 2, "relay_forwarded": 300, "relay_dropped": 4,
+        "self": {
+            "name": "node-3", "node_id": "y", "overlay_ip": "10.77.0.3", "public_key": "k3",
+            "endpoint": null, "state": "self", "path": null, "relay": null,
+            "why_not_direct": null, "nat": "public", "last_handshake_secs": null,
+            "rtt_us": null, "rx_bytes": 0, "tx_bytes": 0, "tags": [], "ephemeral": true
+        },
         "members": [{
             "name": "node-4", "node_id": "x", "overlay_ip": "10.77.0.4", "public_key": "k",
             "endpoint": "198.51.100.4:51820", "state": "connected", "path": "direct",

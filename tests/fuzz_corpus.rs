@@ -115,4 +115,22 @@ fn seeds_are_valid_objects() {
     observe::verify_observations(&text("liveness", "observations"), &k.net_pk, &k.node_pk).unwrap();
     let cert = rustls::pki_types::CertificateDer::from(seed("credential", "certificate"));
     meshpeer::gossip::tls::check_certificate(&cert, &k.trust).unwrap();
+    for n in ["status", "leave", "revoke", "ping", "netcheck"] {
+        serde_json::from_str::<meshpeer::control::Request>(&text("control", n)).unwrap();
+    }
+    for n in [
+        "reply-left",
+        "reply-error",
+        "reply-status",
+        "reply-pong",
+        "reply-netcheck",
+    ] {
+        serde_json::from_str::<meshpeer::control::Reply>(&text("control", n)).unwrap();
+    }
+    let every_key = seeds
+        .iter()
+        .find(|(t, n, _)| *t == "config" && n == "every-key")
+        .map(|(_, _, b)| String::from_utf8(b.clone()).unwrap())
+        .unwrap();
+    meshpeer::config::parse(std::path::Path::new("c"), &every_key).unwrap();
 }
