@@ -21,6 +21,8 @@
 //! metrics_addr = "127.0.0.1:9477"
 //! log_level = "info"
 //! on_stop = "stay"            # stay | leave
+//! advertise_routes = ["192.168.10.0/24"]
+//! hosts_file = "/etc/hosts"   # or "none"
 //! ```
 //!
 //! Every error in a file names its line and column ([`ConfigError::At`]):
@@ -35,6 +37,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
+use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
@@ -47,6 +50,9 @@ pub const DEFAULT_DOWN_GRACE_SECS: u64 = 60;
 pub const DEFAULT_JOIN_TIMEOUT_SECS: u64 = 60;
 /// The log filter when none is given (`--log-level`, `RUST_LOG`, the file).
 pub const DEFAULT_LOG_LEVEL: &str = "info";
+/// The hosts file whose managed block lists the members' names, when none
+/// is configured.
+pub const DEFAULT_HOSTS_FILE: &str = "/etc/hosts";
 /// Modules kept at `warn` when the log level is a bare level (they are
 /// chatty at `info` and below).
 const QUIET_MODULES: &[&str] = &["quinn", "chitchat"];
@@ -71,6 +77,8 @@ pub const KEYS: &[&str] = &[
     "metrics_addr",
     "log_level",
     "on_stop",
+    "advertise_routes",
+    "hosts_file",
     "ephemeral",
 ];
 
@@ -94,6 +102,25 @@ impl FromStr for OnStop {
             "stay" => Ok(OnStop::Stay),
             "leave" => Ok(OnStop::Leave),
             _ => Err(format!("{s:?} is neither `stay` nor `leave`")),
+        }
+    }
+}
+
+/// Where the members' names go (`--hosts-file`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostsFile {
+    /// Nowhere (`none`).
+    Off,
+    /// A managed block in this hosts(5) file.
+    Path(PathBuf),
+}
+
+impl HostsFile {
+    /// The file, unless off.
+    pub fn path(&self) -> Option<&Path> {
+        match self {
+            HostsFile::Off => None,
+            HostsFile::Path(p) => Some(p),
         }
     }
 }
@@ -132,6 +159,9 @@ pub struct Options {
     pub metrics_addr: Option<SocketAddr>,
     pub log_level: Option<String>,
     pub on_stop: Option<OnStop>,
+    /// Subnets behind this node (sorted, without duplicates).
+    pub advertise_routes: Option<Vec<Ipv4Net>>,
+    pub hosts_file: Option<HostsFile>,
     pub ephemeral: Option<bool>,
 }
 
@@ -166,6 +196,8 @@ impl Options {
             metrics_addr,
             log_level,
             on_stop,
+            advertise_routes,
+            hosts_file,
             ephemeral
         )
     }
@@ -215,6 +247,11 @@ impl Options {
             ),
             tags: self.tags.clone().unwrap_or_default(),
             metrics_addr: self.metrics_addr,
+            advertise_routes: self.advertise_routes.clone().unwrap_or_default(),
+            hosts_file: match &self.hosts_file {
+                None => Some(PathBuf::from(DEFAULT_HOSTS_FILE)),
+                Some(h) => h.path().map(Path::to_path_buf),
+            },
             on_stop: if self.ephemeral() {
                 OnStop::Leave
             } else {
@@ -376,6 +413,27 @@ pub fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
     Ok((a, b))
 }
 
+/// A subnet to advertise (`--advertise-route`): an IPv4 CIDR like
+/// 192.168.10.0/24 (see [`crate::routes::parse_route`]).
+pub fn parse_route(s: &str) -> Result<Ipv4Net, String> {
+    crate::routes::parse_route(s)
+}
+
+/// A list of routes: each valid, at most [`crate::routes::MAX_ROUTES`];
+/// sorted and deduplicated.
+pub fn check_routes(routes: &[Ipv4Net]) -> Result<Vec<Ipv4Net>, String> {
+    crate::routes::check_routes(routes)
+}
+
+/// The hosts file: a path, or `none` (no names written).
+pub fn parse_hosts_file(s: &str) -> Result<HostsFile, String> {
+    match s.trim() {
+        "" => Err("an empty path: give a file, or `none` to write no names".into()),
+        "none" | "off" => Ok(HostsFile::Off),
+        _ => Ok(HostsFile::Path(PathBuf::from(s))),
+    }
+}
+
 /// What to do on stop: `stay` or `leave`.
 pub fn parse_on_stop(s: &str) -> Result<OnStop, String> {
     s.parse()
@@ -473,6 +531,8 @@ struct Raw {
     metrics_addr: Option<Spanned<String>>,
     log_level: Option<Spanned<String>>,
     on_stop: Option<Spanned<String>>,
+    advertise_routes: Option<Spanned<Vec<Spanned<String>>>>,
+    hosts_file: Option<Spanned<String>>,
     ephemeral: Option<Spanned<bool>>,
 }
 
@@ -535,6 +595,12 @@ pub fn parse(path: &Path, text: &str) -> Result<Options, ConfigError> {
         None => None,
         Some((span, list)) => Some(check_tags(&list).map_err(|m| at(span, format!("tags: {m}")))?),
     };
+    let advertise_routes = match each(raw.advertise_routes, "advertise_routes", parse_route, &at)? {
+        None => None,
+        Some((span, list)) => {
+            Some(check_routes(&list).map_err(|m| at(span, format!("advertise_routes: {m}")))?)
+        }
+    };
     Ok(Options {
         state_dir: check(
             raw.state_dir,
@@ -579,6 +645,8 @@ pub fn parse(path: &Path, text: &str) -> Result<Options, ConfigError> {
         )?,
         log_level: check(raw.log_level, "log_level", |s| parse_log_level(s), &at)?,
         on_stop: check(raw.on_stop, "on_stop", |s| parse_on_stop(s), &at)?,
+        advertise_routes,
+        hosts_file: check(raw.hosts_file, "hosts_file", |s| parse_hosts_file(s), &at)?,
         ephemeral: raw.ephemeral.map(Spanned::into_inner),
     })
 }
@@ -682,6 +750,8 @@ token_file = "/etc/meshpeer/token"
 metrics_addr = "127.0.0.1:9477"
 log_level = "debug"
 on_stop = "leave"
+advertise_routes = ["192.168.10.0/24", "10.20.0.0/16", "192.168.10.0/24"]
+hosts_file = "/srv/hosts"
 "#)
         .unwrap();
         assert_eq!(o.state_dir, Some(PathBuf::from("/srv/mp")));
@@ -705,7 +775,17 @@ on_stop = "leave"
         assert_eq!(o.relay_ports, Some((40000, 40100)));
         assert_eq!(o.metrics_addr, Some("127.0.0.1:9477".parse().unwrap()));
         assert_eq!(o.on_stop, Some(OnStop::Leave));
+        assert_eq!(
+            o.advertise_routes,
+            Some(vec![
+                "10.20.0.0/16".parse().unwrap(),
+                "192.168.10.0/24".parse().unwrap()
+            ])
+        );
+        assert_eq!(o.hosts_file, Some(HostsFile::Path("/srv/hosts".into())));
         let cfg = o.daemon_config(vec![]);
+        assert_eq!(cfg.hosts_file, Some(PathBuf::from("/srv/hosts")));
+        assert_eq!(cfg.advertise_routes.len(), 2);
         assert_eq!(cfg.down_grace, Duration::from_secs(30));
         assert_eq!(cfg.join_timeout, Duration::from_secs(10));
         assert!(!cfg.relay);
@@ -727,6 +807,10 @@ on_stop = "leave"
         assert_eq!(cfg.on_stop, OnStop::Stay);
         assert!(cfg.relay);
         assert_eq!(cfg.metrics_addr, None);
+        assert_eq!(cfg.hosts_file, Some(PathBuf::from(DEFAULT_HOSTS_FILE)));
+        assert!(cfg.advertise_routes.is_empty());
+        let off = p("hosts_file = \"none\"").unwrap().daemon_config(vec![]);
+        assert_eq!(off.hosts_file, None);
     }
 
     #[test]
@@ -788,6 +872,19 @@ on_stop = "leave"
         );
         let (_, _, m) = err_at("stun_servers = [\"x:y\"]");
         assert!(m.contains("STUN server"), "{m}");
+        // A bad route, inside a list: the column of that route.
+        let (l, c, m) = err_at("advertise_routes = [\"192.168.1.0/24\", \"192.168.2.1/24\"]");
+        assert_eq!((l, c), (1, 39), "{m}");
+        assert!(
+            m.starts_with("advertise_routes:") && m.contains("did you mean 192.168.2.0/24"),
+            "{m}"
+        );
+        let (_, _, m) = err_at("advertise_routes = [\"fd00::/64\"]");
+        assert!(m.contains("IPv6"), "{m}");
+        let (_, _, m) = err_at("advertise_routes = \"192.168.1.0/24\"");
+        assert!(m.contains("advertise_routes: wrong type"), "{m}");
+        let (_, _, m) = err_at("hosts_file = \"\"");
+        assert!(m.contains("hosts_file: an empty path"), "{m}");
         // Not TOML at all.
         let (l, _, _) = err_at("a = = b");
         assert_eq!(l, 1);

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot};
 
@@ -153,6 +153,12 @@ pub async fn bind(path: &Path) -> Result<UnixListener, ControlError> {
 /// from the latest published snapshot, so it never waits on the daemon's
 /// loop (and answers "starting" while a join is still under way); `leave`
 /// goes to the daemon through `tx`.
+/// Longest request line the daemon reads (a `revoke` carries a revocation
+/// list of at most 48 KiB, about 64 KiB of base64). Without a bound a
+/// client could make the daemon buffer any amount (found while fuzzing the
+/// control requests, FUZZING.md).
+pub const MAX_REQUEST_LINE: u64 = 1 << 20;
+
 pub async fn serve(
     listener: UnixListener,
     tx: mpsc::Sender<Incoming>,
@@ -164,7 +170,16 @@ pub async fn serve(
         tokio::spawn(async move {
             let (r, mut w) = stream.into_split();
             let mut line = String::new();
-            if BufReader::new(r).read_line(&mut line).await.is_err() {
+            if BufReader::new(r.take(MAX_REQUEST_LINE))
+                .read_line(&mut line)
+                .await
+                .is_err()
+            {
+                return;
+            }
+            if line.len() as u64 >= MAX_REQUEST_LINE && !line.ends_with('\n') {
+                let message = format!("request longer than {MAX_REQUEST_LINE} bytes");
+                write_reply(&mut w, &Reply::Error { message }).await;
                 return;
             }
             let reply = match serde_json::from_str::<Request>(&line) {
@@ -228,4 +243,43 @@ pub async fn request(path: &Path, req: &Request, timeout: Duration) -> Result<Re
     tokio::time::timeout(timeout, fut)
         .await
         .map_err(|_| ControlError::Timeout(timeout))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A request line is read up to [`MAX_REQUEST_LINE`] bytes, not without
+    /// end; shorter requests are answered as before.
+    #[tokio::test]
+    async fn request_lines_are_bounded() {
+        let dir = std::env::temp_dir().join(format!("meshpeer-control-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("control.sock");
+        let listener = bind(&path).await.unwrap();
+        let (tx, _rx) = mpsc::channel(1);
+        let (_status_tx, status) = tokio::sync::watch::channel(None);
+        let server = tokio::spawn(serve(listener, tx, status));
+        let ask = |body: Vec<u8>| {
+            let path = path.clone();
+            async move {
+                let mut s = UnixStream::connect(&path).await.unwrap();
+                // The server may answer and close before all is written.
+                let _ = s.write_all(&body).await;
+                let mut reply = String::new();
+                let _ = BufReader::new(s).read_line(&mut reply).await;
+                reply
+            }
+        };
+        let long = vec![b'x'; MAX_REQUEST_LINE as usize + 4096];
+        // Before the bound, the daemon went on reading (and buffering).
+        let reply = tokio::time::timeout(Duration::from_secs(10), ask(long))
+            .await
+            .expect("the daemon answers a request that is too long");
+        assert!(reply.contains("request longer than"), "{reply}");
+        let reply = ask(b"{\"cmd\":\"status\"}\n".to_vec()).await;
+        assert!(reply.contains("starting up"), "{reply}");
+        server.abort();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -266,6 +266,7 @@ mod tests {
             tags: tags.iter().map(|t| t.to_string()).collect(),
             ephemeral: false,
             conflict: None,
+            routes: vec![],
         }
     }
 
@@ -292,6 +293,7 @@ mod tests {
             relay_allocations: 0,
             relay_forwarded: 0,
             relay_dropped: 0,
+            routes_installed: 0,
             myself: None,
             members: vec![
                 m("node1", "10.77.0.1", MemberState::Myself, &["login"]),

@@ -6,14 +6,15 @@
 //! * core (no I/O, no clock reads; `now` is passed in): [`proto`] (wire
 //!   formats), [`admission`] (network key, tokens, credentials), [`record`]
 //!   (signed membership records), [`ipalloc`] (overlay address choice),
-//!   [`membership`] (which members exist and in what state), [`reconcile`]
-//!   (desired vs actual WireGuard peers).
+//!   [`membership`] (which members exist and in what state), [`routes`]
+//!   (which advertised subnets to route where), [`reconcile`] (desired vs
+//!   actual WireGuard peers).
 //! * shell: [`gossip`] (chitchat over quinn), [`wg`] (WireGuard backends),
 //!   [`daemon`] (the run loop), [`control`] (the local control socket),
 //!   [`state`] (the state directory), [`metrics`] (the Prometheus endpoint).
 //! * operations: [`config`] (the typed config file and option layering),
 //!   [`export`] (hosts, Ansible, MPI, Slurm, ssh_config renderings of
-//!   `status`).
+//!   `status`), [`hosts`] (the members' names in /etc/hosts).
 //!
 //! See ARCHITECTURE.md for the data flow and the invariants.
 
@@ -24,6 +25,7 @@ pub mod control;
 pub mod daemon;
 pub mod export;
 pub mod gossip;
+pub mod hosts;
 pub mod identity;
 pub mod ipalloc;
 pub mod liveness;
@@ -36,6 +38,7 @@ pub mod proto;
 pub mod reconcile;
 pub mod record;
 pub mod relay;
+pub mod routes;
 pub mod state;
 pub mod status;
 #[doc(hidden)]

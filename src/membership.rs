@@ -138,8 +138,9 @@ pub enum Event {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DesiredPeer {
     pub public_key: [u8; 32],
-    /// Overlay addresses routed to this peer: its own (and subnets it routes).
-    pub allowed_ips: Vec<Ipv4Addr>,
+    /// What is routed to this peer: its own overlay address (a /32) and the
+    /// subnets it advertises that this node installs ([`crate::routes`]).
+    pub allowed_ips: Vec<Ipv4Net>,
     /// Candidate endpoints, best first.
     pub endpoints: Vec<SocketAddr>,
     pub keepalive: u16,
@@ -701,7 +702,7 @@ impl Membership {
             .filter(|m| self.holds_address(&m.record.node_key))
             .map(|m| DesiredPeer {
                 public_key: m.record.wg_public_key,
-                allowed_ips: vec![m.record.overlay_ip],
+                allowed_ips: vec![Ipv4Net::from(m.record.overlay_ip)],
                 endpoints: order_endpoints(&m.record.endpoints, local_nets),
                 keepalive,
             })

@@ -23,6 +23,8 @@
 //! | `gossip_sent_bytes_total`, `gossip_received_bytes_total` | counter | gossip (QUIC) payload bytes |
 //! | `gossip_rounds_total`, `gossip_rounds_in_sync_total` | counter | rounds started, and those that found the other side in sync |
 //! | `gossip_values_stored_total`, `gossip_values_rejected_total` | counter | values stored from others, refused by validation |
+//! | `routes_installed` | gauge | members' subnets routed through the mesh interface here |
+//! | `routes_refused` | gauge | advertised subnets (members' and our own) this node refuses |
 //! | `mesh_converged` | gauge (0/1) | see [`converged`] |
 //! | `mesh_unconverged_seconds` | gauge | 0 while converged, else the time since the mesh stopped being converged (or since the daemon started, if it never was) |
 //! | `status_age_seconds` | gauge | age of the snapshot served |
@@ -294,6 +296,22 @@ pub fn render(
         "Datagrams dropped by the current relay allocations (wrong sender, over the rate)",
         gauge(i64::try_from(s.relay_dropped).unwrap_or(i64::MAX)),
     );
+    reg.register(
+        "routes_installed",
+        "Members' subnets routed through the mesh interface here",
+        gauge(s.routes_installed as i64),
+    );
+    let refused = s
+        .members
+        .iter()
+        .flat_map(|m| &m.routes)
+        .filter(|r| r.state == "refused")
+        .count();
+    reg.register(
+        "routes_refused",
+        "Advertised subnets (members' and this node's own) this node refuses",
+        gauge(refused as i64),
+    );
 
     reg.register_with_unit(
         "gossip_sent",
@@ -508,6 +526,7 @@ mod tests {
             tags: vec![],
             ephemeral: false,
             conflict: None,
+            routes: vec![],
         }
     }
 
@@ -532,6 +551,7 @@ mod tests {
             relay_allocations: 2,
             relay_forwarded: 40,
             relay_dropped: 1,
+            routes_installed: 2,
             myself: None,
             members,
         }
@@ -568,6 +588,8 @@ mod tests {
             "meshpeer_relay_allocations 2",
             "meshpeer_relay_forwarded_datagrams 40",
             "meshpeer_relay_dropped_datagrams 1",
+            "meshpeer_routes_installed 2",
+            "meshpeer_routes_refused 0",
             "meshpeer_gossip_sent_bytes_total 7",
             "meshpeer_gossip_received_bytes_total 8",
             "meshpeer_gossip_rounds_total 3",

@@ -95,6 +95,14 @@ pub struct NodeState {
     /// The newest revocation list held (its gossip text).
     #[serde(default)]
     pub revoked: Option<String>,
+    /// Kernel routes meshpeer added through its interface (members'
+    /// subnets): removed when no longer wanted, and only those.
+    #[serde(default)]
+    pub installed_routes: Vec<ipnet::Ipv4Net>,
+    /// meshpeer turned IPv4 forwarding on (it was off): turned off again
+    /// when this node stops advertising routes.
+    #[serde(default)]
+    pub forwarding_turned_on: bool,
 }
 
 #[derive(Debug, Clone)]

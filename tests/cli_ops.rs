@@ -17,6 +17,8 @@ fn meshpeer(args: &[&str], env: &[(&str, &str)]) -> Output {
         "MESHPEER_METRICS_ADDR",
         "MESHPEER_LOG_LEVEL",
         "MESHPEER_ON_STOP",
+        "MESHPEER_ADVERTISE_ROUTES",
+        "MESHPEER_HOSTS_FILE",
     ] {
         c.env_remove(v);
     }
@@ -98,7 +100,7 @@ fn config_check_points_at_the_line_and_column() {
     let example = concat!(env!("CARGO_MANIFEST_DIR"), "/contrib/meshpeer.toml");
     ok(&meshpeer(&["config", "check", example], &[]));
 
-    let cases: [(&str, &str, &str); 6] = [
+    let cases: [(&str, &str, &str); 7] = [
         (
             "interface = \"mp0\"\ninterfce = \"x\"\n",
             ":2:1: unknown key `interfce` (did you mean `interface`?)",
@@ -127,6 +129,11 @@ fn config_check_points_at_the_line_and_column() {
         (
             "metrics_addr = \"localhost\"\n",
             ":1:16: metrics_addr: \"localhost\" is not an address and port",
+            "^",
+        ),
+        (
+            "advertise_routes = [\"10.1.0.0/16\", \"10.2.0.1/16\"]\n",
+            ":1:36: advertise_routes: \"10.2.0.1/16\" has host bits set: did you mean 10.2.0.0/16?",
             "^",
         ),
     ];
@@ -217,6 +224,27 @@ fn bad_values_and_no_daemon_are_clear_errors() {
         ),
         (vec!["up", "--interface", "a/b"], "is not an interface name"),
         (vec!["up", "--no-relay=perhaps"], "invalid value"),
+        (
+            vec!["up", "--advertise-route", "192.168.10.7/24"],
+            "has host bits set: did you mean 192.168.10.0/24?",
+        ),
+        (
+            vec!["join", "seed", "--advertise-route", "192.168.10.0"],
+            "give a prefix length",
+        ),
+        (
+            vec!["up", "--advertise-route", "fd00::/64"],
+            "routes are IPv4 only",
+        ),
+        (
+            vec!["up", "--advertise-route", "0.0.0.0/0"],
+            "is a default route",
+        ),
+        (
+            vec!["up", "--advertise-route", "lan/24"],
+            "is not an IPv4 subnet",
+        ),
+        (vec!["up", "--hosts-file", ""], "an empty path"),
         (vec!["status", "--with-tag", "Bad"], "is not a tag"),
         (vec!["export", "csv"], "invalid value 'csv'"),
         (vec!["export", "mpi-hostfile", "--slots", "0"], "--slots"),
@@ -227,6 +255,13 @@ fn bad_values_and_no_daemon_are_clear_errors() {
     fails_with(
         &meshpeer(&["up"], &[("MESHPEER_METRICS_ADDR", "nowhere")]),
         "is not an address and port",
+    );
+    fails_with(
+        &meshpeer(
+            &["up"],
+            &[("MESHPEER_ADVERTISE_ROUTES", "192.168.1.0/24,224.0.0.0/8")],
+        ),
+        "multicast 224.0.0.0/4, which is never routed",
     );
     for cmd in [
         vec!["export", "hosts"],

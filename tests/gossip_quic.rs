@@ -291,9 +291,8 @@ fn a_restarted_member_is_reached_again_at_once() {
         (serve(a), addr)
     });
     let b = main.block_on(async { member(&network, 41, true) });
-    let hello = |limit: Duration| {
-        main.block_on(b.transport.request(a_addr, &Request::Hello, limit))
-    };
+    let hello =
+        |limit: Duration| main.block_on(b.transport.request(a_addr, &Request::Hello, limit));
     hello(Duration::from_secs(8)).expect("hello before the kill");
     // kill -9: every task of the member stops where it is; nothing is sent.
     doomed.shutdown_background();

@@ -36,6 +36,7 @@ fn the_unit_is_hardened_and_verifies() {
     // Every exception to the hardening is explained right above it.
     for exception in [
         "ReadWritePaths=/etc",
+        "ReadWritePaths=/proc/sys/net/ipv4/ip_forward",
         "PrivateDevices=no",
         "RuntimeDirectory=wireguard",
     ] {

@@ -59,6 +59,8 @@ fn is_set(o: &meshpeer::config::Options, key: &str) -> bool {
         "metrics_addr" => o.metrics_addr.is_some(),
         "log_level" => o.log_level.is_some(),
         "on_stop" => o.on_stop.is_some(),
+        "advertise_routes" => o.advertise_routes.is_some(),
+        "hosts_file" => o.hosts_file.is_some(),
         "ephemeral" => o.ephemeral.is_some(),
         _ => false,
     }

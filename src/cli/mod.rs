@@ -17,7 +17,8 @@ use std::path::PathBuf;
 use std::sync::LazyLock;
 
 use clap::{Args, Parser, Subcommand};
-use meshpeer::config::{self as cfg, OnStop, Options};
+use ipnet::Ipv4Net;
+use meshpeer::config::{self as cfg, HostsFile, OnStop, Options};
 use meshpeer::daemon::DaemonConfig;
 use meshpeer::wg::BackendChoice;
 
@@ -192,6 +193,24 @@ pub struct RunArgs {
     /// [default: stay]. Changes on SIGHUP.
     #[arg(long, env = "MESHPEER_ON_STOP", value_parser = cfg::parse_on_stop)]
     pub on_stop: Option<OnStop>,
+    /// A subnet behind this node to route to it from the mesh, e.g. its
+    /// LAN 192.168.10.0/24 (repeatable, or comma-separated in the env var).
+    /// Members install it only where the token this node joined with allows
+    /// it (`meshpeer invite --allow-route`), or on the node holding the
+    /// network key; this node then forwards between the mesh and the subnet
+    /// (it turns on IPv4 forwarding). Changes on SIGHUP.
+    #[arg(
+        long = "advertise-route",
+        env = "MESHPEER_ADVERTISE_ROUTES",
+        value_delimiter = ',',
+        value_parser = cfg::parse_route
+    )]
+    pub advertise_routes: Option<Vec<Ipv4Net>>,
+    /// The hosts(5) file where meshpeer keeps the members' names (a block
+    /// between `# BEGIN meshpeer IF` and `# END meshpeer IF`; other lines are
+    /// never touched), or `none` [default: /etc/hosts].
+    #[arg(long, env = "MESHPEER_HOSTS_FILE", value_parser = cfg::parse_hosts_file)]
+    pub hosts_file: Option<HostsFile>,
     /// A stateless node that joins afresh on every boot: keys and state in
     /// /run/meshpeer (unless --state-dir), a leave on every stop (whatever
     /// --on-stop says) after which its identity is deleted, and members
@@ -243,6 +262,13 @@ impl RunArgs {
             metrics_addr: self.metrics_addr,
             log_level: self.log_level.clone(),
             on_stop: self.on_stop,
+            advertise_routes: match &self.advertise_routes {
+                None => None,
+                Some(r) => Some(
+                    cfg::check_routes(r).map_err(|e| anyhow::anyhow!("--advertise-route: {e}"))?,
+                ),
+            },
+            hosts_file: self.hosts_file.clone(),
             ephemeral: self.ephemeral,
         })
     }

@@ -17,10 +17,12 @@
 //!
 //! Nothing here decides membership, liveness or paths: the cores do.
 
+mod hosts;
 mod join;
 mod ops;
 mod probes;
 mod relay;
+mod routes;
 mod status;
 mod step;
 mod traversal;
@@ -107,6 +109,11 @@ pub struct DaemonConfig {
     /// Leave the mesh when stopped, or stay a member (always leave when
     /// ephemeral).
     pub on_stop: crate::config::OnStop,
+    /// Subnets behind this node, published in its record (a gateway).
+    pub advertise_routes: Vec<Ipv4Net>,
+    /// The hosts(5) file whose managed block lists the members' names;
+    /// `None`: off.
+    pub hosts_file: Option<PathBuf>,
     /// A stateless node: its record says so (members forget it soon after
     /// it goes down), it leaves when stopped and then deletes its identity,
     /// so its next start is a fresh join.
@@ -235,6 +242,10 @@ pub(crate) struct Node {
     alloc_chain: relay::RequestChain<([u8; 32], [u8; 32])>,
     /// Metrics endpoint and the like (`ops.rs`).
     ops: ops::Ops,
+    /// Members' subnets routed here, and our own (`routes.rs`).
+    routes: routes::RouteState,
+    /// The members' names in the hosts file (`hosts.rs`); `None`: off.
+    hosts: Option<hosts::HostsState>,
     /// Set once this node published its leave.
     left: bool,
     /// Re-stamping (our stamper was revoked): when to ask next, and where
@@ -244,6 +255,18 @@ pub(crate) struct Node {
     /// Set when a revocation names this node or its token: the daemon
     /// stops with this reason.
     self_revoked: Option<String>,
+    /// A first join tells the user on stderr how many members it reached,
+    /// until all or [`JOIN_PROGRESS_FOR`].
+    join_progress: Option<JoinProgress>,
+}
+
+/// How long a first join reports its progress on stderr.
+const JOIN_PROGRESS_FOR: Duration = Duration::from_secs(60);
+
+struct JoinProgress {
+    since: Instant,
+    /// (connected, members) last printed.
+    last: (usize, usize),
 }
 
 /// An answer to an allocation request: (peer, relay) WireGuard keys, and
@@ -404,6 +427,7 @@ pub async fn run_with_reload(
 
     // First contact: a joiner gets its stamp; a member without an address
     // learns who holds what. Either way it picks a free address.
+    let first_join = stamp.is_none();
     let mut stamp = stamp;
     let mut first_records: Vec<String> = Vec::new();
     if stamp.is_none() || state.overlay_ip.is_none() {
@@ -411,6 +435,7 @@ pub async fn run_with_reload(
             &transport,
             &reach,
             &state.name,
+            stamp.is_none(),
             stamp.is_none(),
             cfg.join_timeout,
             SLOW_SEED_WAIT.max(cfg.join_timeout),
@@ -489,6 +514,9 @@ pub async fn run_with_reload(
             state.overlay_ip = Some(ip);
             state.ip_claimed_at = unix_ms();
             tracing::info!(%ip, members = entries.len(), "chose overlay address");
+            if first_join {
+                eprintln!("meshpeer: overlay address {ip}");
+            }
         }
     }
     let stamp = stamp.ok_or_else(|| anyhow!("not admitted"))?;
@@ -521,6 +549,10 @@ pub async fn run_with_reload(
     } else {
         BTreeSet::new()
     };
+    if !owned_if {
+        // A new interface has none of the routes a former one had.
+        state.installed_routes.clear();
+    }
     dir.save_state(&state)?;
     if let Err(e) = wg.set_address(overlay_ip, network.cidr) {
         wg.destroy().await;
@@ -578,6 +610,8 @@ pub async fn run_with_reload(
     let (restamp_tx, mut restamp_rx) = mpsc::channel::<Signed>(1);
     let wg_public = id.wg_public();
     let liveness = Liveness::new(network.key, id.node_key(), rand::random());
+    let route_state = routes::RouteState::new(&state.installed_routes);
+    let hosts_state = hosts::HostsState::new(cfg.hosts_file.clone());
     let mut node = Node {
         cfg,
         dir,
@@ -614,11 +648,17 @@ pub async fn run_with_reload(
         restamp_at: None,
         restamp_tx,
         self_revoked: None,
+        join_progress: first_join.then(|| JoinProgress {
+            since: Instant::now(),
+            last: (usize::MAX, 0),
+        }),
         last_change: Instant::now(),
         relay,
         alloc_tx,
         alloc_chain: Default::default(),
         ops,
+        routes: route_state,
+        hosts: hosts_state,
     };
     if let Err(e) = node.republish(false).await {
         node.wg.destroy().await;
@@ -707,6 +747,7 @@ pub async fn run_with_reload(
             }
         }
     }
+    node.routes_down();
     node.persist(true);
     node.probes = None;
     node.gossip.shutdown().await;
@@ -802,6 +843,7 @@ impl Node {
             ephemeral: self.cfg.ephemeral,
             left,
             tags: &self.cfg.tags,
+            routes: &self.cfg.advertise_routes,
             version,
         });
         let text = body.sign(&self.id.signing);
@@ -889,6 +931,7 @@ impl Node {
     /// Publishes a signed leave record and pushes it to members for a while.
     async fn leave(&mut self) {
         tracing::info!("leaving the mesh");
+        self.remove_hosts_block();
         self.left = true;
         if let Err(e) = self.republish(true).await {
             tracing::warn!(error = %format!("{e:#}"), "cannot publish the leave record");

@@ -337,6 +337,16 @@ impl Node {
             self.cfg.on_stop = new.on_stop;
             applied.push("on_stop");
         }
+        if new.advertise_routes != old.advertise_routes {
+            self.cfg.advertise_routes = new.advertise_routes.clone();
+            match self.republish(false).await {
+                Ok(()) => applied.push("advertise_routes"),
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "cannot publish the new routes; keeping the old ones");
+                    self.cfg.advertise_routes = old.advertise_routes.clone();
+                }
+            }
+        }
         let mut restart: Vec<&str> = Vec::new();
         if new.state_dir != old.state_dir {
             restart.push("state_dir");
@@ -370,6 +380,9 @@ impl Node {
         }
         if new.stun_servers != old.stun_servers {
             restart.push("stun_servers");
+        }
+        if new.hosts_file != old.hosts_file {
+            restart.push("hosts_file");
         }
         if new.ephemeral != old.ephemeral {
             restart.push("ephemeral");

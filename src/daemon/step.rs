@@ -126,6 +126,8 @@ impl Node {
         if !events.is_empty() || changes > 0 || self.last_status.elapsed() >= STATUS_EVERY {
             let actual = self.wg.peers()?;
             let status = self.build_status(&actual);
+            self.sync_hosts(&status);
+            self.report_join_progress(&status);
             self.status.send_replace(Some(status));
             self.last_status = Instant::now();
         }
@@ -158,6 +160,45 @@ impl Node {
                 }
             }
             Err(e) => tracing::warn!(error = %e, "gossip holds a bad revocation list"),
+        }
+    }
+
+    /// A first join: "k/n members connected" on stderr when it changes,
+    /// until every member is reached or for a minute.
+    fn report_join_progress(&mut self, status: &crate::status::Status) {
+        use crate::status::MemberState;
+        let Some(p) = &mut self.join_progress else {
+            return;
+        };
+        let others: Vec<_> = status
+            .members
+            .iter()
+            .filter(|m| m.state != MemberState::Myself)
+            .collect();
+        let n = others.len();
+        let k = others
+            .iter()
+            .filter(|m| matches!(m.state, MemberState::Connected | MemberState::Idle))
+            .count();
+        let elapsed = p.since.elapsed();
+        if (k, n) != p.last {
+            p.last = (k, n);
+            if n > 0 && k == n {
+                eprintln!(
+                    "meshpeer: joined: all {n} member(s) connected after {:.1} s",
+                    elapsed.as_secs_f64()
+                );
+                self.join_progress = None;
+                return;
+            }
+            eprintln!("meshpeer: {k}/{n} members connected");
+        }
+        if elapsed >= super::JOIN_PROGRESS_FOR {
+            eprintln!(
+                "meshpeer: {k}/{n} members connected after {} s; the others keep trying (see `meshpeer status`)",
+                elapsed.as_secs()
+            );
+            self.join_progress = None;
         }
     }
 
@@ -195,7 +236,7 @@ impl Node {
         let tx = self.restamp_tx.clone();
         tokio::spawn(async move {
             let wait = Duration::from_secs(20);
-            match super::join::contact(&transport, &seeds, &name, true, wait, wait).await {
+            match super::join::contact(&transport, &seeds, &name, true, false, wait, wait).await {
                 Ok(super::join::Outcome::Admitted { stamp, seed, .. }) => {
                     tracing::info!(%seed, "stamped again");
                     let _ = tx.send(stamp).await;
@@ -332,10 +373,20 @@ impl Node {
             crate::membership::KEEPALIVE_SECS
         };
         let traversal = &self.traversal;
-        let desired =
+        let mut desired =
             self.membership
                 .desired_peers(now, local, &|k| traversal.hearing(now, k), keepalive);
         let actual = self.wg.peers()?;
+        // Members' subnets: into their allowed IPs now, kernel routes below.
+        let plan = self.plan_routes(now, local, &desired, &actual);
+        self.route_allowed_ips(&plan, &mut desired);
+        // A device endpoint inside a routed subnet is replaced, whatever
+        // its handshake says.
+        let unusable: HashSet<[u8; 32]> = actual
+            .iter()
+            .filter(|a| a.endpoint.is_some_and(|e| !plan.usable_endpoint(&e.ip())))
+            .map(|a| a.public_key)
+            .collect();
         let desired = self.traversal.select_paths(
             now,
             desired,
@@ -353,7 +404,7 @@ impl Node {
         // to; a broken one gets the record's candidates again.
         let traversal = &self.traversal;
         let mut changes = reconcile(&desired, &actual, &self.owned, rotation, poke, &|k| {
-            !traversal.working(k)
+            !traversal.working(k) || unusable.contains(k)
         });
         // Pokes (keepalive off and on) only for peers without a session,
         // and only where WireGuard itself punches (the kernel backend; the
@@ -392,7 +443,7 @@ impl Node {
             .set_wg_peers(desired.iter().map(|d| &d.public_key));
         self.traversal.force_handshakes(now).await;
         self.traversal.send_checks(now, poke).await;
-        Ok(n)
+        Ok(n + self.apply_routes(now, plan))
     }
 
     /// Asks relays for the allocations our relayed peers need, and gives

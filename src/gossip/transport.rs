@@ -239,12 +239,8 @@ impl QuicTransport {
             None => quinn::EndpointConfig::default(),
         };
         let socket = std::net::UdpSocket::bind(addr)?;
-        let endpoint = quinn::Endpoint::new(
-            config,
-            Some(server),
-            socket,
-            Arc::new(quinn::TokioRuntime),
-        )?;
+        let endpoint =
+            quinn::Endpoint::new(config, Some(server), socket, Arc::new(quinn::TokioRuntime))?;
         let shared = Arc::new(Shared {
             endpoint,
             client: Mutex::new(client),

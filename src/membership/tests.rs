@@ -60,7 +60,9 @@ fn join_update_replay_leave() {
     assert_eq!(peers.len(), 1);
     assert_eq!(
         peers[0].allowed_ips,
-        vec!["10.77.0.2".parse::<Ipv4Addr>().unwrap()]
+        vec![ipnet::Ipv4Net::from(
+            "10.77.0.2".parse::<Ipv4Addr>().unwrap()
+        )]
     );
 
     let old = body.clone();

@@ -20,6 +20,10 @@
 //!   a home NAT against meshpeer's WireGuard port) must print the NAT's
 //!   public address. Also needs `turnserver` (coturn) and `stun`
 //!   (stun-client).
+//! * `site_to_site` (`site-to-site.toml`): two home LANs behind two
+//!   gateway members; the LAN hosts (not members) reach each other, every
+//!   other member reaches both, and a member advertising a site's LAN
+//!   without a token that allows it is refused by every member.
 //! * `address_change` (`address-change.toml`) and `nat_flush`
 //!   (`nat-flush.toml`): after each public address change / NAT flush,
 //!   every affected pair replies again within 30 s (issue 4's target).
@@ -245,6 +249,29 @@ fn matrix() {
         m["flagged"],
         run["errors"]
     );
+    let _ = std::fs::remove_dir_all(&out_dir);
+}
+
+/// Site-to-site routes through two gateway members (`check_sites`).
+#[test]
+fn site_to_site() {
+    if !can_run("site_to_site") {
+        return;
+    }
+    let Some((out, report, out_dir)) = run_scenario("site_to_site", "site-to-site.toml") else {
+        return;
+    };
+    let run = &report["runs"][0];
+    let check = step_result(run, "check_sites");
+    assert!(
+        out.status.success() && report["ok"] == true && check["ok"] == true,
+        "site_to_site: {}
+errors: {}",
+        check,
+        run["errors"]
+    );
+    assert_eq!(check["sites"].as_array().map(Vec::len), Some(2));
+    assert!(check["pings"].as_u64().unwrap_or(0) >= 4, "{check}");
     let _ = std::fs::remove_dir_all(&out_dir);
 }
 

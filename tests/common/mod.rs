@@ -12,15 +12,21 @@
 //!   deadline, then panic with a description (and the last observation).
 //! * [`TempDir`]: a scratch directory, removed on drop unless the test failed.
 //! * [`serial`]: held while a test uses the fixed `mpt*` names (a mutex, and
-//!   a flock against concurrent test runs on the same machine).
+//!   a flock against concurrent test runs on the same machine);
+//!   [`serial_prefix`] for another prefix.
 //! * [`scenario`]: the three-node scenario, shared by tests/mesh.rs (this
-//!   machine) and tests/vm_kernel.rs (a VM with kernel WireGuard).
+//!   machine) and tests/vm_kernel.rs (a VM with kernel WireGuard);
+//!   [`sites`]: two sites routed through their gateways, shared by
+//!   tests/sites.rs and tests/vm_kernel.rs.
 //! * [`Process`]: another program (e.g. Prometheus) run inside a namespace,
 //!   stopped on drop; [`in_netns`] runs a closure on a thread inside a
 //!   namespace (to connect to its loopback); [`http_get`] a tiny client for
 //!   such checks.
 //!
-//! Every name this harness creates starts with `mpt`. Environment:
+//! Every name this harness creates starts with `mpt`, or with another
+//! prefix of [`PREFIXES`] that the test chose (`rt`: tests/sites.rs). The
+//! daemons get `MESHPEER_HOSTS_FILE=none` (a test that wants names passes
+//! `--hosts-file` of its own: never the machine's /etc/hosts). Environment:
 //! * `CI=true`: never skip (a non-root run fails instead of skipping).
 //! * `MESHPEER_BIN`: the meshpeer binary to run (default: the one cargo built).
 //! * `MESHPEER_TEST_TIMEOUT_SCALE`: multiply every deadline (e.g. 4 in a VM
@@ -31,6 +37,7 @@
 #![allow(dead_code)]
 
 pub mod scenario;
+pub mod sites;
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Read;
@@ -43,6 +50,18 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 pub use serde_json::Value;
+
+/// The prefixes of the names (namespaces, interfaces) tests create.
+pub const PREFIXES: [&str; 2] = ["mpt", "rt"];
+
+/// The prefix `name` starts with (panics if none of [`PREFIXES`]).
+pub fn prefix_of(name: &str) -> &'static str {
+    PREFIXES
+        .iter()
+        .find(|p| name.starts_with(*p))
+        .copied()
+        .unwrap_or_else(|| panic!("test names must start with one of {PREFIXES:?}: {name}"))
+}
 
 /// How often conditions are polled.
 pub const POLL: Duration = Duration::from_millis(200);
@@ -96,10 +115,17 @@ pub struct Serial {
 }
 
 pub fn serial() -> Serial {
+    serial_prefix("mpt")
+}
+
+/// [`serial`] for the names of `prefix` (a lock file of its own, so tests
+/// with other names run beside the `mpt` ones).
+pub fn serial_prefix(prefix: &str) -> Serial {
     use std::os::unix::io::AsRawFd;
     static LOCK: Mutex<()> = Mutex::new(());
     let guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let path = Path::new("/run/lock/meshpeer-mpt-tests.lock");
+    let path = PathBuf::from(format!("/run/lock/meshpeer-{prefix}-tests.lock"));
+    let path = path.as_path();
     let file = OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -328,10 +354,7 @@ pub struct Netns {
 
 impl Netns {
     pub fn new(name: &str) -> Netns {
-        assert!(
-            name.starts_with("mpt"),
-            "test namespaces must start with `mpt`: {name}"
-        );
+        prefix_of(name);
         // A namespace of that name left over by a killed run: remove it.
         if Path::new("/run/netns").join(name).exists() {
             eprintln!("removing stale network namespace {name}");
@@ -360,6 +383,27 @@ impl Netns {
     /// `ip -n NS ARGS...`, which must succeed.
     pub fn ip(&self, args: &[&str]) -> Output {
         must(Command::new("ip").args(["-n", &self.name]).args(args))
+    }
+
+    /// `ip -n NS ARGS...`'s standard output (must succeed).
+    pub fn ip_out(&self, args: &[&str]) -> String {
+        String::from_utf8_lossy(&self.ip(args).stdout).into_owned()
+    }
+
+    /// One ping (1 s timeout) from inside the namespace to `addr`.
+    pub fn ping(&self, addr: &str) -> bool {
+        run_timeout(
+            self.cmd("ping").args(["-c1", "-W1", "-n", "-q", addr]),
+            secs(10),
+        )
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+    }
+
+    /// A sysctl of the namespace, e.g. `net/ipv4/ip_forward` (read inside it).
+    pub fn sysctl(&self, path: &str) -> String {
+        let out = must(self.cmd("cat").arg(format!("/proc/sys/{path}")));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
 }
 
@@ -405,10 +449,11 @@ pub struct Switch {
 }
 
 impl Switch {
-    /// Creates namespace `ns_name` with bridge `mpt-br0` in it.
+    /// Creates namespace `ns_name` with bridge `<prefix>-br0` in it (the
+    /// prefix of `ns_name`, e.g. `mpt`).
     pub fn new(ns_name: &str) -> Switch {
         let ns = Netns::new(ns_name);
-        let bridge = "mpt-br0".to_string();
+        let bridge = format!("{}-br0", prefix_of(ns_name));
         ns.ip(&["link", "add", &bridge, "type", "bridge"]);
         ns.ip(&["link", "set", &bridge, "up"]);
         Switch {
@@ -422,12 +467,15 @@ impl Switch {
         &self.ns
     }
 
-    /// Plugs `node` in: a veth pair `mpt-eth0` (in `node`, with address
-    /// `cidr`, e.g. "10.99.0.1/24") <-> `mpt-pN` (on the bridge). Both ends
-    /// are created directly inside their namespaces and vanish with them.
+    /// Plugs `node` in: a veth pair `<prefix>-eth0` (in `node`, with
+    /// address `cidr`, e.g. "10.99.0.1/24") <-> `<prefix>-pN` (on the
+    /// bridge). Both ends are created directly inside their namespaces and
+    /// vanish with them.
     pub fn attach(&self, node: &Netns, cidr: &str) -> String {
-        let port = format!("mpt-p{}", self.ports.fetch_add(1, Ordering::Relaxed) + 1);
-        let dev = "mpt-eth0";
+        let p = prefix_of(self.ns.name());
+        let port = format!("{p}-p{}", self.ports.fetch_add(1, Ordering::Relaxed) + 1);
+        let dev = format!("{p}-eth0");
+        let dev = dev.as_str();
         ip(&[
             "link",
             "add",
@@ -476,10 +524,7 @@ impl Node {
     /// A node called `name` that will run in `netns` with WireGuard interface
     /// `interface`; its files go under `workdir/name/`.
     pub fn new(name: &str, netns: &Netns, interface: &str, workdir: &Path) -> Node {
-        assert!(
-            interface.starts_with("mpt"),
-            "test interfaces must start with `mpt`: {interface}"
-        );
+        prefix_of(interface);
         let dir = workdir.join(name);
         let state_dir = dir.join("state");
         fs::create_dir_all(&state_dir)
@@ -540,9 +585,13 @@ impl Node {
             "MESHPEER_METRICS_ADDR",
             "MESHPEER_LOG_LEVEL",
             "MESHPEER_ON_STOP",
+            "MESHPEER_ADVERTISE_ROUTES",
+            "MESHPEER_EPHEMERAL",
         ] {
             c.env_remove(var);
         }
+        // Never the machine's /etc/hosts.
+        c.env("MESHPEER_HOSTS_FILE", "none");
         if std::env::var_os("RUST_LOG").is_none() {
             c.env("RUST_LOG", "info,meshpeer=debug");
         }

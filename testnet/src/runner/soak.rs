@@ -113,7 +113,12 @@ impl Ctx<'_> {
 
     /// A live public member to join through (its status answers), on the
     /// joiner's side of a partition; None: the default rule.
-    fn join_target(&mut self, joiner: usize, partitioned: bool, rng: &mut impl Rng) -> Option<usize> {
+    fn join_target(
+        &mut self,
+        joiner: usize,
+        partitioned: bool,
+        rng: &mut impl Rng,
+    ) -> Option<usize> {
         let half = self.plan.half_of(joiner);
         let mut c: Vec<usize> = self
             .nodes
@@ -207,7 +212,12 @@ impl Ctx<'_> {
                 self.plan.partition()?;
                 heal_at = Some(self.now() + k.partition_secs);
                 *counts.get_mut("partition").unwrap() += 1;
-                self.soak_log(&mut log, "partition", None, json!({"secs": k.partition_secs}));
+                self.soak_log(
+                    &mut log,
+                    "partition",
+                    None,
+                    json!({"secs": k.partition_secs}),
+                );
                 last_fault = self.now();
             }
             if seed_back_at.is_some_and(|s| now >= s) {
@@ -245,9 +255,8 @@ impl Ctx<'_> {
                     ),
                     (seed_ok, w.seed_loss),
                 ];
-                let forced_seed = seed_ok
-                    && counts["seed_loss"] == 0
-                    && now >= t0 + k.seed_loss_by * k.secs;
+                let forced_seed =
+                    seed_ok && counts["seed_loss"] == 0 && now >= t0 + k.seed_loss_by * k.secs;
                 let total: f64 = allowed.iter().filter(|a| a.0).map(|a| a.1).sum();
                 let pick = if forced_seed {
                     Some(4)
@@ -282,7 +291,8 @@ impl Ctx<'_> {
                         let was = self.soak.as_mut().unwrap().stopped.remove(&i);
                         self.start_node(i)?;
                         let t = self.now();
-                        let extra = json!({"was": was.map(|w| w.1), "down_secs": was.map(|w| t - w.0)});
+                        let extra =
+                            json!({"was": was.map(|w| w.1), "down_secs": was.map(|w| t - w.0)});
                         self.soak_log(&mut log, "restart", Some(i), extra);
                     }
                     Some(3) => {
@@ -298,7 +308,12 @@ impl Ctx<'_> {
                         let t = self.now();
                         self.soak.as_mut().unwrap().stopped.insert(0, (t, "kill"));
                         seed_back_at = Some(t + k.seed_down_secs);
-                        self.soak_log(&mut log, "seed_loss", Some(0), json!({"back_in_secs": k.seed_down_secs}));
+                        self.soak_log(
+                            &mut log,
+                            "seed_loss",
+                            Some(0),
+                            json!({"back_in_secs": k.seed_down_secs}),
+                        );
                     }
                     _ => {}
                 }
@@ -310,7 +325,10 @@ impl Ctx<'_> {
                 samples.push(self.soak_sample());
             }
             let mut next = next_tick.min(end);
-            for t in [heal_at, seed_back_at, parts.last().copied()].into_iter().flatten() {
+            for t in [heal_at, seed_back_at, parts.last().copied()]
+                .into_iter()
+                .flatten()
+            {
                 next = next.min(t);
             }
             let d = next - self.now();
@@ -373,7 +391,17 @@ impl Ctx<'_> {
     /// category (empty: all hold).
     fn soak_views(&self, spec: &SoakCheckSpec) -> (BTreeMap<&'static str, Vec<String>>, Value) {
         let mut bad: BTreeMap<&'static str, Vec<String>> = BTreeMap::new();
-        for c in ["lost", "lingering", "not_forgotten", "duplicate", "mismatch", "unknown", "conflict", "stale_peer", "no_status"] {
+        for c in [
+            "lost",
+            "lingering",
+            "not_forgotten",
+            "duplicate",
+            "mismatch",
+            "unknown",
+            "conflict",
+            "stale_peer",
+            "no_status",
+        ] {
             bad.insert(c, vec![]);
         }
         let live = self.nodes.live();
@@ -406,16 +434,22 @@ impl Ctx<'_> {
                     continue;
                 }
                 if let Some(j) = seen.insert(x.clone(), i) {
-                    bad.get_mut("duplicate").unwrap().push(format!("n{j} and n{i} both have {k} {x}"));
+                    bad.get_mut("duplicate")
+                        .unwrap()
+                        .push(format!("n{j} and n{i} both have {k} {x}"));
                 }
             }
         }
         for &i in &live {
             if own(i, "name") != format!("n{i}") {
-                bad.get_mut("mismatch").unwrap().push(format!("n{i} calls itself {:?}", own(i, "name")));
+                bad.get_mut("mismatch")
+                    .unwrap()
+                    .push(format!("n{i} calls itself {:?}", own(i, "name")));
             }
         }
-        let by_name: HashMap<String, usize> = (0..self.nodes.len()).map(|i| (format!("n{i}"), i)).collect();
+        let by_name: HashMap<String, usize> = (0..self.nodes.len())
+            .map(|i| (format!("n{i}"), i))
+            .collect();
         let mut listed_total = 0usize;
         let mut peers_total = 0usize;
         for &o in &live {
@@ -428,7 +462,9 @@ impl Ctx<'_> {
                 for m in &members {
                     let x = m[k].as_str().unwrap_or("").to_string();
                     if !seen.insert(x.clone()) {
-                        bad.get_mut("duplicate").unwrap().push(format!("n{o} lists {k} {x} twice"));
+                        bad.get_mut("duplicate")
+                            .unwrap()
+                            .push(format!("n{o} lists {k} {x} twice"));
                     }
                 }
             }
@@ -436,7 +472,9 @@ impl Ctx<'_> {
             for m in &members {
                 let name = m["name"].as_str().unwrap_or("").to_string();
                 if let Some(c) = m["conflict"].as_str() {
-                    bad.get_mut("conflict").unwrap().push(format!("n{o} shows {name} in conflict: {c}"));
+                    bad.get_mut("conflict")
+                        .unwrap()
+                        .push(format!("n{o} shows {name} in conflict: {c}"));
                 }
                 listed.insert(name, m);
             }
@@ -446,17 +484,24 @@ impl Ctx<'_> {
                 }
                 let name = format!("n{x}");
                 match listed.get(&name) {
-                    None => bad.get_mut("lost").unwrap().push(format!("n{o} does not list {name}")),
+                    None => bad
+                        .get_mut("lost")
+                        .unwrap()
+                        .push(format!("n{o} does not list {name}")),
                     Some(m) => {
                         let s = m["state"].as_str().unwrap_or("");
                         if s != "connected" && s != "idle" {
-                            bad.get_mut("lost").unwrap().push(format!("n{o} shows {name} {s}"));
+                            bad.get_mut("lost")
+                                .unwrap()
+                                .push(format!("n{o} shows {name} {s}"));
                         }
                         for k in ["overlay_ip", "public_key", "node_id"] {
                             let want = own(x, k);
                             let got = m[k].as_str().unwrap_or("");
                             if !want.is_empty() && got != want {
-                                bad.get_mut("mismatch").unwrap().push(format!("n{o} has {name}'s {k} as {got}, {name} has {want}"));
+                                bad.get_mut("mismatch").unwrap().push(format!(
+                                    "n{o} has {name}'s {k} as {got}, {name} has {want}"
+                                ));
                             }
                         }
                     }
@@ -468,7 +513,9 @@ impl Ctx<'_> {
                     continue;
                 }
                 let Some(&d) = by_name.get(name) else {
-                    bad.get_mut("unknown").unwrap().push(format!("n{o} lists an unknown member {name:?}"));
+                    bad.get_mut("unknown")
+                        .unwrap()
+                        .push(format!("n{o} lists an unknown member {name:?}"));
                     continue;
                 };
                 if live.contains(&d) {
@@ -476,11 +523,21 @@ impl Ctx<'_> {
                 }
                 let s = m["state"].as_str().unwrap_or("");
                 let (t, how) = stopped_at(d).unwrap_or((0.0, "never started"));
-                let forget = if how == "leave" { spec.forget_left_secs } else { spec.forget_down_secs };
+                let forget = if how == "leave" {
+                    spec.forget_left_secs
+                } else {
+                    spec.forget_down_secs
+                };
                 if now - t > forget + spec.forget_slack_secs {
-                    bad.get_mut("not_forgotten").unwrap().push(format!("n{o} still lists {name} ({how} {:.0}s ago) as {s}", now - t));
+                    bad.get_mut("not_forgotten").unwrap().push(format!(
+                        "n{o} still lists {name} ({how} {:.0}s ago) as {s}",
+                        now - t
+                    ));
                 } else if s != "down" || how == "leave" {
-                    bad.get_mut("lingering").unwrap().push(format!("n{o} shows {name} ({how} {:.0}s ago) as {s}", now - t));
+                    bad.get_mut("lingering").unwrap().push(format!(
+                        "n{o} shows {name} ({how} {:.0}s ago) as {s}",
+                        now - t
+                    ));
                 }
                 if now - t <= down_grace + spec.forget_slack_secs {
                     if let Some(k) = m["public_key"].as_str() {
@@ -506,7 +563,10 @@ impl Ctx<'_> {
                             .find(|m| m["public_key"].as_str() == Some(p.as_str()))
                             .and_then(|m| m["name"].as_str())
                             .unwrap_or("an unlisted key");
-                        bad.get_mut("stale_peer").unwrap().push(format!("n{o} has a WireGuard peer for {who} ({}…)", &p[..8.min(p.len())]));
+                        bad.get_mut("stale_peer").unwrap().push(format!(
+                            "n{o} has a WireGuard peer for {who} ({}…)",
+                            &p[..8.min(p.len())]
+                        ));
                     }
                 }
             }
@@ -515,7 +575,11 @@ impl Ctx<'_> {
         (bad, figures)
     }
 
-    pub(super) fn run_soak_check(&mut self, idx: usize, spec: &SoakCheckSpec) -> Result<(bool, Value)> {
+    pub(super) fn run_soak_check(
+        &mut self,
+        idx: usize,
+        spec: &SoakCheckSpec,
+    ) -> Result<(bool, Value)> {
         let t0 = self.now();
         let mut held_at: Option<f64> = None;
         let mut tries = 0usize;
@@ -537,8 +601,17 @@ impl Ctx<'_> {
         let mut rows = vec![];
         let mut mem_bad = vec![];
         let mut fd_bad = vec![];
-        let (mut rss0, mut rss1, mut peak, mut hwm, mut fd0, mut fd1, mut sk0, mut sk1, mut fdmax) =
-            (vec![], vec![], vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
+        let (mut rss0, mut rss1, mut peak, mut hwm, mut fd0, mut fd1, mut sk0, mut sk1, mut fdmax) = (
+            vec![],
+            vec![],
+            vec![],
+            vec![],
+            vec![],
+            vec![],
+            vec![],
+            vec![],
+            vec![],
+        );
         for &i in &live {
             let Some(now) = self.nodes.pid(i).and_then(sample_proc) else {
                 mem_bad.push(format!("n{i}: cannot read /proc"));
@@ -547,7 +620,13 @@ impl Ctx<'_> {
             let base = st.baseline.get(&i).filter(|b| b.pid == now.pid).copied();
             let hwm_mib = self.nodes.peak_rss_kib(i) as f64 / 1024.0;
             let rss_mib = now.rss_kib as f64 / 1024.0;
-            let sampled_peak = st.peak_rss_kib.get(&i).copied().unwrap_or(0).max(now.rss_kib) as f64 / 1024.0;
+            let sampled_peak = st
+                .peak_rss_kib
+                .get(&i)
+                .copied()
+                .unwrap_or(0)
+                .max(now.rss_kib) as f64
+                / 1024.0;
             rss1.push(rss_mib);
             hwm.push(hwm_mib);
             peak.push(sampled_peak);
@@ -555,7 +634,10 @@ impl Ctx<'_> {
             sk1.push(now.sockets as f64);
             fdmax.push(st.peak_fds.get(&i).copied().unwrap_or(0).max(now.fds) as f64);
             if rss_mib > spec.rss_max_mib || hwm_mib > spec.rss_max_mib {
-                mem_bad.push(format!("n{i}: RSS {rss_mib:.1} MiB, peak {hwm_mib:.1} MiB (bound {} MiB)", spec.rss_max_mib));
+                mem_bad.push(format!(
+                    "n{i}: RSS {rss_mib:.1} MiB, peak {hwm_mib:.1} MiB (bound {} MiB)",
+                    spec.rss_max_mib
+                ));
             }
             if let Some(b) = base {
                 let b_mib = b.rss_kib as f64 / 1024.0;
@@ -563,10 +645,16 @@ impl Ctx<'_> {
                 fd0.push(b.fds as f64);
                 sk0.push(b.sockets as f64);
                 if rss_mib > spec.rss_factor * b_mib {
-                    mem_bad.push(format!("n{i}: RSS {b_mib:.1} -> {rss_mib:.1} MiB (more than {}x)", spec.rss_factor));
+                    mem_bad.push(format!(
+                        "n{i}: RSS {b_mib:.1} -> {rss_mib:.1} MiB (more than {}x)",
+                        spec.rss_factor
+                    ));
                 }
                 if now.fds > b.fds + spec.fd_growth {
-                    fd_bad.push(format!("n{i}: {} -> {} open descriptors (sockets {} -> {})", b.fds, now.fds, b.sockets, now.sockets));
+                    fd_bad.push(format!(
+                        "n{i}: {} -> {} open descriptors (sockets {} -> {})",
+                        b.fds, now.fds, b.sockets, now.sockets
+                    ));
                 }
             }
             rows.push(json!({
@@ -585,7 +673,11 @@ impl Ctx<'_> {
         let mut problems: Vec<String> = vec![];
         for (k, v) in &bad {
             if !v.is_empty() {
-                problems.push(format!("{k}: {} (e.g. {})", v.len(), v.iter().take(3).cloned().collect::<Vec<_>>().join("; ")));
+                problems.push(format!(
+                    "{k}: {} (e.g. {})",
+                    v.len(),
+                    v.iter().take(3).cloned().collect::<Vec<_>>().join("; ")
+                ));
             }
         }
         if !mem_bad.is_empty() {
@@ -595,7 +687,10 @@ impl Ctx<'_> {
             problems.push(format!("descriptors: {}", fd_bad.join("; ")));
         }
         if st.crashes > 0 {
-            problems.push(format!("{} daemons exited on their own during the soak", st.crashes));
+            problems.push(format!(
+                "{} daemons exited on their own during the soak",
+                st.crashes
+            ));
         }
         let ok = problems.is_empty();
         let dup = bad["duplicate"].len();
@@ -623,7 +718,10 @@ impl Ctx<'_> {
             "forget_down_secs": spec.forget_down_secs, "forget_left_secs": spec.forget_left_secs, "forget_slack_secs": spec.forget_slack_secs,
         });
         let counts: BTreeMap<&str, usize> = bad.iter().map(|(k, v)| (*k, v.len())).collect();
-        let examples: BTreeMap<&str, Vec<String>> = bad.iter().map(|(k, v)| (*k, v.iter().take(20).cloned().collect())).collect();
+        let examples: BTreeMap<&str, Vec<String>> = bad
+            .iter()
+            .map(|(k, v)| (*k, v.iter().take(20).cloned().collect()))
+            .collect();
         Ok((
             ok || !spec.required,
             json!({
