@@ -297,6 +297,16 @@ fn a_restarted_member_is_reached_again_at_once() {
     // kill -9: every task of the member stops where it is; nothing is sent.
     doomed.shutdown_background();
     drop(ga);
+    // The dead process's socket is closed once the runtime's threads have
+    // dropped its tasks (in the background): wait until the port is free.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while std::net::UdpSocket::bind(a_addr).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the killed member's port {a_addr} stayed bound"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
     // The restart: same key, same address.
     let ga2 = main.block_on(async {
         let a = member_at(&network, 40, true, a_addr);

@@ -232,10 +232,22 @@ impl QuicTransport {
         reset_secret: Option<[u8; 32]>,
     ) -> std::io::Result<Self> {
         let config = match reset_secret {
-            Some(s) => quinn::EndpointConfig::new(Arc::new(ring::hmac::Key::new(
-                ring::hmac::HMAC_SHA256,
-                &s,
-            ))),
+            Some(s) => {
+                let mut c = quinn::EndpointConfig::new(Arc::new(ring::hmac::Key::new(
+                    ring::hmac::HMAC_SHA256,
+                    &s,
+                )));
+                // Connection ids must also be recognised across restarts:
+                // quinn drops a short-header packet whose id its generator
+                // does not validate before it would answer with a reset,
+                // and the default generator's key is random per process.
+                let cid_key =
+                    u64::from_le_bytes(reset_secret_for_cids(&s)[..8].try_into().unwrap_or([0; 8]));
+                c.cid_generator(move || {
+                    Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+                });
+                c
+            }
             None => quinn::EndpointConfig::default(),
         };
         let socket = std::net::UdpSocket::bind(addr)?;
@@ -370,6 +382,16 @@ pub fn reset_secret(node_secret: &[u8; 32]) -> [u8; 32] {
     let mut h = sha2::Sha256::new();
     h.update(b"meshpeer quic stateless reset key v1\0");
     h.update(node_secret);
+    h.finalize().into()
+}
+
+/// The key of the connection-id generator, from the reset secret
+/// (domain-separated: the two keys are not the same).
+fn reset_secret_for_cids(reset_secret: &[u8; 32]) -> [u8; 32] {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    h.update(b"meshpeer quic connection id key v1\0");
+    h.update(reset_secret);
     h.finalize().into()
 }
 
