@@ -31,6 +31,7 @@ pub mod record;
 pub mod relay;
 pub mod state;
 pub mod status;
+pub mod tick;
 pub mod trust;
 pub mod wg;
 

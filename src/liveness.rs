@@ -345,7 +345,9 @@ pub struct Liveness {
     my_ring: u64,
     network_key: PublicKeyBytes,
     targets: BTreeMap<PublicKeyBytes, Target>,
-    pending: HashMap<u64, Pending>,
+    /// Probes in flight by nonce (ordered: timers run in a reproducible
+    /// order, so a seeded run is deterministic).
+    pending: BTreeMap<u64, Pending>,
     /// Whom we accuse, since when (unix ms), and when (Instant).
     accusing: BTreeMap<PublicKeyBytes, (u64, Instant)>,
     accusing_changed: bool,
@@ -378,7 +380,7 @@ impl Liveness {
             my_ring: ring_position(&network_key, &me),
             network_key,
             targets: BTreeMap::new(),
-            pending: HashMap::new(),
+            pending: BTreeMap::new(),
             accusing: BTreeMap::new(),
             accusing_changed: false,
             against_me: BTreeMap::new(),
@@ -914,6 +916,98 @@ impl Liveness {
         v.truncate(MAX_LISTED);
         Some(v)
     }
+}
+
+/// Feeds members' signed liveness values to a [`Liveness`] as they change
+/// (each `alive` and `suspects` text once), and their record versions (a
+/// newer one brings a down member back).
+#[derive(Default)]
+pub struct ValueFeed {
+    /// Values already fed: (node id, key) -> text.
+    fed: HashMap<(String, &'static str), std::sync::Arc<str>>,
+}
+
+impl ValueFeed {
+    pub fn feed(
+        &mut self,
+        now: Instant,
+        liveness: &mut Liveness,
+        membership: &crate::membership::Membership,
+        network_key: &PublicKeyBytes,
+        entries: &[crate::membership::GossipEntry],
+    ) {
+        use crate::trust::{ALIVE_KEY, SUSPECTS_KEY};
+        for e in entries {
+            let Some(owner) = proto::parse_node_id(&e.node_id) else {
+                continue;
+            };
+            if let Some(m) = membership.member(&owner) {
+                liveness.handle_version(&owner, m.record.version);
+            }
+            for (key, value) in [(ALIVE_KEY, &e.alive), (SUSPECTS_KEY, &e.suspects)] {
+                let Some(text) = value else { continue };
+                let slot = (e.node_id.clone(), key);
+                if self
+                    .fed
+                    .get(&slot)
+                    .is_some_and(|t| std::sync::Arc::ptr_eq(t, text) || t == text)
+                {
+                    continue;
+                }
+                self.fed.insert(slot, text.clone());
+                if key == ALIVE_KEY {
+                    if let Ok(a) = verify_alive(text, network_key, &owner) {
+                        liveness.handle_alive(now, &a);
+                    }
+                } else if let Ok(s) = verify_suspicions(text, network_key, &owner) {
+                    liveness.handle_suspicions(now, &s);
+                }
+            }
+        }
+        if self.fed.len() > 4 * entries.len() + 64 {
+            let ids: std::collections::HashSet<&str> =
+                entries.iter().map(|e| e.node_id.as_str()).collect();
+            self.fed.retain(|(id, _), _| ids.contains(id.as_str()));
+        }
+    }
+}
+
+/// A value the liveness core wants published: (gossip key, signed text,
+/// version).
+pub type Publish = (&'static str, String, u64);
+
+/// Our accusations and refutations, when they changed, signed and ready to
+/// publish (`suspects`, `alive`), each at a version from `next_version`.
+pub fn values_to_publish(
+    liveness: &mut Liveness,
+    signing: &ed25519_dalek::SigningKey,
+    next_version: &mut dyn FnMut() -> u64,
+) -> Vec<Publish> {
+    let mut out = Vec::new();
+    let node_key = signing.verifying_key().to_bytes();
+    if let Some(targets) = liveness.take_accusations() {
+        let version = next_version();
+        let text = Suspicions {
+            network_key: liveness.network_key,
+            accuser: node_key,
+            issued_at_ms: version,
+            targets,
+        }
+        .sign(signing);
+        out.push((crate::trust::SUSPECTS_KEY, text, version));
+    }
+    if let Some(refutes) = liveness.take_refutations() {
+        let version = next_version();
+        let text = Alive {
+            network_key: liveness.network_key,
+            node_key,
+            issued_at_ms: version,
+            refutes,
+        }
+        .sign(signing);
+        out.push((crate::trust::ALIVE_KEY, text, version));
+    }
+    out
 }
 
 #[cfg(test)]
