@@ -29,6 +29,7 @@ pub mod proto;
 pub mod reconcile;
 pub mod record;
 pub mod relay;
+pub mod sim;
 pub mod state;
 pub mod status;
 pub mod tick;
