@@ -47,15 +47,29 @@ fn bench(c: &mut Criterion) {
             if Some(i) == skip || x.node_id == **ch.node_id() {
                 continue;
             }
-            ch.inject(&x.node_id, RECORD_KEY, x.text.as_str(), x.body.version, &trust);
+            ch.inject(
+                &x.node_id,
+                RECORD_KEY,
+                x.text.as_str(),
+                x.body.version,
+                &trust,
+            );
         }
     };
     let mut a = node(&m.members[0].node_id, &cluster);
     let mut b = node(&m.members[1].node_id, &cluster);
-    a.set(RECORD_KEY, m.members[0].text.as_str(), m.members[0].body.version)
-        .ok();
-    b.set(RECORD_KEY, m.members[1].text.as_str(), m.members[1].body.version)
-        .ok();
+    a.set(
+        RECORD_KEY,
+        m.members[0].text.as_str(),
+        m.members[0].body.version,
+    )
+    .ok();
+    b.set(
+        RECORD_KEY,
+        m.members[1].text.as_str(),
+        m.members[1].body.version,
+    )
+    .ok();
     fill(&mut a, None);
     fill(&mut b, None);
     let (msgs, bytes) = round(&mut a, &mut b, &trust);
@@ -70,8 +84,12 @@ fn bench(c: &mut Criterion) {
     // one-value delta.
     let behind = || {
         let mut f = node(&m.members[1].node_id, &cluster);
-        f.set(RECORD_KEY, m.members[1].text.as_str(), m.members[1].body.version)
-            .ok();
+        f.set(
+            RECORD_KEY,
+            m.members[1].text.as_str(),
+            m.members[1].body.version,
+        )
+        .ok();
         fill(&mut f, Some(500));
         f
     };
@@ -89,8 +107,12 @@ fn bench(c: &mut Criterion) {
         bn.iter_batched(
             || {
                 let mut e = node(&m.members[1].node_id, &cluster);
-                e.set(RECORD_KEY, m.members[1].text.as_str(), m.members[1].body.version)
-                    .ok();
+                e.set(
+                    RECORD_KEY,
+                    m.members[1].text.as_str(),
+                    m.members[1].body.version,
+                )
+                .ok();
                 e
             },
             |mut e| {

@@ -67,7 +67,11 @@ fn bench(c: &mut Criterion) {
             .map(|d| ActualPeer {
                 public_key: d.public_key,
                 endpoint: d.endpoints.first().copied(),
-                allowed_ips: d.allowed_ips.iter().map(|ip| (IpAddr::V4(*ip), 32)).collect(),
+                allowed_ips: d
+                    .allowed_ips
+                    .iter()
+                    .map(|n| (IpAddr::V4(n.addr()), n.prefix_len()))
+                    .collect(),
                 keepalive: Some(25),
                 handshake_age: Some(Duration::from_secs(5)),
                 rx_bytes: 1,

@@ -46,7 +46,13 @@ fn bench(c: &mut Criterion) {
     // with the process-wide cache warm: what a node pays for a copy of a
     // record it has verified before.
     c.bench_function("record/verify_record_cached", |b| {
-        b.iter(|| black_box(verify_record(&member.text, &trust, Some(&member.body.node_key))))
+        b.iter(|| {
+            black_box(verify_record(
+                &member.text,
+                &trust,
+                Some(&member.body.node_key),
+            ))
+        })
     });
     c.bench_function("record/decode", |b| {
         b.iter(|| {

@@ -171,6 +171,11 @@ pub enum AdmissionError {
     StampFromFuture { at: u64, now: u64 },
     #[error("{0} is revoked")]
     Revoked(String),
+    /// The member that stamped this admission was revoked since: the stamp
+    /// is void, the admission itself may still be good (the member asks
+    /// another member for a new stamp, proto/PROTOCOL.md §2).
+    #[error("the member that admitted it ({0}) is revoked: its stamp is void")]
+    StamperRevoked(String),
     #[error("revocation list holds more than {MAX_REVOCATIONS} entries")]
     TooManyRevocations,
 }
@@ -436,10 +441,7 @@ pub fn verify_credential(
         } => {
             let (_, sd) = verify_admission_chain(admission, network_key, stamper)?;
             if revoked.nodes.contains(stamper) || revoked.tokens.contains(&sd.token_id) {
-                return Err(AdmissionError::Revoked(format!(
-                    "the member that admitted it ({})",
-                    proto::short_key(stamper)
-                )));
+                return Err(AdmissionError::StamperRevoked(proto::short_key(stamper)));
             }
             proto::verify(
                 stamper,
@@ -719,7 +721,10 @@ mod tests {
             d.token_id,
             20,
         );
-        assert!(verify_credential(&token.admit(jk, 0), &js, &pk, &jk, 20, &r).is_err());
+        assert!(matches!(
+            verify_credential(&token.admit(jk, 0), &js, &pk, &jk, 20, &r),
+            Err(AdmissionError::StamperRevoked(_))
+        ));
         // A newer list revoking the token: everyone admitted with it.
         let list2 = RevocationList {
             network_key: pk,

@@ -1,12 +1,12 @@
 //! The local control socket (`<state-dir>/control.sock`, mode 0600): how
-//! `meshpeer status` and `meshpeer leave` talk to the running daemon.
-//! One JSON request line, one JSON reply line.
+//! `meshpeer status`, `leave`, `revoke`, `ping`, `netcheck` and the exports
+//! talk to the running daemon. One JSON request line, one JSON reply line.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot};
 
@@ -21,6 +21,70 @@ pub enum Request {
     Revoke {
         list: String,
     },
+    /// Probe one member over the overlay (a liveness probe) and report the
+    /// round trip and the path (`meshpeer ping`). `member`: a name, node id
+    /// or overlay address.
+    Ping {
+        member: String,
+        /// How long to wait for the answer (default [`DEFAULT_PING_TIMEOUT`]).
+        #[serde(default)]
+        timeout_ms: Option<u64>,
+    },
+    /// This node's NAT as STUN measured it (`meshpeer netcheck`).
+    Netcheck,
+}
+
+/// How long the daemon waits for a ping's answer unless told.
+pub const DEFAULT_PING_TIMEOUT: Duration = Duration::from_secs(2);
+/// The longest wait a ping may ask for.
+pub const MAX_PING_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The answer to [`Request::Ping`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PingReply {
+    pub name: String,
+    pub node_id: String,
+    pub overlay_ip: std::net::Ipv4Addr,
+    /// The round trip, or null when no answer came in time.
+    pub rtt_us: Option<u64>,
+    /// As in `status`: the member's state, "direct" / "relayed" / "trying",
+    /// the relay's name, the WireGuard endpoint in use, why not direct.
+    pub state: crate::status::MemberState,
+    pub path: Option<String>,
+    pub relay: Option<String>,
+    pub endpoint: Option<String>,
+    pub why_not_direct: Option<String>,
+}
+
+/// The answer to [`Request::Netcheck`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetcheckReport {
+    /// public, endpoint-independent, symmetric or unknown.
+    pub nat: String,
+    /// Our server-reflexive WireGuard endpoints, most often seen first.
+    pub mapped_endpoints: Vec<String>,
+    /// The address other members are told to use, and our ports.
+    pub advertise_addr: String,
+    pub wg_port: u16,
+    pub gossip_port: u16,
+    /// Whether this member relays for others.
+    pub relaying: bool,
+    /// Outside STUN servers configured (`--stun-server`).
+    pub stun_servers: Vec<String>,
+    /// The STUN answers the NAT picture comes from (the last minute).
+    pub answers: Vec<StunAnswer>,
+}
+
+/// One STUN server (a member's WireGuard port, or an outside server) that
+/// answered, and what it saw.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StunAnswer {
+    pub server: String,
+    /// The member whose WireGuard port that is (null: an outside server).
+    pub member: Option<String>,
+    /// Our endpoint as that server saw it.
+    pub mapped: String,
+    pub age_secs: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -29,6 +93,8 @@ pub enum Reply {
     Status(Box<Status>),
     Left,
     Revoked,
+    Pong(Box<PingReply>),
+    Netcheck(Box<NetcheckReport>),
     Error { message: String },
 }
 
@@ -87,6 +153,12 @@ pub async fn bind(path: &Path) -> Result<UnixListener, ControlError> {
 /// from the latest published snapshot, so it never waits on the daemon's
 /// loop (and answers "starting" while a join is still under way); `leave`
 /// goes to the daemon through `tx`.
+/// Longest request line the daemon reads (a `revoke` carries a revocation
+/// list of at most 48 KiB, about 64 KiB of base64). Without a bound a
+/// client could make the daemon buffer any amount (found while fuzzing the
+/// control requests, FUZZING.md).
+pub const MAX_REQUEST_LINE: u64 = 1 << 20;
+
 pub async fn serve(
     listener: UnixListener,
     tx: mpsc::Sender<Incoming>,
@@ -98,7 +170,16 @@ pub async fn serve(
         tokio::spawn(async move {
             let (r, mut w) = stream.into_split();
             let mut line = String::new();
-            if BufReader::new(r).read_line(&mut line).await.is_err() {
+            if BufReader::new(r.take(MAX_REQUEST_LINE))
+                .read_line(&mut line)
+                .await
+                .is_err()
+            {
+                return;
+            }
+            if line.len() as u64 >= MAX_REQUEST_LINE && !line.ends_with('\n') {
+                let message = format!("request longer than {MAX_REQUEST_LINE} bytes");
+                write_reply(&mut w, &Reply::Error { message }).await;
                 return;
             }
             let reply = match serde_json::from_str::<Request>(&line) {
@@ -162,4 +243,43 @@ pub async fn request(path: &Path, req: &Request, timeout: Duration) -> Result<Re
     tokio::time::timeout(timeout, fut)
         .await
         .map_err(|_| ControlError::Timeout(timeout))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A request line is read up to [`MAX_REQUEST_LINE`] bytes, not without
+    /// end; shorter requests are answered as before.
+    #[tokio::test]
+    async fn request_lines_are_bounded() {
+        let dir = std::env::temp_dir().join(format!("meshpeer-control-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("control.sock");
+        let listener = bind(&path).await.unwrap();
+        let (tx, _rx) = mpsc::channel(1);
+        let (_status_tx, status) = tokio::sync::watch::channel(None);
+        let server = tokio::spawn(serve(listener, tx, status));
+        let ask = |body: Vec<u8>| {
+            let path = path.clone();
+            async move {
+                let mut s = UnixStream::connect(&path).await.unwrap();
+                // The server may answer and close before all is written.
+                let _ = s.write_all(&body).await;
+                let mut reply = String::new();
+                let _ = BufReader::new(s).read_line(&mut reply).await;
+                reply
+            }
+        };
+        let long = vec![b'x'; MAX_REQUEST_LINE as usize + 4096];
+        // Before the bound, the daemon went on reading (and buffering).
+        let reply = tokio::time::timeout(Duration::from_secs(10), ask(long))
+            .await
+            .expect("the daemon answers a request that is too long");
+        assert!(reply.contains("request longer than"), "{reply}");
+        let reply = ask(b"{\"cmd\":\"status\"}\n".to_vec()).await;
+        assert!(reply.contains("starting up"), "{reply}");
+        server.abort();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

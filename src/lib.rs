@@ -6,22 +6,31 @@
 //! * core (no I/O, no clock reads; `now` is passed in): [`proto`] (wire
 //!   formats), [`admission`] (network key, tokens, credentials), [`record`]
 //!   (signed membership records), [`ipalloc`] (overlay address choice),
-//!   [`membership`] (which members exist and in what state), [`reconcile`]
-//!   (desired vs actual WireGuard peers).
+//!   [`membership`] (which members exist and in what state), [`routes`]
+//!   (which advertised subnets to route where), [`reconcile`] (desired vs
+//!   actual WireGuard peers).
 //! * shell: [`gossip`] (chitchat over quinn), [`wg`] (WireGuard backends),
 //!   [`daemon`] (the run loop), [`control`] (the local control socket),
-//!   [`state`] (the state directory).
+//!   [`state`] (the state directory), [`metrics`] (the Prometheus endpoint).
+//! * operations: [`config`] (the typed config file and option layering),
+//!   [`export`] (hosts, Ansible, MPI, Slurm, ssh_config renderings of
+//!   `status`), [`hosts`] (the members' names in /etc/hosts).
 //!
 //! See ARCHITECTURE.md for the data flow and the invariants.
 
 pub mod admission;
+pub mod clock;
+pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod export;
 pub mod gossip;
+pub mod hosts;
 pub mod identity;
 pub mod ipalloc;
 pub mod liveness;
 pub mod membership;
+pub mod metrics;
 pub mod nat;
 pub mod net;
 pub mod observe;
@@ -29,9 +38,12 @@ pub mod proto;
 pub mod reconcile;
 pub mod record;
 pub mod relay;
+pub mod routes;
 pub mod sim;
 pub mod state;
 pub mod status;
+#[doc(hidden)]
+pub mod testing;
 pub mod tick;
 pub mod trust;
 pub mod wg;
@@ -62,6 +74,9 @@ pub const DEFAULT_GOSSIP_PORT: u16 = 51821;
 pub const DEFAULT_INTERFACE: &str = "mp0";
 /// Default state directory.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/meshpeer";
+/// Default state directory of an ephemeral node (`--ephemeral`): a tmpfs,
+/// gone at reboot.
+pub const DEFAULT_EPHEMERAL_STATE_DIR: &str = "/run/meshpeer";
 
 #[cfg(test)]
 mod tests {

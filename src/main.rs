@@ -1,5 +1,6 @@
-//! The `meshpeer` command: parses arguments, sets up logging, calls into
-//! `cli::*`. Errors end here with one clear line and a non-zero exit.
+//! The `meshpeer` command: parses arguments, reads the config file, sets up
+//! logging, calls into `cli::*`. Errors end here with one clear message and
+//! a non-zero exit.
 
 use std::process::ExitCode;
 
@@ -8,20 +9,21 @@ use clap::Parser;
 mod cli;
 
 fn main() -> ExitCode {
-    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    if let Err(e) = cli::config::apply(&argv) {
-        eprintln!("error: {e:#}");
-        return ExitCode::FAILURE;
-    }
     let args = cli::Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-                tracing_subscriber::EnvFilter::new("info,quinn=warn,chitchat=warn")
-            }),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let file = if cli::uses_config(&args.command) {
+        match cli::file_options(args.config.as_deref()) {
+            Ok(f) => f,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        meshpeer::config::Options::default()
+    };
+    let filter = cli::log_filter(cli::cli_log_level(&args.command), file.log_level.as_deref());
+    // Lives as long as the process: the SIGHUP handler changes its filter.
+    let log: &'static cli::Logging = Box::leak(Box::new(cli::Logging::init(&filter)));
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -32,7 +34,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(cli::run(args)) {
+    match runtime.block_on(cli::run(args, log, file)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");

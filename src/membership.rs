@@ -35,6 +35,10 @@ pub const DEFAULT_DOWN_GRACE: Duration = Duration::from_secs(60);
 /// How long a down member is kept before it is forgotten (its address and
 /// name released).
 pub const FORGET_DOWN_AFTER: Duration = Duration::from_secs(600);
+/// How long a down ephemeral member is kept before it is forgotten: a
+/// stateless node that crashed comes back under a new identity, and its
+/// name and address should be free for it by then.
+pub const FORGET_EPHEMERAL_AFTER: Duration = DEFAULT_DOWN_GRACE;
 /// How long a member that left is kept (shown as gone) before it is
 /// forgotten.
 pub const FORGET_LEFT_AFTER: Duration = Duration::from_secs(60);
@@ -145,8 +149,9 @@ pub enum Event {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DesiredPeer {
     pub public_key: [u8; 32],
-    /// Overlay addresses routed to this peer: its own (and subnets it routes).
-    pub allowed_ips: Vec<Ipv4Addr>,
+    /// What is routed to this peer: its own overlay address (a /32) and the
+    /// subnets it advertises that this node installs ([`crate::routes`]).
+    pub allowed_ips: Vec<Ipv4Net>,
     /// Candidate endpoints, best first.
     pub endpoints: Vec<SocketAddr>,
     pub keepalive: u16,
@@ -303,7 +308,12 @@ impl Membership {
                                 now.saturating_duration_since(since) >= FORGET_LEFT_AFTER
                             }
                             Liveness::Down { since } => {
-                                now.saturating_duration_since(since) >= FORGET_DOWN_AFTER
+                                let after = if m.record.ephemeral {
+                                    FORGET_EPHEMERAL_AFTER
+                                } else {
+                                    FORGET_DOWN_AFTER
+                                };
+                                now.saturating_duration_since(since) >= after
                             }
                             Liveness::Live => false,
                         })
@@ -722,7 +732,7 @@ impl Membership {
             .filter(|m| self.holds_address(&m.record.node_key))
             .map(|m| DesiredPeer {
                 public_key: m.record.wg_public_key,
-                allowed_ips: vec![m.record.overlay_ip],
+                allowed_ips: vec![Ipv4Net::from(m.record.overlay_ip)],
                 endpoints: order_endpoints(&m.record.endpoints, local_nets),
                 keepalive,
             })

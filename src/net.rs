@@ -93,6 +93,19 @@ pub fn local_ipv4_nets(exclude: &[&str]) -> Vec<(Ipv4Net, String)> {
         .collect()
 }
 
+/// Where the kernel's IPv4 forwarding switch is.
+pub const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
+
+/// Whether IPv4 forwarding is on (`net.ipv4.ip_forward`).
+pub fn ip_forward() -> std::io::Result<bool> {
+    Ok(std::fs::read_to_string(IP_FORWARD)?.trim() == "1")
+}
+
+/// Turns IPv4 forwarding on or off.
+pub fn set_ip_forward(on: bool) -> std::io::Result<()> {
+    std::fs::write(IP_FORWARD, if on { "1\n" } else { "0\n" })
+}
+
 /// The local address the kernel would use to reach `dest` (no packet is sent).
 pub fn route_source(dest: SocketAddr) -> Option<IpAddr> {
     let bind: SocketAddr = match dest {

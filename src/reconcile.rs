@@ -6,8 +6,10 @@
 //! changed or removed.
 
 use std::collections::BTreeSet;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
+
+use ipnet::Ipv4Net;
 
 use crate::membership::DesiredPeer;
 
@@ -33,7 +35,7 @@ pub struct ActualPeer {
 pub enum PeerChange {
     Add {
         public_key: [u8; 32],
-        allowed_ips: Vec<Ipv4Addr>,
+        allowed_ips: Vec<Ipv4Net>,
         endpoint: Option<SocketAddr>,
         keepalive: u16,
     },
@@ -42,7 +44,7 @@ pub enum PeerChange {
         /// New endpoint, if it changes.
         endpoint: Option<SocketAddr>,
         /// Replacement allowed IPs, if they change.
-        allowed_ips: Option<Vec<Ipv4Addr>>,
+        allowed_ips: Option<Vec<Ipv4Net>>,
         keepalive: Option<u16>,
     },
     /// Turn keepalive off and on again: WireGuard then sends a keepalive at
@@ -134,7 +136,7 @@ pub fn reconcile(
                 let mut want: Vec<(IpAddr, u8)> = d
                     .allowed_ips
                     .iter()
-                    .map(|ip| (IpAddr::V4(*ip), 32u8))
+                    .map(|n| (IpAddr::V4(n.network()), n.prefix_len()))
                     .collect();
                 want.sort();
                 let allowed_ips = (have != want).then(|| d.allowed_ips.clone());
@@ -177,7 +179,7 @@ mod tests {
     fn desired(k: u8, ip: &str, eps: &[&str]) -> DesiredPeer {
         DesiredPeer {
             public_key: [k; 32],
-            allowed_ips: vec![ip.parse().unwrap()],
+            allowed_ips: vec![Ipv4Net::from(ip.parse::<std::net::Ipv4Addr>().unwrap())],
             endpoints: eps.iter().map(|e| e.parse().unwrap()).collect(),
             keepalive: 25,
         }
@@ -209,7 +211,7 @@ mod tests {
             vec![
                 PeerChange::Add {
                     public_key: [1; 32],
-                    allowed_ips: vec!["10.0.0.1".parse().unwrap()],
+                    allowed_ips: vec!["10.0.0.1/32".parse().unwrap()],
                     endpoint: Some("192.0.2.1:51820".parse().unwrap()),
                     keepalive: 25
                 },
@@ -311,7 +313,7 @@ mod tests {
     #[test]
     fn relayed_addresses_move_between_peers() {
         let mut relay = desired(1, "10.0.0.1", &["192.0.2.1:1"]);
-        relay.allowed_ips.push("10.0.0.2".parse().unwrap());
+        relay.allowed_ips.push("10.0.0.2/32".parse().unwrap());
         let mut relayed = desired(2, "10.0.0.2", &["192.0.2.2:1"]);
         relayed.allowed_ips.clear();
         let owned: BTreeSet<_> = [[1u8; 32], [2u8; 32]].into();

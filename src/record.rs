@@ -113,6 +113,10 @@ pub struct RecordBody {
     /// Whether the member relays traffic for pairs that cannot connect
     /// directly (only meaningful for public members).
     pub relay: bool,
+    /// An ephemeral member (a stateless node that joins afresh on every
+    /// boot): members forget it soon after it goes down
+    /// ([`crate::membership::FORGET_EPHEMERAL_AFTER`]).
+    pub ephemeral: bool,
     /// The node's admission credential and the stamp of the member that
     /// admitted it (see [`crate::admission`]).
     pub admission: Signed,
@@ -148,6 +152,8 @@ pub enum RecordError {
     BadName(String),
     #[error("tag {0:?} is not valid (a-z, 0-9, - _ .; 1 to 32 bytes)")]
     BadTag(String),
+    #[error("route {0}")]
+    BadRoute(crate::routes::RouteError),
     #[error("record exceeds a limit: {0}")]
     Limit(&'static str),
 }
@@ -245,6 +251,16 @@ pub fn verify_record(
     if body.routes.len() > MAX_ROUTES {
         return Err(RecordError::Limit("more than 32 routes"));
     }
+    // Routes are IPv4 subnets (the overlay is IPv4): a prefix length of at
+    // most 32 and no host bits. Whether a route is installed is decided by
+    // each member (`crate::routes::plan`).
+    if let Some(e) = body
+        .routes
+        .iter()
+        .find_map(|r| crate::routes::to_net(r).err())
+    {
+        return Err(RecordError::BadRoute(e));
+    }
     Ok(VerifiedRecord { body, admission })
 }
 
@@ -291,6 +307,7 @@ pub(crate) mod tests {
             left: false,
             nat: NatKind::Unknown,
             relay: false,
+            ephemeral: false,
             admission: token.admit(node_key, 1),
             stamp: stamp(network, Stamper::Network, nk, node_key, d.token_id, 1),
         };
@@ -386,6 +403,32 @@ pub(crate) mod tests {
         assert_eq!(name_from("My Host_01.example"), "my-host-01-example");
         assert_eq!(name_from("***"), "node");
         assert!(valid_name(&name_from(&"é".repeat(100))));
+    }
+
+    #[test]
+    fn routes_must_be_ipv4_subnets() {
+        let net = SigningKey::from_bytes(&[1; 32]);
+        let nk = net.verifying_key().to_bytes();
+        let t = trust(&nk);
+        let (node, body) = sample(5, &net, "10.77.0.9".parse().unwrap());
+        let r = |a: &str, p: u8| Route {
+            addr: a.parse().unwrap(),
+            prefix: p,
+        };
+        let mut b = body.clone();
+        // Valid subnets, even ones members will refuse to install.
+        b.routes = vec![r("192.168.1.0", 24), r("0.0.0.0", 0), r("10.0.0.1", 32)];
+        assert!(verify_record(&b.sign(&node), &t, None).is_ok());
+        for bad in [r("192.168.1.1", 24), r("192.168.1.0", 33), r("fd00::", 64)] {
+            b.routes = vec![r("192.168.2.0", 24), bad];
+            let e = verify_record(&b.sign(&node), &t, None).unwrap_err();
+            assert!(matches!(e, RecordError::BadRoute(_)), "{bad:?}: {e}");
+        }
+        b.routes = (0..33).map(|i| r(&format!("10.{i}.0.0"), 16)).collect();
+        assert_eq!(
+            verify_record(&b.sign(&node), &t, None),
+            Err(RecordError::Limit("more than 32 routes"))
+        );
     }
 
     #[test]

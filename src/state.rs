@@ -95,6 +95,14 @@ pub struct NodeState {
     /// The newest revocation list held (its gossip text).
     #[serde(default)]
     pub revoked: Option<String>,
+    /// Kernel routes meshpeer added through its interface (members'
+    /// subnets): removed when no longer wanted, and only those.
+    #[serde(default)]
+    pub installed_routes: Vec<ipnet::Ipv4Net>,
+    /// meshpeer turned IPv4 forwarding on (it was off): turned off again
+    /// when this node stops advertising routes.
+    #[serde(default)]
+    pub forwarding_turned_on: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -131,6 +139,28 @@ impl StateDir {
 
     pub fn file(&self, name: &str) -> PathBuf {
         self.path.join(name)
+    }
+
+    /// The files that make a node (keys, admission, state): what `join`
+    /// writes. The network key and the token log of an `init` node are not
+    /// among them.
+    pub const IDENTITY_FILES: [&'static str; 4] =
+        ["node.key", "wireguard.key", "state.json", "membership.json"];
+
+    /// Deletes this node's identity (an ephemeral node that left), then the
+    /// directory itself if nothing else is in it. Best effort: a file that
+    /// cannot be removed is logged.
+    pub fn forget_identity(&self) {
+        for f in Self::IDENTITY_FILES {
+            match fs::remove_file(self.file(f)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(file = %self.file(f).display(), error = %e, "cannot delete")
+                }
+            }
+        }
+        let _ = fs::remove_dir(&self.path);
     }
 
     pub fn control_socket(&self) -> PathBuf {

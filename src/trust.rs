@@ -40,12 +40,7 @@ pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
 
 /// The system clock.
 pub fn system_clock() -> Clock {
-    Arc::new(|| {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0)
-    })
+    Arc::new(crate::clock::unix_secs)
 }
 
 /// The network, the clock and the revocations; cheap to share.
@@ -121,19 +116,22 @@ impl TrustState {
     ) -> Result<PeerIdentity, AdmissionError> {
         let revoked = self.revoked.read().unwrap_or_else(|p| p.into_inner());
         let now = self.now_unix();
-        let (admission, stamped) = match &credential.stamp {
-            Some(stamp) => (
-                admission::verify_credential(
-                    &credential.admission,
-                    stamp,
-                    &self.network.key,
-                    node_key,
-                    now,
-                    &revoked,
-                )?,
-                true,
-            ),
-            None => (
+        let member = credential.stamp.as_ref().map(|stamp| {
+            admission::verify_credential(
+                &credential.admission,
+                stamp,
+                &self.network.key,
+                node_key,
+                now,
+                &revoked,
+            )
+        });
+        let (admission, stamped) = match member {
+            Some(Ok(a)) => (a, true),
+            Some(Err(e)) if !matches!(e, AdmissionError::StamperRevoked(_)) => return Err(e),
+            // No stamp (a joiner), or one made by a member revoked since: a
+            // joiner, who may ask for a (new) stamp while its token is good.
+            _ => (
                 admission::verify_joiner(
                     &credential.admission,
                     &self.network.key,
@@ -212,12 +210,11 @@ pub fn admit_joiner(
     joiner: &PeerIdentity,
 ) -> Result<crate::proto::Signed, crate::gossip::transport::Refusal> {
     use crate::gossip::transport::Refusal;
-    if joiner.stamped {
-        return Err(Refusal::NotAJoiner);
-    }
     // Checked at the handshake; again now (the token may have expired
-    // since, or a revocation arrived).
+    // since, or a revocation arrived: a member whose stamper was revoked
+    // is a joiner again and gets a new stamp while its token is good).
     let admission = match trust.check_credential(&joiner.credential, &joiner.node_key) {
+        Ok(p) if p.stamped => return Err(Refusal::NotAJoiner),
         Ok(p) => p.admission,
         Err(AdmissionError::Expired { expires_at, at }) => {
             return Err(Refusal::TokenExpired {

@@ -87,6 +87,7 @@ fn record(network: &SigningKey, m: &Member, seed: u8, version: u64) -> String {
         left: false,
         nat: meshpeer::record::NatKind::Public,
         relay: false,
+        ephemeral: false,
         admission: m.admission.clone(),
         stamp: m.stamp.clone().unwrap(),
     }

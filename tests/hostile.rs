@@ -144,9 +144,14 @@ fn a_hostile_member_cannot_take_forge_crash_or_silence() {
         nodes[0].assert_running();
         status_overlay_ip(&nodes[0].status()?).ok_or("no ip".to_string())
     });
-    for n in &nodes[1..] {
-        n.spawn_join("10.99.0.1", &token);
-    }
+    // n3 joins through n2, so n2 stamps it (phase 6 revokes n2).
+    nodes[1].spawn_join("10.99.0.1", &token);
+    wait_for(secs(30), "n2 up", || {
+        nodes[1].assert_running();
+        status_overlay_ip(&nodes[1].status()?).ok_or("no ip".to_string())
+    });
+    nodes[2].spawn_join("10.99.0.2", &token);
+    nodes[3].spawn_join("10.99.0.1", &token);
     let mut ips = Vec::new();
     for n in &nodes {
         let ip = wait_for(secs(30), &format!("{} has an overlay IP", n.name), || {
@@ -245,6 +250,7 @@ fn a_hostile_member_cannot_take_forge_crash_or_silence() {
                     left: false,
                     nat: NatKind::Public,
                     relay: false,
+                    ephemeral: false,
                     admission: admission.clone(),
                     stamp: stamp.clone(),
                 };
@@ -623,4 +629,41 @@ fn a_hostile_member_cannot_take_forge_crash_or_silence() {
         }
     }
     progress(t0, "an expired token is refused");
+
+    // -- 6: the operator revokes n2, which admitted n3: every member drops
+    // it (its connections are cut, so it may never hear of it); n3's stamp is void, it gets a new one from n1 (its
+    // token is still good) and stays a member. --
+    let n3_wg = status_self(&nodes[2].status().unwrap()).unwrap()["public_key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let n2_wg = status_self(&nodes[1].status().unwrap()).unwrap()["public_key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    run_ok(std::process::Command::new(meshpeer_bin()).args(["revoke", "n2", "--state-dir", &dir1]))
+        .unwrap_or_else(|e| panic!("{e}"));
+    wait_for(secs(30), "n3 is stamped again and n1 keeps it", || {
+        let log = nodes[2].log_tail(10_000);
+        if !log.contains("member again with a new stamp") {
+            return Err("n3 not stamped again yet".into());
+        }
+        let s = nodes[0].status()?;
+        let peers = nodes[0].wg_peers()?;
+        let n3 = member(&s, "n3").ok_or("n1 does not list n3")?;
+        if peers.contains(&n2_wg) || member(&s, "n2").is_some() {
+            return Err("n1 still has n2".into());
+        }
+        if n3["state"] != "connected" || !peers.contains(&n3_wg) {
+            return Err(format!("n3 at n1: {n3}"));
+        }
+        Ok(())
+    });
+    wait_until(secs(15), "n1 and n3 ping each other", || {
+        nodes[0].ping(&ips[2]) && nodes[2].ping(&ips[0])
+    });
+    progress(
+        t0,
+        "n2 revoked: n1 dropped it; n3 (stamped by n2) was stamped again by n1 and kept",
+    );
 }

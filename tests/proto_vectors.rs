@@ -71,6 +71,7 @@ fn build() -> Value {
         left: false,
         nat: NatKind::Public,
         relay: true,
+        ephemeral: false,
         admission: admission.clone(),
         stamp: st.clone(),
     };

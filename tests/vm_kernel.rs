@@ -1,13 +1,16 @@
 //! The three-node mesh scenario (tests/common/scenario.rs, which tests/mesh.rs
-//! runs on this machine) once more, inside a VM whose kernel has WireGuard, so
-//! that meshpeer's kernel backend is what is tested (the CI host's kernel has
-//! no WireGuard, so there meshpeer uses its userspace one).
+//! runs on this machine) and the site-to-site scenario (tests/common/sites.rs,
+//! which tests/sites.rs runs) once more, inside a VM whose kernel has
+//! WireGuard, so that meshpeer's kernel backend is what is tested (the CI
+//! host's kernel has no WireGuard, so there meshpeer uses its userspace one):
+//! peers, allowed IPs with subnets, and kernel routes through a kernel
+//! WireGuard interface.
 //!
 //! `mesh_in_vm_with_kernel_wireguard` runs tests/vm/run-mesh-in-vm.sh, which
 //! boots the machine's Debian kernel under QEMU with virtme-ng (`vng`,
 //! software emulation, no KVM) and runs *this* test binary in it, filtered to
-//! the ignored test `three_nodes_in_vm_guest` (the scenario, requiring the
-//! kernel backend). Running our own executable guarantees that the VM tests
+//! the ignored tests `three_nodes_in_vm_guest` and `sites_in_vm_guest` (the
+//! scenarios, requiring the kernel backend). Running our own executable guarantees that the VM tests
 //! exactly the code this `cargo test` built. The VM's output is streamed to
 //! stderr, prefixed with "[vm] ".
 //!
@@ -16,7 +19,6 @@
 
 mod common;
 
-use common::is_ci;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -26,6 +28,7 @@ use std::time::{Duration, Instant};
 
 const MARKER_PASS: &str = "MPT-VM-RESULT: PASS";
 const GUEST_TEST: &str = "three_nodes_in_vm_guest";
+const GUEST_SITES: &str = "sites_in_vm_guest";
 
 /// The scenario with kernel WireGuard. Ignored in normal runs: it needs a
 /// kernel with WireGuard, and `mesh_in_vm_with_kernel_wireguard` runs it in
@@ -34,6 +37,14 @@ const GUEST_TEST: &str = "three_nodes_in_vm_guest";
 #[ignore = "needs kernel WireGuard: mesh_in_vm_with_kernel_wireguard runs it inside a VM"]
 fn three_nodes_in_vm_guest() {
     common::scenario::three_nodes_form_a_full_mesh_and_one_leaves(GUEST_TEST, Some("kernel"));
+}
+
+/// Two sites routed through their gateways with kernel WireGuard. Ignored in
+/// normal runs, like [`three_nodes_in_vm_guest`].
+#[test]
+#[ignore = "needs kernel WireGuard: mesh_in_vm_with_kernel_wireguard runs it inside a VM"]
+fn sites_in_vm_guest() {
+    common::sites::two_sites_route_through_their_gateways(GUEST_SITES, Some("kernel"));
 }
 
 /// The running run-mesh-in-vm.sh. Dropped before it has exited (the test
@@ -80,11 +91,11 @@ fn mesh_in_vm_with_kernel_wireguard() {
         String::from_utf8_lossy(&check.stdout),
         String::from_utf8_lossy(&check.stderr)
     );
-    if !check.status.success() {
-        if is_ci() {
-            panic!("{TEST}: cannot run the VM, and CI=true forbids skipping:\n{check_text}");
-        }
-        common::skip(&format!("{TEST}: cannot run the VM:\n{check_text}"));
+    if !meshpeer::testing::may_run(
+        TEST,
+        check.status.success(),
+        &format!("cannot run the VM:\n{check_text}"),
+    ) {
         return;
     }
 
@@ -103,7 +114,7 @@ fn mesh_in_vm_with_kernel_wireguard() {
         .arg(&script)
         .arg(&me)
         .arg(&meshpeer)
-        .args(["--ignored", "--exact", GUEST_TEST])
+        .args(["--ignored", "--exact", GUEST_TEST, GUEST_SITES])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -152,18 +163,18 @@ fn mesh_in_vm_with_kernel_wireguard() {
     let lines: Vec<String> = rx.into_iter().collect();
     let took = start.elapsed().as_secs_f64();
     let passed_marker = lines.iter().any(|l| l.trim_end() == MARKER_PASS);
-    // The guest's libtest must have run exactly our one test and passed it.
-    let ran_one = lines
+    // The guest's libtest must have run exactly our two tests and passed them.
+    let ran_both = lines
         .iter()
-        .any(|l| l.starts_with("test result: ok. 1 passed; 0 failed"));
+        .any(|l| l.starts_with("test result: ok. 2 passed; 0 failed"));
     assert!(
-        status.success() && passed_marker && ran_one,
-        "{TEST}: the mesh scenario in the VM failed after {took:.0}s (script {status}, \
-         PASS marker seen: {passed_marker}, guest ran 1 test and passed: {ran_one}); \
+        status.success() && passed_marker && ran_both,
+        "{TEST}: the scenarios in the VM failed after {took:.0}s (script {status}, \
+         PASS marker seen: {passed_marker}, guest ran 2 tests and passed: {ran_both}); \
          its output is above, prefixed with [vm]"
     );
     let _ = writeln!(
         err,
-        "[vm] the mesh scenario passed in the VM with kernel WireGuard ({took:.0}s)"
+        "[vm] the mesh and site-to-site scenarios passed in the VM with kernel WireGuard ({took:.0}s)"
     );
 }

@@ -8,7 +8,10 @@ use clap::Parser;
 use meshpeer::sim::{Sim, SimConfig};
 
 #[derive(Parser, Debug)]
-#[command(name = "meshpeer-sim", about = "Deterministic simulation of a meshpeer mesh")]
+#[command(
+    name = "meshpeer-sim",
+    about = "Deterministic simulation of a meshpeer mesh"
+)]
 struct Args {
     /// Members.
     #[arg(long, default_value_t = 100)]
@@ -89,7 +92,11 @@ fn main() -> std::process::ExitCode {
     for l in &report.lines {
         println!("{l}");
     }
-    if report.lines.last().is_some_and(|l| l.starts_with("converged")) {
+    if report
+        .lines
+        .last()
+        .is_some_and(|l| l.starts_with("converged"))
+    {
         std::process::ExitCode::SUCCESS
     } else {
         std::process::ExitCode::FAILURE

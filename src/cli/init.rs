@@ -1,7 +1,5 @@
 //! `meshpeer init` and `meshpeer invite`.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use anyhow::{bail, Context};
 use base64::Engine;
 use clap::Args;
@@ -23,7 +21,7 @@ pub struct InitArgs {
     #[arg(long)]
     pub network: String,
     /// This node's name (default: the host name).
-    #[arg(long)]
+    #[arg(long, env = "MESHPEER_NAME", value_parser = meshpeer::config::parse_name)]
     pub name: Option<String>,
     /// How long the printed token admits new nodes: e.g. 30s, 10m, 24h, 7d,
     /// or `never` (a token that never expires must be asked for).
@@ -90,12 +88,7 @@ pub fn parse_route(s: &str) -> Result<Route, String> {
     })
 }
 
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
+use meshpeer::clock::unix_secs as now;
 
 fn expiry(e: Expiry) -> u64 {
     match e {
@@ -146,12 +139,10 @@ pub fn parse_network(s: &str) -> anyhow::Result<Ipv4Net> {
     Ok(net.trunc())
 }
 
-pub fn init(a: InitArgs) -> anyhow::Result<()> {
+pub fn init(a: InitArgs, file: &meshpeer::config::Options) -> anyhow::Result<()> {
     let cidr = parse_network(&a.network)?;
-    if let Some(n) = &a.name {
-        super::check_name(n)?;
-    }
-    let dir = StateDir::create(&a.state.state_dir)?;
+    let name = a.name.clone().or_else(|| file.name.clone());
+    let dir = StateDir::create(&a.state.resolve(file))?;
     let network_key = SigningKey::generate(&mut OsRng);
     let id = Identity::generate();
     // The founder admits itself with a token of its own, stamped by the
@@ -169,7 +160,7 @@ pub fn init(a: InitArgs) -> anyhow::Result<()> {
         now(),
     );
     let state = NodeState {
-        name: a.name.unwrap_or_else(super::hostname),
+        name: name.unwrap_or_else(super::hostname),
         overlay_ip: Some(ipalloc::first_host(cidr)),
         ip_claimed_at: 1, // the founder's claim predates every joiner's
         ..Default::default()
@@ -211,13 +202,15 @@ pub fn init(a: InitArgs) -> anyhow::Result<()> {
     eprintln!(
         "created network {cidr}; this node is {} at {}. Start it with `meshpeer up`; join others with the token below ({}).\n\
          The network key is in {} (back it up; only this node can invite and revoke).\n\
-         Ports: WireGuard {}/udp and gossip {}/udp must be open on public members.",
+         Ports: WireGuard {}/udp, gossip {}/udp and relay allocations {}-{}/udp must be open on public members (README: Firewall).",
         state.name,
         ipalloc::first_host(cidr),
         describe_expiry(a.expires_in),
         dir.file("network.key").display(),
         meshpeer::DEFAULT_WG_PORT,
         meshpeer::DEFAULT_GOSSIP_PORT,
+        meshpeer::relay::DEFAULT_PORTS.0,
+        meshpeer::relay::DEFAULT_PORTS.1,
     );
     println!("{}", token.to_text());
     Ok(())
@@ -249,8 +242,8 @@ pub fn network_secret(dir: &StateDir) -> anyhow::Result<SigningKey> {
     Ok(network_key)
 }
 
-pub fn invite(a: InviteArgs) -> anyhow::Result<()> {
-    let dir = StateDir::open(&a.state.state_dir)?;
+pub fn invite(a: InviteArgs, file: &meshpeer::config::Options) -> anyhow::Result<()> {
+    let dir = StateDir::open(&a.state.resolve(file))?;
     let network_key = network_secret(&dir)?;
     let (network, _, _) = meshpeer::daemon::load_network(&dir)?;
     let token = issue_token(

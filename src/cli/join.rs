@@ -1,7 +1,6 @@
 //! `meshpeer join SEED`: admit this node with a token and run the daemon.
 
 use std::path::PathBuf;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
 use base64::Engine;
@@ -22,11 +21,12 @@ pub struct JoinArgs {
     /// it shows in `ps` only for the moment of start-up.
     #[arg(long, env = "MESHPEER_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
-    /// A file holding the join token (used when no --token / MESHPEER_TOKEN is given).
+    /// A file holding the join token (used when no --token / MESHPEER_TOKEN
+    /// is given; config key `token_file`).
     #[arg(long, env = "MESHPEER_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
     /// This node's name (default: the host name).
-    #[arg(long)]
+    #[arg(long, env = "MESHPEER_NAME", value_parser = meshpeer::config::parse_name)]
     pub name: Option<String>,
     #[command(flatten)]
     pub run: RunArgs,
@@ -110,16 +110,22 @@ fn token_from_fd() -> anyhow::Result<Option<String>> {
     Ok(Some(text))
 }
 
-pub async fn join(a: JoinArgs) -> anyhow::Result<()> {
+pub async fn join(
+    a: JoinArgs,
+    file: &meshpeer::config::Options,
+    config_path: Option<PathBuf>,
+    log: &'static super::Logging,
+) -> anyhow::Result<()> {
     let seed = meshpeer::net::normalize_seed(&a.seed, DEFAULT_GOSSIP_PORT)?;
-    a.run.daemon_config(vec![])?; // check the run options before writing any state
-    if let Some(n) = &a.name {
-        super::check_name(n)?;
-    }
+    // The run options are checked before any state is written.
+    let cli_opts = a.run.options()?;
+    let merged = cli_opts.clone().or(file.clone());
+    let name = a.name.clone().or_else(|| file.name.clone());
+    let token_file = a.token_file.clone().or_else(|| file.token_file.clone());
     let text = if let Some(t) = token_from_fd()? {
         t
     } else {
-        match (&a.token, &a.token_file) {
+        match (&a.token, &token_file) {
             (Some(t), _) => {
                 // Check it first, so a bad token fails here with its reason.
                 Token::parse(t).context("invalid join token")?;
@@ -133,11 +139,9 @@ pub async fn join(a: JoinArgs) -> anyhow::Result<()> {
         }
     };
     let (token, delegation) = Token::parse(&text).context("invalid join token")?;
-    let now_secs = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let fresh = !a.run.state.state_dir.join("membership.json").exists();
+    let now_secs = meshpeer::clock::unix_secs();
+    let path = &merged.state_dir();
+    let fresh = !path.join("membership.json").exists();
     if fresh && delegation.expires_at != 0 && now_secs > delegation.expires_at {
         bail!(
             "the token expired at {} (now {}); ask for a new one (`meshpeer invite` on the first node)",
@@ -145,7 +149,6 @@ pub async fn join(a: JoinArgs) -> anyhow::Result<()> {
             meshpeer::admission::fmt_unix(now_secs)
         );
     }
-    let path = &a.run.state.state_dir;
 
     // An existing node of the same network just runs again (idempotent join);
     // one of another network is refused.
@@ -163,17 +166,14 @@ pub async fn join(a: JoinArgs) -> anyhow::Result<()> {
     } else {
         let dir = StateDir::create(path)?;
         let id = Identity::generate();
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
+        let now = meshpeer::clock::unix_secs();
         let admission = token.admit(id.node_key(), now);
         let cidr = ipnet::Ipv4Net::new(delegation.cidr_addr, delegation.cidr_prefix)
             .context("token names an invalid network")?;
         let write = || -> anyhow::Result<()> {
             id.save(&dir)?;
             dir.save_state(&NodeState {
-                name: a.name.clone().unwrap_or_else(super::hostname),
+                name: name.clone().unwrap_or_else(super::hostname),
                 seeds: vec![seed.clone()],
                 ..Default::default()
             })?;
@@ -196,8 +196,12 @@ pub async fn join(a: JoinArgs) -> anyhow::Result<()> {
         true
     };
 
-    let result =
-        meshpeer::daemon::run(a.run.daemon_config(vec![seed])?, super::shutdown_signal()).await;
+    let setup = super::DaemonSetup {
+        cli: cli_opts,
+        config_path,
+        seeds: vec![seed.clone()],
+    };
+    let result = setup.run(merged.daemon_config(vec![seed]), log).await;
     if result.is_err() && created {
         // Nothing half-written: a join that never got in leaves no node behind.
         let joined = StateDir::open(path)
@@ -212,7 +216,7 @@ pub async fn join(a: JoinArgs) -> anyhow::Result<()> {
 }
 
 fn remove_fresh_state(path: &std::path::Path) {
-    for f in ["node.key", "wireguard.key", "state.json", "membership.json"] {
+    for f in StateDir::IDENTITY_FILES {
         let _ = std::fs::remove_file(path.join(f));
     }
     let _ = std::fs::remove_dir(path);

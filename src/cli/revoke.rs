@@ -32,15 +32,10 @@ pub struct TokensArgs {
     pub state: StateArgs,
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+use meshpeer::clock::unix_ms as now_ms;
 
-pub async fn revoke(a: RevokeArgs) -> anyhow::Result<()> {
-    let dir = StateDir::open(&a.state.state_dir)?;
+pub async fn revoke(a: RevokeArgs, file: &meshpeer::config::Options) -> anyhow::Result<()> {
+    let dir = StateDir::open(&a.state.resolve(file))?;
     let secret = network_secret(&dir)?;
     let network_key = secret.verifying_key().to_bytes();
     let mut state = dir.load_state()?;
@@ -132,8 +127,8 @@ pub async fn revoke(a: RevokeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn tokens(a: TokensArgs) -> anyhow::Result<()> {
-    let dir = StateDir::open(&a.state.state_dir)?;
+pub fn tokens(a: TokensArgs, file: &meshpeer::config::Options) -> anyhow::Result<()> {
+    let dir = StateDir::open(&a.state.resolve(file))?;
     let issued: Vec<Issued> = dir.read_json("tokens.json")?.unwrap_or_default();
     let state = dir.load_state()?;
     let (network, _, _) = meshpeer::daemon::load_network(&dir)?;

@@ -57,12 +57,14 @@ pub enum JoinError {
 
 /// Asks the seeds, in turn, to admit us (`join`: not stamped yet) or for
 /// what they hold. Gives up after `no_answer` if no seed completes a QUIC
-/// handshake, after `slow` in all otherwise.
+/// handshake, after `slow` in all otherwise. With `progress`, a first join
+/// also tells the user on stderr what it is doing.
 pub async fn contact(
     transport: &QuicTransport,
     seeds: &[SocketAddr],
     name: &str,
     join: bool,
+    progress: bool,
     no_answer: Duration,
     slow: Duration,
 ) -> Result<Outcome, JoinError> {
@@ -101,6 +103,9 @@ pub async fn contact(
                 });
             }
             tracing::info!(%seed, pass, "contacting seed");
+            if progress && pass == 1 {
+                eprintln!("meshpeer: contacting seed {seed}");
+            }
             let bytes = match transport
                 .request(*seed, &req, limit.min(left).max(Duration::from_secs(1)))
                 .await
@@ -112,6 +117,13 @@ pub async fn contact(
                         answered = true;
                     }
                     tracing::info!(%seed, error = %e, "seed did not answer yet");
+                    if progress {
+                        eprintln!(
+                            "meshpeer: {seed}: {e} ({} s of {} s)",
+                            start.elapsed().as_secs(),
+                            deadline.as_secs()
+                        );
+                    }
                     continue;
                 }
             };
@@ -124,6 +136,12 @@ pub async fn contact(
                 match proto::decode::<JoinReply>("join reply", &bytes).map_err(bad)? {
                     JoinReply::Admitted { stamp, hello } => {
                         tracing::info!(%seed, members = hello.records.len(), "admitted");
+                        if progress {
+                            eprintln!(
+                                "meshpeer: admitted by {seed}; the mesh has {} member(s)",
+                                hello.records.len()
+                            );
+                        }
                         return Ok(Outcome::Admitted {
                             stamp,
                             hello,
@@ -181,7 +199,12 @@ impl Handler {
     fn join(&self, peer: &PeerIdentity, name: &str) -> JoinReply {
         match crate::trust::admit_joiner(&self.trust, &self.signing, &self.admission, peer) {
             Ok(stamp) => {
-                tracing::info!(joiner = %proto::short_key(&peer.node_key), name, "admitted a new member");
+                if peer.credential.stamp.is_some() {
+                    tracing::info!(member = %proto::short_key(&peer.node_key), name,
+                        "stamped again a member whose stamper was revoked");
+                } else {
+                    tracing::info!(joiner = %proto::short_key(&peer.node_key), name, "admitted a new member");
+                }
                 JoinReply::Admitted {
                     stamp,
                     hello: (**self.hello.borrow()).clone(),

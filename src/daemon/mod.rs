@@ -11,13 +11,18 @@
 //!   [`crate::liveness`]; its probes go out on the overlay (`probes.rs`);
 //! * **rounds**: the round planner's timer starts gossip rounds;
 //! * **STUN answers** on the WireGuard port (connectivity checks);
-//! * **control requests** (status, leave) from the control socket.
+//! * **control requests** (status, leave, revoke; ping and netcheck go to
+//!   `ops.rs`) from the control socket;
+//! * **reloads** (SIGHUP: a new configuration, applied by `ops.rs`).
 //!
 //! Nothing here decides membership, liveness or paths: the cores do.
 
+mod hosts;
 mod join;
+mod ops;
 mod probes;
 mod relay;
+mod routes;
 mod status;
 mod step;
 mod traversal;
@@ -28,7 +33,7 @@ use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
 use base64::Engine;
@@ -88,6 +93,20 @@ pub struct DaemonConfig {
     pub tags: Vec<String>,
     /// UDP port range of relay allocations (first, last).
     pub relay_ports: (u16, u16),
+    /// Where to serve Prometheus metrics (`GET /metrics`); off when `None`.
+    pub metrics_addr: Option<SocketAddr>,
+    /// Leave the mesh when stopped, or stay a member (always leave when
+    /// ephemeral).
+    pub on_stop: crate::config::OnStop,
+    /// Subnets behind this node, published in its record (a gateway).
+    pub advertise_routes: Vec<Ipv4Net>,
+    /// The hosts(5) file whose managed block lists the members' names;
+    /// `None`: off.
+    pub hosts_file: Option<PathBuf>,
+    /// A stateless node: its record says so (members forget it soon after
+    /// it goes down), it leaves when stopped and then deletes its identity,
+    /// so its next start is a fresh join.
+    pub ephemeral: bool,
 }
 
 impl DaemonConfig {
@@ -97,12 +116,7 @@ impl DaemonConfig {
     }
 }
 
-pub(crate) fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+pub(crate) use crate::clock::unix_ms;
 
 fn b64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
@@ -135,6 +149,24 @@ pub fn load_network(dir: &StateDir) -> anyhow::Result<(Network, Signed, Option<S
         None => None,
     };
     Ok((Network { key, cidr: m.cidr }, admission, stamp))
+}
+
+/// Checks our own credential against the current revocations.
+fn own_credential(
+    trust: &TrustState,
+    id: &Identity,
+    admission: &Signed,
+    stamp: &Signed,
+) -> Result<(), crate::admission::AdmissionError> {
+    crate::admission::verify_credential(
+        admission,
+        stamp,
+        &trust.network.key,
+        &id.node_key(),
+        trust.now_unix(),
+        &trust.revocations(),
+    )
+    .map(|_| ())
 }
 
 fn save_stamp(dir: &StateDir, stamp: &Signed) -> anyhow::Result<()> {
@@ -193,6 +225,33 @@ pub(crate) struct Node {
     relay: relay::RelayServer,
     /// Answers to our allocation requests: (peer, relay, endpoint).
     alloc_tx: mpsc::Sender<AllocAnswer>,
+    /// Metrics endpoint and the like (`ops.rs`).
+    ops: ops::Ops,
+    /// Members' subnets routed here, and our own (`routes.rs`).
+    routes: routes::RouteState,
+    /// The members' names in the hosts file (`hosts.rs`); `None`: off.
+    hosts: Option<hosts::HostsState>,
+    /// Set once this node published its leave.
+    left: bool,
+    /// Re-stamping (our stamper was revoked): when to ask next, and where
+    /// the new stamp arrives.
+    restamp_at: Option<Instant>,
+    restamp_tx: mpsc::Sender<Signed>,
+    /// Set when a revocation names this node or its token: the daemon
+    /// stops with this reason.
+    self_revoked: Option<String>,
+    /// A first join tells the user on stderr how many members it reached,
+    /// until all or [`JOIN_PROGRESS_FOR`].
+    join_progress: Option<JoinProgress>,
+}
+
+/// How long a first join reports its progress on stderr.
+const JOIN_PROGRESS_FOR: Duration = Duration::from_secs(60);
+
+struct JoinProgress {
+    since: Instant,
+    /// (connected, members) last printed.
+    last: (usize, usize),
 }
 
 /// An answer to an allocation request: (peer, relay) WireGuard keys, and
@@ -201,8 +260,26 @@ type AllocAnswer = ([u8; 32], [u8; 32], Option<SocketAddr>);
 
 /// Runs the node until `shutdown` resolves or a `leave` request arrives.
 pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    run_with_reload(cfg, shutdown, None).await
+}
+
+/// [`run`], taking new configurations from `reload` (sent on SIGHUP): what
+/// can change at run time is applied, the rest is logged as needing a
+/// restart (see `ops.rs`).
+pub async fn run_with_reload(
+    cfg: DaemonConfig,
+    shutdown: impl Future<Output = ()>,
+    mut reload: Option<watch::Receiver<DaemonConfig>>,
+) -> anyhow::Result<()> {
     let mut cfg = cfg;
     let dir = StateDir::open(&cfg.state_dir)?;
+    if cfg.ephemeral && dir.file("network.key").exists() {
+        anyhow::bail!(
+            "{} holds the network key (this node ran `init`): it cannot be ephemeral, \
+             it would delete its identity on stop",
+            cfg.state_dir.display()
+        );
+    }
     let id = Identity::load(&dir)?;
     let (network, admission, stamp) = load_network(&dir)?;
     let mut state = dir.load_state()?;
@@ -215,6 +292,7 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()>) -> anyho
     let listener = control::bind(&dir.control_socket()).await?;
     let (ctl_tx, mut ctl_rx) = mpsc::channel(16);
     let (status_tx, status_rx) = watch::channel(None);
+    let ops = ops::Ops::start(&cfg, &status_rx).await?;
     let control_task = tokio::spawn(control::serve(listener, ctl_tx, status_rx));
     let _socket_guard = SocketGuard(dir.control_socket());
 
@@ -227,6 +305,22 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()>) -> anyho
             Err(e) => tracing::warn!(error = %e, "ignoring the stored revocation list"),
         }
     }
+    // A stamp by a member revoked since is void: ask for a new one below,
+    // as a joiner does (granted while our token is good).
+    if let Some(s) = &stamp {
+        if let Err(crate::admission::AdmissionError::Revoked(what)) =
+            own_credential(&trust, &id, &admission, s)
+        {
+            anyhow::bail!("this node was revoked ({what}); it is no longer a member of the mesh");
+        }
+    }
+    let stamp = stamp.filter(|s| match own_credential(&trust, &id, &admission, s) {
+        Err(crate::admission::AdmissionError::StamperRevoked(by)) => {
+            tracing::warn!(stamper = %by, "the member that admitted this node was revoked; asking for a new stamp");
+            false
+        }
+        _ => true,
+    });
 
     // Gossip endpoint (mutual TLS from the node key and its credential).
     let credential = Credential {
@@ -292,6 +386,11 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()>) -> anyho
         );
     }
     cfg.wg_port = Some(wg_port);
+    ops::firewall_notice(
+        &cfg,
+        wg_port,
+        crate::nat::discovery::looks_public(advertise),
+    );
     tracing::info!(
         wireguard = %format!("{wg_port}/udp"), gossip = %format!("{}/udp", cfg.gossip_port),
         probes = %format!("{}/udp (overlay only)", cfg.probe_port),
@@ -312,6 +411,7 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()>) -> anyho
 
     // First contact: a joiner gets its stamp; a member without an address
     // learns who holds what. Either way it picks a free address.
+    let first_join = stamp.is_none();
     let mut stamp = stamp;
     let mut first_records: Vec<String> = Vec::new();
     if stamp.is_none() || state.overlay_ip.is_none() {
@@ -319,6 +419,7 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()>) -> anyho
             &transport,
             &reach,
             &state.name,
+            stamp.is_none(),
             stamp.is_none(),
             cfg.join_timeout,
             SLOW_SEED_WAIT.max(cfg.join_timeout),
@@ -389,6 +490,9 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()>) -> anyho
             state.overlay_ip = Some(ip);
             state.ip_claimed_at = unix_ms();
             tracing::info!(%ip, members = records.len(), "chose overlay address");
+            if first_join {
+                eprintln!("meshpeer: overlay address {ip}");
+            }
         }
     }
     let stamp = stamp.ok_or_else(|| anyhow!("not admitted"))?;
@@ -421,6 +525,10 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()>) -> anyho
     } else {
         BTreeSet::new()
     };
+    if !owned_if {
+        // A new interface has none of the routes a former one had.
+        state.installed_routes.clear();
+    }
     dir.save_state(&state)?;
     if let Err(e) = wg.set_address(overlay_ip, network.cidr) {
         wg.destroy().await;
@@ -475,8 +583,11 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()>) -> anyho
 
     let (acks_tx, mut acks_rx) = mpsc::channel(1024);
     let (alloc_tx, mut alloc_rx) = mpsc::channel::<AllocAnswer>(256);
+    let (restamp_tx, mut restamp_rx) = mpsc::channel::<Signed>(1);
     let wg_public = id.wg_public();
     let liveness = Liveness::new(network.key, id.node_key(), rand::random());
+    let route_state = routes::RouteState::new(&state.installed_routes);
+    let hosts_state = hosts::HostsState::new(cfg.hosts_file.clone());
     let mut node = Node {
         cfg,
         dir,
@@ -509,9 +620,20 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()>) -> anyho
         ip_since: Instant::now(),
         fed: Default::default(),
         published_record: None,
+        left: false,
+        restamp_at: None,
+        restamp_tx,
+        self_revoked: None,
+        join_progress: first_join.then(|| JoinProgress {
+            since: Instant::now(),
+            last: (usize::MAX, 0),
+        }),
         last_change: Instant::now(),
         relay,
         alloc_tx,
+        ops,
+        routes: route_state,
+        hosts: hosts_state,
     };
     if let Err(e) = node.republish(false).await {
         node.wg.destroy().await;
@@ -528,7 +650,15 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()>) -> anyho
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut leave_reply = None;
     let answered = node.traversal.answered();
+    let mut exit_error = None;
     loop {
+        if let Some(why) = node.self_revoked.take() {
+            tracing::error!(%why, "this node was revoked: it is no longer a member; stopping");
+            exit_error = Some(anyhow!(
+                "this node was revoked ({why}); it is no longer a member of the mesh"
+            ));
+            break;
+        }
         let small = tick.period() <= TICK;
         let liveness_at = node
             .liveness
@@ -543,6 +673,7 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()>) -> anyho
                 node.step_or_warn().await;
             }
             _ = answered.notified() => node.on_stun_answer().await,
+            Some(stamp) = restamp_rx.recv() => node.on_new_stamp(stamp).await,
             Some((peer, relay, endpoint)) = alloc_rx.recv() => {
                 node.traversal.handle_allocation(&peer, &relay, endpoint);
                 node.step_or_warn().await;
@@ -556,9 +687,10 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()>) -> anyho
             _ = tokio::time::sleep_until(liveness_at.into()) => node.run_liveness().await,
             _ = tokio::time::sleep_until(rounds_at.into()) => node.start_rounds(),
             _ = &mut shutdown => {
-                tracing::info!("shutting down (members will mark this node down)");
+                node.on_stop().await;
                 break;
             }
+            new = ops::next_reload(&mut reload) => node.reload(new).await,
             _ = tick.tick() => {
                 node.step_or_warn().await;
                 let period = tick_period(node.membership.members().count(), node.at_rest());
@@ -584,16 +716,30 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()>) -> anyho
                     let r = node.revoke(&list).await;
                     reply.answer(r).await;
                 }
+                req @ (Request::Ping { .. } | Request::Netcheck) => {
+                    node.handle_ops(req, reply).await;
+                }
             }
         }
     }
+    node.routes_down();
     node.persist(true);
     node.probes = None;
     node.gossip.shutdown().await;
     node.wg.destroy().await;
     control_task.abort();
+    if node.cfg.ephemeral && node.left {
+        // An ephemeral node that left is done with its identity: the next
+        // start joins afresh (a crash keeps it, for a restart in place).
+        let _ = std::fs::remove_file(node.dir.control_socket());
+        node.dir.forget_identity();
+        tracing::info!(state_dir = %node.cfg.state_dir.display(), "ephemeral node: identity deleted");
+    }
     if let Some(r) = leave_reply {
         r.answer(Reply::Left).await;
+    }
+    if let Some(e) = exit_error {
+        return Err(e);
     }
     Ok(())
 }
@@ -656,8 +802,10 @@ impl Node {
             observed: &self.traversal.observed_self,
             local_nets: &local,
             relay,
+            ephemeral: self.cfg.ephemeral,
             left,
             tags: &self.cfg.tags,
+            routes: &self.cfg.advertise_routes,
             version,
         });
         let text = body.sign(&self.id.signing);
@@ -745,6 +893,8 @@ impl Node {
     /// Publishes a signed leave record and pushes it to members for a while.
     async fn leave(&mut self) {
         tracing::info!("leaving the mesh");
+        self.remove_hosts_block();
+        self.left = true;
         if let Err(e) = self.republish(true).await {
             tracing::warn!(error = %format!("{e:#}"), "cannot publish the leave record");
         }

@@ -27,6 +27,8 @@ pub struct Shared {
     pub members: Arc<RwLock<HashSet<Ipv4Addr>>>,
     /// Our gossip summary, carried by answers.
     pub summary: Arc<Mutex<Summary>>,
+    /// Pings of `meshpeer ping` waiting for their answers (`ops.rs`).
+    pub pings: super::ops::PingWaiters,
 }
 
 pub struct ProbeSocket {
@@ -52,6 +54,12 @@ impl ProbeSocket {
             ip,
             port,
         })
+    }
+
+    /// The socket and the members' probe port (`meshpeer ping` sends
+    /// from a task of its own).
+    pub fn handle(&self) -> (Arc<UdpSocket>, u16) {
+        (self.sock.clone(), self.port)
     }
 
     /// Sends a probe to `to`'s probe port.
@@ -126,6 +134,9 @@ async fn serve(sock: Arc<UdpSocket>, shared: Shared, acks: mpsc::Sender<Ack>) {
                 let _ = sock.send_to(&ack.encode(), from).await;
             }
             Probe::Ack { nonce, summary, .. } => {
+                if shared.pings.answered(nonce, src) {
+                    continue;
+                }
                 let _ = acks.try_send((src, nonce, summary));
             }
         }

@@ -8,7 +8,7 @@ use crate::nat::paths::Path;
 use crate::proto;
 use crate::reconcile::{ActualPeer, FRESH_HANDSHAKE};
 use crate::record::NatKind;
-use crate::status::{MemberState, MemberStatus, Status};
+use crate::status::{MemberState, MemberStatus, RouteStatus, Status};
 
 pub fn nat_name(k: NatKind) -> &'static str {
     match k {
@@ -98,7 +98,18 @@ impl Node {
                     rx_bytes: peer.map_or(0, |p| p.rx_bytes),
                     tx_bytes: peer.map_or(0, |p| p.tx_bytes),
                     tags: r.tags.clone(),
+                    ephemeral: r.ephemeral,
                     conflict: self.membership.conflict_of(&r.node_key).map(str::to_string),
+                    routes: self
+                        .routes
+                        .plan
+                        .outcomes_of(&r.node_key)
+                        .map(|o| RouteStatus {
+                            route: o.route.clone(),
+                            state: o.verdict.as_str().to_string(),
+                            reason: o.verdict.reason(),
+                        })
+                        .collect(),
                 }
             })
             .collect();
@@ -132,6 +143,7 @@ impl Node {
             relay_allocations: relay.allocations,
             relay_forwarded: relay.forwarded,
             relay_dropped: relay.dropped,
+            routes_installed: self.routes.installed.len(),
             myself: members
                 .iter()
                 .find(|m| m.state == MemberState::Myself)

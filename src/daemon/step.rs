@@ -24,6 +24,8 @@ const LOCAL_NETS_EVERY: Duration = Duration::from_secs(2);
 /// How often every peer without a session is poked (the members' shared
 /// beat, kernel backend only: the userspace device punches with checks).
 const POKE_EVERY: Duration = Duration::from_secs(10);
+/// How often a member whose stamper was revoked asks again for a stamp.
+const RESTAMP_EVERY: Duration = Duration::from_secs(30);
 /// How often `status` is rebuilt when nothing changed.
 const STATUS_EVERY: Duration = Duration::from_secs(2);
 
@@ -39,6 +41,7 @@ impl Node {
         let now = Instant::now();
         self.last_step = now;
         self.take_revocations();
+        self.restamp_if_due(now);
         let entries = self.gossip.snapshot();
         let liveness = &self.liveness;
         let events = self.trust.with_trust(|t| {
@@ -114,6 +117,8 @@ impl Node {
         if !events.is_empty() || changes > 0 || self.last_status.elapsed() >= STATUS_EVERY {
             let actual = self.wg.peers()?;
             let status = self.build_status(&actual);
+            self.sync_hosts(&status);
+            self.report_join_progress(&status);
             self.status.send_replace(Some(status));
             self.last_status = Instant::now();
         }
@@ -142,10 +147,126 @@ impl Node {
                     tracing::warn!(entries = n, "new revocation list");
                     self.state.revoked = Some(text.to_string());
                     self.persist(true);
+                    self.check_own_credential();
                 }
             }
             Err(e) => tracing::warn!(error = %e, "gossip holds a bad revocation list"),
         }
+    }
+
+    /// A first join: "k/n members connected" on stderr when it changes,
+    /// until every member is reached or for a minute.
+    fn report_join_progress(&mut self, status: &crate::status::Status) {
+        use crate::status::MemberState;
+        let Some(p) = &mut self.join_progress else {
+            return;
+        };
+        let others: Vec<_> = status
+            .members
+            .iter()
+            .filter(|m| m.state != MemberState::Myself)
+            .collect();
+        let n = others.len();
+        let k = others
+            .iter()
+            .filter(|m| matches!(m.state, MemberState::Connected | MemberState::Idle))
+            .count();
+        let elapsed = p.since.elapsed();
+        if (k, n) != p.last {
+            p.last = (k, n);
+            if n > 0 && k == n {
+                eprintln!(
+                    "meshpeer: joined: all {n} member(s) connected after {:.1} s",
+                    elapsed.as_secs_f64()
+                );
+                self.join_progress = None;
+                return;
+            }
+            eprintln!("meshpeer: {k}/{n} members connected");
+        }
+        if elapsed >= super::JOIN_PROGRESS_FOR {
+            eprintln!(
+                "meshpeer: {k}/{n} members connected after {} s; the others keep trying (see `meshpeer status`)",
+                elapsed.as_secs()
+            );
+            self.join_progress = None;
+        }
+    }
+
+    /// After a new revocation list: are we still a member? A revoked node
+    /// stops; one whose stamper was revoked asks for a new stamp.
+    fn check_own_credential(&mut self) {
+        use crate::admission::AdmissionError;
+        match super::own_credential(&self.trust, &self.id, &self.admission, &self.stamp) {
+            Ok(()) => {}
+            Err(AdmissionError::StamperRevoked(by)) => {
+                tracing::warn!(stamper = %by,
+                    "the member that admitted this node was revoked: its stamp is void; asking another member for a new one");
+                self.restamp_at = Some(Instant::now());
+            }
+            Err(AdmissionError::Revoked(what)) => self.self_revoked = Some(what),
+            Err(e) => tracing::warn!(error = %e, "our own credential does not verify"),
+        }
+    }
+
+    /// Asks live members for a new stamp (as a joiner asks its seed), every
+    /// [`RESTAMP_EVERY`] until one arrives.
+    fn restamp_if_due(&mut self, now: Instant) {
+        if self.restamp_at.is_none_or(|t| now < t) {
+            return;
+        }
+        self.restamp_at = Some(now + RESTAMP_EVERY);
+        let targets: Vec<SocketAddr> = self.round_targets().iter().map(|t| t.addr).collect();
+        let seeds: Vec<SocketAddr> = if targets.is_empty() {
+            self.seed_addrs.clone()
+        } else {
+            targets
+        };
+        let transport = self.gossip.transport.clone();
+        let name = self.state.name.clone();
+        let tx = self.restamp_tx.clone();
+        tokio::spawn(async move {
+            let wait = Duration::from_secs(20);
+            match super::join::contact(&transport, &seeds, &name, true, false, wait, wait).await {
+                Ok(super::join::Outcome::Admitted { stamp, seed, .. }) => {
+                    tracing::info!(%seed, "stamped again");
+                    let _ = tx.send(stamp).await;
+                }
+                Ok(super::join::Outcome::Hello { .. }) => {}
+                Err(e) => tracing::error!(error = %e,
+                    "cannot get a new stamp (a token that expired or was revoked cannot: join again with a new token); retrying"),
+            }
+        });
+    }
+
+    /// A new stamp (our stamper was revoked): check it, keep it, present it
+    /// in TLS and in our record.
+    pub(super) async fn on_new_stamp(&mut self, stamp: proto::Signed) {
+        if let Err(e) = super::own_credential(&self.trust, &self.id, &self.admission, &stamp) {
+            tracing::warn!(error = %e, "the new stamp does not verify; asking again");
+            return;
+        }
+        if let Err(e) = super::save_stamp(&self.dir, &stamp) {
+            tracing::warn!(error = %format!("{e:#}"), "cannot save the new stamp");
+        }
+        let credential = crate::admission::Credential {
+            admission: self.admission.clone(),
+            stamp: Some(stamp.clone()),
+        };
+        match crate::gossip::tls::NodeCert::new(&self.id.signing, &credential)
+            .and_then(|cert| crate::gossip::tls::quic_configs(&cert, self.trust.clone()))
+        {
+            Ok((server, client)) => self.gossip.transport.reconfigure(server, client),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot build TLS configurations for the new stamp")
+            }
+        }
+        self.stamp = stamp;
+        self.restamp_at = None;
+        if let Err(e) = self.republish(false).await {
+            tracing::warn!(error = %format!("{e:#}"), "cannot publish our record with the new stamp");
+        }
+        tracing::info!("member again with a new stamp");
     }
 
     /// What a joiner's `Join` and a member's `Hello` are answered with.
@@ -214,10 +335,20 @@ impl Node {
         // back on the first packet: the peer behind NAT keeps the path open).
         let keepalive = crate::membership::keepalive_for(self.traversal.nat.kind);
         let traversal = &self.traversal;
-        let desired =
+        let mut desired =
             self.membership
                 .desired_peers(now, local, &|k| traversal.hearing(now, k), keepalive);
         let actual = self.wg.peers()?;
+        // Members' subnets: into their allowed IPs now, kernel routes below.
+        let plan = self.plan_routes(now, local, &desired, &actual);
+        self.route_allowed_ips(&plan, &mut desired);
+        // A device endpoint inside a routed subnet is replaced, whatever
+        // its handshake says.
+        let unusable: HashSet<[u8; 32]> = actual
+            .iter()
+            .filter(|a| a.endpoint.is_some_and(|e| !plan.usable_endpoint(&e.ip())))
+            .map(|a| a.public_key)
+            .collect();
         let desired = self.traversal.select_paths(
             now,
             desired,
@@ -235,7 +366,7 @@ impl Node {
         // to; a broken one gets the record's candidates again.
         let traversal = &self.traversal;
         let mut changes = reconcile(&desired, &actual, &self.owned, rotation, poke, &|k| {
-            !traversal.working(k)
+            !traversal.working(k) || unusable.contains(k)
         });
         // Pokes (keepalive off and on) only for peers without a session,
         // and only where WireGuard itself punches (the kernel backend; the
@@ -274,7 +405,7 @@ impl Node {
             .set_wg_peers(desired.iter().map(|d| &d.public_key));
         self.traversal.force_handshakes(now).await;
         self.traversal.send_checks(now, poke).await;
-        Ok(n)
+        Ok(n + self.apply_routes(now, plan))
     }
 
     /// Asks relays for the allocations our relayed peers need, and gives

@@ -291,6 +291,11 @@ impl Traversal {
         }
     }
 
+    /// The STUN answers behind [`Self::nat`] (for `meshpeer netcheck`).
+    pub fn stun_answers(&self) -> impl Iterator<Item = (SocketAddr, SocketAddr, Instant)> + '_ {
+        self.discovery.observations()
+    }
+
     /// Signalled whenever a STUN answer arrives on the WireGuard port: call
     /// [`Traversal::force_handshakes`] then.
     pub fn answered(&self) -> Arc<Notify> {

@@ -29,8 +29,11 @@ pub struct RecordInputs<'a> {
     /// The host's other IPv4 networks (host candidates).
     pub local_nets: &'a [Ipv4Net],
     pub relay: bool,
+    pub ephemeral: bool,
     pub left: bool,
     pub tags: &'a [String],
+    /// Subnets behind this node (`--advertise-route`).
+    pub routes: &'a [Ipv4Net],
     pub version: u64,
 }
 
@@ -52,8 +55,12 @@ pub fn build_record(i: &RecordInputs<'_>) -> RecordBody {
     }
     for net in i.local_nets {
         let a = SocketAddr::new(IpAddr::V4(net.addr()), i.wg_port);
+        // Not an address on a subnet we route for the mesh: members reach
+        // that subnet through us, and would refuse our route if it covered
+        // one of our endpoints (a loop).
         if !endpoints.contains(&a)
             && !i.network.cidr.contains(&net.addr())
+            && !i.routes.iter().any(|r| r.contains(&net.addr()))
             && endpoints.len() < crate::record::MAX_ENDPOINTS
         {
             endpoints.push(a);
@@ -74,10 +81,15 @@ pub fn build_record(i: &RecordInputs<'_>) -> RecordBody {
         endpoints,
         gossip_addr: SocketAddr::new(i.advertise, i.gossip_port),
         tags: i.tags.to_vec(),
-        routes: vec![],
+        routes: i
+            .routes
+            .iter()
+            .map(|r| crate::routes::from_net(*r))
+            .collect(),
         left: i.left,
         nat: i.nat.kind,
         relay: i.relay,
+        ephemeral: i.ephemeral,
         admission: i.admission.clone(),
         stamp: i.stamp.clone(),
     }

@@ -60,7 +60,9 @@ fn join_update_replay_leave() {
     assert_eq!(peers.len(), 1);
     assert_eq!(
         peers[0].allowed_ips,
-        vec!["10.77.0.2".parse::<Ipv4Addr>().unwrap()]
+        vec![ipnet::Ipv4Net::from(
+            "10.77.0.2".parse::<Ipv4Addr>().unwrap()
+        )]
     );
 
     let old = body.clone();
@@ -336,4 +338,28 @@ fn same_subnet_endpoints_come_first() {
     let nets = vec!["192.168.1.0/24".parse().unwrap()];
     assert_eq!(order_endpoints(&c, &nets)[0], c[1]);
     assert_eq!(order_endpoints(&c, &[])[0], c[0]);
+}
+
+#[test]
+fn a_down_ephemeral_member_is_forgotten_after_the_grace_a_stateful_one_is_kept() {
+    let w = World::new();
+    let (a, mut ab) = sample(3, &w.net, "10.77.0.2".parse().unwrap());
+    let (b, bb) = sample(4, &w.net, "10.77.0.3".parse().unwrap());
+    ab.ephemeral = true;
+    let mut m = Membership::new([0; 32], DEFAULT_DOWN_GRACE);
+    let t0 = Instant::now();
+    let e = [entry(&ab, &a), entry(&bb, &b)];
+    w.snap(&mut m, t0, &e);
+    let all_down = |_: &PublicKeyBytes| true;
+    m.handle_snapshot(t0 + Duration::from_secs(1), &e, &w.trust(), &all_down);
+    let later = t0 + Duration::from_secs(1) + FORGET_EPHEMERAL_AFTER;
+    let ev = m.handle_snapshot(later, &e, &w.trust(), &all_down);
+    assert_eq!(ev, vec![Event::Forgotten { name: "n3".into() }]);
+    // Gossip is told to forget the ephemeral member only.
+    assert_eq!(m.to_forget(&e), vec![e[0].node_id.as_str()]);
+    assert_eq!(m.holders().ip_holder(&"10.77.0.2".parse().unwrap()), None);
+    assert_eq!(
+        m.holders().ip_holder(&"10.77.0.3".parse().unwrap()),
+        Some(bb.node_key)
+    );
 }

@@ -160,6 +160,12 @@ impl Discovery {
         }
     }
 
+    /// The answers the NAT picture comes from: (server asked, our endpoint
+    /// as it saw it, when it answered).
+    pub fn observations(&self) -> impl Iterator<Item = (SocketAddr, SocketAddr, Instant)> + '_ {
+        self.observed.iter().map(|(s, (m, t))| (*s, *m, *t))
+    }
+
     /// What the observations say, given this host's addresses and WireGuard
     /// port. With no observation yet, `public_hint` (this host has a
     /// globally routable address of its own) makes it tentatively public:

@@ -253,7 +253,7 @@ mod tests {
     fn peer(k: u8) -> DesiredPeer {
         DesiredPeer {
             public_key: [k; 32],
-            allowed_ips: vec![std::net::Ipv4Addr::new(10, 0, 0, k)],
+            allowed_ips: vec![ipnet::Ipv4Net::from(std::net::Ipv4Addr::new(10, 0, 0, k))],
             endpoints: vec![],
             keepalive: 25,
         }

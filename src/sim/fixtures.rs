@@ -69,6 +69,7 @@ pub fn mesh(n: usize, seed: u64) -> Mesh {
                 tags: vec![],
                 routes: vec![],
                 left: false,
+                ephemeral: false,
                 nat: NatKind::Public,
                 relay: true,
                 admission: token.admit(node_key, FIXTURE_UNIX),

@@ -321,7 +321,11 @@ impl Sim {
         let mut by_key = HashMap::new();
         let mut cgnat_members = 0usize;
         for i in 0..n {
-            let class = if i < cfg.seeds { 0 } else { classes[i - cfg.seeds] };
+            let class = if i < cfg.seeds {
+                0
+            } else {
+                classes[i - cfg.seeds]
+            };
             let nat = match class {
                 0 => NatClass::Public,
                 1 => NatClass::EndpointIndependent,
@@ -465,7 +469,10 @@ impl Sim {
     /// One-way latency between two members (with a relay's detour for a
     /// relayed pair when `overlay`).
     fn latency(&mut self, a: u32, b: u32, overlay: bool) -> Duration {
-        let (na, nb) = (self.nodes[a as usize].as_deref(), self.nodes[b as usize].as_deref());
+        let (na, nb) = (
+            self.nodes[a as usize].as_deref(),
+            self.nodes[b as usize].as_deref(),
+        );
         let (ra, rb, ca, cb) = match (na, nb) {
             (Some(x), Some(y)) => (x.region, y.region, x.nat, y.nat),
             _ => (0, 0, NatClass::Public, NatClass::Public),
@@ -695,7 +702,8 @@ impl Sim {
             .collect();
         if seeds.is_empty() {
             // Nobody to join through yet: try again in a second.
-            self.queue.push(self.now + Duration::from_secs(1), Ev::Join(j));
+            self.queue
+                .push(self.now + Duration::from_secs(1), Ev::Join(j));
             return;
         }
         let seed = seeds[j as usize % seeds.len()];
@@ -1174,7 +1182,9 @@ impl Sim {
                 if keepalive {
                     bytes += secs / WG_KEEPALIVE_EVERY * net::WG_KEEPALIVE;
                 }
-                let Some(&j) = self.by_wg.get(k) else { continue };
+                let Some(&j) = self.by_wg.get(k) else {
+                    continue;
+                };
                 let other = self.node(j);
                 if n.idx > j || !other.alive {
                     continue;
@@ -1475,7 +1485,10 @@ mod tests {
         let a = small(7);
         let b = small(7);
         let strip = |v: &[String]| -> Vec<String> {
-            v.iter().filter(|l| !l.starts_with("wall ")).cloned().collect()
+            v.iter()
+                .filter(|l| !l.starts_with("wall "))
+                .cloned()
+                .collect()
         };
         assert_eq!(strip(&a), strip(&b));
         let last = a.last().unwrap();

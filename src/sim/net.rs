@@ -107,7 +107,10 @@ pub fn quic_packets(len: usize) -> u64 {
 /// the receiver's ACKs are returned separately.
 pub fn quic_wire_bytes(len: usize) -> (u64, u64) {
     let p = quic_packets(len);
-    (len as u64 + p * QUIC_PACKET_OVERHEAD, p.div_ceil(2) * QUIC_ACK)
+    (
+        len as u64 + p * QUIC_PACKET_OVERHEAD,
+        p.div_ceil(2) * QUIC_ACK,
+    )
 }
 
 /// An event at a simulated time; ties go by sequence number.

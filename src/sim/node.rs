@@ -207,6 +207,7 @@ impl SimNode {
             tags: vec![],
             routes: vec![],
             left: false,
+            ephemeral: false,
             nat: self.nat.kind(),
             relay: self.nat == NatClass::Public,
             admission: self.admission.clone(),
@@ -312,7 +313,7 @@ impl SimNode {
                                 endpoint: *endpoint,
                                 allowed_ips: allowed_ips
                                     .iter()
-                                    .map(|ip| (IpAddr::V4(*ip), 32))
+                                    .map(|n| (IpAddr::V4(n.addr()), n.prefix_len()))
                                     .collect(),
                                 keepalive: (*keepalive != 0).then_some(*keepalive),
                                 handshake_age: None,
@@ -336,8 +337,10 @@ impl SimNode {
                             d.peer.endpoint = Some(*e);
                         }
                         if let Some(ips) = allowed_ips {
-                            d.peer.allowed_ips =
-                                ips.iter().map(|ip| (IpAddr::V4(*ip), 32)).collect();
+                            d.peer.allowed_ips = ips
+                                .iter()
+                                .map(|n| (IpAddr::V4(n.addr()), n.prefix_len()))
+                                .collect();
                         }
                         if let Some(k) = keepalive {
                             d.peer.keepalive = (*k != 0).then_some(*k);
@@ -356,7 +359,8 @@ impl SimNode {
         let views = self.membership.liveness_views(path_up);
         self.liveness.handle_members(now, &views);
         self.probe_members.clear();
-        self.probe_members.extend(views.iter().map(|v| v.overlay_ip));
+        self.probe_members
+            .extend(views.iter().map(|v| v.overlay_ip));
         drop(views);
         let summary: liveness::Summary = self.chitchat.summary().into();
         self.liveness.set_summary(summary);

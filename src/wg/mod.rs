@@ -68,6 +68,16 @@ impl BackendKind {
     }
 }
 
+/// What [`WgInterface::add_route`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteAdd {
+    Added,
+    /// A route to that subnet existed: through this interface or not.
+    Exists {
+        via_us: bool,
+    },
+}
+
 /// Backend selection from the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum BackendChoice {
@@ -214,6 +224,43 @@ impl WgInterface {
         ])
     }
 
+    /// Routes `net` through the interface (`ip route add NET dev IF`). A
+    /// route to exactly `net` that exists already is left as it is: the
+    /// answer says whether it goes through this interface.
+    pub fn add_route(&self, net: Ipv4Net) -> Result<RouteAdd, WgError> {
+        let n = net.to_string();
+        match run_ip(&["-4", "route", "add", &n, "dev", &self.name]) {
+            Ok(()) => Ok(RouteAdd::Added),
+            Err(WgError::Ip { detail, .. }) if detail.contains("File exists") => {
+                let out = Command::new("ip")
+                    .args(["-4", "-o", "route", "show", "exact", &n])
+                    .output()
+                    .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+                    .unwrap_or_default();
+                let ours = out.lines().any(|l| {
+                    l.split_whitespace()
+                        .collect::<Vec<_>>()
+                        .windows(2)
+                        .any(|w| w == ["dev", self.name.as_str()])
+                });
+                Ok(RouteAdd::Exists { via_us: ours })
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Removes the route to `net` through the interface (gone already: fine).
+    pub fn del_route(&self, net: Ipv4Net) -> Result<(), WgError> {
+        match run_ip(&["-4", "route", "del", &net.to_string(), "dev", &self.name]) {
+            Err(WgError::Ip { detail, .. })
+                if detail.contains("No such process") || detail.contains("Cannot find device") =>
+            {
+                Ok(())
+            }
+            r => r,
+        }
+    }
+
     /// The peers the device holds now.
     pub fn peers(&self) -> Result<Vec<ActualPeer>, WgError> {
         let now = SystemTime::now();
@@ -272,10 +319,10 @@ impl WgInterface {
         if changes.is_empty() {
             return Ok(());
         }
-        let with_ips = |mut p: PeerConfigBuilder, ips: &[Ipv4Addr]| {
+        let with_ips = |mut p: PeerConfigBuilder, ips: &[Ipv4Net]| {
             p = p.replace_allowed_ips();
-            for ip in ips {
-                p = p.add_allowed_ip(IpAddr::V4(*ip), 32);
+            for n in ips {
+                p = p.add_allowed_ip(IpAddr::V4(n.network()), n.prefix_len());
             }
             p
         };

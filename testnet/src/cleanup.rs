@@ -1,6 +1,9 @@
 //! Run names, the run registry, host sysctls, and cleanup.
 //!
-//! Every run gets a prefix `tn<4 hex>-`. Everything it creates is named with
+//! Every run gets a prefix `tn<4 hex>-` (`TESTNET_PREFIX=xy` makes it
+//! `xy<4 hex>-`: two lower-case letters of one's own, to keep runs apart
+//! from other people's on a shared machine; `cleanup` then looks after
+//! `tn` and `xy` runs). Everything it creates is named with
 //! it: namespaces (`/run/netns/tnXXXX-*`), WireGuard/TUN interface names
 //! (and so the userspace UAPI sockets `/var/run/wireguard/tnXXXX-*.sock`), and
 //! the work directory `$TMPDIR/meshpeer-testnet-tnXXXX`. Links (veths,
@@ -40,9 +43,19 @@ pub fn stopping() -> bool {
     STOPPING.load(Ordering::Relaxed)
 }
 
+/// The first two letters of run prefixes: `TESTNET_PREFIX` when it is two
+/// lower-case letters, else `tn`.
+pub fn prefix_base() -> String {
+    match std::env::var("TESTNET_PREFIX") {
+        Ok(p) if p.len() == 2 && p.bytes().all(|b| b.is_ascii_lowercase()) => p,
+        _ => "tn".to_string(),
+    }
+}
+
 pub fn new_prefix() -> String {
+    let base = prefix_base();
     loop {
-        let p = format!("tn{:04x}-", rand::random::<u16>());
+        let p = format!("{base}{:04x}-", rand::random::<u16>());
         let taken = std::fs::read_dir("/run/netns")
             .map(|d| {
                 d.flatten()
@@ -59,7 +72,7 @@ pub fn new_prefix() -> String {
 pub fn is_prefix(s: &str) -> bool {
     let b = s.as_bytes();
     b.len() == 7
-        && s.starts_with("tn")
+        && (s.starts_with("tn") || s.starts_with(&prefix_base()))
         && b[6] == b'-'
         && s[2..6].chars().all(|c| c.is_ascii_hexdigit())
 }

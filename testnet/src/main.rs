@@ -131,9 +131,6 @@ struct RunArgs {
     /// Override the time between two staggered starts.
     #[arg(long)]
     stagger_ms: Option<u64>,
-    /// Override meshpeer's --gossip-interval-ms.
-    #[arg(long)]
-    gossip_interval_ms: Option<u64>,
     /// Override meshpeer's --join-timeout-secs (joiners give up after it).
     #[arg(long)]
     join_timeout_secs: Option<u64>,
@@ -472,6 +469,7 @@ fn cmd_topo(nodes: usize, kind: &str, mix: Option<String>, rate: f64, hold: bool
         home_size_exact: false,
         home_sizes: Default::default(),
         stun_server: false,
+        sites: vec![],
     };
     let plan = Plan::new(&prefix, &opts)?;
     let build = plan.build()?;
@@ -534,9 +532,6 @@ fn cmd_run(a: RunArgs) -> Result<i32> {
     }
     if let Some(v) = a.stagger_ms {
         sc.nodes.stagger_ms = v;
-    }
-    if let Some(v) = a.gossip_interval_ms {
-        sc.nodes.gossip_interval_ms = Some(v);
     }
     if let Some(v) = a.join_timeout_secs {
         sc.nodes

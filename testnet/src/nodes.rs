@@ -55,7 +55,6 @@ pub enum Life {
 /// Daemon options from the scenario.
 #[derive(Debug, Clone, Default)]
 pub struct DaemonOpts {
-    pub gossip_interval_ms: Option<u64>,
     pub down_grace_secs: Option<u64>,
     pub extra_args: Vec<String>,
     pub join_args: Vec<String>,
@@ -82,6 +81,11 @@ pub struct Nodes {
     pub cpu_done: Vec<f64>,
     pub hwm_kib: Vec<u64>,
     pub exits: Vec<(usize, String)>,
+    /// Per node: more arguments for `meshpeer up` and `join` (sites:
+    /// `--advertise-route`).
+    pub node_args: Vec<Vec<String>>,
+    /// Per node: a join token of its own (a site gateway's allows its LAN).
+    pub node_token: Vec<Option<PathBuf>>,
     token_file: PathBuf,
     nebula_dir: PathBuf,
 }
@@ -110,6 +114,8 @@ impl Nodes {
             cpu_done: vec![0.0; n],
             hwm_kib: vec![0; n],
             exits: vec![],
+            node_args: vec![vec![]; n],
+            node_token: vec![None; n],
             token_file: work.join("token"),
             nebula_dir: work.join("pki"),
             work,
@@ -173,7 +179,9 @@ impl Nodes {
             .stdout(log.try_clone()?)
             .stderr(log)
             .env("RUST_LOG", &self.opts.log)
-            .env("NO_COLOR", "1");
+            .env("NO_COLOR", "1")
+            // Hundreds of daemons on one machine: never the host's /etc/hosts.
+            .env("MESHPEER_HOSTS_FILE", "none");
         let raw = fd.as_raw_fd();
         // SAFETY: only async-signal-safe syscalls between fork and exec; `fd`
         // stays open until spawn returns (it is moved into the closure).
@@ -193,10 +201,6 @@ impl Nodes {
 
     fn run_flags(&self) -> Vec<String> {
         let mut v = vec![];
-        if let Some(g) = self.opts.gossip_interval_ms {
-            v.push("--gossip-interval-ms".into());
-            v.push(g.to_string());
-        }
         if let Some(d) = self.opts.down_grace_secs {
             v.push("--down-grace-secs".into());
             v.push(d.to_string());
@@ -264,11 +268,12 @@ impl Nodes {
                         self.ifname(0),
                     ];
                 } else {
+                    let token = self.node_token[i].as_ref().unwrap_or(&self.token_file);
                     a = vec![
                         "join".into(),
                         self.underlay[seed].to_string(),
                         "--token-file".into(),
-                        self.token_file.display().to_string(),
+                        token.display().to_string(),
                         "--state-dir".into(),
                         sd,
                         "--interface".into(),
@@ -279,6 +284,7 @@ impl Nodes {
                     a.extend(self.opts.join_args.iter().cloned());
                 }
                 a.extend(self.run_flags());
+                a.extend(self.node_args[i].iter().cloned());
                 a
             }
         };
@@ -290,6 +296,33 @@ impl Nodes {
         self.procs[i] = Some(Proc { child, pid });
         self.life[i] = Life::Running;
         self.started_once[i] = true;
+        Ok(())
+    }
+
+    /// `meshpeer invite --allow-route ROUTE` on the seed's state (node 0
+    /// ran `init`): writes the token to `out`.
+    pub fn invite(&self, allow_route: &str, out: &Path) -> Result<()> {
+        let sd = self.state_dir(0).display().to_string();
+        let mut c = self.command(
+            0,
+            &[
+                "invite".into(),
+                "--allow-route".into(),
+                allow_route.into(),
+                "--state-dir".into(),
+                sd,
+            ],
+        )?;
+        c.stdout(Stdio::piped());
+        let o = c.output().context("meshpeer invite")?;
+        let token = String::from_utf8_lossy(&o.stdout).trim().to_string();
+        if !o.status.success() || token.is_empty() {
+            bail!(
+                "meshpeer invite --allow-route {allow_route} failed: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+        std::fs::write(out, token)?;
         Ok(())
     }
 

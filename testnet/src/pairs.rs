@@ -278,6 +278,7 @@ mod tests {
                 symmetric: vec![1],
             },
             stun_server: false,
+            sites: vec![],
         };
         let p = Plan::new("tn0000-", &o).unwrap();
         let mut seen: BTreeMap<String, Expected> = BTreeMap::new();

@@ -108,6 +108,7 @@ pub fn probe(kind: Kind) -> Result<ProbeResult> {
         home_size_exact: true,
         home_sizes: Default::default(),
         stun_server: false,
+        sites: vec![],
     };
     let plan = Plan::new(&prefix, &opts)?;
     plan.build()?;

@@ -232,6 +232,141 @@ impl<'a> Ctx<'a> {
         Ok(())
     }
 
+    /// Sites: a token allowing its LAN and `--advertise-route LAN` for each
+    /// gateway, `--advertise-route LAN` (with the plain token) for each
+    /// intruder. Before the other nodes start.
+    fn prepare_sites(&mut self) -> Result<()> {
+        if self.nodes.engine != EngineKind::Meshpeer {
+            return Ok(());
+        }
+        for (si, (site, spec)) in self.plan.sites.iter().zip(&self.sc.sites).enumerate() {
+            let token = self.nodes.work.join(format!("token-site{si}"));
+            self.nodes.invite(&site.lan, &token)?;
+            self.nodes.node_token[site.gateway] = Some(token);
+            self.nodes.node_args[site.gateway]
+                .extend(["--advertise-route".to_string(), site.lan.clone()]);
+            for &x in &spec.intruders {
+                self.nodes.node_args[x].extend(["--advertise-route".to_string(), site.lan.clone()]);
+            }
+            self.marker(format!(
+                "site {si}: n{} is the gateway of {} ({} LAN host{}), intruders {:?}",
+                site.gateway,
+                site.lan,
+                site.hosts.len(),
+                if site.hosts.len() == 1 { "" } else { "s" },
+                spec.intruders
+            ));
+        }
+        Ok(())
+    }
+
+    /// One round of site checks: the problems found (empty: all as
+    /// expected) and what was checked.
+    fn site_problems(&self) -> (Vec<String>, usize, usize) {
+        let mut bad = vec![];
+        let live = self.nodes.live();
+        let mut routes_checked = 0;
+        let mut pings = 0;
+        for &i in &live {
+            let Some(st) = crate::nodes::control_status(&self.nodes.state_dir(i)) else {
+                bad.push(format!("n{i}: no status"));
+                continue;
+            };
+            let members = st["members"].as_array().cloned().unwrap_or_default();
+            let route = |owner: usize, lan: &str| -> Option<(String, String)> {
+                let m = members.iter().find(|m| m["name"] == format!("n{owner}"))?;
+                let r = m["routes"].as_array()?.iter().find(|r| r["route"] == lan)?;
+                Some((
+                    r["state"].as_str().unwrap_or("").to_string(),
+                    r["reason"].as_str().unwrap_or("").to_string(),
+                ))
+            };
+            for (site, spec) in self.plan.sites.iter().zip(&self.sc.sites) {
+                let g = site.gateway;
+                if !live.contains(&g) {
+                    continue;
+                }
+                let same_lan = self.plan.nodes[i].home() == Some(site.router.as_str());
+                let want = if i == g {
+                    "advertised"
+                } else if same_lan {
+                    "refused"
+                } else {
+                    "installed"
+                };
+                routes_checked += 1;
+                match route(g, &site.lan) {
+                    Some((st, _)) if st == want => {}
+                    other => bad.push(format!(
+                        "n{i} shows n{g}'s {} as {other:?}, want {want}",
+                        site.lan
+                    )),
+                }
+                for &x in spec.intruders.iter().filter(|x| live.contains(x)) {
+                    routes_checked += 1;
+                    match route(x, &site.lan) {
+                        Some((st, why)) if st == "refused" && why.contains("not allowed") => {}
+                        other => bad.push(format!(
+                            "n{i} shows intruder n{x}'s {} as {other:?}, want refused",
+                            site.lan
+                        )),
+                    }
+                }
+            }
+        }
+        let ping = |ns: &str, addr: &std::net::Ipv4Addr| -> bool {
+            sys::output_in(
+                ns,
+                "ping",
+                &[
+                    "-c1".into(),
+                    "-W1".into(),
+                    "-n".into(),
+                    "-q".into(),
+                    addr.to_string(),
+                ],
+                Duration::from_secs(5),
+            )
+            .map(|(code, _)| code == Some(0))
+            .unwrap_or(false)
+        };
+        // LAN host to LAN host, every ordered pair of sites (first hosts).
+        for a in &self.plan.sites {
+            for b in self.plan.sites.iter().filter(|b| b.lan != a.lan) {
+                if let (Some((ans, _)), Some((_, bip))) = (a.hosts.first(), b.hosts.first()) {
+                    pings += 1;
+                    if !ping(ans, bip) {
+                        bad.push(format!(
+                            "{ans} ({}) does not reach {bip} ({})",
+                            a.lan, b.lan
+                        ));
+                    }
+                }
+            }
+        }
+        // Every live member outside the sites' LANs to every site's hosts.
+        for &i in &live {
+            let n = &self.plan.nodes[i];
+            if self
+                .plan
+                .sites
+                .iter()
+                .any(|s| n.home() == Some(s.router.as_str()))
+            {
+                continue;
+            }
+            for s in self.plan.sites.iter().filter(|s| live.contains(&s.gateway)) {
+                for (_, hip) in &s.hosts {
+                    pings += 1;
+                    if !ping(&n.ns, hip) {
+                        bad.push(format!("n{i} does not reach {hip} ({})", s.lan));
+                    }
+                }
+            }
+        }
+        (bad, routes_checked, pings)
+    }
+
     /// Waits for the seed to answer (meshpeer) so joiners find it.
     fn wait_seed(&mut self) -> Result<()> {
         if self.nodes.engine == EngineKind::Nebula {
@@ -1162,6 +1297,42 @@ impl<'a> Ctx<'a> {
                 }
                 (all_ok || !*required, json!({"ok": all_ok, "clients": rows}))
             }
+            Step::CheckSites { deadline_secs, required } => {
+                if self.plan.sites.is_empty() {
+                    bail!("check_sites: the scenario has no [[site]]");
+                }
+                if self.poller.is_none() {
+                    return Ok((true, json!({"skipped": "no routes for this engine"})));
+                }
+                let t0 = self.now();
+                let mut last = (vec![], 0, 0);
+                let ok = self.wait(*deadline_secs, |c| {
+                    last = c.site_problems();
+                    last.0.is_empty()
+                });
+                let took = self.now() - t0;
+                let (bad, routes, pings) = last;
+                self.marker(format!(
+                    "check_sites: {} sites, {routes} route verdicts, {pings} pings across sites: {} ({took:.1} s)",
+                    self.plan.sites.len(),
+                    if ok { "all as expected".to_string() } else { format!("{} problems", bad.len()) }
+                ));
+                if !ok {
+                    let msg = format!("step {idx} check_sites: {}", bad.join("; "));
+                    println!("  {msg}");
+                    if *required {
+                        self.errors.push(msg);
+                    }
+                }
+                let sites: Vec<Value> = self
+                    .plan
+                    .sites
+                    .iter()
+                    .zip(&self.sc.sites)
+                    .map(|(s, spec)| json!({"gateway": s.gateway, "lan": s.lan, "hosts": s.hosts.iter().map(|h| h.1).collect::<Vec<_>>(), "intruders": spec.intruders}))
+                    .collect();
+                (ok || !*required, json!({"ok": ok, "secs": took, "sites": sites, "route_verdicts": routes, "pings": pings, "problems": bad}))
+            }
             Step::WaitDetected { deadline_secs, required, peer_removal } => {
                 let Some(poller) = &self.poller else {
                     return Ok((true, json!({"skipped": "no membership view for this engine"})));
@@ -1407,7 +1578,6 @@ pub fn run_engine(
     initial: usize,
 ) -> Result<EngineResult> {
     let opts = DaemonOpts {
-        gossip_interval_ms: sc.nodes.gossip_interval_ms,
         down_grace_secs: sc.nodes.down_grace_secs,
         extra_args: sc.nodes.extra_args.clone(),
         join_args: sc.nodes.join_args.clone(),
@@ -1468,6 +1638,7 @@ pub fn run_engine(
         c.start_node(0)?;
         c.wait_seed()?;
         c.marker("seed n0 up".into());
+        c.prepare_sites()?;
         let stagger = if sc.nodes.start == "staggered" {
             sc.nodes.stagger_ms
         } else {

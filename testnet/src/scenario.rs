@@ -7,7 +7,7 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::topology::{HomeSizes, Kind, Mix, TopoOptions};
+use crate::topology::{HomeSizes, Kind, Mix, SiteTopo, TopoOptions};
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -22,6 +22,26 @@ pub struct Scenario {
     pub measure: MeasureSection,
     #[serde(default, rename = "step")]
     pub steps: Vec<Step>,
+    /// Sites (site-to-site routes through gateway members).
+    #[serde(default, rename = "site")]
+    pub sites: Vec<SiteSection>,
+}
+
+/// A site: the home LAN of a gateway node, hosts on it that are not
+/// members, and members that advertise it without being allowed to.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SiteSection {
+    /// The gateway: a node behind a home router. It joins with a token from
+    /// `meshpeer invite --allow-route <its LAN>` and advertises its LAN.
+    pub gateway: usize,
+    /// LAN hosts that are not members (default 1).
+    #[serde(default = "d_1usize")]
+    pub hosts: usize,
+    /// Nodes that advertise this site's LAN with a plain token: every
+    /// member must refuse it.
+    #[serde(default)]
+    pub intruders: Vec<usize>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -69,8 +89,6 @@ pub struct NodesSection {
     pub stagger_ms: u64,
     #[serde(default = "d_network")]
     pub network: String,
-    #[serde(default)]
-    pub gossip_interval_ms: Option<u64>,
     #[serde(default)]
     pub down_grace_secs: Option<u64>,
     /// More flags for `meshpeer up/join`.
@@ -250,6 +268,16 @@ pub enum Step {
         #[serde(default = "d_true")]
         required: bool,
     },
+    /// Site-to-site: wait until every member judges the sites' routes as
+    /// expected (a gateway's LAN installed everywhere but on its own LAN,
+    /// every intruder's refused) and the sites' LAN hosts ping each other
+    /// and are pinged by every member outside the sites.
+    CheckSites {
+        #[serde(default = "d_30f")]
+        deadline_secs: f64,
+        #[serde(default = "d_true")]
+        required: bool,
+    },
 }
 
 impl Step {
@@ -272,6 +300,7 @@ impl Step {
             Step::CheckNat { .. } => "check_nat",
             Step::CheckSealed { .. } => "check_sealed",
             Step::StunClient { .. } => "stun_client",
+            Step::CheckSites { .. } => "check_sites",
         }
     }
     /// Does this step change the mesh (and so reset the convergence mark)?
@@ -286,6 +315,7 @@ impl Step {
                 | Step::CheckNat { .. }
                 | Step::CheckSealed { .. }
                 | Step::StunClient { .. }
+                | Step::CheckSites { .. }
         )
     }
 }
@@ -303,6 +333,9 @@ fn d_log() -> String {
     "info".into()
 }
 fn d_1() -> u64 {
+    1
+}
+fn d_1usize() -> usize {
     1
 }
 fn d_3() -> usize {
@@ -351,6 +384,29 @@ impl Scenario {
             bail!("nodes.start must be \"all\" or \"staggered\"");
         }
         self.topo_options()?.mix_for_kind()?;
+        for (i, s) in self.sites.iter().enumerate() {
+            if s.gateway == 0 || s.gateway >= self.topology.nodes {
+                bail!(
+                    "site {i}: gateway {} must be one of the initial nodes, not the seed",
+                    s.gateway
+                );
+            }
+            if let Some(x) = s
+                .intruders
+                .iter()
+                .find(|x| **x >= self.topology.nodes || **x == s.gateway)
+            {
+                bail!("site {i}: intruder {x} must be one of the initial nodes, not the gateway");
+            }
+        }
+        if !self.sites.is_empty()
+            && self
+                .steps
+                .iter()
+                .any(|s| matches!(s, Step::Join { .. } | Step::Churn { .. }))
+        {
+            bail!("sites cannot be combined with join or churn steps (gateways and intruders are initial nodes)");
+        }
         if let Some(s) = &self.topology.stun_server {
             if s != "coturn" {
                 bail!("topology.stun_server must be \"coturn\" (got {s:?})");
@@ -413,6 +469,15 @@ impl Scenario {
             home_size_exact: t.home_size_exact,
             home_sizes: t.home_sizes.clone(),
             stun_server: t.stun_server.is_some(),
+            sites: self
+                .sites
+                .iter()
+                .map(|s| SiteTopo {
+                    gateway: s.gateway,
+                    hosts: s.hosts,
+                    overlay: self.nodes.network.clone(),
+                })
+                .collect(),
         })
     }
 }

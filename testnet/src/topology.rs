@@ -148,6 +148,34 @@ pub struct TopoOptions {
     /// Add a STUN server host (`<p>stun`) on the internet.
     #[serde(default)]
     pub stun_server: bool,
+    /// Sites: a gateway node's home LAN, with hosts that are not members.
+    #[serde(default)]
+    pub sites: Vec<SiteTopo>,
+}
+
+/// A site (site-to-site routes): the home LAN of node `gateway` (behind a
+/// NAT router), with `hosts` LAN hosts that are not members. The LAN's
+/// router routes the other sites' LANs and `overlay` (the mesh's network,
+/// so that LAN hosts answer members) via the gateway.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SiteTopo {
+    pub gateway: usize,
+    pub hosts: usize,
+    pub overlay: String,
+}
+
+/// A site as built: its LAN, the LAN's router, the gateway's address on it
+/// and the LAN hosts (namespace, address). Each host's default route is the
+/// LAN's router, which routes the other sites' LANs and the overlay via the
+/// gateway (as seed 003's default gateways do).
+#[derive(Debug, Clone, Serialize)]
+pub struct SitePlan {
+    pub gateway: usize,
+    /// `192.168.K.0/24`.
+    pub lan: String,
+    pub router: String,
+    pub gateway_ip: Ipv4Addr,
+    pub hosts: Vec<(String, Ipv4Addr)>,
 }
 
 /// Sizes of consecutive homes, per kind: `nat = [2, 2]` puts the first two
@@ -283,6 +311,8 @@ pub struct Plan {
     pub slots_used: Vec<usize>,
     /// The STUN server host: (namespace, address).
     pub stun: Option<(String, Ipv4Addr)>,
+    /// Sites (site-to-site routes), in the order of the options.
+    pub sites: Vec<SitePlan>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -454,6 +484,8 @@ impl Plan {
             }
         }
         // Home routers (and their LANs); CGNAT homes collected per CGNAT.
+        // Each NATed node's home: (router namespace, LAN number).
+        let mut home_of: Vec<Option<(String, u8)>> = vec![None; nodes.len()];
         let mut cgnat_homes: Vec<usize> = vec![]; // home router ns index into namespaces
         let mut home_wan_of_cgnat_home: Vec<(String, usize)> = vec![]; // (home ns, home no)
         for (h, (kind, members)) in homes.iter().enumerate() {
@@ -486,6 +518,7 @@ impl Plan {
                 );
                 nodes[*idx].underlay = ip;
                 nodes[*idx].routers.push(rname.clone());
+                home_of[*idx] = Some((rname.clone(), lan_net as u8));
             }
             r.sysctls = vec![("net.ipv4.ip_forward".into(), "1".into())];
             r.nft = Some(nat_ruleset(*kind == Kind::Symmetric));
@@ -507,6 +540,55 @@ impl Plan {
                     host_of_node[*idx] = Some(internet.len() - 1);
                 }
             }
+        }
+        // Sites: LAN hosts on a gateway's home LAN; the LAN's router routes
+        // the other sites' LANs via the gateway.
+        let mut sites: Vec<SitePlan> = vec![];
+        for (si, st) in opts.sites.iter().enumerate() {
+            let Some(Some((router, lan_net))) = home_of.get(st.gateway).cloned() else {
+                bail!(
+                    "site {si}: its gateway n{} must be a node behind a home router (not public, and within the topology's nodes)",
+                    st.gateway
+                );
+            };
+            if sites.iter().any(|s: &SitePlan| s.router == router) {
+                bail!("site {si}: two sites in one home ({router}); give each gateway a home of its own");
+            }
+            let mut hosts = vec![];
+            for j in 0..st.hosts.min(50) {
+                let hname = format!("{p}s{si}h{j}");
+                let ip = Ipv4Addr::new(192, 168, lan_net, (200 + j) as u8);
+                let port = format!("s{si}h{j}");
+                links.push(Link {
+                    a_ns: router.clone(),
+                    a: port.clone(),
+                    b_ns: hname.clone(),
+                    b: "eth0".into(),
+                });
+                let r = namespaces.iter_mut().find(|n| n.name == router).unwrap();
+                let _ = writeln!(r.ip_cmds, "link set {port} master lan\nlink set {port} up");
+                let mut h = ns(hname.clone(), None);
+                let _ = writeln!(
+                    h.ip_cmds,
+                    "addr add {ip}/24 dev eth0\nlink set eth0 up\nroute add default via 192.168.{lan_net}.1"
+                );
+                namespaces.push(h);
+                hosts.push((hname, ip));
+            }
+            sites.push(SitePlan {
+                gateway: st.gateway,
+                lan: format!("192.168.{lan_net}.0/24"),
+                router,
+                gateway_ip: nodes[st.gateway].underlay,
+                hosts,
+            });
+        }
+        for (a, st) in sites.iter().zip(&opts.sites) {
+            let r = namespaces.iter_mut().find(|n| n.name == a.router).unwrap();
+            for b in sites.iter().filter(|b| b.router != a.router) {
+                let _ = writeln!(r.ip_cmds, "route add {} via {}", b.lan, a.gateway_ip);
+            }
+            let _ = writeln!(r.ip_cmds, "route add {} via {}", st.overlay, a.gateway_ip);
         }
         // CGNAT routers, each with several homes behind it.
         let per_cg = opts.homes_per_cgnat.max(1);
@@ -663,6 +745,7 @@ impl Plan {
             hosts,
             slots_used: used,
             stun,
+            sites,
         })
     }
 
@@ -882,6 +965,7 @@ mod tests {
             home_size_exact: false,
             home_sizes: HomeSizes::default(),
             stun_server: false,
+            sites: vec![],
         }
     }
 

@@ -20,6 +20,10 @@
 //!   a home NAT against meshpeer's WireGuard port) must print the NAT's
 //!   public address. Also needs `turnserver` (coturn) and `stun`
 //!   (stun-client).
+//! * `site_to_site` (`site-to-site.toml`): two home LANs behind two
+//!   gateway members; the LAN hosts (not members) reach each other, every
+//!   other member reaches both, and a member advertising a site's LAN
+//!   without a token that allows it is refused by every member.
 //! * `address_change` (`address-change.toml`) and `nat_flush`
 //!   (`nat-flush.toml`): after each public address change / NAT flush,
 //!   every affected pair replies again within 30 s (issue 4's target).
@@ -27,16 +31,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-fn is_ci() -> bool {
-    std::env::var("CI")
-        .map(|v| {
-            !matches!(
-                v.trim().to_ascii_lowercase().as_str(),
-                "" | "0" | "false" | "no"
-            )
-        })
-        .unwrap_or(false)
-}
+// The skip rule lives in one place: `meshpeer::testing`.
+use meshpeer::testing::{may_run, require_program, require_root};
 
 /// False (skip) when the test cannot run here; panics instead under CI.
 fn can_run(test: &str) -> bool {
@@ -45,44 +41,13 @@ fn can_run(test: &str) -> bool {
 
 /// `can_run`, also needing the programs `extra` as (program, Debian package).
 fn can_run_with(test: &str, extra: &[(&str, &str)]) -> bool {
-    // SAFETY: no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        if is_ci() {
-            panic!("{test}: needs root, and CI=true forbids skipping");
-        }
-        eprintln!("SKIPPED {test}: needs root (network namespaces)");
-        return false;
-    }
-    for prog in ["ip", "nft", "conntrack"] {
-        let found = std::env::var_os("PATH")
-            .map(|p| std::env::split_paths(&p).any(|d| d.join(prog).is_file()))
-            .unwrap_or(false);
-        if !found {
-            if is_ci() {
-                panic!(
-                    "{test}: `{prog}` not installed (apt-get install iproute2 nftables conntrack)"
-                );
-            }
-            eprintln!("SKIPPED {test}: `{prog}` not installed (apt-get install iproute2 nftables conntrack)");
-            return false;
-        }
-    }
-    for (prog, pkg) in extra {
-        if !on_path(prog) {
-            if is_ci() {
-                panic!("{test}: `{prog}` not installed (apt-get install {pkg})");
-            }
-            eprintln!("SKIPPED {test}: `{prog}` not installed (apt-get install {pkg})");
-            return false;
-        }
-    }
-    true
-}
-
-fn on_path(prog: &str) -> bool {
-    std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join(prog).is_file()))
-        .unwrap_or(false)
+    require_root(test)
+        && require_program(test, "ip", "iproute2")
+        && require_program(test, "nft", "nftables")
+        && require_program(test, "conntrack", "conntrack")
+        && extra
+            .iter()
+            .all(|(prog, pkg)| require_program(test, prog, pkg))
 }
 
 static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -177,15 +142,15 @@ fn run_scenario(
     test: &str,
     file: &str,
 ) -> Option<(std::process::Output, serde_json::Value, PathBuf)> {
-    let Some(bin) = meshpeer_bin() else {
-        if is_ci() {
-            panic!("{test}: no meshpeer binary (build it with `cargo build --bin meshpeer` or set MESHPEER_BIN)");
-        }
-        eprintln!(
-            "SKIPPED {test}: no meshpeer binary (cargo build --bin meshpeer, or set MESHPEER_BIN)"
-        );
+    let bin = meshpeer_bin();
+    if !may_run(
+        test,
+        bin.is_some(),
+        "no meshpeer binary (cargo build --bin meshpeer, or set MESHPEER_BIN)",
+    ) {
         return None;
-    };
+    }
+    let bin = bin?;
     // One testnet at a time: the scenarios' deadlines assume the daemons
     // have the machine's cores, not a share with five other meshes.
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
@@ -282,6 +247,29 @@ fn matrix() {
         m["flagged"],
         run["errors"]
     );
+    let _ = std::fs::remove_dir_all(&out_dir);
+}
+
+/// Site-to-site routes through two gateway members (`check_sites`).
+#[test]
+fn site_to_site() {
+    if !can_run("site_to_site") {
+        return;
+    }
+    let Some((out, report, out_dir)) = run_scenario("site_to_site", "site-to-site.toml") else {
+        return;
+    };
+    let run = &report["runs"][0];
+    let check = step_result(run, "check_sites");
+    assert!(
+        out.status.success() && report["ok"] == true && check["ok"] == true,
+        "site_to_site: {}
+errors: {}",
+        check,
+        run["errors"]
+    );
+    assert_eq!(check["sites"].as_array().map(Vec::len), Some(2));
+    assert!(check["pings"].as_u64().unwrap_or(0) >= 4, "{check}");
     let _ = std::fs::remove_dir_all(&out_dir);
 }
 

@@ -12,11 +12,21 @@
 //!   deadline, then panic with a description (and the last observation).
 //! * [`TempDir`]: a scratch directory, removed on drop unless the test failed.
 //! * [`serial`]: held while a test uses the fixed `mpt*` names (a mutex, and
-//!   a flock against concurrent test runs on the same machine).
+//!   a flock against concurrent test runs on the same machine);
+//!   [`serial_prefix`] for another prefix.
 //! * [`scenario`]: the three-node scenario, shared by tests/mesh.rs (this
-//!   machine) and tests/vm_kernel.rs (a VM with kernel WireGuard).
+//!   machine) and tests/vm_kernel.rs (a VM with kernel WireGuard);
+//!   [`sites`]: two sites routed through their gateways, shared by
+//!   tests/sites.rs and tests/vm_kernel.rs.
+//! * [`Process`]: another program (e.g. Prometheus) run inside a namespace,
+//!   stopped on drop; [`in_netns`] runs a closure on a thread inside a
+//!   namespace (to connect to its loopback); [`http_get`] a tiny client for
+//!   such checks.
 //!
-//! Every name this harness creates starts with `mpt`. Environment:
+//! Every name this harness creates starts with `mpt`, or with another
+//! prefix of [`PREFIXES`] that the test chose (`rt`: tests/sites.rs). The
+//! daemons get `MESHPEER_HOSTS_FILE=none` (a test that wants names passes
+//! `--hosts-file` of its own: never the machine's /etc/hosts). Environment:
 //! * `CI=true`: never skip (a non-root run fails instead of skipping).
 //! * `MESHPEER_BIN`: the meshpeer binary to run (default: the one cargo built).
 //! * `MESHPEER_TEST_TIMEOUT_SCALE`: multiply every deadline (e.g. 4 in a VM
@@ -27,6 +37,7 @@
 #![allow(dead_code)]
 
 pub mod scenario;
+pub mod sites;
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Read;
@@ -40,6 +51,18 @@ use std::time::{Duration, Instant};
 
 pub use serde_json::Value;
 
+/// The prefixes of the names (namespaces, interfaces) tests create.
+pub const PREFIXES: [&str; 2] = ["mpt", "rt"];
+
+/// The prefix `name` starts with (panics if none of [`PREFIXES`]).
+pub fn prefix_of(name: &str) -> &'static str {
+    PREFIXES
+        .iter()
+        .find(|p| name.starts_with(*p))
+        .copied()
+        .unwrap_or_else(|| panic!("test names must start with one of {PREFIXES:?}: {name}"))
+}
+
 /// How often conditions are polled.
 pub const POLL: Duration = Duration::from_millis(200);
 
@@ -47,57 +70,18 @@ pub const POLL: Duration = Duration::from_millis(200);
 // Environment
 // ---------------------------------------------------------------------------
 
-/// True when running under CI (`CI` set to anything but "", "0", "false").
-pub fn is_ci() -> bool {
-    match std::env::var("CI") {
-        Ok(v) => !matches!(
-            v.trim().to_ascii_lowercase().as_str(),
-            "" | "0" | "false" | "no"
-        ),
-        Err(_) => false,
-    }
-}
-
-/// Returns true if the test may go on. Not root: prints why and returns false
-/// (the test then passes as skipped), except under CI, where it panics.
-pub fn require_root(test: &str) -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    if is_ci() {
-        panic!("{test}: needs root (network namespaces), and CI=true forbids skipping");
-    }
-    skip(&format!(
-        "{test}: needs root to create network namespaces (run as root, or under CI=true to make this a failure)"
-    ));
-    false
-}
-
-/// Prints "SKIPPED: why" straight to stderr, past the test harness's output
-/// capture, so that a skipped test (which passes) still says so.
-pub fn skip(why: &str) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr(), "SKIPPED {why}");
-}
+// The skip rule (root, programs; a failure under CI) lives in one place,
+// `meshpeer::testing`, shared with the unit tests and testnet/tests.
+#[allow(unused_imports)]
+pub use meshpeer::testing::{find_in_path, is_ci, require_root, skip};
 
 /// Skips (returns false) or, under CI, panics, when `prog` is not on PATH.
 pub fn require_program(test: &str, prog: &str) -> bool {
-    if find_in_path(prog).is_some() {
-        return true;
-    }
-    if is_ci() {
-        panic!("{test}: `{prog}` not found on PATH, and CI=true forbids skipping");
-    }
-    skip(&format!("{test}: `{prog}` not found on PATH"));
-    false
-}
-
-pub fn find_in_path(prog: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(prog))
-        .find(|p| p.is_file())
+    meshpeer::testing::may_run(
+        test,
+        find_in_path(prog).is_some(),
+        &format!("`{prog}` not found on PATH (.ci/run installs what the tests need)"),
+    )
 }
 
 /// The meshpeer binary: `$MESHPEER_BIN`, or the one cargo built for this test.
@@ -131,10 +115,17 @@ pub struct Serial {
 }
 
 pub fn serial() -> Serial {
+    serial_prefix("mpt")
+}
+
+/// [`serial`] for the names of `prefix` (a lock file of its own, so tests
+/// with other names run beside the `mpt` ones).
+pub fn serial_prefix(prefix: &str) -> Serial {
     use std::os::unix::io::AsRawFd;
     static LOCK: Mutex<()> = Mutex::new(());
     let guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let path = Path::new("/run/lock/meshpeer-mpt-tests.lock");
+    let path = PathBuf::from(format!("/run/lock/meshpeer-{prefix}-tests.lock"));
+    let path = path.as_path();
     let file = OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -363,10 +354,7 @@ pub struct Netns {
 
 impl Netns {
     pub fn new(name: &str) -> Netns {
-        assert!(
-            name.starts_with("mpt"),
-            "test namespaces must start with `mpt`: {name}"
-        );
+        prefix_of(name);
         // A namespace of that name left over by a killed run: remove it.
         if Path::new("/run/netns").join(name).exists() {
             eprintln!("removing stale network namespace {name}");
@@ -395,6 +383,27 @@ impl Netns {
     /// `ip -n NS ARGS...`, which must succeed.
     pub fn ip(&self, args: &[&str]) -> Output {
         must(Command::new("ip").args(["-n", &self.name]).args(args))
+    }
+
+    /// `ip -n NS ARGS...`'s standard output (must succeed).
+    pub fn ip_out(&self, args: &[&str]) -> String {
+        String::from_utf8_lossy(&self.ip(args).stdout).into_owned()
+    }
+
+    /// One ping (1 s timeout) from inside the namespace to `addr`.
+    pub fn ping(&self, addr: &str) -> bool {
+        run_timeout(
+            self.cmd("ping").args(["-c1", "-W1", "-n", "-q", addr]),
+            secs(10),
+        )
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+    }
+
+    /// A sysctl of the namespace, e.g. `net/ipv4/ip_forward` (read inside it).
+    pub fn sysctl(&self, path: &str) -> String {
+        let out = must(self.cmd("cat").arg(format!("/proc/sys/{path}")));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
 }
 
@@ -440,10 +449,11 @@ pub struct Switch {
 }
 
 impl Switch {
-    /// Creates namespace `ns_name` with bridge `mpt-br0` in it.
+    /// Creates namespace `ns_name` with bridge `<prefix>-br0` in it (the
+    /// prefix of `ns_name`, e.g. `mpt`).
     pub fn new(ns_name: &str) -> Switch {
         let ns = Netns::new(ns_name);
-        let bridge = "mpt-br0".to_string();
+        let bridge = format!("{}-br0", prefix_of(ns_name));
         ns.ip(&["link", "add", &bridge, "type", "bridge"]);
         ns.ip(&["link", "set", &bridge, "up"]);
         Switch {
@@ -457,12 +467,15 @@ impl Switch {
         &self.ns
     }
 
-    /// Plugs `node` in: a veth pair `mpt-eth0` (in `node`, with address
-    /// `cidr`, e.g. "10.99.0.1/24") <-> `mpt-pN` (on the bridge). Both ends
-    /// are created directly inside their namespaces and vanish with them.
+    /// Plugs `node` in: a veth pair `<prefix>-eth0` (in `node`, with
+    /// address `cidr`, e.g. "10.99.0.1/24") <-> `<prefix>-pN` (on the
+    /// bridge). Both ends are created directly inside their namespaces and
+    /// vanish with them.
     pub fn attach(&self, node: &Netns, cidr: &str) -> String {
-        let port = format!("mpt-p{}", self.ports.fetch_add(1, Ordering::Relaxed) + 1);
-        let dev = "mpt-eth0";
+        let p = prefix_of(self.ns.name());
+        let port = format!("{p}-p{}", self.ports.fetch_add(1, Ordering::Relaxed) + 1);
+        let dev = format!("{p}-eth0");
+        let dev = dev.as_str();
         ip(&[
             "link",
             "add",
@@ -511,10 +524,7 @@ impl Node {
     /// A node called `name` that will run in `netns` with WireGuard interface
     /// `interface`; its files go under `workdir/name/`.
     pub fn new(name: &str, netns: &Netns, interface: &str, workdir: &Path) -> Node {
-        assert!(
-            interface.starts_with("mpt"),
-            "test interfaces must start with `mpt`: {interface}"
-        );
+        prefix_of(interface);
         let dir = workdir.join(name);
         let state_dir = dir.join("state");
         fs::create_dir_all(&state_dir)
@@ -557,7 +567,7 @@ impl Node {
 
     /// The daemon's environment: ours, less the meshpeer settings that would
     /// change what the test expects (the flags it passes, the default ports,
-    /// the advertised address). MESHPEER_BACKEND is passed on, to let a run
+    /// the advertised address, a config file, tags, metrics, the log level). MESHPEER_BACKEND is passed on, to let a run
     /// force a backend.
     fn env(&self, c: &mut Command) {
         for var in [
@@ -568,9 +578,20 @@ impl Node {
             "MESHPEER_GOSSIP_PORT",
             "MESHPEER_ADVERTISE_ADDR",
             "MESHPEER_NO_RELAY",
+            "MESHPEER_CONFIG",
+            "MESHPEER_NAME",
+            "MESHPEER_TAGS",
+            "MESHPEER_WITH_TAG",
+            "MESHPEER_METRICS_ADDR",
+            "MESHPEER_LOG_LEVEL",
+            "MESHPEER_ON_STOP",
+            "MESHPEER_ADVERTISE_ROUTES",
+            "MESHPEER_EPHEMERAL",
         ] {
             c.env_remove(var);
         }
+        // Never the machine's /etc/hosts.
+        c.env("MESHPEER_HOSTS_FILE", "none");
         if std::env::var_os("RUST_LOG").is_none() {
             c.env("RUST_LOG", "info,meshpeer=debug");
         }
@@ -627,13 +648,24 @@ impl Node {
 
     /// Starts `meshpeer up` (the node that ran `init`).
     pub fn spawn_up(&self) {
+        self.spawn_up_with(&[]);
+    }
+
+    /// Starts `meshpeer up` with more arguments.
+    pub fn spawn_up_with(&self, extra: &[&str]) {
         let mut args = vec!["up".to_string()];
         args.extend(self.common_args());
+        args.extend(extra.iter().map(|s| s.to_string()));
         self.spawn(args);
     }
 
     /// Starts `meshpeer join SEED --token TOKEN`.
     pub fn spawn_join(&self, seed: &str, token: &str) {
+        self.spawn_join_with(seed, token, &[]);
+    }
+
+    /// Starts `meshpeer join SEED --token TOKEN` with more arguments.
+    pub fn spawn_join_with(&self, seed: &str, token: &str, extra: &[&str]) {
         let mut args = vec![
             "join".to_string(),
             seed.into(),
@@ -641,7 +673,56 @@ impl Node {
             token.into(),
         ];
         args.extend(self.common_args());
+        args.extend(extra.iter().map(|s| s.to_string()));
         self.spawn(args);
+    }
+
+    /// `meshpeer ARGS --state-dir DIR` against this node's daemon (from the
+    /// test's namespace, through the control socket); `Err` unless it
+    /// exits 0.
+    pub fn cli(&self, args: &[&str]) -> Result<Output, String> {
+        let dir = self.state_dir.display().to_string();
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend(["--state-dir", &dir]);
+        run_ok(&mut self.meshpeer_local(&all)).map_err(|e| format!("{}: {e}", self.name))
+    }
+
+    /// Like [`Node::cli`], for a command that must fail: its stderr.
+    pub fn cli_fails(&self, args: &[&str]) -> String {
+        let dir = self.state_dir.display().to_string();
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend(["--state-dir", &dir]);
+        let out = run_timeout(&mut self.meshpeer_local(&all), secs(30))
+            .unwrap_or_else(|e| panic!("{}: {e}", self.name));
+        assert!(
+            !out.status.success(),
+            "{}: meshpeer {args:?} should have failed; stdout: {}",
+            self.name,
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    /// A `meshpeer ARGS --state-dir DIR` command (stdout piped, for
+    /// long-running ones like `status --watch`), spawned; killed on drop.
+    pub fn cli_spawn(&self, args: &[&str]) -> Process {
+        let dir = self.state_dir.display().to_string();
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend(["--state-dir", &dir]);
+        let mut cmd = self.meshpeer_local(&all);
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        Process::spawn(&format!("{} meshpeer {}", self.name, args.join(" ")), cmd)
+    }
+
+    /// Sends `sig` to the daemon.
+    pub fn signal(&self, sig: i32) {
+        let pid = self
+            .pid()
+            .unwrap_or_else(|| panic!("{}: not started", self.name));
+        // SAFETY: plain syscall on our own child.
+        unsafe { libc::kill(pid as i32, sig) };
     }
 
     fn spawn(&self, args: Vec<String>) {
@@ -937,4 +1018,126 @@ pub fn members_summary(status: &Value) -> String {
         })
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+// ---------------------------------------------------------------------------
+// Other programs, namespaces from the inside, HTTP
+// ---------------------------------------------------------------------------
+
+/// A program the test started (e.g. Prometheus, or a long-running meshpeer
+/// client): SIGTERM on drop, SIGKILL if it lingers; it also dies with the
+/// test thread.
+pub struct Process {
+    pub name: String,
+    child: Option<Child>,
+}
+
+impl Process {
+    /// Spawns `cmd` (its stdio as the caller set it).
+    pub fn spawn(name: &str, mut cmd: Command) -> Process {
+        die_with_parent(&mut cmd);
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("{name}: cannot spawn {}: {e}", describe(&cmd)));
+        Process {
+            name: name.to_string(),
+            child: Some(child),
+        }
+    }
+
+    pub fn child(&mut self) -> &mut Child {
+        self.child.as_mut().expect("process")
+    }
+
+    /// Panics if it has exited.
+    pub fn assert_running(&mut self) {
+        let name = self.name.clone();
+        if let Ok(Some(s)) = self.child().try_wait() {
+            panic!("{name} exited unexpectedly ({s})");
+        }
+    }
+
+    /// Sends `sig` and waits up to 10 s (scaled) for the exit; SIGKILL after.
+    pub fn stop_with(&mut self, sig: i32) -> Option<ExitStatus> {
+        let mut child = self.child.take()?;
+        if let Ok(Some(s)) = child.try_wait() {
+            return Some(s);
+        }
+        // SAFETY: plain syscall on our own child.
+        unsafe { libc::kill(child.id() as i32, sig) };
+        let deadline = Instant::now() + secs(10);
+        loop {
+            match child.try_wait() {
+                Ok(Some(s)) => return Some(s),
+                Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(20)),
+                _ => {
+                    eprintln!("{}: still running, killing it", self.name);
+                    let _ = child.kill();
+                    return child.wait().ok();
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.stop_with(libc::SIGTERM);
+    }
+}
+
+/// Runs `f` on a thread that has entered network namespace `name` (so it
+/// can reach the namespace's loopback), and returns its result.
+pub fn in_netns<T: Send + 'static>(name: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    use std::os::unix::io::AsRawFd;
+    let path = Path::new("/run/netns").join(name);
+    let ns = File::open(&path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    thread::spawn(move || {
+        // SAFETY: setns on a descriptor we own; it changes this thread's
+        // network namespace only, and the thread ends after `f`.
+        if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            panic!("setns: {}", std::io::Error::last_os_error());
+        }
+        f()
+    })
+    .join()
+    .unwrap_or_else(|e| std::panic::resume_unwind(e))
+}
+
+/// `GET path` over HTTP/1.0 (the server closes the connection, no chunked
+/// encoding): (status code, body). Connects from the calling thread's
+/// namespace.
+pub fn http_get(addr: std::net::SocketAddr, path: &str) -> Result<(u16, String), String> {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .map_err(|e| format!("connect {addr}: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")
+        .map_err(|e| format!("send to {addr}: {e}"))?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)
+        .map_err(|e| format!("read from {addr}: {e}"))?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| format!("{addr}{path}: no HTTP header in {text:?}"))?;
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("{addr}{path}: bad status line in {head:?}"))?;
+    Ok((code, body.to_string()))
+}
+
+/// Percent-encodes a URL query value.
+pub fn url_encode(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }

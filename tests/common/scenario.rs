@@ -187,6 +187,21 @@ pub fn three_nodes_form_a_full_mesh_and_one_leaves(test: &str, expect_backend: O
     }
     progress(t0, "each node: 2 WireGuard peers, 3 members");
 
+    // A first join tells the user what it does, on stderr (the log file).
+    for n in &nodes[1..] {
+        wait_until(
+            secs(10),
+            &format!("{}: join progress lines", n.name),
+            || {
+                let log = n.log_tail(10_000);
+                log.contains("meshpeer: contacting seed 10.99.0.1:51821")
+                    && log.contains("meshpeer: admitted by 10.99.0.1:51821")
+                    && log.contains("meshpeer: overlay address ")
+                    && log.contains("meshpeer: joined: all ")
+            },
+        );
+    }
+
     // Status measures the round trip to each member over the overlay.
     for node in &nodes {
         wait_for(

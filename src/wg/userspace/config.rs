@@ -2,6 +2,7 @@
 //! request, and the pure function that applies them with wireguard-go's
 //! semantics.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 
 use ipnet::IpNet;
@@ -137,17 +138,45 @@ impl DeviceConfig {
         self.private_key = key;
     }
 
-    fn insert_allowed_ip(&mut self, idx: usize, net: IpNet) {
+    /// Adds `net` to peer `idx`. A prefix belongs to one peer: inserting it
+    /// moves it. `owners` (prefix -> peer id) is the truth while a request
+    /// is applied; the lists catch up in [`Self::sweep_allowed_ips`]. With
+    /// a scan of every peer's list per line instead, a `set` of n allowed
+    /// IPs took O(n^2) (40,000: 19 s; the socket accepts 16 MiB).
+    fn insert_allowed_ip(&mut self, idx: usize, net: IpNet, owners: &mut HashMap<IpNet, u64>) {
         let net = net.trunc();
-        // A prefix belongs to one peer: inserting it moves it.
-        for (i, p) in self.peers.iter_mut().enumerate() {
-            if i != idx {
-                p.allowed_ips.retain(|n| *n != net);
+        let id = self.peers[idx].id;
+        if owners.insert(net, id) != Some(id) {
+            self.peers[idx].allowed_ips.push(net);
+        }
+    }
+
+    /// Removes peer `idx` and its prefixes from `owners`.
+    fn remove_peer(&mut self, idx: usize, owners: &mut HashMap<IpNet, u64>) {
+        let p = self.peers.remove(idx);
+        for n in &p.allowed_ips {
+            if owners.get(n) == Some(&p.id) {
+                owners.remove(n);
             }
         }
-        let ips = &mut self.peers[idx].allowed_ips;
-        if !ips.contains(&net) {
-            ips.push(net);
+    }
+
+    /// Drops from each peer's list the prefixes it no longer holds (moved,
+    /// removed) and all but the last copy of the others (a prefix that came
+    /// back is where it was added last), in one pass.
+    fn sweep_allowed_ips(&mut self, owners: &HashMap<IpNet, u64>) {
+        for p in &mut self.peers {
+            let id = p.id;
+            let mut seen = std::collections::HashSet::new();
+            let mut kept: Vec<IpNet> = p
+                .allowed_ips
+                .iter()
+                .rev()
+                .filter(|n| owners.get(n) == Some(&id) && seen.insert(**n))
+                .copied()
+                .collect();
+            kept.reverse();
+            p.allowed_ips = kept;
         }
     }
 
@@ -169,13 +198,24 @@ impl DeviceConfig {
         // is an X25519 base-point multiplication, and the daemon's periodic
         // poke names every peer with a session.
         let own = c.public_key();
+        let mut owners: HashMap<IpNet, u64> = c
+            .peers
+            .iter()
+            .flat_map(|p| p.allowed_ips.iter().map(move |n| (*n, p.id)))
+            .collect();
         for section in &req.peers {
-            c.apply_peer(section, own);
+            c.apply_peer(section, own, &mut owners);
         }
+        c.sweep_allowed_ips(&owners);
         Ok(c)
     }
 
-    fn apply_peer(&mut self, section: &PeerSection, own: Option<Key>) {
+    fn apply_peer(
+        &mut self,
+        section: &PeerSection,
+        own: Option<Key>,
+        owners: &mut HashMap<IpNet, u64>,
+    ) {
         // A peer with our own public key is a "dummy": its lines are ignored.
         let dummy = own == Some(section.public_key);
         let mut created = false;
@@ -197,22 +237,31 @@ impl DeviceConfig {
             match op {
                 PeerOp::UpdateOnly => {
                     if created {
-                        self.peers.remove(i);
+                        self.remove_peer(i, owners);
                         idx = None;
                     }
                 }
                 PeerOp::Remove => {
-                    self.peers.remove(i);
+                    self.remove_peer(i, owners);
                     idx = None;
                 }
                 PeerOp::PresharedKey(k) => self.peers[i].preshared_key = *k,
                 PeerOp::Endpoint(e) => self.peers[i].endpoint = Some(*e),
                 PeerOp::PersistentKeepalive(s) => self.peers[i].persistent_keepalive = *s,
-                PeerOp::ReplaceAllowedIps => self.peers[i].allowed_ips.clear(),
-                PeerOp::AllowedIp(net) => self.insert_allowed_ip(i, *net),
+                PeerOp::ReplaceAllowedIps => {
+                    let id = self.peers[i].id;
+                    for n in self.peers[i].allowed_ips.drain(..) {
+                        if owners.get(&n) == Some(&id) {
+                            owners.remove(&n);
+                        }
+                    }
+                }
+                PeerOp::AllowedIp(net) => self.insert_allowed_ip(i, *net, owners),
                 PeerOp::RemoveAllowedIp(net) => {
                     let net = net.trunc();
-                    self.peers[i].allowed_ips.retain(|n| *n != net);
+                    if owners.get(&net) == Some(&self.peers[i].id) {
+                        owners.remove(&net);
+                    }
                 }
                 PeerOp::ProtocolVersion => {}
             }

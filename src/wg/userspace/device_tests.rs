@@ -55,13 +55,7 @@ fn in_private_netns<F: std::future::Future<Output = ()>>(
     name: &str,
     body: impl FnOnce() -> F + Send + 'static,
 ) {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        assert!(
-            std::env::var("CI").map_or(true, |v| v != "true"),
-            "{name} needs root under CI"
-        );
-        eprintln!("SKIPPED {name}: needs root for a private network namespace");
+    if !crate::testing::require_root(name) {
         return;
     }
     let handle = std::thread::spawn(move || {
