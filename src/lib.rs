@@ -39,10 +39,12 @@ pub mod reconcile;
 pub mod record;
 pub mod relay;
 pub mod routes;
+pub mod sim;
 pub mod state;
 pub mod status;
 #[doc(hidden)]
 pub mod testing;
+pub mod tick;
 pub mod trust;
 pub mod wg;
 

@@ -50,6 +50,17 @@ pub const PROVISIONAL: Duration = Duration::from_secs(60);
 /// users set it by hand: it keeps our NAT mapping towards the peer open.
 pub const KEEPALIVE_SECS: u16 = 25;
 
+/// The persistent keepalive this node sets on its peers: none on a public
+/// member (its tunnels lapse when unused), [`KEEPALIVE_SECS`] behind NAT
+/// (it keeps our mappings open).
+pub fn keepalive_for(our_nat: crate::record::NatKind) -> u16 {
+    if our_nat == crate::record::NatKind::Public {
+        0
+    } else {
+        KEEPALIVE_SECS
+    }
+}
+
 /// One member as the gossip layer holds it: its values (signed text).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GossipEntry {
@@ -677,6 +688,25 @@ impl Membership {
             .is_some_and(|h| h != self.self_key)
     }
 
+    /// The members liveness watches: everyone (not left) but us who holds
+    /// its address here; `reachable` (by WireGuard key) says whether a
+    /// WireGuard path exists that probes can take.
+    pub fn liveness_views(
+        &self,
+        reachable: &dyn Fn(&[u8; 32]) -> bool,
+    ) -> Vec<crate::liveness::MemberView> {
+        self.members()
+            .filter(|m| {
+                m.record.node_key != self.self_key && self.holds_address(&m.record.node_key)
+            })
+            .map(|m| crate::liveness::MemberView {
+                key: m.record.node_key,
+                overlay_ip: m.record.overlay_ip,
+                reachable: reachable(&m.record.wg_public_key),
+            })
+            .collect()
+    }
+
     /// The WireGuard peers we want: live members holding their address, and
     /// down ones within the down grace or still `hearing` (the data plane
     /// received from their key recently: the member is there, whatever
@@ -708,6 +738,42 @@ impl Membership {
             })
             .collect()
     }
+}
+
+/// A joiner's overlay address (proto/PROTOCOL.md §6): what the member that
+/// admitted us says is held (`holders`, `names`) and the records it handed
+/// over, run through a scratch membership, then [`crate::ipalloc::choose`]
+/// among the addresses nobody holds or claims. `None`: the network is full.
+#[allow(clippy::too_many_arguments)]
+pub fn choose_joiner_address(
+    now: Instant,
+    me: &PublicKeyBytes,
+    cidr: Ipv4Net,
+    holders: &[(Ipv4Addr, PublicKeyBytes)],
+    names: &[(String, PublicKeyBytes)],
+    records: &[Arc<str>],
+    trust: &Trust<'_>,
+    down_grace: Duration,
+) -> Option<Ipv4Addr> {
+    let mut scratch = Membership::new(*me, down_grace);
+    scratch
+        .holders_mut()
+        .adopt(holders.iter().copied(), names.iter().cloned());
+    let entries: Vec<GossipEntry> = records
+        .iter()
+        .filter_map(|text| {
+            let v = verify_record(text, trust, None).ok()?;
+            Some(GossipEntry {
+                node_id: proto::node_id_string(&v.body.node_key),
+                record: Some(text.clone()),
+                seen: None,
+                alive: None,
+                suspects: None,
+            })
+        })
+        .collect();
+    scratch.handle_snapshot(now, &entries, trust, &|_| false);
+    crate::ipalloc::choose(cidr, me, &scratch.taken_ips(me))
 }
 
 /// Whether `a` is on one of our own networks (our LAN).

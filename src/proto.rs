@@ -134,7 +134,9 @@ pub fn verify(
     Ok(())
 }
 
-fn verify_uncached(
+/// [`verify`] without the cache: what a first sight of a signature costs
+/// (benches).
+pub fn verify_uncached(
     key: &PublicKeyBytes,
     domain: &[u8],
     message: &[u8],

@@ -90,6 +90,12 @@ pub fn reconcile(
     silent: &dyn Fn(&[u8; 32]) -> bool,
 ) -> Vec<PeerChange> {
     let mut changes = Vec::new();
+    // Indexes by key: a linear search per peer made this quadratic (10^8
+    // comparisons per step at 10,000 members).
+    let by_key: std::collections::HashMap<&[u8; 32], &ActualPeer> =
+        actual.iter().map(|a| (&a.public_key, a)).collect();
+    let wanted: std::collections::HashSet<&[u8; 32]> =
+        desired.iter().map(|d| &d.public_key).collect();
     for d in desired {
         let pick = |rot: usize| -> Option<SocketAddr> {
             if d.endpoints.is_empty() {
@@ -98,7 +104,7 @@ pub fn reconcile(
                 Some(d.endpoints[rot % d.endpoints.len()])
             }
         };
-        match actual.iter().find(|a| a.public_key == d.public_key) {
+        match by_key.get(&d.public_key).copied() {
             None => changes.push(PeerChange::Add {
                 public_key: d.public_key,
                 allowed_ips: d.allowed_ips.clone(),
@@ -153,7 +159,7 @@ pub fn reconcile(
         }
     }
     for a in actual {
-        if owned.contains(&a.public_key) && !desired.iter().any(|d| d.public_key == a.public_key) {
+        if owned.contains(&a.public_key) && !wanted.contains(&a.public_key) {
             changes.push(PeerChange::Remove {
                 public_key: a.public_key,
             });

@@ -167,6 +167,13 @@ impl RecordBody {
     }
 }
 
+/// The next version of a member's values (proto/PROTOCOL.md §4.2): above
+/// every version it used (`last`, persisted) and every version of its own
+/// that gossip has seen (`gossip_max`), and at least the clock in ms.
+pub fn next_version(last: u64, gossip_max: u64, unix_ms: u64) -> u64 {
+    unix_ms.max(last.max(gossip_max) + 1)
+}
+
 /// What records are checked against: our network, our clock, and the
 /// revocations we hold.
 #[derive(Clone, Copy)]

@@ -198,6 +198,46 @@ impl TrustState {
     }
 }
 
+/// A seed's decision on a `Join` (proto/PROTOCOL.md §6): the joiner's
+/// credential (admission only) checked against our clock and revocations,
+/// then a stamp signed by us (`signing`, admitted by `our_admission`) at our
+/// clock's time. Sans-IO: the daemon's join handler and the simulation call
+/// it.
+pub fn admit_joiner(
+    trust: &TrustState,
+    signing: &ed25519_dalek::SigningKey,
+    our_admission: &crate::proto::Signed,
+    joiner: &PeerIdentity,
+) -> Result<crate::proto::Signed, crate::gossip::transport::Refusal> {
+    use crate::gossip::transport::Refusal;
+    // Checked at the handshake; again now (the token may have expired
+    // since, or a revocation arrived: a member whose stamper was revoked
+    // is a joiner again and gets a new stamp while its token is good).
+    let admission = match trust.check_credential(&joiner.credential, &joiner.node_key) {
+        Ok(p) if p.stamped => return Err(Refusal::NotAJoiner),
+        Ok(p) => p.admission,
+        Err(AdmissionError::Expired { expires_at, at }) => {
+            return Err(Refusal::TokenExpired {
+                expires_at,
+                now: at,
+            })
+        }
+        Err(AdmissionError::Revoked(_)) => return Err(Refusal::Revoked),
+        Err(e) => return Err(Refusal::Other(e.to_string())),
+    };
+    Ok(admission::stamp(
+        signing,
+        admission::Stamper::Member {
+            node_key: signing.verifying_key().to_bytes(),
+            admission: our_admission.clone(),
+        },
+        trust.network.key,
+        joiner.node_key,
+        admission.token_id,
+        trust.now_unix(),
+    ))
+}
+
 fn expect_version(signed: u64, gossip: u64) -> Result<(), String> {
     if signed == gossip {
         Ok(())

@@ -16,7 +16,6 @@ use std::time::Duration;
 use ed25519_dalek::SigningKey;
 use tokio::sync::watch;
 
-use crate::admission::{self, AdmissionError, Stamper};
 use crate::gossip::transport::{
     AllocReply, HelloReply, JoinReply, ProbeError, QuicTransport, Refusal, Request,
 };
@@ -198,59 +197,20 @@ pub struct Handler {
 
 impl Handler {
     fn join(&self, peer: &PeerIdentity, name: &str) -> JoinReply {
-        // Checked at the handshake; again now (the token may have expired
-        // since, or a revocation arrived: a member whose stamper was revoked
-        // is a joiner again and gets a new stamp while its token is good).
-        let checked = self
-            .trust
-            .check_credential(&peer.credential, &peer.node_key);
-        let admission = match checked {
-            Ok(p) if p.stamped => {
-                return JoinReply::Refused {
-                    reason: Refusal::NotAJoiner,
+        match crate::trust::admit_joiner(&self.trust, &self.signing, &self.admission, peer) {
+            Ok(stamp) => {
+                if peer.credential.stamp.is_some() {
+                    tracing::info!(member = %proto::short_key(&peer.node_key), name,
+                        "stamped again a member whose stamper was revoked");
+                } else {
+                    tracing::info!(joiner = %proto::short_key(&peer.node_key), name, "admitted a new member");
+                }
+                JoinReply::Admitted {
+                    stamp,
+                    hello: (**self.hello.borrow()).clone(),
                 }
             }
-            Ok(p) => p.admission,
-            Err(AdmissionError::Expired { expires_at, at }) => {
-                return JoinReply::Refused {
-                    reason: Refusal::TokenExpired {
-                        expires_at,
-                        now: at,
-                    },
-                }
-            }
-            Err(AdmissionError::Revoked(_)) => {
-                return JoinReply::Refused {
-                    reason: Refusal::Revoked,
-                }
-            }
-            Err(e) => {
-                return JoinReply::Refused {
-                    reason: Refusal::Other(e.to_string()),
-                }
-            }
-        };
-        let now = self.trust.now_unix();
-        let stamp = admission::stamp(
-            &self.signing,
-            Stamper::Member {
-                node_key: self.signing.verifying_key().to_bytes(),
-                admission: self.admission.clone(),
-            },
-            self.trust.network.key,
-            peer.node_key,
-            admission.token_id,
-            now,
-        );
-        if peer.credential.stamp.is_some() {
-            tracing::info!(member = %proto::short_key(&peer.node_key), name,
-                "stamped again a member whose stamper was revoked");
-        } else {
-            tracing::info!(joiner = %proto::short_key(&peer.node_key), name, "admitted a new member");
-        }
-        JoinReply::Admitted {
-            stamp,
-            hello: (**self.hello.borrow()).clone(),
+            Err(reason) => JoinReply::Refused { reason },
         }
     }
 }

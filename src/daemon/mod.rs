@@ -46,7 +46,6 @@ use crate::gossip::rounds::RoundPlanner;
 use crate::gossip::transport::HelloReply;
 use crate::gossip::{tls, Gossip, QuicTransport};
 use crate::identity::Identity;
-use crate::ipalloc;
 use crate::liveness::Liveness;
 use crate::membership::Membership;
 use crate::proto::{self, Signed};
@@ -57,18 +56,8 @@ use crate::wg::{BackendChoice, WgInterface};
 
 use traversal::Traversal;
 
-/// The daemon's tick when the mesh is small; see [`tick_period`].
-const TICK: Duration = Duration::from_millis(250);
-/// The tick of a node at rest: nothing changed for [`SETTLE`], every path
-/// works, no gossip news. Events that need an answer at once (a value
-/// arriving, a STUN or probe answer, a liveness timer) do not wait for it.
-const QUIET_TICK: Duration = Duration::from_secs(1);
-/// How long after the last change a node counts as at rest.
-const SETTLE: Duration = Duration::from_secs(10);
-/// Up to this many known members, the tick is [`TICK`]; above, it grows in
-/// proportion, up to [`MAX_TICK`].
-const TICK_MEMBERS: usize = 40;
-const MAX_TICK: Duration = Duration::from_secs(2);
+use crate::tick::{tick_period, SETTLE, TICK};
+
 /// The least time between two steps when records change.
 const MIN_STEP_GAP: Duration = Duration::from_millis(50);
 /// How long a leaving node keeps gossiping its leave record.
@@ -226,7 +215,7 @@ pub(crate) struct Node {
     ip_since: Instant,
     /// Values already fed to liveness (node id, key) -> text, to skip
     /// re-verifying them every step.
-    fed: std::collections::HashMap<(String, &'static str), Arc<str>>,
+    fed: crate::liveness::ValueFeed,
     /// What the last published record said (to republish only on change).
     published_record: Option<crate::record::RecordBody>,
     /// When the last step saw a change (membership events, WireGuard
@@ -484,36 +473,28 @@ pub async fn run_with_reload(
             .adopt(hello.holders.clone(), hello.names.clone());
         first_records = hello.records.clone();
         if state.overlay_ip.is_none() {
-            let mut scratch = Membership::new(id.node_key(), cfg.down_grace);
-            scratch
-                .holders_mut()
-                .adopt(hello.holders.clone(), hello.names.clone());
-            let entries: Vec<crate::membership::GossipEntry> = hello
+            let records: Vec<Arc<str>> = hello
                 .records
                 .iter()
-                .filter_map(|text| {
-                    let v = trust
-                        .with_trust(|t| crate::record::verify_record(text, t, None))
-                        .ok()?;
-                    Some(crate::membership::GossipEntry {
-                        node_id: proto::node_id_string(&v.body.node_key),
-                        record: Some(text.as_str().into()),
-                        seen: None,
-                        alive: None,
-                        suspects: None,
-                    })
-                })
+                .map(|t| Arc::from(t.as_str()))
                 .collect();
-            trust.with_trust(|t| scratch.handle_snapshot(Instant::now(), &entries, t, &|_| false));
-            let ip = ipalloc::choose(
-                network.cidr,
-                &id.node_key(),
-                &scratch.taken_ips(&id.node_key()),
-            )
-            .ok_or_else(|| anyhow!("network {} is full", network.cidr))?;
+            let ip = trust
+                .with_trust(|t| {
+                    crate::membership::choose_joiner_address(
+                        Instant::now(),
+                        &id.node_key(),
+                        network.cidr,
+                        &hello.holders,
+                        &hello.names,
+                        &records,
+                        t,
+                        cfg.down_grace,
+                    )
+                })
+                .ok_or_else(|| anyhow!("network {} is full", network.cidr))?;
             state.overlay_ip = Some(ip);
             state.ip_claimed_at = unix_ms();
-            tracing::info!(%ip, members = entries.len(), "chose overlay address");
+            tracing::info!(%ip, members = records.len(), "chose overlay address");
             if first_join {
                 eprintln!("meshpeer: overlay address {ip}");
             }
@@ -769,23 +750,17 @@ pub async fn run_with_reload(
     Ok(())
 }
 
-/// The daemon's tick for a mesh of `members` known members (not left). A
-/// tick's work grows with the number of members, so at hundreds of members
-/// a fixed tick makes every node's idle cost grow with N; stretching the
-/// tick keeps it about flat, at the price of reacting a little later in
-/// large meshes. Events that need an answer at once (a STUN answer, a probe
-/// answer, a control request, a liveness timer) do not wait for the tick.
-fn tick_period(members: usize, at_rest: bool) -> Duration {
-    let busy = if members <= TICK_MEMBERS {
-        TICK
-    } else {
-        (TICK * members as u32 / TICK_MEMBERS as u32).min(MAX_TICK)
-    };
-    if at_rest {
-        busy.max(QUIET_TICK)
-    } else {
-        busy
-    }
+/// The next version of our values (proto/PROTOCOL.md §4.2), kept in the
+/// state (persisted).
+fn next_version_of(state: &mut NodeState, gossip: &Gossip) -> u64 {
+    let seen = gossip.take_self_seen().unwrap_or(0);
+    let v = crate::record::next_version(
+        state.record_version.max(seen),
+        gossip.self_version(),
+        unix_ms(),
+    );
+    state.record_version = v;
+    v
 }
 
 /// Removes the control socket when the daemon ends.
@@ -807,14 +782,7 @@ impl Node {
 
     /// The next version of our values (proto/PROTOCOL.md §4.2).
     fn next_version(&mut self) -> u64 {
-        let seen = self.gossip.take_self_seen().unwrap_or(0);
-        let v = values::next_version(
-            self.state.record_version.max(seen),
-            self.gossip.self_version(),
-            unix_ms(),
-        );
-        self.state.record_version = v;
-        v
+        next_version_of(&mut self.state, &self.gossip)
     }
 
     /// Whether this member offers relaying (public, and not `--no-relay`).
@@ -943,27 +911,6 @@ impl Node {
                 self.gossip.round_with(t.addr);
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_tick_stretches_with_the_mesh_and_at_rest() {
-        assert_eq!(tick_period(0, false), TICK);
-        assert_eq!(tick_period(TICK_MEMBERS, false), TICK);
-        assert_eq!(tick_period(2 * TICK_MEMBERS, false), 2 * TICK);
-        assert_eq!(tick_period(10_000, false), MAX_TICK);
-        assert_eq!(tick_period(10, true), QUIET_TICK);
-        assert_eq!(tick_period(10_000, true), MAX_TICK);
-        let mut last = Duration::ZERO;
-        for n in 0..1000 {
-            let t = tick_period(n, false);
-            assert!(t >= last, "tick for {n} members shrank");
-            last = t;
         }
     }
 }

@@ -12,13 +12,12 @@ use ipnet::Ipv4Net;
 use super::{unix_ms, Node};
 use crate::gossip::rounds::Target;
 use crate::gossip::transport::{AllocReply, HelloReply};
-use crate::liveness::{self, Alive, MemberView, Suspicions};
-use crate::membership::{on_local_net, Event, GossipEntry, Liveness, Membership};
+use crate::liveness;
+use crate::membership::{Event, GossipEntry, Membership};
 use crate::nat::paths::Path;
 use crate::proto;
 use crate::reconcile::{reconcile, PeerChange, FRESH_HANDSHAKE};
-use crate::record::NatKind;
-use crate::trust::{self, ALIVE_KEY, SUSPECTS_KEY};
+use crate::trust::{self, ALIVE_KEY};
 
 /// How often the host's addresses are read again.
 const LOCAL_NETS_EVERY: Duration = Duration::from_secs(2);
@@ -82,21 +81,13 @@ impl Node {
         self.feed_relay();
 
         // Liveness: who we can probe (a path exists), our summary.
-        let views: Vec<MemberView> = self
-            .membership
-            .members()
-            .filter(|m| {
-                m.record.node_key != me && self.membership.holds_address(&m.record.node_key)
-            })
-            .map(|m| MemberView {
-                key: m.record.node_key,
-                overlay_ip: m.record.overlay_ip,
-                reachable: matches!(
-                    self.traversal.paths.get(&m.record.wg_public_key),
-                    Some(Path::Direct) | Some(Path::Relayed { .. })
-                ),
-            })
-            .collect();
+        let paths = &self.traversal.paths;
+        let views = self.membership.liveness_views(&|k| {
+            matches!(
+                paths.get(k),
+                Some(Path::Direct) | Some(Path::Relayed { .. })
+            )
+        });
         self.liveness.handle_members(now, &views);
         {
             let mut ips = self
@@ -296,38 +287,13 @@ impl Node {
     /// Feeds members' signed liveness values (changed ones only) and record
     /// versions to the liveness core.
     fn feed_liveness(&mut self, now: Instant, entries: &[GossipEntry]) {
-        let nk = self.network.key;
-        for e in entries {
-            let Some(owner) = proto::parse_node_id(&e.node_id) else {
-                continue;
-            };
-            if let Some(m) = self.membership.member(&owner) {
-                self.liveness.handle_version(&owner, m.record.version);
-            }
-            for (key, value) in [(ALIVE_KEY, &e.alive), (SUSPECTS_KEY, &e.suspects)] {
-                let Some(text) = value else { continue };
-                let slot = (e.node_id.clone(), key);
-                if self
-                    .fed
-                    .get(&slot)
-                    .is_some_and(|t| Arc::ptr_eq(t, text) || t == text)
-                {
-                    continue;
-                }
-                self.fed.insert(slot, text.clone());
-                if key == ALIVE_KEY {
-                    if let Ok(a) = liveness::verify_alive(text, &nk, &owner) {
-                        self.liveness.handle_alive(now, &a);
-                    }
-                } else if let Ok(s) = liveness::verify_suspicions(text, &nk, &owner) {
-                    self.liveness.handle_suspicions(now, &s);
-                }
-            }
-        }
-        if self.fed.len() > 4 * entries.len() + 64 {
-            let ids: HashSet<&str> = entries.iter().map(|e| e.node_id.as_str()).collect();
-            self.fed.retain(|(id, _), _| ids.contains(id.as_str()));
-        }
+        self.fed.feed(
+            now,
+            &mut self.liveness,
+            &self.membership,
+            &self.network.key,
+            entries,
+        );
     }
 
     /// Our address: moved if another member holds it here (a lost race;
@@ -367,11 +333,7 @@ impl Node {
         // A member behind NAT keeps its mappings open with keepalives; a
         // public member sends none (its tunnels lapse when unused and come
         // back on the first packet: the peer behind NAT keeps the path open).
-        let keepalive = if self.traversal.nat.kind == NatKind::Public {
-            0
-        } else {
-            crate::membership::KEEPALIVE_SECS
-        };
+        let keepalive = crate::membership::keepalive_for(self.traversal.nat.kind);
         let traversal = &self.traversal;
         let mut desired =
             self.membership
@@ -587,31 +549,16 @@ impl Node {
 
     /// Accusations and refutations the liveness core wants published.
     fn publish_liveness_values(&mut self) {
-        if let Some(targets) = self.liveness.take_accusations() {
-            let version = self.next_version();
-            let text = Suspicions {
-                network_key: self.network.key,
-                accuser: self.id.node_key(),
-                issued_at_ms: version,
-                targets,
+        let (state, gossip) = (&mut self.state, &self.gossip);
+        let values = liveness::values_to_publish(&mut self.liveness, &self.id.signing, &mut || {
+            super::next_version_of(state, gossip)
+        });
+        for (key, text, version) in values {
+            if key == ALIVE_KEY {
+                tracing::info!("members suspect us; refuting");
             }
-            .sign(&self.id.signing);
-            if let Err(e) = self.gossip.publish(SUSPECTS_KEY, text, version) {
-                tracing::warn!(error = %e, "cannot publish our accusations");
-            }
-        }
-        if let Some(refutes) = self.liveness.take_refutations() {
-            tracing::info!(accusations = refutes.len(), "members suspect us; refuting");
-            let version = self.next_version();
-            let text = Alive {
-                network_key: self.network.key,
-                node_key: self.id.node_key(),
-                issued_at_ms: version,
-                refutes,
-            }
-            .sign(&self.id.signing);
-            if let Err(e) = self.gossip.publish(ALIVE_KEY, text, version) {
-                tracing::warn!(error = %e, "cannot publish our refutation");
+            if let Err(e) = self.gossip.publish(key, text, version) {
+                tracing::warn!(error = %e, key, "cannot publish our liveness value");
             }
         }
     }
@@ -620,35 +567,18 @@ impl Node {
     /// address of members that are reachable there (public, or on our
     /// LAN), else the overlay address when a WireGuard path works.
     pub(super) fn round_targets(&self) -> Vec<Target> {
-        let me = self.id.node_key();
         let local = self
             .local_nets
             .as_ref()
             .map(|(_, n)| n.clone())
             .unwrap_or_default();
-        self.membership
-            .members()
-            .filter(|m| m.record.node_key != me && m.liveness == Liveness::Live)
-            .filter_map(|m| {
-                let r = &m.record;
-                let underlay = r.nat == NatKind::Public || on_local_net(&local, &r.gossip_addr);
-                let addr = if underlay {
-                    r.gossip_addr
-                } else if matches!(
-                    self.traversal.paths.get(&r.wg_public_key),
-                    Some(Path::Direct) | Some(Path::Relayed { .. })
-                ) && self.membership.holds_address(&r.node_key)
-                {
-                    SocketAddr::new(IpAddr::V4(r.overlay_ip), r.gossip_addr.port())
-                } else {
-                    return None;
-                };
-                Some(Target {
-                    key: r.node_key,
-                    addr,
-                })
-            })
-            .collect()
+        let paths = &self.traversal.paths;
+        crate::gossip::rounds::round_targets(&self.membership, &self.id.node_key(), &local, &|k| {
+            matches!(
+                paths.get(k),
+                Some(Path::Direct) | Some(Path::Relayed { .. })
+            )
+        })
     }
 
     /// Starts the gossip rounds the planner wants now.
@@ -662,11 +592,7 @@ impl Node {
             .map(|t| t.addr)
             .collect();
         self.gossip.transport.set_expected(expected);
-        let partner = self
-            .liveness
-            .monitored()
-            .next()
-            .and_then(|k| targets.iter().find(|t| &t.key == k).copied());
+        let partner = crate::gossip::rounds::rest_partner(self.liveness.monitored(), &targets);
         let mut bootstrap = self.seed_addrs.clone();
         bootstrap.extend(self.state.known_members.iter().copied());
         bootstrap.sort();

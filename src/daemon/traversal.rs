@@ -445,11 +445,7 @@ impl Traversal {
             .map(|x| (x.record.wg_public_key, x.record.nat))
             .collect();
         let nat_of = |k: &[u8; 32]| nats.get(k).copied().unwrap_or(NatKind::Unknown);
-        let hopeless = |k: &[u8; 32]| {
-            let theirs = nat_of(k);
-            (our_nat == NatKind::EndpointDependent && theirs != NatKind::Public)
-                || (theirs == NatKind::EndpointDependent && our_nat != NatKind::Public)
-        };
+        let hopeless = |k: &[u8; 32]| crate::nat::paths::punch_hopeless(our_nat, nat_of(k));
         // Behind the same public address as us but not on our LAN (two
         // homes behind one CGNAT): only a NAT that hairpins lets a punch
         // through, and most do not. Relayed at once; the checks go on, and

@@ -95,15 +95,9 @@ pub fn build_record(i: &RecordInputs<'_>) -> RecordBody {
     }
 }
 
-/// The next version: above every version we used (persisted) and every
-/// version of ours gossip has seen, and at least the clock in ms.
-pub fn next_version(last: u64, gossip_max: u64, unix_ms: u64) -> u64 {
-    unix_ms.max(last.max(gossip_max) + 1)
-}
-
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use crate::record::next_version;
 
     #[test]
     fn versions_only_grow_even_when_the_clock_goes_back() {

@@ -138,18 +138,7 @@ impl Gossip {
 
     /// Every member's values, for the membership core.
     pub fn snapshot(&self) -> Vec<GossipEntry> {
-        let c = self.core.lock();
-        c.node_states()
-            .iter()
-            .filter(|(id, _)| &***id != AUTHORITY_NODE)
-            .map(|(id, s)| GossipEntry {
-                node_id: id.to_string(),
-                record: s.get_versioned(RECORD_KEY).map(|v| v.value.clone()),
-                seen: s.get_versioned(SEEN_KEY).map(|v| v.value.clone()),
-                alive: s.get_versioned(ALIVE_KEY).map(|v| v.value.clone()),
-                suspects: s.get_versioned(SUSPECTS_KEY).map(|v| v.value.clone()),
-            })
-            .collect()
+        snapshot(&self.core.lock())
     }
 
     /// The revocation list gossip holds (text, version).
@@ -192,6 +181,22 @@ impl Gossip {
     pub async fn shutdown(self) {
         self.transport.close();
     }
+}
+
+/// Every member's values in a chitchat state, for the membership core
+/// (sans-IO: the daemon and the simulation call it).
+pub fn snapshot(c: &Chitchat) -> Vec<GossipEntry> {
+    c.node_states()
+        .iter()
+        .filter(|(id, _)| &***id != AUTHORITY_NODE)
+        .map(|(id, s)| GossipEntry {
+            node_id: id.to_string(),
+            record: s.get_versioned(RECORD_KEY).map(|v| v.value.clone()),
+            seen: s.get_versioned(SEEN_KEY).map(|v| v.value.clone()),
+            alive: s.get_versioned(ALIVE_KEY).map(|v| v.value.clone()),
+            suspects: s.get_versioned(SUSPECTS_KEY).map(|v| v.value.clone()),
+        })
+        .collect()
 }
 
 /// The chitchat cluster id of a network.

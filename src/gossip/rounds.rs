@@ -22,7 +22,9 @@ use rand::rngs::SmallRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
+use crate::membership::{on_local_net, Liveness, Membership};
 use crate::proto::PublicKeyBytes;
+use crate::record::NatKind;
 
 pub const BUSY_FOR: Duration = Duration::from_secs(3);
 pub const BUSY_EVERY: Duration = Duration::from_millis(250);
@@ -39,6 +41,48 @@ const ALONE_MAX: Duration = Duration::from_secs(30);
 pub struct Target {
     pub key: PublicKeyBytes,
     pub addr: SocketAddr,
+}
+
+/// Members we can gossip with now, and the address to use (PROTOCOL §4.5):
+/// the gossip address of members reachable there (public, or on one of
+/// `local_nets`), else `overlay_ip:gossip_port` when a WireGuard path to it
+/// works (`path_up`, by WireGuard key) and it holds its address here.
+pub fn round_targets(
+    membership: &Membership,
+    me: &PublicKeyBytes,
+    local_nets: &[ipnet::Ipv4Net],
+    path_up: &dyn Fn(&[u8; 32]) -> bool,
+) -> Vec<Target> {
+    membership
+        .members()
+        .filter(|m| &m.record.node_key != me && m.liveness == Liveness::Live)
+        .filter_map(|m| {
+            let r = &m.record;
+            let underlay = r.nat == NatKind::Public || on_local_net(local_nets, &r.gossip_addr);
+            let addr = if underlay {
+                r.gossip_addr
+            } else if path_up(&r.wg_public_key) && membership.holds_address(&r.node_key) {
+                SocketAddr::new(std::net::IpAddr::V4(r.overlay_ip), r.gossip_addr.port())
+            } else {
+                return None;
+            };
+            Some(Target {
+                key: r.node_key,
+                addr,
+            })
+        })
+        .collect()
+}
+
+/// The rest-time partner: our first monitoring target, if we can gossip
+/// with it.
+pub fn rest_partner<'a>(
+    mut monitored: impl Iterator<Item = &'a PublicKeyBytes>,
+    targets: &[Target],
+) -> Option<Target> {
+    monitored
+        .next()
+        .and_then(|k| targets.iter().find(|t| &t.key == k).copied())
 }
 
 pub struct RoundPlanner {

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use crate::membership::DesiredPeer;
 use crate::reconcile::{ActualPeer, FRESH_HANDSHAKE};
+use crate::record::NatKind;
 
 /// How long a new peer tries a direct path before a relay carries its
 /// traffic. The punch goes on behind the relay, and the path moves back the
@@ -48,6 +49,14 @@ pub const KEEPALIVE_SILENCE: Duration = Duration::from_secs(40);
 /// IPv4 packet pads to at least 32 bytes: 64 in all), and so are handshake
 /// messages (148 and 92).
 const KEEPALIVE_BYTES: u64 = 32;
+
+/// Whether a hole punch between a member behind `ours` and one behind
+/// `theirs` cannot work: either side is behind a symmetric NAT and the
+/// other is not public (such pairs are relayed at once).
+pub fn punch_hopeless(ours: NatKind, theirs: NatKind) -> bool {
+    (ours == NatKind::EndpointDependent && theirs != NatKind::Public)
+        || (theirs == NatKind::EndpointDependent && ours != NatKind::Public)
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Path {
