@@ -117,7 +117,35 @@ pub enum ControlError {
 }
 
 /// A request from a client, with the way to answer it.
-pub type Incoming = (Request, Pending);
+pub type Incoming = (Command, Pending);
+
+/// What the daemon's loop is asked to do: a [`Request`] other than
+/// `status`, which [`serve`] answers itself from the last status.
+#[derive(Debug, Clone)]
+pub enum Command {
+    Leave,
+    Revoke {
+        list: String,
+    },
+    Ping {
+        member: String,
+        timeout_ms: Option<u64>,
+    },
+    Netcheck,
+}
+
+impl Command {
+    /// The command behind a request; `None` for `status`.
+    pub fn of(req: Request) -> Option<Self> {
+        match req {
+            Request::Status => None,
+            Request::Leave => Some(Self::Leave),
+            Request::Revoke { list } => Some(Self::Revoke { list }),
+            Request::Ping { member, timeout_ms } => Some(Self::Ping { member, timeout_ms }),
+            Request::Netcheck => Some(Self::Netcheck),
+        }
+    }
+}
 
 /// The answer slot of a request: [`Pending::answer`] waits (up to 2 s) until
 /// the reply is written to the client, so a daemon that answers `leave` and
@@ -182,16 +210,16 @@ pub async fn serve(
                 write_reply(&mut w, &Reply::Error { message }).await;
                 return;
             }
-            let reply = match serde_json::from_str::<Request>(&line) {
-                Ok(Request::Status) => match status.borrow().clone() {
+            let reply = match serde_json::from_str::<Request>(&line).map(Command::of) {
+                Ok(None) => match status.borrow().clone() {
                     Some(s) => Reply::Status(Box::new(s)),
                     None => Reply::Error {
                         message: "starting up (joining the mesh or creating the interface)".into(),
                     },
                 },
-                Ok(req) => {
+                Ok(Some(cmd)) => {
                     let (rtx, rrx) = oneshot::channel();
-                    if tx.send((req, Pending(rtx))).await.is_err() {
+                    if tx.send((cmd, Pending(rtx))).await.is_err() {
                         return;
                     }
                     match rrx.await {

@@ -23,6 +23,8 @@ mod ops;
 mod probes;
 mod relay;
 mod routes;
+mod run;
+mod start;
 mod status;
 mod step;
 mod traversal;
@@ -40,11 +42,11 @@ use base64::Engine;
 use ipnet::Ipv4Net;
 use tokio::sync::{mpsc, watch};
 
-use crate::admission::{Credential, Network};
-use crate::control::{self, Reply, Request};
+use crate::admission::Network;
+use crate::control::{self, Reply};
 use crate::gossip::rounds::RoundPlanner;
 use crate::gossip::transport::HelloReply;
-use crate::gossip::{tls, Gossip, QuicTransport};
+use crate::gossip::Gossip;
 use crate::identity::Identity;
 use crate::liveness::Liveness;
 use crate::membership::Membership;
@@ -56,7 +58,7 @@ use crate::wg::{BackendChoice, WgInterface};
 
 use traversal::Traversal;
 
-use crate::tick::{tick_period, SETTLE, TICK};
+use crate::tick::SETTLE;
 
 /// The least time between two steps when records change.
 const MIN_STEP_GAP: Duration = Duration::from_millis(50);
@@ -270,484 +272,28 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()>) -> anyho
 /// [`run`], taking new configurations from `reload` (sent on SIGHUP): what
 /// can change at run time is applied, the rest is logged as needing a
 /// restart (see `ops.rs`).
+///
+/// The control socket answers from the start (`status` says "starting up"
+/// while a first join waits for its seed); `start.rs` brings the node up,
+/// `run.rs` is the loop.
 pub async fn run_with_reload(
     cfg: DaemonConfig,
     shutdown: impl Future<Output = ()>,
-    mut reload: Option<watch::Receiver<DaemonConfig>>,
+    reload: Option<watch::Receiver<DaemonConfig>>,
 ) -> anyhow::Result<()> {
-    let mut cfg = cfg;
-    let dir = StateDir::open(&cfg.state_dir)?;
-    if cfg.ephemeral && dir.file("network.key").exists() {
-        anyhow::bail!(
-            "{} holds the network key (this node ran `init`): it cannot be ephemeral, \
-             it would delete its identity on stop",
-            cfg.state_dir.display()
-        );
-    }
-    let id = Identity::load(&dir)?;
-    let (network, admission, stamp) = load_network(&dir)?;
-    let mut state = dir.load_state()?;
-    for s in &cfg.seeds {
-        if !state.seeds.contains(s) {
-            state.seeds.push(s.clone());
-        }
-    }
-
-    let listener = control::bind(&dir.control_socket()).await?;
-    let (ctl_tx, mut ctl_rx) = mpsc::channel(16);
+    let boot = start::Boot::open(cfg)?;
+    let listener = control::bind(&boot.dir.control_socket()).await?;
+    let (ctl_tx, ctl_rx) = mpsc::channel(16);
     let (status_tx, status_rx) = watch::channel(None);
-    let ops = ops::Ops::start(&cfg, &status_rx).await?;
+    let ops = ops::Ops::start(&boot.cfg, &status_rx).await?;
     let control_task = tokio::spawn(control::serve(listener, ctl_tx, status_rx));
-    let _socket_guard = SocketGuard(dir.control_socket());
-
-    let trust = Arc::new(TrustState::new(network, trust::system_clock()));
-    if let Some(text) = &state.revoked {
-        match crate::admission::verify_revocations(text, &network.key) {
-            Ok(list) => {
-                trust.update_revocations(list, text.clone());
-            }
-            Err(e) => tracing::warn!(error = %e, "ignoring the stored revocation list"),
-        }
-    }
-    // A stamp by a member revoked since is void: ask for a new one below,
-    // as a joiner does (granted while our token is good).
-    if let Some(s) = &stamp {
-        if let Err(crate::admission::AdmissionError::Revoked(what)) =
-            own_credential(&trust, &id, &admission, s)
-        {
-            anyhow::bail!("this node was revoked ({what}); it is no longer a member of the mesh");
-        }
-    }
-    let stamp = stamp.filter(|s| match own_credential(&trust, &id, &admission, s) {
-        Err(crate::admission::AdmissionError::StamperRevoked(by)) => {
-            tracing::warn!(stamper = %by, "the member that admitted this node was revoked; asking for a new stamp");
-            false
-        }
-        _ => true,
-    });
-
-    // Gossip endpoint (mutual TLS from the node key and its credential).
-    let credential = Credential {
-        admission: admission.clone(),
-        stamp: stamp.clone(),
+    let _socket_guard = SocketGuard(boot.dir.control_socket());
+    let result = match boot.start(ops, status_tx).await {
+        Ok((node, inbox)) => node.run(inbox, ctl_rx, shutdown, reload).await,
+        Err(e) => Err(e),
     };
-    let cert = tls::NodeCert::new(&id.signing, &credential)?;
-    let (server, client) = tls::quic_configs(&cert, trust.clone())?;
-    let bind: SocketAddr = (std::net::Ipv4Addr::UNSPECIFIED, cfg.gossip_port).into();
-    let reset = crate::gossip::transport::reset_secret(&id.signing.to_bytes());
-    let transport = QuicTransport::bind_with_reset_secret(bind, server, client, trust.clone(), Some(reset))
-        .with_context(|| format!("cannot bind the gossip port udp/{} (is another meshpeer running in this network namespace?)", cfg.gossip_port))?;
-
-    // Seeds: the ones given now, then the members known from last time.
-    let mut seed_addrs = Vec::new();
-    for s in &state.seeds {
-        match crate::net::resolve_seed(s) {
-            Ok(a) => seed_addrs.extend(a),
-            Err(e) => {
-                tracing::warn!(seed = %s, error = %e, "cannot resolve seed; will retry through gossip")
-            }
-        }
-    }
-    let mut reach: Vec<SocketAddr> = seed_addrs.clone();
-    reach.extend(state.known_members.iter().copied());
-    reach.sort();
-    reach.dedup();
-
-    let advertise = cfg
-        .advertise
-        .or(state.advertise_addr)
-        .or_else(|| reach.first().and_then(|a| crate::net::route_source(*a)))
-        .or_else(|| {
-            crate::net::local_ipv4_nets(&[&cfg.interface])
-                .first()
-                .map(|(n, _)| IpAddr::V4(n.addr()))
-        })
-        .ok_or_else(|| anyhow!("cannot find an address to advertise; pass --advertise-addr"))?;
-    // A seed that is this node itself would "admit" us to a mesh of one.
-    let own: Vec<IpAddr> = crate::net::local_ipv4_nets(&[])
-        .iter()
-        .map(|(n, _)| IpAddr::V4(n.addr()))
-        .collect();
-    if let Some(s) = seed_addrs
-        .iter()
-        .find(|s| (own.contains(&s.ip()) || s.ip().is_loopback()) && s.port() == cfg.gossip_port)
-    {
-        if stamp.is_none() {
-            anyhow::bail!("the seed {s} is this node itself; give the address of a member of the mesh to join");
-        }
-    }
-    let wg_port = cfg.wg_port.unwrap_or_else(|| {
-        crate::default_wg_port(
-            crate::nat::discovery::looks_public(advertise),
-            &id.wg_public(),
-        )
-    });
-    if wg_port == cfg.gossip_port || wg_port == cfg.probe_port || cfg.gossip_port == cfg.probe_port
-    {
-        anyhow::bail!(
-            "ports must differ: WireGuard {wg_port}, gossip {}, probes {}",
-            cfg.gossip_port,
-            cfg.probe_port
-        );
-    }
-    cfg.wg_port = Some(wg_port);
-    ops::firewall_notice(
-        &cfg,
-        wg_port,
-        crate::nat::discovery::looks_public(advertise),
-    );
-    tracing::info!(
-        wireguard = %format!("{wg_port}/udp"), gossip = %format!("{}/udp", cfg.gossip_port),
-        probes = %format!("{}/udp (overlay only)", cfg.probe_port),
-        "ports this node uses (public members: open WireGuard and gossip)"
-    );
-
-    let mut membership = Membership::new(id.node_key(), cfg.down_grace);
-    membership.holders_mut().adopt(
-        state
-            .holders
-            .iter()
-            .filter_map(|(ip, k)| Some((*ip, proto::parse_node_id(k)?))),
-        state
-            .names
-            .iter()
-            .filter_map(|(n, k)| Some((n.clone(), proto::parse_node_id(k)?))),
-    );
-
-    // First contact: a joiner gets its stamp; a member without an address
-    // learns who holds what. Either way it picks a free address.
-    let first_join = stamp.is_none();
-    let mut stamp = stamp;
-    let mut first_records: Vec<String> = Vec::new();
-    if stamp.is_none() || state.overlay_ip.is_none() {
-        let outcome = join::contact(
-            &transport,
-            &reach,
-            &state.name,
-            stamp.is_none(),
-            stamp.is_none(),
-            cfg.join_timeout,
-            SLOW_SEED_WAIT.max(cfg.join_timeout),
-        )
-        .await?;
-        let hello = match outcome {
-            join::Outcome::Admitted {
-                stamp: s,
-                hello,
-                seed,
-            } => {
-                tracing::info!(%seed, "admitted to the mesh");
-                trust
-                    .check_credential(
-                        &Credential {
-                            admission: admission.clone(),
-                            stamp: Some(s.clone()),
-                        },
-                        &id.node_key(),
-                    )
-                    .context("the seed's stamp does not verify")?;
-                save_stamp(&dir, &s)?;
-                let credential = Credential {
-                    admission: admission.clone(),
-                    stamp: Some(s.clone()),
-                };
-                let cert = tls::NodeCert::new(&id.signing, &credential)?;
-                let (server, client) = tls::quic_configs(&cert, trust.clone())?;
-                transport.reconfigure(server, client);
-                stamp = Some(s);
-                hello
-            }
-            join::Outcome::Hello { hello, seed } => {
-                tracing::info!(%seed, members = hello.records.len(), "learned the mesh");
-                hello
-            }
-        };
-        if let Some(text) = &hello.revoked {
-            if let Ok(list) = crate::admission::verify_revocations(text, &network.key) {
-                trust.update_revocations(list, text.clone());
-                state.revoked = Some(text.clone());
-            }
-        }
-        membership
-            .holders_mut()
-            .adopt(hello.holders.clone(), hello.names.clone());
-        first_records = hello.records.clone();
-        if state.overlay_ip.is_none() {
-            let records: Vec<Arc<str>> = hello
-                .records
-                .iter()
-                .map(|t| Arc::from(t.as_str()))
-                .collect();
-            let ip = trust
-                .with_trust(|t| {
-                    crate::membership::choose_joiner_address(
-                        Instant::now(),
-                        &id.node_key(),
-                        network.cidr,
-                        &hello.holders,
-                        &hello.names,
-                        &records,
-                        t,
-                        cfg.down_grace,
-                    )
-                })
-                .ok_or_else(|| anyhow!("network {} is full", network.cidr))?;
-            state.overlay_ip = Some(ip);
-            state.ip_claimed_at = unix_ms();
-            tracing::info!(%ip, members = records.len(), "chose overlay address");
-            if first_join {
-                eprintln!("meshpeer: overlay address {ip}");
-            }
-        }
-    }
-    let stamp = stamp.ok_or_else(|| anyhow!("not admitted"))?;
-    let overlay_ip = state
-        .overlay_ip
-        .ok_or_else(|| anyhow!("no overlay address"))?;
-
-    let owned_if = state.interface_created.as_deref() == Some(cfg.interface.as_str());
-    let wg = WgInterface::open(
-        &cfg.interface,
-        id.wg_secret.to_bytes(),
-        wg_port,
-        owned_if,
-        cfg.backend,
-    )
-    .await?;
-    state.interface_created = Some(cfg.interface.clone());
-    let owned: BTreeSet<[u8; 32]> = if owned_if {
-        state
-            .owned_peers
-            .iter()
-            .filter_map(|k| {
-                base64::engine::general_purpose::STANDARD
-                    .decode(k)
-                    .ok()?
-                    .try_into()
-                    .ok()
-            })
-            .collect()
-    } else {
-        BTreeSet::new()
-    };
-    if !owned_if {
-        // A new interface has none of the routes a former one had.
-        state.installed_routes.clear();
-    }
-    dir.save_state(&state)?;
-    if let Err(e) = wg.set_address(overlay_ip, network.cidr) {
-        wg.destroy().await;
-        return Err(e.into());
-    }
-
-    let mut stun_servers = Vec::new();
-    for s in &cfg.stun_servers {
-        match crate::net::resolve_seed(s) {
-            Ok(a) => stun_servers.extend(a.into_iter().filter(|a| a.is_ipv4())),
-            Err(e) => tracing::warn!(server = %s, error = %e, "cannot resolve STUN server"),
-        }
-    }
-    let traversal = Traversal::start(&wg, stun_servers, id.wg_public());
-    let gossip = Gossip::start(
-        &id.node_id(),
-        network.id(),
-        trust.clone(),
-        transport,
-        rand::random(),
-    );
-    let (hello_tx, hello_rx) = watch::channel(Arc::new(HelloReply::default()));
-    let relay = relay::RelayServer::new(cfg.relay_ports);
-    gossip.set_request_handler(Arc::new(join::Handler {
-        trust: trust.clone(),
-        signing: id.signing.clone(),
-        admission: admission.clone(),
-        hello: hello_rx,
-        allocator: Some(Arc::new(relay.clone())),
-    }));
-    // What the seed handed over goes into gossip at once.
-    for text in &first_records {
-        if let Ok(v) = trust.with_trust(|t| crate::record::verify_record(text, t, None)) {
-            gossip.inject(
-                &proto::node_id_string(&v.body.node_key),
-                trust::RECORD_KEY,
-                text,
-                v.body.version,
-            );
-        }
-    }
-    if let Some(text) = &state.revoked {
-        if let Ok(list) = crate::admission::verify_revocations(text, &network.key) {
-            gossip.inject(
-                trust::AUTHORITY_NODE,
-                trust::REVOKED_KEY,
-                text,
-                list.issued_at_ms,
-            );
-        }
-    }
-
-    let (acks_tx, mut acks_rx) = mpsc::channel(1024);
-    let (alloc_tx, mut alloc_rx) = mpsc::channel::<AllocAnswer>(256);
-    let (restamp_tx, mut restamp_rx) = mpsc::channel::<Signed>(1);
-    let wg_public = id.wg_public();
-    let liveness = Liveness::new(network.key, id.node_key(), rand::random());
-    let route_state = routes::RouteState::new(&state.installed_routes);
-    let hosts_state = hosts::HostsState::new(cfg.hosts_file.clone());
-    let mut node = Node {
-        cfg,
-        dir,
-        id,
-        network,
-        admission,
-        stamp,
-        state,
-        advertise,
-        trust,
-        membership,
-        liveness,
-        planner: RoundPlanner::new(rand::random()),
-        wg,
-        gossip,
-        hello_tx,
-        owned,
-        status: status_tx,
-        last_persist: Instant::now(),
-        seed_addrs,
-        traversal,
-        last_rotation: 0,
-        last_status: Instant::now(),
-        last_step: Instant::now(),
-        local_nets: None,
-        wg_public,
-        probes: None,
-        probe_shared: probes::Shared::default(),
-        acks_tx,
-        ip_since: Instant::now(),
-        fed: Default::default(),
-        published_record: None,
-        left: false,
-        restamp_at: None,
-        restamp_tx,
-        self_revoked: None,
-        join_progress: first_join.then(|| JoinProgress {
-            since: Instant::now(),
-            last: (usize::MAX, 0),
-        }),
-        last_change: Instant::now(),
-        relay,
-        alloc_tx,
-        alloc_chain: Default::default(),
-        ops,
-        routes: route_state,
-        hosts: hosts_state,
-    };
-    if let Err(e) = node.republish(false).await {
-        node.wg.destroy().await;
-        return Err(e);
-    }
-    node.bind_probes().await;
-    tracing::info!(
-        node = %node.state.name, id = %node.id.node_id(), %overlay_ip, interface = %node.cfg.interface,
-        backend = ?node.wg.backend, %advertise, "meshpeer is up"
-    );
-
-    tokio::pin!(shutdown);
-    let mut tick = tokio::time::interval(TICK);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut leave_reply = None;
-    let answered = node.traversal.answered();
-    let mut exit_error = None;
-    loop {
-        if let Some(why) = node.self_revoked.take() {
-            tracing::error!(%why, "this node was revoked: it is no longer a member; stopping");
-            exit_error = Some(anyhow!(
-                "this node was revoked ({why}); it is no longer a member of the mesh"
-            ));
-            break;
-        }
-        let small = tick.period() <= TICK;
-        let liveness_at = node
-            .liveness
-            .poll_timeout()
-            .unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
-        let rounds_at = node.planner.poll_timeout(Instant::now());
-        tokio::select! {
-            // A value arrived: in a small mesh, act on it now rather than at
-            // the next tick (a gossip hop is 250 ms, waiting for the tick
-            // adds up to one more to every join).
-            _ = node.gossip.changed(), if small && node.last_step.elapsed() >= MIN_STEP_GAP => {
-                node.step_or_warn().await;
-            }
-            _ = answered.notified() => node.on_stun_answer().await,
-            Some(stamp) = restamp_rx.recv() => node.on_new_stamp(stamp).await,
-            Some((peer, relay, endpoint)) = alloc_rx.recv() => {
-                node.traversal.handle_allocation(&peer, &relay, endpoint);
-                node.step_or_warn().await;
-            }
-            Some((from, nonce, summary)) = acks_rx.recv() => {
-                node.on_probe_ack(from, nonce, summary);
-                while let Ok((from, nonce, summary)) = acks_rx.try_recv() {
-                    node.on_probe_ack(from, nonce, summary);
-                }
-            }
-            _ = tokio::time::sleep_until(liveness_at.into()) => node.run_liveness().await,
-            _ = tokio::time::sleep_until(rounds_at.into()) => node.start_rounds(),
-            _ = &mut shutdown => {
-                node.on_stop().await;
-                break;
-            }
-            new = ops::next_reload(&mut reload) => node.reload(new).await,
-            _ = tick.tick() => {
-                node.step_or_warn().await;
-                let period = tick_period(node.membership.members().count(), node.at_rest());
-                if period != tick.period() {
-                    tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-                    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                }
-            }
-            Some((req, reply)) = ctl_rx.recv() => match req {
-                Request::Status => {
-                    let r = match node.status.borrow().clone() {
-                        Some(s) => Reply::Status(Box::new(s)),
-                        None => Reply::Error { message: "starting up".into() },
-                    };
-                    reply.answer(r).await;
-                }
-                Request::Leave => {
-                    node.leave().await;
-                    leave_reply = Some(reply);
-                    break;
-                }
-                Request::Revoke { list } => {
-                    let r = node.revoke(&list).await;
-                    reply.answer(r).await;
-                }
-                req @ (Request::Ping { .. } | Request::Netcheck) => {
-                    node.handle_ops(req, reply).await;
-                }
-            }
-        }
-    }
-    node.routes_down();
-    node.persist(true);
-    node.probes = None;
-    node.gossip.shutdown().await;
-    node.wg.destroy().await;
     control_task.abort();
-    if node.cfg.ephemeral && node.left {
-        // An ephemeral node that left is done with its identity: the next
-        // start joins afresh (a crash keeps it, for a restart in place).
-        let _ = std::fs::remove_file(node.dir.control_socket());
-        node.dir.forget_identity();
-        tracing::info!(state_dir = %node.cfg.state_dir.display(), "ephemeral node: identity deleted");
-    }
-    if let Some(r) = leave_reply {
-        r.answer(Reply::Left).await;
-    }
-    if let Some(e) = exit_error {
-        return Err(e);
-    }
-    Ok(())
+    result
 }
 
 /// The next version of our values (proto/PROTOCOL.md §4.2), kept in the

@@ -16,8 +16,7 @@ use tokio::sync::{oneshot, watch};
 use super::{DaemonConfig, Node};
 use crate::config::OnStop;
 use crate::control::{
-    NetcheckReport, Pending, PingReply, Reply, Request, StunAnswer, DEFAULT_PING_TIMEOUT,
-    MAX_PING_TIMEOUT,
+    NetcheckReport, Pending, PingReply, Reply, StunAnswer, DEFAULT_PING_TIMEOUT, MAX_PING_TIMEOUT,
 };
 use crate::liveness::Probe;
 use crate::metrics::MetricsServer;
@@ -150,26 +149,9 @@ pub(super) fn firewall_notice(cfg: &DaemonConfig, wg_port: u16, public: bool) {
 
 impl Node {
     /// A control request of the operations side.
-    pub(super) async fn handle_ops(&mut self, req: Request, reply: Pending) {
-        match req {
-            Request::Ping { member, timeout_ms } => self.ping(member, timeout_ms, reply),
-            Request::Netcheck => {
-                let r = Reply::Netcheck(Box::new(self.netcheck()));
-                reply.answer(r).await;
-            }
-            _ => {
-                reply
-                    .answer(Reply::Error {
-                        message: "not an operations request".into(),
-                    })
-                    .await
-            }
-        }
-    }
-
     /// Sends one liveness probe to `member` from a task of its own and
     /// answers with the round trip and the path; the loop does not wait.
-    fn ping(&mut self, member: String, timeout_ms: Option<u64>, reply: Pending) {
+    pub(super) fn ping(&mut self, member: String, timeout_ms: Option<u64>, reply: Pending) {
         let snapshot = self.status.borrow().clone();
         let target = match snapshot {
             None => Err("starting up (joining the mesh or creating the interface)".to_string()),
@@ -260,7 +242,7 @@ impl Node {
     }
 
     /// This node's NAT picture and the STUN answers behind it.
-    fn netcheck(&self) -> NetcheckReport {
+    pub(super) fn netcheck(&self) -> NetcheckReport {
         let now = Instant::now();
         let mut answers: Vec<StunAnswer> = self
             .traversal
