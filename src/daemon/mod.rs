@@ -336,7 +336,8 @@ impl Node {
         self.cfg.relay && self.traversal.nat.kind == crate::record::NatKind::Public
     }
 
-    /// Publishes our record (again), with `left` for a leave.
+    /// Publishes our record (`left` for a leave) under a new version, when
+    /// it says something the last one published did not.
     async fn republish(&mut self, left: bool) -> anyhow::Result<()> {
         let relay = self.relays();
         let version = self.next_version();
@@ -360,6 +361,18 @@ impl Node {
             routes: &self.cfg.advertise_routes,
             version,
         });
+        // Only a record that says something new goes out: every new
+        // version makes the whole mesh gossip busily for a few seconds (a
+        // symmetric NAT's mapped ports change with every STUN round, and
+        // they are not in the record).
+        let same = self.published_record.as_ref().is_some_and(|p| {
+            let mut p = p.clone();
+            p.version = body.version;
+            p == body
+        });
+        if same {
+            return Ok(());
+        }
         let text = body.sign(&self.id.signing);
         self.gossip
             .publish(trust::RECORD_KEY, text, version)

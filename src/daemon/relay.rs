@@ -28,6 +28,10 @@ struct Running {
     ports: (u16, u16),
     state: Arc<Mutex<Allocation>>,
     task: JoinHandle<()>,
+    /// Which ends asked for the allocation and have not given it back
+    /// (A, B). A release by one end keeps it while the other holds it: the
+    /// other end still sends to its port and is not told.
+    held: [bool; 2],
 }
 
 impl Drop for Running {
@@ -138,6 +142,18 @@ impl RelayServer {
 
 impl Allocator for RelayServer {
     fn allocate(&self, _from: SocketAddr, peer: &PeerIdentity, other: [u8; 32]) -> AllocReply {
+        self.allocate_for(peer.node_key, other)
+    }
+
+    fn release(&self, peer: &PeerIdentity, other: [u8; 32]) -> AllocReply {
+        self.release_for(peer.node_key, other)
+    }
+}
+
+impl RelayServer {
+    /// An allocation for the pair (`me`, `other`), asked by `me`: the port
+    /// of `me`'s side (the same one while the allocation lives).
+    fn allocate_for(&self, me: PublicKeyBytes, other: [u8; 32]) -> AllocReply {
         let refuse = |r: &str| AllocReply::Refused {
             reason: r.to_string(),
         };
@@ -145,7 +161,6 @@ impl Allocator for RelayServer {
         if !g.enabled {
             return refuse("this member does not relay");
         }
-        let me = peer.node_key;
         let (Some(mi), Some(oi)) = (g.members.get(&me).cloned(), g.members.get(&other).cloned())
         else {
             return refuse("both ends must be current members");
@@ -159,8 +174,10 @@ impl Allocator for RelayServer {
             Side::A => r.ports.0,
             Side::B => r.ports.1,
         };
-        if let Some(r) = g.allocations.get(&key) {
+        let side_index = if side_of_me == Side::A { 0 } else { 1 };
+        if let Some(r) = g.allocations.get_mut(&key) {
             if !r.task.is_finished() {
+                r.held[side_index] = true;
                 // Asked again (a new mapping): the asker's latch resets.
                 let mut st = r.state.lock().unwrap_or_else(|p| p.into_inner());
                 match side_of_me {
@@ -218,7 +235,14 @@ impl Allocator for RelayServer {
             a = %proto::short_key(&key.0), b = %proto::short_key(&key.1),
             port_a = ports.0, port_b = ports.1, "relay allocation"
         );
-        let r = Running { ports, state, task };
+        let mut held = [false; 2];
+        held[side_index] = true;
+        let r = Running {
+            ports,
+            state,
+            task,
+            held,
+        };
         let p = port(&r);
         g.allocations.insert(key, r);
         AllocReply::Allocated {
@@ -227,9 +251,18 @@ impl Allocator for RelayServer {
         }
     }
 
-    fn release(&self, peer: &PeerIdentity, other: [u8; 32]) -> AllocReply {
-        let key = pair_key(&peer.node_key, &other);
-        if lock(&self.inner).allocations.remove(&key).is_some() {
+    /// `me` gives its side of the pair's allocation back; the allocation
+    /// ends when neither side holds it.
+    fn release_for(&self, me: PublicKeyBytes, other: [u8; 32]) -> AllocReply {
+        let key = pair_key(&me, &other);
+        let side_index = if key.0 == me { 0 } else { 1 };
+        let mut g = lock(&self.inner);
+        let Some(r) = g.allocations.get_mut(&key) else {
+            return AllocReply::Released;
+        };
+        r.held[side_index] = false;
+        if r.held == [false, false] {
+            g.allocations.remove(&key);
             tracing::info!(a = %proto::short_key(&key.0), b = %proto::short_key(&key.1), "relay allocation released");
         }
         AllocReply::Released
@@ -325,6 +358,52 @@ impl<K: std::hash::Hash + Eq> RequestChain<K> {
     #[cfg(test)]
     pub fn pending(&self) -> usize {
         self.last.values().filter(|h| !h.is_finished()).count()
+    }
+}
+
+#[cfg(test)]
+mod server_tests {
+    use super::*;
+
+    fn member(k: u8) -> (PublicKeyBytes, MemberInfo) {
+        (
+            [k; 32],
+            MemberInfo {
+                wg_key: [k + 100; 32],
+                known_ips: vec![IpAddr::from([127, 0, 0, k])],
+            },
+        )
+    }
+
+    fn port(r: AllocReply) -> u16 {
+        match r {
+            AllocReply::Allocated { port, .. } => port,
+            other => panic!("not allocated: {other:?}"),
+        }
+    }
+
+    /// One end moving away from the relay (release) must not pull the
+    /// allocation from under the other end, which still sends to its port
+    /// and is not told: the allocation ends only when neither holds it.
+    #[tokio::test]
+    async fn a_release_by_one_end_keeps_the_other_ends_port() {
+        let relay = RelayServer::new((52900, 57899));
+        relay.set_members(true, [member(1), member(2)].into_iter().collect());
+        let (a, b) = ([1u8; 32], [2u8; 32]);
+        let pa = port(relay.allocate_for(a, b));
+        let pb = port(relay.allocate_for(b, a));
+        assert_ne!(pa, pb);
+        relay.release_for(a, b);
+        // b's side lives on; a asking again gets its old port back.
+        assert_eq!(port(relay.allocate_for(b, a)), pb);
+        assert_eq!(port(relay.allocate_for(a, b)), pa);
+        relay.release_for(a, b);
+        relay.release_for(b, a);
+        assert!(lock(&relay.inner).allocations.is_empty());
+        // An end that alone asked and releases ends it at once.
+        port(relay.allocate_for(a, b));
+        relay.release_for(a, b);
+        assert!(lock(&relay.inner).allocations.is_empty());
     }
 }
 
