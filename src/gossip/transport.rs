@@ -37,8 +37,13 @@ use crate::trust::{PeerIdentity, TrustState};
 pub const MAX_MESSAGE: usize = 1 << 20;
 /// Largest request accepted.
 const MAX_REQUEST: usize = 4096;
-/// Most connections from one source address.
-pub const MAX_CONNS_PER_IP: usize = 8;
+/// Most open connections from one source address. Members behind one
+/// CGNAT or home router share an address (a CGNAT may put hundreds of
+/// subscribers behind one), so this bounds a flood from one address
+/// without refusing a NATed site's members: 8 refused a joiner behind a
+/// CGNAT in the churn soak, counting its neighbours' and dead members'
+/// connections.
+pub const MAX_CONNS_PER_IP: usize = 64;
 /// Most connections in all.
 pub const MAX_CONNS: usize = 4096;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(4);
@@ -508,7 +513,10 @@ async fn accept_loop(shared: Arc<Shared>) {
     while let Some(incoming) = shared.endpoint.accept().await {
         let ip = incoming.remote_address().ip();
         let (total, from_ip) = {
-            let conns = lock(&shared.conns);
+            let mut conns = lock(&shared.conns);
+            // Connections closed since (a member killed or gone: idled
+            // out, reset) do not count.
+            conns.retain(|_, c| c.close_reason().is_none());
             let from_ip = conns.keys().filter(|a| a.ip() == ip).count();
             (conns.len(), from_ip)
         };
