@@ -561,12 +561,7 @@ impl Liveness {
                 accuser: s.accuser,
                 since_ms: sus.since_ms,
             };
-            // Members we have no path to are neither monitored nor checked
-            // (MemberView::reachable): our probes could not reach them, so
-            // a check would call down a member that is only still
-            // connecting (at 100 nodes starting at once, every accusation
-            // made the members still connecting to it call it down).
-            if t.refutes(&a) || t.down_since.is_some() || t.check.is_some() || !t.reachable {
+            if t.refutes(&a) || t.down_since.is_some() || t.check.is_some() {
                 continue;
             }
             // Answered us since the accusation reached us? Nothing to check
