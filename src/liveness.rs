@@ -69,6 +69,14 @@ pub const SPOT_EVERY: Duration = Duration::from_secs(30);
 pub const ACCUSATION_TTL: Duration = Duration::from_secs(60);
 /// Most accusations (and refutations) in one published value.
 pub const MAX_LISTED: usize = 32;
+/// Highest local-health score: timeouts stretch to at most
+/// `1 + MAX_HEALTH` times their base.
+pub const MAX_HEALTH: u8 = 8;
+/// Our timers running later than this is a sign of our own overload.
+pub const LAG_TOLERANCE: Duration = Duration::from_millis(300);
+/// Probes that timed out are remembered this long: an answer that comes
+/// late still proves the member alive (and says someone is slow).
+pub const LATE_ANSWER_WINDOW: Duration = Duration::from_secs(15);
 /// Default UDP port of probes, on the overlay address only.
 pub const DEFAULT_PROBE_PORT: u16 = 51819;
 
@@ -373,6 +381,19 @@ pub struct Liveness {
     /// The members in ring order after us (rebuilt when the members
     /// change; the timers only walk it).
     ring: Vec<(u64, PublicKeyBytes)>,
+    /// Local health (Lifeguard's "local health multiplier"): 0 when this
+    /// node keeps its deadlines; each sign that it does not (its timers run
+    /// late, an answer came after its timeout, it had to refute an
+    /// accusation) adds one, each answer in time takes one off. Probe
+    /// timeouts and the refutation wait are multiplied by `1 + health`, so
+    /// an overloaded node accuses and condemns slowly instead of calling
+    /// members down because it (or the whole machine) is slow.
+    health: u8,
+    /// When health last rose for late timers (at most once a second).
+    last_lag: Option<Instant>,
+    /// Probes that timed out, by nonce, until [`LATE_ANSWER_WINDOW`] after
+    /// they were sent.
+    late: BTreeMap<u64, Pending>,
 }
 
 /// A member's position on the ring.
@@ -405,13 +426,38 @@ impl Liveness {
             rng: SmallRng::seed_from_u64(seed),
             misses_to_accuse: MISSES_TO_ACCUSE,
             ring: Vec::new(),
+            health: 0,
+            last_lag: None,
+            late: BTreeMap::new(),
         }
+    }
+
+    /// The local-health score (0 = healthy, up to [`MAX_HEALTH`]).
+    pub fn health(&self) -> u8 {
+        self.health
+    }
+
+    fn probe_timeout(&self) -> Duration {
+        PROBE_TIMEOUT * (1 + self.health as u32)
+    }
+
+    fn refute_wait(&self) -> Duration {
+        REFUTE_WAIT * (1 + self.health as u32)
+    }
+
+    fn sicker(&mut self) {
+        self.health = (self.health + 1).min(MAX_HEALTH);
     }
 
     /// Sets how many consecutive monitor probes must go unanswered before
     /// we accuse (default [`MISSES_TO_ACCUSE`]; at least 1).
     pub fn set_misses_to_accuse(&mut self, n: u8) {
         self.misses_to_accuse = n.max(1);
+    }
+
+    /// Whether `key` is a member we watch (its record is known).
+    pub fn knows(&self, key: &PublicKeyBytes) -> bool {
+        self.targets.contains_key(key)
     }
 
     /// Whether our verdict on `key` is down.
@@ -532,6 +578,9 @@ impl Liveness {
             t.check = None;
             t.misses = 0;
             self.events.push_back(Event::Up(*key));
+            if self.accusing.remove(key).is_some() {
+                self.accusing_changed = true;
+            }
         }
     }
 
@@ -543,6 +592,8 @@ impl Liveness {
                 if sus.since_ms > *e {
                     *e = sus.since_ms;
                     self.refutations_changed = true;
+                    // Someone could not hear us in time.
+                    self.health = (self.health + 1).min(MAX_HEALTH);
                 }
                 continue;
             }
@@ -625,11 +676,16 @@ impl Liveness {
 
     /// A probe answer from overlay address `from`.
     pub fn handle_ack(&mut self, now: Instant, from: Ipv4Addr, nonce: u64, summary: Summary) {
-        let Some(p) = self.pending.get(&nonce).copied() else {
-            return;
+        let (p, in_time) = match self.pending.get(&nonce) {
+            Some(p) => (*p, true),
+            None => match self.late.get(&nonce) {
+                Some(p) => (*p, false),
+                None => return,
+            },
         };
         let Some(t) = self.targets.get_mut(&p.target) else {
             self.pending.remove(&nonce);
+            self.late.remove(&nonce);
             return;
         };
         if t.overlay_ip != from {
@@ -637,14 +693,25 @@ impl Liveness {
             return;
         }
         self.pending.remove(&nonce);
+        self.late.remove(&nonce);
+        if in_time {
+            self.health = self.health.saturating_sub(1);
+        } else {
+            // Alive, but slower than our timeout: we (or it) are loaded.
+            self.health = (self.health + 1).min(MAX_HEALTH);
+        }
+        let Some(t) = self.targets.get_mut(&p.target) else {
+            return;
+        };
         t.last_ack = Some(now);
         t.misses = 0;
         self.rtts
             .insert(p.target, now.saturating_duration_since(p.sent));
-        if t.check.take().is_some() && self.accusing.remove(&p.target).is_some() {
+        let was_down = t.down_since.take().is_some();
+        if (t.check.take().is_some() || was_down) && self.accusing.remove(&p.target).is_some() {
             self.accusing_changed = true;
         }
-        if t.down_since.take().is_some() {
+        if was_down {
             t.next_recheck = None;
             self.events.push_back(Event::Up(p.target));
         }
@@ -700,15 +767,30 @@ impl Liveness {
 
     /// Runs the timers: probes due, probes timed out, checks decided.
     pub fn handle_timeout(&mut self, now: Instant, unix_ms: u64) {
+        // Our own timers running late: this node is overloaded.
+        if let Some(due) = self.poll_timeout() {
+            if now.saturating_duration_since(due) > LAG_TOLERANCE
+                && self
+                    .last_lag
+                    .is_none_or(|at| now.saturating_duration_since(at) >= Duration::from_secs(1))
+            {
+                self.last_lag = Some(now);
+                self.sicker();
+            }
+        }
+        self.late
+            .retain(|_, p| now.saturating_duration_since(p.sent) < LATE_ANSWER_WINDOW);
         // Probes that went unanswered.
+        let timeout = self.probe_timeout();
         let expired: Vec<(u64, Pending)> = self
             .pending
             .iter()
-            .filter(|(_, p)| now.saturating_duration_since(p.sent) >= PROBE_TIMEOUT)
+            .filter(|(_, p)| now.saturating_duration_since(p.sent) >= timeout)
             .map(|(n, p)| (*n, *p))
             .collect();
         for (nonce, p) in expired {
             self.pending.remove(&nonce);
+            self.late.insert(nonce, p);
             let Some(t) = self.targets.get_mut(&p.target) else {
                 continue;
             };
@@ -759,6 +841,7 @@ impl Liveness {
             }
         }
         // Checks: send their probes, decide the failed ones.
+        let refute_wait = self.refute_wait();
         let keys: Vec<PublicKeyBytes> = self.targets.keys().copied().collect();
         for k in keys {
             let Some(t) = self.targets.get_mut(&k) else {
@@ -775,7 +858,7 @@ impl Liveness {
                 }
                 continue;
             }
-            if now.saturating_duration_since(c.started) < REFUTE_WAIT {
+            if now.saturating_duration_since(c.started) < refute_wait {
                 continue;
             }
             t.check = None;
@@ -841,12 +924,17 @@ impl Liveness {
                 self.send(now, k, Purpose::Spot);
             }
         }
-        // Old accusations (ours and others') are dropped.
+        // Old accusations (ours and others') are dropped; ours stand while
+        // our check runs and while our verdict is down, so a member that
+        // learns of the target later (it restarted, or joined) checks it
+        // too instead of waiting for a path that never comes.
         let before = self.accusing.len();
         let targets = &self.targets;
         self.accusing.retain(|k, (_, at)| {
             now.saturating_duration_since(*at) < ACCUSATION_TTL
-                || targets.get(k).is_some_and(|t| t.check.is_some())
+                || targets
+                    .get(k)
+                    .is_some_and(|t| t.check.is_some() || t.down_since.is_some())
         });
         if self.accusing.len() != before {
             self.accusing_changed = true;
@@ -864,14 +952,15 @@ impl Liveness {
         let mut next: Option<Instant> = self.next_spot;
         let mut take = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
         let mut waiting = std::collections::BTreeSet::new();
+        let (timeout, refute_wait) = (self.probe_timeout(), self.refute_wait());
         for p in self.pending.values() {
-            take(p.sent + PROBE_TIMEOUT);
+            take(p.sent + timeout);
             waiting.insert(p.target);
         }
         for (k, t) in &self.targets {
             if let Some(c) = t.check {
                 if c.failed {
-                    take(c.started + REFUTE_WAIT);
+                    take(c.started + refute_wait);
                 } else if c.probes_sent < 2 {
                     take(c.next_probe);
                 }
@@ -951,6 +1040,36 @@ impl Liveness {
 pub struct ValueFeed {
     /// Values already fed: (node id, key) -> text.
     fed: HashMap<(String, &'static str), std::sync::Arc<str>>,
+    /// Verified values naming a member whose record we did not hold yet
+    /// (gossip delivers each member's state on its own, so an accusation
+    /// can come before its target's record): fed again on each call until
+    /// every member they name is known, or their text changes.
+    parked: HashMap<(String, &'static str), Parked>,
+}
+
+enum Parked {
+    Alive(Alive),
+    Suspicions(Suspicions),
+}
+
+impl Parked {
+    /// Whether every member it names is known (or is us).
+    fn resolved(&self, liveness: &Liveness) -> bool {
+        match self {
+            Parked::Alive(a) => liveness.knows(&a.node_key),
+            Parked::Suspicions(s) => s
+                .targets
+                .iter()
+                .all(|t| t.node_key == liveness.me || liveness.knows(&t.node_key)),
+        }
+    }
+
+    fn deliver(&self, now: Instant, liveness: &mut Liveness) {
+        match self {
+            Parked::Alive(a) => liveness.handle_alive(now, a),
+            Parked::Suspicions(s) => liveness.handle_suspicions(now, s),
+        }
+    }
 }
 
 impl ValueFeed {
@@ -980,20 +1099,41 @@ impl ValueFeed {
                 {
                     continue;
                 }
-                self.fed.insert(slot, text.clone());
-                if key == ALIVE_KEY {
-                    if let Ok(a) = verify_alive(text, network_key, &owner) {
-                        liveness.handle_alive(now, &a);
+                self.fed.insert(slot.clone(), text.clone());
+                self.parked.remove(&slot);
+                let value = if key == ALIVE_KEY {
+                    verify_alive(text, network_key, &owner)
+                        .map(Parked::Alive)
+                        .ok()
+                } else {
+                    verify_suspicions(text, network_key, &owner)
+                        .map(Parked::Suspicions)
+                        .ok()
+                };
+                if let Some(v) = value {
+                    v.deliver(now, liveness);
+                    if !v.resolved(liveness) {
+                        self.parked.insert(slot, v);
                     }
-                } else if let Ok(s) = verify_suspicions(text, network_key, &owner) {
-                    liveness.handle_suspicions(now, &s);
                 }
             }
         }
+        // Parked values whose members are known now (their records
+        // arrived since): delivered, and no longer parked. Delivering one
+        // again is harmless (what liveness already knows is skipped).
+        self.parked.retain(|_, v| {
+            if v.resolved(liveness) {
+                v.deliver(now, liveness);
+                false
+            } else {
+                true
+            }
+        });
         if self.fed.len() > 4 * entries.len() + 64 {
             let ids: std::collections::HashSet<&str> =
                 entries.iter().map(|e| e.node_id.as_str()).collect();
             self.fed.retain(|(id, _), _| ids.contains(id.as_str()));
+            self.parked.retain(|(id, _), _| ids.contains(id.as_str()));
         }
     }
 }

@@ -25,6 +25,17 @@ struct Sim {
     in_flight: Vec<(Instant, usize, Published)>,
     events: Vec<(Duration, usize, Event)>,
     pings_sent: Vec<usize>,
+    /// Each node's values as gossip holds them now (what a node that
+    /// starts later learns).
+    latest: Vec<(Option<Suspicions>, Option<Alive>)>,
+    /// An overloaded machine: answers take this long to come back ...
+    ack_delay: Duration,
+    /// ... a node's timers run only this often (its event loop is late) ...
+    timers_every: Duration,
+    /// ... and published values this long to spread.
+    gossip_delay: Duration,
+    /// Answers on their way: (due, to node, from address, nonce).
+    acks: Vec<(Instant, usize, Ipv4Addr, u64)>,
 }
 
 #[derive(Clone)]
@@ -74,6 +85,11 @@ impl Sim {
             in_flight: Vec::new(),
             events: Vec::new(),
             pings_sent: vec![0; n],
+            latest: vec![(None, None); n],
+            ack_delay: Duration::ZERO,
+            timers_every: STEP,
+            gossip_delay: GOSSIP_DELAY,
+            acks: Vec::new(),
         }
     }
 
@@ -101,8 +117,23 @@ impl Sim {
                 }
             }
         }
+        let (due, later): (Vec<_>, Vec<_>) =
+            self.acks.drain(..).partition(|(at, ..)| *at <= self.now);
+        self.acks = later;
+        for (_, i, from, nonce) in due {
+            if self.up[i] {
+                self.nodes[i].handle_ack(self.now, from, nonce, Summary::default());
+            }
+        }
+        let elapsed = self.now.duration_since(self.t0);
         for i in 0..self.nodes.len() {
             if !self.up[i] {
+                continue;
+            }
+            // A starved node's loop wakes only every `timers_every` (each
+            // node at its own phase).
+            let phase = STEP * (i as u32 % 7);
+            if (elapsed + phase).as_millis() % self.timers_every.as_millis() >= STEP.as_millis() {
                 continue;
             }
             self.nodes[i].handle_timeout(self.now, unix_ms);
@@ -113,8 +144,12 @@ impl Sim {
                     continue;
                 }
                 if let Probe::Ping { nonce, .. } = probe {
-                    // The target answers at once.
-                    self.nodes[i].handle_ack(self.now, ip(j), nonce, Summary::default());
+                    if self.ack_delay.is_zero() {
+                        // The target answers at once.
+                        self.nodes[i].handle_ack(self.now, ip(j), nonce, Summary::default());
+                    } else {
+                        self.acks.push((self.now + self.ack_delay, i, ip(j), nonce));
+                    }
                 }
             }
             while let Some(e) = self.nodes[i].poll_event() {
@@ -127,8 +162,9 @@ impl Sim {
                     issued_at_ms: unix_ms,
                     targets,
                 };
+                self.latest[i].0 = Some(s.clone());
                 self.in_flight
-                    .push((self.now + GOSSIP_DELAY, i, Published::Suspicions(s)));
+                    .push((self.now + self.gossip_delay, i, Published::Suspicions(s)));
             }
             if let Some(refutes) = self.nodes[i].take_refutations() {
                 let a = Alive {
@@ -137,8 +173,9 @@ impl Sim {
                     issued_at_ms: unix_ms,
                     refutes,
                 };
+                self.latest[i].1 = Some(a.clone());
                 self.in_flight
-                    .push((self.now + GOSSIP_DELAY, i, Published::Alive(a)));
+                    .push((self.now + self.gossip_delay, i, Published::Alive(a)));
             }
         }
     }
@@ -148,6 +185,36 @@ impl Sim {
         while self.now < end {
             self.step();
         }
+    }
+
+    /// Node `i` restarts with no liveness state: it learns the members and
+    /// every value gossip holds now, the way a restarted daemon does.
+    fn restart(&mut self, i: usize) {
+        let mut fresh = Liveness::new(NET, self.keys[i], 1000 + i as u64);
+        let views: Vec<MemberView> = self
+            .keys
+            .iter()
+            .enumerate()
+            .map(|(j, k)| MemberView {
+                key: *k,
+                overlay_ip: ip(j),
+                reachable: true,
+            })
+            .collect();
+        fresh.handle_members(self.now, &views);
+        for (j, (s, a)) in self.latest.iter().enumerate() {
+            if j == i {
+                continue;
+            }
+            if let Some(a) = a {
+                fresh.handle_alive(self.now, a);
+            }
+            if let Some(s) = s {
+                fresh.handle_suspicions(self.now, s);
+            }
+        }
+        self.nodes[i] = fresh;
+        self.up[i] = true;
     }
 
     fn downs_of(&self, victim: usize) -> Vec<(Duration, usize)> {
@@ -231,6 +298,66 @@ fn a_broken_path_is_not_a_death() {
         sim.events
     );
     assert!(sim.downs_of(1).is_empty(), "{:?}", sim.events);
+}
+
+#[test]
+fn a_node_started_long_after_a_kill_sees_the_killed_member_down() {
+    let mut sim = Sim::new(6);
+    sim.run(Duration::from_secs(5));
+    sim.up[3] = false;
+    sim.run(Duration::from_secs(15));
+    assert_eq!(sim.downs_of(3).len(), 5, "{:?}", sim.events);
+    // Well past the accusation lifetime, node 0 restarts: the accusers'
+    // verdicts still stand in gossip, so it checks 3 and finds it down.
+    sim.run(ACCUSATION_TTL + Duration::from_secs(30));
+    sim.up[0] = false;
+    sim.run(Duration::from_secs(1));
+    sim.restart(0);
+    sim.run(Duration::from_secs(10));
+    assert!(sim.nodes[0].is_down(&sim.keys[3]), "{:?}", sim.events);
+    // Live members are not called down by the restarted node.
+    for j in [1, 2, 4, 5] {
+        assert!(!sim.nodes[0].is_down(&sim.keys[j]), "{j}: {:?}", sim.events);
+    }
+    // And once 3 is back, the accusations are withdrawn.
+    sim.up[3] = true;
+    sim.run(Duration::from_secs(15));
+    assert!(sim.nodes.iter().all(|n| !n.is_down(&sim.keys[3])));
+    assert!(sim
+        .latest
+        .iter()
+        .filter_map(|(s, _)| s.as_ref())
+        .all(|s| s.targets.iter().all(|t| t.node_key != sim.keys[3])));
+}
+
+/// Every machine overloaded (the testnet's 100 daemons on 2 cores): answers
+/// take 1.5 s, event loops wake every 700 ms, gossip takes 3 s. Nobody live
+/// is called down, and a kill is still seen.
+#[test]
+fn an_overloaded_mesh_does_not_call_live_members_down() {
+    let mut sim = Sim::new(12);
+    sim.ack_delay = Duration::from_millis(1500);
+    sim.timers_every = Duration::from_millis(700);
+    sim.gossip_delay = Duration::from_secs(3);
+    sim.run(Duration::from_secs(300));
+    let downs: Vec<_> = sim
+        .events
+        .iter()
+        .filter(|(_, _, e)| matches!(e, Event::Down(_)))
+        .collect();
+    assert!(downs.is_empty(), "false downs: {downs:?}");
+    let killed_at = sim.now - sim.t0;
+    sim.up[5] = false;
+    sim.run(Duration::from_secs(120));
+    let downs = sim.downs_of(5);
+    let observers: HashSet<usize> = downs.iter().map(|(_, i)| *i).collect();
+    assert_eq!(observers.len(), 11, "{:?}", sim.events);
+    let last = downs.iter().map(|(t, _)| *t).max().unwrap() - killed_at;
+    eprintln!("overloaded: kill seen by all after {last:?}");
+    assert!(
+        last <= Duration::from_secs(90),
+        "last verdict after {last:?}"
+    );
 }
 
 #[test]
@@ -326,4 +453,52 @@ fn wire_values_round_trip_and_forgeries_fail() {
     };
     assert_eq!(verify_suspicions(&s.sign(&k), &NET, &pk).unwrap(), s);
     assert!(verify_suspicions(&s.sign(&other), &NET, &pk).is_err());
+}
+
+/// An accusation that arrives before its target's record (gossip delivers
+/// each member's state on its own) is acted on once the record arrives.
+#[test]
+fn an_accusation_before_its_targets_record_is_kept_until_the_record_comes() {
+    let signer = |i: u8| SigningKey::from_bytes(&[i + 1; 32]);
+    let keys: Vec<PublicKeyBytes> = (0..3u8)
+        .map(|i| signer(i).verifying_key().to_bytes())
+        .collect();
+    let view = |i: usize| MemberView {
+        key: keys[i],
+        overlay_ip: ip(i),
+        reachable: false,
+    };
+    let now = Instant::now();
+    let mut n = Liveness::new(NET, keys[0], 1);
+    n.handle_members(now, &[view(0), view(1)]);
+    let text = Suspicions {
+        network_key: NET,
+        accuser: keys[1],
+        issued_at_ms: 5,
+        targets: vec![Suspect {
+            node_key: keys[2],
+            since_ms: 4,
+        }],
+    }
+    .sign(&signer(1));
+    let entries = vec![crate::membership::GossipEntry {
+        node_id: proto::node_id_string(&keys[1]),
+        record: None,
+        seen: None,
+        alive: None,
+        suspects: Some(text.into()),
+    }];
+    let membership = crate::membership::Membership::new(keys[0], Duration::from_secs(60));
+    let mut feed = ValueFeed::default();
+    feed.feed(now, &mut n, &membership, &NET, &entries);
+    n.handle_timeout(now, 10);
+    assert!(n.poll_transmit().iter().all(|(to, _)| *to != ip(2)));
+    // Node 2's record arrives; the same entries come again, unchanged.
+    n.handle_members(now, &[view(0), view(1), view(2)]);
+    feed.feed(now, &mut n, &membership, &NET, &entries);
+    n.handle_timeout(now, 10);
+    assert!(
+        n.poll_transmit().iter().any(|(to, _)| *to == ip(2)),
+        "node 2 was not checked"
+    );
 }
