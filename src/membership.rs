@@ -712,6 +712,17 @@ impl Membership {
     /// received from their key recently: the member is there, whatever
     /// gossip says). `keepalive` is the persistent keepalive to set (this
     /// node's NAT decides it, see [`KEEPALIVE_SECS`]).
+    /// Whether a member is gone for the mesh's purposes: it left, or it
+    /// has been down longer than the down grace (its WireGuard peer is
+    /// removed, relays end its allocations).
+    pub fn gone(&self, now: Instant, m: &Member) -> bool {
+        match m.liveness {
+            Liveness::Live => false,
+            Liveness::Down { since } => now.saturating_duration_since(since) >= self.down_grace,
+            Liveness::Left { .. } => true,
+        }
+    }
+
     pub fn desired_peers(
         &self,
         now: Instant,

@@ -481,9 +481,13 @@ impl Node {
     /// datagrams may come from.
     fn feed_relay(&mut self) {
         let enabled = self.relays();
+        let now = Instant::now();
         let members = if enabled {
+            // Members gone (left, or down past the grace) are not listed:
+            // their allocations end (proto/PROTOCOL.md §7).
             self.membership
                 .members()
+                .filter(|m| !self.membership.gone(now, m))
                 .map(|m| {
                     let mut ips: Vec<IpAddr> = m.record.endpoints.iter().map(|e| e.ip()).collect();
                     ips.push(m.record.gossip_addr.ip());
@@ -593,8 +597,25 @@ impl Node {
             .collect();
         self.gossip.transport.set_expected(expected);
         let partner = crate::gossip::rounds::rest_partner(self.liveness.monitored(), &targets);
+        // Seeds and last-known members: all of them while we are alone;
+        // after, those no current member holds (the planner visits one now
+        // and then: a mesh we may be cut off from).
+        let held: std::collections::HashSet<SocketAddr> = self
+            .membership
+            .members()
+            .flat_map(|m| {
+                let r = &m.record;
+                [
+                    r.gossip_addr,
+                    SocketAddr::new(IpAddr::V4(r.overlay_ip), r.gossip_addr.port()),
+                ]
+            })
+            .collect();
         let mut bootstrap = self.seed_addrs.clone();
         bootstrap.extend(self.state.known_members.iter().copied());
+        if !targets.is_empty() {
+            bootstrap.retain(|a| !held.contains(a));
+        }
         bootstrap.sort();
         bootstrap.dedup();
         for addr in self.planner.poll(now, &targets, partner, &bootstrap) {

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, Notify};
 
 use crate::membership::{on_local_net, DesiredPeer, GossipEntry, Liveness, Membership};
+use crate::nat::allocs::Allocations;
 use crate::nat::checks::{Checks, Need, Validated};
 use crate::nat::discovery::{looks_public, Discovery, NatInfo};
 use crate::nat::paths::{Path, PathSelector};
@@ -31,17 +32,6 @@ pub struct ObserveStep {
 
 /// A working path whose packets went unanswered this long gets checked.
 const SUSPECT: Duration = Duration::from_secs(2);
-
-/// A relay allocation asked for and not answered is asked again after this.
-const ALLOC_RETRY: Duration = Duration::from_secs(1);
-
-/// A relay allocation we hold or asked for.
-struct Alloc {
-    relay: [u8; 32],
-    /// The relay's address and the port of our side, once allocated.
-    endpoint: Option<SocketAddr>,
-    asked: Instant,
-}
 
 /// How often our own observations may be republished.
 const SEEN_REPUBLISH: Duration = Duration::from_secs(10);
@@ -83,9 +73,7 @@ pub struct Traversal {
     /// The peers whose path changed in the last `select_paths`.
     pub changed: Vec<[u8; 32]>,
     /// Relay allocations per peer (WireGuard key).
-    allocations: HashMap<[u8; 32], Alloc>,
-    alloc_requests: Vec<([u8; 32], [u8; 32])>,
-    alloc_releases: Vec<([u8; 32], [u8; 32])>,
+    allocations: Allocations,
     /// Outside STUN servers (`--stun-server`), asked before members.
     outside: Vec<SocketAddr>,
     /// Our WireGuard key (checks name their sender).
@@ -187,9 +175,7 @@ impl Traversal {
             },
             paths: BTreeMap::new(),
             changed: Vec::new(),
-            allocations: HashMap::new(),
-            alloc_requests: Vec::new(),
-            alloc_releases: Vec::new(),
+            allocations: Allocations::default(),
             outside,
         }
     }
@@ -437,6 +423,15 @@ impl Traversal {
             .map(|x| (x.record.wg_public_key, x.stamp_signature.as_slice()))
             .collect();
         relays.sort();
+        let relay_versions: HashMap<[u8; 32], u64> = m
+            .members()
+            .filter(|x| x.record.relay && x.record.nat == NatKind::Public)
+            .map(|x| (x.record.wg_public_key, x.record.version))
+            .collect();
+        let handshakes: HashMap<[u8; 32], Option<Duration>> = actual
+            .iter()
+            .map(|a| (a.public_key, a.handshake_age))
+            .collect();
         // A punch cannot work when either side is behind a symmetric NAT
         // and the other is not public.
         let our_nat = self.nat.kind;
@@ -465,11 +460,7 @@ impl Traversal {
         // broken path (public members send none at rest).
         let sends_keepalives = |k: &[u8; 32]| nat_of(k) != NatKind::Public;
         let allocations = &self.allocations;
-        let relayed_at = |k: &[u8; 32]| {
-            allocations
-                .get(k)
-                .and_then(|a| a.endpoint.map(|e| (a.relay, e)))
-        };
+        let relayed_at = |k: &[u8; 32]| allocations.relayed_at(k);
         let paths = self.selector.select(
             now,
             &desired,
@@ -481,7 +472,8 @@ impl Traversal {
             &relayed_at,
         );
         let mut desired = desired;
-        self.plan_allocations(now, &paths);
+        self.allocations
+            .plan(now, &paths, &relay_versions, &handshakes);
         // Where to check (and punch): the candidates of every peer still
         // without a direct path that a punch can reach. A candidate that
         // answered a check becomes the peer's only endpoint until the
@@ -500,7 +492,7 @@ impl Traversal {
             let candidates = d.endpoints.clone();
             let relayed = matches!(paths.get(&d.public_key), Some(Path::Relayed { .. }));
             let relay_ep = relayed
-                .then(|| self.allocations.get(&d.public_key).and_then(|a| a.endpoint))
+                .then(|| self.allocations.relayed_at(&d.public_key).map(|(_, e)| e))
                 .flatten();
             if let Some(ep) = relay_ep {
                 // Relayed: the one session goes through the relay's port
@@ -609,59 +601,14 @@ impl Traversal {
         desired
     }
 
-    /// Relay allocations to ask for and to give back, after a path choice:
-    /// a relayed peer needs one at its relay (asked again after
-    /// [`ALLOC_RETRY`] without an answer); a direct one gives its back.
-    fn plan_allocations(&mut self, now: Instant, paths: &BTreeMap<[u8; 32], Path>) {
-        for (k, p) in paths {
-            match p {
-                Path::Relayed { via } => {
-                    let stale = match self.allocations.get(k) {
-                        None => true,
-                        Some(a) if a.relay != *via => {
-                            if a.endpoint.is_some() {
-                                self.alloc_releases.push((*k, a.relay));
-                            }
-                            true
-                        }
-                        Some(a) => {
-                            a.endpoint.is_none()
-                                && now.saturating_duration_since(a.asked) >= ALLOC_RETRY
-                        }
-                    };
-                    if stale {
-                        self.allocations.insert(
-                            *k,
-                            Alloc {
-                                relay: *via,
-                                endpoint: None,
-                                asked: now,
-                            },
-                        );
-                        self.alloc_requests.push((*k, *via));
-                    }
-                }
-                Path::Direct => {
-                    if let Some(a) = self.allocations.remove(k) {
-                        if a.endpoint.is_some() {
-                            self.alloc_releases.push((*k, a.relay));
-                        }
-                    }
-                }
-                Path::Trying => {}
-            }
-        }
-        self.allocations.retain(|k, _| paths.contains_key(k));
-    }
-
     /// Allocations to ask relays for: (peer, relay), WireGuard keys.
     pub fn take_alloc_requests(&mut self) -> Vec<([u8; 32], [u8; 32])> {
-        std::mem::take(&mut self.alloc_requests)
+        self.allocations.take_requests()
     }
 
     /// Allocations to give back: (peer, relay), WireGuard keys.
     pub fn take_alloc_releases(&mut self) -> Vec<([u8; 32], [u8; 32])> {
-        std::mem::take(&mut self.alloc_releases)
+        self.allocations.take_releases()
     }
 
     /// A relay answered our request for the pair with `peer`: the endpoint
@@ -672,16 +619,7 @@ impl Traversal {
         relay: &[u8; 32],
         endpoint: Option<SocketAddr>,
     ) {
-        match self.allocations.get_mut(peer) {
-            Some(a) if &a.relay == relay => a.endpoint = endpoint,
-            // An answer from a relay we moved away from meanwhile (it
-            // flapped): give that allocation back.
-            _ => {
-                if endpoint.is_some() {
-                    self.alloc_releases.push((*peer, *relay));
-                }
-            }
-        }
+        self.allocations.handle_answer(peer, relay, endpoint);
     }
 
     /// Observed endpoints, both ways: what we see of members whose NAT is

@@ -13,6 +13,11 @@
 //!   [`MISMATCH_GAP`]).
 //! * **Alone** (no member reachable yet): rounds to the seeds and the
 //!   members known from last time, backing off from 1 s to 30 s.
+//! * **Strangers**: seeds and last-known members that no current member
+//!   holds (a node restarted while cut off, then joined by others, forms a
+//!   mesh of its own that thinks it is whole): one of them gets a round
+//!   every [`STRANGER_EVERY`], so two such meshes merge. In a whole mesh
+//!   every seed is a member, and this costs nothing.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -35,6 +40,7 @@ pub const REST_EVERY: Duration = Duration::from_secs(30);
 pub const MISMATCH_GAP: Duration = Duration::from_secs(1);
 const ALONE_FIRST: Duration = Duration::from_secs(1);
 const ALONE_MAX: Duration = Duration::from_secs(30);
+pub const STRANGER_EVERY: Duration = Duration::from_secs(30);
 
 /// A member we can gossip with, and the address to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,6 +100,7 @@ pub struct RoundPlanner {
     last_mismatch: HashMap<PublicKeyBytes, Instant>,
     alone_backoff: Duration,
     next_alone: Option<Instant>,
+    next_stranger: Option<Instant>,
     rng: SmallRng,
 }
 
@@ -108,6 +115,7 @@ impl RoundPlanner {
             last_mismatch: HashMap::new(),
             alone_backoff: ALONE_FIRST,
             next_alone: None,
+            next_stranger: None,
             rng: SmallRng::seed_from_u64(seed),
         }
     }
@@ -137,8 +145,9 @@ impl RoundPlanner {
 
     /// The rounds to start now: addresses, each at most once. `targets` are
     /// the members we can reach; `partner` the rest-time partner;
-    /// `bootstrap` the seeds and last-known members, used while `targets`
-    /// is empty.
+    /// `bootstrap` the seeds and last-known members that no current member
+    /// holds: all of them while `targets` is empty, else one every
+    /// [`STRANGER_EVERY`].
     pub fn poll(
         &mut self,
         now: Instant,
@@ -165,6 +174,26 @@ impl RoundPlanner {
         }
         self.alone_backoff = ALONE_FIRST;
         self.next_alone = None;
+        // Strangers: another mesh we may be cut off from.
+        let strangers: Vec<SocketAddr> = bootstrap
+            .iter()
+            .filter(|a| !targets.iter().any(|t| t.addr == **a))
+            .copied()
+            .collect();
+        if strangers.is_empty() {
+            self.next_stranger = None;
+        } else {
+            match self.next_stranger {
+                None => self.next_stranger = Some(now + STRANGER_EVERY),
+                Some(at) if now >= at => {
+                    self.next_stranger = Some(now + STRANGER_EVERY);
+                    if let Some(a) = strangers.choose(&mut self.rng) {
+                        add(*a, &mut out);
+                    }
+                }
+                Some(_) => {}
+            }
+        }
         // Mismatches found by probes.
         for key in std::mem::take(&mut self.mismatches) {
             if self
@@ -219,6 +248,9 @@ impl RoundPlanner {
             }
         }
         if let Some(a) = self.next_alone {
+            next = next.min(a);
+        }
+        if let Some(a) = self.next_stranger {
             next = next.min(a);
         }
         if !self.mismatches.is_empty() {
@@ -303,6 +335,47 @@ mod tests {
         assert!(p
             .poll(t0 + Duration::from_secs(5), &ts, None, &[])
             .is_empty());
+    }
+
+    /// A seed no member holds (another mesh we are cut off from) gets a
+    /// round every STRANGER_EVERY; a seed that is a member gets none beyond
+    /// the usual rounds.
+    #[test]
+    fn a_seed_outside_the_mesh_is_visited_every_half_minute() {
+        let ts = targets(3);
+        let seed = SocketAddr::from(([198, 18, 0, 1], 51821));
+        let t0 = Instant::now();
+        let mut p = RoundPlanner::new(1);
+        let boot = [seed, ts[0].addr];
+        let count = |p: &mut RoundPlanner, from: u64, to: u64| {
+            (from * 10..to * 10)
+                .filter(|i| {
+                    p.poll(t0 + Duration::from_millis(i * 100), &ts, Some(ts[1]), &boot)
+                        .contains(&seed)
+                })
+                .count()
+        };
+        assert_eq!(count(&mut p, 0, 29), 0);
+        assert_eq!(count(&mut p, 29, 31), 1);
+        assert_eq!(count(&mut p, 31, 91), 2);
+        // The seed is a member now: no more extra rounds.
+        let mut with_seed = ts.clone();
+        with_seed.push(Target {
+            key: [42; 32],
+            addr: seed,
+        });
+        let extra = (910..2000)
+            .filter(|i| {
+                p.poll(
+                    t0 + Duration::from_millis(i * 100),
+                    &with_seed,
+                    Some(ts[1]),
+                    &boot,
+                )
+                .contains(&seed)
+            })
+            .count();
+        assert_eq!(extra, 0);
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! userspace device) and applies the results; nothing here does I/O or reads
 //! a clock.
 
+pub mod allocs;
 pub mod checks;
 pub mod discovery;
 pub mod paths;

@@ -364,7 +364,8 @@ pub struct SoakCheckSpec {
     #[serde(default = "d_64f")]
     pub rss_max_mib: f64,
     /// Open descriptors of a node that ran through the whole soak: at most
-    /// this many more at the end than at the soak's start.
+    /// this many more at the end than at the soak's start, plus two per
+    /// relay allocation it holds at the end.
     #[serde(default = "d_16")]
     pub fd_growth: usize,
     /// meshpeer's forget times (membership::FORGET_DOWN_AFTER and

@@ -650,9 +650,14 @@ impl Ctx<'_> {
                         spec.rss_factor
                     ));
                 }
-                if now.fds > b.fds + spec.fd_growth {
+                // A relay holds two UDP sockets per allocation it serves
+                // (proto/PROTOCOL.md §7): those are its work, not a leak.
+                let allocations = control_status(&self.nodes.state_dir(i))
+                    .and_then(|v| v["relay_allocations"].as_u64())
+                    .unwrap_or(0) as usize;
+                if now.fds > b.fds + spec.fd_growth + 2 * allocations {
                     fd_bad.push(format!(
-                        "n{i}: {} -> {} open descriptors (sockets {} -> {})",
+                        "n{i}: {} -> {} open descriptors (sockets {} -> {}; {allocations} relay allocations)",
                         b.fds, now.fds, b.sockets, now.sockets
                     ));
                 }

@@ -1,0 +1,285 @@
+//! Which relay allocations a node holds, asks for and gives back
+//! (proto/PROTOCOL.md §7), decided from the path choice on a clock passed
+//! in: sans-IO, the daemon moves the requests over QUIC
+//! (`daemon::step::exchange_allocations`) and feeds the answers back.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use super::paths::Path;
+
+/// A relay allocation asked for and not answered is asked again after this.
+pub const ALLOC_RETRY: Duration = Duration::from_secs(1);
+/// A relayed session with no WireGuard handshake for [`SESSION_DEAD`] asks
+/// its relay again, at most this often: `Allocate` is idempotent while the
+/// allocation lives, and gives a fresh one when the relay lost it.
+pub const ALLOC_REFRESH: Duration = Duration::from_secs(15);
+/// A session whose last handshake is older than this is not working
+/// (WireGuard renews a live one every 2 minutes).
+pub const SESSION_DEAD: Duration = Duration::from_secs(150);
+
+/// A relay allocation we hold or asked for.
+#[derive(Debug, Clone)]
+struct Alloc {
+    relay: [u8; 32],
+    /// The relay's record version when we asked: a newer one (it
+    /// restarted, or changed its record) and the allocation is asked again,
+    /// since a restarted relay has forgotten it.
+    relay_version: u64,
+    /// The relay's address and the port of our side, once allocated.
+    endpoint: Option<SocketAddr>,
+    asked: Instant,
+}
+
+/// Per peer (WireGuard key) of ours: the allocation for our side of the
+/// pair at its relay.
+#[derive(Debug, Default)]
+pub struct Allocations {
+    map: HashMap<[u8; 32], Alloc>,
+    requests: Vec<([u8; 32], [u8; 32])>,
+    releases: Vec<([u8; 32], [u8; 32])>,
+}
+
+impl Allocations {
+    /// The relay and endpoint a relayed peer's session uses, once allocated.
+    pub fn relayed_at(&self, peer: &[u8; 32]) -> Option<([u8; 32], SocketAddr)> {
+        self.map
+            .get(peer)
+            .and_then(|a| a.endpoint.map(|e| (a.relay, e)))
+    }
+
+    /// After a path choice: a relayed peer needs an allocation at its relay
+    /// (asked again after [`ALLOC_RETRY`] without an answer, at once when
+    /// the relay's record version changed, and every [`ALLOC_REFRESH`] while
+    /// the session is dead); a direct one gives its back. `relay_versions`:
+    /// relays' record versions by WireGuard key; `handshakes`: the age of
+    /// each peer's last WireGuard handshake.
+    pub fn plan(
+        &mut self,
+        now: Instant,
+        paths: &BTreeMap<[u8; 32], Path>,
+        relay_versions: &HashMap<[u8; 32], u64>,
+        handshakes: &HashMap<[u8; 32], Option<Duration>>,
+    ) {
+        for (k, p) in paths {
+            match p {
+                Path::Relayed { via } => {
+                    let version = relay_versions.get(via).copied().unwrap_or(0);
+                    let (ask, keep) = match self.map.get(k) {
+                        None => (true, None),
+                        Some(a) if a.relay != *via => {
+                            if a.endpoint.is_some() {
+                                self.releases.push((*k, a.relay));
+                            }
+                            (true, None)
+                        }
+                        Some(a) => {
+                            let since = now.saturating_duration_since(a.asked);
+                            if a.endpoint.is_none() {
+                                (since >= ALLOC_RETRY, None)
+                            } else {
+                                let dead = handshakes
+                                    .get(k)
+                                    .is_none_or(|h| h.is_none_or(|age| age > SESSION_DEAD));
+                                let renewed = a.relay_version != version;
+                                // Asked again, the endpoint we have stays in
+                                // use until the answer.
+                                (renewed || (dead && since >= ALLOC_REFRESH), a.endpoint)
+                            }
+                        }
+                    };
+                    if ask {
+                        self.map.insert(
+                            *k,
+                            Alloc {
+                                relay: *via,
+                                relay_version: version,
+                                endpoint: keep,
+                                asked: now,
+                            },
+                        );
+                        self.requests.push((*k, *via));
+                    }
+                }
+                Path::Direct => {
+                    if let Some(a) = self.map.remove(k) {
+                        if a.endpoint.is_some() {
+                            self.releases.push((*k, a.relay));
+                        }
+                    }
+                }
+                Path::Trying => {}
+            }
+        }
+        self.map.retain(|k, _| paths.contains_key(k));
+    }
+
+    /// Allocations to ask relays for: (peer, relay), WireGuard keys.
+    pub fn take_requests(&mut self) -> Vec<([u8; 32], [u8; 32])> {
+        std::mem::take(&mut self.requests)
+    }
+
+    /// Allocations to give back: (peer, relay), WireGuard keys.
+    pub fn take_releases(&mut self) -> Vec<([u8; 32], [u8; 32])> {
+        std::mem::take(&mut self.releases)
+    }
+
+    /// A relay answered our request for the pair with `peer`: the endpoint
+    /// to use (None: refused, asked again later).
+    pub fn handle_answer(
+        &mut self,
+        peer: &[u8; 32],
+        relay: &[u8; 32],
+        endpoint: Option<SocketAddr>,
+    ) {
+        match self.map.get_mut(peer) {
+            Some(a) if &a.relay == relay => a.endpoint = endpoint,
+            // An answer from a relay we moved away from meanwhile (it
+            // flapped): give that allocation back.
+            _ => {
+                if endpoint.is_some() {
+                    self.releases.push((*peer, *relay));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PEER: [u8; 32] = [1; 32];
+    const R1: [u8; 32] = [7; 32];
+    const R2: [u8; 32] = [8; 32];
+
+    fn ep(port: u16) -> SocketAddr {
+        SocketAddr::from(([198, 18, 0, 3], port))
+    }
+
+    fn relayed(via: [u8; 32]) -> BTreeMap<[u8; 32], Path> {
+        BTreeMap::from([(PEER, Path::Relayed { via })])
+    }
+
+    fn versions(v: u64) -> HashMap<[u8; 32], u64> {
+        HashMap::from([(R1, v), (R2, 1)])
+    }
+
+    fn handshake(age: Option<u64>) -> HashMap<[u8; 32], Option<Duration>> {
+        HashMap::from([(PEER, age.map(Duration::from_secs))])
+    }
+
+    /// Allocated once, with a working session: nothing more is asked.
+    fn settled(t0: Instant) -> Allocations {
+        let mut a = Allocations::default();
+        a.plan(t0, &relayed(R1), &versions(1), &handshake(None));
+        assert_eq!(a.take_requests(), vec![(PEER, R1)]);
+        a.handle_answer(&PEER, &R1, Some(ep(53000)));
+        assert_eq!(a.relayed_at(&PEER), Some((R1, ep(53000))));
+        a.plan(
+            t0 + Duration::from_secs(60),
+            &relayed(R1),
+            &versions(1),
+            &handshake(Some(20)),
+        );
+        assert!(a.take_requests().is_empty());
+        a
+    }
+
+    #[test]
+    fn an_unanswered_request_is_repeated_after_the_retry_gap() {
+        let t0 = Instant::now();
+        let mut a = Allocations::default();
+        a.plan(t0, &relayed(R1), &versions(1), &handshake(None));
+        assert_eq!(a.take_requests().len(), 1);
+        a.plan(
+            t0 + Duration::from_millis(500),
+            &relayed(R1),
+            &versions(1),
+            &handshake(None),
+        );
+        assert!(a.take_requests().is_empty());
+        a.plan(
+            t0 + ALLOC_RETRY,
+            &relayed(R1),
+            &versions(1),
+            &handshake(None),
+        );
+        assert_eq!(a.take_requests(), vec![(PEER, R1)]);
+    }
+
+    /// The relay restarted (a newer record): it forgot our allocation, so
+    /// we ask again at once, keeping the old endpoint until it answers.
+    #[test]
+    fn a_restarted_relay_is_asked_again() {
+        let t0 = Instant::now();
+        let mut a = settled(t0);
+        let t1 = t0 + Duration::from_secs(61);
+        a.plan(t1, &relayed(R1), &versions(2), &handshake(Some(21)));
+        assert_eq!(a.take_requests(), vec![(PEER, R1)]);
+        assert_eq!(a.relayed_at(&PEER), Some((R1, ep(53000))));
+        a.handle_answer(&PEER, &R1, Some(ep(54000)));
+        assert_eq!(a.relayed_at(&PEER), Some((R1, ep(54000))));
+        a.plan(
+            t1 + Duration::from_secs(1),
+            &relayed(R1),
+            &versions(2),
+            &handshake(Some(1)),
+        );
+        assert!(a.take_requests().is_empty());
+    }
+
+    /// A relayed session that is dead asks its relay again, every
+    /// ALLOC_REFRESH, whatever the relay's record says.
+    #[test]
+    fn a_dead_relayed_session_refreshes_its_allocation() {
+        let t0 = Instant::now();
+        let mut a = settled(t0);
+        let t1 = t0 + Duration::from_secs(60) + ALLOC_REFRESH;
+        a.plan(t1, &relayed(R1), &versions(1), &handshake(Some(200)));
+        assert_eq!(a.take_requests(), vec![(PEER, R1)]);
+        a.handle_answer(&PEER, &R1, Some(ep(53000)));
+        a.plan(
+            t1 + Duration::from_secs(5),
+            &relayed(R1),
+            &versions(1),
+            &handshake(Some(205)),
+        );
+        assert!(a.take_requests().is_empty());
+        a.plan(
+            t1 + ALLOC_REFRESH,
+            &relayed(R1),
+            &versions(1),
+            &handshake(None),
+        );
+        assert_eq!(a.take_requests(), vec![(PEER, R1)]);
+    }
+
+    #[test]
+    fn moving_to_another_relay_or_direct_gives_the_allocation_back() {
+        let t0 = Instant::now();
+        let mut a = settled(t0);
+        a.plan(
+            t0 + Duration::from_secs(61),
+            &relayed(R2),
+            &versions(1),
+            &handshake(None),
+        );
+        assert_eq!(a.take_releases(), vec![(PEER, R1)]);
+        assert_eq!(a.take_requests(), vec![(PEER, R2)]);
+        // R1's late answer is given back too.
+        a.handle_answer(&PEER, &R1, Some(ep(53000)));
+        assert_eq!(a.take_releases(), vec![(PEER, R1)]);
+        a.handle_answer(&PEER, &R2, Some(ep(55000)));
+        let direct = BTreeMap::from([(PEER, Path::Direct)]);
+        a.plan(
+            t0 + Duration::from_secs(62),
+            &direct,
+            &versions(1),
+            &handshake(Some(1)),
+        );
+        assert_eq!(a.take_releases(), vec![(PEER, R2)]);
+        assert_eq!(a.relayed_at(&PEER), None);
+    }
+}
