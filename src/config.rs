@@ -385,13 +385,33 @@ pub fn parse_backend(s: &str) -> Result<BackendChoice, String> {
     }
 }
 
+/// Longest log level or filter accepted.
+pub const MAX_LOG_FILTER: usize = 1024;
+
+/// A log filter as the daemon uses it. Field values in directives
+/// (`[span{field=value}]`) match literally: as regular expressions (the
+/// tracing default) a short filter in a config file could make building
+/// the filter take minutes (found by fuzzing, FUZZING.md).
+pub fn env_filter(
+    filter: &str,
+) -> Result<tracing_subscriber::EnvFilter, tracing_subscriber::filter::ParseError> {
+    tracing_subscriber::EnvFilter::builder()
+        .with_regex(false)
+        .parse(filter)
+}
+
 /// A log level or filter directive (checked by parsing it as tracing does).
 pub fn parse_log_level(s: &str) -> Result<String, String> {
     if s.trim().is_empty() {
         return Err("an empty log level: use error, warn, info, debug or trace".into());
     }
-    tracing_subscriber::EnvFilter::builder()
-        .parse(log_filter(s))
+    if s.len() > MAX_LOG_FILTER {
+        return Err(format!(
+            "a log filter of {} characters; at most {MAX_LOG_FILTER}",
+            s.len()
+        ));
+    }
+    env_filter(&log_filter(s))
         .map(|_| s.trim().to_string())
         .map_err(|e| {
             format!("{s:?} is not a log level (error, warn, info, debug, trace, or a filter like `info,meshpeer::gossip=debug`): {e}")

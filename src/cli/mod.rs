@@ -325,8 +325,7 @@ impl Logging {
         use tracing_subscriber::prelude::*;
         let ansi = std::io::stderr().is_terminal()
             && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
-        let env_filter = tracing_subscriber::EnvFilter::builder()
-            .parse(filter)
+        let env_filter = cfg::env_filter(filter)
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(cfg::log_filter("info")));
         let (layer, handle) = tracing_subscriber::reload::Layer::new(env_filter);
         tracing_subscriber::registry()
@@ -349,7 +348,7 @@ impl Logging {
         if *cur == filter {
             return;
         }
-        match tracing_subscriber::EnvFilter::builder().parse(filter) {
+        match cfg::env_filter(filter) {
             Ok(f) => match self.handle.reload(f) {
                 Ok(()) => {
                     tracing::info!(filter, "log level changed");
