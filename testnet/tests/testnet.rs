@@ -400,7 +400,6 @@ fn nat_flush() {
 /// descriptors within bounds) and no leftovers after the run. The
 /// 30-minute soak (`soak.toml`) is run by hand (testnet/README.md).
 #[test]
-#[ignore = "fails on main since 2026-12-06 (a relayed pair with a restarted member not recovered, a killed member left 'connecting'); see testnet/RESULTS.md, churn soak. Run by hand: cargo test -p meshpeer-testnet --test testnet soak_short -- --ignored"]
 fn soak_short() {
     if !can_run("soak_short") {
         return;
