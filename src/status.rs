@@ -189,7 +189,8 @@ impl Status {
         let mut out = format!(
             "{} ({}) in {} on {}: {} WireGuard port {}, gossip {}, NAT {}{}\n",
             self.node,
-            &self.node_id[..8.min(self.node_id.len())],
+            // A prefix by characters: the reply is input like any other.
+            self.node_id.chars().take(8).collect::<String>(),
             self.network,
             self.interface,
             match self.backend {
