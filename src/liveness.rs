@@ -394,6 +394,9 @@ pub struct Liveness {
     /// Probes that timed out, by nonce, until [`LATE_ANSWER_WINDOW`] after
     /// they were sent.
     late: BTreeMap<u64, Pending>,
+    /// Local health on (the default); off, timeouts never stretch and late
+    /// answers do not count (the simulation compares both).
+    local_health: bool,
 }
 
 /// A member's position on the ring.
@@ -429,6 +432,16 @@ impl Liveness {
             health: 0,
             last_lag: None,
             late: BTreeMap::new(),
+            local_health: true,
+        }
+    }
+
+    /// Turns local health (and late answers) on or off (default on).
+    pub fn set_local_health(&mut self, on: bool) {
+        self.local_health = on;
+        if !on {
+            self.health = 0;
+            self.late.clear();
         }
     }
 
@@ -446,7 +459,9 @@ impl Liveness {
     }
 
     fn sicker(&mut self) {
-        self.health = (self.health + 1).min(MAX_HEALTH);
+        if self.local_health {
+            self.health = (self.health + 1).min(MAX_HEALTH);
+        }
     }
 
     /// Sets how many consecutive monitor probes must go unanswered before
@@ -593,7 +608,7 @@ impl Liveness {
                     *e = sus.since_ms;
                     self.refutations_changed = true;
                     // Someone could not hear us in time.
-                    self.health = (self.health + 1).min(MAX_HEALTH);
+                    self.sicker();
                 }
                 continue;
             }
@@ -698,7 +713,7 @@ impl Liveness {
             self.health = self.health.saturating_sub(1);
         } else {
             // Alive, but slower than our timeout: we (or it) are loaded.
-            self.health = (self.health + 1).min(MAX_HEALTH);
+            self.sicker();
         }
         let Some(t) = self.targets.get_mut(&p.target) else {
             return;
@@ -790,7 +805,9 @@ impl Liveness {
             .collect();
         for (nonce, p) in expired {
             self.pending.remove(&nonce);
-            self.late.insert(nonce, p);
+            if self.local_health {
+                self.late.insert(nonce, p);
+            }
             let Some(t) = self.targets.get_mut(&p.target) else {
                 continue;
             };

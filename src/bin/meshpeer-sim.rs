@@ -55,6 +55,15 @@ struct Args {
     /// (default: the core's MISSES_TO_ACCUSE).
     #[arg(long)]
     misses_to_accuse: Option<u8>,
+    /// The share of a CPU core each member gets (0: unlimited); e.g. 0.02
+    /// for 100 daemons on 2 cores: events cost CPU time, busy members'
+    /// timers and answers run late.
+    #[arg(long, default_value_t = 0.0)]
+    cpu_share: f64,
+    /// Liveness without local health (timeouts never stretch, late answers
+    /// do not count), to compare.
+    #[arg(long)]
+    no_local_health: bool,
     /// Progress on stderr.
     #[arg(long)]
     progress: bool,
@@ -79,6 +88,15 @@ fn main() -> std::process::ExitCode {
     cfg.partition = Duration::from_secs(a.partition_secs);
     cfg.max_rss_mib = a.max_rss_mib;
     cfg.progress = a.progress;
+    if !(0.0..=1.0).contains(&a.cpu_share) || a.cpu_share.is_nan() {
+        eprintln!(
+            "meshpeer-sim: --cpu-share {} is not a share of a core (0 to 1)",
+            a.cpu_share
+        );
+        return std::process::ExitCode::FAILURE;
+    }
+    cfg.cpu_share = a.cpu_share;
+    cfg.local_health = !a.no_local_health;
     if let Some(m) = a.misses_to_accuse {
         cfg.misses_to_accuse = m;
     }
