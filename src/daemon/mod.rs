@@ -200,6 +200,8 @@ pub(crate) struct Node {
     owned: BTreeSet<[u8; 32]>,
     status: watch::Sender<Option<Status>>,
     last_persist: Instant,
+    /// When `state.known_members` was last refreshed.
+    known_at: Instant,
     seed_addrs: Vec<SocketAddr>,
     traversal: Traversal,
     last_rotation: usize,
@@ -298,6 +300,9 @@ pub async fn run_with_reload(
 
 /// The next version of our values (proto/PROTOCOL.md §4.2), kept in the
 /// state (persisted).
+/// How often the members known for a restart are refreshed.
+const KNOWN_MEMBERS_EVERY: Duration = Duration::from_secs(10);
+
 fn next_version_of(state: &mut NodeState, gossip: &Gossip) -> u64 {
     let seen = gossip.take_self_seen().unwrap_or(0);
     let v = crate::record::next_version(

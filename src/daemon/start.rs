@@ -474,6 +474,7 @@ impl Boot {
             owned,
             status,
             last_persist: now,
+            known_at: now,
             seed_addrs: reach.seed_addrs,
             traversal,
             last_rotation: 0,

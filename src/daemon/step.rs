@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::anyhow;
 use ipnet::Ipv4Net;
 
-use super::{unix_ms, Node};
+use super::{unix_ms, Node, KNOWN_MEMBERS_EVERY};
 use crate::gossip::rounds::Target;
 use crate::gossip::transport::{AllocReply, HelloReply};
 use crate::liveness;
@@ -122,11 +122,19 @@ impl Node {
             self.status.send_replace(Some(status));
             self.last_status = Instant::now();
         }
-        if self.last_persist.elapsed() > Duration::from_secs(10) {
+        // The members to find the mesh through after a restart: refreshed
+        // on a timer of its own (forced saves after every WireGuard change
+        // kept resetting the save timer in a busy mesh, and a node that
+        // left and came back found an empty list: alone for good).
+        if self.known_at.elapsed() > KNOWN_MEMBERS_EVERY {
+            self.known_at = Instant::now();
             let live: Vec<SocketAddr> = self.round_targets().iter().map(|t| t.addr).collect();
             if !live.is_empty() && live != self.state.known_members {
                 self.state.known_members = live;
+                self.persist(true);
             }
+        }
+        if self.last_persist.elapsed() > Duration::from_secs(10) {
             self.persist(false);
         }
         Ok(())
