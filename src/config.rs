@@ -400,6 +400,16 @@ pub fn env_filter(filter: &str) -> Result<tracing_subscriber::EnvFilter, String>
                     use levels per module, like `info,meshpeer::gossip=debug`"
             .into());
     }
+    // Module paths, levels, '=' and ',' only: tracing's directive parser
+    // slices by byte and panics inside a multibyte character (fuzzing).
+    if let Some(c) = filter
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || "_:=,.- ".contains(*c)))
+    {
+        return Err(format!(
+            "{c:?} cannot appear in a log filter (module paths, levels, '=' and ',' only)"
+        ));
+    }
     tracing_subscriber::EnvFilter::builder()
         .with_regex(false)
         .parse(filter)
@@ -960,6 +970,11 @@ hosts_file = "/srv/hosts"
         assert!(e.contains("span and field filters"), "{e}");
         assert!(parse_log_level("i,-IIII[O={O={}],-n,-IIII[O={O={}],-ve").is_err());
         assert!(parse_log_level(&"info,".repeat(300)).is_err());
+        // Non-ASCII made tracing's parser panic (a byte slice inside a
+        // character).
+        let e = parse_log_level("info,Ťܐ=debug").unwrap_err();
+        assert!(e.contains("cannot appear"), "{e}");
+        assert!(parse_log_level("warn,meshpeer::daemon=trace,quinn=error").is_ok());
     }
 
     /// Mutations of a valid file (bytes flipped, cut, repeated, spliced):
