@@ -60,6 +60,11 @@ pub const MISSES_TO_ACCUSE: u8 = 3;
 pub const CHECK_GAP: Duration = Duration::from_millis(500);
 /// How long after a check starts a refutation may still arrive.
 pub const REFUTE_WAIT: Duration = Duration::from_secs(2);
+/// A member we have held this long without ever reaching it (no path, no
+/// answer) is checked by us once, as if our path to it had gone silent: a
+/// dead member is found down even when no accusation of it stands any
+/// more (we joined or restarted long after it died), a live one refutes.
+pub const NEVER_REACHED_CHECK: Duration = Duration::from_secs(120);
 /// How often a down member is probed again.
 pub const DOWN_RECHECK: Duration = Duration::from_secs(10);
 /// How often a node probes one member it does not monitor, at random (so a
@@ -325,6 +330,11 @@ struct Target {
     /// version when it went down (a newer one means it lived after).
     version: u64,
     version_at_down: u64,
+    /// When we learned of it, whether a path to it or an answer from it
+    /// ever came, and whether the never-reached check ran.
+    seen_at: Option<Instant>,
+    ever_reached: bool,
+    unreached_checked: bool,
 }
 
 impl Target {
@@ -344,6 +354,9 @@ impl Target {
             refuted: BTreeMap::new(),
             version: 0,
             version_at_down: 0,
+            seen_at: None,
+            ever_reached: v.reachable,
+            unreached_checked: false,
         }
     }
 
@@ -535,6 +548,8 @@ impl Liveness {
                 .or_insert_with(|| Target::new(m, ring));
             t.overlay_ip = m.overlay_ip;
             t.reachable = m.reachable;
+            t.ever_reached |= m.reachable;
+            t.seen_at.get_or_insert(now);
         }
         let mine = self.my_ring;
         self.ring.clear();
@@ -709,6 +724,9 @@ impl Liveness {
         }
         self.pending.remove(&nonce);
         self.late.remove(&nonce);
+        if let Some(t) = self.targets.get_mut(&p.target) {
+            t.ever_reached = true;
+        }
         if in_time {
             self.health = self.health.saturating_sub(1);
         } else {
@@ -857,6 +875,29 @@ impl Liveness {
                 Purpose::Recheck => {}
             }
         }
+        // Members held long without ever being reached: checked once.
+        let me = self.me;
+        for t in self.targets.values_mut() {
+            if !t.ever_reached
+                && !t.unreached_checked
+                && t.check.is_none()
+                && t.down_since.is_none()
+                && t.seen_at
+                    .is_some_and(|at| now.saturating_duration_since(at) >= NEVER_REACHED_CHECK)
+            {
+                t.unreached_checked = true;
+                t.check = Some(Check {
+                    started: now,
+                    probes_sent: 0,
+                    next_probe: now,
+                    failed: false,
+                    accusation: Accusation {
+                        accuser: me,
+                        since_ms: unix_ms,
+                    },
+                });
+            }
+        }
         // Checks: send their probes, decide the failed ones.
         let refute_wait = self.refute_wait();
         let keys: Vec<PublicKeyBytes> = self.targets.keys().copied().collect();
@@ -984,6 +1025,15 @@ impl Liveness {
             }
             if let Some(at) = t.next_recheck {
                 take(at);
+            }
+            if !t.ever_reached
+                && !t.unreached_checked
+                && t.check.is_none()
+                && t.down_since.is_none()
+            {
+                if let Some(at) = t.seen_at {
+                    take(at + NEVER_REACHED_CHECK);
+                }
             }
             // A monitor probe comes due only once the one in flight is
             // answered or timed out (`handle_timeout` skips it meanwhile;

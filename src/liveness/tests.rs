@@ -502,3 +502,67 @@ fn an_accusation_before_its_targets_record_is_kept_until_the_record_comes() {
         "node 2 was not checked"
     );
 }
+
+/// Every member sees member 4 as never reached (no path, so nobody
+/// monitors it and nobody accuses it).
+fn sim_with_unreached_member() -> Sim {
+    let mut sim = Sim::new(5);
+    let views: Vec<MemberView> = sim
+        .keys
+        .iter()
+        .enumerate()
+        .map(|(j, k)| MemberView {
+            key: *k,
+            overlay_ip: ip(j),
+            reachable: j != 4,
+        })
+        .collect();
+    let now = sim.now;
+    for n in sim.nodes.iter_mut() {
+        n.handle_members(now, &views);
+    }
+    // Fresh targets for 4 on the others: rebuild them as never reached.
+    for i in 0..4 {
+        let mut fresh = Liveness::new(NET, sim.keys[i], 77 + i as u64);
+        fresh.handle_members(now, &views);
+        sim.nodes[i] = fresh;
+    }
+    sim
+}
+
+/// A member that died before we learned of it, with no accusation left
+/// anywhere: checked once after NEVER_REACHED_CHECK and found down.
+#[test]
+fn a_member_never_reached_and_dead_is_found_down() {
+    let mut sim = sim_with_unreached_member();
+    sim.up[4] = false;
+    sim.run(NEVER_REACHED_CHECK - Duration::from_secs(5));
+    assert!(sim.downs_of(4).is_empty(), "{:?}", sim.events);
+    sim.run(Duration::from_secs(15));
+    let observers: HashSet<usize> = sim.downs_of(4).iter().map(|(_, i)| *i).collect();
+    assert_eq!(observers.len(), 4, "{:?}", sim.events);
+    // Nobody else was called down.
+    assert!(sim
+        .events
+        .iter()
+        .all(|(_, _, e)| !matches!(e, Event::Down(k) if *k != sim.keys[4])));
+}
+
+/// A live member nobody has a path to (but gossip reaches) refutes the
+/// check: our path is broken, it is not dead.
+#[test]
+fn a_member_never_reached_but_alive_refutes() {
+    let mut sim = sim_with_unreached_member();
+    for i in 0..4 {
+        sim.cut.insert((i, 4));
+        sim.cut.insert((4, i));
+    }
+    sim.run(NEVER_REACHED_CHECK + Duration::from_secs(30));
+    assert!(sim.downs_of(4).is_empty(), "{:?}", sim.events);
+    let broken = sim
+        .events
+        .iter()
+        .filter(|(_, _, e)| *e == Event::PathBroken(sim.keys[4]))
+        .count();
+    assert_eq!(broken, 4, "{:?}", sim.events);
+}
