@@ -65,6 +65,13 @@ pub const REFUTE_WAIT: Duration = Duration::from_secs(2);
 /// dead member is found down even when no accusation of it stands any
 /// more (we joined or restarted long after it died), a live one refutes.
 pub const NEVER_REACHED_CHECK: Duration = Duration::from_secs(120);
+/// A check asked by someone else's accusation starts no sooner than this
+/// after we learned of the member (or of its return after a leave): a
+/// member that has just (re)started needs a moment to learn of standing
+/// accusations and refute them (found by `soak_short`: a member back from
+/// a leave was called down 3 s after its return on an accusation made
+/// while it was away).
+pub const NEW_MEMBER_GRACE: Duration = Duration::from_secs(10);
 /// How often a down member is probed again.
 pub const DOWN_RECHECK: Duration = Duration::from_secs(10);
 /// How often a node probes one member it does not monitor, at random (so a
@@ -647,10 +654,11 @@ impl Liveness {
             }
             // Answered us since the accusation reached us? Nothing to check
             // (our last answer is older than the accusation, so check).
+            let start = t.seen_at.map_or(now, |at| now.max(at + NEW_MEMBER_GRACE));
             t.check = Some(Check {
-                started: now,
+                started: start,
                 probes_sent: 0,
-                next_probe: now,
+                next_probe: start,
                 failed: false,
                 accusation: a,
             });

@@ -313,7 +313,7 @@ fn a_node_started_long_after_a_kill_sees_the_killed_member_down() {
     sim.up[0] = false;
     sim.run(Duration::from_secs(1));
     sim.restart(0);
-    sim.run(Duration::from_secs(10));
+    sim.run(NEW_MEMBER_GRACE + Duration::from_secs(10));
     assert!(sim.nodes[0].is_down(&sim.keys[3]), "{:?}", sim.events);
     // Live members are not called down by the restarted node.
     for j in [1, 2, 4, 5] {
@@ -496,7 +496,10 @@ fn an_accusation_before_its_targets_record_is_kept_until_the_record_comes() {
     // Node 2's record arrives; the same entries come again, unchanged.
     n.handle_members(now, &[view(0), view(1), view(2)]);
     feed.feed(now, &mut n, &membership, &NET, &entries);
+    // The check waits NEW_MEMBER_GRACE after we learned of node 2.
     n.handle_timeout(now, 10);
+    assert!(n.poll_transmit().iter().all(|(to, _)| *to != ip(2)));
+    n.handle_timeout(now + NEW_MEMBER_GRACE, 10);
     assert!(
         n.poll_transmit().iter().any(|(to, _)| *to == ip(2)),
         "node 2 was not checked"
