@@ -721,20 +721,17 @@ impl Liveness {
                 None => return,
             },
         };
-        let Some(t) = self.targets.get_mut(&p.target) else {
+        let Some(ip) = self.targets.get(&p.target).map(|t| t.overlay_ip) else {
             self.pending.remove(&nonce);
             self.late.remove(&nonce);
             return;
         };
-        if t.overlay_ip != from {
+        if ip != from {
             // Someone else's address: not the target speaking.
             return;
         }
         self.pending.remove(&nonce);
         self.late.remove(&nonce);
-        if let Some(t) = self.targets.get_mut(&p.target) {
-            t.ever_reached = true;
-        }
         if in_time {
             self.health = self.health.saturating_sub(1);
         } else {
@@ -744,6 +741,7 @@ impl Liveness {
         let Some(t) = self.targets.get_mut(&p.target) else {
             return;
         };
+        t.ever_reached = true;
         t.last_ack = Some(now);
         t.misses = 0;
         self.rtts
