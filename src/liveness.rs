@@ -317,6 +317,23 @@ struct Check {
     accusation: Accusation,
 }
 
+impl Check {
+    /// A check of our own suspicion (our path went silent, or we never
+    /// reached the member), starting now.
+    fn ours(now: Instant, me: PublicKeyBytes, unix_ms: u64) -> Check {
+        Check {
+            started: now,
+            probes_sent: 0,
+            next_probe: now,
+            failed: false,
+            accusation: Accusation {
+                accuser: me,
+                since_ms: unix_ms,
+            },
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Target {
     overlay_ip: Ipv4Addr,
@@ -698,16 +715,7 @@ impl Liveness {
         let me = self.me;
         if let Some(t) = self.targets.get_mut(key) {
             if t.check.is_none() && t.down_since.is_none() && t.reachable {
-                t.check = Some(Check {
-                    started: now,
-                    probes_sent: 0,
-                    next_probe: now,
-                    failed: false,
-                    accusation: Accusation {
-                        accuser: me,
-                        since_ms: unix_ms,
-                    },
-                });
+                t.check = Some(Check::ours(now, me, unix_ms));
             }
         }
     }
@@ -892,16 +900,7 @@ impl Liveness {
                     .is_some_and(|at| now.saturating_duration_since(at) >= NEVER_REACHED_CHECK)
             {
                 t.unreached_checked = true;
-                t.check = Some(Check {
-                    started: now,
-                    probes_sent: 0,
-                    next_probe: now,
-                    failed: false,
-                    accusation: Accusation {
-                        accuser: me,
-                        since_ms: unix_ms,
-                    },
-                });
+                t.check = Some(Check::ours(now, me, unix_ms));
             }
         }
         // Checks: send their probes, decide the failed ones.

@@ -48,6 +48,18 @@ fn ip(i: usize) -> Ipv4Addr {
     Ipv4Addr::new(10, 77, 0, i as u8 + 1)
 }
 
+/// Every node as liveness sees it, `reachable(j)` saying which have a path.
+fn views(keys: &[PublicKeyBytes], reachable: impl Fn(usize) -> bool) -> Vec<MemberView> {
+    keys.iter()
+        .enumerate()
+        .map(|(j, k)| MemberView {
+            key: *k,
+            overlay_ip: ip(j),
+            reachable: reachable(j),
+        })
+        .collect()
+}
+
 impl Sim {
     fn new(n: usize) -> Self {
         let keys: Vec<PublicKeyBytes> = (0..n)
@@ -63,15 +75,7 @@ impl Sim {
             .enumerate()
             .map(|(i, k)| Liveness::new(NET, *k, i as u64))
             .collect();
-        let views: Vec<MemberView> = keys
-            .iter()
-            .enumerate()
-            .map(|(i, k)| MemberView {
-                key: *k,
-                overlay_ip: ip(i),
-                reachable: true,
-            })
-            .collect();
+        let views = views(&keys, |_| true);
         for n in nodes.iter_mut() {
             n.handle_members(now, &views);
         }
@@ -191,17 +195,7 @@ impl Sim {
     /// every value gossip holds now, the way a restarted daemon does.
     fn restart(&mut self, i: usize) {
         let mut fresh = Liveness::new(NET, self.keys[i], 1000 + i as u64);
-        let views: Vec<MemberView> = self
-            .keys
-            .iter()
-            .enumerate()
-            .map(|(j, k)| MemberView {
-                key: *k,
-                overlay_ip: ip(j),
-                reachable: true,
-            })
-            .collect();
-        fresh.handle_members(self.now, &views);
+        fresh.handle_members(self.now, &views(&self.keys, |_| true));
         for (j, (s, a)) in self.latest.iter().enumerate() {
             if j == i {
                 continue;
@@ -510,16 +504,7 @@ fn an_accusation_before_its_targets_record_is_kept_until_the_record_comes() {
 /// monitors it and nobody accuses it).
 fn sim_with_unreached_member() -> Sim {
     let mut sim = Sim::new(5);
-    let views: Vec<MemberView> = sim
-        .keys
-        .iter()
-        .enumerate()
-        .map(|(j, k)| MemberView {
-            key: *k,
-            overlay_ip: ip(j),
-            reachable: j != 4,
-        })
-        .collect();
+    let views = views(&sim.keys, |j| j != 4);
     let now = sim.now;
     for n in sim.nodes.iter_mut() {
         n.handle_members(now, &views);
