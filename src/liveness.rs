@@ -72,6 +72,14 @@ pub const NEVER_REACHED_CHECK: Duration = Duration::from_secs(120);
 /// a leave was called down 3 s after its return on an accusation made
 /// while it was away).
 pub const NEW_MEMBER_GRACE: Duration = Duration::from_secs(10);
+/// A member we hold down that nobody accuses any more (its accuser
+/// restarted, withdrew or left) is accused by us after a random delay below
+/// this, unless someone else did first: an accusation of a down member
+/// stands as long as someone holds it down, so a member that learns of it
+/// later (it restarted, or joined) checks it instead of waiting for a path
+/// (found by `soak_short`: the accuser itself restarted, and only it did
+/// not know the member was dead).
+pub const HANDOFF_JITTER: Duration = Duration::from_secs(5);
 /// How often a down member is probed again.
 pub const DOWN_RECHECK: Duration = Duration::from_secs(10);
 /// How often a node probes one member it does not monitor, at random (so a
@@ -346,8 +354,13 @@ struct Target {
     down_since: Option<Instant>,
     next_recheck: Option<Instant>,
     last_ack: Option<Instant>,
-    /// Accusations against it that we know: accuser -> (since, when we learned it).
+    /// Accusations against it that stand: accuser -> (since, when we
+    /// learned it), for as long as the accuser's published list names it
+    /// and the accuser is a member.
     accused: BTreeMap<PublicKeyBytes, (u64, Instant)>,
+    /// Down in our view and nobody accuses it any more: when we take the
+    /// accusation over (see [`HANDOFF_JITTER`]).
+    handoff_at: Option<Instant>,
     /// The newest accusation of each accuser it refuted.
     refuted: BTreeMap<PublicKeyBytes, u64>,
     /// The highest signed version of any of its values we saw, and that
@@ -375,6 +388,7 @@ impl Target {
             next_recheck: None,
             last_ack: None,
             accused: BTreeMap::new(),
+            handoff_at: None,
             refuted: BTreeMap::new(),
             version: 0,
             version_at_down: 0,
@@ -575,6 +589,10 @@ impl Liveness {
             t.ever_reached |= m.reachable;
             t.seen_at.get_or_insert(now);
         }
+        for t in self.targets.values_mut() {
+            t.accused.retain(|a, _| listed.contains(a));
+        }
+        self.schedule_handoffs(now);
         let mine = self.my_ring;
         self.ring.clear();
         self.ring.extend(
@@ -640,10 +658,18 @@ impl Liveness {
 
     /// A member's accusations (its `suspects` value, already verified).
     pub fn handle_suspicions(&mut self, now: Instant, s: &Suspicions) {
+        // The accuser's list is whole: whom it no longer names, it no
+        // longer accuses.
+        for (k, t) in self.targets.iter_mut() {
+            if !s.targets.iter().any(|sus| sus.node_key == *k) {
+                t.accused.remove(&s.accuser);
+            }
+        }
         for sus in &s.targets {
             if sus.node_key == self.me {
                 let e = self.against_me.entry(s.accuser).or_insert(0);
                 if sus.since_ms > *e {
+                    tracing::debug!(accuser = %proto::short_key(&s.accuser), since_ms = sus.since_ms, "accused; refuting");
                     *e = sus.since_ms;
                     self.refutations_changed = true;
                     // Someone could not hear us in time.
@@ -667,8 +693,10 @@ impl Liveness {
                 since_ms: sus.since_ms,
             };
             if t.refutes(&a) || t.down_since.is_some() || t.check.is_some() {
+                tracing::debug!(target_key = %proto::short_key(&sus.node_key), accuser = %proto::short_key(&s.accuser), refuted = t.refutes(&a), down = t.down_since.is_some(), checking = t.check.is_some(), "accusation: no new check");
                 continue;
             }
+            tracing::debug!(target_key = %proto::short_key(&sus.node_key), accuser = %proto::short_key(&s.accuser), "accusation: checking");
             // Answered us since the accusation reached us? Nothing to check
             // (our last answer is older than the accusation, so check).
             let start = t.seen_at.map_or(now, |at| now.max(at + NEW_MEMBER_GRACE));
@@ -680,6 +708,7 @@ impl Liveness {
                 accusation: a,
             });
         }
+        self.schedule_handoffs(now);
     }
 
     /// A member's refutations (its `alive` value, already verified).
@@ -791,6 +820,7 @@ impl Liveness {
     }
 
     fn accuse(&mut self, now: Instant, unix_ms: u64, target: PublicKeyBytes) {
+        tracing::debug!(target_key = %proto::short_key(&target), "monitor probes unanswered: accusing");
         if let std::collections::btree_map::Entry::Vacant(e) = self.accusing.entry(target) {
             e.insert((unix_ms, now));
             self.accusing_changed = true;
@@ -933,6 +963,7 @@ impl Liveness {
                 continue;
             }
             if t.down_since.is_none() {
+                tracing::debug!(target_key = %proto::short_key(&k), accuser = %proto::short_key(&c.accusation.accuser), "check failed, no refutation: down");
                 t.down_since = Some(now);
                 t.version_at_down = t.version;
                 t.next_recheck = Some(now + DOWN_RECHECK);
@@ -1002,12 +1033,53 @@ impl Liveness {
         if self.accusing.len() != before {
             self.accusing_changed = true;
         }
-        for t in self.targets.values_mut() {
-            t.accused
-                .retain(|_, (_, at)| now.saturating_duration_since(*at) < ACCUSATION_TTL);
+        // Down members nobody accuses any more: taken over when due.
+        self.schedule_handoffs(now);
+        let due: Vec<PublicKeyBytes> = self
+            .targets
+            .iter()
+            .filter(|(_, t)| t.handoff_at.is_some_and(|at| now >= at))
+            .map(|(k, _)| *k)
+            .collect();
+        for k in due {
+            if let Some(t) = self.targets.get_mut(&k) {
+                t.handoff_at = None;
+            }
+            tracing::debug!(target_key = %proto::short_key(&k), "down and accused by nobody: accusing");
+            self.accusing.insert(k, (unix_ms, now));
+            self.accusing_changed = true;
         }
         // Down members stop being monitored; pick others.
         self.choose_monitored(now);
+    }
+
+    /// Down members that nobody accuses (not us, no member's standing list)
+    /// get a take-over time within [`HANDOFF_JITTER`]; others lose theirs.
+    fn schedule_handoffs(&mut self, now: Instant) {
+        let (accusing, rng) = (&self.accusing, &mut self.rng);
+        for (k, t) in self.targets.iter_mut() {
+            let accused = t.accused.iter().any(|(accuser, (since_ms, _))| {
+                !t.refutes(&Accusation {
+                    accuser: *accuser,
+                    since_ms: *since_ms,
+                })
+            });
+            let orphan = t.down_since.is_some() && !accused && !accusing.contains_key(k);
+            if !orphan {
+                t.handoff_at = None;
+            } else if t.handoff_at.is_none() {
+                let jitter = rng.gen_range(0..HANDOFF_JITTER.as_millis() as u64);
+                t.handoff_at = Some(now + Duration::from_millis(jitter));
+            }
+        }
+    }
+
+    /// Our previous run's accusations (gossip may still hold them) are
+    /// withdrawn: the next [`Liveness::take_accusations`] returns our list
+    /// even if empty. A restarted daemon calls this once; members holding
+    /// a target down on our old word then take the accusation over.
+    pub fn withdraw_previous(&mut self) {
+        self.accusing_changed = true;
     }
 
     /// When [`Liveness::handle_timeout`] should run next.
@@ -1029,6 +1101,9 @@ impl Liveness {
                 }
             }
             if let Some(at) = t.next_recheck {
+                take(at);
+            }
+            if let Some(at) = t.handoff_at {
                 take(at);
             }
             if !t.ever_reached
@@ -1174,13 +1249,16 @@ impl ValueFeed {
                 self.fed.insert(slot.clone(), text.clone());
                 self.parked.remove(&slot);
                 let value = if key == ALIVE_KEY {
-                    verify_alive(text, network_key, &owner)
-                        .map(Parked::Alive)
-                        .ok()
+                    verify_alive(text, network_key, &owner).map(Parked::Alive)
                 } else {
-                    verify_suspicions(text, network_key, &owner)
-                        .map(Parked::Suspicions)
-                        .ok()
+                    verify_suspicions(text, network_key, &owner).map(Parked::Suspicions)
+                };
+                let value = match value {
+                    Ok(v) => Some(v),
+                    Err(e) => {
+                        tracing::debug!(node = %proto::short_key(&owner), key, error = %e, "liveness value refused");
+                        None
+                    }
                 };
                 if let Some(v) = value {
                     v.deliver(now, liveness);

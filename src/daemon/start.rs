@@ -455,7 +455,13 @@ impl Boot {
         let hosts = hosts::HostsState::new(cfg.hosts_file.clone());
         let now = Instant::now();
         let mut node = Node {
-            liveness: Liveness::new(network.key, id.node_key(), rand::random()),
+            liveness: {
+                // Whatever a previous run of ours accused, we no longer
+                // stand by: an empty list goes out first (PROTOCOL §5.3).
+                let mut l = Liveness::new(network.key, id.node_key(), rand::random());
+                l.withdraw_previous();
+                l
+            },
             planner: RoundPlanner::new(rand::random()),
             wg_public: id.wg_public(),
             cfg,

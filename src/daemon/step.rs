@@ -568,6 +568,8 @@ impl Node {
         for (key, text, version) in values {
             if key == ALIVE_KEY {
                 tracing::info!("members suspect us; refuting");
+            } else {
+                tracing::debug!(version, "publishing our accusations");
             }
             if let Err(e) = self.gossip.publish(key, text, version) {
                 tracing::warn!(error = %e, key, "cannot publish our liveness value");

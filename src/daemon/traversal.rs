@@ -461,6 +461,30 @@ impl Traversal {
         let sends_keepalives = |k: &[u8; 32]| nat_of(k) != NatKind::Public;
         let allocations = &self.allocations;
         let relayed_at = |k: &[u8; 32]| allocations.relayed_at(k);
+        // Relays' addresses and WireGuard ports: any other port there is
+        // one of their allocation ports.
+        let relay_addrs: HashMap<IpAddr, ([u8; 32], Vec<u16>)> = m
+            .members()
+            .filter(|x| x.record.relay && x.record.nat == NatKind::Public)
+            .flat_map(|x| {
+                let ports: Vec<u16> = x.record.endpoints.iter().map(|e| e.port()).collect();
+                let ips: Vec<IpAddr> = x
+                    .record
+                    .endpoints
+                    .iter()
+                    .map(|e| e.ip())
+                    .chain(std::iter::once(x.record.gossip_addr.ip()))
+                    .collect();
+                ips.into_iter()
+                    .map(move |ip| (ip, (x.record.wg_public_key, ports.clone())))
+            })
+            .collect();
+        let relay_of = |e: &SocketAddr| {
+            relay_addrs
+                .get(&e.ip())
+                .filter(|(_, ports)| !ports.contains(&e.port()))
+                .map(|(k, _)| *k)
+        };
         let paths = self.selector.select(
             now,
             &desired,
@@ -470,6 +494,7 @@ impl Traversal {
             &relay_now,
             &sends_keepalives,
             &relayed_at,
+            &relay_of,
         );
         let mut desired = desired;
         self.allocations

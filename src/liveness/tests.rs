@@ -195,6 +195,7 @@ impl Sim {
     /// every value gossip holds now, the way a restarted daemon does.
     fn restart(&mut self, i: usize) {
         let mut fresh = Liveness::new(NET, self.keys[i], 1000 + i as u64);
+        fresh.withdraw_previous();
         fresh.handle_members(self.now, &views(&self.keys, |_| true));
         for (j, (s, a)) in self.latest.iter().enumerate() {
             if j == i {
@@ -322,6 +323,89 @@ fn a_node_started_long_after_a_kill_sees_the_killed_member_down() {
         .iter()
         .filter_map(|(s, _)| s.as_ref())
         .all(|s| s.targets.iter().all(|t| t.node_key != sim.keys[3])));
+}
+
+/// The nodes whose accusations of `victim` stand in gossip now.
+fn accusers_of(sim: &Sim, victim: usize) -> Vec<usize> {
+    (0..sim.nodes.len())
+        .filter(|i| {
+            sim.latest[*i]
+                .0
+                .as_ref()
+                .is_some_and(|s| s.targets.iter().any(|t| t.node_key == sim.keys[victim]))
+        })
+        .collect()
+}
+
+/// The members whose accusations made everyone check a dead member
+/// restart: their old accusations are withdrawn, members that hold the dead
+/// one down take the accusation over, and the restarted accusers find the
+/// dead member down too (soak_short: a restarted accuser showed it
+/// `connecting` until the never-reached check).
+#[test]
+fn the_accusers_restart_and_still_see_the_dead_member_down() {
+    let mut sim = Sim::new(6);
+    sim.run(Duration::from_secs(5));
+    sim.up[3] = false;
+    sim.run(Duration::from_secs(15));
+    assert_eq!(sim.downs_of(3).len(), 5, "{:?}", sim.events);
+    let accusers = accusers_of(&sim, 3);
+    assert!(!accusers.is_empty());
+    for a in &accusers {
+        sim.up[*a] = false;
+        sim.run(Duration::from_secs(1));
+        sim.restart(*a);
+    }
+    sim.run(NEW_MEMBER_GRACE + HANDOFF_JITTER + Duration::from_secs(5));
+    for a in &accusers {
+        assert!(sim.nodes[*a].is_down(&sim.keys[3]), "{a}: {:?}", sim.events);
+    }
+    assert!(!accusers_of(&sim, 3).is_empty());
+    // Nobody live was called down on the way.
+    assert!(sim
+        .events
+        .iter()
+        .all(|(_, _, e)| !matches!(e, Event::Down(k) if *k != sim.keys[3])));
+    // And when 3 comes back, every accusation of it is withdrawn.
+    sim.up[3] = true;
+    sim.run(Duration::from_secs(15));
+    assert!(sim.nodes.iter().all(|n| !n.is_down(&sim.keys[3])));
+    assert!(accusers_of(&sim, 3).is_empty());
+}
+
+/// The accusers of a dead member leave the mesh: a member that holds the
+/// dead member down accuses it instead (their word left with them), and
+/// only a few do.
+#[test]
+fn when_the_accusers_leave_another_member_takes_the_accusation_over() {
+    let mut sim = Sim::new(8);
+    sim.run(Duration::from_secs(5));
+    sim.up[3] = false;
+    sim.run(Duration::from_secs(15));
+    let accusers = accusers_of(&sim, 3);
+    assert!(!accusers.is_empty());
+    // They leave: everyone else drops them from the members.
+    let rest: Vec<PublicKeyBytes> = (0..8)
+        .filter(|i| !accusers.contains(i))
+        .map(|i| sim.keys[i])
+        .collect();
+    let v: Vec<MemberView> = views(&sim.keys, |_| true)
+        .into_iter()
+        .filter(|m| rest.contains(&m.key))
+        .collect();
+    let now = sim.now;
+    for a in &accusers {
+        sim.up[*a] = false;
+        sim.latest[*a].0 = None;
+    }
+    for i in (0..8).filter(|i| !accusers.contains(i)) {
+        sim.nodes[i].handle_members(now, &v);
+    }
+    assert!(accusers_of(&sim, 3).is_empty());
+    sim.run(HANDOFF_JITTER + GOSSIP_DELAY);
+    let takers = accusers_of(&sim, 3);
+    assert!(!takers.is_empty(), "{:?}", sim.events);
+    assert!(takers.len() < 8 - accusers.len() - 1, "{takers:?}");
 }
 
 /// Every machine overloaded (the testnet's 100 daemons on 2 cores): answers

@@ -70,6 +70,9 @@ pub enum Path {
 
 /// Where a peer's relayed session goes: (relay, relay endpoint), if any.
 pub type RelayedAt<'a> = dyn Fn(&[u8; 32]) -> Option<([u8; 32], SocketAddr)> + 'a;
+/// The relay (WireGuard key) an endpoint belongs to when it is one of that
+/// relay's allocation ports (the relay's address, not its WireGuard port).
+pub type RelayOf<'a> = dyn Fn(&SocketAddr) -> Option<[u8; 32]> + 'a;
 
 #[derive(Default)]
 pub struct PathSelector {
@@ -133,7 +136,11 @@ impl PathSelector {
     /// with keepalives (behind NAT: only their silence breaks a path);
     /// `relayed_at` gives the relay and relay endpoint our allocation for a
     /// peer uses, if any: a working session on that endpoint is relayed,
-    /// not direct.
+    /// not direct. `relay_of` says which relay an endpoint is an allocation
+    /// port of: a working session there is relayed too, even when it is
+    /// not our allocation (WireGuard roamed to where the other end's
+    /// packets came from: the other end chose that relay while we held it
+    /// down, say), so it is not taken for a direct path (soak_short).
     #[allow(clippy::too_many_arguments)]
     pub fn select(
         &mut self,
@@ -145,6 +152,7 @@ impl PathSelector {
         hopeless: &dyn Fn(&[u8; 32]) -> bool,
         sends_keepalives: &dyn Fn(&[u8; 32]) -> bool,
         relayed_at: &RelayedAt<'_>,
+        relay_of: &RelayOf<'_>,
     ) -> BTreeMap<[u8; 32], Path> {
         let wanted: HashSet<[u8; 32]> = desired.iter().map(|d| d.public_key).collect();
         self.since.retain(|k, _| wanted.contains(k));
@@ -213,9 +221,14 @@ impl PathSelector {
             let since = *self.since.entry(k).or_insert(now);
             let through = relayed_at(&k);
             let path = if self.working.contains(&k) {
-                match through {
+                match (through, endpoint_of.get(&k)) {
                     // A working session on the relay's endpoint: relayed.
-                    Some((via, ep)) if endpoint_of.get(&k) == Some(&ep) => Path::Relayed { via },
+                    (Some((via, ep)), Some(e)) if *e == ep => Path::Relayed { via },
+                    // On another relay's allocation port: relayed there.
+                    (_, Some(e)) => match relay_of(e) {
+                        Some(via) if via != k => Path::Relayed { via },
+                        _ => Path::Direct,
+                    },
                     _ => Path::Direct,
                 }
             } else if relays.iter().any(|(r, _)| *r == k) {
@@ -247,6 +260,9 @@ mod tests {
         true
     }
     fn nowhere(_: &[u8; 32]) -> Option<([u8; 32], SocketAddr)> {
+        None
+    }
+    fn no_relay(_: &SocketAddr) -> Option<[u8; 32]> {
         None
     }
 
@@ -290,6 +306,7 @@ mod tests {
             &never,
             &never,
             &nowhere,
+            &no_relay,
         );
         assert_eq!(p[&[2; 32]], Path::Trying);
         assert_eq!(p[&relay], Path::Direct);
@@ -303,6 +320,7 @@ mod tests {
             &never,
             &never,
             &nowhere,
+            &no_relay,
         );
         assert_eq!(p[&[2; 32]], Path::Relayed { via: relay });
         // The relayed session works, on the relay's endpoint: still relayed.
@@ -317,6 +335,7 @@ mod tests {
             &never,
             &never,
             &at,
+            &no_relay,
         );
         assert_eq!(p[&[2; 32]], Path::Relayed { via: relay });
         // WireGuard roamed to a direct endpoint (a punch got through): direct.
@@ -330,6 +349,7 @@ mod tests {
             &never,
             &never,
             &at,
+            &no_relay,
         );
         assert_eq!(p[&[2; 32]], Path::Direct);
         // Then silence from a peer that sends keepalives: relayed again.
@@ -343,8 +363,53 @@ mod tests {
             &never,
             &always_talks,
             &nowhere,
+            &no_relay,
         );
         assert_eq!(p[&[2; 32]], Path::Relayed { via: relay });
+    }
+
+    /// The other end chose another relay (we held ours, it held that one
+    /// down for a moment) and WireGuard roamed to that relay's allocation
+    /// port: the session is relayed there, not direct (soak_short showed
+    /// such a pair `direct`, and its allocation was given back).
+    #[test]
+    fn a_session_on_another_relays_port_is_relayed_there() {
+        let mut s = PathSelector::default();
+        let t0 = Instant::now();
+        let (r1, r2) = ([1u8; 32], [3u8; 32]);
+        let sig = [7u8; 64];
+        let relays: [([u8; 32], &[u8]); 2] = [(r1, &sig), (r2, &sig)];
+        let ours = |_: &[u8; 32]| Some((r1, "198.18.0.1:53000".parse().unwrap()));
+        let r2_ports = |e: &SocketAddr| {
+            (e.ip() == "198.18.4.3".parse::<std::net::IpAddr>().unwrap() && e.port() != 51820)
+                .then_some(r2)
+        };
+        let t1 = t0 + PUNCH_GRACE * 2;
+        let p = s.select(
+            t1,
+            &[peer(2)],
+            &[dev(2, "198.18.4.3:56258", Some(1), 100, 100)],
+            &relays,
+            &ME,
+            &never,
+            &never,
+            &ours,
+            &r2_ports,
+        );
+        assert_eq!(p[&[2; 32]], Path::Relayed { via: r2 });
+        // The relay itself, on its WireGuard port, is direct.
+        let p = s.select(
+            t1,
+            &[peer(3)],
+            &[dev(3, "198.18.4.3:51820", Some(1), 100, 100)],
+            &relays,
+            &ME,
+            &never,
+            &never,
+            &nowhere,
+            &r2_ports,
+        );
+        assert_eq!(p[&[3; 32]], Path::Direct);
     }
 
     #[test]
@@ -360,6 +425,7 @@ mod tests {
             &never,
             &never,
             &nowhere,
+            &no_relay,
         );
         assert_eq!(p[&[2; 32]], Path::Trying);
     }
@@ -378,6 +444,7 @@ mod tests {
             &always,
             &never,
             &nowhere,
+            &no_relay,
         );
         assert_eq!(p[&[2; 32]], Path::Relayed { via: [1; 32] });
     }
@@ -387,25 +454,75 @@ mod tests {
         let mut s = PathSelector::default();
         let t0 = Instant::now();
         let at = |rx: u64| vec![dev(2, EP, Some(1), rx, 0)];
-        s.select(t0, &[peer(2)], &at(0), &[], &ME, &never, &never, &nowhere);
+        s.select(
+            t0,
+            &[peer(2)],
+            &at(0),
+            &[],
+            &ME,
+            &never,
+            &never,
+            &nowhere,
+            &no_relay,
+        );
         assert!(!s.hearing(t0, &[2; 32]));
-        s.select(t0, &[peer(2)], &at(100), &[], &ME, &never, &never, &nowhere);
+        s.select(
+            t0,
+            &[peer(2)],
+            &at(100),
+            &[],
+            &ME,
+            &never,
+            &never,
+            &nowhere,
+            &no_relay,
+        );
         assert!(s.hearing(t0, &[2; 32]));
         assert!(!s.hearing(t0 + RX_SILENCE, &[2; 32]));
         // Gone from the desired set, then re-added with fresh counters: not
         // heard until it receives.
         let t1 = t0 + Duration::from_secs(1);
-        s.select(t1, &[], &[], &[], &ME, &never, &never, &nowhere);
-        s.select(t1, &[peer(2)], &at(0), &[], &ME, &never, &never, &nowhere);
+        s.select(t1, &[], &[], &[], &ME, &never, &never, &nowhere, &no_relay);
+        s.select(
+            t1,
+            &[peer(2)],
+            &at(0),
+            &[],
+            &ME,
+            &never,
+            &never,
+            &nowhere,
+            &no_relay,
+        );
         assert!(!s.hearing(t1, &[2; 32]));
         // A peer no longer desired but still on the device is not heard
         // from its old counters.
         let t2 = t1 + Duration::from_secs(1);
-        s.select(t2, &[], &at(900), &[], &ME, &never, &never, &nowhere);
+        s.select(
+            t2,
+            &[],
+            &at(900),
+            &[],
+            &ME,
+            &never,
+            &never,
+            &nowhere,
+            &no_relay,
+        );
         assert!(!s.hearing(t2, &[2; 32]));
         // First sight with bytes already counted: heard.
         let mut s = PathSelector::default();
-        s.select(t0, &[peer(2)], &at(148), &[], &ME, &never, &never, &nowhere);
+        s.select(
+            t0,
+            &[peer(2)],
+            &at(148),
+            &[],
+            &ME,
+            &never,
+            &never,
+            &nowhere,
+            &no_relay,
+        );
         assert!(s.hearing(t0, &[2; 32]));
     }
 
@@ -420,6 +537,7 @@ mod tests {
             &never,
             k,
             &nowhere,
+            &no_relay,
         )[&[2; 32]]
     }
 
