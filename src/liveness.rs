@@ -80,6 +80,15 @@ pub const NEW_MEMBER_GRACE: Duration = Duration::from_secs(10);
 /// (found by `soak_short`: the accuser itself restarted, and only it did
 /// not know the member was dead).
 pub const HANDOFF_JITTER: Duration = Duration::from_secs(5);
+/// After our path to a member was found broken (it refuted our accusation),
+/// our own failed probes do not accuse it again for this long, doubling up
+/// to [`BROKEN_BACKOFF_MAX`] while it stays broken; an answer resets it. A
+/// path that stays broken (the path logic keeps trying) otherwise made an
+/// accusation and a refutation, each gossiped to every member, every few
+/// seconds for as long as it lasted (soak_short). Others' accusations are
+/// still checked, so a death meanwhile is still seen.
+pub const BROKEN_BACKOFF_MIN: Duration = Duration::from_secs(30);
+pub const BROKEN_BACKOFF_MAX: Duration = Duration::from_secs(600);
 /// How often a down member is probed again.
 pub const DOWN_RECHECK: Duration = Duration::from_secs(10);
 /// How often a node probes one member it does not monitor, at random (so a
@@ -372,6 +381,11 @@ struct Target {
     seen_at: Option<Instant>,
     ever_reached: bool,
     unreached_checked: bool,
+    /// Our path to it was found broken (it refuted our accusation): our
+    /// own misses do not accuse it again before this, and the wait doubles
+    /// each time (see [`BROKEN_BACKOFF_MIN`]).
+    quiet_until: Option<Instant>,
+    broken_backoff: Duration,
 }
 
 impl Target {
@@ -395,7 +409,17 @@ impl Target {
             seen_at: None,
             ever_reached: v.reachable,
             unreached_checked: false,
+            quiet_until: None,
+            broken_backoff: Duration::ZERO,
         }
+    }
+
+    /// Our path to it is broken (it is alive): no accusation of ours for
+    /// a while, longer each time in a row.
+    fn path_broken(&mut self, now: Instant) {
+        self.broken_backoff =
+            (self.broken_backoff * 2).clamp(BROKEN_BACKOFF_MIN, BROKEN_BACKOFF_MAX);
+        self.quiet_until = Some(now + self.broken_backoff);
     }
 
     fn refutes(&self, a: &Accusation) -> bool {
@@ -419,6 +443,9 @@ pub struct Liveness {
     accusing_changed: bool,
     /// Accusations of us we have seen (to refute).
     against_me: BTreeMap<PublicKeyBytes, u64>,
+    /// Members that newly accused us (they cannot reach us: the caller may
+    /// repair its side of the path), until taken.
+    new_accusers: Vec<PublicKeyBytes>,
     refutations_changed: bool,
     transmits: Vec<(Ipv4Addr, Probe)>,
     events: VecDeque<Event>,
@@ -470,6 +497,7 @@ impl Liveness {
             accusing: BTreeMap::new(),
             accusing_changed: false,
             against_me: BTreeMap::new(),
+            new_accusers: Vec::new(),
             refutations_changed: false,
             transmits: Vec::new(),
             events: VecDeque::new(),
@@ -672,6 +700,9 @@ impl Liveness {
                     tracing::debug!(accuser = %proto::short_key(&s.accuser), since_ms = sus.since_ms, "accused; refuting");
                     *e = sus.since_ms;
                     self.refutations_changed = true;
+                    if !self.new_accusers.contains(&s.accuser) {
+                        self.new_accusers.push(s.accuser);
+                    }
                     // Someone could not hear us in time.
                     self.sicker();
                 }
@@ -726,6 +757,7 @@ impl Liveness {
             if t.refutes(&c.accusation) {
                 t.check = None;
                 if c.failed {
+                    t.path_broken(now);
                     self.events.push_back(Event::PathBroken(key));
                 }
                 if c.accusation.accuser == self.me {
@@ -734,7 +766,6 @@ impl Liveness {
                 }
             }
         }
-        let _ = now;
         self.handle_version(&key, version);
     }
 
@@ -781,6 +812,10 @@ impl Liveness {
         t.ever_reached = true;
         t.last_ack = Some(now);
         t.misses = 0;
+        if in_time {
+            t.broken_backoff = Duration::ZERO;
+            t.quiet_until = None;
+        }
         self.rtts
             .insert(p.target, now.saturating_duration_since(p.sent));
         let was_down = t.down_since.take().is_some();
@@ -881,6 +916,10 @@ impl Liveness {
                     t.misses += 1;
                     if t.misses >= self.misses_to_accuse {
                         t.misses = 0;
+                        if t.quiet_until.is_some_and(|u| now < u) {
+                            // Known broken path to a live member: not again yet.
+                            continue;
+                        }
                         self.accuse(now, unix_ms, p.target);
                     } else {
                         self.send(now, p.target, p.purpose);
@@ -956,6 +995,7 @@ impl Liveness {
             }
             t.check = None;
             if t.refutes(&c.accusation) {
+                t.path_broken(now);
                 self.events.push_back(Event::PathBroken(k));
                 if c.accusation.accuser == self.me && self.accusing.remove(&k).is_some() {
                     self.accusing_changed = true;
@@ -1134,6 +1174,12 @@ impl Liveness {
 
     pub fn poll_event(&mut self) -> Option<Event> {
         self.events.pop_front()
+    }
+
+    /// Members that accused us since the last call (each once): they could
+    /// not reach us, so our side of the path to them may need repair.
+    pub fn take_new_accusers(&mut self) -> Vec<PublicKeyBytes> {
+        std::mem::take(&mut self.new_accusers)
     }
 
     /// Members whose answers carried a gossip summary other than ours.

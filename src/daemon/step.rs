@@ -561,6 +561,13 @@ impl Node {
 
     /// Accusations and refutations the liveness core wants published.
     fn publish_liveness_values(&mut self) {
+        // Members that accuse us cannot reach us: a relayed pair asks its
+        // relay again (our side's port may have changed).
+        for k in self.liveness.take_new_accusers() {
+            if let Some(m) = self.membership.member(&k) {
+                self.traversal.refresh_allocation(&m.record.wg_public_key);
+            }
+        }
         let (state, gossip) = (&mut self.state, &self.gossip);
         let values = liveness::values_to_publish(&mut self.liveness, &self.id.signing, &mut || {
             super::next_version_of(state, gossip)

@@ -387,8 +387,15 @@ impl Traversal {
     }
 
     /// Liveness says our path to this WireGuard key is broken.
+    /// Our relay allocation for this WireGuard key (if any) is asked again
+    /// at the next step.
+    pub fn refresh_allocation(&mut self, key: &[u8; 32]) {
+        self.allocations.refresh(key);
+    }
+
     pub fn path_broken(&mut self, key: &[u8; 32]) {
         self.selector.broken(key);
+        self.allocations.refresh(key);
     }
 
     /// Whether the path to this WireGuard key works (idle or not).
@@ -423,9 +430,10 @@ impl Traversal {
             .map(|x| (x.record.wg_public_key, x.stamp_signature.as_slice()))
             .collect();
         relays.sort();
-        let relay_versions: HashMap<[u8; 32], u64> = m
+        // Record versions of every member (relays and peers): a newer one
+        // asks a relayed pair's allocation again.
+        let versions: HashMap<[u8; 32], u64> = m
             .members()
-            .filter(|x| x.record.relay && x.record.nat == NatKind::Public)
             .map(|x| (x.record.wg_public_key, x.record.version))
             .collect();
         let handshakes: HashMap<[u8; 32], Option<Duration>> = actual
@@ -497,8 +505,7 @@ impl Traversal {
             &relay_of,
         );
         let mut desired = desired;
-        self.allocations
-            .plan(now, &paths, &relay_versions, &handshakes);
+        self.allocations.plan(now, &paths, &versions, &handshakes);
         // Where to check (and punch): the candidates of every peer still
         // without a direct path that a punch can reach. A candidate that
         // answered a check becomes the peer's only endpoint until the

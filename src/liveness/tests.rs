@@ -266,6 +266,9 @@ fn a_false_accusation_makes_members_look_and_nothing_more() {
     let sent_after: usize = sim.pings_sent.iter().sum();
     assert!(sent_after - sent_before >= 6);
     assert!(sim.nodes.iter().all(|n| !n.is_down(&sim.keys[2])));
+    // The accused learns who could not reach it (once).
+    assert_eq!(sim.nodes[2].take_new_accusers(), vec![sim.keys[7]]);
+    assert!(sim.nodes[2].take_new_accusers().is_empty());
 }
 
 #[test]
@@ -293,6 +296,35 @@ fn a_broken_path_is_not_a_death() {
         sim.events
     );
     assert!(sim.downs_of(1).is_empty(), "{:?}", sim.events);
+}
+
+/// A path that stays broken (a monitor cannot reach a live member): the
+/// monitor accuses, the member refutes, and then the monitor's own misses
+/// do not accuse again for a backoff that doubles, instead of a mesh-wide
+/// accusation and refutation every few seconds (soak_short: 34 in 2.5
+/// minutes from one node). A death meanwhile is still seen.
+#[test]
+fn a_path_that_stays_broken_is_not_accused_over_and_over() {
+    let mut sim = Sim::new(6);
+    sim.run(Duration::from_secs(5));
+    let target = sim.nodes[0].monitored().next().copied().unwrap();
+    let j = sim.keys.iter().position(|k| *k == target).unwrap();
+    sim.cut.insert((0, j));
+    sim.run(Duration::from_secs(150));
+    let broken = sim
+        .events
+        .iter()
+        .filter(|(_, i, e)| *i == 0 && *e == Event::PathBroken(target))
+        .count();
+    // 30 s, 60 s, then 120 s of quiet after each: at most 4 in 150 s
+    // (without the backoff: one every 5-8 s, about 20).
+    assert!((1..=4).contains(&broken), "{broken}: {:?}", sim.events);
+    assert!(sim.downs_of(j).is_empty(), "{:?}", sim.events);
+    // The member dies: the other monitors' accusations still get node 0
+    // to check it and call it down.
+    sim.up[j] = false;
+    sim.run(Duration::from_secs(20));
+    assert!(sim.nodes[0].is_down(&target), "{:?}", sim.events);
 }
 
 #[test]

@@ -27,6 +27,14 @@ struct Alloc {
     /// restarted, or changed its record) and the allocation is asked again,
     /// since a restarted relay has forgotten it.
     relay_version: u64,
+    /// The peer's record version when we asked: a newer one (it restarted,
+    /// say, and the relay ended the pair's allocation when it left or was
+    /// down, then made a new one with new ports when it came back) and the
+    /// allocation is asked again, which gives our side's current port
+    /// (soak_short: the other end kept a closed port for 150 s).
+    peer_version: u64,
+    /// Asked again at the next plan (the path was found broken).
+    stale: bool,
     /// The relay's address and the port of our side, once allocated.
     endpoint: Option<SocketAddr>,
     asked: Instant,
@@ -51,21 +59,23 @@ impl Allocations {
 
     /// After a path choice: a relayed peer needs an allocation at its relay
     /// (asked again after [`ALLOC_RETRY`] without an answer, at once when
-    /// the relay's record version changed, and every [`ALLOC_REFRESH`] while
-    /// the session is dead); a direct one gives its back. `relay_versions`:
-    /// relays' record versions by WireGuard key; `handshakes`: the age of
-    /// each peer's last WireGuard handshake.
+    /// the relay's or the peer's record version changed, after
+    /// [`Allocations::refresh`], and every [`ALLOC_REFRESH`] while the
+    /// session is dead); a direct one gives its back. `versions`: members'
+    /// record versions by WireGuard key (relays and peers); `handshakes`:
+    /// the age of each peer's last WireGuard handshake.
     pub fn plan(
         &mut self,
         now: Instant,
         paths: &BTreeMap<[u8; 32], Path>,
-        relay_versions: &HashMap<[u8; 32], u64>,
+        versions: &HashMap<[u8; 32], u64>,
         handshakes: &HashMap<[u8; 32], Option<Duration>>,
     ) {
         for (k, p) in paths {
             match p {
                 Path::Relayed { via } => {
-                    let version = relay_versions.get(via).copied().unwrap_or(0);
+                    let version = versions.get(via).copied().unwrap_or(0);
+                    let peer_version = versions.get(k).copied().unwrap_or(0);
                     let (ask, keep) = match self.map.get(k) {
                         None => (true, None),
                         Some(a) if a.relay != *via => {
@@ -82,7 +92,9 @@ impl Allocations {
                                 let dead = handshakes
                                     .get(k)
                                     .is_none_or(|h| h.is_none_or(|age| age > SESSION_DEAD));
-                                let renewed = a.relay_version != version;
+                                let renewed = a.relay_version != version
+                                    || a.peer_version != peer_version
+                                    || (a.stale && since >= ALLOC_RETRY);
                                 // Asked again, the endpoint we have stays in
                                 // use until the answer.
                                 (renewed || (dead && since >= ALLOC_REFRESH), a.endpoint)
@@ -95,6 +107,8 @@ impl Allocations {
                             Alloc {
                                 relay: *via,
                                 relay_version: version,
+                                peer_version,
+                                stale: false,
                                 endpoint: keep,
                                 asked: now,
                             },
@@ -113,6 +127,15 @@ impl Allocations {
             }
         }
         self.map.retain(|k, _| paths.contains_key(k));
+    }
+
+    /// Our path to `peer` was found broken although it is alive: its
+    /// allocation (if any) is asked again at the next plan, which also
+    /// gives our side's current port if the relay made a new one.
+    pub fn refresh(&mut self, peer: &[u8; 32]) {
+        if let Some(a) = self.map.get_mut(peer) {
+            a.stale = true;
+        }
     }
 
     /// Allocations to ask relays for: (peer, relay), WireGuard keys.
@@ -254,6 +277,29 @@ mod tests {
             &handshake(None),
         );
         assert_eq!(a.take_requests(), vec![(PEER, R1)]);
+    }
+
+    /// The peer restarted (a newer record): the relay may have ended the
+    /// pair's allocation meanwhile and made a new one, so we ask again;
+    /// a path found broken asks again too; nothing else does.
+    #[test]
+    fn a_restarted_peer_or_a_broken_path_asks_again() {
+        let t0 = Instant::now();
+        let mut a = settled(t0);
+        let t1 = t0 + Duration::from_secs(61);
+        let mut v = versions(1);
+        v.insert(PEER, 5);
+        a.plan(t1, &relayed(R1), &v, &handshake(Some(21)));
+        assert_eq!(a.take_requests(), vec![(PEER, R1)]);
+        a.handle_answer(&PEER, &R1, Some(ep(54000)));
+        a.plan(t1 + ALLOC_RETRY, &relayed(R1), &v, &handshake(Some(22)));
+        assert!(a.take_requests().is_empty());
+        a.refresh(&PEER);
+        a.plan(t1 + ALLOC_RETRY * 2, &relayed(R1), &v, &handshake(Some(23)));
+        assert_eq!(a.take_requests(), vec![(PEER, R1)]);
+        a.handle_answer(&PEER, &R1, Some(ep(54000)));
+        a.plan(t1 + ALLOC_RETRY * 3, &relayed(R1), &v, &handshake(Some(24)));
+        assert!(a.take_requests().is_empty());
     }
 
     #[test]
