@@ -11,6 +11,18 @@ use super::paths::Path;
 
 /// A relay allocation asked for and not answered is asked again after this.
 pub const ALLOC_RETRY: Duration = Duration::from_secs(1);
+/// The most a refused request waits before it is asked again.
+pub const ALLOC_RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// The wait before asking again after `refused` refusals in a row:
+/// [`ALLOC_RETRY`] for the first three (a relay that has not learned of a
+/// joiner yet learns within a second or two), then doubled each time, at
+/// most [`ALLOC_RETRY_MAX`].
+fn retry_gap(refused: u32) -> Duration {
+    let doublings = refused.saturating_sub(3).min(5);
+    (ALLOC_RETRY * 2u32.pow(doublings)).min(ALLOC_RETRY_MAX)
+}
+
 /// A relayed session with no WireGuard handshake for [`SESSION_DEAD`] asks
 /// its relay again, at most this often: `Allocate` is idempotent while the
 /// allocation lives, and gives a fresh one when the relay lost it.
@@ -35,6 +47,10 @@ struct Alloc {
     peer_version: u64,
     /// Asked again at the next plan (the path was found broken).
     stale: bool,
+    /// Refusals in a row: each doubles the wait before asking again (a
+    /// relay that holds the other end gone refuses until it learns
+    /// otherwise; asking every second meanwhile was a request a second).
+    refused: u32,
     /// The relay's address and the port of our side, once allocated.
     endpoint: Option<SocketAddr>,
     asked: Instant,
@@ -87,7 +103,7 @@ impl Allocations {
                         Some(a) => {
                             let since = now.saturating_duration_since(a.asked);
                             if a.endpoint.is_none() {
-                                (since >= ALLOC_RETRY, None)
+                                (since >= retry_gap(a.refused), None)
                             } else {
                                 let dead = handshakes
                                     .get(k)
@@ -102,6 +118,11 @@ impl Allocations {
                         }
                     };
                     if ask {
+                        let refused = self
+                            .map
+                            .get(k)
+                            .filter(|a| a.relay == *via)
+                            .map_or(0, |a| a.refused);
                         self.map.insert(
                             *k,
                             Alloc {
@@ -109,6 +130,7 @@ impl Allocations {
                                 relay_version: version,
                                 peer_version,
                                 stale: false,
+                                refused,
                                 endpoint: keep,
                                 asked: now,
                             },
@@ -157,7 +179,14 @@ impl Allocations {
         endpoint: Option<SocketAddr>,
     ) {
         match self.map.get_mut(peer) {
-            Some(a) if &a.relay == relay => a.endpoint = endpoint,
+            Some(a) if &a.relay == relay => {
+                a.refused = if endpoint.is_some() {
+                    0
+                } else {
+                    a.refused.saturating_add(1)
+                };
+                a.endpoint = endpoint;
+            }
             // An answer from a relay we moved away from meanwhile (it
             // flapped): give that allocation back.
             _ => {
@@ -300,6 +329,35 @@ mod tests {
         a.handle_answer(&PEER, &R1, Some(ep(54000)));
         a.plan(t1 + ALLOC_RETRY * 3, &relayed(R1), &v, &handshake(Some(24)));
         assert!(a.take_requests().is_empty());
+    }
+
+    /// A relay that refuses (it holds the other end gone) is asked again
+    /// after 1 s three times, then 2 s, 4 s ... at most 30 s; an allocation
+    /// resets the wait.
+    #[test]
+    fn refusals_back_off() {
+        let t0 = Instant::now();
+        let mut a = Allocations::default();
+        let mut t = t0;
+        a.plan(t, &relayed(R1), &versions(1), &handshake(None));
+        assert_eq!(a.take_requests().len(), 1);
+        let mut gaps = Vec::new();
+        let mut last = t;
+        for _ in 0..10 {
+            a.handle_answer(&PEER, &R1, None);
+            loop {
+                t += Duration::from_millis(250);
+                a.plan(t, &relayed(R1), &versions(1), &handshake(None));
+                if !a.take_requests().is_empty() {
+                    break;
+                }
+            }
+            gaps.push((t - last).as_secs());
+            last = t;
+        }
+        assert_eq!(gaps, vec![1, 1, 1, 2, 4, 8, 16, 30, 30, 30]);
+        a.handle_answer(&PEER, &R1, Some(ep(53000)));
+        assert_eq!(a.relayed_at(&PEER), Some((R1, ep(53000))));
     }
 
     #[test]
