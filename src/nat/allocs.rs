@@ -15,11 +15,11 @@ pub const ALLOC_RETRY: Duration = Duration::from_secs(1);
 pub const ALLOC_RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// The wait before asking again after `refused` refusals in a row:
-/// [`ALLOC_RETRY`] for the first three (a relay that has not learned of a
-/// joiner yet learns within a second or two), then doubled each time, at
-/// most [`ALLOC_RETRY_MAX`].
+/// [`ALLOC_RETRY`] for the first ten (a relay that has not learned of a
+/// joiner yet learns within seconds, and a relayed pair waits for it), then
+/// doubled each time, at most [`ALLOC_RETRY_MAX`].
 fn retry_gap(refused: u32) -> Duration {
-    let doublings = refused.saturating_sub(3).min(5);
+    let doublings = refused.saturating_sub(10).min(5);
     (ALLOC_RETRY * 2u32.pow(doublings)).min(ALLOC_RETRY_MAX)
 }
 
@@ -332,7 +332,7 @@ mod tests {
     }
 
     /// A relay that refuses (it holds the other end gone) is asked again
-    /// after 1 s three times, then 2 s, 4 s ... at most 30 s; an allocation
+    /// after 1 s ten times, then 2 s, 4 s ... at most 30 s; an allocation
     /// resets the wait.
     #[test]
     fn refusals_back_off() {
@@ -343,7 +343,7 @@ mod tests {
         assert_eq!(a.take_requests().len(), 1);
         let mut gaps = Vec::new();
         let mut last = t;
-        for _ in 0..10 {
+        for _ in 0..17 {
             a.handle_answer(&PEER, &R1, None);
             loop {
                 t += Duration::from_millis(250);
@@ -355,7 +355,10 @@ mod tests {
             gaps.push((t - last).as_secs());
             last = t;
         }
-        assert_eq!(gaps, vec![1, 1, 1, 2, 4, 8, 16, 30, 30, 30]);
+        assert_eq!(
+            gaps,
+            vec![1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 2, 4, 8, 16, 30, 30, 30]
+        );
         a.handle_answer(&PEER, &R1, Some(ep(53000)));
         assert_eq!(a.relayed_at(&PEER), Some((R1, ep(53000))));
     }
