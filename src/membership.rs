@@ -707,11 +707,6 @@ impl Membership {
             .collect()
     }
 
-    /// The WireGuard peers we want: live members holding their address, and
-    /// down ones within the down grace or still `hearing` (the data plane
-    /// received from their key recently: the member is there, whatever
-    /// gossip says). `keepalive` is the persistent keepalive to set (this
-    /// node's NAT decides it, see [`KEEPALIVE_SECS`]).
     /// Whether a member is gone for the mesh's purposes: it left, or it
     /// has been down longer than the down grace (its WireGuard peer is
     /// removed, relays end its allocations).
@@ -723,6 +718,11 @@ impl Membership {
         }
     }
 
+    /// The WireGuard peers we want: live members holding their address, and
+    /// down ones within the down grace or still `hearing` (the data plane
+    /// received from their key recently: the member is there, whatever
+    /// gossip says). `keepalive` is the persistent keepalive to set (this
+    /// node's NAT decides it, see [`KEEPALIVE_SECS`]).
     pub fn desired_peers(
         &self,
         now: Instant,
