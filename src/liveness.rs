@@ -73,13 +73,17 @@ pub const NEVER_REACHED_CHECK: Duration = Duration::from_secs(120);
 /// while it was away).
 pub const NEW_MEMBER_GRACE: Duration = Duration::from_secs(10);
 /// A member we hold down that nobody accuses any more (its accuser
-/// restarted, withdrew or left) is accused by us after a random delay below
-/// this, unless someone else did first: an accusation of a down member
-/// stands as long as someone holds it down, so a member that learns of it
-/// later (it restarted, or joined) checks it instead of waiting for a path
-/// (found by `soak_short`: the accuser itself restarted, and only it did
-/// not know the member was dead).
-pub const HANDOFF_JITTER: Duration = Duration::from_secs(5);
+/// restarted, withdrew or left) is accused by us, unless someone else did
+/// first, after [`HANDOFF_STEP`] times our rank (the live members between
+/// it and us on the ring, at most [`HANDOFF_MAX_RANK`]) plus a random delay
+/// below this: an accusation of a down member stands as long as someone
+/// holds it down, so a member that learns of it later (it restarted, or
+/// joined) checks it instead of waiting for a path (found by `soak_short`:
+/// the accuser itself restarted, and only it did not know the member was
+/// dead).
+pub const HANDOFF_JITTER: Duration = Duration::from_secs(1);
+pub const HANDOFF_STEP: Duration = Duration::from_secs(1);
+pub const HANDOFF_MAX_RANK: usize = 30;
 /// After our path to a member was found broken (it refuted our accusation),
 /// our own failed probes do not accuse it again for this long, doubling up
 /// to [`BROKEN_BACKOFF_MAX`] while it stays broken; an answer resets it. A
@@ -1096,7 +1100,8 @@ impl Liveness {
     /// Down members that nobody accuses (not us, no member's standing list)
     /// get a take-over time within [`HANDOFF_JITTER`]; others lose theirs.
     fn schedule_handoffs(&mut self, now: Instant) {
-        let (accusing, rng) = (&self.accusing, &mut self.rng);
+        let mut newly = Vec::new();
+        let accusing = &self.accusing;
         for (k, t) in self.targets.iter_mut() {
             let accused = t.accused.iter().any(|(accuser, (since_ms, _))| {
                 !t.refutes(&Accusation {
@@ -1108,8 +1113,28 @@ impl Liveness {
             if !orphan {
                 t.handoff_at = None;
             } else if t.handoff_at.is_none() {
-                let jitter = rng.gen_range(0..HANDOFF_JITTER.as_millis() as u64);
-                t.handoff_at = Some(now + Duration::from_millis(jitter));
+                newly.push((*k, t.ring));
+            }
+        }
+        for (k, ring) in newly {
+            // Our rank: the live members between the target and us on the
+            // ring. Its nearest successors act first; the others, later,
+            // usually see their accusation first and do nothing (all of
+            // them at once made a burst of accusations in a large mesh).
+            let mine = self.my_ring.wrapping_sub(ring);
+            let rank = self
+                .targets
+                .values()
+                .filter(|o| {
+                    let d = o.ring.wrapping_sub(ring);
+                    o.down_since.is_none() && d != 0 && d < mine
+                })
+                .count();
+            let jitter = self.rng.gen_range(0..HANDOFF_JITTER.as_millis() as u64);
+            let delay =
+                HANDOFF_STEP * rank.min(HANDOFF_MAX_RANK) as u32 + Duration::from_millis(jitter);
+            if let Some(t) = self.targets.get_mut(&k) {
+                t.handoff_at = Some(now + delay);
             }
         }
     }

@@ -388,7 +388,7 @@ fn the_accusers_restart_and_still_see_the_dead_member_down() {
         sim.run(Duration::from_secs(1));
         sim.restart(*a);
     }
-    sim.run(NEW_MEMBER_GRACE + HANDOFF_JITTER + Duration::from_secs(5));
+    sim.run(NEW_MEMBER_GRACE + HANDOFF_STEP * 6 + HANDOFF_JITTER + Duration::from_secs(5));
     for a in &accusers {
         assert!(sim.nodes[*a].is_down(&sim.keys[3]), "{a}: {:?}", sim.events);
     }
@@ -434,10 +434,11 @@ fn when_the_accusers_leave_another_member_takes_the_accusation_over() {
         sim.nodes[i].handle_members(now, &v);
     }
     assert!(accusers_of(&sim, 3).is_empty());
-    sim.run(HANDOFF_JITTER + GOSSIP_DELAY);
+    sim.run(HANDOFF_STEP * 8 + HANDOFF_JITTER + GOSSIP_DELAY);
     let takers = accusers_of(&sim, 3);
     assert!(!takers.is_empty(), "{:?}", sim.events);
-    assert!(takers.len() < 8 - accusers.len() - 1, "{takers:?}");
+    // The nearest on the ring acts first; the others see it and do not.
+    assert!(takers.len() <= 2, "{takers:?}");
 }
 
 /// Every machine overloaded (the testnet's 100 daemons on 2 cores): answers
