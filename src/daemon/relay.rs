@@ -40,10 +40,18 @@ impl Drop for Running {
     }
 }
 
+/// Most allocations one member may be an end of at this relay: one member
+/// (a stolen node, say) cannot take every port of the range; 512 pairs is
+/// more than a member behind a symmetric NAT needs at one relay in meshes
+/// of hundreds.
+pub const MAX_ALLOCATIONS_PER_MEMBER: usize = 512;
+
 #[derive(Default)]
 struct Inner {
     enabled: bool,
     range: (u16, u16),
+    /// [`MAX_ALLOCATIONS_PER_MEMBER`] (smaller in tests).
+    max_per_member: usize,
     members: HashMap<PublicKeyBytes, MemberInfo>,
     allocations: HashMap<PairKey, Running>,
 }
@@ -71,6 +79,7 @@ impl RelayServer {
         RelayServer {
             inner: Arc::new(Mutex::new(Inner {
                 range,
+                max_per_member: MAX_ALLOCATIONS_PER_MEMBER,
                 ..Default::default()
             })),
         }
@@ -189,6 +198,14 @@ impl RelayServer {
                     lifetime_secs: IDLE_LIFETIME.as_secs() as u32,
                 };
             }
+        }
+        let held_by_me = g
+            .allocations
+            .keys()
+            .filter(|(a, b)| *a == me || *b == me)
+            .count();
+        if held_by_me >= g.max_per_member {
+            return refuse("too many relay allocations for this member");
         }
         let (sa, sb) = match Self::bind_pair(g.range) {
             Ok(p) => p,
@@ -404,6 +421,28 @@ mod server_tests {
         port(relay.allocate_for(a, b));
         relay.release_for(a, b);
         assert!(lock(&relay.inner).allocations.is_empty());
+    }
+
+    /// One member cannot hold more than its share of the relay's ports;
+    /// others still get theirs, and a release makes room again.
+    #[tokio::test]
+    async fn a_member_holds_at_most_its_cap() {
+        let relay = RelayServer::new((52900, 57899));
+        lock(&relay.inner).max_per_member = 2;
+        relay.set_members(true, (1..=5).map(member).collect());
+        let k = |i: u8| [i; 32];
+        port(relay.allocate_for(k(1), k(2)));
+        port(relay.allocate_for(k(1), k(3)));
+        assert!(matches!(
+            relay.allocate_for(k(1), k(4)),
+            AllocReply::Refused { reason } if reason.contains("too many")
+        ));
+        // Asking again for a pair it has is not a new allocation.
+        port(relay.allocate_for(k(1), k(3)));
+        // Others are not affected.
+        port(relay.allocate_for(k(4), k(5)));
+        relay.release_for(k(1), k(2));
+        port(relay.allocate_for(k(1), k(4)));
     }
 }
 
