@@ -46,7 +46,7 @@ fn bench(c: &mut Criterion) {
             b.iter_batched(
                 || Membership::new(me, DEFAULT_DOWN_GRACE),
                 |mut ms| {
-                    ms.handle_snapshot(now, &entries, &trust, &|_| false);
+                    ms.handle_snapshot(now, &entries, &trust, &|_| None);
                     black_box(ms.desired_peers(now, &[], &|_| false, 25))
                 },
                 BatchSize::LargeInput,
@@ -54,10 +54,10 @@ fn bench(c: &mut Criterion) {
         });
         // A step at rest: the same snapshot again, then desired peers.
         let mut ms = Membership::new(me, DEFAULT_DOWN_GRACE);
-        ms.handle_snapshot(now, &entries, &trust, &|_| false);
+        ms.handle_snapshot(now, &entries, &trust, &|_| None);
         g.bench_function("snapshot_to_desired_peers_steady", |b| {
             b.iter(|| {
-                ms.handle_snapshot(now, &entries, &trust, &|_| false);
+                ms.handle_snapshot(now, &entries, &trust, &|_| None);
                 black_box(ms.desired_peers(now, &[], &|_| false, 25))
             })
         });

@@ -365,6 +365,11 @@ struct Target {
     misses: u8,
     check: Option<Check>,
     down_since: Option<Instant>,
+    /// While down: since when (unix ms) the mesh has held it suspect, the
+    /// oldest accusation of it we know (so a node that (re)started long
+    /// after the death forgets it when everyone else does, and a take-over
+    /// keeps the original time).
+    down_since_ms: Option<u64>,
     next_recheck: Option<Instant>,
     last_ack: Option<Instant>,
     /// Accusations against it that stand: accuser -> (since, when we
@@ -403,6 +408,7 @@ impl Target {
             misses: 0,
             check: None,
             down_since: None,
+            down_since_ms: None,
             next_recheck: None,
             last_ack: None,
             accused: BTreeMap::new(),
@@ -556,6 +562,16 @@ impl Liveness {
     /// Whether `key` is a member we watch (its record is known).
     pub fn knows(&self, key: &PublicKeyBytes) -> bool {
         self.targets.contains_key(key)
+    }
+
+    /// How long `key` has been known down, if our verdict is down: since
+    /// the oldest accusation of it we know (zero when none), as of
+    /// `unix_ms`.
+    pub fn down_for(&self, key: &PublicKeyBytes, unix_ms: u64) -> Option<Duration> {
+        let t = self.targets.get(key)?;
+        t.down_since?;
+        let since = t.down_since_ms.unwrap_or(unix_ms);
+        Some(Duration::from_millis(unix_ms.saturating_sub(since)))
     }
 
     /// Whether our verdict on `key` is down.
@@ -1008,6 +1024,20 @@ impl Liveness {
             }
             if t.down_since.is_none() {
                 tracing::debug!(target_key = %proto::short_key(&k), accuser = %proto::short_key(&c.accusation.accuser), "check failed, no refutation: down");
+                let oldest = t
+                    .accused
+                    .iter()
+                    .filter(|(accuser, (since_ms, _))| {
+                        !t.refutes(&Accusation {
+                            accuser: **accuser,
+                            since_ms: *since_ms,
+                        })
+                    })
+                    .map(|(_, (since, _))| *since)
+                    .chain(std::iter::once(c.accusation.since_ms))
+                    .min()
+                    .unwrap_or(unix_ms);
+                t.down_since_ms = Some(oldest.min(unix_ms));
                 t.down_since = Some(now);
                 t.version_at_down = t.version;
                 t.next_recheck = Some(now + DOWN_RECHECK);
@@ -1090,7 +1120,13 @@ impl Liveness {
                 t.handoff_at = None;
             }
             tracing::debug!(target_key = %proto::short_key(&k), "down and accused by nobody: accusing");
-            self.accusing.insert(k, (unix_ms, now));
+            // The original time: the member has been down since then.
+            let since = self
+                .targets
+                .get(&k)
+                .and_then(|t| t.down_since_ms)
+                .unwrap_or(unix_ms);
+            self.accusing.insert(k, (since, now));
             self.accusing_changed = true;
         }
         // Down members stop being monitored; pick others.

@@ -254,13 +254,16 @@ impl Membership {
     }
 
     /// Feeds one snapshot of the gossip state. `down` says which members
-    /// liveness calls down.
+    /// liveness calls down, and for how long the mesh has held them down
+    /// (the oldest accusation): a member found down here long after it
+    /// died (this node restarted) counts its down grace and forget time
+    /// from then, not from now, capped at [`FORGET_DOWN_AFTER`].
     pub fn handle_snapshot(
         &mut self,
         now: Instant,
         entries: &[GossipEntry],
         trust: &Trust<'_>,
-        down: &dyn Fn(&PublicKeyBytes) -> bool,
+        down: &dyn Fn(&PublicKeyBytes) -> Option<Duration>,
     ) -> Vec<Event> {
         let mut events = Vec::new();
         let mut present: BTreeSet<PublicKeyBytes> = BTreeSet::new();
@@ -462,7 +465,7 @@ impl Membership {
         &mut self,
         now: Instant,
         key: &PublicKeyBytes,
-        down: bool,
+        down: Option<Duration>,
         events: &mut Vec<Event>,
     ) {
         if *key == self.self_key {
@@ -472,13 +475,14 @@ impl Membership {
             return;
         };
         match (m.liveness, down) {
-            (Liveness::Live, true) => {
-                m.liveness = Liveness::Down { since: now };
+            (Liveness::Live, Some(age)) => {
+                let since = now.checked_sub(age.min(FORGET_DOWN_AFTER)).unwrap_or(now);
+                m.liveness = Liveness::Down { since };
                 events.push(Event::Down {
                     name: m.record.name.clone(),
                 });
             }
-            (Liveness::Down { .. }, false) => {
+            (Liveness::Down { .. }, None) => {
                 m.liveness = Liveness::Live;
                 events.push(Event::Up {
                     name: m.record.name.clone(),
@@ -783,7 +787,7 @@ pub fn choose_joiner_address(
             })
         })
         .collect();
-    scratch.handle_snapshot(now, &entries, trust, &|_| false);
+    scratch.handle_snapshot(now, &entries, trust, &|_| None);
     crate::ipalloc::choose(cidr, me, &scratch.taken_ips(me))
 }
 

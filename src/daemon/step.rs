@@ -44,9 +44,10 @@ impl Node {
         self.restamp_if_due(now);
         let entries = self.gossip.snapshot();
         let liveness = &self.liveness;
+        let unix_ms_now = unix_ms();
         let events = self.trust.with_trust(|t| {
             self.membership
-                .handle_snapshot(now, &entries, t, &|k| liveness.is_down(k))
+                .handle_snapshot(now, &entries, t, &|k| liveness.down_for(k, unix_ms_now))
         });
         for e in &events {
             log_event(e);

@@ -383,14 +383,24 @@ fn the_accusers_restart_and_still_see_the_dead_member_down() {
     assert_eq!(sim.downs_of(3).len(), 5, "{:?}", sim.events);
     let accusers = accusers_of(&sim, 3);
     assert!(!accusers.is_empty());
+    let killed_at = Duration::from_secs(5);
     for a in &accusers {
         sim.up[*a] = false;
         sim.run(Duration::from_secs(1));
         sim.restart(*a);
     }
     sim.run(NEW_MEMBER_GRACE + HANDOFF_STEP * 6 + HANDOFF_JITTER + Duration::from_secs(5));
+    let elapsed = sim.now - sim.t0;
+    let unix_now = 1_000_000 + elapsed.as_millis() as u64;
     for a in &accusers {
         assert!(sim.nodes[*a].is_down(&sim.keys[3]), "{a}: {:?}", sim.events);
+        // Known down since about the death (the first accusation, a few
+        // seconds after it), not since the restart: forgotten with the rest.
+        let known = sim.nodes[*a].down_for(&sim.keys[3], unix_now).unwrap();
+        assert!(
+            known + killed_at + Duration::from_secs(10) >= elapsed,
+            "{a}: known down for {known:?}, {elapsed:?} into the run"
+        );
     }
     assert!(!accusers_of(&sim, 3).is_empty());
     // Nobody live was called down on the way.

@@ -6,8 +6,8 @@ use ed25519_dalek::SigningKey;
 fn deaf(_: &[u8; 32]) -> bool {
     false
 }
-fn nobody_down(_: &PublicKeyBytes) -> bool {
-    false
+fn nobody_down(_: &PublicKeyBytes) -> Option<Duration> {
+    None
 }
 
 struct World {
@@ -110,7 +110,7 @@ fn down_members_lose_their_peer_after_the_grace_period() {
     let t0 = Instant::now();
     let e = [entry(&body, &node)];
     w.snap(&mut m, t0, &e);
-    let ev = m.handle_snapshot(t0, &e, &w.trust(), &|_| true);
+    let ev = m.handle_snapshot(t0, &e, &w.trust(), &|_| Some(Duration::ZERO));
     assert_eq!(ev, vec![Event::Down { name: "n3".into() }]);
     assert_eq!(
         m.desired_peers(t0 + Duration::from_secs(59), &[], &deaf, 0)
@@ -317,7 +317,7 @@ fn names_are_unique_and_a_down_holder_releases_its_name() {
     assert_eq!(m.holders().name_holder("n3"), Some(ab.node_key));
     // a crashes; after the down grace its name goes to b (a node that came
     // back with a new identity).
-    let a_down = |k: &PublicKeyBytes| *k == ab.node_key;
+    let a_down = |k: &PublicKeyBytes| (*k == ab.node_key).then_some(Duration::ZERO);
     let t1 = t0 + PROVISIONAL + Duration::from_secs(1);
     m.handle_snapshot(t1, &[entry(&ab, &a), entry(&bb, &b)], &w.trust(), &a_down);
     m.handle_snapshot(
@@ -350,7 +350,7 @@ fn a_down_ephemeral_member_is_forgotten_after_the_grace_a_stateful_one_is_kept()
     let t0 = Instant::now();
     let e = [entry(&ab, &a), entry(&bb, &b)];
     w.snap(&mut m, t0, &e);
-    let all_down = |_: &PublicKeyBytes| true;
+    let all_down = |_: &PublicKeyBytes| Some(Duration::ZERO);
     m.handle_snapshot(t0 + Duration::from_secs(1), &e, &w.trust(), &all_down);
     let later = t0 + Duration::from_secs(1) + FORGET_EPHEMERAL_AFTER;
     let ev = m.handle_snapshot(later, &e, &w.trust(), &all_down);
@@ -362,4 +362,27 @@ fn a_down_ephemeral_member_is_forgotten_after_the_grace_a_stateful_one_is_kept()
         m.holders().ip_holder(&"10.77.0.3".parse().unwrap()),
         Some(bb.node_key)
     );
+}
+
+/// A member found down long after it died (this node restarted, the
+/// mesh's accusations say since when): its down grace and forget time
+/// count from then, so it is forgotten here when everywhere else.
+#[test]
+fn a_member_found_down_late_is_forgotten_with_the_rest() {
+    let w = World::new();
+    let (a, ab) = sample(3, &w.net, "10.77.0.2".parse().unwrap());
+    let (b, bb) = sample(4, &w.net, "10.77.0.3".parse().unwrap());
+    let mut m = Membership::new([0; 32], DEFAULT_DOWN_GRACE);
+    // (An instant well after boot: it is moved back below.)
+    let t0 = Instant::now() + Duration::from_secs(1000);
+    let e = [entry(&ab, &a), entry(&bb, &b)];
+    w.snap(&mut m, t0, &e);
+    let known = FORGET_DOWN_AFTER - Duration::from_secs(5);
+    let a_down = |k: &PublicKeyBytes| (*k == ab.node_key).then_some(known);
+    let ev = m.handle_snapshot(t0, &e, &w.trust(), &a_down);
+    assert_eq!(ev, vec![Event::Down { name: "n3".into() }]);
+    // Past the down grace at once.
+    assert!(m.gone(t0, m.member(&ab.node_key).unwrap()));
+    let ev = m.handle_snapshot(t0 + Duration::from_secs(5), &e, &w.trust(), &a_down);
+    assert_eq!(ev, vec![Event::Forgotten { name: "n3".into() }]);
 }

@@ -244,7 +244,7 @@ impl SimNode {
         let liveness = &self.liveness;
         out.events = trust.with_trust(|t| {
             self.membership
-                .handle_snapshot(now, &entries, t, &|k| liveness.is_down(k))
+                .handle_snapshot(now, &entries, t, &|k| liveness.down_for(k, unix_ms))
         });
         for id in self.membership.to_forget(&entries) {
             self.chitchat.forget(id);
