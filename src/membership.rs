@@ -77,9 +77,14 @@ pub struct GossipEntry {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Liveness {
     Live,
-    /// Liveness called it down at this instant.
+    /// Liveness called it down at `since` (the down grace counts from
+    /// here: a false verdict must not end its peer and relay allocations
+    /// at once); the mesh has held it down since `known` (the oldest
+    /// accusation, earlier when this node found it down late: the forget
+    /// time counts from here).
     Down {
         since: Instant,
+        known: Instant,
     },
     /// It left on purpose, at this instant.
     Left {
@@ -256,8 +261,9 @@ impl Membership {
     /// Feeds one snapshot of the gossip state. `down` says which members
     /// liveness calls down, and for how long the mesh has held them down
     /// (the oldest accusation): a member found down here long after it
-    /// died (this node restarted) counts its down grace and forget time
-    /// from then, not from now, capped at [`FORGET_DOWN_AFTER`].
+    /// died (this node restarted) counts its forget time from then, not
+    /// from now (capped at [`FORGET_DOWN_AFTER`]); its down grace counts
+    /// from now.
     pub fn handle_snapshot(
         &mut self,
         now: Instant,
@@ -310,7 +316,8 @@ impl Membership {
                             Liveness::Left { since } => {
                                 now.saturating_duration_since(since) >= FORGET_LEFT_AFTER
                             }
-                            Liveness::Down { since } => {
+                            Liveness::Down { known, .. } => {
+                                let since = known;
                                 let after = if m.record.ephemeral {
                                     FORGET_EPHEMERAL_AFTER
                                 } else {
@@ -476,8 +483,8 @@ impl Membership {
         };
         match (m.liveness, down) {
             (Liveness::Live, Some(age)) => {
-                let since = now.checked_sub(age.min(FORGET_DOWN_AFTER)).unwrap_or(now);
-                m.liveness = Liveness::Down { since };
+                let known = now.checked_sub(age.min(FORGET_DOWN_AFTER)).unwrap_or(now);
+                m.liveness = Liveness::Down { since: now, known };
                 events.push(Event::Down {
                     name: m.record.name.clone(),
                 });
@@ -590,7 +597,7 @@ impl Membership {
                     // released to the newcomer.
                     let holder_down = matches!(
                         self.members[&h.key].liveness,
-                        Liveness::Down { since } if now.saturating_duration_since(since) >= self.down_grace
+                        Liveness::Down { since, .. } if now.saturating_duration_since(since) >= self.down_grace
                     );
                     if holder_down {
                         self.holders.names.insert(
@@ -717,7 +724,7 @@ impl Membership {
     pub fn gone(&self, now: Instant, m: &Member) -> bool {
         match m.liveness {
             Liveness::Live => false,
-            Liveness::Down { since } => now.saturating_duration_since(since) >= self.down_grace,
+            Liveness::Down { since, .. } => now.saturating_duration_since(since) >= self.down_grace,
             Liveness::Left { .. } => true,
         }
     }
@@ -738,7 +745,7 @@ impl Membership {
             .filter(|m| m.record.node_key != self.self_key)
             .filter(|m| match m.liveness {
                 Liveness::Live => true,
-                Liveness::Down { since } => {
+                Liveness::Down { since, .. } => {
                     now.saturating_duration_since(since) < self.down_grace
                         || hearing(&m.record.wg_public_key)
                 }

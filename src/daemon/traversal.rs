@@ -505,6 +505,18 @@ impl Traversal {
             &relay_of,
         );
         let mut desired = desired;
+        // A relayed session whose packets have gone unanswered for a while
+        // counts as dead too: the relay may have ended the allocation (it
+        // held one end gone for a moment) while both ends kept its ports.
+        let selector = &self.selector;
+        let handshakes: HashMap<[u8; 32], Option<Duration>> = handshakes
+            .into_iter()
+            .map(|(k, age)| {
+                let unanswered =
+                    selector.unanswered(now, &k) >= crate::nat::allocs::UNANSWERED_DEAD;
+                (k, if unanswered { None } else { age })
+            })
+            .collect();
         self.allocations.plan(now, &paths, &versions, &handshakes);
         // Where to check (and punch): the candidates of every peer still
         // without a direct path that a punch can reach. A candidate that

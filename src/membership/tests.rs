@@ -381,8 +381,10 @@ fn a_member_found_down_late_is_forgotten_with_the_rest() {
     let a_down = |k: &PublicKeyBytes| (*k == ab.node_key).then_some(known);
     let ev = m.handle_snapshot(t0, &e, &w.trust(), &a_down);
     assert_eq!(ev, vec![Event::Down { name: "n3".into() }]);
-    // Past the down grace at once.
-    assert!(m.gone(t0, m.member(&ab.node_key).unwrap()));
+    // The down grace counts from now (a false verdict must not end its
+    // peer at once) ...
+    assert!(!m.gone(t0, m.member(&ab.node_key).unwrap()));
+    // ... the forget time from the oldest accusation.
     let ev = m.handle_snapshot(t0 + Duration::from_secs(5), &e, &w.trust(), &a_down);
     assert_eq!(ev, vec![Event::Forgotten { name: "n3".into() }]);
 }

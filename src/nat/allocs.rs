@@ -27,6 +27,11 @@ fn retry_gap(refused: u32) -> Duration {
 /// its relay again, at most this often: `Allocate` is idempotent while the
 /// allocation lives, and gives a fresh one when the relay lost it.
 pub const ALLOC_REFRESH: Duration = Duration::from_secs(15);
+/// A relayed session whose packets have gone unanswered this long counts
+/// as dead as well (the caller passes no handshake for it): a relay that
+/// held one end gone for a moment (a partition) ended the allocation while
+/// both ends kept sending to its ports (soak_short: 150 s without a path).
+pub const UNANSWERED_DEAD: Duration = Duration::from_secs(10);
 /// A session whose last handshake is older than this is not working
 /// (WireGuard renews a live one every 2 minutes).
 pub const SESSION_DEAD: Duration = Duration::from_secs(150);
