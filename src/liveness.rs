@@ -1024,7 +1024,7 @@ impl Liveness {
             }
             if t.down_since.is_none() {
                 tracing::debug!(target_key = %proto::short_key(&k), accuser = %proto::short_key(&c.accusation.accuser), "check failed, no refutation: down");
-                let oldest = t
+                let by_others = t
                     .accused
                     .iter()
                     .filter(|(accuser, (since_ms, _))| {
@@ -1034,9 +1034,20 @@ impl Liveness {
                         })
                     })
                     .map(|(_, (since, _))| *since)
-                    .chain(std::iter::once(c.accusation.since_ms))
-                    .min()
-                    .unwrap_or(unix_ms);
+                    .min();
+                let oldest = match by_others {
+                    Some(o) => o.min(c.accusation.since_ms),
+                    // Nobody accuses it and it never answered us: a member
+                    // every other node has forgotten (long dead) whose
+                    // state came back through gossip. Its last sign of life
+                    // is its newest signed value (soak: one such member
+                    // went around for 20 minutes, re-added and re-accused
+                    // with a fresh time each round).
+                    None if t.last_ack.is_none() && t.version > 0 => {
+                        t.version.min(c.accusation.since_ms)
+                    }
+                    None => c.accusation.since_ms,
+                };
                 t.down_since_ms = Some(oldest.min(unix_ms));
                 t.down_since = Some(now);
                 t.version_at_down = t.version;

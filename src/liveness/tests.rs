@@ -681,3 +681,32 @@ fn a_member_never_reached_but_alive_refutes() {
         .count();
     assert_eq!(broken, 4, "{:?}", sim.events);
 }
+
+/// A member found down that nobody accuses and that never answered us (its
+/// state came back through gossip after everyone forgot it) is known down
+/// since its newest signed value, so it is forgotten again at once; a
+/// member that answered us and then died is known down since now.
+#[test]
+fn a_long_dead_member_seen_again_counts_from_its_last_value() {
+    let mut sim = Sim::new(2);
+    sim.up[1] = false;
+    // Its newest signed value is ~1,000 s old (sim unix time starts at
+    // 1,000,000 ms).
+    let k1 = sim.keys[1];
+    sim.nodes[0].handle_version(&k1, 1);
+    sim.run(Duration::from_secs(20));
+    assert!(sim.nodes[0].is_down(&k1), "{:?}", sim.events);
+    let unix_now = 1_000_000 + (sim.now - sim.t0).as_millis() as u64;
+    let known = sim.nodes[0].down_for(&k1, unix_now).unwrap();
+    assert!(known > Duration::from_secs(900), "{known:?}");
+
+    let mut sim = Sim::new(2);
+    sim.nodes[0].handle_version(&k1, 1);
+    sim.run(Duration::from_secs(10));
+    sim.up[1] = false;
+    sim.run(Duration::from_secs(20));
+    assert!(sim.nodes[0].is_down(&k1), "{:?}", sim.events);
+    let unix_now = 1_000_000 + (sim.now - sim.t0).as_millis() as u64;
+    let known = sim.nodes[0].down_for(&k1, unix_now).unwrap();
+    assert!(known < Duration::from_secs(20), "{known:?}");
+}
