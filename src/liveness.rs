@@ -432,6 +432,20 @@ impl Target {
         self.quiet_until = Some(now + self.broken_backoff);
     }
 
+    /// The times (since_ms) of the accusations of it by others that stand
+    /// and that it has not refuted.
+    fn standing(&self) -> impl Iterator<Item = u64> + '_ {
+        self.accused
+            .iter()
+            .filter(|(accuser, (since_ms, _))| {
+                !self.refutes(&Accusation {
+                    accuser: **accuser,
+                    since_ms: *since_ms,
+                })
+            })
+            .map(|(_, (since_ms, _))| *since_ms)
+    }
+
     fn refutes(&self, a: &Accusation) -> bool {
         self.refuted
             .get(&a.accuser)
@@ -1024,17 +1038,7 @@ impl Liveness {
             }
             if t.down_since.is_none() {
                 tracing::debug!(target_key = %proto::short_key(&k), accuser = %proto::short_key(&c.accusation.accuser), "check failed, no refutation: down");
-                let by_others = t
-                    .accused
-                    .iter()
-                    .filter(|(accuser, (since_ms, _))| {
-                        !t.refutes(&Accusation {
-                            accuser: **accuser,
-                            since_ms: *since_ms,
-                        })
-                    })
-                    .map(|(_, (since, _))| *since)
-                    .min();
+                let by_others = t.standing().min();
                 let oldest = match by_others {
                     Some(o) => o.min(c.accusation.since_ms),
                     // Nobody accuses it and it never answered us: a member
@@ -1150,12 +1154,7 @@ impl Liveness {
         let mut newly = Vec::new();
         let accusing = &self.accusing;
         for (k, t) in self.targets.iter_mut() {
-            let accused = t.accused.iter().any(|(accuser, (since_ms, _))| {
-                !t.refutes(&Accusation {
-                    accuser: *accuser,
-                    since_ms: *since_ms,
-                })
-            });
+            let accused = t.standing().next().is_some();
             let orphan = t.down_since.is_some() && !accused && !accusing.contains_key(k);
             if !orphan {
                 t.handoff_at = None;
