@@ -243,3 +243,25 @@ fn bad_tokens_and_seeds_are_refused_without_leaving_state() {
     fails_with(&meshpeer(&["up", "--state-dir", d]), "does not exist");
     std::fs::remove_dir_all(&founder).unwrap();
 }
+
+/// Node ids are base64url and may start with `-`: `revoke` and `ping` take
+/// them as the member, not as a flag (CI's hostile test drew such a key and
+/// `revoke` failed with "unexpected argument '-7'").
+#[test]
+fn node_ids_starting_with_a_dash_are_members_not_flags() {
+    let dir = scratch("dash");
+    std::fs::create_dir_all(&dir).unwrap();
+    let d = dir.to_str().unwrap();
+    let id = "-7iPAgLzZii183Be81nNTgls9n8mhnkqWUFtJP18kLM";
+    for args in [
+        vec!["revoke", id, "--state-dir", d],
+        vec!["ping", id, "--state-dir", d],
+    ] {
+        let out = meshpeer(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}: {err}");
+        assert!(!err.contains("unexpected argument"), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

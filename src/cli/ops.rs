@@ -13,7 +13,9 @@ use super::StateArgs;
 
 #[derive(Args, Debug)]
 pub struct PingArgs {
-    /// The member: its name, overlay address or node id.
+    /// The member: its name, overlay address or node id (which may start
+    /// with `-`).
+    #[arg(allow_hyphen_values = true)]
     pub member: String,
     /// How many probes (one a second).
     #[arg(long, short = 'c', default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=3600))]

@@ -16,11 +16,17 @@ use super::StateArgs;
 #[derive(Args, Debug)]
 pub struct RevokeArgs {
     /// The member to revoke: its name (as `status` shows it) or node id.
-    #[arg(required_unless_present = "token", conflicts_with = "token")]
+    /// (A node id may start with `-`: it is taken as the member, not as a
+    /// flag.)
+    #[arg(
+        required_unless_present = "token",
+        conflicts_with = "token",
+        allow_hyphen_values = true
+    )]
     pub member: Option<String>,
     /// Revoke a token (its id, as `meshpeer tokens` shows it): every member
     /// admitted with it is out, and it admits nobody new.
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub token: Option<String>,
     #[command(flatten)]
     pub state: StateArgs,
