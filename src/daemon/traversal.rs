@@ -14,6 +14,7 @@ use crate::membership::{on_local_net, DesiredPeer, GossipEntry, Liveness, Member
 use crate::nat::allocs::Allocations;
 use crate::nat::checks::{Checks, Need, Validated};
 use crate::nat::discovery::{looks_public, Discovery, NatInfo};
+use crate::nat::endpoints::{self, PeerView, StunCandidate};
 use crate::nat::paths::{Path, PathSelector};
 use crate::nat::stun::{self, StunMessage};
 use crate::observe::{self, ObservationBook, Observed, Seen};
@@ -29,9 +30,6 @@ pub struct ObserveStep {
     /// Our observed endpoints changed: republish the record.
     pub changed: bool,
 }
-
-/// A working path whose packets went unanswered this long gets checked.
-const SUSPECT: Duration = Duration::from_secs(2);
 
 /// How often our own observations may be republished.
 const SEEN_REPUBLISH: Duration = Duration::from_secs(10);
@@ -233,43 +231,18 @@ impl Traversal {
         sender: &RawSender,
     ) {
         self.drain_responses(now);
-        // STUN servers: public members first, then not-yet-measured ones;
-        // never one on our own LAN (it sees our host address, not the NAT's).
-        // Within a rank, in an order of our own (a hash of our key and
-        // theirs): the same few servers for us round after round, but not
-        // the same ones for every member (sorted by address, every member
-        // asked the seed and the next two public members; at 150 members
-        // the seed answered 29 requests a second).
-        let on_lan = |a: &SocketAddr| on_local_net(local, a);
-        let order = |k: &PublicKeyBytes| {
-            use std::hash::{Hash, Hasher};
-            let mut h = std::hash::DefaultHasher::new();
-            (me, k).hash(&mut h);
-            h.finish()
-        };
-        let mut targets: Vec<(u8, u64, SocketAddr)> = m
+        let members = m
             .members()
-            .filter(|x| &x.record.node_key != me && x.liveness == Liveness::Live)
+            .filter(|x| x.liveness == Liveness::Live)
             .filter_map(|x| {
-                let rank = match x.record.nat {
-                    NatKind::Public => 0,
-                    NatKind::Unknown => 1,
-                    _ => return None,
-                };
-                x.record
-                    .endpoints
-                    .first()
-                    .filter(|e| !on_lan(e))
-                    .map(|e| (rank, order(&x.record.node_key), *e))
-            })
-            .collect();
-        targets.sort();
-        let targets: Vec<SocketAddr> = self
-            .outside
-            .iter()
-            .copied()
-            .chain(targets.into_iter().map(|(_, _, a)| a))
-            .collect();
+                x.record.endpoints.first().map(|e| StunCandidate {
+                    node_key: x.record.node_key,
+                    nat: x.record.nat,
+                    endpoint: *e,
+                })
+            });
+        let targets =
+            endpoints::stun_targets(me, &self.outside, members, |a| on_local_net(local, a));
         for (to, bytes) in self.discovery.poll_transmit(now, &targets) {
             if let Err(e) = sender.send(to, &bytes).await {
                 tracing::debug!(%to, error = %e, "cannot send a STUN request");
@@ -449,17 +422,11 @@ impl Traversal {
             .collect();
         let nat_of = |k: &[u8; 32]| nats.get(k).copied().unwrap_or(NatKind::Unknown);
         let hopeless = |k: &[u8; 32]| crate::nat::paths::punch_hopeless(our_nat, nat_of(k));
-        // Behind the same public address as us but not on our LAN (two
-        // homes behind one CGNAT): only a NAT that hairpins lets a punch
-        // through, and most do not. Relayed at once; the checks go on, and
-        // a check answered over a hairpin makes the path direct.
         let our_public: Vec<IpAddr> = self.nat.mapped.iter().map(|m| m.ip()).collect();
         let unlikely: HashSet<[u8; 32]> = desired
             .iter()
             .filter(|d| {
-                let shares = d.endpoints.iter().any(|e| our_public.contains(&e.ip()));
-                let on_lan = d.endpoints.iter().any(|e| on_local_net(local, e));
-                shares && !on_lan
+                endpoints::punch_unlikely(&our_public, &d.endpoints, |e| on_local_net(local, e))
             })
             .map(|d| d.public_key)
             .collect();
@@ -518,12 +485,7 @@ impl Traversal {
             })
             .collect();
         self.allocations.plan(now, &paths, &versions, &handshakes);
-        // Where to check (and punch): the candidates of every peer still
-        // without a direct path that a punch can reach. A candidate that
-        // answered a check becomes the peer's only endpoint until the
-        // path is direct (WireGuard then roams as it likes).
-        // (A public relay counts as a direct path for the choice above, but
-        // it is checked like any other peer until its session works.)
+        // Each peer's endpoints and checks (`nat::endpoints::plan`).
         self.need.clear();
         self.working.clear();
         self.suspect.clear();
@@ -531,90 +493,36 @@ impl Traversal {
             .iter()
             .filter_map(|a| a.endpoint.map(|e| (a.public_key, e)))
             .collect();
+        let raw = self.sender.is_some();
         for d in desired.iter_mut() {
-            // The record's candidates (same-LAN first): what checks try.
-            let candidates = d.endpoints.clone();
-            let relayed = matches!(paths.get(&d.public_key), Some(Path::Relayed { .. }));
-            let relay_ep = relayed
-                .then(|| self.allocations.relayed_at(&d.public_key).map(|(_, e)| e))
-                .flatten();
-            if let Some(ep) = relay_ep {
-                // Relayed: the one session goes through the relay's port
-                // for this pair.
-                d.endpoints = vec![ep];
+            let k = d.public_key;
+            let relayed = matches!(paths.get(&k), Some(Path::Relayed { .. }));
+            let view = PeerView {
+                candidates: std::mem::take(&mut d.endpoints),
+                relayed,
+                relay_endpoint: relayed
+                    .then(|| self.allocations.relayed_at(&k).map(|(_, e)| e))
+                    .flatten(),
+                working: self.selector.working(&k),
+                unanswered: self.selector.unanswered(now, &k),
+                hopeless: hopeless(&k),
+                current: endpoint_of.get(&k).copied(),
+                validated: self.checks.validated(now, &k),
+                answers_checks: endpoints::answers_checks(nat_of(&k), self.checks.holds(now, &k)),
+            };
+            let plan = endpoints::plan(&view, raw, |e| on_local_net(local, e));
+            d.endpoints = plan.endpoints;
+            if plan.working {
+                self.working.insert(k);
             }
-            let ok = self.selector.working(&d.public_key);
-            // A working path whose packets have gone unanswered for a
-            // moment is suspect (a NAT dropped its mapping, a router got a
-            // new address or port): check the endpoint in use and the
-            // record's candidates. If the one in use answers, the path is
-            // fine (traffic is one-way); if only another one does, the
-            // handshake goes there. (Only WireGuard's passive keepalive
-            // would tell otherwise, after 10 s and more.)
-            let current = endpoint_of.get(&d.public_key).copied();
-            let suspect = ok && self.selector.unanswered(now, &d.public_key) >= SUSPECT;
-            if ok && !suspect {
-                self.working.insert(d.public_key);
-                if relayed && !hopeless(&d.public_key) {
-                    // Relayed and working: keep looking for a direct path.
-                    self.need.push((d.public_key, candidates));
-                }
-                continue;
+            if let Some(c) = plan.suspect {
+                self.suspect.insert(k, c);
             }
-            if relay_ep.is_some() {
-                // A relayed session coming up: keep the relay's endpoint,
-                // and punch on the side where a punch can work.
-                if !hopeless(&d.public_key) {
-                    self.need.push((d.public_key, candidates));
-                }
-                continue;
-            }
-            if hopeless(&d.public_key) {
-                // No punch can work (a symmetric NAT on one side, no public
-                // address on the other): only a candidate on our own LAN
-                // can carry a direct path. Any other endpoint would only
-                // draw WireGuard initiations (a persistent keepalive
-                // without a session starts one, then retries every 5 s
-                // for 90 s), each costing X25519 work for nothing; at 250
-                // members these were thousands per node.
-                if self.sender.is_some() {
-                    d.endpoints.retain(|e| on_local_net(local, e));
-                }
-                continue;
-            }
-            if suspect {
-                // Perhaps our own mapping changed: measure it now.
+            if plan.hurry_discovery {
                 self.discovery.hurry(now);
-                let mut candidates = d.endpoints.clone();
-                if let Some(c) = current {
-                    candidates.retain(|x| *x != c);
-                    candidates.insert(0, c);
-                    self.suspect.insert(d.public_key, c);
-                }
-                self.need.push((d.public_key, candidates));
-                continue;
             }
-            self.need.push((d.public_key, d.endpoints.clone()));
-            if let Some(v) = self.checks.validated(now, &d.public_key) {
-                d.endpoints = vec![v];
-            } else if self.sender.is_some()
-                && (matches!(
-                    nat_of(&d.public_key),
-                    NatKind::EndpointIndependent | NatKind::EndpointDependent
-                ) || self.checks.holds(now, &d.public_key))
-            {
-                // Until one of its candidates answers a check, no WireGuard
-                // handshake goes anywhere: each costs X25519 work on both
-                // sides, and it is lost when the NAT is not open yet or
-                // when the member has no peer for us yet (membership
-                // spreads in seconds at hundreds of members, and WireGuard
-                // retries every 5 s for 90 s). A member behind a NAT it
-                // measured answers checks on its WireGuard port; so does a
-                // public one, unless its WireGuard is the kernel's (it then
-                // never answers, and after a grace its record's endpoint is
-                // used as before). The member's own handshake towards us
-                // still sets the endpoint.
-                d.endpoints.clear();
+            if !plan.check.is_empty() {
+                self.need.push((k, plan.check));
             }
         }
         self.changed.clear();

@@ -7,5 +7,6 @@
 pub mod allocs;
 pub mod checks;
 pub mod discovery;
+pub mod endpoints;
 pub mod paths;
 pub mod stun;
