@@ -170,6 +170,13 @@ impl RoundPlanner {
                 self.alone_backoff = (self.alone_backoff * 2).min(ALONE_MAX);
             }
             self.mismatches.clear();
+            // Nobody to be busy with: the busy round is not due again
+            // before its time (a due time left in the past made
+            // `poll_timeout` wake the loop at once, again and again: a lone
+            // node spun a core for the 3 s after each change).
+            if self.next_busy.is_some_and(|t| now >= t) {
+                self.next_busy = Some(now + BUSY_EVERY);
+            }
             return out;
         }
         self.alone_backoff = ALONE_FIRST;
@@ -271,6 +278,34 @@ mod tests {
                 addr: SocketAddr::from(([192, 0, 2, i as u8 + 1], 51821)),
             })
             .collect()
+    }
+
+    /// Drives the planner as the daemon's loop does (sleep until
+    /// `poll_timeout`, then `poll`) for `secs` simulated seconds with a
+    /// change at the start; returns how often the loop woke up.
+    fn wakeups(p: &mut RoundPlanner, t0: Instant, secs: u64, ts: &[Target]) -> usize {
+        let end = t0 + Duration::from_secs(secs);
+        let mut now = t0;
+        p.handle_changes(now, 1);
+        let mut n = 0;
+        while now < end && n < 100_000 {
+            p.poll(now, ts, ts.first().copied(), &[]);
+            n += 1;
+            now = p.poll_timeout(now).max(now);
+        }
+        n
+    }
+
+    #[test]
+    fn a_node_with_nobody_to_gossip_with_does_not_spin() {
+        // Alone (a lone seed, or every member out of reach): was 100,000
+        // wake-ups at the same instant (the busy round's due time stayed in
+        // the past); now about one per busy round and the alone backoff.
+        let t0 = Instant::now();
+        let n = wakeups(&mut RoundPlanner::new(1), t0, 10, &[]);
+        assert!(n <= 30, "{n} wake-ups in 10 s alone");
+        let n = wakeups(&mut RoundPlanner::new(1), t0, 10, &targets(5));
+        assert!(n <= 30, "{n} wake-ups in 10 s with members");
     }
 
     /// Rounds started over `secs` seconds, polled every 50 ms.
