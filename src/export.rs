@@ -285,6 +285,7 @@ mod tests {
             gossip_bytes_received: 0,
             gossip_rounds: 0,
             gossip_rounds_in_sync: 0,
+            loop_wakeups: 0,
             gossip_values_stored: 0,
             gossip_values_rejected: 0,
             nat: "public".into(),

@@ -23,6 +23,7 @@
 //! | `gossip_sent_bytes_total`, `gossip_received_bytes_total` | counter | gossip (QUIC) payload bytes |
 //! | `gossip_rounds_total`, `gossip_rounds_in_sync_total` | counter | rounds started, and those that found the other side in sync |
 //! | `gossip_values_stored_total`, `gossip_values_rejected_total` | counter | values stored from others, refused by validation |
+//! | `loop_wakeups_total` | counter | times the daemon's event loop woke up (a few a second at rest; more means something spins) |
 //! | `routes_installed` | gauge | members' subnets routed through the mesh interface here |
 //! | `routes_refused` | gauge | advertised subnets (members' and our own) this node refuses |
 //! | `mesh_converged` | gauge (0/1) | see [`converged`] |
@@ -336,6 +337,11 @@ pub fn render(
         counter(s.gossip_rounds_in_sync),
     );
     reg.register(
+        "loop_wakeups",
+        "Times the daemon's event loop woke up",
+        counter(s.loop_wakeups),
+    );
+    reg.register(
         "gossip_values_stored",
         "Gossip values stored from other members",
         counter(s.gossip_values_stored),
@@ -543,6 +549,7 @@ mod tests {
             gossip_bytes_received: 8,
             gossip_rounds: 3,
             gossip_rounds_in_sync: 2,
+            loop_wakeups: 7,
             gossip_values_stored: 1,
             gossip_values_rejected: 0,
             nat: "public".into(),
@@ -594,6 +601,7 @@ mod tests {
             "meshpeer_gossip_received_bytes_total 8",
             "meshpeer_gossip_rounds_total 3",
             "meshpeer_gossip_rounds_in_sync_total 2",
+            "meshpeer_loop_wakeups_total 7",
             "meshpeer_gossip_values_stored_total 1",
             "meshpeer_gossip_values_rejected_total 0",
             "meshpeer_mesh_converged 0",

@@ -6,6 +6,7 @@
 //! { "node": NAME, "node_id": ID, "network": CIDR, "interface": IF,
 //!   "backend": "kernel" | "userspace", "listen_port": PORT,
 //!   "gossip_addr": "IP:PORT", "gossip_bytes_sent": N, "gossip_bytes_received": N,
+//!   "loop_wakeups": N (times the event loop woke up since start),
 //!   "self": MEMBER,
 //!   "members": [MEMBER, ...] }          // self included, sorted by overlay IP
 //! MEMBER = { "name", "node_id", "overlay_ip", "public_key" (WireGuard, base64),
@@ -130,6 +131,9 @@ pub struct Status {
     pub gossip_values_stored: u64,
     #[serde(default)]
     pub gossip_values_rejected: u64,
+    /// Times the daemon's event loop woke up since it started.
+    #[serde(default)]
+    pub loop_wakeups: u64,
     /// Our NAT as STUN measured it, and our mapped (server-reflexive) endpoints.
     pub nat: String,
     pub mapped_endpoints: Vec<String>,
@@ -411,6 +415,7 @@ mod tests {
             gossip_bytes_received: 0,
             gossip_rounds: 0,
             gossip_rounds_in_sync: 0,
+            loop_wakeups: 0,
             gossip_values_stored: 0,
             gossip_values_rejected: 0,
             nat: "public".into(),

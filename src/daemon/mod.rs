@@ -207,6 +207,9 @@ pub(crate) struct Node {
     last_rotation: usize,
     last_status: Instant,
     last_step: Instant,
+    /// Times the event loop woke up (`status`: `loop_wakeups`; a mesh at
+    /// rest should wake it a few times a second at most).
+    wakeups: u64,
     /// The host's IPv4 networks and when they were read.
     local_nets: Option<(Instant, Vec<Ipv4Net>)>,
     /// Our WireGuard public key (derived from the secret once).

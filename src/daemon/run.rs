@@ -42,6 +42,7 @@ impl Node {
             if let Some(why) = self.self_revoked.take() {
                 break Exit::Revoked(why);
             }
+            self.wakeups += 1;
             let small = tick.period() <= TICK;
             let liveness_at = self
                 .liveness

@@ -486,6 +486,7 @@ impl Boot {
             last_rotation: 0,
             last_status: now,
             last_step: now,
+            wakeups: 0,
             local_nets: None,
             probes: None,
             probe_shared: probes::Shared::default(),

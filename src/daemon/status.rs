@@ -131,6 +131,7 @@ impl Node {
             gossip_rounds_in_sync: stats.rounds_in_sync,
             gossip_values_stored: stats.values_stored,
             gossip_values_rejected: stats.values_rejected,
+            loop_wakeups: self.wakeups,
             nat: nat_name(self.traversal.nat.kind).to_string(),
             mapped_endpoints: self
                 .traversal

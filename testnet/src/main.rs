@@ -424,6 +424,7 @@ fn measure_idle_floor(
                 node: i,
                 cpu_percent: None,
                 gossip: None,
+                wakeups: None,
                 under: Some((rx + tx) as f64 / w),
                 rx: Some(rx as f64 / w),
                 tx: Some(tx as f64 / w),

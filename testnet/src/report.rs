@@ -580,7 +580,7 @@ fn steady_lines(s: &mut String, st: &Value) {
     let u = &st["underlay_bytes_per_sec_per_node"];
     let _ = writeln!(
         s,
-        "steady state ({} s, {} nodes, pinger {}): underlay eth0 in+out per node mean {} median {} max {}; gossip per node mean {} max {}; CPU % per node mean {} max {}; RSS MiB per node mean {} max {}",
+        "steady state ({} s, {} nodes, pinger {}): underlay eth0 in+out per node mean {} median {} max {}; gossip per node mean {} max {}; CPU % per node mean {} max {}; RSS MiB per node mean {} max {}; loop wake-ups/s per node mean {} max {}",
         f(&st["secs"]),
         st["nodes"],
         st["pinger"].as_str().unwrap_or(if st["with_pings"] == true { "running" } else { "paused" }),
@@ -593,6 +593,8 @@ fn steady_lines(s: &mut String, st: &Value) {
         f(&st["cpu_percent_per_node"]["max"]),
         f(&st["rss_mib_per_node"]["mean"]),
         f(&st["rss_mib_per_node"]["max"]),
+        f(&st["loop_wakeups_per_sec_per_node"]["mean"]),
+        f(&st["loop_wakeups_per_sec_per_node"]["max"]),
     );
     if let Some(kinds) = st["by_kind"].as_object() {
         let _ = writeln!(

@@ -751,23 +751,24 @@ impl<'a> Ctx<'a> {
     /// One node's counters at one moment (for a measuring window).
     fn snap_node(&self, i: usize) -> NodeSnap {
         let t = self.now();
-        let gossip = if self.nodes.engine == EngineKind::Meshpeer {
-            control_status(&self.nodes.state_dir(i)).map(|v| {
-                v.get("gossip_bytes_sent")
-                    .and_then(Value::as_u64)
-                    .unwrap_or(0)
-                    + v.get("gossip_bytes_received")
-                        .and_then(Value::as_u64)
-                        .unwrap_or(0)
-            })
+        let status = if self.nodes.engine == EngineKind::Meshpeer {
+            control_status(&self.nodes.state_dir(i))
         } else {
             None
+        };
+        let count = |k: &str| {
+            status
+                .as_ref()
+                .map(|v| v.get(k).and_then(Value::as_u64).unwrap_or(0))
         };
         NodeSnap {
             t,
             pid: self.nodes.pid(i),
             cpu: self.nodes.cpu_secs(i),
-            gossip,
+            gossip: count("gossip_bytes_sent")
+                .zip(count("gossip_bytes_received"))
+                .map(|(s, r)| s + r),
+            wakeups: count("loop_wakeups"),
         }
     }
 
@@ -825,6 +826,10 @@ impl<'a> Ctx<'a> {
                     (Some(x), Some(y)) => Some(y.saturating_sub(x) as f64 / w),
                     _ => None,
                 },
+                wakeups: match (sa.wakeups, sb.wakeups) {
+                    (Some(x), Some(y)) => Some(y.saturating_sub(x) as f64 / w),
+                    _ => None,
+                },
                 under,
                 rx,
                 tx,
@@ -844,7 +849,7 @@ impl<'a> Ctx<'a> {
             });
             v.iter()
                 .take(5)
-                .map(|n| json!({"node": n.node, "kind": self.plan.nodes[n.node].kind, "seed": n.node == 0, "cpu_percent": n.cpu_percent, "gossip_bytes_per_sec": n.gossip, "underlay_bytes_per_sec": n.under}))
+                .map(|n| json!({"node": n.node, "kind": self.plan.nodes[n.node].kind, "seed": n.node == 0, "cpu_percent": n.cpu_percent, "gossip_bytes_per_sec": n.gossip, "loop_wakeups_per_sec": n.wakeups, "underlay_bytes_per_sec": n.under}))
                 .collect()
         };
         r["secs"] = json!(dt);
@@ -1493,6 +1498,7 @@ struct NodeSnap {
     pid: Option<u32>,
     cpu: f64,
     gossip: Option<u64>,
+    wakeups: Option<u64>,
 }
 
 /// One node's figures over a measuring window.
@@ -1501,6 +1507,9 @@ pub struct NodeRow {
     pub cpu_percent: Option<f64>,
     /// Gossip bytes (sent + received) per second, from `status` (meshpeer).
     pub gossip: Option<f64>,
+    /// Wake-ups of the daemon's event loop per second, from `status`
+    /// (meshpeer): a spinning loop shows here first.
+    pub wakeups: Option<f64>,
     /// Underlay bytes per second on the node's eth0: in+out, in, out.
     pub under: Option<f64>,
     pub rx: Option<f64>,
@@ -1543,6 +1552,7 @@ pub fn node_table(plan: &Plan, rows: &[NodeRow]) -> Value {
                 "underlay_bytes_per_sec": col(&of, &|r| r.under),
                 "cpu_percent": col(&of, &|r| r.cpu_percent),
                 "gossip_bytes_per_sec": col(&of, &|r| r.gossip),
+                "loop_wakeups_per_sec": col(&of, &|r| r.wakeups),
                 "rss_mib": col(&of, &|r| r.rss_mib),
             }),
         );
@@ -1552,7 +1562,8 @@ pub fn node_table(plan: &Plan, rows: &[NodeRow]) -> Value {
         .map(|r| {
             json!({"node": r.node, "group": group_of(plan, r.node), "underlay_bytes_per_sec": r.under,
                    "underlay_rx_bytes_per_sec": r.rx, "underlay_tx_bytes_per_sec": r.tx,
-                   "cpu_percent": r.cpu_percent, "gossip_bytes_per_sec": r.gossip, "rss_mib": r.rss_mib})
+                   "cpu_percent": r.cpu_percent, "gossip_bytes_per_sec": r.gossip,
+                   "loop_wakeups_per_sec": r.wakeups, "rss_mib": r.rss_mib})
         })
         .collect();
     json!({
@@ -1562,6 +1573,7 @@ pub fn node_table(plan: &Plan, rows: &[NodeRow]) -> Value {
         "underlay_tx_bytes_per_sec_per_node": col(&all, &|r| r.tx),
         "cpu_percent_per_node": col(&all, &|r| r.cpu_percent),
         "gossip_bytes_per_sec_per_node": col(&all, &|r| r.gossip),
+        "loop_wakeups_per_sec_per_node": col(&all, &|r| r.wakeups),
         "rss_mib_per_node": col(&all, &|r| r.rss_mib),
         "by_kind": by_kind,
         "per_node": per_node,
