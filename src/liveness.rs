@@ -301,6 +301,9 @@ pub struct MemberView {
     /// A WireGuard path to it exists (direct or relayed) that probes can
     /// take; members still connecting are neither monitored nor checked.
     pub reachable: bool,
+    /// Its WireGuard session works and we hear from it: a sign of life
+    /// (a path merely chosen, e.g. through a relay, is none).
+    pub heard: bool,
 }
 
 /// What liveness decided.
@@ -385,8 +388,10 @@ struct Target {
     /// version when it went down (a newer one means it lived after).
     version: u64,
     version_at_down: u64,
-    /// When we learned of it, whether a path to it or an answer from it
-    /// ever came, and whether the never-reached check ran.
+    /// When we learned of it, whether it ever showed life to us (an answer
+    /// to a probe, or a working WireGuard session: a path we chose, e.g.
+    /// through a relay, is not enough), and whether the never-reached
+    /// check ran.
     seen_at: Option<Instant>,
     ever_reached: bool,
     unreached_checked: bool,
@@ -417,7 +422,7 @@ impl Target {
             version: 0,
             version_at_down: 0,
             seen_at: None,
-            ever_reached: v.reachable,
+            ever_reached: v.heard,
             unreached_checked: false,
             quiet_until: None,
             broken_backoff: Duration::ZERO,
@@ -648,7 +653,7 @@ impl Liveness {
                 .or_insert_with(|| Target::new(m, ring));
             t.overlay_ip = m.overlay_ip;
             t.reachable = m.reachable;
-            t.ever_reached |= m.reachable;
+            t.ever_reached |= m.heard;
             t.seen_at.get_or_insert(now);
         }
         for t in self.targets.values_mut() {
@@ -853,7 +858,12 @@ impl Liveness {
         self.rtts
             .insert(p.target, now.saturating_duration_since(p.sent));
         let was_down = t.down_since.take().is_some();
-        if (t.check.take().is_some() || was_down) && self.accusing.remove(&p.target).is_some() {
+        t.check = None;
+        // It answered us: we accuse it no more, whatever state our
+        // accusation was in (an entry left standing would keep its old
+        // time, which the member's refutation covers: its next death would
+        // look refuted to everyone who learns of it later).
+        if self.accusing.remove(&p.target).is_some() {
             self.accusing_changed = true;
         }
         if was_down {
@@ -1052,8 +1062,20 @@ impl Liveness {
                     }
                     None => c.accusation.since_ms,
                 };
-                t.down_since_ms = Some(oldest.min(unix_ms));
+                let since = oldest.min(unix_ms);
+                t.down_since_ms = Some(since);
                 t.down_since = Some(now);
+                // Our own standing accusation carries the oldest time we
+                // know: a member that learns of this death later (it joined
+                // or restarted) counts its forget time from the same
+                // moment as everyone else (with our fresh time it held the
+                // member 10 minutes longer).
+                if let Some(mine) = self.accusing.get_mut(&k) {
+                    if mine.0 > since {
+                        mine.0 = since;
+                        self.accusing_changed = true;
+                    }
+                }
                 t.version_at_down = t.version;
                 t.next_recheck = Some(now + DOWN_RECHECK);
                 t.monitored = false;

@@ -702,9 +702,12 @@ impl Membership {
     /// The members liveness watches: everyone (not left) but us who holds
     /// its address here; `reachable` (by WireGuard key) says whether a
     /// WireGuard path exists that probes can take.
+    /// `reachable`: a path to it exists (by WireGuard key); `heard`: its
+    /// WireGuard session works and the data plane hears from it.
     pub fn liveness_views(
         &self,
         reachable: &dyn Fn(&[u8; 32]) -> bool,
+        heard: &dyn Fn(&[u8; 32]) -> bool,
     ) -> Vec<crate::liveness::MemberView> {
         self.members()
             .filter(|m| {
@@ -714,6 +717,7 @@ impl Membership {
                 key: m.record.node_key,
                 overlay_ip: m.record.overlay_ip,
                 reachable: reachable(&m.record.wg_public_key),
+                heard: heard(&m.record.wg_public_key),
             })
             .collect()
     }

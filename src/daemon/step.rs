@@ -83,12 +83,16 @@ impl Node {
 
         // Liveness: who we can probe (a path exists), our summary.
         let paths = &self.traversal.paths;
-        let views = self.membership.liveness_views(&|k| {
-            matches!(
-                paths.get(k),
-                Some(Path::Direct) | Some(Path::Relayed { .. })
-            )
-        });
+        let traversal = &self.traversal;
+        let views = self.membership.liveness_views(
+            &|k| {
+                matches!(
+                    paths.get(k),
+                    Some(Path::Direct) | Some(Path::Relayed { .. })
+                )
+            },
+            &|k| traversal.working(k),
+        );
         self.liveness.handle_members(now, &views);
         {
             let mut ips = self

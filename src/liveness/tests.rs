@@ -56,6 +56,7 @@ fn views(keys: &[PublicKeyBytes], reachable: impl Fn(usize) -> bool) -> Vec<Memb
             key: *k,
             overlay_ip: ip(j),
             reachable: reachable(j),
+            heard: reachable(j),
         })
         .collect()
 }
@@ -588,6 +589,7 @@ fn an_accusation_before_its_targets_record_is_kept_until_the_record_comes() {
         key: keys[i],
         overlay_ip: ip(i),
         reachable: false,
+        heard: false,
     };
     let now = Instant::now();
     let mut n = Liveness::new(NET, keys[0], 1);
@@ -709,4 +711,58 @@ fn a_long_dead_member_seen_again_counts_from_its_last_value() {
     let unix_now = 1_000_000 + (sim.now - sim.t0).as_millis() as u64;
     let known = sim.nodes[0].down_for(&k1, unix_now).unwrap();
     assert!(known < Duration::from_secs(20), "{known:?}");
+}
+
+/// A member we only chose a path to (a relay carries it, say) but never
+/// heard from is not "reached": when it is dead and no accusation reaches
+/// us (here: gossip never arrives), the never-reached check still finds it
+/// down. (Soak, session 13: a restarted node held a dead member
+/// `connecting` for 300 s because its relayed path counted as reached.)
+#[test]
+fn a_member_with_a_chosen_path_but_never_heard_is_still_checked() {
+    // 40 members, so that random spot probes (one member every 30 s) do
+    // not find the dead one by luck within the check's time.
+    let n = 40;
+    let dead = n - 1;
+    let mut sim = Sim::new(n);
+    let now = sim.now;
+    let views: Vec<MemberView> = views(&sim.keys, |_| true)
+        .into_iter()
+        .map(|mut v| {
+            v.heard = v.key != sim.keys[dead];
+            v
+        })
+        .collect();
+    for i in 0..dead {
+        let mut fresh = Liveness::new(NET, sim.keys[i], 300 + i as u64);
+        fresh.handle_members(now, &views);
+        sim.nodes[i] = fresh;
+    }
+    sim.up[dead] = false;
+    sim.gossip_delay = Duration::from_secs(100_000);
+    sim.run(NEVER_REACHED_CHECK + Duration::from_secs(15));
+    let observers: HashSet<usize> = sim.downs_of(dead).iter().map(|(_, i)| *i).collect();
+    assert_eq!(observers.len(), dead, "{:?}", sim.events);
+}
+
+/// Our own accusation of a member we found down carries the oldest time we
+/// know of its death, not the moment of our check: a member that learns
+/// of the death later counts the forget time from the same moment.
+#[test]
+fn our_accusation_carries_the_oldest_known_time_of_the_death() {
+    let mut sim = Sim::new(2);
+    sim.up[1] = false;
+    let k1 = sim.keys[1];
+    // Its newest signed value is ~1,000 s old.
+    sim.nodes[0].handle_version(&k1, 1);
+    sim.run(Duration::from_secs(20));
+    assert!(sim.nodes[0].is_down(&k1), "{:?}", sim.events);
+    let published = sim.latest[0].0.clone().expect("an accusation");
+    let since = published
+        .targets
+        .iter()
+        .find(|t| t.node_key == k1)
+        .expect("member 1 accused")
+        .since_ms;
+    assert_eq!(since, 1, "the time of its newest value");
 }
