@@ -130,6 +130,10 @@ impl Nodes {
         self.ns.len()
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.ns.is_empty()
+    }
+
     pub fn state_dir(&self, i: usize) -> PathBuf {
         self.work.join(format!("n{i}"))
     }
