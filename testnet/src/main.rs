@@ -585,10 +585,7 @@ fn cmd_run(a: RunArgs) -> Result<i32> {
         ))
     });
     let command: String = std::env::args().collect::<Vec<_>>().join(" ");
-    let started_unix = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let started_unix = meshpeer::clock::unix_secs();
 
     let topts = sc.topo_options()?;
     let plan = Plan::new(&prefix, &topts)?;
