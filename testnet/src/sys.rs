@@ -417,8 +417,8 @@ pub fn output_in(
 }
 
 /// A `Command` that runs `prog` inside network namespace `ns`, in its own
-/// process group, killed (SIGKILL) when the thread that spawns it dies
-/// (PR_SET_PDEATHSIG), so not even an aborted run leaves it behind.
+/// process group, and dies with the thread that spawns it
+/// ([`die_with_parent`]).
 pub fn command_in<S: AsRef<OsStr>>(
     ns: &str,
     prog: impl AsRef<OsStr>,
@@ -438,11 +438,33 @@ pub fn command_in<S: AsRef<OsStr>>(
                 return Err(std::io::Error::last_os_error());
             }
             libc::setpgid(0, 0);
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
             Ok(())
         });
     }
+    die_with_parent(&mut c);
     Ok(c)
+}
+
+/// Makes the child get SIGKILL when the thread that spawned it dies
+/// (PR_SET_PDEATHSIG), so that not even an aborted run leaves it behind.
+pub fn die_with_parent(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
 }
 
 /// Current resident set size (VmRSS) in KiB.

@@ -121,24 +121,9 @@ pub fn two_sites_route_through_their_gateways(test: &str, expect_backend: Option
         (&netns[1], ("192.168.51.1", HOST_A)),
         (&netns[2], ("192.168.52.1", HOST_B)),
     ]) {
-        ip(&[
-            "link",
-            "add",
-            "rt-lan",
-            "netns",
-            gw.name(),
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "rt-eth0",
-            "netns",
-            lan.name(),
-        ]);
-        gw.ip(&["addr", "add", &format!("{gw_ip}/24"), "dev", "rt-lan"]);
-        gw.ip(&["link", "set", "rt-lan", "up"]);
-        lan.ip(&["addr", "add", &format!("{host_ip}/24"), "dev", "rt-eth0"]);
-        lan.ip(&["link", "set", "rt-eth0", "up"]);
+        veth(gw, "rt-lan", lan, "rt-eth0");
+        gw.addr_up("rt-lan", &format!("{gw_ip}/24"));
+        lan.addr_up("rt-eth0", &format!("{host_ip}/24"));
         lan.ip(&["route", "add", "default", "via", gw_ip]);
     }
     let nodes: Vec<Node> = names
