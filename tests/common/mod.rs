@@ -89,6 +89,11 @@ pub fn require_program(test: &str, prog: &str) -> bool {
     )
 }
 
+/// Root and each of `progs`: [`require_root`], then [`require_program`].
+pub fn can_run(test: &str, progs: &[&str]) -> bool {
+    require_root(test) && progs.iter().all(|p| require_program(test, p))
+}
+
 /// The meshpeer binary: `$MESHPEER_BIN`, or the one cargo built for this test.
 pub fn meshpeer_bin() -> PathBuf {
     match std::env::var_os("MESHPEER_BIN") {
@@ -418,6 +423,23 @@ impl Switch {
         node.addr_up(&dev, cidr);
         dev
     }
+}
+
+/// The LAN of tests/mesh.rs, hostile.rs and ops.rs: switch `mpt-br`, `n`
+/// namespaces `mpt-n<i>` on it (10.99.0.<i>/24), and in each a node `n<i>`
+/// (interface `mpt<i>`, files under `work`), not started. Bind the three
+/// in this order (`let (switch, netns, nodes) = ...`): they drop in
+/// reverse, daemons first, then their namespaces, then the switch.
+pub fn lan(n: usize, work: &Path) -> (Switch, Vec<Netns>, Vec<Node>) {
+    let switch = Switch::new("mpt-br");
+    let netns: Vec<Netns> = (1..=n).map(|i| Netns::new(&format!("mpt-n{i}"))).collect();
+    for (i, ns) in netns.iter().enumerate() {
+        switch.attach(ns, &format!("10.99.0.{}/24", i + 1));
+    }
+    let nodes = (1..=n)
+        .map(|i| Node::new(&format!("n{i}"), &netns[i - 1], &format!("mpt{i}"), work))
+        .collect();
+    (switch, netns, nodes)
 }
 
 // ---------------------------------------------------------------------------
@@ -871,6 +893,27 @@ fn remove_stale_uapi_socket(interface: &str) {
 // ---------------------------------------------------------------------------
 // status --json helpers
 // ---------------------------------------------------------------------------
+
+/// Waits until `node` sees `others` members connected; returns that status.
+pub fn wait_connected(node: &Node, others: usize, timeout: Duration) -> Value {
+    wait_for(
+        timeout,
+        &format!("{} sees {others} others connected", node.name),
+        || {
+            node.assert_running();
+            let s = node.status()?;
+            let connected = members(&s)
+                .iter()
+                .filter(|m| m["state"] == "connected")
+                .count();
+            if connected == others {
+                Ok(s)
+            } else {
+                Err(format!("members: [{}]", members_summary(&s)))
+            }
+        },
+    )
+}
 
 /// An address without a "/prefix" suffix.
 pub fn strip_prefix_len(s: &str) -> String {

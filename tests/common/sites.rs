@@ -89,13 +89,8 @@ fn allowed_ips(ns: &Netns, iface: &str) -> Result<BTreeMap<String, Vec<String>>,
 /// `expect_backend` (or `MESHPEER_EXPECT_BACKEND`) the backend every node
 /// must report.
 pub fn two_sites_route_through_their_gateways(test: &str, expect_backend: Option<&str>) {
-    if !require_root(test) {
+    if !can_run(test, &["ip", "ping", "wg"]) {
         return;
-    }
-    for prog in ["ip", "ping", "wg"] {
-        if !require_program(test, prog) {
-            return;
-        }
     }
     let _serial = serial_prefix("rt");
     let t0 = Instant::now();
@@ -159,23 +154,7 @@ pub fn two_sites_route_through_their_gateways(test: &str, expect_backend: Option
 
     let mut overlay = BTreeMap::new();
     for n in &nodes {
-        let s = wait_for(
-            secs(60),
-            &format!("{} sees the three others connected", n.name),
-            || {
-                n.assert_running();
-                let s = n.status()?;
-                let connected = members(&s)
-                    .iter()
-                    .filter(|m| m["state"] == "connected")
-                    .count();
-                if connected == 3 {
-                    Ok(s)
-                } else {
-                    Err(format!("members: [{}]", members_summary(&s)))
-                }
-            },
-        );
+        let s = wait_connected(n, 3, secs(60));
         if let Some(want) = &expect_backend {
             assert_eq!(backend(&s), Some(want.as_str()), "{}: backend", n.name);
         }
