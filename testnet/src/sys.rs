@@ -280,7 +280,7 @@ pub fn clk_tck() -> f64 {
     }
 }
 
-/// CPU seconds (user+system) of a live process, from /proc/<pid>/stat.
+/// CPU seconds (user+system) of a live process, from `/proc/<pid>/stat`.
 pub fn proc_cpu_secs(pid: u32) -> Option<f64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let rest = &s[s.rfind(')')? + 2..];

@@ -5,16 +5,21 @@
 //! what a test wants on top: panics with a description instead of errors,
 //! and the daemons' side of the story when a test fails.
 //!
-//! * [`Netns`]: a network namespace (`ip netns add`), deleted on drop.
+//! * [`Netns`]: a network namespace (a stale one of the name is removed
+//!   first), deleted on drop after killing what still runs in it; programs
+//!   run in it through [`cmd_in`] (entered with `setns`, as the testnet's
+//!   daemons are).
 //! * [`Switch`]: a namespace holding a Linux bridge; [`Switch::attach`] plugs
-//!   a node namespace into it with a veth pair and gives it an underlay address.
+//!   a node namespace into it with a veth pair and gives it an underlay
+//!   address; [`lan`]: the `mpt` switch with `n` nodes on it.
 //! * [`Node`]: one `meshpeer` daemon spawned inside a namespace with its own
 //!   state dir, its stdout/stderr in a log file; killed on drop (SIGTERM, then
 //!   SIGKILL). When the test is panicking, every node prints its `status`,
 //!   `wg show` and log while it is dropped, so a failed assertion or a
 //!   [`wait_until`] timeout always comes with the daemons' side of the story.
 //! * [`wait_until`] / [`wait_for`]: poll a condition every 200 ms until a
-//!   deadline, then panic with a description (and the last observation).
+//!   deadline, then panic with a description (and the last observation);
+//!   [`wait_connected`] for a node's connected members.
 //! * [`TempDir`]: a scratch directory, removed on drop unless the test failed.
 //! * [`serial`]: held while a test uses the fixed `mpt*` names (a mutex, and
 //!   a flock against concurrent test runs on the same machine);
@@ -32,7 +37,8 @@
 //! prefix of [`PREFIXES`] that the test chose (`rt`: tests/sites.rs). The
 //! daemons get `MESHPEER_HOSTS_FILE=none` (a test that wants names passes
 //! `--hosts-file` of its own: never the machine's /etc/hosts). Environment:
-//! * `CI=true`: never skip (a non-root run fails instead of skipping).
+//! * `CI=true`: never skip (a non-root run fails instead of skipping; the
+//!   rule is `meshpeer::testing`'s, [`can_run`] applies it).
 //! * `MESHPEER_BIN`: the meshpeer binary to run (default: the one cargo built).
 //! * `MESHPEER_TEST_TIMEOUT_SCALE`: multiply every deadline (e.g. 4 in a VM
 //!   without KVM).
