@@ -282,7 +282,12 @@ pub fn clk_tck() -> f64 {
 
 /// CPU seconds (user+system) of a live process, from `/proc/<pid>/stat`.
 pub fn proc_cpu_secs(pid: u32) -> Option<f64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat_cpu_secs(&format!("/proc/{pid}/stat"))
+}
+
+/// utime + stime of a `stat` file (a process's or a thread's), in seconds.
+fn stat_cpu_secs(path: &str) -> Option<f64> {
+    let s = std::fs::read_to_string(path).ok()?;
     let rest = &s[s.rfind(')')? + 2..];
     let f: Vec<&str> = rest.split_whitespace().collect();
     // fields after ")": state(0) ... utime is field 14 overall => index 11 here
@@ -491,12 +496,7 @@ pub fn thread_cpu_secs(tid: i32) -> Option<f64> {
     {
         return Some(ns as f64 / 1e9);
     }
-    let s = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).ok()?;
-    let rest = &s[s.rfind(')')? + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ut: f64 = f.get(11)?.parse().ok()?;
-    let st: f64 = f.get(12)?.parse().ok()?;
-    Some((ut + st) / clk_tck())
+    stat_cpu_secs(&format!("/proc/self/task/{tid}/stat"))
 }
 
 /// One reading of an interface's byte counters inside a namespace.
