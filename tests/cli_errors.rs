@@ -216,10 +216,7 @@ fn bad_tokens_and_seeds_are_refused_without_leaving_state() {
             .unwrap();
         ed25519_dalek::SigningKey::from_bytes(&raw.try_into().unwrap())
     };
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
+    let now = meshpeer::clock::unix_secs();
     let expired = meshpeer::admission::issue_token(
         &secret,
         "10.77.0.0/16".parse().unwrap(),

@@ -56,28 +56,14 @@ impl Inbound for Evil {
     }
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
-}
-
-/// Runs `f` on a thread inside network namespace `ns`, with a tokio runtime
-/// whose threads are in it too.
-fn in_netns<T: Send + 'static>(
+/// Starts `f` on a thread inside network namespace `ns` (with a tokio
+/// runtime it builds, whose threads are in it too).
+fn spawn_in_netns<T: Send + 'static>(
     ns: &str,
     f: impl FnOnce() -> T + Send + 'static,
 ) -> std::thread::JoinHandle<T> {
-    let path = format!("/var/run/netns/{ns}");
-    std::thread::spawn(move || {
-        let file = std::fs::File::open(&path).unwrap();
-        use std::os::fd::AsRawFd;
-        // SAFETY: setns on this thread only, with a valid namespace fd.
-        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns {path}");
-        f()
-    })
+    let ns = ns.to_string();
+    std::thread::spawn(move || in_netns(&ns, f))
 }
 
 /// The n-th member's status entry of `name`.
@@ -87,57 +73,28 @@ fn member<'a>(status: &'a Value, name: &str) -> Option<&'a Value> {
 
 /// `wg show IF allowed-ips`: (peer key, allowed IPs) lines.
 fn allowed_ips(node: &Node) -> String {
-    let out = run_ok(std::process::Command::new("ip").args([
-        "netns",
-        "exec",
-        &node.netns,
-        "wg",
-        "show",
-        &node.interface,
-        "allowed-ips",
-    ]))
+    let out = run_ok(
+        node.cmd("wg")
+            .args(["show", &node.interface, "allowed-ips"]),
+    )
     .unwrap_or_else(|e| panic!("{e}"));
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
+    sys::proc_rss_kib(pid).unwrap_or(0)
 }
 
 #[test]
 fn a_hostile_member_cannot_take_forge_crash_or_silence() {
     let test = "a_hostile_member_cannot_take_forge_crash_or_silence";
-    if !require_root(test) {
+    if !can_run(test, &["ip", "ping", "wg"]) {
         return;
-    }
-    for prog in ["ip", "ping", "wg"] {
-        if !require_program(test, prog) {
-            return;
-        }
     }
     let _serial = serial();
     let t0 = Instant::now();
     let work = TempDir::new("hostile");
-    let switch = Switch::new("mpt-br");
-    let netns: Vec<Netns> = (1..=4).map(|i| Netns::new(&format!("mpt-n{i}"))).collect();
-    for (i, ns) in netns.iter().enumerate() {
-        switch.attach(ns, &format!("10.99.0.{}/24", i + 1));
-    }
-    let nodes: Vec<Node> = (1..=4)
-        .map(|i| {
-            Node::new(
-                &format!("n{i}"),
-                &netns[i - 1],
-                &format!("mpt{i}"),
-                work.path(),
-            )
-        })
-        .collect();
+    let (_switch, netns, nodes) = lan(4, work.path());
     let token = nodes[0].init(NETWORK);
     nodes[0].spawn_up();
     wait_for(secs(30), "n1 up", || {
@@ -198,7 +155,7 @@ fn a_hostile_member_cannot_take_forge_crash_or_silence() {
         let admission = admission.clone();
         let stamp = stamp.clone();
         let nodes_n4 = netns[3].name().to_string();
-        in_netns(&nodes_n4, move || {
+        spawn_in_netns(&nodes_n4, move || {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
@@ -256,7 +213,7 @@ fn a_hostile_member_cannot_take_forge_crash_or_silence() {
                 };
 
                 // 1. Take n2's address, with the earliest claim there is.
-                let v = now_ms() + 1000;
+                let v = meshpeer::clock::unix_ms() + 1000;
                 let text = record(v, victim_ip, 0).sign(&id.signing);
                 evil.chitchat
                     .lock()
@@ -283,7 +240,7 @@ fn a_hostile_member_cannot_take_forge_crash_or_silence() {
                     &Anything,
                 );
                 for _ in 0..40 {
-                    let v = now_ms();
+                    let v = meshpeer::clock::unix_ms();
                     let s = Suspicions {
                         network_key: network.key,
                         accuser: node_key,
@@ -575,11 +532,11 @@ fn a_hostile_member_cannot_take_forge_crash_or_silence() {
     let expired = meshpeer::admission::issue_token(
         &secret,
         NETWORK.parse().unwrap(),
-        now_ms() / 1000 - 60,
+        meshpeer::clock::unix_ms() / 1000 - 60,
         vec![],
     );
     let ns4 = netns[3].name().to_string();
-    let reply = in_netns(&ns4, move || {
+    let reply = spawn_in_netns(&ns4, move || {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()

@@ -33,7 +33,7 @@ fn block(text: &str) -> Vec<String> {
 #[test]
 fn members_names_in_a_hosts_file() {
     let test = "members_names_in_a_hosts_file";
-    if !require_root(test) || !require_program(test, "ip") {
+    if !can_run(test, &["ip"]) {
         return;
     }
     let _serial = serial_prefix("rt");

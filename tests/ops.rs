@@ -41,21 +41,7 @@ impl Mesh {
     /// others connected.
     fn start(t0: Instant, tag: &str, extra: [Vec<String>; 3]) -> Mesh {
         let work = TempDir::new(tag);
-        let switch = Switch::new("mpt-br");
-        let netns: Vec<Netns> = (1..=3).map(|i| Netns::new(&format!("mpt-n{i}"))).collect();
-        for (i, ns) in netns.iter().enumerate() {
-            switch.attach(ns, &format!("10.99.0.{}/24", i + 1));
-        }
-        let nodes: Vec<Node> = (1..=3)
-            .map(|i| {
-                Node::new(
-                    &format!("n{i}"),
-                    &netns[i - 1],
-                    &format!("mpt{i}"),
-                    work.path(),
-                )
-            })
-            .collect();
+        let (switch, netns, nodes) = lan(3, work.path());
         let args = |i: usize| -> Vec<&str> { extra[i].iter().map(String::as_str).collect() };
         let token = nodes[0].init(NETWORK);
         nodes[0].spawn_up_with(&args(0));
@@ -68,23 +54,7 @@ impl Mesh {
         }
         let mut ips = Vec::new();
         for n in &nodes {
-            let s = wait_for(
-                secs(60),
-                &format!("{} sees the two others connected", n.name),
-                || {
-                    n.assert_running();
-                    let s = n.status()?;
-                    let connected = members(&s)
-                        .iter()
-                        .filter(|m| m["state"] == "connected")
-                        .count();
-                    if connected == 2 {
-                        Ok(s)
-                    } else {
-                        Err(format!("members: [{}]", members_summary(&s)))
-                    }
-                },
-            );
+            let s = wait_connected(n, 2, secs(60));
             ips.push(status_overlay_ip(&s).expect("overlay ip"));
         }
         progress(t0, format!("mesh up: {ips:?}"));
@@ -117,13 +87,8 @@ fn body(text: &str) -> Vec<String> {
 #[test]
 fn exports_ping_netcheck_reload_and_leave_on_a_live_mesh() {
     let test = "exports_ping_netcheck_reload_and_leave_on_a_live_mesh";
-    if !require_root(test) {
+    if !can_run(test, &["ip", "wg"]) {
         return;
-    }
-    for prog in ["ip", "wg"] {
-        if !require_program(test, prog) {
-            return;
-        }
     }
     let _serial = serial();
     let t0 = Instant::now();
@@ -487,13 +452,8 @@ fn exports_ping_netcheck_reload_and_leave_on_a_live_mesh() {
 #[test]
 fn prometheus_scrapes_the_mesh_and_answers_every_dashboard_panel() {
     let test = "prometheus_scrapes_the_mesh_and_answers_every_dashboard_panel";
-    if !require_root(test) {
+    if !can_run(test, &["ip", "wg", "prometheus"]) {
         return;
-    }
-    for prog in ["ip", "wg", "prometheus"] {
-        if !require_program(test, prog) {
-            return;
-        }
     }
     let dashboard: Value = serde_json::from_str(
         &std::fs::read_to_string(concat!(

@@ -18,7 +18,6 @@
 //! when no other run is alive.
 
 use std::collections::HashSet;
-use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -207,40 +206,6 @@ fn restore_host_sysctls_if_idle(except: &str) {
     }
 }
 
-/// (device, inode) of a namespace handle.
-fn ns_id(path: &std::path::Path) -> Option<(u64, u64)> {
-    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
-}
-
-/// PIDs of processes living in one of the given namespaces.
-pub fn pids_in_namespaces(names: &[String]) -> Vec<u32> {
-    let ids: HashSet<(u64, u64)> = names
-        .iter()
-        .filter_map(|n| ns_id(&sys::netns_path(n)))
-        .collect();
-    if ids.is_empty() {
-        return vec![];
-    }
-    let me = std::process::id();
-    let mut pids = vec![];
-    if let Ok(d) = std::fs::read_dir("/proc") {
-        for e in d.flatten() {
-            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-                continue;
-            };
-            if pid == me {
-                continue;
-            }
-            if let Some(id) = ns_id(&e.path().join("ns/net")) {
-                if ids.contains(&id) {
-                    pids.push(pid);
-                }
-            }
-        }
-    }
-    pids
-}
-
 pub fn namespaces_with_prefix(prefix: &str) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir("/run/netns")
         .map(|d| {
@@ -258,21 +223,8 @@ pub fn namespaces_with_prefix(prefix: &str) -> Vec<String> {
 pub fn cleanup_prefix(prefix: &str) -> CleanupStats {
     let mut st = CleanupStats::default();
     let names = namespaces_with_prefix(prefix);
-    // Kill twice: a dying daemon may have spawned a helper.
-    for _ in 0..2 {
-        let pids = pids_in_namespaces(&names);
-        for pid in &pids {
-            // SAFETY: plain kill(2).
-            unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
-        }
-        st.processes += pids.len();
-        if pids.is_empty() {
-            break;
-        }
-        sys::sleep_ms(50);
-    }
-    let batch: String = names.iter().map(|n| format!("netns del {n}\n")).collect();
-    sys::ip_batch_force(&batch);
+    st.processes = sys::kill_in_namespaces(&names);
+    let _ = sys::del_namespaces(&names);
     st.namespaces = names.len();
     if let Ok(d) = std::fs::read_dir("/var/run/wireguard") {
         for e in d.flatten() {
@@ -299,7 +251,7 @@ pub fn cleanup_prefix(prefix: &str) -> CleanupStats {
 pub fn leftovers(prefix: &str, work: &std::path::Path) -> serde_json::Value {
     let names = namespaces_with_prefix(prefix);
     let work_s = work.display().to_string();
-    let mut procs: Vec<u32> = pids_in_namespaces(&names);
+    let mut procs: Vec<u32> = sys::pids_in_namespaces(&names);
     let me = std::process::id();
     if let Ok(d) = std::fs::read_dir("/proc") {
         for e in d.flatten() {

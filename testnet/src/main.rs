@@ -3,23 +3,7 @@
 //! scenarios (kills, leaves, restarts, partitions, NAT flushes, churn) and
 //! measures convergence, failure detection and overhead with real packets.
 //!
-//! Modules: `topology` (namespaces, links, routers, NAT rules), `nodes`
-//! (process supervision), `pinger` (the one-process ICMP checker), `poller`
-//! (status/WireGuard views), `scenario` (file format), `runner` (scenario
-//! engine), `report` (JSON, summary, SVG), `probe` (NAT behaviour check),
-//! `cleanup` (names, registry, leftovers), `sys` (namespaces, commands).
-
-mod cleanup;
-mod nodes;
-mod pairs;
-mod pinger;
-mod poller;
-mod probe;
-mod report;
-mod runner;
-mod scenario;
-mod sys;
-mod topology;
+//! The command line; the work is done by the library (src/lib.rs).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -28,8 +12,9 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use serde_json::json;
 
-use crate::nodes::EngineKind;
-use crate::topology::{Kind, Mix, Plan};
+use meshpeer_testnet::nodes::EngineKind;
+use meshpeer_testnet::topology::{Kind, Mix, Plan};
+use meshpeer_testnet::{cleanup, pinger, probe, report, runner, scenario, sys, topology};
 
 #[derive(Parser)]
 #[command(
@@ -601,10 +586,7 @@ fn cmd_run(a: RunArgs) -> Result<i32> {
         ))
     });
     let command: String = std::env::args().collect::<Vec<_>>().join(" ");
-    let started_unix = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let started_unix = meshpeer::clock::unix_secs();
 
     let topts = sc.topo_options()?;
     let plan = Plan::new(&prefix, &topts)?;

@@ -11,9 +11,7 @@
 use std::fs::OpenOptions;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::Ipv4Addr;
-use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -130,6 +128,10 @@ impl Nodes {
         self.ns.len()
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.ns.is_empty()
+    }
+
     pub fn state_dir(&self, i: usize) -> PathBuf {
         self.work.join(format!("n{i}"))
     }
@@ -164,7 +166,6 @@ impl Nodes {
     }
 
     fn command(&self, i: usize, args: &[String]) -> Result<Command> {
-        let fd = sys::open_netns(&self.ns[i])?;
         let log = OpenOptions::new()
             .create(true)
             .append(true)
@@ -173,29 +174,14 @@ impl Nodes {
             EngineKind::Meshpeer => self.bin.clone(),
             EngineKind::Nebula => PathBuf::from("nebula"),
         };
-        let mut c = Command::new(prog);
-        c.args(args)
-            .stdin(Stdio::null())
+        let mut c = sys::command_in(&self.ns[i], prog, args)?;
+        c.stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
             .env("RUST_LOG", &self.opts.log)
             .env("NO_COLOR", "1")
             // Hundreds of daemons on one machine: never the host's /etc/hosts.
             .env("MESHPEER_HOSTS_FILE", "none");
-        let raw = fd.as_raw_fd();
-        // SAFETY: only async-signal-safe syscalls between fork and exec; `fd`
-        // stays open until spawn returns (it is moved into the closure).
-        unsafe {
-            c.pre_exec(move || {
-                let _keep = &fd;
-                if libc::setns(raw, libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                libc::setpgid(0, 0);
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
         Ok(c)
     }
 

@@ -1,18 +1,23 @@
-//! Low-level helpers: running commands, entering network namespaces,
-//! sysctls, and a small parallel map.
+//! Low-level helpers: network namespaces (create, enter, kill what lives
+//! in them, delete), veth pairs, running commands (in a namespace, with a
+//! time limit), sysctls, /proc readers, and a small parallel map. Shared by
+//! the testnet and the meshpeer crate's integration tests (tests/common).
 //!
 //! Everything here is synchronous. Namespaces are entered with `setns(2)` on a
 //! short-lived thread (`in_netns`), so the calling thread never changes
-//! namespace; a process spawned from that thread starts inside the namespace
-//! without the cost of `ip netns exec`.
+//! namespace; a process is started inside a namespace by a `pre_exec` that
+//! enters it (`command_in`), without the cost of `ip netns exec`.
 
+use std::collections::HashSet;
+use std::ffi::OsStr;
 use std::fs::File;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 
@@ -25,7 +30,9 @@ pub fn open_netns(name: &str) -> Result<File> {
     File::open(netns_path(name)).with_context(|| format!("open network namespace {name}"))
 }
 
-/// Runs `f` on a fresh thread that has entered network namespace `ns`.
+/// Runs `f` on a fresh thread that has entered network namespace `ns` (so
+/// it can reach the namespace's loopback, or create sockets there). A panic
+/// in `f` goes on in the caller.
 pub fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
     let fd = open_netns(ns)?;
     std::thread::scope(|s| {
@@ -40,8 +47,79 @@ pub fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> Result<T> + Send) -> Resu
             f()
         })
         .join()
-        .map_err(|_| anyhow!("thread in {ns} panicked"))?
+        .unwrap_or_else(|e| std::panic::resume_unwind(e))
     })
+}
+
+/// `ip netns add` for each of `names` (one `ip -batch`).
+pub fn add_namespaces(names: &[String]) -> Result<()> {
+    let b: String = names.iter().map(|n| format!("netns add {n}\n")).collect();
+    ip_batch(None, &b)
+}
+
+/// `ip netns del` for each of `names`, trying every one even when some
+/// fail; kill what lives in them first ([`kill_in_namespaces`]).
+pub fn del_namespaces(names: &[String]) -> Result<()> {
+    let b: String = names.iter().map(|n| format!("netns del {n}\n")).collect();
+    ip_batch_force(&b)
+}
+
+/// The `ip -batch` line for a veth pair whose ends are created directly in
+/// their namespaces (`a` in `a_ns`, `b` in `b_ns`), so they vanish with them.
+pub fn veth_cmd(a: &str, a_ns: &str, b: &str, b_ns: &str) -> String {
+    format!("link add {a} netns {a_ns} type veth peer name {b} netns {b_ns}\n")
+}
+
+/// (device, inode) of a namespace handle.
+fn ns_id(path: &Path) -> Option<(u64, u64)> {
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+/// PIDs of the processes living in one of the given namespaces (from
+/// /proc/*/ns/net), not counting this one.
+pub fn pids_in_namespaces(names: &[String]) -> Vec<u32> {
+    let ids: HashSet<(u64, u64)> = names.iter().filter_map(|n| ns_id(&netns_path(n))).collect();
+    if ids.is_empty() {
+        return vec![];
+    }
+    let me = std::process::id();
+    let mut pids = vec![];
+    if let Ok(d) = std::fs::read_dir("/proc") {
+        for e in d.flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            if pid == me {
+                continue;
+            }
+            if let Some(id) = ns_id(&e.path().join("ns/net")) {
+                if ids.contains(&id) {
+                    pids.push(pid);
+                }
+            }
+        }
+    }
+    pids
+}
+
+/// SIGKILLs every process living in one of `names` (all of them were
+/// started by whoever created the namespaces), twice if need be: a dying
+/// daemon may have spawned a helper. Returns how many were killed.
+pub fn kill_in_namespaces(names: &[String]) -> usize {
+    let mut killed = 0;
+    for _ in 0..2 {
+        let pids = pids_in_namespaces(names);
+        for pid in &pids {
+            // SAFETY: plain kill(2).
+            unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
+        }
+        killed += pids.len();
+        if pids.is_empty() {
+            break;
+        }
+        sleep_ms(50);
+    }
+    killed
 }
 
 /// Enters `fd`'s network namespace on the current thread (used by a thread
@@ -130,14 +208,15 @@ pub fn ip_batch(ns: Option<&str>, cmds: &str) -> Result<()> {
     run_input(&mut c, cmds).map(|_| ())
 }
 
-/// `ip -force -batch -`: runs every line even when some fail (for cleanup).
-pub fn ip_batch_force(cmds: &str) {
+/// `ip -force -batch -`: runs every line even when some fail (for cleanup);
+/// an error says what failed.
+pub fn ip_batch_force(cmds: &str) -> Result<()> {
     if cmds.trim().is_empty() {
-        return;
+        return Ok(());
     }
     let mut c = Command::new("ip");
     c.args(["-force", "-batch", "-"]);
-    let _ = run_input(&mut c, cmds);
+    run_input(&mut c, cmds).map(|_| ())
 }
 
 /// Applies an nftables ruleset inside namespace `ns`.
@@ -187,17 +266,9 @@ pub fn par_for<T: Sync>(
     }
 }
 
-pub fn which(prog: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(prog))
-        .find(|p| p.is_file())
-}
-
-pub fn is_root() -> bool {
-    // SAFETY: no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
+// Where a program is, and whether we are root: `meshpeer::testing`, the
+// one copy (the tests' skip rule uses them too).
+pub use meshpeer::testing::{find_in_path as which, is_root};
 
 pub fn clk_tck() -> f64 {
     // SAFETY: no preconditions.
@@ -209,9 +280,14 @@ pub fn clk_tck() -> f64 {
     }
 }
 
-/// CPU seconds (user+system) of a live process, from /proc/<pid>/stat.
+/// CPU seconds (user+system) of a live process, from `/proc/<pid>/stat`.
 pub fn proc_cpu_secs(pid: u32) -> Option<f64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat_cpu_secs(&format!("/proc/{pid}/stat"))
+}
+
+/// utime + stime of a `stat` file (a process's or a thread's), in seconds.
+fn stat_cpu_secs(path: &str) -> Option<f64> {
+    let s = std::fs::read_to_string(path).ok()?;
     let rest = &s[s.rfind(')')? + 2..];
     let f: Vec<&str> = rest.split_whitespace().collect();
     // fields after ")": state(0) ... utime is field 14 overall => index 11 here
@@ -248,45 +324,111 @@ pub fn boost_this_thread() {
     }
 }
 
+/// Runs `cmd` (stdin null, stdout and stderr captured; they are read while
+/// it runs, so a large output cannot block it) and kills it if it is not
+/// done within `limit`: then an error.
+pub fn run_timeout(cmd: &mut Command, limit: Duration) -> Result<Output> {
+    match run_limited(cmd, limit)? {
+        (Some(status), stdout, stderr) => Ok(Output {
+            status,
+            stdout,
+            stderr,
+        }),
+        (None, ..) => bail!(
+            "{}: still running after {:.1}s, killed",
+            describe(cmd),
+            limit.as_secs_f64()
+        ),
+    }
+}
+
+/// [`run_timeout`], but a command killed at the deadline gives `None` for
+/// its exit status, and what it printed until then.
+pub fn run_limited(
+    cmd: &mut Command,
+    limit: Duration,
+) -> Result<(Option<std::process::ExitStatus>, Vec<u8>, Vec<u8>)> {
+    let desc = describe(cmd);
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot run {desc}"))?;
+    let reader = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = r.read_to_end(&mut v);
+            v
+        })
+    };
+    let t_out = reader(Box::new(child.stdout.take().unwrap()));
+    let t_err = reader(Box::new(child.stderr.take().unwrap()));
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(s)) => break Some(s),
+            Ok(None) if Instant::now() >= deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(10)),
+            Err(e) => bail!("{desc}: wait: {e}"),
+        }
+    };
+    // The pipes may be held open by grandchildren after a kill: wait for
+    // the readers only briefly then.
+    let patience = Instant::now() + Duration::from_secs(1);
+    while status.is_none()
+        && !(t_out.is_finished() && t_err.is_finished())
+        && Instant::now() < patience
+    {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let take = |t: std::thread::JoinHandle<Vec<u8>>| {
+        if status.is_some() || t.is_finished() {
+            t.join().unwrap_or_default()
+        } else {
+            Vec::new()
+        }
+    };
+    Ok((status, take(t_out), take(t_err)))
+}
+
+/// A command as one would type it (for messages).
+pub fn describe(cmd: &Command) -> String {
+    let mut s = cmd.get_program().to_string_lossy().into_owned();
+    for a in cmd.get_args() {
+        s.push(' ');
+        s.push_str(&a.to_string_lossy());
+    }
+    s
+}
+
 /// Runs `prog args` inside namespace `ns` with a time limit and returns
-/// (exit code, stdout + stderr) whatever the exit status. The child dies
-/// with us (PR_SET_PDEATHSIG) and is killed at the deadline.
+/// (exit code, stdout + stderr) whatever the exit status; `None` when it
+/// was killed at the deadline. The child dies with us (PR_SET_PDEATHSIG).
 pub fn output_in(
     ns: &str,
     prog: &str,
     args: &[String],
     limit: std::time::Duration,
 ) -> Result<(Option<i32>, String)> {
-    let mut c = command_in(ns, prog, args)?;
-    c.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = c.spawn().with_context(|| format!("cannot run {prog}"))?;
-    let end = std::time::Instant::now() + limit;
-    let status = loop {
-        if let Some(st) = child.try_wait()? {
-            break Some(st);
-        }
-        if std::time::Instant::now() >= end {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        sleep_ms(50);
-    };
-    let mut text = String::new();
-    if let Some(mut o) = child.stdout.take() {
-        let _ = std::io::Read::read_to_string(&mut o, &mut text);
-    }
-    if let Some(mut e) = child.stderr.take() {
-        let _ = std::io::Read::read_to_string(&mut e, &mut text);
-    }
+    let (status, stdout, stderr) = run_limited(&mut command_in(ns, prog, args)?, limit)?;
+    let mut text = String::from_utf8_lossy(&stdout).into_owned();
+    text.push_str(&String::from_utf8_lossy(&stderr));
     Ok((status.and_then(|s| s.code()), text))
 }
 
 /// A `Command` that runs `prog` inside network namespace `ns`, in its own
-/// process group, killed when the testnet dies.
-pub fn command_in(ns: &str, prog: &str, args: &[String]) -> Result<Command> {
+/// process group, and dies with the thread that spawns it
+/// ([`die_with_parent`]).
+pub fn command_in<S: AsRef<OsStr>>(
+    ns: &str,
+    prog: impl AsRef<OsStr>,
+    args: &[S],
+) -> Result<Command> {
     use std::os::unix::process::CommandExt;
     let fd = open_netns(ns)?;
     let mut c = Command::new(prog);
@@ -301,11 +443,33 @@ pub fn command_in(ns: &str, prog: &str, args: &[String]) -> Result<Command> {
                 return Err(std::io::Error::last_os_error());
             }
             libc::setpgid(0, 0);
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
             Ok(())
         });
     }
+    die_with_parent(&mut c);
     Ok(c)
+}
+
+/// Makes the child get SIGKILL when the thread that spawned it dies
+/// (PR_SET_PDEATHSIG), so that not even an aborted run leaves it behind.
+pub fn die_with_parent(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
 }
 
 /// Current resident set size (VmRSS) in KiB.
@@ -332,12 +496,7 @@ pub fn thread_cpu_secs(tid: i32) -> Option<f64> {
     {
         return Some(ns as f64 / 1e9);
     }
-    let s = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).ok()?;
-    let rest = &s[s.rfind(')')? + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ut: f64 = f.get(11)?.parse().ok()?;
-    let st: f64 = f.get(12)?.parse().ok()?;
-    Some((ut + st) / clk_tck())
+    stat_cpu_secs(&format!("/proc/self/task/{tid}/stat"))
 }
 
 /// One reading of an interface's byte counters inside a namespace.

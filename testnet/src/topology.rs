@@ -752,19 +752,13 @@ impl Plan {
     /// Creates everything. Returns seconds taken.
     pub fn build(&self) -> Result<f64> {
         let t = Instant::now();
-        let mut b = String::new();
-        for n in &self.namespaces {
-            let _ = writeln!(b, "netns add {}", n.name);
-        }
-        sys::ip_batch(None, &b).context("creating namespaces")?;
-        let mut b = String::new();
-        for l in &self.links {
-            let _ = writeln!(
-                b,
-                "link add {} netns {} type veth peer name {} netns {}",
-                l.a, l.a_ns, l.b, l.b_ns
-            );
-        }
+        let names: Vec<String> = self.namespaces.iter().map(|n| n.name.clone()).collect();
+        sys::add_namespaces(&names).context("creating namespaces")?;
+        let b: String = self
+            .links
+            .iter()
+            .map(|l| sys::veth_cmd(&l.a, &l.a_ns, &l.b, &l.b_ns))
+            .collect();
         sys::ip_batch(None, &b).context("creating veth pairs")?;
         sys::par_for(&self.namespaces, 4, |n| {
             if crate::cleanup::stopping() {
@@ -792,12 +786,8 @@ impl Plan {
     pub fn destroy(&self) -> f64 {
         let t = Instant::now();
         let names: Vec<String> = self.namespaces.iter().map(|n| n.name.clone()).collect();
-        for pid in crate::cleanup::pids_in_namespaces(&names) {
-            // SAFETY: plain kill(2).
-            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-        }
-        let b: String = names.iter().map(|n| format!("netns del {n}\n")).collect();
-        sys::ip_batch_force(&b);
+        sys::kill_in_namespaces(&names);
+        let _ = sys::del_namespaces(&names);
         t.elapsed().as_secs_f64()
     }
 

@@ -1,15 +1,25 @@
-//! A small harness for integration tests in real network namespaces.
+//! A small harness for integration tests in real network namespaces, on
+//! top of the testnet's plumbing (`meshpeer_testnet::sys`: creating,
+//! entering and deleting namespaces, veth pairs, killing what lives in a
+//! namespace, commands in a namespace with a time limit). What is here is
+//! what a test wants on top: panics with a description instead of errors,
+//! and the daemons' side of the story when a test fails.
 //!
-//! * [`Netns`]: a network namespace (`ip netns add`), deleted on drop.
+//! * [`Netns`]: a network namespace (a stale one of the name is removed
+//!   first), deleted on drop after killing what still runs in it; programs
+//!   run in it through [`cmd_in`] (entered with `setns`, as the testnet's
+//!   daemons are).
 //! * [`Switch`]: a namespace holding a Linux bridge; [`Switch::attach`] plugs
-//!   a node namespace into it with a veth pair and gives it an underlay address.
+//!   a node namespace into it with a veth pair and gives it an underlay
+//!   address; [`lan`]: the `mpt` switch with `n` nodes on it.
 //! * [`Node`]: one `meshpeer` daemon spawned inside a namespace with its own
 //!   state dir, its stdout/stderr in a log file; killed on drop (SIGTERM, then
 //!   SIGKILL). When the test is panicking, every node prints its `status`,
 //!   `wg show` and log while it is dropped, so a failed assertion or a
 //!   [`wait_until`] timeout always comes with the daemons' side of the story.
 //! * [`wait_until`] / [`wait_for`]: poll a condition every 200 ms until a
-//!   deadline, then panic with a description (and the last observation).
+//!   deadline, then panic with a description (and the last observation);
+//!   [`wait_connected`] for a node's connected members.
 //! * [`TempDir`]: a scratch directory, removed on drop unless the test failed.
 //! * [`serial`]: held while a test uses the fixed `mpt*` names (a mutex, and
 //!   a flock against concurrent test runs on the same machine);
@@ -27,7 +37,8 @@
 //! prefix of [`PREFIXES`] that the test chose (`rt`: tests/sites.rs). The
 //! daemons get `MESHPEER_HOSTS_FILE=none` (a test that wants names passes
 //! `--hosts-file` of its own: never the machine's /etc/hosts). Environment:
-//! * `CI=true`: never skip (a non-root run fails instead of skipping).
+//! * `CI=true`: never skip (a non-root run fails instead of skipping; the
+//!   rule is `meshpeer::testing`'s, [`can_run`] applies it).
 //! * `MESHPEER_BIN`: the meshpeer binary to run (default: the one cargo built).
 //! * `MESHPEER_TEST_TIMEOUT_SCALE`: multiply every deadline (e.g. 4 in a VM
 //!   without KVM).
@@ -41,7 +52,6 @@ pub mod sites;
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Read;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -49,6 +59,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
+pub use meshpeer_testnet::sys;
 pub use serde_json::Value;
 
 /// The prefixes of the names (namespaces, interfaces) tests create.
@@ -82,6 +93,11 @@ pub fn require_program(test: &str, prog: &str) -> bool {
         find_in_path(prog).is_some(),
         &format!("`{prog}` not found on PATH (.ci/run installs what the tests need)"),
     )
+}
+
+/// Root and each of `progs`: [`require_root`], then [`require_program`].
+pub fn can_run(test: &str, progs: &[&str]) -> bool {
+    require_root(test) && progs.iter().all(|p| require_program(test, p))
 }
 
 /// The meshpeer binary: `$MESHPEER_BIN`, or the one cargo built for this test.
@@ -198,47 +214,7 @@ pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Result<
 /// Runs `cmd` (stdin null, stdout and stderr captured) and kills it if it is
 /// not done within `timeout`.
 pub fn run_timeout(cmd: &mut Command, timeout: Duration) -> Result<Output, String> {
-    let desc = describe(cmd);
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("cannot run {desc}: {e}"))?;
-    let mut out = child.stdout.take().unwrap();
-    let mut err = child.stderr.take().unwrap();
-    let t_out = thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = out.read_to_end(&mut v);
-        v
-    });
-    let t_err = thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = err.read_to_end(&mut v);
-        v
-    });
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(s)) => break s,
-            Ok(None) if Instant::now() >= deadline => {
-                let _ = child.kill();
-                let _ = child.wait();
-                // The pipes may be held open by grandchildren: don't join.
-                return Err(format!(
-                    "{desc}: still running after {:.1}s, killed",
-                    timeout.as_secs_f64()
-                ));
-            }
-            Ok(None) => thread::sleep(Duration::from_millis(10)),
-            Err(e) => return Err(format!("{desc}: wait: {e}")),
-        }
-    };
-    Ok(Output {
-        status,
-        stdout: t_out.join().unwrap_or_default(),
-        stderr: t_err.join().unwrap_or_default(),
-    })
+    sys::run_timeout(cmd, timeout).map_err(|e| format!("{e:#}"))
 }
 
 /// Like [`run_timeout`] (30 s), but a failure (spawn error, timeout or
@@ -263,40 +239,7 @@ pub fn must(cmd: &mut Command) -> Output {
     run_ok(cmd).unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// `ip ARGS...`, which must succeed.
-pub fn ip(args: &[&str]) -> Output {
-    must(Command::new("ip").args(args))
-}
-
-pub fn describe(cmd: &Command) -> String {
-    let mut s = cmd.get_program().to_string_lossy().into_owned();
-    for a in cmd.get_args() {
-        s.push(' ');
-        s.push_str(&a.to_string_lossy());
-    }
-    s
-}
-
-/// Makes the child get SIGKILL when the test thread that spawned it dies, so
-/// that not even an aborted test run leaves daemons behind.
-fn die_with_parent(cmd: &mut Command) {
-    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::prctl(
-                libc::PR_SET_PDEATHSIG,
-                libc::SIGKILL as libc::c_ulong,
-                0,
-                0,
-                0,
-            ) != 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-}
+pub use sys::describe;
 
 // ---------------------------------------------------------------------------
 // Scratch directory
@@ -311,14 +254,11 @@ pub struct TempDir {
 impl TempDir {
     pub fn new(tag: &str) -> TempDir {
         static N: AtomicUsize = AtomicUsize::new(0);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
         let path = std::env::temp_dir().join(format!(
-            "mpt-{tag}-{}-{}-{nanos:x}",
+            "mpt-{tag}-{}-{}-{:x}",
             std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
+            N.fetch_add(1, Ordering::Relaxed),
+            meshpeer::clock::unix_ms()
         ));
         fs::create_dir_all(&path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
         TempDir { path }
@@ -355,17 +295,18 @@ pub struct Netns {
 impl Netns {
     pub fn new(name: &str) -> Netns {
         prefix_of(name);
+        let names = [name.to_string()];
         // A namespace of that name left over by a killed run: remove it.
-        if Path::new("/run/netns").join(name).exists() {
+        if sys::netns_path(name).exists() {
             eprintln!("removing stale network namespace {name}");
             kill_netns_pids(name);
-            let _ = Command::new("ip").args(["netns", "del", name]).status();
+            let _ = sys::del_namespaces(&names);
         }
-        ip(&["netns", "add", name]);
+        sys::add_namespaces(&names).unwrap_or_else(|e| panic!("{e:#}"));
         let ns = Netns {
             name: name.to_string(),
         };
-        ip(&["-n", name, "link", "set", "lo", "up"]);
+        ns.ip(&["link", "set", "lo", "up"]);
         ns
     }
 
@@ -375,9 +316,7 @@ impl Netns {
 
     /// A command that runs `program` inside the namespace.
     pub fn cmd(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.name]).arg(program);
-        c
+        cmd_in(&self.name, program)
     }
 
     /// `ip -n NS ARGS...`, which must succeed.
@@ -392,35 +331,50 @@ impl Netns {
 
     /// One ping (1 s timeout) from inside the namespace to `addr`.
     pub fn ping(&self, addr: &str) -> bool {
-        run_timeout(
-            self.cmd("ping").args(["-c1", "-W1", "-n", "-q", addr]),
-            secs(10),
-        )
-        .map(|o| o.status.success())
-        .unwrap_or(false)
+        ping_in(&self.name, addr)
+    }
+
+    /// Gives `dev` address `cidr` and brings it up.
+    pub fn addr_up(&self, dev: &str, cidr: &str) {
+        self.ip(&["addr", "add", cidr, "dev", dev]);
+        self.ip(&["link", "set", dev, "up"]);
     }
 
     /// A sysctl of the namespace, e.g. `net/ipv4/ip_forward` (read inside it).
     pub fn sysctl(&self, path: &str) -> String {
-        let out = must(self.cmd("cat").arg(format!("/proc/sys/{path}")));
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
+        sys::in_netns(&self.name, || sys::read_sysctl(path))
+            .unwrap_or_else(|e| panic!("{}: {e:#}", self.name))
     }
+}
+
+/// A veth pair `a_dev` (in `a`) <-> `b_dev` (in `b`), both ends created
+/// directly inside their namespaces (they vanish with them).
+pub fn veth(a: &Netns, a_dev: &str, b: &Netns, b_dev: &str) {
+    sys::ip_batch(None, &sys::veth_cmd(a_dev, a.name(), b_dev, b.name()))
+        .unwrap_or_else(|e| panic!("{e:#}"));
+}
+
+/// A command that runs `program` inside namespace `ns` (and dies with the
+/// test thread that spawns it).
+pub fn cmd_in(ns: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    sys::command_in(ns, program, &[] as &[&str]).unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+/// One ping (1 s timeout) from inside namespace `ns` to `addr`.
+pub fn ping_in(ns: &str, addr: &str) -> bool {
+    run_timeout(
+        cmd_in(ns, "ping").args(["-c1", "-W1", "-n", "-q", addr]),
+        secs(10),
+    )
+    .map(|o| o.status.success())
+    .unwrap_or(false)
 }
 
 impl Drop for Netns {
     fn drop(&mut self) {
         kill_netns_pids(&self.name);
-        match Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .output()
-        {
-            Ok(o) if o.status.success() => {}
-            Ok(o) => eprintln!(
-                "ip netns del {}: {}",
-                self.name,
-                String::from_utf8_lossy(&o.stderr).trim()
-            ),
-            Err(e) => eprintln!("ip netns del {}: {e}", self.name),
+        if let Err(e) = sys::del_namespaces(std::slice::from_ref(&self.name)) {
+            eprintln!("{e:#}");
         }
     }
 }
@@ -428,15 +382,9 @@ impl Drop for Netns {
 /// SIGKILLs every process in namespace `name` (all of them were started by
 /// the test that created it).
 fn kill_netns_pids(name: &str) {
-    let Ok(out) = Command::new("ip").args(["netns", "pids", name]).output() else {
-        return;
-    };
-    for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-        if let Ok(pid) = pid.parse::<i32>() {
-            eprintln!("killing leftover process {pid} in namespace {name}");
-            // SAFETY: plain syscall.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        }
+    let killed = sys::kill_in_namespaces(&[name.to_string()]);
+    if killed > 0 {
+        eprintln!("killed {killed} leftover processes in namespace {name}");
     }
 }
 
@@ -475,27 +423,29 @@ impl Switch {
         let p = prefix_of(self.ns.name());
         let port = format!("{p}-p{}", self.ports.fetch_add(1, Ordering::Relaxed) + 1);
         let dev = format!("{p}-eth0");
-        let dev = dev.as_str();
-        ip(&[
-            "link",
-            "add",
-            dev,
-            "netns",
-            node.name(),
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &port,
-            "netns",
-            self.ns.name(),
-        ]);
+        veth(node, &dev, &self.ns, &port);
         self.ns.ip(&["link", "set", &port, "master", &self.bridge]);
         self.ns.ip(&["link", "set", &port, "up"]);
-        node.ip(&["addr", "add", cidr, "dev", dev]);
-        node.ip(&["link", "set", dev, "up"]);
-        dev.to_string()
+        node.addr_up(&dev, cidr);
+        dev
     }
+}
+
+/// The LAN of tests/mesh.rs, hostile.rs and ops.rs: switch `mpt-br`, `n`
+/// namespaces `mpt-n<i>` on it (10.99.0.<i>/24), and in each a node `n<i>`
+/// (interface `mpt<i>`, files under `work`), not started. Bind the three
+/// in this order (`let (switch, netns, nodes) = ...`): they drop in
+/// reverse, daemons first, then their namespaces, then the switch.
+pub fn lan(n: usize, work: &Path) -> (Switch, Vec<Netns>, Vec<Node>) {
+    let switch = Switch::new("mpt-br");
+    let netns: Vec<Netns> = (1..=n).map(|i| Netns::new(&format!("mpt-n{i}"))).collect();
+    for (i, ns) in netns.iter().enumerate() {
+        switch.attach(ns, &format!("10.99.0.{}/24", i + 1));
+    }
+    let nodes = (1..=n)
+        .map(|i| Node::new(&format!("n{i}"), &netns[i - 1], &format!("mpt{i}"), work))
+        .collect();
+    (switch, netns, nodes)
 }
 
 // ---------------------------------------------------------------------------
@@ -547,12 +497,15 @@ impl Node {
         self.proc.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// A command that runs `program` inside the node's namespace.
+    pub fn cmd(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        cmd_in(&self.netns, program)
+    }
+
     /// `meshpeer ARGS` inside the node's namespace.
     fn meshpeer(&self, args: &[&str]) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.netns])
-            .arg(meshpeer_bin())
-            .args(args);
+        let mut c = self.cmd(meshpeer_bin());
+        c.args(args);
         self.env(&mut c);
         c
     }
@@ -733,7 +686,6 @@ impl Node {
         let log = self.log_file();
         let log2 = log.try_clone().expect("dup log fd");
         cmd.stdin(Stdio::null()).stdout(log).stderr(log2);
-        die_with_parent(&mut cmd);
         let child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("{}: cannot spawn {}: {e}", self.name, describe(&cmd)));
@@ -820,15 +772,7 @@ impl Node {
     /// (`wg show IF peers`, which reads the kernel device or the userspace
     /// UAPI socket alike).
     pub fn wg_peers(&self) -> Result<Vec<String>, String> {
-        let out = run_ok(Command::new("ip").args([
-            "netns",
-            "exec",
-            &self.netns,
-            "wg",
-            "show",
-            &self.interface,
-            "peers",
-        ]))?;
+        let out = run_ok(self.cmd("wg").args(["show", &self.interface, "peers"]))?;
         Ok(String::from_utf8_lossy(&out.stdout)
             .lines()
             .map(str::trim)
@@ -839,22 +783,7 @@ impl Node {
 
     /// One ping (1 s timeout) from this node's namespace to `addr`.
     pub fn ping(&self, addr: &str) -> bool {
-        run_timeout(
-            Command::new("ip").args([
-                "netns",
-                "exec",
-                &self.netns,
-                "ping",
-                "-c1",
-                "-W1",
-                "-n",
-                "-q",
-                addr,
-            ]),
-            secs(10),
-        )
-        .map(|o| o.status.success())
-        .unwrap_or(false)
+        ping_in(&self.netns, addr)
     }
 
     /// The last `lines` lines of the daemon's log.
@@ -902,8 +831,8 @@ impl Node {
                 Err(e) => eprintln!("---- status --json: {e}"),
             }
         }
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.netns, "wg", "show", &self.interface]);
+        let mut cmd = self.cmd("wg");
+        cmd.args(["show", &self.interface]);
         match run_timeout(&mut cmd, Duration::from_secs(5)) {
             Ok(o) => eprintln!(
                 "---- wg show {}:\n{}{}",
@@ -971,6 +900,27 @@ fn remove_stale_uapi_socket(interface: &str) {
 // status --json helpers
 // ---------------------------------------------------------------------------
 
+/// Waits until `node` sees `others` members connected; returns that status.
+pub fn wait_connected(node: &Node, others: usize, timeout: Duration) -> Value {
+    wait_for(
+        timeout,
+        &format!("{} sees {others} others connected", node.name),
+        || {
+            node.assert_running();
+            let s = node.status()?;
+            let connected = members(&s)
+                .iter()
+                .filter(|m| m["state"] == "connected")
+                .count();
+            if connected == others {
+                Ok(s)
+            } else {
+                Err(format!("members: [{}]", members_summary(&s)))
+            }
+        },
+    )
+}
+
 /// An address without a "/prefix" suffix.
 pub fn strip_prefix_len(s: &str) -> String {
     s.split('/').next().unwrap_or(s).to_string()
@@ -1035,7 +985,7 @@ pub struct Process {
 impl Process {
     /// Spawns `cmd` (its stdio as the caller set it).
     pub fn spawn(name: &str, mut cmd: Command) -> Process {
-        die_with_parent(&mut cmd);
+        sys::die_with_parent(&mut cmd);
         let child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("{name}: cannot spawn {}: {e}", describe(&cmd)));
@@ -1089,19 +1039,7 @@ impl Drop for Process {
 /// Runs `f` on a thread that has entered network namespace `name` (so it
 /// can reach the namespace's loopback), and returns its result.
 pub fn in_netns<T: Send + 'static>(name: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    use std::os::unix::io::AsRawFd;
-    let path = Path::new("/run/netns").join(name);
-    let ns = File::open(&path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
-    thread::spawn(move || {
-        // SAFETY: setns on a descriptor we own; it changes this thread's
-        // network namespace only, and the thread ends after `f`.
-        if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            panic!("setns: {}", std::io::Error::last_os_error());
-        }
-        f()
-    })
-    .join()
-    .unwrap_or_else(|e| std::panic::resume_unwind(e))
+    sys::in_netns(name, || Ok(f())).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// `GET path` over HTTP/1.0 (the server closes the connection, no chunked

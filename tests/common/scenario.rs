@@ -22,13 +22,8 @@ const NETWORK: &str = "10.77.0.0/16";
 /// `MESHPEER_EXPECT_BACKEND`, is the backend every node must report; with
 /// neither, any backend is accepted.
 pub fn three_nodes_form_a_full_mesh_and_one_leaves(test: &str, expect_backend: Option<&str>) {
-    if !require_root(test) {
+    if !can_run(test, &["ip", "ping", "wg"]) {
         return;
-    }
-    for prog in ["ip", "ping", "wg"] {
-        if !require_program(test, prog) {
-            return;
-        }
     }
     let _serial = serial();
     let t0 = Instant::now();
@@ -49,21 +44,7 @@ pub fn three_nodes_form_a_full_mesh_and_one_leaves(test: &str, expect_backend: O
     // Declared in this order so that they drop in reverse: daemons first,
     // then their namespaces, then the switch, then the scratch dir.
     let work = TempDir::new("mesh");
-    let switch = Switch::new("mpt-br");
-    let netns: Vec<Netns> = (1..=3).map(|i| Netns::new(&format!("mpt-n{i}"))).collect();
-    for (i, ns) in netns.iter().enumerate() {
-        switch.attach(ns, &format!("10.99.0.{}/24", i + 1));
-    }
-    let nodes: Vec<Node> = (1..=3)
-        .map(|i| {
-            Node::new(
-                &format!("n{i}"),
-                &netns[i - 1],
-                &format!("mpt{i}"),
-                work.path(),
-            )
-        })
-        .collect();
+    let (_switch, _netns, nodes) = lan(3, work.path());
     progress(
         t0,
         format!("namespaces up, logs in {}", work.path().display()),

@@ -89,13 +89,8 @@ fn allowed_ips(ns: &Netns, iface: &str) -> Result<BTreeMap<String, Vec<String>>,
 /// `expect_backend` (or `MESHPEER_EXPECT_BACKEND`) the backend every node
 /// must report.
 pub fn two_sites_route_through_their_gateways(test: &str, expect_backend: Option<&str>) {
-    if !require_root(test) {
+    if !can_run(test, &["ip", "ping", "wg"]) {
         return;
-    }
-    for prog in ["ip", "ping", "wg"] {
-        if !require_program(test, prog) {
-            return;
-        }
     }
     let _serial = serial_prefix("rt");
     let t0 = Instant::now();
@@ -121,24 +116,9 @@ pub fn two_sites_route_through_their_gateways(test: &str, expect_backend: Option
         (&netns[1], ("192.168.51.1", HOST_A)),
         (&netns[2], ("192.168.52.1", HOST_B)),
     ]) {
-        ip(&[
-            "link",
-            "add",
-            "rt-lan",
-            "netns",
-            gw.name(),
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "rt-eth0",
-            "netns",
-            lan.name(),
-        ]);
-        gw.ip(&["addr", "add", &format!("{gw_ip}/24"), "dev", "rt-lan"]);
-        gw.ip(&["link", "set", "rt-lan", "up"]);
-        lan.ip(&["addr", "add", &format!("{host_ip}/24"), "dev", "rt-eth0"]);
-        lan.ip(&["link", "set", "rt-eth0", "up"]);
+        veth(gw, "rt-lan", lan, "rt-eth0");
+        gw.addr_up("rt-lan", &format!("{gw_ip}/24"));
+        lan.addr_up("rt-eth0", &format!("{host_ip}/24"));
         lan.ip(&["route", "add", "default", "via", gw_ip]);
     }
     let nodes: Vec<Node> = names
@@ -174,23 +154,7 @@ pub fn two_sites_route_through_their_gateways(test: &str, expect_backend: Option
 
     let mut overlay = BTreeMap::new();
     for n in &nodes {
-        let s = wait_for(
-            secs(60),
-            &format!("{} sees the three others connected", n.name),
-            || {
-                n.assert_running();
-                let s = n.status()?;
-                let connected = members(&s)
-                    .iter()
-                    .filter(|m| m["state"] == "connected")
-                    .count();
-                if connected == 3 {
-                    Ok(s)
-                } else {
-                    Err(format!("members: [{}]", members_summary(&s)))
-                }
-            },
-        );
+        let s = wait_connected(n, 3, secs(60));
         if let Some(want) = &expect_backend {
             assert_eq!(backend(&s), Some(want.as_str()), "{}: backend", n.name);
         }
