@@ -662,6 +662,7 @@ fn members() -> Vec<MemberView> {
         key: *key,
         overlay_ip: Ipv4Addr::new(10, 77, 0, *i),
         reachable: true,
+        heard: true,
     })
     .collect()
 }
