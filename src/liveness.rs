@@ -301,8 +301,9 @@ pub struct MemberView {
     /// A WireGuard path to it exists (direct or relayed) that probes can
     /// take; members still connecting are neither monitored nor checked.
     pub reachable: bool,
-    /// Its WireGuard session works and we hear from it: a sign of life
-    /// (a path merely chosen, e.g. through a relay, is none).
+    /// A WireGuard session with it was established (a handshake
+    /// completed, and the path was not found broken since; idle or not): a
+    /// sign of life. A path merely chosen, e.g. through a relay, is none.
     pub heard: bool,
 }
 

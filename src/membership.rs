@@ -702,8 +702,9 @@ impl Membership {
     /// The members liveness watches: everyone (not left) but us who holds
     /// its address here; `reachable` (by WireGuard key) says whether a
     /// WireGuard path exists that probes can take.
-    /// `reachable`: a path to it exists (by WireGuard key); `heard`: its
-    /// WireGuard session works and the data plane hears from it.
+    /// `reachable`: a path to it exists (by WireGuard key); `heard`: a
+    /// WireGuard session with it was established (see
+    /// [`crate::liveness::MemberView::heard`]).
     pub fn liveness_views(
         &self,
         reachable: &dyn Fn(&[u8; 32]) -> bool,

@@ -356,7 +356,7 @@ impl SimNode {
             }
         }
         // Liveness: whom we can probe, our summary.
-        let views = self.membership.liveness_views(path_up, hearing);
+        let views = self.membership.liveness_views(path_up, path_up);
         self.liveness.handle_members(now, &views);
         self.probe_members.clear();
         self.probe_members
