@@ -285,11 +285,19 @@ impl Node {
     /// What a joiner's `Join` and a member's `Hello` are answered with.
     fn refresh_hello(&mut self, entries: &[GossipEntry]) {
         let h = self.membership.holders();
+        let membership = &self.membership;
+        let candidates = entries.iter().filter_map(|e| {
+            let text = e.record.clone()?;
+            let public = proto::parse_node_id(&e.node_id)
+                .and_then(|k| membership.member(&k))
+                .is_some_and(|m| m.record.nat == crate::record::NatKind::Public);
+            Some((public, text))
+        });
         let reply = HelloReply {
-            records: entries
-                .iter()
-                .filter_map(|e| e.record.as_ref().map(|r| r.to_string()))
-                .collect(),
+            records: crate::gossip::transport::hello_records(
+                candidates,
+                crate::gossip::transport::HELLO_RECORDS_BUDGET,
+            ),
             holders: h.ips(),
             names: h.names(),
             revoked: self.trust.revocations().text.clone(),

@@ -33,8 +33,19 @@ use tokio::time::Instant;
 use crate::proto::{self, PublicKeyBytes, Signed};
 use crate::trust::{PeerIdentity, TrustState};
 
-/// Largest gossip message or reply accepted on a stream.
+/// Largest gossip message accepted on a stream.
 pub const MAX_MESSAGE: usize = 1 << 20;
+/// Largest reply accepted to a request of ours (a `Join` or `Hello` reply
+/// holds every member's address and name: about 1 MB at 10,000 members,
+/// plus up to [`HELLO_RECORDS_BUDGET`] of records). Only the member we
+/// asked sends one, once.
+pub const MAX_REPLY: usize = 8 << 20;
+/// How many bytes of record text a `Hello` reply carries at most: public
+/// members first (a joiner behind NAT can gossip with them at once), then
+/// the others, each whole. Beyond it the joiner learns the records by
+/// gossip, as every member does (at 1,000 members all records came to
+/// 1.2 MB, above the 1 MiB cap that replies had then: joins failed).
+pub const HELLO_RECORDS_BUDGET: usize = 1 << 20;
 /// Largest request accepted.
 const MAX_REQUEST: usize = 4096;
 /// Most open connections from one source address. Members behind one
@@ -432,7 +443,29 @@ fn conn_err(addr: SocketAddr, e: quinn::ConnectionError) -> ProbeError {
 }
 
 async fn read_all(mut recv: quinn::RecvStream) -> Result<Vec<u8>, quinn::ReadToEndError> {
-    recv.read_to_end(MAX_MESSAGE).await
+    recv.read_to_end(MAX_REPLY).await
+}
+
+/// The records a `Hello` reply carries: `(public, text)` in any order;
+/// public members' first, then the others, each whole, until
+/// [`HELLO_RECORDS_BUDGET`] bytes of text (`budget` in tests).
+pub fn hello_records(
+    candidates: impl IntoIterator<Item = (bool, Arc<str>)>,
+    budget: usize,
+) -> Vec<String> {
+    let mut all: Vec<(bool, Arc<str>)> = candidates.into_iter().collect();
+    // Stable: public first, the given order within each.
+    all.sort_by_key(|(public, _)| !*public);
+    let mut used = 0usize;
+    let mut out = Vec::new();
+    for (_, text) in all {
+        if used + text.len() > budget {
+            continue;
+        }
+        used += text.len();
+        out.push(text.to_string());
+    }
+    out
 }
 
 async fn connect_within(
@@ -747,6 +780,45 @@ mod tests {
         rounds.remove(&b);
         assert!(start_round(&mut rounds, b, t0 + Duration::from_millis(300)));
         assert!(start_round(&mut rounds, a, t0 + ROUND_WAIT));
+    }
+
+    #[test]
+    fn hello_replies_carry_public_records_first_within_the_budget() {
+        let r = |s: &str| Arc::<str>::from(s);
+        let picked = hello_records(
+            vec![
+                (false, r("nat-1-aaaa")),
+                (true, r("pub-1-aaaa")),
+                (false, r("nat-2-aaaa")),
+                (true, r("pub-2-aaaa")),
+                (false, r("nat-3")),
+            ],
+            35,
+        );
+        // 10 bytes each: both public ones, one NAT one, then only the
+        // short one still fits.
+        assert_eq!(picked, ["pub-1-aaaa", "pub-2-aaaa", "nat-1-aaaa", "nat-3"]);
+        assert!(hello_records(vec![(true, r("x"))], 0).is_empty());
+        // 10,000 records of about 1.2 KB: the budget holds, the reply is
+        // well under the reply cap.
+        let big: Vec<(bool, Arc<str>)> = (0..10_000)
+            .map(|i| (i % 3 == 0, Arc::from("r".repeat(1200).as_str())))
+            .collect();
+        let picked = hello_records(big, HELLO_RECORDS_BUDGET);
+        let bytes: usize = picked.iter().map(String::len).sum();
+        assert!(bytes <= HELLO_RECORDS_BUDGET);
+        assert!(picked.len() > 800, "{}", picked.len());
+        let reply = HelloReply {
+            records: picked,
+            holders: (0..10_000u32)
+                .map(|i| (Ipv4Addr::from(0x0a00_0000 + i), [i as u8; 32]))
+                .collect(),
+            names: (0..10_000)
+                .map(|i| (format!("node-{i:05}-rack7"), [i as u8; 32]))
+                .collect(),
+            revoked: None,
+        };
+        assert!(proto::encode(&reply).len() < MAX_REPLY);
     }
 
     #[test]
