@@ -793,12 +793,22 @@ impl Sim {
                 return;
             }
         };
-        let records: Vec<Arc<str>> = s
-            .chitchat
-            .node_states()
-            .values()
-            .filter_map(|st| st.get_versioned(RECORD_KEY).map(|v| v.value.clone()))
-            .collect();
+        // What the daemon's reply carries: records within the budget,
+        // public members' first.
+        let candidates = s.chitchat.node_states().iter().filter_map(|(id, st)| {
+            let text = st.get_versioned(RECORD_KEY).map(|v| v.value.clone())?;
+            let public = proto::parse_node_id(id)
+                .and_then(|k| s.membership.member(&k))
+                .is_some_and(|m| m.record.nat == crate::record::NatKind::Public);
+            Some((public, text))
+        });
+        let records: Vec<Arc<str>> = crate::gossip::transport::hello_records(
+            candidates,
+            crate::gossip::transport::HELLO_RECORDS_BUDGET,
+        )
+        .into_iter()
+        .map(Arc::from)
+        .collect();
         let holders = s.membership.holders().ips();
         let names = s.membership.holders().names();
         // The reply's real encoding, for its size.
