@@ -355,8 +355,10 @@ impl ClusterState {
                     out.rejected += 1;
                     break;
                 }
+                let len = value.len();
                 if self.store(&node.node_id, &key, VersionedValue { value, version }) {
                     out.stored += 1;
+                    tracing::debug!(node = %node.node_id, %key, version, len, "stored a value");
                 }
                 if !exists && !created {
                     created = true;

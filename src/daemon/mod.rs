@@ -386,6 +386,7 @@ impl Node {
             .publish(trust::RECORD_KEY, text, version)
             .context("publishing our record")?;
         self.published_record = Some(body);
+        self.planner.handle_own_news(std::time::Instant::now());
         Ok(())
     }
 

@@ -36,6 +36,12 @@ pub const BUSY_EVERY: Duration = Duration::from_millis(250);
 pub const BUSY_FANOUT: usize = 2;
 pub const SMALL_FANOUT: usize = 3;
 pub const SMALL_MESH: usize = 30;
+/// The fanout of the first busy round after our own record changed (a
+/// start, a join, a new endpoint): our news starts from this many members
+/// at once instead of two, which saves about two rounds of infection
+/// (flat 40: a new member's record reached the last member 0.9 s after its
+/// start, 3 to 4 rounds of 250 ms).
+pub const ANNOUNCE_FANOUT: usize = 8;
 pub const REST_EVERY: Duration = Duration::from_secs(30);
 pub const MISMATCH_GAP: Duration = Duration::from_secs(1);
 const ALONE_FIRST: Duration = Duration::from_secs(1);
@@ -101,6 +107,9 @@ pub struct RoundPlanner {
     alone_backoff: Duration,
     next_alone: Option<Instant>,
     next_stranger: Option<Instant>,
+    /// Our own record changed: the next busy round goes to
+    /// [`ANNOUNCE_FANOUT`] members.
+    announce: bool,
     rng: SmallRng,
 }
 
@@ -116,6 +125,8 @@ impl RoundPlanner {
             alone_backoff: ALONE_FIRST,
             next_alone: None,
             next_stranger: None,
+            // A node that starts has news: its record.
+            announce: true,
             rng: SmallRng::seed_from_u64(seed),
         }
     }
@@ -129,6 +140,16 @@ impl RoundPlanner {
             if self.next_busy.is_none_or(|t| t > now + BUSY_EVERY) {
                 self.next_busy = Some(now);
             }
+        }
+    }
+
+    /// We published a new version of our own record: the next busy round
+    /// announces it widely (and we are busy, as with any change).
+    pub fn handle_own_news(&mut self, now: Instant) {
+        self.announce = true;
+        self.busy_until = Some(now + BUSY_FOR);
+        if self.next_busy.is_none_or(|t| t > now) {
+            self.next_busy = Some(now);
         }
     }
 
@@ -221,11 +242,14 @@ impl RoundPlanner {
         }
         // Busy rounds.
         if self.busy(now) && self.next_busy.is_some_and(|t| now >= t) {
-            let fanout = if targets.len() <= SMALL_MESH {
+            let mut fanout = if targets.len() <= SMALL_MESH {
                 SMALL_FANOUT
             } else {
                 BUSY_FANOUT
             };
+            if std::mem::take(&mut self.announce) {
+                fanout = fanout.max(ANNOUNCE_FANOUT);
+            }
             for t in targets.choose_multiple(&mut self.rng, fanout) {
                 add(t.addr, &mut out);
             }
@@ -326,8 +350,9 @@ mod tests {
         let mut p = RoundPlanner::new(1);
         p.handle_changes(t0, 5);
         let busy = run(&mut p, t0, 3, &ts);
-        // 12 busy rounds of 3 (small mesh), give or take the first.
-        assert!((33..=39).contains(&busy), "{busy}");
+        // 12 busy rounds of 3 (small mesh), give or take the first; the
+        // first announces our record (a fresh node has news) to 8.
+        assert!((38..=44).contains(&busy), "{busy}");
         // Then at rest: one round per REST_EVERY.
         let t1 = t0 + Duration::from_secs(3);
         let rest = run(&mut p, t1, 120, &ts);
@@ -343,8 +368,19 @@ mod tests {
         let t0 = Instant::now();
         let mut p = RoundPlanner::new(1);
         p.handle_changes(t0, 1);
+        // A fresh node first announces its record widely...
         let out = p.poll(t0, &ts, None, &[]);
+        assert_eq!(out.len(), ANNOUNCE_FANOUT);
+        // ... then busy rounds go to two.
+        let out = p.poll(t0 + BUSY_EVERY, &ts, None, &[]);
         assert_eq!(out.len(), BUSY_FANOUT);
+        // A new version of our own record is announced again, at once.
+        let t1 = t0 + BUSY_EVERY + Duration::from_millis(10);
+        p.handle_own_news(t1);
+        assert!(p.poll_timeout(t1) <= t1);
+        let out = p.poll(t1, &ts, None, &[]);
+        assert_eq!(out.len(), ANNOUNCE_FANOUT);
+        assert_eq!(p.poll(t1 + BUSY_EVERY, &ts, None, &[]).len(), BUSY_FANOUT);
     }
 
     #[test]

@@ -919,6 +919,7 @@ impl Sim {
     fn start_member(&mut self, mut n: Box<SimNode>, ip: Ipv4Addr) {
         let unix_ms = self.unix_ms();
         let len = n.publish_record(&self.network, unix_ms);
+        n.planner.handle_own_news(self.instant());
         self.largest.record = self.largest.record.max(len);
         self.latest[n.idx as usize] = n.record_version;
         n.joined = true;

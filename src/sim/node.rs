@@ -268,6 +268,7 @@ impl SimNode {
                     self.ip_claimed_at = unix_ms;
                     self.ip_since = now;
                     self.publish_record(network, unix_ms);
+                    self.planner.handle_own_news(now);
                     out.moved = Some((ip, new));
                 }
             }
