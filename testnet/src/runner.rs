@@ -744,7 +744,7 @@ impl<'a> Ctx<'a> {
             json!({"unanswered": by_class[0], "stale": by_class[1], "good": by_class[2]});
         r["pairs_by_class_now"] =
             json!({"unanswered": counts[0], "stale": counts[1], "good": counts[2]});
-        r["note"] = json!("unanswered_probe_interval_secs: measured intervals between two probes of a pair that had not answered (yet), since the mark; first_reply_uncertainty_secs: per pair, the interval before the probe that got its first reply (the first reply time is exact to within it; answered_at_first_probe: pairs whose first probe since the mark was answered, whose uncertainty is first_probe_delay_secs plus the wait for the addresses); first_probe_delay_secs: per pair, from the moment both overlay addresses were known to the testnet (and the mark) to its first probe; address_known_after_start_secs: per live node, from its (last) start to the moment the testnet knew its overlay address (the daemon's join time plus at most one 20 ms status poll); pinger_pps and pinger_cpu_percent: the pinger thread over this wait");
+        r["note"] = json!("unanswered_probe_interval_secs: measured intervals between two probes of a pair that had not answered (yet), since the mark; first_reply_uncertainty_secs: per pair, the interval before the probe that got its first reply (the first reply time is exact to within it; answered_at_first_probe: pairs whose first probe since the mark was answered, whose uncertainty is first_probe_delay_secs plus the wait for the addresses); first_probe_delay_secs: per pair, from the moment both overlay addresses were known to the testnet (and the mark) to its first probe; address_known_after_start_secs: per live node, from its (last) start to the moment the testnet knew its overlay address (the daemon's join time plus the poller's wait: up to one full status sweep, see false_down.sweep_max_secs); pinger_pps and pinger_cpu_percent: the pinger thread over this wait");
         r
     }
 
@@ -1828,6 +1828,8 @@ fn false_down_summary(p: &Poller, poll_interval_ms: u64) -> Value {
             "quiet_secs": s.quiet_secs,
             "checks": s.quiet_checks,
             "sweeps": s.sweeps,
+            "sweep_mean_secs": s.sweep_total_secs / (s.sweeps.max(1) as f64),
+            "sweep_max_secs": s.sweep_max_secs,
             "poll_interval_secs": poll_interval_ms as f64 / 1000.0,
             "first": v.iter().take(10).collect::<Vec<_>>(),
             "note": "a verdict: a live member shown `down` (or not listed: missing) by another live member during a quiet period (from a successful wait_converged to the next kill, leave, restart, partition, heal, NAT flush, address change or churn; members are the nodes live at its start); counted once per observer and subject until shown up again; resolution: one status sweep",
