@@ -136,10 +136,16 @@ impl RoundPlanner {
     pub fn handle_changes(&mut self, now: Instant, changes: u64) {
         if changes != self.last_changes {
             self.last_changes = changes;
-            self.busy_until = Some(now + BUSY_FOR);
-            if self.next_busy.is_none_or(|t| t > now + BUSY_EVERY) {
-                self.next_busy = Some(now);
-            }
+            self.become_busy(now, now + BUSY_EVERY);
+        }
+    }
+
+    /// Busy for [`BUSY_FOR`] from `now`; the next busy round comes now
+    /// unless one is already due by `latest`.
+    fn become_busy(&mut self, now: Instant, latest: Instant) {
+        self.busy_until = Some(now + BUSY_FOR);
+        if self.next_busy.is_none_or(|t| t > latest) {
+            self.next_busy = Some(now);
         }
     }
 
@@ -147,10 +153,7 @@ impl RoundPlanner {
     /// announces it widely (and we are busy, as with any change).
     pub fn handle_own_news(&mut self, now: Instant) {
         self.announce = true;
-        self.busy_until = Some(now + BUSY_FOR);
-        if self.next_busy.is_none_or(|t| t > now) {
-            self.next_busy = Some(now);
-        }
+        self.become_busy(now, now);
     }
 
     /// A probe answer carried a summary other than ours.
