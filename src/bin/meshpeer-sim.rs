@@ -64,6 +64,11 @@ struct Args {
     /// do not count), to compare.
     #[arg(long)]
     no_local_health: bool,
+    /// Seconds a relayed pair's session takes to come up beyond its round
+    /// trips (allocations at the relay, exchanged through gossip); its
+    /// path is chosen meanwhile.
+    #[arg(long, default_value_t = 3.0)]
+    relay_setup_secs: f64,
     /// Progress on stderr.
     #[arg(long)]
     progress: bool,
@@ -88,6 +93,14 @@ fn main() -> std::process::ExitCode {
     cfg.partition = Duration::from_secs(a.partition_secs);
     cfg.max_rss_mib = a.max_rss_mib;
     cfg.progress = a.progress;
+    if !(0.0..=600.0).contains(&a.relay_setup_secs) || a.relay_setup_secs.is_nan() {
+        eprintln!(
+            "meshpeer-sim: --relay-setup-secs {} is not between 0 and 600",
+            a.relay_setup_secs
+        );
+        return std::process::ExitCode::FAILURE;
+    }
+    cfg.relay_setup = Duration::from_secs_f64(a.relay_setup_secs);
     if !(0.0..=1.0).contains(&a.cpu_share) || a.cpu_share.is_nan() {
         eprintln!(
             "meshpeer-sim: --cpu-share {} is not a share of a core (0 to 1)",

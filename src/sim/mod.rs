@@ -99,6 +99,12 @@ pub struct SimConfig {
     /// answers come late, as on a machine running more daemons than it
     /// has cores (the testnet's 100 daemons on 2 cores: 0.02).
     pub cpu_share: f64,
+    /// How long a relayed pair's session takes to come up beyond its round
+    /// trips: both ends get an allocation at the relay and learn the
+    /// other's through gossip. Until then the daemon has the relayed path
+    /// chosen (probes take it) but no session: what a loaded testnet sees
+    /// for seconds.
+    pub relay_setup: Duration,
     /// Print progress to stderr.
     pub progress: bool,
 }
@@ -127,6 +133,7 @@ impl SimConfig {
             misses_to_accuse: liveness::MISSES_TO_ACCUSE,
             local_health: true,
             cpu_share: 0.0,
+            relay_setup: Duration::from_secs(3),
             progress: false,
         }
     }
@@ -569,9 +576,28 @@ impl Sim {
         let setup = match net::route(a.nat, b.nat) {
             Route::Direct if a.nat == NatClass::Public || b.nat == NatClass::Public => rtt,
             Route::Direct => 2 * rtt,
-            Route::Relayed => 2 * rtt + 4 * net::RELAY_EXTRA + Duration::from_millis(40),
+            Route::Relayed => {
+                2 * rtt + 4 * net::RELAY_EXTRA + Duration::from_millis(40) + self.cfg.relay_setup
+            }
         };
         now >= since + setup
+    }
+
+    /// Whether `a` has a path to the member holding `wg` chosen (the
+    /// daemon's `Direct` or `Relayed`): a direct path once its session
+    /// works, a relayed one as soon as the peer is there (the daemon
+    /// relays a pair that cannot punch at once, before the relay session
+    /// is up).
+    fn path_chosen(&self, a: &SimNode, wg: &[u8; 32], now: Instant) -> bool {
+        let Some(b) = self
+            .by_wg
+            .get(wg)
+            .and_then(|&j| self.nodes[j as usize].as_deref())
+        else {
+            return false;
+        };
+        a.device.contains_key(wg)
+            && (net::route(a.nat, b.nat) == Route::Relayed || self.session_up(a, wg, now))
     }
 
     /// Whether the member holding `wg` is alive and sends keepalives
@@ -700,6 +726,13 @@ impl Sim {
         self.traffic.probe_msgs += 1;
         self.traffic.probe_bytes += net::probe_wire_bytes(len);
         if self.cut(from, to) || self.rng.gen_bool(self.cfg.loss) {
+            return;
+        }
+        // A probe travels inside the pair's WireGuard session: none yet
+        // (a relayed path still setting up), nothing arrives.
+        let now = self.instant();
+        let to_wg = self.node(to).wg_key;
+        if !self.session_up(self.node(from), &to_wg, now) {
             return;
         }
         let at = self.now + self.latency(from, to, true);
@@ -945,12 +978,13 @@ impl Sim {
         // The step needs the node mutably and the others' devices to tell
         // which sessions work: decided from this node's device before the
         // step changes it (a peer added by the step has no session yet).
-        let up: HashMap<[u8; 32], (bool, bool)> = n
+        let up: HashMap<[u8; 32], (bool, bool, bool)> = n
             .device
             .keys()
             .map(|k| {
                 let up = self.session_up(&n, k, now);
-                (*k, (up, up && self.sends_keepalives(k)))
+                let chosen = self.path_chosen(&n, k, now);
+                (*k, (up, up && self.sends_keepalives(k), chosen))
             })
             .collect();
         let out = n.step(
@@ -958,6 +992,7 @@ impl Sim {
             unix_ms,
             &self.trust,
             &self.network,
+            &|k| up.get(k).is_some_and(|u| u.2),
             &|k| up.get(k).is_some_and(|u| u.0),
             &|k| up.get(k).is_some_and(|u| u.1),
         );
@@ -1414,8 +1449,9 @@ impl Sim {
             .map(|x| x.chitchat.stats().rounds_started)
             .sum();
         let conv_traffic = self.traffic;
+        let (conv_acc, conv_ref) = self.values_published();
         self.say(format!(
-            "converge sim_secs={:.2} after_last_join_s={:.2} rounds={rounds} log2n={:.2} rounds_started_per_node={:.1} messages={} gossip_bytes_per_node={} join_bytes_per_node={}",
+            "converge sim_secs={:.2} after_last_join_s={:.2} rounds={rounds} log2n={:.2} rounds_started_per_node={:.1} messages={} gossip_bytes_per_node={} join_bytes_per_node={} accusations={conv_acc} refutations={conv_ref}",
             conv_at.as_secs_f64(),
             since_last.as_secs_f64(),
             (n as f64).log2(),

@@ -224,9 +224,10 @@ impl SimNode {
     /// The daemon's step (`daemon::step`), minus the parts that are I/O:
     /// gossip snapshot → membership → our address → desired peers →
     /// reconcile against the device → liveness views and summary → values
-    /// to publish → rounds. `path_up` says whether a WireGuard session to a
-    /// member (by WireGuard key) works; `hearing` whether the data plane
-    /// hears from it.
+    /// to publish → rounds. `chosen` says whether a path to a member (by
+    /// WireGuard key) is chosen (the daemon's `Direct` or `Relayed`: probes
+    /// may take it), `path_up` whether its WireGuard session works;
+    /// `hearing` whether the data plane hears from it.
     #[allow(clippy::too_many_arguments)]
     pub fn step(
         &mut self,
@@ -234,6 +235,7 @@ impl SimNode {
         unix_ms: u64,
         trust: &TrustState,
         network: &crate::admission::Network,
+        chosen: &dyn Fn(&[u8; 32]) -> bool,
         path_up: &dyn Fn(&[u8; 32]) -> bool,
         hearing: &dyn Fn(&[u8; 32]) -> bool,
     ) -> StepOut {
@@ -357,7 +359,7 @@ impl SimNode {
             }
         }
         // Liveness: whom we can probe, our summary.
-        let views = self.membership.liveness_views(path_up, path_up);
+        let views = self.membership.liveness_views(chosen, path_up);
         self.liveness.handle_members(now, &views);
         self.probe_members.clear();
         self.probe_members
