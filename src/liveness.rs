@@ -64,7 +64,17 @@ pub const REFUTE_WAIT: Duration = Duration::from_secs(2);
 /// answer) is checked by us once, as if our path to it had gone silent: a
 /// dead member is found down even when no accusation of it stands any
 /// more (we joined or restarted long after it died), a live one refutes.
+///
+/// The check is spread over a further [`NEVER_REACHED_SPREAD`] (each node
+/// and member its own moment: the first accusation makes the others check
+/// on it instead of accusing too), and it waits until the member's newest
+/// signed value (record, `alive`) is this old as well: a member that
+/// signed something lately was alive then, and if it died since, its
+/// monitors accuse it. In a mesh still coming up (pairs relayed or punching
+/// after two minutes on a loaded machine) the checks all fell due together
+/// and each cost an accusation and a refutation gossiped to everyone.
 pub const NEVER_REACHED_CHECK: Duration = Duration::from_secs(120);
+pub const NEVER_REACHED_SPREAD: Duration = Duration::from_secs(60);
 /// A check asked by someone else's accusation starts no sooner than this
 /// after we learned of the member (or of its return after a leave): a
 /// member that has just (re)started needs a moment to learn of standing
@@ -363,6 +373,11 @@ impl Check {
 struct Target {
     overlay_ip: Ipv4Addr,
     reachable: bool,
+    /// Our WireGuard session with it works ([`MemberView::heard`]): only
+    /// then is it monitored or spot-probed (probes on a path still coming
+    /// up, a relay allocation or a punch, only fail, and each failure was
+    /// an accusation and a refutation gossiped to every member).
+    heard: bool,
     ring: u64,
     monitored: bool,
     next_probe: Option<Instant>,
@@ -396,6 +411,8 @@ struct Target {
     seen_at: Option<Instant>,
     ever_reached: bool,
     unreached_checked: bool,
+    /// When the never-reached check falls due (see [`NEVER_REACHED_CHECK`]).
+    unreached_due: Option<Instant>,
     /// Our path to it was found broken (it refuted our accusation): our
     /// own misses do not accuse it again before this, and the wait doubles
     /// each time (see [`BROKEN_BACKOFF_MIN`]).
@@ -408,6 +425,7 @@ impl Target {
         Target {
             overlay_ip: v.overlay_ip,
             reachable: v.reachable,
+            heard: v.heard,
             ring,
             monitored: false,
             next_probe: None,
@@ -425,9 +443,16 @@ impl Target {
             seen_at: None,
             ever_reached: v.heard,
             unreached_checked: false,
+            unreached_due: None,
             quiet_until: None,
             broken_backoff: Duration::ZERO,
         }
+    }
+
+    /// Whether our path to it works, so a probe that goes unanswered says
+    /// something about the member rather than about a path still coming up.
+    fn probeable(&self) -> bool {
+        self.reachable && self.heard
     }
 
     /// Our path to it is broken (it is alive): no accusation of ours for
@@ -654,8 +679,15 @@ impl Liveness {
                 .or_insert_with(|| Target::new(m, ring));
             t.overlay_ip = m.overlay_ip;
             t.reachable = m.reachable;
+            t.heard = m.heard;
             t.ever_reached |= m.heard;
-            t.seen_at.get_or_insert(now);
+            if t.seen_at.is_none() {
+                t.seen_at = Some(now);
+                let spread = self
+                    .rng
+                    .gen_range(0..NEVER_REACHED_SPREAD.as_millis() as u64);
+                t.unreached_due = Some(now + NEVER_REACHED_CHECK + Duration::from_millis(spread));
+            }
         }
         for t in self.targets.values_mut() {
             t.accused.retain(|a, _| listed.contains(a));
@@ -672,8 +704,8 @@ impl Liveness {
         self.choose_monitored(now);
     }
 
-    /// Picks the next [`MONITORS`] reachable, live members after us on the
-    /// ring.
+    /// Picks the next [`MONITORS`] live members after us on the ring whose
+    /// path works (see [`Target::heard`]).
     fn choose_monitored(&mut self, now: Instant) {
         let mut chosen = Vec::new();
         for (_, k) in &self.ring {
@@ -682,7 +714,7 @@ impl Liveness {
                 break;
             }
             let t = &self.targets[&k];
-            if t.reachable && t.down_since.is_none() {
+            if t.probeable() && t.down_since.is_none() {
                 chosen.push(k);
             }
         }
@@ -731,6 +763,31 @@ impl Liveness {
         for (k, t) in self.targets.iter_mut() {
             if !s.targets.iter().any(|sus| sus.node_key == *k) {
                 t.accused.remove(&s.accuser);
+                // A check on its word ends with it, unless another standing
+                // accusation carries it on: the accuser got an answer (or a
+                // newer value) and withdrew, often before the accused, busy,
+                // ever saw the accusation to refute it (mixed 100: a relay
+                // accused for 0.5 s was called down by 55 members that way).
+                if let Some(c) = t.check {
+                    if c.accusation.accuser == s.accuser && s.accuser != self.me {
+                        let other = t
+                            .accused
+                            .iter()
+                            .map(|(a, (since_ms, _))| Accusation {
+                                accuser: *a,
+                                since_ms: *since_ms,
+                            })
+                            .find(|a| !t.refutes(a));
+                        match other {
+                            Some(a) => {
+                                if let Some(c) = &mut t.check {
+                                    c.accusation = a;
+                                }
+                            }
+                            None => t.check = None,
+                        }
+                    }
+                }
             }
         }
         for sus in &s.targets {
@@ -1003,16 +1060,23 @@ impl Liveness {
                 Purpose::Recheck => {}
             }
         }
-        // Members held long without ever being reached: checked once.
+        // Members held long without ever being reached, and silent as
+        // long: checked once.
         let me = self.me;
+        let quiet_ms = NEVER_REACHED_CHECK.as_millis() as u64;
         for t in self.targets.values_mut() {
             if !t.ever_reached
                 && !t.unreached_checked
                 && t.check.is_none()
                 && t.down_since.is_none()
-                && t.seen_at
-                    .is_some_and(|at| now.saturating_duration_since(at) >= NEVER_REACHED_CHECK)
+                && t.unreached_due.is_some_and(|at| now >= at)
             {
+                let silent_ms = unix_ms.saturating_sub(t.version);
+                if silent_ms < quiet_ms {
+                    // It signed something lately: not before that is old.
+                    t.unreached_due = Some(now + Duration::from_millis(quiet_ms - silent_ms));
+                    continue;
+                }
                 t.unreached_checked = true;
                 t.check = Some(Check::ours(now, me, unix_ms));
             }
@@ -1121,7 +1185,7 @@ impl Liveness {
                 .targets
                 .iter()
                 .filter(|(_, t)| {
-                    t.reachable && !t.monitored && t.down_since.is_none() && t.check.is_none()
+                    t.probeable() && !t.monitored && t.down_since.is_none() && t.check.is_none()
                 })
                 .map(|(k, _)| *k)
                 .collect();
@@ -1245,8 +1309,8 @@ impl Liveness {
                 && t.check.is_none()
                 && t.down_since.is_none()
             {
-                if let Some(at) = t.seen_at {
-                    take(at + NEVER_REACHED_CHECK);
+                if let Some(at) = t.unreached_due {
+                    take(at);
                 }
             }
             // A monitor probe comes due only once the one in flight is

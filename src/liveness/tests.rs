@@ -648,14 +648,15 @@ fn sim_with_unreached_member() -> Sim {
 }
 
 /// A member that died before we learned of it, with no accusation left
-/// anywhere: checked once after NEVER_REACHED_CHECK and found down.
+/// anywhere: checked once after NEVER_REACHED_CHECK (spread over
+/// NEVER_REACHED_SPREAD) and found down.
 #[test]
 fn a_member_never_reached_and_dead_is_found_down() {
     let mut sim = sim_with_unreached_member();
     sim.up[4] = false;
     sim.run(NEVER_REACHED_CHECK - Duration::from_secs(5));
     assert!(sim.downs_of(4).is_empty(), "{:?}", sim.events);
-    sim.run(Duration::from_secs(15));
+    sim.run(NEVER_REACHED_SPREAD + Duration::from_secs(15));
     let observers: HashSet<usize> = sim.downs_of(4).iter().map(|(_, i)| *i).collect();
     assert_eq!(observers.len(), 4, "{:?}", sim.events);
     // Nobody else was called down.
@@ -666,7 +667,9 @@ fn a_member_never_reached_and_dead_is_found_down() {
 }
 
 /// A live member nobody has a path to (but gossip reaches) refutes the
-/// check: our path is broken, it is not dead.
+/// check: our path is broken, it is not dead. The first check's refutation
+/// is signed life: the others' checks wait until it is old, so one
+/// accusation and one refutation go round, not one per node.
 #[test]
 fn a_member_never_reached_but_alive_refutes() {
     let mut sim = sim_with_unreached_member();
@@ -674,14 +677,21 @@ fn a_member_never_reached_but_alive_refutes() {
         sim.cut.insert((i, 4));
         sim.cut.insert((4, i));
     }
-    sim.run(NEVER_REACHED_CHECK + Duration::from_secs(30));
+    sim.run(NEVER_REACHED_CHECK + NEVER_REACHED_SPREAD + Duration::from_secs(30));
     assert!(sim.downs_of(4).is_empty(), "{:?}", sim.events);
-    let broken = sim
+    let broken: HashSet<usize> = sim
         .events
         .iter()
         .filter(|(_, _, e)| *e == Event::PathBroken(sim.keys[4]))
-        .count();
-    assert_eq!(broken, 4, "{:?}", sim.events);
+        .map(|(_, i, _)| *i)
+        .collect();
+    assert_eq!(broken.len(), 1, "{:?}", sim.events);
+    // It refuted once, and no accusation of it stands.
+    let (_, alive) = &sim.latest[4];
+    assert!(alive.as_ref().is_some_and(|a| a.refutes.len() == 1));
+    assert!(sim.latest[..4]
+        .iter()
+        .all(|(s, _)| s.as_ref().is_none_or(|s| s.targets.is_empty())));
 }
 
 /// A member found down that nobody accuses and that never answered us (its
@@ -751,7 +761,141 @@ fn a_member_with_a_chosen_path_but_never_heard_is_still_checked() {
     }
     sim.up[dead] = false;
     sim.gossip_delay = Duration::from_secs(100_000);
-    sim.run(NEVER_REACHED_CHECK + Duration::from_secs(15));
+    sim.run(NEVER_REACHED_CHECK + NEVER_REACHED_SPREAD + Duration::from_secs(15));
     let observers: HashSet<usize> = sim.downs_of(dead).iter().map(|(_, i)| *i).collect();
     assert_eq!(observers.len(), dead, "{:?}", sim.events);
+}
+
+/// A never-reached member that signed a value lately (it refuted, or
+/// republished its record) was alive then: its check waits until that
+/// value is NEVER_REACHED_CHECK old, then finds it down if it died.
+#[test]
+fn a_never_reached_member_that_signed_lately_is_checked_later() {
+    let mut sim = sim_with_unreached_member();
+    sim.up[4] = false;
+    let k4 = sim.keys[4];
+    // Signed 150 s into the run (sim unix time starts at 1,000,000 ms).
+    let signed = 1_000_000 + 150_000;
+    for i in 0..4 {
+        sim.nodes[i].handle_version(&k4, signed);
+    }
+    // Past the first due time (120–180 s): not yet.
+    sim.run(Duration::from_secs(265));
+    assert!(sim.downs_of(4).is_empty(), "{:?}", sim.events);
+    sim.run(Duration::from_secs(20));
+    let observers: HashSet<usize> = sim.downs_of(4).iter().map(|(_, i)| *i).collect();
+    assert_eq!(observers.len(), 4, "{:?}", sim.events);
+}
+
+/// Members whose path is chosen but does not work yet (a relay being set
+/// up, a punch under way) are neither monitored nor spot-probed: their
+/// probes could only fail, and each run of failures was an accusation and
+/// a refutation gossiped to everyone while a mesh comes up. Once the paths
+/// work, they are monitored.
+#[test]
+fn paths_still_coming_up_make_no_accusations() {
+    let n = 10;
+    let mut sim = Sim::new(n);
+    let now = sim.now;
+    let coming_up: Vec<MemberView> = views(&sim.keys, |_| true)
+        .into_iter()
+        .map(|mut v| {
+            v.heard = false;
+            v
+        })
+        .collect();
+    for i in 0..n {
+        let mut fresh = Liveness::new(NET, sim.keys[i], 500 + i as u64);
+        fresh.handle_members(now, &coming_up);
+        sim.nodes[i] = fresh;
+    }
+    for i in 0..n {
+        for j in 0..n {
+            sim.cut.insert((i, j));
+        }
+    }
+    sim.run(Duration::from_secs(100));
+    assert_eq!(
+        sim.pings_sent.iter().sum::<usize>(),
+        0,
+        "{:?}",
+        sim.pings_sent
+    );
+    assert!(sim.latest.iter().all(|(s, _)| s.is_none()), "an accusation");
+    assert!(sim.events.is_empty(), "{:?}", sim.events);
+    // The paths come up: monitoring starts, nobody is accused.
+    sim.cut.clear();
+    let now = sim.now;
+    let working = views(&sim.keys, |_| true);
+    for node in sim.nodes.iter_mut() {
+        node.handle_members(now, &working);
+    }
+    sim.run(Duration::from_secs(20));
+    assert!(sim.nodes.iter().all(|x| x.monitored().count() == MONITORS));
+    assert!(
+        sim.pings_sent.iter().all(|p| *p > 0),
+        "{:?}",
+        sim.pings_sent
+    );
+    assert!(sim.events.is_empty(), "{:?}", sim.events);
+}
+
+/// One node's view: node 1 accuses node 2, which never answers our probes
+/// (busy) and never refutes (it never saw the accusation): a withdrawal by
+/// the accuser ends our check; without it, node 2 would be down.
+#[test]
+fn a_withdrawn_accusation_ends_the_checks_on_its_word() {
+    let keys: Vec<PublicKeyBytes> = (0..4)
+        .map(|i| {
+            SigningKey::from_bytes(&[i as u8 + 1; 32])
+                .verifying_key()
+                .to_bytes()
+        })
+        .collect();
+    let accuse = |targets: Vec<Suspect>| Suspicions {
+        network_key: NET,
+        accuser: keys[1],
+        issued_at_ms: 1,
+        targets,
+    };
+    let run = |withdraw: bool| -> Vec<Event> {
+        let t0 = Instant::now();
+        let mut l = Liveness::new(NET, keys[0], 3);
+        l.handle_members(t0, &views(&keys, |_| true));
+        let mut now = t0 + NEW_MEMBER_GRACE + Duration::from_secs(1);
+        l.handle_suspicions(
+            now,
+            &accuse(vec![Suspect {
+                node_key: keys[2],
+                since_ms: 1_010_000,
+            }]),
+        );
+        let mut events = Vec::new();
+        let end = now + Duration::from_secs(10);
+        let mut withdrawn = false;
+        while now < end {
+            now += STEP;
+            if withdraw && !withdrawn && now >= t0 + NEW_MEMBER_GRACE + Duration::from_millis(2500)
+            {
+                // The accuser got an answer: its list no longer names 2.
+                l.handle_suspicions(now, &accuse(Vec::new()));
+                withdrawn = true;
+            }
+            l.handle_timeout(now, 1_000_000 + (now - t0).as_millis() as u64);
+            // Probes to 2 go unanswered; the others answer.
+            for (to, probe) in l.poll_transmit() {
+                if let Probe::Ping { nonce, .. } = probe {
+                    if to != ip(2) {
+                        l.handle_ack(now, to, nonce, Summary::default());
+                    }
+                }
+            }
+            while let Some(e) = l.poll_event() {
+                events.push(e);
+            }
+        }
+        events
+    };
+    assert_eq!(run(false), vec![Event::Down(keys[2])]);
+    assert_eq!(run(true), Vec::<Event>::new());
 }
