@@ -156,8 +156,11 @@ fn run_scenario(
     // One testnet at a time: the scenarios' deadlines assume the daemons
     // have the machine's cores, not a share with five other meshes.
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let out_dir =
-        std::env::temp_dir().join(format!("meshpeer-testnet-{test}-{}", std::process::id()));
+    // Run output (report, logs, plots) under target/, where cargo keeps
+    // integration tests' scratch files: kept for reading after a failure,
+    // never littering the system's temporary directory.
+    let out_dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("testnet-{test}-{}", std::process::id()));
     let out = testnet()
         .args(["run", "--scenario"])
         .arg(scenario(file))
