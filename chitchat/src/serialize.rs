@@ -329,10 +329,9 @@ impl CompressedStreamWriter {
         let num_bytes_to_compress = self.uncompressed_block.len().min(self.block_threshold);
 
         self.compressed_block.resize(num_bytes_to_compress, 0u8);
-        match zstd::bulk::compress_to_buffer(
+        match compress_block(
             &self.uncompressed_block[..num_bytes_to_compress],
             &mut self.compressed_block[..],
-            0, // default compression level
         ) {
             Ok(compressed_len) => {
                 BlockType::Compressed.serialize(&mut self.output);
@@ -363,6 +362,48 @@ impl CompressedStreamWriter {
     }
 }
 
+thread_local! {
+    /// One zstd compression and one decompression context per thread,
+    /// reused: `zstd::bulk::compress_to_buffer` and `decompress_to_buffer`
+    /// create and free a context on every call, which showed in profiles of
+    /// a busy mesh (each context allocates and initialises its tables).
+    static ZSTD: std::cell::RefCell<Option<(zstd::bulk::Compressor<'static>, zstd::bulk::Decompressor<'static>)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `f` with this thread's zstd contexts (created on first use).
+fn with_zstd<T>(
+    f: impl FnOnce(
+        &mut zstd::bulk::Compressor<'static>,
+        &mut zstd::bulk::Decompressor<'static>,
+    ) -> std::io::Result<T>,
+) -> std::io::Result<T> {
+    ZSTD.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.is_none() {
+            // Level 0: zstd's default level, as upstream used.
+            *slot = Some((
+                zstd::bulk::Compressor::new(0)?,
+                zstd::bulk::Decompressor::new()?,
+            ));
+        }
+        match slot.as_mut() {
+            Some((c, d)) => f(c, d),
+            None => Err(std::io::Error::other("zstd contexts missing")),
+        }
+    })
+}
+
+/// Compresses `src` into `dst`; fails when the result does not fit.
+fn compress_block(src: &[u8], dst: &mut [u8]) -> std::io::Result<usize> {
+    with_zstd(|c, _| c.compress_to_buffer(src, dst))
+}
+
+/// Decompresses `src` into `dst`; fails when it does not fit or is invalid.
+fn decompress_block(src: &[u8], dst: &mut [u8]) -> std::io::Result<usize> {
+    with_zstd(|_, d| d.decompress_to_buffer(src, dst))
+}
+
 /// Decodes a compressed stream of items; refuses one that inflates to more
 /// than `max_decompressed` bytes (upstream inflated block after block without
 /// a total limit).
@@ -380,7 +421,7 @@ pub fn deserialize_stream<D: Deserializable>(
                 let compressed_block_bytes = buf.get(..len).context(
                     "failed to download compressed stream (compressed block): buffer too short",
                 )?;
-                let uncompressed_len = zstd::bulk::decompress_to_buffer(
+                let uncompressed_len = decompress_block(
                     compressed_block_bytes,
                     &mut decompressed_buffer[..u16::MAX as usize],
                 )
@@ -464,6 +505,31 @@ pub fn test_serdeser_aux<T: Serializable + Deserializable + PartialEq + std::fmt
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reused_zstd_contexts_give_the_same_bytes() {
+        let text: Vec<u8> = (0..20_000u32)
+            .flat_map(|i| format!("key{} value {} ", i % 97, i * 7).into_bytes())
+            .take(60_000)
+            .collect();
+        for _ in 0..3 {
+            let mut ours = vec![0u8; text.len()];
+            let mut theirs = vec![0u8; text.len()];
+            let n = compress_block(&text, &mut ours).unwrap();
+            let m = zstd::bulk::compress_to_buffer(&text, &mut theirs, 0).unwrap();
+            assert_eq!(ours[..n], theirs[..m]);
+            let mut back = vec![0u8; u16::MAX as usize];
+            let k = decompress_block(&ours[..n], &mut back).unwrap();
+            assert_eq!(back[..k], text[..]);
+        }
+        // A corrupt block fails and leaves the context usable.
+        let mut back = vec![0u8; 100];
+        assert!(decompress_block(b"not zstd at all", &mut back).is_err());
+        let mut out = vec![0u8; 100];
+        let n = compress_block(b"hello hello hello", &mut out).unwrap();
+        let k = decompress_block(&out[..n], &mut back).unwrap();
+        assert_eq!(&back[..k], b"hello hello hello");
+    }
 
     #[test]
     fn primitives_round_trip() {
