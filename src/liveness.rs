@@ -463,18 +463,16 @@ impl Target {
         self.quiet_until = Some(now + self.broken_backoff);
     }
 
-    /// The times (since_ms) of the accusations of it by others that stand
-    /// and that it has not refuted.
-    fn standing(&self) -> impl Iterator<Item = u64> + '_ {
+    /// The accusations of it by others that stand and that it has not
+    /// refuted.
+    fn standing(&self) -> impl Iterator<Item = Accusation> + '_ {
         self.accused
             .iter()
-            .filter(|(accuser, (since_ms, _))| {
-                !self.refutes(&Accusation {
-                    accuser: **accuser,
-                    since_ms: *since_ms,
-                })
+            .map(|(accuser, (since_ms, _))| Accusation {
+                accuser: *accuser,
+                since_ms: *since_ms,
             })
-            .map(|(_, (since_ms, _))| *since_ms)
+            .filter(|a| !self.refutes(a))
     }
 
     fn refutes(&self, a: &Accusation) -> bool {
@@ -770,14 +768,7 @@ impl Liveness {
                 // accused for 0.5 s was called down by 55 members that way).
                 if let Some(c) = t.check {
                     if c.accusation.accuser == s.accuser && s.accuser != self.me {
-                        let other = t
-                            .accused
-                            .iter()
-                            .map(|(a, (since_ms, _))| Accusation {
-                                accuser: *a,
-                                since_ms: *since_ms,
-                            })
-                            .find(|a| !t.refutes(a));
+                        let other = t.standing().next();
                         match other {
                             Some(a) => {
                                 if let Some(c) = &mut t.check {
@@ -1113,7 +1104,7 @@ impl Liveness {
             }
             if t.down_since.is_none() {
                 tracing::debug!(target_key = %proto::short_key(&k), accuser = %proto::short_key(&c.accusation.accuser), "check failed, no refutation: down");
-                let by_others = t.standing().min();
+                let by_others = t.standing().map(|a| a.since_ms).min();
                 let oldest = match by_others {
                     Some(o) => o.min(c.accusation.since_ms),
                     // Nobody accuses it and it never answered us: a member

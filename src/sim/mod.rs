@@ -978,13 +978,22 @@ impl Sim {
         // The step needs the node mutably and the others' devices to tell
         // which sessions work: decided from this node's device before the
         // step changes it (a peer added by the step has no session yet).
-        let up: HashMap<[u8; 32], (bool, bool, bool)> = n
+        struct Pair {
+            chosen: bool,
+            up: bool,
+            hearing: bool,
+        }
+        let pairs: HashMap<[u8; 32], Pair> = n
             .device
             .keys()
             .map(|k| {
                 let up = self.session_up(&n, k, now);
-                let chosen = self.path_chosen(&n, k, now);
-                (*k, (up, up && self.sends_keepalives(k), chosen))
+                let pair = Pair {
+                    chosen: self.path_chosen(&n, k, now),
+                    up,
+                    hearing: up && self.sends_keepalives(k),
+                };
+                (*k, pair)
             })
             .collect();
         let out = n.step(
@@ -992,9 +1001,9 @@ impl Sim {
             unix_ms,
             &self.trust,
             &self.network,
-            &|k| up.get(k).is_some_and(|u| u.2),
-            &|k| up.get(k).is_some_and(|u| u.0),
-            &|k| up.get(k).is_some_and(|u| u.1),
+            &|k| pairs.get(k).is_some_and(|p| p.chosen),
+            &|k| pairs.get(k).is_some_and(|p| p.up),
+            &|k| pairs.get(k).is_some_and(|p| p.hearing),
         );
         if let Some((old, new)) = out.moved {
             if self.by_overlay.get(&old) == Some(&i) {
@@ -1013,7 +1022,7 @@ impl Sim {
         let members = n.membership.members().count();
         let settled = now.saturating_duration_since(n.last_change) >= SETTLE
             && out.peers_added == 0
-            && up.values().all(|u| u.0)
+            && pairs.values().all(|p| p.up)
             && !n.planner.busy(now);
         self.put(n);
         self.open_rounds(i, out.rounds);
