@@ -655,6 +655,15 @@ impl Membership {
         self.members.get(key)
     }
 
+    /// Whether the member with gossip node id `node_id` is public (its
+    /// record says so): a joiner's reply carries public members' records
+    /// first (`gossip::transport::hello_records`).
+    pub fn is_public_node(&self, node_id: &str) -> bool {
+        crate::proto::parse_node_id(node_id)
+            .and_then(|k| self.member(&k))
+            .is_some_and(|m| m.record.nat == crate::record::NatKind::Public)
+    }
+
     /// The member holding `wg_key` as WireGuard key.
     pub fn by_wg_key(&self, wg_key: &[u8; 32]) -> Option<&Member> {
         self.members

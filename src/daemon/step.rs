@@ -286,13 +286,9 @@ impl Node {
     fn refresh_hello(&mut self, entries: &[GossipEntry]) {
         let h = self.membership.holders();
         let membership = &self.membership;
-        let candidates = entries.iter().filter_map(|e| {
-            let text = e.record.clone()?;
-            let public = proto::parse_node_id(&e.node_id)
-                .and_then(|k| membership.member(&k))
-                .is_some_and(|m| m.record.nat == crate::record::NatKind::Public);
-            Some((public, text))
-        });
+        let candidates = entries
+            .iter()
+            .filter_map(|e| Some((membership.is_public_node(&e.node_id), e.record.clone()?)));
         let reply = HelloReply {
             records: crate::gossip::transport::hello_records(
                 candidates,

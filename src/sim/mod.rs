@@ -830,10 +830,7 @@ impl Sim {
         // public members' first.
         let candidates = s.chitchat.node_states().iter().filter_map(|(id, st)| {
             let text = st.get_versioned(RECORD_KEY).map(|v| v.value.clone())?;
-            let public = proto::parse_node_id(id)
-                .and_then(|k| s.membership.member(&k))
-                .is_some_and(|m| m.record.nat == crate::record::NatKind::Public);
-            Some((public, text))
+            Some((s.membership.is_public_node(id), text))
         });
         let records: Vec<Arc<str>> = crate::gossip::transport::hello_records(
             candidates,
