@@ -15,6 +15,32 @@ pub const SETTLE: Duration = Duration::from_secs(10);
 /// proportion, up to [`MAX_TICK`].
 pub const TICK_MEMBERS: usize = 40;
 pub const MAX_TICK: Duration = Duration::from_secs(2);
+/// The least time between two steps that gossip news runs in a small mesh.
+pub const MIN_STEP_GAP: Duration = Duration::from_millis(50);
+
+/// How long after its last step a node may run a step for news from gossip
+/// (a value stored), instead of waiting for its next tick; `None`: it
+/// waits for the tick.
+///
+/// * In a small mesh (up to [`TICK_MEMBERS`] members, not at rest): after
+///   [`MIN_STEP_GAP`], so a record reaches WireGuard within a gossip hop.
+/// * At rest, at any size: after [`TICK`]. News to a quiet mesh is a join,
+///   an accusation, a refutation or a leave, and every member should act on
+///   it within a hop, not a stretched tick later (up to [`MAX_TICK`] at
+///   hundreds of members); news is rare at rest, so this costs little, and
+///   the gap bounds it when it is not.
+/// * A large mesh that is not at rest (coming up, or churning) waits for
+///   its tick: news arrives every few milliseconds there and each step
+///   costs work in proportion to the members.
+pub fn news_step_gap(members: usize, at_rest: bool) -> Option<Duration> {
+    if at_rest {
+        Some(TICK)
+    } else if members <= TICK_MEMBERS {
+        Some(MIN_STEP_GAP)
+    } else {
+        None
+    }
+}
 
 /// The daemon's tick for a mesh of `members` known members (not left). A
 /// tick's work grows with the number of members, so at hundreds of members
@@ -52,6 +78,23 @@ mod tests {
             let t = tick_period(n, false);
             assert!(t >= last, "tick for {n} members shrank");
             last = t;
+        }
+    }
+
+    #[test]
+    fn news_runs_a_step_soon_in_small_meshes_and_at_rest() {
+        for n in 0..1000 {
+            let busy = news_step_gap(n, false);
+            if n <= TICK_MEMBERS {
+                assert_eq!(busy, Some(MIN_STEP_GAP), "{n} members, busy");
+            } else {
+                assert_eq!(busy, None, "{n} members, busy: waits for the tick");
+            }
+            // At rest news runs a step within a busy tick, at any size,
+            // and no sooner than a small busy mesh's tick.
+            let rest = news_step_gap(n, true).expect("at rest news runs a step");
+            assert!(rest <= tick_period(n, false), "{n} members at rest");
+            assert!(rest >= TICK);
         }
     }
 }

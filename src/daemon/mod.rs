@@ -60,8 +60,6 @@ use traversal::Traversal;
 
 use crate::tick::SETTLE;
 
-/// The least time between two steps when records change.
-const MIN_STEP_GAP: Duration = Duration::from_millis(50);
 /// How long a leaving node keeps gossiping its leave record.
 const LEAVE_LINGER: Duration = Duration::from_secs(2);
 /// A seed from which nothing at all answers fails the first join after this

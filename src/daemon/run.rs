@@ -9,9 +9,9 @@ use anyhow::anyhow;
 use tokio::sync::{mpsc, watch};
 
 use super::start::Inbox;
-use super::{ops, DaemonConfig, Node, MIN_STEP_GAP};
+use super::{ops, DaemonConfig, Node};
 use crate::control::{Command, Incoming, Pending, Reply};
-use crate::tick::{tick_period, TICK};
+use crate::tick::{news_step_gap, tick_period, TICK};
 
 /// Why the loop ended.
 enum Exit {
@@ -43,17 +43,20 @@ impl Node {
                 break Exit::Revoked(why);
             }
             self.wakeups += 1;
-            let small = tick.period() <= TICK;
+            // News from gossip runs a step soon in a small mesh and at
+            // rest, else it waits for the tick (tick::news_step_gap).
+            let news_gap = news_step_gap(self.membership.members().count(), self.at_rest());
             let liveness_at = self
                 .liveness
                 .poll_timeout()
                 .unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
             let rounds_at = self.planner.poll_timeout(Instant::now());
             tokio::select! {
-                // A value arrived: in a small mesh, act on it now rather than
-                // at the next tick (a gossip hop is 250 ms, waiting for the
-                // tick adds up to one more to every join).
-                _ = self.gossip.changed(), if small && self.last_step.elapsed() >= MIN_STEP_GAP => {
+                // A value arrived: in a small mesh or at rest, act on it now
+                // rather than at the next tick (a gossip hop is 250 ms; the
+                // tick would add up to one more to every join, and at rest
+                // up to 2 s to a join, a kill or a leave).
+                _ = self.gossip.changed(), if news_gap.is_some_and(|g| self.last_step.elapsed() >= g) => {
                     self.step_or_warn().await;
                 }
                 _ = answered.notified() => self.on_stun_answer().await,

@@ -51,7 +51,7 @@ use crate::admission::{self, Credential, Network, Stamper};
 use crate::gossip::transport::ROUND_WAIT;
 use crate::liveness::{self, Probe};
 use crate::proto::{self, PublicKeyBytes, Signed};
-use crate::tick::{tick_period, SETTLE};
+use crate::tick::{news_step_gap, tick_period, SETTLE};
 use crate::trust::{self, TrustState, RECORD_KEY};
 
 use net::{NatClass, Queue, Route};
@@ -159,10 +159,8 @@ const BASE_UNIX_MS: u64 = 1_800_000_000_000;
 /// How often a settled node steps (the daemon steps every 1–2 s at rest;
 /// a step with nothing new does nothing but run the membership timers of
 /// 60 s and more, so the simulation skips most; anything new, a verdict or
-/// a value, steps at the next tick as in the daemon).
+/// a value, steps as in the daemon: `tick::news_step_gap`).
 const REST_STEP: Duration = Duration::from_secs(30);
-/// The least time between two steps in small meshes (`daemon::MIN_STEP_GAP`).
-const MIN_STEP_GAP: Duration = Duration::from_millis(50);
 /// WireGuard's persistent keepalive and rekey intervals.
 const WG_KEEPALIVE_EVERY: u64 = 25;
 const WG_REKEY_EVERY: u64 = 120;
@@ -625,7 +623,8 @@ impl Sim {
     }
 
     /// After anything that may have changed a node's gossip state: a step
-    /// at its next tick (at once in small meshes), as the daemon does.
+    /// soon in small meshes and at rest, else at its next tick, as the
+    /// daemon does (`tick::news_step_gap`).
     fn want_step(&mut self, i: u32) {
         let now = self.now;
         let base = self.base;
@@ -636,13 +635,9 @@ impl Sim {
             return;
         }
         let members = n.membership.members().count();
-        let tick = tick_period(members, false);
         let last = n.last_step.map_or(Duration::ZERO, |t| t - base);
-        let at = if tick <= crate::tick::TICK {
-            now.max(last + MIN_STEP_GAP)
-        } else {
-            now.max(last + tick)
-        };
+        let gap = news_step_gap(members, n.at_rest).unwrap_or(tick_period(members, false));
+        let at = now.max(last + gap);
         self.schedule_step(i, at);
     }
 
@@ -1021,6 +1016,7 @@ impl Sim {
             && out.peers_added == 0
             && pairs.values().all(|p| p.up)
             && !n.planner.busy(now);
+        n.at_rest = settled;
         self.put(n);
         self.open_rounds(i, out.rounds);
         let next = if settled {

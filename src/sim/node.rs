@@ -80,6 +80,9 @@ pub struct SimNode {
     pub stepped_changes: u64,
     /// Last time something changed at a step (tick stretching at rest).
     pub last_change: Instant,
+    /// Whether it was at rest at its last step (the daemon's `at_rest`:
+    /// nothing changed for `tick::SETTLE`, every path up, no busy rounds).
+    pub at_rest: bool,
 }
 
 /// What a step asks the simulation to do.
@@ -156,6 +159,7 @@ impl SimNode {
             last_rotation: 0,
             stepped_changes: 0,
             last_change: now,
+            at_rest: false,
             signing,
         }
     }
