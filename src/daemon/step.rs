@@ -597,13 +597,32 @@ impl Node {
     /// address of members that are reachable there (public, or on our
     /// LAN), else the overlay address when a WireGuard path works.
     pub(super) fn round_targets(&self) -> Vec<Target> {
+        self.with_gossip_paths(|local, path| {
+            crate::gossip::rounds::round_targets(&self.membership, &self.id.node_key(), local, path)
+        })
+    }
+
+    /// Members called down lately that we can still gossip with
+    /// (`gossip::rounds::down_targets`).
+    fn down_targets(&self, now: Instant) -> Vec<Target> {
+        self.with_gossip_paths(|local, path| {
+            crate::gossip::rounds::down_targets(&self.membership, now, local, path)
+        })
+    }
+
+    /// `f` with our local networks and whether a WireGuard path to a member
+    /// (by WireGuard key) is chosen: what decides the gossip address.
+    fn with_gossip_paths<R>(
+        &self,
+        f: impl FnOnce(&[Ipv4Net], &dyn Fn(&[u8; 32]) -> bool) -> R,
+    ) -> R {
         let local = self
             .local_nets
             .as_ref()
             .map(|(_, n)| n.clone())
             .unwrap_or_default();
         let paths = &self.traversal.paths;
-        crate::gossip::rounds::round_targets(&self.membership, &self.id.node_key(), &local, &|k| {
+        f(&local, &|k| {
             matches!(
                 paths.get(k),
                 Some(Path::Direct) | Some(Path::Relayed { .. })
@@ -623,6 +642,8 @@ impl Node {
             .collect();
         self.gossip.transport.set_expected(expected);
         let partner = crate::gossip::rounds::rest_partner(self.liveness.monitored(), &targets);
+        let down = self.down_targets(now);
+        self.planner.handle_down(down);
         // Seeds and last-known members: all of them while we are alone;
         // after, those no current member holds (the planner visits one now
         // and then: a mesh we may be cut off from).

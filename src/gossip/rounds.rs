@@ -13,6 +13,15 @@
 //!   [`MISMATCH_GAP`]).
 //! * **Alone** (no member reachable yet): rounds to the seeds and the
 //!   members known from last time, backing off from 1 s to 30 s.
+//! * **Recently down**: members we called down less than
+//!   [`GOSSIP_TO_THE_DOWN`] ago ([`down_targets`]) stay among those busy
+//!   rounds draw from, and a probe mismatch with one of them is a round too
+//!   (memberlist's "gossip to the dead"). A member called down falsely
+//!   (cut off by a partition, or too busy to answer in time) learns of the
+//!   accusation from us and refutes it, and its refutation comes back the
+//!   same way: without it, nobody on either side of a healed partition
+//!   gossiped with the other (each held the other down) until its own
+//!   recheck, every 10 s per pair.
 //! * **Strangers**: seeds and last-known members that no current member
 //!   holds (a node restarted while cut off, then joined by others, forms a
 //!   mesh of its own that thinks it is whole): one of them gets a round
@@ -44,6 +53,10 @@ pub const SMALL_MESH: usize = 30;
 pub const ANNOUNCE_FANOUT: usize = 8;
 pub const REST_EVERY: Duration = Duration::from_secs(30);
 pub const MISMATCH_GAP: Duration = Duration::from_secs(1);
+/// How long after we called a member down our rounds still visit it (see
+/// the module doc); the member's WireGuard peer is kept as long
+/// (`membership::DEFAULT_DOWN_GRACE`), so a path to it remains.
+pub const GOSSIP_TO_THE_DOWN: Duration = Duration::from_secs(60);
 const ALONE_FIRST: Duration = Duration::from_secs(1);
 const ALONE_MAX: Duration = Duration::from_secs(30);
 pub const STRANGER_EVERY: Duration = Duration::from_secs(30);
@@ -68,22 +81,49 @@ pub fn round_targets(
     membership
         .members()
         .filter(|m| &m.record.node_key != me && m.liveness == Liveness::Live)
-        .filter_map(|m| {
-            let r = &m.record;
-            let underlay = r.nat == NatKind::Public || on_local_net(local_nets, &r.gossip_addr);
-            let addr = if underlay {
-                r.gossip_addr
-            } else if path_up(&r.wg_public_key) && membership.holds_address(&r.node_key) {
-                SocketAddr::new(std::net::IpAddr::V4(r.overlay_ip), r.gossip_addr.port())
-            } else {
-                return None;
-            };
-            Some(Target {
-                key: r.node_key,
-                addr,
-            })
-        })
+        .filter_map(|m| target_of(m, membership, local_nets, path_up))
         .collect()
+}
+
+/// Members we called down less than [`GOSSIP_TO_THE_DOWN`] before `now`
+/// and can still gossip with (addresses as for [`round_targets`]).
+pub fn down_targets(
+    membership: &Membership,
+    now: Instant,
+    local_nets: &[ipnet::Ipv4Net],
+    path_up: &dyn Fn(&[u8; 32]) -> bool,
+) -> Vec<Target> {
+    membership
+        .members()
+        .filter(|m| match m.liveness {
+            Liveness::Down { since, .. } => {
+                now.saturating_duration_since(since) < GOSSIP_TO_THE_DOWN
+            }
+            _ => false,
+        })
+        .filter_map(|m| target_of(m, membership, local_nets, path_up))
+        .collect()
+}
+
+fn target_of(
+    m: &crate::membership::Member,
+    membership: &Membership,
+    local_nets: &[ipnet::Ipv4Net],
+    path_up: &dyn Fn(&[u8; 32]) -> bool,
+) -> Option<Target> {
+    let r = &m.record;
+    let underlay = r.nat == NatKind::Public || on_local_net(local_nets, &r.gossip_addr);
+    let addr = if underlay {
+        r.gossip_addr
+    } else if path_up(&r.wg_public_key) && membership.holds_address(&r.node_key) {
+        SocketAddr::new(std::net::IpAddr::V4(r.overlay_ip), r.gossip_addr.port())
+    } else {
+        return None;
+    };
+    Some(Target {
+        key: r.node_key,
+        addr,
+    })
 }
 
 /// The rest-time partner: our first monitoring target, if we can gossip
@@ -110,6 +150,8 @@ pub struct RoundPlanner {
     /// Our own record changed: the next busy round goes to
     /// [`ANNOUNCE_FANOUT`] members.
     announce: bool,
+    /// Members called down lately ([`down_targets`]).
+    down: Vec<Target>,
     rng: SmallRng,
 }
 
@@ -127,6 +169,7 @@ impl RoundPlanner {
             next_stranger: None,
             // A node that starts has news: its record.
             announce: true,
+            down: Vec::new(),
             rng: SmallRng::seed_from_u64(seed),
         }
     }
@@ -154,6 +197,13 @@ impl RoundPlanner {
     pub fn handle_own_news(&mut self, now: Instant) {
         self.announce = true;
         self.become_busy(now, now);
+    }
+
+    /// The members called down lately that we can gossip with
+    /// ([`down_targets`]): busy rounds draw from them as from live members,
+    /// and probe mismatches with them are rounds too.
+    pub fn handle_down(&mut self, down: Vec<Target>) {
+        self.down = down;
     }
 
     /// A probe answer carried a summary other than ours.
@@ -234,7 +284,7 @@ impl RoundPlanner {
             {
                 continue;
             }
-            if let Some(t) = targets.iter().find(|t| t.key == key) {
+            if let Some(t) = targets.iter().chain(&self.down).find(|t| t.key == key) {
                 self.last_mismatch.insert(key, now);
                 add(t.addr, &mut out);
             }
@@ -253,7 +303,13 @@ impl RoundPlanner {
             if std::mem::take(&mut self.announce) {
                 fanout = fanout.max(ANNOUNCE_FANOUT);
             }
-            for t in targets.choose_multiple(&mut self.rng, fanout) {
+            // Members called down lately are drawn as any other: a share
+            // of their own. (One extra round to one of them in every busy
+            // round piled rounds on a busy member that many held down,
+            // and the simulation of an overloaded mesh had twice the false
+            // verdicts.)
+            let pool: Vec<&Target> = targets.iter().chain(&self.down).collect();
+            for t in pool.choose_multiple(&mut self.rng, fanout) {
                 add(t.addr, &mut out);
             }
             self.next_busy = Some(now + BUSY_EVERY);
@@ -409,6 +465,45 @@ mod tests {
         assert!(p
             .poll(t0 + Duration::from_secs(5), &ts, None, &[])
             .is_empty());
+    }
+
+    /// Busy rounds draw members called down lately as live ones (so a
+    /// member called down falsely hears of it and refutes), at rest none
+    /// visits them; a probe mismatch with one is a round at once.
+    #[test]
+    fn busy_rounds_draw_members_called_down_lately_too() {
+        let all = targets(10);
+        let (ts, down) = (&all[..5], &all[5..]);
+        let t0 = Instant::now();
+        let mut p = RoundPlanner::new(1);
+        p.handle_down(down.to_vec());
+        let mut to_down = 0;
+        let mut rounds = 0;
+        for i in 0..BUSY_FOR.as_millis() as u32 / BUSY_EVERY.as_millis() as u32 {
+            p.handle_changes(t0, 1);
+            for a in p.poll(t0 + BUSY_EVERY * i, ts, None, &[]) {
+                rounds += 1;
+                to_down += usize::from(down.iter().any(|d| d.addr == a));
+            }
+        }
+        // Half the pool is down: about half the rounds (never all, never
+        // none) go there.
+        assert!(
+            to_down > rounds / 4 && to_down < rounds * 3 / 4,
+            "{to_down} of {rounds}"
+        );
+        // At rest: the rest round only, to a live member.
+        let rest = t0 + BUSY_FOR + REST_EVERY;
+        let out = p.poll(rest, ts, Some(ts[0]), &[]);
+        assert_eq!(out, vec![ts[0].addr]);
+        p.handle_mismatch(down[0].key);
+        assert_eq!(p.poll(rest, ts, None, &[]), vec![down[0].addr]);
+        // Nobody down: busy rounds to live members only.
+        p.handle_down(Vec::new());
+        p.handle_changes(rest, 2);
+        let out = p.poll(rest, ts, None, &[]);
+        assert_eq!(out.len(), SMALL_FANOUT);
+        assert!(out.iter().all(|a| ts.iter().any(|t| t.addr == *a)));
     }
 
     /// A seed no member holds (another mesh we are cut off from) gets a

@@ -147,6 +147,35 @@ fn down_members_lose_their_peer_after_the_grace_period() {
     );
 }
 
+/// A member we called down is no round target any more, but for
+/// `GOSSIP_TO_THE_DOWN` the planner still visits it now and then, so a
+/// member called down falsely (a partition, an overload) hears of the
+/// accusation and refutes it.
+#[test]
+fn a_down_member_is_gossiped_with_for_a_while() {
+    use crate::gossip::rounds::{down_targets, round_targets, GOSSIP_TO_THE_DOWN};
+    let w = World::new();
+    let (node, body) = sample(3, &w.net, "10.77.0.2".parse().unwrap());
+    let mut m = Membership::new([0; 32], Duration::from_secs(60));
+    let t0 = Instant::now();
+    let e = [entry(&body, &node)];
+    w.snap(&mut m, t0, &e);
+    let up = |_: &[u8; 32]| true;
+    assert_eq!(round_targets(&m, &[0; 32], &[], &up).len(), 1);
+    assert!(down_targets(&m, t0, &[], &up).is_empty(), "live: not down");
+    m.handle_snapshot(t0, &e, &w.trust(), &|_| Some(Duration::ZERO));
+    assert!(round_targets(&m, &[0; 32], &[], &up).is_empty());
+    let down = down_targets(
+        &m,
+        t0 + GOSSIP_TO_THE_DOWN - Duration::from_millis(1),
+        &[],
+        &up,
+    );
+    assert_eq!(down.len(), 1);
+    assert_eq!(down[0].key, body.node_key);
+    assert!(down_targets(&m, t0 + GOSSIP_TO_THE_DOWN, &[], &up).is_empty());
+}
+
 #[test]
 fn forged_and_revoked_records_are_rejected() {
     let mut w = World::new();

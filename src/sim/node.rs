@@ -375,6 +375,10 @@ impl SimNode {
         self.publish_liveness_values(unix_ms);
         // Rounds: targets as the daemon computes them.
         self.targets = rounds::round_targets(&self.membership, &self.key, &[], &|k| path_up(k));
+        self.planner
+            .handle_down(rounds::down_targets(&self.membership, now, &[], &|k| {
+                path_up(k)
+            }));
         if !out.events.is_empty() || !changes.is_empty() {
             self.last_change = now;
         }
