@@ -102,14 +102,28 @@ fn join_update_replay_leave() {
     assert_eq!(m.to_forget(&e), vec![e[0].node_id.as_str()]);
 }
 
-#[test]
-fn down_members_lose_their_peer_after_the_grace_period() {
-    let w = World::new();
+/// A membership holding one live member, n3 (down grace 60 s), as of t0.
+fn one_member(
+    w: &World,
+) -> (
+    SigningKey,
+    RecordBody,
+    Membership,
+    Instant,
+    [GossipEntry; 1],
+) {
     let (node, body) = sample(3, &w.net, "10.77.0.2".parse().unwrap());
     let mut m = Membership::new([0; 32], Duration::from_secs(60));
     let t0 = Instant::now();
     let e = [entry(&body, &node)];
     w.snap(&mut m, t0, &e);
+    (node, body, m, t0, e)
+}
+
+#[test]
+fn down_members_lose_their_peer_after_the_grace_period() {
+    let w = World::new();
+    let (node, body, mut m, t0, e) = one_member(&w);
     let ev = m.handle_snapshot(t0, &e, &w.trust(), &|_| Some(Duration::ZERO));
     assert_eq!(ev, vec![Event::Down { name: "n3".into() }]);
     assert_eq!(
@@ -155,11 +169,7 @@ fn down_members_lose_their_peer_after_the_grace_period() {
 fn a_down_member_is_gossiped_with_for_a_while() {
     use crate::gossip::rounds::{down_targets, round_targets, GOSSIP_TO_THE_DOWN};
     let w = World::new();
-    let (node, body) = sample(3, &w.net, "10.77.0.2".parse().unwrap());
-    let mut m = Membership::new([0; 32], Duration::from_secs(60));
-    let t0 = Instant::now();
-    let e = [entry(&body, &node)];
-    w.snap(&mut m, t0, &e);
+    let (_, body, mut m, t0, e) = one_member(&w);
     let up = |_: &[u8; 32]| true;
     assert_eq!(round_targets(&m, &[0; 32], &[], &up).len(), 1);
     assert!(down_targets(&m, t0, &[], &up).is_empty(), "live: not down");
