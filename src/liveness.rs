@@ -22,6 +22,13 @@
 //!   path is broken, not the member ([`Event::PathBroken`]).
 //! * A down member is probed every [`DOWN_RECHECK`]; an answer, or a newer
 //!   signed value of it, brings it back.
+//! * **Heard from itself**: a gossip message on the member's own QUIC
+//!   connection (authenticated by its key, so nobody else can send it) is
+//!   as good as an answer for liveness ([`Liveness::handle_heard`]). A
+//!   monitor about to accuse, and a checker whose probes failed, ask the
+//!   member for a gossip round ([`Liveness::take_mismatches`]): a member too
+//!   busy to answer probes through its tunnel in time, or whose tunnel with
+//!   us is what fails, is not called down for it.
 //!
 //! Driving contract (quinn-proto style): feed inputs with `handle_*` (the
 //! member list every step, probe answers as they arrive, gossip values as
@@ -391,6 +398,13 @@ struct Target {
     down_since_ms: Option<u64>,
     next_recheck: Option<Instant>,
     last_ack: Option<Instant>,
+    /// The last gossip message from it on its own connection
+    /// ([`Liveness::handle_heard`]).
+    last_heard: Option<Instant>,
+    /// Whether that message came through our tunnel with it.
+    heard_through_tunnel: bool,
+    /// When the first probe of the current run of misses was sent.
+    misses_since: Option<Instant>,
     /// Accusations against it that stand: accuser -> (since, when we
     /// learned it), for as long as the accuser's published list names it
     /// and the accuser is a member.
@@ -435,6 +449,9 @@ impl Target {
             down_since_ms: None,
             next_recheck: None,
             last_ack: None,
+            last_heard: None,
+            heard_through_tunnel: false,
+            misses_since: None,
             accused: BTreeMap::new(),
             handoff_at: None,
             refuted: BTreeMap::new(),
@@ -868,6 +885,48 @@ impl Liveness {
         }
     }
 
+    /// A gossip message from `key` itself arrived at `at`, from address
+    /// `from` (a message on the member's own QUIC connection: its key
+    /// authenticated it, so nobody else can make it up, and a relay of its
+    /// values by others does not count). It is alive: a check of it ends (a
+    /// failed one with [`Event::PathBroken`], unless the message came
+    /// through our tunnel with it, which then works), our accusation is
+    /// withdrawn, a down member is back.
+    pub fn handle_heard(&mut self, at: Instant, key: &PublicKeyBytes, from: std::net::IpAddr) {
+        let me = self.me;
+        let Some(t) = self.targets.get_mut(key) else {
+            return;
+        };
+        let through_tunnel = from == std::net::IpAddr::V4(t.overlay_ip);
+        if t.last_heard.is_none_or(|h| at >= h) {
+            t.last_heard = Some(at);
+            t.heard_through_tunnel = through_tunnel;
+        }
+        t.ever_reached = true;
+        if let Some(c) = t.check {
+            if at >= c.started {
+                tracing::debug!(target_key = %proto::short_key(key), failed = c.failed, through_tunnel, "heard from the member itself: check ends");
+                t.check = None;
+                if c.failed && !through_tunnel {
+                    t.path_broken(at);
+                    self.events.push_back(Event::PathBroken(*key));
+                }
+                if c.accusation.accuser == me && self.accusing.remove(key).is_some() {
+                    self.accusing_changed = true;
+                }
+            }
+        }
+        if t.down_since.is_some_and(|d| at >= d) {
+            t.down_since = None;
+            t.next_recheck = None;
+            t.misses = 0;
+            self.events.push_back(Event::Up(*key));
+            if self.accusing.remove(key).is_some() {
+                self.accusing_changed = true;
+            }
+        }
+    }
+
     /// A probe answer from overlay address `from`.
     pub fn handle_ack(&mut self, now: Instant, from: Ipv4Addr, nonce: u64, summary: Summary) {
         let (p, in_time) = match self.pending.get(&nonce) {
@@ -1006,6 +1065,9 @@ impl Liveness {
                     if t.check.is_some() || t.down_since.is_some() {
                         continue;
                     }
+                    if t.misses == 0 {
+                        t.misses_since = Some(p.sent);
+                    }
                     t.misses += 1;
                     if t.misses >= self.misses_to_accuse {
                         t.misses = 0;
@@ -1013,8 +1075,28 @@ impl Liveness {
                             // Known broken path to a live member: not again yet.
                             continue;
                         }
+                        if t.last_heard.is_some_and(|h| Some(h) >= t.misses_since) {
+                            // It spoke to us over gossip meanwhile: alive.
+                            // Through our tunnel with it, only slow to
+                            // answer; from elsewhere, the tunnel is what
+                            // fails (as when it refutes an accusation).
+                            tracing::debug!(target_key = %proto::short_key(&p.target), through_tunnel = t.heard_through_tunnel, "probes unanswered but heard from it: no accusation");
+                            if !t.heard_through_tunnel {
+                                t.path_broken(now);
+                                self.events.push_back(Event::PathBroken(p.target));
+                            }
+                            continue;
+                        }
                         self.accuse(now, unix_ms, p.target);
                     } else {
+                        if t.misses + 1 == self.misses_to_accuse
+                            && !self.mismatches.contains(&p.target)
+                        {
+                            // One miss from accusing: ask it for a round,
+                            // whose answer (over its own connection) shows
+                            // whether it is alive.
+                            self.mismatches.push(p.target);
+                        }
                         self.send(now, p.target, p.purpose);
                     }
                 }
@@ -1030,6 +1112,12 @@ impl Liveness {
                         // answer since the check began: it failed.
                         if c.probes_sent >= 2 && !c.failed && !still_waiting {
                             c.failed = t.last_ack.is_none_or(|a| a < c.started);
+                            if c.failed && !self.mismatches.contains(&p.target) {
+                                // Our probes failed: ask it for a gossip
+                                // round too (its answer proves it alive,
+                                // whatever our tunnel with it does).
+                                self.mismatches.push(p.target);
+                            }
                             if c.failed && c.accusation.accuser == me {
                                 // Our own suspicion (our path went silent):
                                 // published, so the member can refute it;
@@ -1103,7 +1191,16 @@ impl Liveness {
                 continue;
             }
             if t.down_since.is_none() {
-                tracing::debug!(target_key = %proto::short_key(&k), accuser = %proto::short_key(&c.accusation.accuser), "check failed, no refutation: down");
+                tracing::debug!(
+                    target_key = %proto::short_key(&k),
+                    accuser = %proto::short_key(&c.accusation.accuser),
+                    probeable = t.probeable(),
+                    ever_reached = t.ever_reached,
+                    last_ack_ago_ms = t.last_ack.map(|a| now.saturating_duration_since(a).as_millis() as u64),
+                    check_ms = now.saturating_duration_since(c.started).as_millis() as u64,
+                    health = self.health,
+                    "check failed, no refutation: down"
+                );
                 let by_others = t.standing().map(|a| a.since_ms).min();
                 let oldest = match by_others {
                     Some(o) => o.min(c.accusation.since_ms),
@@ -1331,7 +1428,9 @@ impl Liveness {
         std::mem::take(&mut self.new_accusers)
     }
 
-    /// Members whose answers carried a gossip summary other than ours.
+    /// Members to start a gossip round with now: their probe answers
+    /// carried a gossip summary other than ours, or we need to hear from
+    /// them (see [`Liveness::handle_heard`]).
     pub fn take_mismatches(&mut self) -> Vec<PublicKeyBytes> {
         std::mem::take(&mut self.mismatches)
     }

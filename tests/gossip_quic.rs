@@ -130,7 +130,7 @@ async fn members_converge_through_rounds_over_quic() {
     // A chain of rounds: 0 -> 1, 1 -> 2, 2 -> 0, repeated.
     wait_until("every node to hold every record", || {
         for i in 0..3 {
-            nodes[i].round_with(addrs[(i + 1) % 3]);
+            nodes[i].round_with(addrs[(i + 1) % 3], true);
         }
         nodes.iter().all(|g| g.snapshot().len() == 3)
     })
@@ -140,7 +140,7 @@ async fn members_converge_through_rounds_over_quic() {
     assert!(sent > 0 && received > 0);
     // In sync: a round is two small messages.
     let before = nodes[0].transport.byte_counts();
-    nodes[0].round_with(addrs[1]);
+    nodes[0].round_with(addrs[1], false);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let after = nodes[0].transport.byte_counts();
     assert!(

@@ -48,7 +48,12 @@ struct Evil {
 }
 
 impl Inbound for Evil {
-    fn gossip(&self, _from: SocketAddr, msg: ChitchatMessage) -> Option<ChitchatMessage> {
+    fn gossip(
+        &self,
+        _from: SocketAddr,
+        _peer: &PeerIdentity,
+        msg: ChitchatMessage,
+    ) -> Option<ChitchatMessage> {
         self.chitchat.lock().unwrap().handle_message(msg, &Anything)
     }
     fn request(&self, _: SocketAddr, _: &PeerIdentity, _: Request) -> Vec<u8> {

@@ -95,6 +95,11 @@ pub struct Limits {
     /// Above this many node states, a `Syn` carries bucket hashes, so a
     /// mismatch is narrowed to the buckets that differ.
     pub bucket_threshold: usize,
+    /// Above this many node states, a busy round's `Syn`
+    /// ([`Chitchat::syn_busy`]) carries bucket hashes too: the 512 bytes
+    /// of hashes cost less than the two whole digests that a round
+    /// started by news would otherwise exchange.
+    pub busy_bucket_threshold: usize,
     /// How many forgotten nodes are remembered (with their last version).
     pub forget_memory: usize,
 }
@@ -108,6 +113,7 @@ impl Default for Limits {
             max_nodes: 100_000,
             max_value_bytes: 60_000,
             bucket_threshold: 1024,
+            busy_bucket_threshold: 32,
             forget_memory: 16_384,
         }
     }
@@ -296,9 +302,23 @@ impl Chitchat {
 
     /// The message that opens a round.
     pub fn syn(&mut self) -> ChitchatMessage {
+        self.syn_busy(false)
+    }
+
+    /// The message that opens a round; `busy`: the round spreads news
+    /// (the summaries likely differ), so above
+    /// [`Limits::busy_bucket_threshold`] node states it carries bucket
+    /// hashes and the answer is narrowed to the buckets that differ.
+    pub fn syn_busy(&mut self, busy: bool) -> ChitchatMessage {
         self.stats.rounds_started += 1;
         let summary = self.cluster.summary();
-        let buckets = if summary.count as usize > self.config.limits.bucket_threshold {
+        let l = &self.config.limits;
+        let threshold = if busy {
+            l.busy_bucket_threshold.min(l.bucket_threshold)
+        } else {
+            l.bucket_threshold
+        };
+        let buckets = if summary.count as usize > threshold {
             self.cluster.bucket_hashes()
         } else {
             Vec::new()

@@ -176,6 +176,52 @@ fn large_meshes_narrow_a_mismatch_to_the_buckets_that_differ() {
 }
 
 #[test]
+fn a_busy_round_narrows_at_a_hundred_nodes_and_a_rest_round_does_not() {
+    let mut a = node("a");
+    let mut b = node("b");
+    for i in 0..100 {
+        let id = format!("member-{i}");
+        for c in [&mut a, &mut b] {
+            assert!(c.inject(&id, "record", signed(&id, 1, "r"), 1, &Signed));
+        }
+    }
+    let id = "member-42";
+    assert!(a.inject(id, "record", signed(id, 2, "r2"), 2, &Signed));
+    // At rest: summary only (the summaries are almost always equal).
+    let ChitchatMessage::Syn { buckets, .. } = a.syn_busy(false) else {
+        panic!("not a syn")
+    };
+    assert!(buckets.is_empty());
+    // Busy: bucket hashes, and an answer about the buckets that differ.
+    let syn = a.syn_busy(true);
+    let ChitchatMessage::Syn { ref buckets, .. } = syn else {
+        panic!("not a syn")
+    };
+    assert_eq!(buckets.len(), BUCKETS);
+    let Some(ChitchatMessage::SynAck {
+        digest: Some(digest),
+    }) = b.handle_message(syn, &Signed)
+    else {
+        panic!("expected a digest")
+    };
+    assert!(digest.scope.len() <= 3, "{:?}", digest.scope);
+    assert!(digest.entries.len() < 20, "{}", digest.entries.len());
+    let ack = a.handle_message(
+        ChitchatMessage::SynAck {
+            digest: Some(digest),
+        },
+        &Signed,
+    );
+    if let Some(m) = b.handle_message(ack.expect("ack"), &Signed) {
+        a.handle_message(m, &Signed);
+    }
+    assert_eq!(
+        b.node_state(id).and_then(|s| s.get("record")),
+        Some("member-42:2:r2")
+    );
+}
+
+#[test]
 fn arbitrary_bytes_never_panic_the_decoder_or_the_state_machine() {
     let mut rng = rand::rngs::SmallRng::seed_from_u64(7);
     let mut c = node("victim");

@@ -474,7 +474,7 @@ impl Node {
         let targets = self.round_targets();
         while Instant::now() < deadline {
             for t in &targets {
-                self.gossip.round_with(t.addr);
+                self.gossip.round_with(t.addr, true);
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }

@@ -26,14 +26,23 @@ const LOCAL_NETS_EVERY: Duration = Duration::from_secs(2);
 const POKE_EVERY: Duration = Duration::from_secs(10);
 /// How often a member whose stamper was revoked asks again for a stamp.
 const RESTAMP_EVERY: Duration = Duration::from_secs(30);
+/// A step this long is logged (the loop's other work waited for it).
+const SLOW_STEP: Duration = Duration::from_millis(500);
 /// How often `status` is rebuilt when nothing changed.
 const STATUS_EVERY: Duration = Duration::from_secs(2);
 
 impl Node {
     /// One step; a failed one is logged and retried at the next.
     pub(super) async fn step_or_warn(&mut self) {
+        let t0 = Instant::now();
         if let Err(e) = self.step().await {
             tracing::warn!(error = %format!("{e:#}"), "reconcile step failed; retrying");
+        }
+        let took = t0.elapsed();
+        if took >= SLOW_STEP {
+            // Everything else this loop serves (probes, rounds, STUN)
+            // waited as long: worth knowing on an overloaded machine.
+            tracing::info!(ms = took.as_millis() as u64, "slow step");
         }
     }
 
@@ -665,8 +674,9 @@ impl Node {
         }
         bootstrap.sort();
         bootstrap.dedup();
+        let busy = self.planner.busy(now);
         for addr in self.planner.poll(now, &targets, partner, &bootstrap) {
-            self.gossip.round_with(addr);
+            self.gossip.round_with(addr, busy);
         }
     }
 
@@ -681,6 +691,9 @@ impl Node {
 
     /// The liveness timer: run it, send its probes, act on its verdicts.
     pub(super) async fn run_liveness(&mut self) {
+        for (key, at, from) in self.gossip.take_heard() {
+            self.liveness.handle_heard(at, &key, from.ip());
+        }
         let now = Instant::now();
         self.liveness.handle_timeout(now, unix_ms());
         if let Some(sock) = &self.probes {
@@ -717,6 +730,10 @@ impl Node {
                     }
                 }
             }
+        }
+        // Rounds the liveness asked for (members it needs to hear from).
+        for k in self.liveness.take_mismatches() {
+            self.planner.handle_mismatch(k);
         }
         self.publish_liveness_values();
         if verdict {

@@ -13,12 +13,15 @@ pub mod rounds;
 pub mod tls;
 pub mod transport;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
 
 use chitchat::{Chitchat, ChitchatConfig, ChitchatMessage, SetError, Summary};
 
 use crate::membership::GossipEntry;
+use crate::proto::PublicKeyBytes;
 use crate::trust::{
     PeerIdentity, TrustState, ALIVE_KEY, AUTHORITY_NODE, RECORD_KEY, REVOKED_KEY, SEEN_KEY,
     SUSPECTS_KEY,
@@ -39,6 +42,9 @@ pub struct GossipCore {
     /// small meshes).
     changed: tokio::sync::Notify,
     requests: OnceLock<Arc<dyn RequestHandler>>,
+    /// Members heard from on their own connections since the daemon last
+    /// asked: key -> (when, from where) (see [`Gossip::take_heard`]).
+    heard: Mutex<HashMap<PublicKeyBytes, (Instant, SocketAddr)>>,
 }
 
 impl GossipCore {
@@ -50,7 +56,16 @@ impl GossipCore {
 }
 
 impl Inbound for GossipCore {
-    fn gossip(&self, _from: SocketAddr, msg: ChitchatMessage) -> Option<ChitchatMessage> {
+    fn gossip(
+        &self,
+        from: SocketAddr,
+        peer: &PeerIdentity,
+        msg: ChitchatMessage,
+    ) -> Option<ChitchatMessage> {
+        {
+            let mut heard = self.heard.lock().unwrap_or_else(|p| p.into_inner());
+            heard.insert(peer.node_key, (Instant::now(), from));
+        }
         let mut c = self.lock();
         let before = c.changes();
         let reply = c.handle_message(msg, &*self.trust);
@@ -92,6 +107,7 @@ impl Gossip {
             trust,
             changed: tokio::sync::Notify::new(),
             requests: OnceLock::new(),
+            heard: Mutex::new(HashMap::new()),
         });
         transport.set_inbound(core.clone());
         Gossip { core, transport }
@@ -162,18 +178,28 @@ impl Gossip {
         self.core.lock().stats()
     }
 
+    /// The members heard from on their own connections since the last
+    /// call, with when and from where (liveness evidence:
+    /// `Liveness::handle_heard`).
+    pub fn take_heard(&self) -> Vec<(PublicKeyBytes, Instant, SocketAddr)> {
+        let mut heard = self.core.heard.lock().unwrap_or_else(|p| p.into_inner());
+        heard.drain().map(|(k, (at, from))| (k, at, from)).collect()
+    }
+
     /// Notified when a remote value was stored.
     pub async fn changed(&self) {
         self.core.changed.notified().await
     }
 
     /// Starts a round with the member at `to`, unless one is in flight or
-    /// the address is held back; returns whether it started.
-    pub fn round_with(&self, to: SocketAddr) -> bool {
+    /// the address is held back; returns whether it started. `busy`: the
+    /// round spreads news (PROTOCOL §4.4: its `Syn` carries bucket hashes
+    /// in meshes of more than 32 node states).
+    pub fn round_with(&self, to: SocketAddr, busy: bool) -> bool {
         if !self.transport.try_start_round(to) {
             return false;
         }
-        let syn = self.core.lock().syn();
+        let syn = self.core.lock().syn_busy(busy);
         self.transport.send(to, &syn);
         true
     }

@@ -147,8 +147,14 @@ pub enum AllocReply {
 
 /// Where what arrives goes.
 pub trait Inbound: Send + Sync + 'static {
-    /// A gossip message from a member at `from`; the answer goes back.
-    fn gossip(&self, from: SocketAddr, msg: ChitchatMessage) -> Option<ChitchatMessage>;
+    /// A gossip message from the member `peer` at `from` (its key
+    /// authenticated the connection); the answer goes back.
+    fn gossip(
+        &self,
+        from: SocketAddr,
+        peer: &PeerIdentity,
+        msg: ChitchatMessage,
+    ) -> Option<ChitchatMessage>;
     /// A request from `peer` at `from`; returns the encoded reply.
     fn request(&self, from: SocketAddr, peer: &PeerIdentity, req: Request) -> Vec<u8>;
 }
@@ -619,7 +625,7 @@ async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection) {
                     lock(&shared.rounds).remove(&remote);
                 }
                 let Some(inbound) = shared.inbound.get() else { continue };
-                if let Some(reply) = inbound.gossip(remote, msg) {
+                if let Some(reply) = inbound.gossip(remote, &peer, msg) {
                     send_to(&shared, remote, &reply);
                 }
             }

@@ -36,7 +36,16 @@ struct Sim {
     gossip_delay: Duration,
     /// Answers on their way: (due, to node, from address, nonce).
     acks: Vec<(Instant, usize, Ipv4Addr, u64)>,
+    /// Gossip rounds the nodes ask for ([`Liveness::take_mismatches`]) are
+    /// answered by live targets after [`ROUND_TRIP`] (`None`: no rounds),
+    /// through the tunnel (`Some(true)`) or the underlay.
+    rounds: Option<bool>,
+    /// Round answers on their way: (due, to node, from node).
+    heard: Vec<(Instant, usize, usize)>,
 }
+
+/// A gossip round's answer, in the tests that answer rounds.
+const ROUND_TRIP: Duration = Duration::from_millis(200);
 
 #[derive(Clone)]
 enum Published {
@@ -95,6 +104,8 @@ impl Sim {
             timers_every: STEP,
             gossip_delay: GOSSIP_DELAY,
             acks: Vec::new(),
+            rounds: None,
+            heard: Vec::new(),
         }
     }
 
@@ -130,6 +141,18 @@ impl Sim {
                 self.nodes[i].handle_ack(self.now, from, nonce, Summary::default());
             }
         }
+        let (due, later): (Vec<_>, Vec<_>) =
+            self.heard.drain(..).partition(|(at, ..)| *at <= self.now);
+        self.heard = later;
+        for (_, i, j) in due {
+            if self.up[i] && self.up[j] {
+                let from = match self.rounds {
+                    Some(true) => std::net::IpAddr::V4(ip(j)),
+                    _ => std::net::IpAddr::V4(Ipv4Addr::new(192, 0, 2, j as u8 + 1)),
+                };
+                self.nodes[i].handle_heard(self.now, &self.keys[j], from);
+            }
+        }
         let elapsed = self.now.duration_since(self.t0);
         for i in 0..self.nodes.len() {
             if !self.up[i] {
@@ -159,6 +182,12 @@ impl Sim {
             }
             while let Some(e) = self.nodes[i].poll_event() {
                 self.events.push((self.now - self.t0, i, e));
+            }
+            for k in self.nodes[i].take_mismatches() {
+                let j = self.keys.iter().position(|x| *x == k).unwrap();
+                if self.rounds.is_some() && self.up[j] {
+                    self.heard.push((self.now + ROUND_TRIP, i, j));
+                }
             }
             if let Some(targets) = self.nodes[i].take_accusations() {
                 let s = Suspicions {
@@ -898,4 +927,86 @@ fn a_withdrawn_accusation_ends_the_checks_on_its_word() {
     };
     assert_eq!(run(false), vec![Event::Down(keys[2])]);
     assert_eq!(run(true), Vec::<Event>::new());
+}
+
+/// A member whose probes go unanswered (too busy to answer through its
+/// tunnels in time, or its tunnels are what fails) but that answers gossip
+/// rounds on its own connection is not called down: monitors do not
+/// accuse it, checkers' failed probes end at its answer. Answering again
+/// and then killed, it is down everywhere within ten seconds.
+#[test]
+fn a_member_that_answers_gossip_is_not_called_down_for_missed_probes() {
+    let mut sim = Sim::new(10);
+    sim.rounds = Some(false);
+    sim.run(Duration::from_secs(5));
+    for i in 0..10 {
+        sim.cut.insert((i, 3));
+    }
+    // Someone accuses it too (as a monitor whose rounds did not get
+    // through would): every checker's probes fail.
+    let lie = Suspicions {
+        network_key: NET,
+        accuser: sim.keys[7],
+        issued_at_ms: 1,
+        targets: vec![Suspect {
+            node_key: sim.keys[3],
+            since_ms: 1_005_000,
+        }],
+    };
+    sim.in_flight.push((sim.now, 7, Published::Suspicions(lie)));
+    sim.run(Duration::from_secs(40));
+    assert!(sim.downs_of(3).is_empty(), "{:?}", sim.events);
+    // Answers over the underlay with failed probes: our tunnel is what
+    // fails, which the path logic hears of.
+    assert!(
+        sim.events
+            .iter()
+            .any(|(_, _, e)| *e == Event::PathBroken(sim.keys[3])),
+        "{:?}",
+        sim.events
+    );
+    // Its monitors heard it and accused nobody.
+    assert!(
+        sim.nodes
+            .iter()
+            .enumerate()
+            .all(|(i, n)| i == 7 || !n.accusing.contains_key(&sim.keys[3])),
+        "an accusation of a member that answers rounds"
+    );
+    // It answers probes again, then dies: down everywhere within ten
+    // seconds.
+    sim.cut.clear();
+    sim.run(Duration::from_secs(10));
+    let killed_at = sim.now - sim.t0;
+    sim.up[3] = false;
+    sim.run(Duration::from_secs(15));
+    let downs = sim.downs_of(3);
+    let observers: HashSet<usize> = downs.iter().map(|(_, i)| *i).collect();
+    assert_eq!(observers.len(), 9, "{downs:?}");
+    let last = downs.iter().map(|(t, _)| *t).max().unwrap() - killed_at;
+    assert!(
+        last <= Duration::from_secs(10),
+        "last verdict after {last:?}"
+    );
+}
+
+/// Heard through the tunnel itself, a failed check says nothing about the
+/// path: no [`Event::PathBroken`] (which would move the pair to a relay).
+#[test]
+fn heard_through_the_tunnel_the_path_is_not_called_broken() {
+    let mut sim = Sim::new(6);
+    sim.rounds = Some(true);
+    sim.run(Duration::from_secs(5));
+    for i in 0..6 {
+        sim.cut.insert((i, 2));
+    }
+    sim.run(Duration::from_secs(30));
+    assert!(sim.downs_of(2).is_empty(), "{:?}", sim.events);
+    assert!(
+        !sim.events
+            .iter()
+            .any(|(_, _, e)| *e == Event::PathBroken(sim.keys[2])),
+        "{:?}",
+        sim.events
+    );
 }

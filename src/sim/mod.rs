@@ -185,6 +185,8 @@ enum Ev {
         from: u32,
         to: u32,
         msg: ChitchatMessage,
+        /// Sent over the overlay (through the pair's tunnel).
+        overlay: bool,
     },
     Probe {
         from: u32,
@@ -713,7 +715,15 @@ impl Sim {
             d += 3 * d;
         }
         let at = self.now + d;
-        self.queue.push(at, Ev::Gossip { from, to, msg });
+        self.queue.push(
+            at,
+            Ev::Gossip {
+                from,
+                to,
+                msg,
+                overlay,
+            },
+        );
     }
 
     fn send_probe(&mut self, from: u32, to: u32, probe: Probe) {
@@ -764,7 +774,8 @@ impl Sim {
                 continue;
             }
             n.rounds.insert(to, now);
-            let syn = n.chitchat.syn();
+            let busy = n.planner.busy(now);
+            let syn = n.chitchat.syn_busy(busy);
             self.send_gossip(i, to, syn, overlay);
         }
     }
@@ -1081,6 +1092,9 @@ impl Sim {
                 liveness::Event::PathBroken(_) => {}
             }
         }
+        for k in n.liveness.take_mismatches() {
+            n.planner.handle_mismatch(k);
+        }
         n.publish_liveness_values(unix_ms);
         self.put(n);
         for (ip, probe) in transmits {
@@ -1096,12 +1110,21 @@ impl Sim {
         self.schedule_timers(i);
     }
 
-    fn on_gossip(&mut self, from: u32, to: u32, msg: ChitchatMessage) {
+    fn on_gossip(&mut self, from: u32, to: u32, msg: ChitchatMessage, overlay: bool) {
         let n = self.node(to);
         if !n.alive || !n.joined || self.cut(from, to) {
             return;
         }
+        let now = self.instant();
+        let from_key = self.node(from).key;
+        // Where it came from: the sender's overlay address through the
+        // tunnel, else its underlay (any address outside the overlay).
+        let from_ip = match self.node(from).overlay_ip {
+            Some(ip) if overlay => IpAddr::V4(ip),
+            _ => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+        };
         let mut n = self.take(to);
+        n.liveness.handle_heard(now, &from_key, from_ip);
         if matches!(
             msg,
             ChitchatMessage::SynAck { .. } | ChitchatMessage::BadCluster
@@ -1174,7 +1197,12 @@ impl Sim {
             Ev::Step(i) => self.on_step(i),
             Ev::Rounds(i) => self.on_rounds(i),
             Ev::Liveness(i) => self.on_liveness(i),
-            Ev::Gossip { from, to, msg } => self.on_gossip(from, to, msg),
+            Ev::Gossip {
+                from,
+                to,
+                msg,
+                overlay,
+            } => self.on_gossip(from, to, msg, overlay),
             Ev::Probe { from, to, probe } => self.on_probe(from, to, probe),
         }
     }
