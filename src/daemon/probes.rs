@@ -17,8 +17,9 @@ use crate::liveness::{Probe, Summary, MAX_PROBE_BYTES};
 /// Pings answered per second from one source.
 const RATE_PER_SOURCE: u32 = 20;
 
-/// An answer to one of our pings: (from, nonce, their summary).
-pub type Ack = (Ipv4Addr, u64, Summary);
+/// An answer to one of our pings: (from, nonce, their summary, when it
+/// arrived: the loop may handle it later, after a long step).
+pub type Ack = (Ipv4Addr, u64, Summary, Instant);
 
 /// What the socket task needs to answer pings.
 #[derive(Clone, Default)]
@@ -137,7 +138,7 @@ async fn serve(sock: Arc<UdpSocket>, shared: Shared, acks: mpsc::Sender<Ack>) {
                 if shared.pings.answered(nonce, src) {
                     continue;
                 }
-                let _ = acks.try_send((src, nonce, summary));
+                let _ = acks.try_send((src, nonce, summary, Instant::now()));
             }
         }
     }

@@ -65,13 +65,22 @@ impl Node {
                     self.traversal.handle_allocation(&peer, &relay, endpoint);
                     self.step_or_warn().await;
                 }
-                Some((from, nonce, summary)) = inbox.acks.recv() => {
-                    self.on_probe_ack(from, nonce, summary);
-                    while let Ok((from, nonce, summary)) = inbox.acks.try_recv() {
-                        self.on_probe_ack(from, nonce, summary);
+                Some(ack) = inbox.acks.recv() => {
+                    self.on_probe_ack(ack);
+                    while let Ok(ack) = inbox.acks.try_recv() {
+                        self.on_probe_ack(ack);
                     }
                 }
-                _ = tokio::time::sleep_until(liveness_at.into()) => self.run_liveness().await,
+                _ = tokio::time::sleep_until(liveness_at.into()) => {
+                    // Answers that arrived while the loop was busy (a long
+                    // step on a loaded machine) count before the timeouts
+                    // do: otherwise probes answered in time expire unread
+                    // and make accusations and down verdicts.
+                    while let Ok(ack) = inbox.acks.try_recv() {
+                        self.on_probe_ack(ack);
+                    }
+                    self.run_liveness().await
+                }
                 _ = tokio::time::sleep_until(rounds_at.into()) => self.start_rounds(),
                 _ = &mut shutdown => {
                     self.on_stop().await;

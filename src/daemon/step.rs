@@ -2,7 +2,7 @@
 //! hands it to its core, and applies what the core decided.
 
 use std::collections::HashSet;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -681,9 +681,8 @@ impl Node {
     }
 
     /// A probe answer arrived.
-    pub(super) fn on_probe_ack(&mut self, from: Ipv4Addr, nonce: u64, summary: liveness::Summary) {
-        self.liveness
-            .handle_ack(Instant::now(), from, nonce, summary);
+    pub(super) fn on_probe_ack(&mut self, (from, nonce, summary, at): super::probes::Ack) {
+        self.liveness.handle_ack(at, from, nonce, summary);
         for k in self.liveness.take_mismatches() {
             self.planner.handle_mismatch(k);
         }

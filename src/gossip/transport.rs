@@ -64,6 +64,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(4);
 const FAILED_BACKOFF: Duration = Duration::from_secs(5);
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
 const SENDER_IDLE: Duration = Duration::from_secs(60);
+/// A gossip stream not finished within this is dropped (a round not
+/// answered within [`ROUND_WAIT`] is over anyway).
+const STREAM_READ_LIMIT: Duration = ROUND_WAIT;
 /// At most one gossip round (Syn) in flight per destination: a new round to
 /// an address waits for the answer to the last one (SynAck), or this long.
 /// Without it a joiner asked its seed four times a second while the seed's
@@ -273,6 +276,11 @@ impl QuicTransport {
             None => quinn::EndpointConfig::default(),
         };
         let socket = std::net::UdpSocket::bind(addr)?;
+        // The default receive buffer (about 200 KB) overflowed on loaded
+        // public members (testnet, 100 members coming up: 10-25 % of the
+        // datagrams to the gossip port dropped), and QUIC's loss recovery
+        // then held joins and relay allocations for tens of seconds.
+        crate::wg::userspace::net::grow_buffers(std::os::fd::AsRawFd::as_raw_fd(&socket));
         let endpoint =
             quinn::Endpoint::new(config, Some(server), socket, Arc::new(quinn::TokioRuntime))?;
         let shared = Arc::new(Shared {
@@ -594,40 +602,12 @@ async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection) {
         tokio::select! {
             uni = conn.accept_uni() => {
                 let Ok(stream) = uni else { break };
-                let bytes = match read_all(stream).await {
-                    Ok(b) => b,
-                    Err(e) => {
-                        tracing::debug!(%remote, error = %e, "gossip stream failed");
-                        continue;
-                    }
-                };
-                shared.bytes_in.fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
-                if shared.trust.peer_revoked(&peer) {
-                    continue;
-                }
-                if !peer.stamped {
-                    tracing::debug!(%remote, "gossip from a joiner that is not admitted yet; dropped");
-                    continue;
-                }
-                let msg = match ChitchatMessage::deserialize(&mut bytes.as_slice()) {
-                    Ok(m) => m,
-                    Err(e) => {
-                        if warn_once_a_minute(&shared, remote) {
-                            tracing::warn!(%remote, error = %e, "dropped a malformed gossip message (more from this address are logged at debug level for a minute)");
-                        } else {
-                            tracing::debug!(%remote, error = %e, "dropped a malformed gossip message");
-                        }
-                        continue;
-                    }
-                };
-                if matches!(msg, ChitchatMessage::SynAck { .. } | ChitchatMessage::BadCluster) {
-                    // The answer to our round: the next may start.
-                    lock(&shared.rounds).remove(&remote);
-                }
-                let Some(inbound) = shared.inbound.get() else { continue };
-                if let Some(reply) = inbound.gossip(remote, &peer, msg) {
-                    send_to(&shared, remote, &reply);
-                }
+                // Read in a task of its own, within a deadline: a stream
+                // that is slow to finish (a loaded or hostile peer) must
+                // not hold up this connection's other streams (joins and
+                // relay allocations waited up to 50 s behind one on a
+                // loaded seed). QUIC bounds the streams open at once.
+                tokio::spawn(serve_gossip_stream(shared.clone(), peer.clone(), remote, stream));
             }
             bi = conn.accept_bi() => {
                 let Ok((mut send, mut recv)) = bi else { break };
@@ -666,6 +646,61 @@ async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection) {
         }
     }
     forget_conn(&shared, &conn);
+}
+
+/// One gossip message on a unidirectional stream: read (within
+/// [`STREAM_READ_LIMIT`]), checked, handed to the state, answered.
+async fn serve_gossip_stream(
+    shared: Arc<Shared>,
+    peer: Arc<PeerIdentity>,
+    remote: SocketAddr,
+    stream: quinn::RecvStream,
+) {
+    let bytes = match tokio::time::timeout(STREAM_READ_LIMIT, read_all(stream)).await {
+        Ok(Ok(b)) => b,
+        Ok(Err(e)) => {
+            tracing::debug!(%remote, error = %e, "gossip stream failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%remote, "gossip stream not finished in time; dropped");
+            return;
+        }
+    };
+    shared
+        .bytes_in
+        .fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
+    if shared.trust.peer_revoked(&peer) {
+        return;
+    }
+    if !peer.stamped {
+        tracing::debug!(%remote, "gossip from a joiner that is not admitted yet; dropped");
+        return;
+    }
+    let msg = match ChitchatMessage::deserialize(&mut bytes.as_slice()) {
+        Ok(m) => m,
+        Err(e) => {
+            if warn_once_a_minute(&shared, remote) {
+                tracing::warn!(%remote, error = %e, "dropped a malformed gossip message (more from this address are logged at debug level for a minute)");
+            } else {
+                tracing::debug!(%remote, error = %e, "dropped a malformed gossip message");
+            }
+            return;
+        }
+    };
+    if matches!(
+        msg,
+        ChitchatMessage::SynAck { .. } | ChitchatMessage::BadCluster
+    ) {
+        // The answer to our round: the next may start.
+        lock(&shared.rounds).remove(&remote);
+    }
+    let Some(inbound) = shared.inbound.get() else {
+        return;
+    };
+    if let Some(reply) = inbound.gossip(remote, &peer, msg) {
+        send_to(&shared, remote, &reply);
+    }
 }
 
 fn forget_conn(shared: &Shared, conn: &quinn::Connection) {

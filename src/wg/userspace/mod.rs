@@ -28,7 +28,7 @@ mod dataplane;
 mod device;
 mod error;
 mod ipc;
-mod net;
+pub(crate) mod net;
 mod peer;
 mod uapi;
 

@@ -107,6 +107,21 @@ fn setsockopt_int(
     .map(|_| ())
 }
 
+/// Best effort: socket buffers of [`SOCKET_BUFFER`] each way (root may
+/// exceed `net.core.rmem_max`). Larger buffers help throughput, and carry
+/// a busy process over the moments it is not scheduled instead of dropping
+/// what arrives meanwhile.
+pub(crate) fn grow_buffers(raw: RawFd) {
+    for (force, plain) in [
+        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
+        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
+    ] {
+        if setsockopt_int(raw, libc::SOL_SOCKET, force, SOCKET_BUFFER).is_err() {
+            let _ = setsockopt_int(raw, libc::SOL_SOCKET, plain, SOCKET_BUFFER);
+        }
+    }
+}
+
 fn set_mark(fd: RawFd, mark: u32) -> io::Result<()> {
     setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_MARK, mark as libc::c_int)
 }
@@ -133,15 +148,7 @@ fn bind_one(addr: SocketAddr, fwmark: u32) -> io::Result<UdpSocket> {
     if fwmark != 0 {
         set_mark(raw, fwmark)?;
     }
-    // Best effort: larger buffers help throughput; root may exceed rmem_max.
-    for (force, plain) in [
-        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
-        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
-    ] {
-        if setsockopt_int(raw, libc::SOL_SOCKET, force, SOCKET_BUFFER).is_err() {
-            let _ = setsockopt_int(raw, libc::SOL_SOCKET, plain, SOCKET_BUFFER);
-        }
-    }
+    grow_buffers(raw);
     match addr {
         SocketAddr::V4(a) => {
             // SAFETY: an all-zero sockaddr_in is valid.
