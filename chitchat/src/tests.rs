@@ -131,9 +131,9 @@ fn a_restarted_node_learns_its_old_version() {
     assert_eq!(nodes[0].take_self_seen(), None);
 }
 
-#[test]
-fn large_meshes_narrow_a_mismatch_to_the_buckets_that_differ() {
-    let n = 3000;
+/// Two nodes holding `n` members alike, except that `a` holds a newer
+/// record of one of them: `(a, b, that member's id)`.
+fn pair_one_record_apart(n: usize, newer: usize) -> (Chitchat, Chitchat, String) {
     let mut a = node("a");
     let mut b = node("b");
     for i in 0..n {
@@ -142,58 +142,23 @@ fn large_meshes_narrow_a_mismatch_to_the_buckets_that_differ() {
             assert!(c.inject(&id, "record", signed(&id, 1, "r"), 1, &Signed));
         }
     }
-    let id = "member-17";
-    assert!(a.inject(id, "record", signed(id, 2, "r2"), 2, &Signed));
-    let syn = a.syn();
-    let ChitchatMessage::Syn { ref buckets, .. } = syn else {
-        panic!("not a syn")
-    };
-    assert_eq!(buckets.len(), BUCKETS);
-    let Some(ChitchatMessage::SynAck {
-        digest: Some(digest),
-    }) = b.handle_message(syn, &Signed)
-    else {
-        panic!("expected a digest")
-    };
-    // The digest covers the one bucket that differs (plus the nodes' own,
-    // which differ as each holds itself and not the other), not 3000 nodes.
-    assert!(digest.scope.len() <= 3, "{:?}", digest.scope);
-    assert!(digest.entries.len() < 250, "{}", digest.entries.len());
-    let ack = a.handle_message(
-        ChitchatMessage::SynAck {
-            digest: Some(digest),
-        },
-        &Signed,
-    );
-    let last = b.handle_message(ack.expect("ack"), &Signed);
-    if let Some(m) = last {
-        a.handle_message(m, &Signed);
-    }
-    assert_eq!(
-        b.node_state(id).and_then(|s| s.get("record")),
-        Some("member-17:2:r2")
-    );
+    let id = format!("member-{newer}");
+    assert!(a.inject(&id, "record", signed(&id, 2, "r2"), 2, &Signed));
+    (a, b, id)
 }
 
-#[test]
-fn a_busy_round_narrows_at_a_hundred_nodes_and_a_rest_round_does_not() {
-    let mut a = node("a");
-    let mut b = node("b");
-    for i in 0..100 {
-        let id = format!("member-{i}");
-        for c in [&mut a, &mut b] {
-            assert!(c.inject(&id, "record", signed(&id, 1, "r"), 1, &Signed));
-        }
-    }
-    let id = "member-42";
-    assert!(a.inject(id, "record", signed(id, 2, "r2"), 2, &Signed));
-    // At rest: summary only (the summaries are almost always equal).
-    let ChitchatMessage::Syn { buckets, .. } = a.syn_busy(false) else {
-        panic!("not a syn")
-    };
-    assert!(buckets.is_empty());
-    // Busy: bucket hashes, and an answer about the buckets that differ.
-    let syn = a.syn_busy(true);
+/// Runs the round `syn` opens from `a` to `b`, asserting that `b` answers
+/// with a digest of at most 3 buckets (the one that differs, plus the
+/// nodes' own, which differ as each holds itself and not the other) and
+/// fewer than `max_entries` entries; then checks that `b` got `id`'s
+/// newer record.
+fn narrowed_round(
+    a: &mut Chitchat,
+    b: &mut Chitchat,
+    syn: ChitchatMessage,
+    max_entries: usize,
+    id: &str,
+) {
     let ChitchatMessage::Syn { ref buckets, .. } = syn else {
         panic!("not a syn")
     };
@@ -205,7 +170,11 @@ fn a_busy_round_narrows_at_a_hundred_nodes_and_a_rest_round_does_not() {
         panic!("expected a digest")
     };
     assert!(digest.scope.len() <= 3, "{:?}", digest.scope);
-    assert!(digest.entries.len() < 20, "{}", digest.entries.len());
+    assert!(
+        digest.entries.len() < max_entries,
+        "{}",
+        digest.entries.len()
+    );
     let ack = a.handle_message(
         ChitchatMessage::SynAck {
             digest: Some(digest),
@@ -217,8 +186,29 @@ fn a_busy_round_narrows_at_a_hundred_nodes_and_a_rest_round_does_not() {
     }
     assert_eq!(
         b.node_state(id).and_then(|s| s.get("record")),
-        Some("member-42:2:r2")
+        Some(signed(id, 2, "r2").as_str())
     );
+}
+
+#[test]
+fn large_meshes_narrow_a_mismatch_to_the_buckets_that_differ() {
+    let (mut a, mut b, id) = pair_one_record_apart(3000, 17);
+    // Any round: 3000 nodes is above the threshold of every Syn.
+    let syn = a.syn();
+    narrowed_round(&mut a, &mut b, syn, 250, &id);
+}
+
+#[test]
+fn a_busy_round_narrows_at_a_hundred_nodes_and_a_rest_round_does_not() {
+    let (mut a, mut b, id) = pair_one_record_apart(100, 42);
+    // At rest: summary only (the summaries are almost always equal).
+    let ChitchatMessage::Syn { buckets, .. } = a.syn_busy(false) else {
+        panic!("not a syn")
+    };
+    assert!(buckets.is_empty());
+    // Busy: bucket hashes, and an answer about the buckets that differ.
+    let syn = a.syn_busy(true);
+    narrowed_round(&mut a, &mut b, syn, 20, &id);
 }
 
 #[test]
