@@ -38,10 +38,12 @@ pub const RX_SILENCE: Duration = Duration::from_secs(25);
 /// peer's NAT drops what comes from it).
 pub const UNANSWERED: Duration = Duration::from_secs(12);
 
-/// A path to a peer that sends keepalives (it is behind NAT: every 25 s)
-/// and from which nothing arrived this long is broken. Peers that send no
-/// keepalives (public members, whose tunnels lapse while unused) may be
-/// silent for good: only unanswered data breaks their path.
+/// A path to a peer that sends keepalives (it is behind NAT: every 25 s,
+/// and we send none that would stand in for its own: see
+/// `daemon::traversal`) and from which nothing arrived this long is
+/// broken. Peers that send no keepalives (public members, whose tunnels
+/// lapse while unused) may be silent for good: only unanswered data breaks
+/// their path.
 pub const KEEPALIVE_SILENCE: Duration = Duration::from_secs(40);
 
 /// A WireGuard keepalive on the wire: an empty transport data message
@@ -107,6 +109,7 @@ impl PathSelector {
     /// accusation, so it is alive): stop counting it as heard until it is
     /// heard again, so the path is tried afresh (checks, relay meanwhile).
     pub fn broken(&mut self, key: &[u8; 32]) {
+        tracing::debug!(peer = %crate::proto::short_key(key), "path stopped working: liveness found it broken");
         self.grew.remove(key);
         self.working.remove(key);
     }
@@ -206,11 +209,24 @@ impl PathSelector {
                     .grew
                     .get(&k)
                     .is_none_or(|t| now.saturating_duration_since(*t) >= KEEPALIVE_SILENCE);
-            if self.unanswered(now, &k) >= UNANSWERED || silent_too_long {
-                self.working.remove(&k);
+            let unanswered = self.unanswered(now, &k);
+            if (unanswered >= UNANSWERED || silent_too_long) && self.working.remove(&k) {
+                tracing::debug!(
+                    peer = %crate::proto::short_key(&k),
+                    unanswered_ms = unanswered.as_millis() as u64,
+                    silent_ms = self.grew.get(&k).map(|t| now.saturating_duration_since(*t).as_millis() as u64),
+                    handshake_age_s = a.handshake_age.map(|d| d.as_secs()),
+                    "path stopped working"
+                );
             }
         }
-        self.working.retain(|k| on_device.contains(k));
+        self.working.retain(|k| {
+            let keep = on_device.contains(k);
+            if !keep {
+                tracing::debug!(peer = %crate::proto::short_key(k), "path stopped working: no endpoint on the device");
+            }
+            keep
+        });
         let endpoint_of: HashMap<[u8; 32], SocketAddr> = actual
             .iter()
             .filter_map(|a| a.endpoint.map(|e| (a.public_key, e)))
