@@ -760,14 +760,22 @@ impl Liveness {
         };
         t.version = t.version.max(version);
         if t.down_since.is_some() && t.version > t.version_at_down {
+            self.back_up(key);
+        }
+    }
+
+    /// A down member showed life: up again, no check, our accusation
+    /// withdrawn.
+    fn back_up(&mut self, key: &PublicKeyBytes) {
+        if let Some(t) = self.targets.get_mut(key) {
             t.down_since = None;
             t.next_recheck = None;
             t.check = None;
             t.misses = 0;
-            self.events.push_back(Event::Up(*key));
-            if self.accusing.remove(key).is_some() {
-                self.accusing_changed = true;
-            }
+        }
+        self.events.push_back(Event::Up(*key));
+        if self.accusing.remove(key).is_some() {
+            self.accusing_changed = true;
         }
     }
 
@@ -917,13 +925,7 @@ impl Liveness {
             }
         }
         if t.down_since.is_some_and(|d| at >= d) {
-            t.down_since = None;
-            t.next_recheck = None;
-            t.misses = 0;
-            self.events.push_back(Event::Up(*key));
-            if self.accusing.remove(key).is_some() {
-                self.accusing_changed = true;
-            }
+            self.back_up(key);
         }
     }
 
