@@ -242,6 +242,22 @@ impl Sim {
         self.up[i] = true;
     }
 
+    /// Kills `victim`, runs `d`; returns who called it down, and when the
+    /// last of them did, counted from the kill.
+    fn kill_and_watch(&mut self, victim: usize, d: Duration) -> (HashSet<usize>, Duration) {
+        let killed_at = self.now - self.t0;
+        self.up[victim] = false;
+        self.run(d);
+        let downs = self.downs_of(victim);
+        let observers: HashSet<usize> = downs.iter().map(|(_, i)| *i).collect();
+        let last = downs
+            .iter()
+            .map(|(t, _)| *t)
+            .max()
+            .map_or(Duration::ZERO, |t| t - killed_at);
+        (observers, last)
+    }
+
     fn downs_of(&self, victim: usize) -> Vec<(Duration, usize)> {
         self.events
             .iter()
@@ -256,13 +272,8 @@ fn a_killed_member_is_down_everywhere_within_ten_seconds() {
     let mut sim = Sim::new(12);
     sim.run(Duration::from_secs(10));
     assert!(sim.events.is_empty(), "{:?}", sim.events);
-    let killed_at = sim.now - sim.t0;
-    sim.up[5] = false;
-    sim.run(Duration::from_secs(15));
-    let downs = sim.downs_of(5);
-    let observers: HashSet<usize> = downs.iter().map(|(_, i)| *i).collect();
-    assert_eq!(observers.len(), 11, "{downs:?}");
-    let last = downs.iter().map(|(t, _)| *t).max().unwrap() - killed_at;
+    let (observers, last) = sim.kill_and_watch(5, Duration::from_secs(15));
+    assert_eq!(observers.len(), 11, "{:?}", sim.downs_of(5));
     assert!(
         last <= Duration::from_secs(10),
         "last verdict after {last:?}"
@@ -497,13 +508,8 @@ fn an_overloaded_mesh_does_not_call_live_members_down() {
         .filter(|(_, _, e)| matches!(e, Event::Down(_)))
         .collect();
     assert!(downs.is_empty(), "false downs: {downs:?}");
-    let killed_at = sim.now - sim.t0;
-    sim.up[5] = false;
-    sim.run(Duration::from_secs(120));
-    let downs = sim.downs_of(5);
-    let observers: HashSet<usize> = downs.iter().map(|(_, i)| *i).collect();
+    let (observers, last) = sim.kill_and_watch(5, Duration::from_secs(120));
     assert_eq!(observers.len(), 11, "{:?}", sim.events);
-    let last = downs.iter().map(|(t, _)| *t).max().unwrap() - killed_at;
     eprintln!("overloaded: kill seen by all after {last:?}");
     assert!(
         last <= Duration::from_secs(90),
@@ -977,13 +983,8 @@ fn a_member_that_answers_gossip_is_not_called_down_for_missed_probes() {
     // seconds.
     sim.cut.clear();
     sim.run(Duration::from_secs(10));
-    let killed_at = sim.now - sim.t0;
-    sim.up[3] = false;
-    sim.run(Duration::from_secs(15));
-    let downs = sim.downs_of(3);
-    let observers: HashSet<usize> = downs.iter().map(|(_, i)| *i).collect();
-    assert_eq!(observers.len(), 9, "{downs:?}");
-    let last = downs.iter().map(|(t, _)| *t).max().unwrap() - killed_at;
+    let (observers, last) = sim.kill_and_watch(3, Duration::from_secs(15));
+    assert_eq!(observers.len(), 9, "{:?}", sim.downs_of(3));
     assert!(
         last <= Duration::from_secs(10),
         "last verdict after {last:?}"
