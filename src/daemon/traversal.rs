@@ -434,7 +434,8 @@ impl Traversal {
         // Peers behind NAT send keepalives, so their silence means a broken
         // path, but only when we send none ourselves (we are public): a
         // persistent keepalive is due 25 s after the last packet either
-        // way (kernel WireGuard, and our userspace device alike), so of two
+        // way (our userspace device; kernel WireGuard resets its timer on
+        // any authenticated packet as well), so of two
         // members behind NAT only the one whose timer runs first sends,
         // and the other's silence says nothing. Counting it made every such
         // pair at rest drop to a relay for a step every 40 s (testnet,
