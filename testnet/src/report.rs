@@ -121,7 +121,7 @@ pub fn summary(r: &Report) -> String {
             if ak.is_object() {
                 let _ = writeln!(
                     s,
-                    "  overlay address known to the testnet after the node's start: median {} s, max {} s (the daemon's join, plus the poller's wait: up to one full status sweep, which took {} s on average, {} s at most)",
+                    "  overlay address known to the testnet after the node's start: median {} s, max {} s (the daemon's join, plus the poller's address lane: a thread of its own asking every node without a known address, one after the other, every 20 ms; full status sweeps took {} s on average, {} s at most)",
                     f(&ak["p50"]),
                     f(&ak["max"]),
                     f(&run.false_down["sweep_mean_secs"]),
