@@ -286,6 +286,8 @@ mod tests {
             gossip_rounds: 0,
             gossip_rounds_in_sync: 0,
             loop_wakeups: 0,
+            loop_steps: 0,
+            loop_step_ms: 0,
             gossip_values_stored: 0,
             gossip_values_rejected: 0,
             nat: "public".into(),

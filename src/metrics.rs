@@ -24,6 +24,8 @@
 //! | `gossip_rounds_total`, `gossip_rounds_in_sync_total` | counter | rounds started, and those that found the other side in sync |
 //! | `gossip_values_stored_total`, `gossip_values_rejected_total` | counter | values stored from others, refused by validation |
 //! | `loop_wakeups_total` | counter | times the daemon's event loop woke up (a few a second at rest; more means something spins) |
+//! | `loop_steps_total` | counter | steps the daemon ran (membership, paths, WireGuard, what to publish) |
+//! | `loop_step_seconds_total` | counter | wall time of those steps (a loaded machine shows here first) |
 //! | `routes_installed` | gauge | members' subnets routed through the mesh interface here |
 //! | `routes_refused` | gauge | advertised subnets (members' and our own) this node refuses |
 //! | `mesh_converged` | gauge (0/1) | see [`converged`] |
@@ -152,6 +154,13 @@ fn gauge(v: i64) -> Gauge {
 
 fn flag(b: bool) -> Gauge {
     gauge(i64::from(b))
+}
+
+/// A counter of seconds (fractions).
+fn seconds_counter(v: f64) -> Counter<f64, std::sync::atomic::AtomicU64> {
+    let c = Counter::<f64, std::sync::atomic::AtomicU64>::default();
+    c.inc_by(v);
+    c
 }
 
 fn counter(v: u64) -> Counter {
@@ -340,6 +349,16 @@ pub fn render(
         "loop_wakeups",
         "Times the daemon's event loop woke up",
         counter(s.loop_wakeups),
+    );
+    reg.register(
+        "loop_steps",
+        "Steps the daemon ran (membership, paths, WireGuard, what to publish)",
+        counter(s.loop_steps),
+    );
+    reg.register(
+        "loop_step_seconds",
+        "Wall time the daemon's steps took",
+        seconds_counter(s.loop_step_ms as f64 / 1000.0),
     );
     reg.register(
         "gossip_values_stored",
@@ -550,6 +569,8 @@ mod tests {
             gossip_rounds: 3,
             gossip_rounds_in_sync: 2,
             loop_wakeups: 7,
+            loop_steps: 5,
+            loop_step_ms: 1500,
             gossip_values_stored: 1,
             gossip_values_rejected: 0,
             nat: "public".into(),
@@ -602,6 +623,8 @@ mod tests {
             "meshpeer_gossip_rounds_total 3",
             "meshpeer_gossip_rounds_in_sync_total 2",
             "meshpeer_loop_wakeups_total 7",
+            "meshpeer_loop_steps_total 5",
+            "meshpeer_loop_step_seconds_total 1.5",
             "meshpeer_gossip_values_stored_total 1",
             "meshpeer_gossip_values_rejected_total 0",
             "meshpeer_mesh_converged 0",

@@ -7,6 +7,7 @@
 //!   "backend": "kernel" | "userspace", "listen_port": PORT,
 //!   "gossip_addr": "IP:PORT", "gossip_bytes_sent": N, "gossip_bytes_received": N,
 //!   "loop_wakeups": N (times the event loop woke up since start),
+//!   "loop_steps": N, "loop_step_ms": N (steps run, and their wall time),
 //!   "self": MEMBER,
 //!   "members": [MEMBER, ...] }          // self included, sorted by overlay IP
 //! MEMBER = { "name", "node_id", "overlay_ip", "public_key" (WireGuard, base64),
@@ -134,6 +135,12 @@ pub struct Status {
     /// Times the daemon's event loop woke up since it started.
     #[serde(default)]
     pub loop_wakeups: u64,
+    /// Steps the daemon ran (membership, paths, WireGuard, what to
+    /// publish), and the wall time they took in all, in milliseconds.
+    #[serde(default)]
+    pub loop_steps: u64,
+    #[serde(default)]
+    pub loop_step_ms: u64,
     /// Our NAT as STUN measured it, and our mapped (server-reflexive) endpoints.
     pub nat: String,
     pub mapped_endpoints: Vec<String>,
@@ -416,6 +423,8 @@ mod tests {
             gossip_rounds: 0,
             gossip_rounds_in_sync: 0,
             loop_wakeups: 0,
+            loop_steps: 0,
+            loop_step_ms: 0,
             gossip_values_stored: 0,
             gossip_values_rejected: 0,
             nat: "public".into(),

@@ -1,7 +1,7 @@
 //! The daemon's step cadence (sans-IO, shared with the simulation): how often
 //! a node runs its step (membership, paths, reconcile, what to publish).
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// The daemon's tick when the mesh is small; see [`tick_period`].
 pub const TICK: Duration = Duration::from_millis(250);
@@ -42,6 +42,32 @@ pub fn news_step_gap(members: usize, at_rest: bool) -> Option<Duration> {
     }
 }
 
+/// How long after its last step a node runs the step that a relay's
+/// allocation answer asks for, rather than running one per answer: in the come-up a member with dozens of relayed
+/// peers gets dozens of allocation answers within a second, and each step
+/// costs work in proportion to the members (testnet, mixed 100: 39 steps
+/// for allocation answers in the first 40 s beside 77 ticks, each longer
+/// than a tick's step on the loaded machine). Answers that arrive within
+/// the gap share one step.
+///
+/// * Up to [`TICK_MEMBERS`] members: [`MIN_STEP_GAP`], as for news, so a
+///   small mesh acts on an answer within a few milliseconds.
+/// * Above: [`TICK`], still well before the stretched tick.
+pub fn answer_step_gap(members: usize) -> Duration {
+    if members <= TICK_MEMBERS {
+        MIN_STEP_GAP
+    } else {
+        TICK
+    }
+}
+
+/// When to run the step an answer asks for, given the last step and a step
+/// already pending (the earlier stands): never before `last_step + gap`.
+pub fn answer_step_at(last_step: Instant, pending: Option<Instant>, members: usize) -> Instant {
+    let at = last_step + answer_step_gap(members);
+    pending.map_or(at, |p| p.min(at))
+}
+
 /// The daemon's tick for a mesh of `members` known members (not left). A
 /// tick's work grows with the number of members, so at hundreds of members
 /// a fixed tick makes every node's idle cost grow with N; stretching the
@@ -64,6 +90,23 @@ pub fn tick_period(members: usize, at_rest: bool) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn answers_share_a_step_after_the_gap() {
+        let t0 = Instant::now();
+        // Small mesh: 50 ms after the last step; a pending earlier step
+        // stands.
+        assert_eq!(answer_step_at(t0, None, 10), t0 + MIN_STEP_GAP);
+        let earlier = t0 + Duration::from_millis(10);
+        assert_eq!(answer_step_at(t0, Some(earlier), 10), earlier);
+        // Large mesh: a tick after the last step, however many answers.
+        let at = answer_step_at(t0, None, 100);
+        assert_eq!(at, t0 + TICK);
+        assert_eq!(answer_step_at(t0, Some(at), 100), at);
+        // A step long ago: due at once (in the past).
+        let later = t0 + Duration::from_secs(5);
+        assert!(answer_step_at(t0, None, 100) < later);
+    }
 
     #[test]
     fn the_tick_stretches_with_the_mesh_and_at_rest() {

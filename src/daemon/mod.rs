@@ -7,6 +7,8 @@
 //!   gossip snapshot → membership → paths → WireGuard reconcile → what to
 //!   publish and with whom to gossip (`step.rs`);
 //! * **gossip news** (a value stored) steps at once in small meshes;
+//! * **relay allocation answers** ask for a step soon: the answers within
+//!   `tick::answer_step_gap` of the last step share one (`Node::step_soon`);
 //! * **liveness**: probe answers and the liveness timer go to
 //!   [`crate::liveness`]; its probes go out on the overlay (`probes.rs`);
 //! * **rounds**: the round planner's timer starts gossip rounds;
@@ -205,6 +207,13 @@ pub(crate) struct Node {
     last_rotation: usize,
     last_status: Instant,
     last_step: Instant,
+    /// A step allocation answers asked for, due at this instant (`tick::answer_step_at`): answers
+    /// within the gap share it.
+    step_due: Option<Instant>,
+    /// Steps run, and the time they took (`status`: `loop_steps`,
+    /// `loop_step_ms`).
+    steps: u64,
+    step_time: Duration,
     /// Times the event loop woke up (`status`: `loop_wakeups`; a mesh at
     /// rest should wake it a few times a second at most).
     wakeups: u64,

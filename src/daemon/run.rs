@@ -63,6 +63,9 @@ impl Node {
                 Some(stamp) = inbox.restamps.recv() => self.on_new_stamp(stamp).await,
                 Some((peer, relay, endpoint)) = inbox.allocs.recv() => {
                     self.traversal.handle_allocation(&peer, &relay, endpoint);
+                    self.step_soon();
+                }
+                _ = tokio::time::sleep_until(self.step_due.unwrap_or(rounds_at).into()), if self.step_due.is_some() => {
                     self.step_or_warn().await;
                 }
                 Some(ack) = inbox.acks.recv() => {

@@ -132,6 +132,8 @@ impl Node {
             gossip_values_stored: stats.values_stored,
             gossip_values_rejected: stats.values_rejected,
             loop_wakeups: self.wakeups,
+            loop_steps: self.steps,
+            loop_step_ms: self.step_time.as_millis() as u64,
             nat: nat_name(self.traversal.nat.kind).to_string(),
             mapped_endpoints: self
                 .traversal

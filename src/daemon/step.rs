@@ -32,13 +32,27 @@ const SLOW_STEP: Duration = Duration::from_millis(500);
 const STATUS_EVERY: Duration = Duration::from_secs(2);
 
 impl Node {
+    /// Asks for a step soon (an allocation answer needs acting on): answers within
+    /// `tick::answer_step_gap` of the last step share one.
+    pub(super) fn step_soon(&mut self) {
+        let members = self.membership.members().count();
+        self.step_due = Some(crate::tick::answer_step_at(
+            self.last_step,
+            self.step_due,
+            members,
+        ));
+    }
+
     /// One step; a failed one is logged and retried at the next.
     pub(super) async fn step_or_warn(&mut self) {
         let t0 = Instant::now();
+        self.step_due = None;
         if let Err(e) = self.step().await {
             tracing::warn!(error = %format!("{e:#}"), "reconcile step failed; retrying");
         }
         let took = t0.elapsed();
+        self.steps += 1;
+        self.step_time += took;
         if took >= SLOW_STEP {
             // Everything else this loop serves (probes, rounds, STUN)
             // waited as long: worth knowing on an overloaded machine.
