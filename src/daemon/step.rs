@@ -664,8 +664,15 @@ impl Node {
             .map(|t| t.addr)
             .collect();
         self.gossip.transport.set_expected(expected);
+        let mut targets = targets;
+        let transport = &self.gossip.transport;
+        let recent = |k: &crate::proto::PublicKeyBytes| {
+            transport.recent_connection(k, crate::gossip::rounds::REUSE_WITHIN)
+        };
+        crate::gossip::rounds::prefer_underlay(&mut targets, self.network.cidr, &recent);
         let partner = crate::gossip::rounds::rest_partner(self.liveness.monitored(), &targets);
-        let down = self.down_targets(now);
+        let mut down = self.down_targets(now);
+        crate::gossip::rounds::prefer_underlay(&mut down, self.network.cidr, &recent);
         self.planner.handle_down(down);
         // Seeds and last-known members: all of them while we are alone;
         // after, those no current member holds (the planner visits one now

@@ -85,6 +85,40 @@ pub fn round_targets(
         .collect()
 }
 
+/// How long after a member's last gossip message on a connection of ours
+/// our rounds to it still take that connection (see [`prefer_underlay`]):
+/// well inside the 30 s a NAT keeps an idle UDP mapping at the least.
+pub const REUSE_WITHIN: Duration = Duration::from_secs(20);
+
+/// Rounds to members we would reach over the overlay (an address in
+/// `overlay`) go instead on the underlay connection their gossip came on
+/// lately (`recent`: its remote address, as the transport knows it): a
+/// member behind NAT that opened a connection to us is reached through it,
+/// without WireGuard and often without a relay. In the come-up of mixed
+/// 100, gossip through WireGuard was 90 k of 230 k datagrams (30 MB), each
+/// one encrypted twice and sometimes relayed, and rounds opened a second
+/// QUIC connection (a TLS handshake more) to members already connected to
+/// us. Targets reached on the underlay already, and connections that came
+/// through the overlay, are left as they are.
+pub fn prefer_underlay(
+    targets: &mut [Target],
+    overlay: ipnet::Ipv4Net,
+    recent: &dyn Fn(&PublicKeyBytes) -> Option<SocketAddr>,
+) {
+    let in_overlay = |a: &SocketAddr| match a.ip() {
+        std::net::IpAddr::V4(ip) => overlay.contains(&ip),
+        std::net::IpAddr::V6(_) => false,
+    };
+    for t in targets.iter_mut() {
+        if !in_overlay(&t.addr) {
+            continue;
+        }
+        if let Some(a) = recent(&t.key).filter(|a| !in_overlay(a)) {
+            t.addr = a;
+        }
+    }
+}
+
 /// Members we called down less than [`GOSSIP_TO_THE_DOWN`] before `now`
 /// and can still gossip with (addresses as for [`round_targets`]).
 pub fn down_targets(
@@ -353,6 +387,41 @@ impl RoundPlanner {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn overlay_targets_take_the_connection_their_gossip_came_on() {
+        let overlay: ipnet::Ipv4Net = "10.77.0.0/16".parse().unwrap();
+        let nat = Target {
+            key: [1; 32],
+            addr: "10.77.0.5:51821".parse().unwrap(),
+        };
+        let public = Target {
+            key: [2; 32],
+            addr: "198.18.0.2:51821".parse().unwrap(),
+        };
+        let quiet = Target {
+            key: [3; 32],
+            addr: "10.77.0.6:51821".parse().unwrap(),
+        };
+        let mapped: SocketAddr = "198.18.4.1:40000".parse().unwrap();
+        let mut targets = vec![nat, public, quiet];
+        prefer_underlay(&mut targets, overlay, &|k| match k[0] {
+            // Its gossip came from its NAT's public address: reused.
+            1 => Some(mapped),
+            // A public member that reached us through the overlay: its
+            // gossip address stays (the underlay is cheaper).
+            2 => Some("10.77.0.2:51821".parse().unwrap()),
+            // Heard only through the overlay: stays there.
+            _ => Some("10.77.0.6:51821".parse().unwrap()),
+        });
+        assert_eq!(targets[0].addr, mapped);
+        assert_eq!(targets[1].addr, public.addr);
+        assert_eq!(targets[2].addr, quiet.addr);
+        // Nothing heard lately: the overlay.
+        let mut targets = vec![nat];
+        prefer_underlay(&mut targets, overlay, &|_| None);
+        assert_eq!(targets[0].addr, nat.addr);
+    }
 
     fn targets(n: usize) -> Vec<Target> {
         (0..n)

@@ -187,6 +187,9 @@ struct Shared {
     trust: Arc<TrustState>,
     inbound: OnceLock<Arc<dyn Inbound>>,
     conns: Mutex<HashMap<SocketAddr, quinn::Connection>>,
+    /// Per member: the connection its last gossip message came on (remote
+    /// address), and when (`recent_connection`).
+    heard_on: Mutex<HashMap<PublicKeyBytes, (SocketAddr, Instant)>>,
     senders: Mutex<HashMap<SocketAddr, mpsc::Sender<Vec<u8>>>>,
     /// Addresses that failed to connect: (retry after, current backoff).
     unreachable: Mutex<HashMap<SocketAddr, (Instant, Duration)>>,
@@ -289,6 +292,7 @@ impl QuicTransport {
             trust,
             inbound: OnceLock::new(),
             conns: Mutex::new(HashMap::new()),
+            heard_on: Mutex::new(HashMap::new()),
             senders: Mutex::new(HashMap::new()),
             unreachable: Mutex::new(HashMap::new()),
             rounds: Mutex::new(HashMap::new()),
@@ -332,6 +336,21 @@ impl QuicTransport {
             self.shared.bytes_out.load(Relaxed),
             self.shared.bytes_in.load(Relaxed),
         )
+    }
+
+    /// The remote address of the open connection a member's gossip came on
+    /// within `within`, if any: a member behind NAT that opened a
+    /// connection to us is reached through it (`gossip::rounds::
+    /// prefer_underlay`) while its NAT mapping is surely open.
+    pub fn recent_connection(&self, key: &PublicKeyBytes, within: Duration) -> Option<SocketAddr> {
+        let (addr, at) = *lock(&self.shared.heard_on).get(key)?;
+        if at.elapsed() >= within {
+            return None;
+        }
+        lock(&self.shared.conns)
+            .get(&addr)
+            .filter(|c| c.close_reason().is_none())
+            .map(|_| addr)
     }
 
     /// Open connections.
@@ -688,6 +707,13 @@ async fn serve_gossip_stream(
             return;
         }
     };
+    {
+        let mut heard = lock(&shared.heard_on);
+        if heard.len() >= MAX_CONNS && !heard.contains_key(&peer.node_key) {
+            heard.retain(|_, (_, at)| at.elapsed() < Duration::from_secs(60));
+        }
+        heard.insert(peer.node_key, (remote, Instant::now()));
+    }
     if matches!(
         msg,
         ChitchatMessage::SynAck { .. } | ChitchatMessage::BadCluster
