@@ -285,6 +285,7 @@ mod tests {
             gossip_bytes_received: 0,
             gossip_rounds: 0,
             gossip_rounds_in_sync: 0,
+            gossip_connections: 0,
             loop_wakeups: 0,
             loop_steps: 0,
             loop_step_ms: 0,

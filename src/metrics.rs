@@ -22,6 +22,7 @@
 //! | `relay_allocations`, `relay_forwarded_datagrams`, `relay_dropped_datagrams` | gauge | relay use: pairs allocated now, datagrams forwarded and dropped by the current allocations |
 //! | `gossip_sent_bytes_total`, `gossip_received_bytes_total` | counter | gossip (QUIC) payload bytes |
 //! | `gossip_rounds_total`, `gossip_rounds_in_sync_total` | counter | rounds started, and those that found the other side in sync |
+//! | `gossip_connections` | gauge | open QUIC connections (gossip, joins, relay requests) |
 //! | `gossip_values_stored_total`, `gossip_values_rejected_total` | counter | values stored from others, refused by validation |
 //! | `loop_wakeups_total` | counter | times the daemon's event loop woke up (a few a second at rest; more means something spins) |
 //! | `loop_steps_total` | counter | steps the daemon ran (membership, paths, WireGuard, what to publish) |
@@ -346,6 +347,11 @@ pub fn render(
         counter(s.gossip_rounds_in_sync),
     );
     reg.register(
+        "gossip_connections",
+        "Open QUIC connections (gossip, joins, relay requests)",
+        gauge(s.gossip_connections as i64),
+    );
+    reg.register(
         "loop_wakeups",
         "Times the daemon's event loop woke up",
         counter(s.loop_wakeups),
@@ -568,6 +574,7 @@ mod tests {
             gossip_bytes_received: 8,
             gossip_rounds: 3,
             gossip_rounds_in_sync: 2,
+            gossip_connections: 4,
             loop_wakeups: 7,
             loop_steps: 5,
             loop_step_ms: 1500,
@@ -622,6 +629,7 @@ mod tests {
             "meshpeer_gossip_received_bytes_total 8",
             "meshpeer_gossip_rounds_total 3",
             "meshpeer_gossip_rounds_in_sync_total 2",
+            "meshpeer_gossip_connections 4",
             "meshpeer_loop_wakeups_total 7",
             "meshpeer_loop_steps_total 5",
             "meshpeer_loop_step_seconds_total 1.5",

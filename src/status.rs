@@ -6,6 +6,7 @@
 //! { "node": NAME, "node_id": ID, "network": CIDR, "interface": IF,
 //!   "backend": "kernel" | "userspace", "listen_port": PORT,
 //!   "gossip_addr": "IP:PORT", "gossip_bytes_sent": N, "gossip_bytes_received": N,
+//!   "gossip_connections": N (open QUIC connections),
 //!   "loop_wakeups": N (times the event loop woke up since start),
 //!   "loop_steps": N, "loop_step_ms": N (steps run, and their wall time),
 //!   "self": MEMBER,
@@ -127,6 +128,9 @@ pub struct Status {
     pub gossip_rounds: u64,
     #[serde(default)]
     pub gossip_rounds_in_sync: u64,
+    /// Open QUIC connections (gossip, joins, relay requests).
+    #[serde(default)]
+    pub gossip_connections: u64,
     /// Values gossip stored from others, and refused (failed validation).
     #[serde(default)]
     pub gossip_values_stored: u64,
@@ -422,6 +426,7 @@ mod tests {
             gossip_bytes_received: 0,
             gossip_rounds: 0,
             gossip_rounds_in_sync: 0,
+            gossip_connections: 0,
             loop_wakeups: 0,
             loop_steps: 0,
             loop_step_ms: 0,

@@ -129,6 +129,7 @@ impl Node {
             gossip_bytes_received: received,
             gossip_rounds: stats.rounds_started,
             gossip_rounds_in_sync: stats.rounds_in_sync,
+            gossip_connections: self.gossip.transport.connections() as u64,
             gossip_values_stored: stats.values_stored,
             gossip_values_rejected: stats.values_rejected,
             loop_wakeups: self.wakeups,
