@@ -214,6 +214,9 @@ pub(crate) struct Node {
     /// `loop_step_ms`).
     steps: u64,
     step_time: Duration,
+    /// When freed memory was last handed back to the system
+    /// (`tick::trim_due`).
+    trimmed_at: Option<Instant>,
     /// Times the event loop woke up (`status`: `loop_wakeups`; a mesh at
     /// rest should wake it a few times a second at most).
     wakeups: u64,

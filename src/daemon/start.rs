@@ -489,6 +489,7 @@ impl Boot {
             step_due: None,
             steps: 0,
             step_time: std::time::Duration::ZERO,
+            trimmed_at: None,
             wakeups: 0,
             local_nets: None,
             probes: None,

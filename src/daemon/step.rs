@@ -165,6 +165,14 @@ impl Node {
         if self.last_persist.elapsed() > Duration::from_secs(10) {
             self.persist(false);
         }
+        // Quiet: nothing changed for a while (paths may still be checked:
+        // `at_rest` also waits for every path to settle, which a member
+        // with relayed pairs behind NAT may never do).
+        let quiet = now.saturating_duration_since(self.last_change) >= crate::tick::SETTLE;
+        if crate::tick::trim_due(now, quiet, self.trimmed_at) {
+            self.trimmed_at = Some(now);
+            release_free_memory();
+        }
         Ok(())
     }
 
@@ -792,6 +800,27 @@ impl Node {
                 nets
             }
         }
+    }
+}
+
+/// Hands the memory the allocator holds free back to the system
+/// (`tick::trim_due` says when). glibc only; elsewhere nothing.
+fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        let rss = || {
+            std::fs::read_to_string("/proc/self/statm")
+                .ok()
+                .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .map(|pages| pages * 4)
+        };
+        let before = rss();
+        // SAFETY: malloc_trim only walks and releases the allocator's own
+        // free memory; it takes the arena locks itself.
+        unsafe {
+            libc::malloc_trim(0);
+        }
+        tracing::debug!(rss_kib_before = ?before, rss_kib_after = ?rss(), "returned free memory to the system");
     }
 }
 
