@@ -338,6 +338,9 @@ fn parse(v: &Value, t: f64) -> Obs {
     o
 }
 
+/// Threads that share a full status sweep.
+const SWEEP_THREADS: usize = 4;
+
 impl Poller {
     /// `on_addr(i, ip)` is called (outside the lock) when node i's overlay
     /// address is first seen, so the pinger can probe it at once.
@@ -416,11 +419,28 @@ impl Poller {
                             .filter_map(|(i, t)| t.clone().map(|t| (i, t)))
                             .collect()
                     };
-                    for (i, t) in targets {
-                        if st2.load(Ordering::Relaxed) {
-                            return;
+                    // A few threads, each asking its share of the nodes one
+                    // after the other: a loaded daemon takes 100-200 ms to
+                    // answer, and one thread made a sweep of the mixed-100
+                    // come-up last up to 27 s (the membership time is known
+                    // to within a sweep).
+                    let share = targets.len().div_ceil(SWEEP_THREADS).max(1);
+                    std::thread::scope(|sc| {
+                        for chunk in targets.chunks(share) {
+                            let (s2, st2, on_addr) = (&s2, &st2, &on_addr);
+                            sc.spawn(move || {
+                                crate::sys::boost_this_thread();
+                                for (i, t) in chunk {
+                                    if st2.load(Ordering::Relaxed) {
+                                        return;
+                                    }
+                                    poll_one(s2, *i, t, true, on_addr);
+                                }
+                            });
                         }
-                        poll_one(&s2, i, &t, true, &on_addr);
+                    });
+                    if st2.load(Ordering::Relaxed) {
+                        return;
                     }
                     {
                         let mut s = s2.lock().unwrap();
