@@ -32,8 +32,8 @@ const SLOW_STEP: Duration = Duration::from_millis(500);
 const STATUS_EVERY: Duration = Duration::from_secs(2);
 
 impl Node {
-    /// Asks for a step soon (an allocation answer needs acting on): answers within
-    /// `tick::answer_step_gap` of the last step share one.
+    /// Asks for a step soon (an allocation answer needs acting on):
+    /// answers within `tick::answer_step_gap` of the last step share one.
     pub(super) fn step_soon(&mut self) {
         let members = self.membership.members().count();
         self.step_due = Some(crate::tick::answer_step_at(
@@ -809,10 +809,9 @@ fn release_free_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
         let rss = || {
-            std::fs::read_to_string("/proc/self/statm")
-                .ok()
-                .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
-                .map(|pages| pages * 4)
+            let status = std::fs::read_to_string("/proc/self/status").ok()?;
+            let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+            line.split_whitespace().nth(1)?.parse::<u64>().ok()
         };
         let before = rss();
         // SAFETY: malloc_trim only walks and releases the allocator's own
