@@ -43,8 +43,9 @@ pub fn news_step_gap(members: usize, at_rest: bool) -> Option<Duration> {
 }
 
 /// How long after its last step a node runs the step that a relay's
-/// allocation answer asks for, rather than running one per answer: in the come-up a member with dozens of relayed
-/// peers gets dozens of allocation answers within a second, and each step
+/// allocation answer asks for, rather than running one per answer: in the
+/// come-up a member with dozens of relayed peers gets dozens of
+/// allocation answers within a second, and each step
 /// costs work in proportion to the members (testnet, mixed 100: 39 steps
 /// for allocation answers in the first 40 s beside 77 ticks, each longer
 /// than a tick's step on the loaded machine). Answers that arrive within
@@ -72,8 +73,9 @@ pub fn answer_step_at(last_step: Instant, pending: Option<Instant>, members: usi
 pub const TRIM_EVERY: Duration = Duration::from_secs(60);
 
 /// Whether a quiet node (nothing changed for [`SETTLE`]) should hand freed
-/// memory back to the system now (`trimmed_at`: when it last did). glibc keeps what a busy period freed
-/// (the come-up's QUIC connections to every member, which idle out after
+/// memory back to the system now (`trimmed_at`: when it last did). glibc
+/// keeps what a busy period freed (the come-up's QUIC connections to every
+/// member, which idle out after
 /// 180 s; gossip messages; device buffers) in its arenas: in mixed 100,
 /// `malloc_trim` at rest returned 3.4-5 MB of a daemon's 10-18 MB of
 /// anonymous memory. Once quiet, and then every [`TRIM_EVERY`] while quiet

@@ -336,12 +336,16 @@ impl Drop for SocketGuard {
 }
 
 impl Node {
+    /// Quiet: no change (membership, WireGuard peers, paths) for
+    /// [`SETTLE`]. Paths may still be checked; see [`Self::at_rest`].
+    fn quiet(&self) -> bool {
+        self.last_change.elapsed() >= SETTLE
+    }
+
     /// At rest: no change for [`SETTLE`], every path settled, no gossip
     /// news being spread.
     fn at_rest(&self) -> bool {
-        self.last_change.elapsed() >= SETTLE
-            && self.traversal.settled()
-            && !self.planner.busy(Instant::now())
+        self.quiet() && self.traversal.settled() && !self.planner.busy(Instant::now())
     }
 
     /// The next version of our values (proto/PROTOCOL.md §4.2).

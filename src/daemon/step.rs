@@ -165,11 +165,9 @@ impl Node {
         if self.last_persist.elapsed() > Duration::from_secs(10) {
             self.persist(false);
         }
-        // Quiet: nothing changed for a while (paths may still be checked:
-        // `at_rest` also waits for every path to settle, which a member
-        // with relayed pairs behind NAT may never do).
-        let quiet = now.saturating_duration_since(self.last_change) >= crate::tick::SETTLE;
-        if crate::tick::trim_due(now, quiet, self.trimmed_at) {
+        // Quiet, not at rest: `at_rest` also waits for every path to
+        // settle, which a member with relayed pairs behind NAT may never do.
+        if crate::tick::trim_due(now, self.quiet(), self.trimmed_at) {
             self.trimmed_at = Some(now);
             release_free_memory();
         }
