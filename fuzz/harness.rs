@@ -489,9 +489,9 @@ fn check_record(v: &record::VerifiedRecord) {
     assert!(b.routes.len() <= record::MAX_ROUTES);
     assert!(v.admission.network.cidr.contains(&b.overlay_ip));
     assert_eq!(v.admission.node_key, b.node_key);
-    let again: RecordBody = proto::decode("record body", &proto::encode(b))
+    let again: RecordBody = proto::decode("record body", &proto::encode(&**b))
         .unwrap_or_else(|e| panic!("re-encoded record does not decode: {e}"));
-    assert_eq!(&again, b);
+    assert_eq!(&again, &**b);
 }
 
 // ---------------------------------------------------------------------------

@@ -20,7 +20,7 @@
 //! * a member that left, is revoked, or stayed down longer than the grace
 //!   period has no desired peer.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -94,7 +94,8 @@ pub enum Liveness {
 
 #[derive(Debug, Clone)]
 pub struct Member {
-    pub record: RecordBody,
+    /// Shared with the decoded-record cache ([`crate::record::share_decoded`]).
+    pub record: Arc<RecordBody>,
     pub liveness: Liveness,
     /// The member was stamped by the network key (may advertise any route).
     pub by_network: bool,
@@ -223,6 +224,10 @@ pub struct Membership {
     self_key: PublicKeyBytes,
     down_grace: Duration,
     members: BTreeMap<PublicKeyBytes, Member>,
+    /// Which member holds each WireGuard key (an index of `members`, kept
+    /// by `insert_member`/`remove_member`: one lookup instead of a scan of
+    /// every member for each new record).
+    wg_keys: HashMap<[u8; 32], PublicKeyBytes>,
     /// Highest version ever accepted per node, kept after a member is
     /// forgotten so an old record cannot be replayed into the mesh.
     high_water: BTreeMap<PublicKeyBytes, u64>,
@@ -242,12 +247,32 @@ impl Membership {
             self_key,
             down_grace,
             members: BTreeMap::new(),
+            wg_keys: HashMap::new(),
             high_water: BTreeMap::new(),
             holders: Holders::default(),
             conflicts: BTreeMap::new(),
             settled: BTreeSet::new(),
             reported: BTreeMap::new(),
         }
+    }
+
+    fn insert_member(&mut self, key: PublicKeyBytes, member: Member) {
+        let wg = member.record.wg_public_key;
+        if let Some(old) = self.members.insert(key, member) {
+            let old_wg = old.record.wg_public_key;
+            if old_wg != wg && self.wg_keys.get(&old_wg) == Some(&key) {
+                self.wg_keys.remove(&old_wg);
+            }
+        }
+        self.wg_keys.insert(wg, key);
+    }
+
+    fn remove_member(&mut self, key: &PublicKeyBytes) -> Option<Member> {
+        let m = self.members.remove(key)?;
+        if self.wg_keys.get(&m.record.wg_public_key) == Some(key) {
+            self.wg_keys.remove(&m.record.wg_public_key);
+        }
+        Some(m)
     }
 
     pub fn holders(&self) -> &Holders {
@@ -295,7 +320,7 @@ impl Membership {
             .copied()
             .collect();
         for k in revoked {
-            if let Some(m) = self.members.remove(&k) {
+            if let Some(m) = self.remove_member(&k) {
                 events.push(Event::Rejected {
                     node: proto::node_id_string(&k),
                     reason: format!("{} is revoked", m.record.name),
@@ -331,10 +356,10 @@ impl Membership {
             .map(|(k, _)| *k)
             .collect();
         for key in gone {
-            if let Some(m) = self.members.remove(&key) {
+            if let Some(m) = self.remove_member(&key) {
                 if !matches!(m.liveness, Liveness::Left { .. }) {
                     events.push(Event::Forgotten {
-                        name: m.record.name,
+                        name: m.record.name.clone(),
                     });
                 }
             }
@@ -412,9 +437,10 @@ impl Membership {
         // Two members with one WireGuard key would fight over one peer: the
         // one already held keeps it.
         if let Some(other) = self
-            .members
-            .values()
-            .find(|m| m.record.node_key != *key && m.record.wg_public_key == record.wg_public_key)
+            .wg_keys
+            .get(&record.wg_public_key)
+            .filter(|k| *k != key)
+            .and_then(|k| self.members.get(k))
         {
             let reason = format!(
                 "its WireGuard key is {}'s (the member already held keeps it)",
@@ -454,7 +480,7 @@ impl Membership {
                 }
             }
         };
-        self.members.insert(
+        self.insert_member(
             *key,
             Member {
                 record,

@@ -103,6 +103,18 @@ fn verified_cache() -> &'static std::sync::Mutex<lru::LruCache<[u8; 32], ()>> {
     })
 }
 
+/// Holds up to `capacity` verified signatures (default 65,536; the
+/// simulation of thousands of members needs more, or it verifies the same
+/// signatures again and again).
+pub fn set_verified_capacity(capacity: usize) {
+    if let Some(n) = std::num::NonZeroUsize::new(capacity) {
+        verified_cache()
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .resize(n);
+    }
+}
+
 fn verify_key(key: &PublicKeyBytes, domain: &[u8], message: &[u8], signature: &[u8]) -> [u8; 32] {
     use sha2::{Digest, Sha256};
     let mut h = Sha256::new();

@@ -6,6 +6,7 @@
 //! a replay and is dropped by [`crate::membership`].
 
 use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use base64::Engine;
 use ed25519_dalek::SigningKey;
@@ -126,7 +127,9 @@ pub struct RecordBody {
 /// A record whose signature and credential were checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VerifiedRecord {
-    pub body: RecordBody,
+    /// Shared with every other holder of the same record text when
+    /// [`share_decoded`] is on.
+    pub body: Arc<RecordBody>,
     pub admission: VerifiedAdmission,
 }
 
@@ -192,17 +195,9 @@ pub fn verify_record(
     trust: &Trust<'_>,
     gossip_id: Option<&PublicKeyBytes>,
 ) -> Result<VerifiedRecord, RecordError> {
-    if text.len() > MAX_RECORD_BYTES.div_ceil(3) * 4 + 4 {
-        return Err(RecordError::TooLarge(text.len() * 3 / 4));
-    }
-    let bytes = base64::engine::general_purpose::STANDARD
-        .decode(text)
-        .map_err(|_| RecordError::Base64)?;
-    if bytes.len() > MAX_RECORD_BYTES {
-        return Err(RecordError::TooLarge(bytes.len()));
-    }
-    let signed: Signed = proto::decode("record", &bytes)?;
-    let body: RecordBody = proto::decode("record body", &signed.body)?;
+    let decoded = decode(text)?;
+    let signed = &decoded.signed;
+    let body = &decoded.body;
     if &body.network_key != trust.network_key {
         return Err(RecordError::WrongNetwork);
     }
@@ -237,7 +232,7 @@ pub fn verify_record(
         return Err(RecordError::OutsideNetwork(body.overlay_ip));
     }
     if !valid_name(&body.name) {
-        return Err(RecordError::BadName(body.name));
+        return Err(RecordError::BadName(body.name.clone()));
     }
     if body.endpoints.len() > MAX_ENDPOINTS {
         return Err(RecordError::Limit("more than 16 endpoints"));
@@ -261,7 +256,61 @@ pub fn verify_record(
     {
         return Err(RecordError::BadRoute(e));
     }
-    Ok(VerifiedRecord { body, admission })
+    Ok(VerifiedRecord {
+        body: decoded.body.clone(),
+        admission,
+    })
+}
+
+/// A record text taken apart (nothing checked yet).
+struct Decoded {
+    signed: Signed,
+    body: Arc<RecordBody>,
+}
+
+type DecodedCache = Mutex<Option<lru::LruCache<Arc<str>, Arc<Decoded>>>>;
+
+fn decoded_cache() -> &'static DecodedCache {
+    static CACHE: OnceLock<DecodedCache> = OnceLock::new();
+    CACHE.get_or_init(|| Mutex::new(None))
+}
+
+/// Keeps up to `capacity` decoded records per process and hands the same
+/// [`RecordBody`] to every holder of the same text (0: off, the default).
+/// Decoding is a pure function of the text, so sharing it changes nothing
+/// but memory and time; every check of [`verify_record`] still runs for
+/// every holder. A daemon holds one copy of each record and leaves this off;
+/// the simulation, whose thousands of members hold the same records, turns
+/// it on.
+pub fn share_decoded(capacity: usize) {
+    let mut cache = decoded_cache().lock().unwrap_or_else(|p| p.into_inner());
+    *cache = std::num::NonZeroUsize::new(capacity).map(lru::LruCache::new);
+}
+
+fn decode(text: &str) -> Result<Arc<Decoded>, RecordError> {
+    let lock = || decoded_cache().lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(d) = lock().as_mut().and_then(|c| c.get(text).cloned()) {
+        return Ok(d);
+    }
+    if text.len() > MAX_RECORD_BYTES.div_ceil(3) * 4 + 4 {
+        return Err(RecordError::TooLarge(text.len() * 3 / 4));
+    }
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(text)
+        .map_err(|_| RecordError::Base64)?;
+    if bytes.len() > MAX_RECORD_BYTES {
+        return Err(RecordError::TooLarge(bytes.len()));
+    }
+    let signed: Signed = proto::decode("record", &bytes)?;
+    let body: RecordBody = proto::decode("record body", &signed.body)?;
+    let decoded = Arc::new(Decoded {
+        signed,
+        body: Arc::new(body),
+    });
+    if let Some(c) = lock().as_mut() {
+        c.put(Arc::from(text), decoded.clone());
+    }
+    Ok(decoded)
 }
 
 #[cfg(test)]
@@ -322,7 +371,7 @@ pub(crate) mod tests {
         let (node, body) = sample(5, &net, "10.77.0.9".parse().unwrap());
         let text = body.sign(&node);
         let v = verify_record(&text, &t, Some(&body.node_key)).unwrap();
-        assert_eq!(v.body, body);
+        assert_eq!(*v.body, body);
 
         // Published under someone else's id.
         assert!(matches!(

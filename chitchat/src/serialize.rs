@@ -358,6 +358,9 @@ impl CompressedStreamWriter {
     pub fn finish(mut self) -> Vec<u8> {
         self.flush_block();
         BlockType::NoMoreBlocks.serialize(&mut self.output);
+        // The output was reserved at a block's size (16 KiB); a delta kept
+        // in a message in flight should not hold that for a few bytes.
+        self.output.shrink_to_fit();
         self.output
     }
 }

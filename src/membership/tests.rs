@@ -339,6 +339,44 @@ fn duplicate_wireguard_keys_are_refused() {
 }
 
 #[test]
+fn a_wireguard_key_given_up_is_free_again() {
+    let w = World::new();
+    let (a, mut ab) = sample(3, &w.net, "10.77.0.2".parse().unwrap());
+    let (b, mut bb) = sample(4, &w.net, "10.77.0.3".parse().unwrap());
+    let old = ab.wg_public_key;
+    let mut m = Membership::new([0; 32], DEFAULT_DOWN_GRACE);
+    let t0 = Instant::now();
+    w.snap(&mut m, t0, &[entry(&ab, &a), entry(&bb, &b)]);
+    // A moves to a new WireGuard key; B may then take A's old one.
+    ab.version += 1;
+    ab.wg_public_key = [0xaa; 32];
+    bb.version += 1;
+    bb.wg_public_key = old;
+    let ev = w.snap(&mut m, t0, &[entry(&ab, &a), entry(&bb, &b)]);
+    assert!(
+        !ev.iter().any(|e| matches!(e, Event::Rejected { .. })),
+        "{ev:?}"
+    );
+    let keys: BTreeSet<[u8; 32]> = m
+        .desired_peers(t0, &[], &deaf, 0)
+        .iter()
+        .map(|p| p.public_key)
+        .collect();
+    assert_eq!(keys, BTreeSet::from([[0xaa; 32], old]));
+    // B is gone from gossip: once it is forgotten (at the end of the
+    // snapshot that misses it), a newcomer may use its key.
+    let (c, mut cb) = sample(5, &w.net, "10.77.0.4".parse().unwrap());
+    cb.wg_public_key = old;
+    w.snap(&mut m, t0, &[entry(&ab, &a)]);
+    let ev = w.snap(&mut m, t0, &[entry(&ab, &a), entry(&cb, &c)]);
+    assert!(
+        !ev.iter().any(|e| matches!(e, Event::Rejected { .. })),
+        "{ev:?}"
+    );
+    assert_eq!(m.desired_peers(t0, &[], &deaf, 0).len(), 2);
+}
+
+#[test]
 fn names_are_unique_and_a_down_holder_releases_its_name() {
     let w = World::new();
     let (a, ab) = sample(3, &w.net, "10.77.0.2".parse().unwrap());

@@ -328,6 +328,12 @@ impl Sim {
         if !(0.0..0.5).contains(&cfg.loss) {
             return Err(SimError::Setting("--loss must be in [0, 0.5)".into()));
         }
+        // Every member holds every record: decode each record text once and
+        // share it, and keep every signature checked (a record, its token
+        // and stamp, a few versions each, per member) so none is verified
+        // twice.
+        crate::record::share_decoded(cfg.nodes * 8 + 1024);
+        crate::proto::set_verified_capacity((cfg.nodes * 32).max(65_536));
         let mut rng = SmallRng::seed_from_u64(cfg.seed);
         let net_signing = SigningKey::from_bytes(&rng.gen());
         let cidr: ipnet::Ipv4Net = "10.64.0.0/10"
