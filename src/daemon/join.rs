@@ -106,8 +106,18 @@ pub async fn contact(
             if progress && pass == 1 {
                 eprintln!("meshpeer: contacting seed {seed}");
             }
+            // The handshake gets the growing per-pass limit (a seed not up
+            // yet is asked again soon); the answer, once a seed took the
+            // request, everything that is left when it is the only seed:
+            // asking it again would only make it admit us twice.
+            let connect = limit.min(left).max(Duration::from_secs(1)) / 2;
+            let wait = if seeds.len() == 1 {
+                left
+            } else {
+                limit.min(left)
+            };
             let bytes = match transport
-                .request(*seed, &req, limit.min(left).max(Duration::from_secs(1)))
+                .request_within(*seed, &req, connect, wait.max(Duration::from_secs(1)))
                 .await
             {
                 Ok(b) => b,

@@ -497,7 +497,12 @@ impl Node {
             self.alloc_chain.push((peer, relay), async move {
                 let req = crate::gossip::transport::Request::Allocate { peer: peer_key };
                 let endpoint = match transport
-                    .request(relay_addr, &req, Duration::from_secs(8))
+                    .request_within(
+                        relay_addr,
+                        &req,
+                        Duration::from_secs(4),
+                        crate::nat::allocs::ALLOC_ANSWER_WAIT,
+                    )
                     .await
                 {
                     Ok(bytes) => match proto::decode::<AllocReply>("allocation reply", &bytes) {

@@ -393,8 +393,25 @@ impl QuicTransport {
         req: &Request,
         limit: Duration,
     ) -> Result<Vec<u8>, ProbeError> {
+        self.request_within(addr, req, limit / 2, limit).await
+    }
+
+    /// [`Self::request`] with separate limits for the QUIC handshake
+    /// (`connect`) and for the whole exchange (`limit`). A peer that
+    /// completed the handshake is alive: waiting longer for its answer
+    /// costs nothing, while asking again makes a loaded peer do the same
+    /// work twice (a seed starved of CPU admitted each of 250 joiners four
+    /// times over, sending its whole membership each time, because every
+    /// joiner gave up after 8 s and asked again).
+    pub async fn request_within(
+        &self,
+        addr: SocketAddr,
+        req: &Request,
+        connect: Duration,
+        limit: Duration,
+    ) -> Result<Vec<u8>, ProbeError> {
         let fut = async {
-            let conn = connect_within(&self.shared, addr, limit / 2).await?;
+            let conn = connect_within(&self.shared, addr, connect.min(limit)).await?;
             let (mut send, recv) = conn.open_bi().await.map_err(|e| conn_err(addr, e))?;
             let bytes = proto::encode(req);
             send.write_all(&bytes).await.map_err(|e| other(addr, e))?;

@@ -11,6 +11,14 @@ use super::paths::Path;
 
 /// A relay allocation asked for and not answered is asked again after this.
 pub const ALLOC_RETRY: Duration = Duration::from_secs(1);
+/// How long the daemon waits for a relay's answer to one request (a relay
+/// that took the request is alive; a starved one answers late, and asking it
+/// again meanwhile only makes it do the same work twice).
+pub const ALLOC_ANSWER_WAIT: Duration = Duration::from_secs(30);
+/// A request not answered at all after this is taken as lost and asked
+/// again (the daemon always answers within [`ALLOC_ANSWER_WAIT`], with
+/// `None` when the relay did not).
+const ALLOC_IN_FLIGHT_MAX: Duration = Duration::from_secs(45);
 /// The most a refused request waits before it is asked again.
 pub const ALLOC_RETRY_MAX: Duration = Duration::from_secs(30);
 
@@ -59,6 +67,9 @@ struct Alloc {
     /// The relay's address and the port of our side, once allocated.
     endpoint: Option<SocketAddr>,
     asked: Instant,
+    /// The last request has its answer (or none was sent): while one is in
+    /// flight, nothing is asked again but for a new relay or new versions.
+    answered: bool,
 }
 
 /// Per peer (WireGuard key) of ours: the allocation for our side of the
@@ -79,7 +90,8 @@ impl Allocations {
     }
 
     /// After a path choice: a relayed peer needs an allocation at its relay
-    /// (asked again after [`ALLOC_RETRY`] without an answer, at once when
+    /// (asked again [`ALLOC_RETRY`] after a refusal or a request that got no
+    /// answer, never while a request is in flight, at once when
     /// the relay's or the peer's record version changed, after
     /// [`Allocations::refresh`], and every [`ALLOC_REFRESH`] while the
     /// session is dead); a direct one gives its back. `versions`: members'
@@ -107,7 +119,12 @@ impl Allocations {
                         }
                         Some(a) => {
                             let since = now.saturating_duration_since(a.asked);
-                            if a.endpoint.is_none() {
+                            let in_flight = !a.answered && since < ALLOC_IN_FLIGHT_MAX;
+                            let new_versions =
+                                a.relay_version != version || a.peer_version != peer_version;
+                            if in_flight && !new_versions {
+                                (false, a.endpoint)
+                            } else if a.endpoint.is_none() {
                                 (since >= retry_gap(a.refused), None)
                             } else {
                                 let dead = handshakes
@@ -138,6 +155,7 @@ impl Allocations {
                                 refused,
                                 endpoint: keep,
                                 asked: now,
+                                answered: false,
                             },
                         );
                         self.requests.push((*k, *via));
@@ -185,6 +203,7 @@ impl Allocations {
     ) {
         match self.map.get_mut(peer) {
             Some(a) if &a.relay == relay => {
+                a.answered = true;
                 a.refused = if endpoint.is_some() {
                     0
                 } else {
@@ -245,11 +264,12 @@ mod tests {
     }
 
     #[test]
-    fn an_unanswered_request_is_repeated_after_the_retry_gap() {
+    fn a_failed_request_is_repeated_after_the_retry_gap() {
         let t0 = Instant::now();
         let mut a = Allocations::default();
         a.plan(t0, &relayed(R1), &versions(1), &handshake(None));
         assert_eq!(a.take_requests().len(), 1);
+        a.handle_answer(&PEER, &R1, None);
         a.plan(
             t0 + Duration::from_millis(500),
             &relayed(R1),
@@ -263,6 +283,34 @@ mod tests {
             &versions(1),
             &handshake(None),
         );
+        assert_eq!(a.take_requests(), vec![(PEER, R1)]);
+    }
+
+    /// A slow relay is not asked again while our request waits for its
+    /// answer (a starved relay got a request a second per pair, and worked
+    /// through every one of them); a new relay version is asked at once.
+    #[test]
+    fn nothing_is_asked_again_while_a_request_is_in_flight() {
+        let t0 = Instant::now();
+        let mut a = Allocations::default();
+        a.plan(t0, &relayed(R1), &versions(1), &handshake(None));
+        assert_eq!(a.take_requests().len(), 1);
+        for s in [1, 5, 20, 40] {
+            let t = t0 + Duration::from_secs(s);
+            a.plan(t, &relayed(R1), &versions(1), &handshake(None));
+            assert!(a.take_requests().is_empty(), "asked again after {s} s");
+        }
+        // Never answered (lost): asked again after ALLOC_IN_FLIGHT_MAX.
+        a.plan(
+            t0 + ALLOC_IN_FLIGHT_MAX,
+            &relayed(R1),
+            &versions(1),
+            &handshake(None),
+        );
+        assert_eq!(a.take_requests(), vec![(PEER, R1)]);
+        // In flight again; the relay restarts (a newer record): asked at once.
+        let t1 = t0 + ALLOC_IN_FLIGHT_MAX + Duration::from_secs(1);
+        a.plan(t1, &relayed(R1), &versions(2), &handshake(None));
         assert_eq!(a.take_requests(), vec![(PEER, R1)]);
     }
 
