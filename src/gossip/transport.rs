@@ -666,8 +666,17 @@ async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection) {
                             return;
                         }
                     };
-                    let Some(inbound) = shared.inbound.get() else { return };
+                    // Not ready to answer (starting up) or revoked: reset
+                    // the stream. Dropping it would finish it, and the
+                    // asker would read an empty answer, which a joiner
+                    // takes as a broken seed and gives up (seen with a
+                    // joiner waiting for a seed that was just starting).
+                    let Some(inbound) = shared.inbound.get() else {
+                        let _ = send.reset(0u32.into());
+                        return;
+                    };
                     if shared.trust.peer_revoked(&peer) {
+                        let _ = send.reset(0u32.into());
                         return;
                     }
                     let reply = inbound.request(remote, &peer, req);
