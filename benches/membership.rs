@@ -27,7 +27,7 @@ fn bench(c: &mut Criterion) {
             .members
             .iter()
             .map(|x| GossipEntry {
-                node_id: x.node_id.clone(),
+                node_id: Arc::from(x.node_id.as_str()),
                 record: Some(Arc::from(x.text.as_str())),
                 seen: None,
                 alive: None,

@@ -1482,12 +1482,12 @@ impl Liveness {
 #[derive(Default)]
 pub struct ValueFeed {
     /// Values already fed: (node id, key) -> text.
-    fed: HashMap<(String, &'static str), std::sync::Arc<str>>,
+    fed: HashMap<(std::sync::Arc<str>, &'static str), std::sync::Arc<str>>,
     /// Verified values naming a member whose record we did not hold yet
     /// (gossip delivers each member's state on its own, so an accusation
     /// can come before its target's record): fed again on each call until
     /// every member they name is known, or their text changes.
-    parked: HashMap<(String, &'static str), Parked>,
+    parked: HashMap<(std::sync::Arc<str>, &'static str), Parked>,
 }
 
 enum Parked {
@@ -1577,9 +1577,9 @@ impl ValueFeed {
         });
         if self.fed.len() > 4 * entries.len() + 64 {
             let ids: std::collections::HashSet<&str> =
-                entries.iter().map(|e| e.node_id.as_str()).collect();
-            self.fed.retain(|(id, _), _| ids.contains(id.as_str()));
-            self.parked.retain(|(id, _), _| ids.contains(id.as_str()));
+                entries.iter().map(|e| &*e.node_id).collect();
+            self.fed.retain(|(id, _), _| ids.contains(&**id));
+            self.parked.retain(|(id, _), _| ids.contains(&**id));
         }
     }
 }

@@ -64,7 +64,8 @@ pub fn keepalive_for(our_nat: crate::record::NatKind) -> u16 {
 /// One member as the gossip layer holds it: its values (signed text).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GossipEntry {
-    pub node_id: String,
+    /// Shared with the gossip state (no copy per member per step).
+    pub node_id: Arc<str>,
     pub record: Option<Arc<str>>,
     /// Its signed observations of other members ([`crate::observe`]).
     pub seen: Option<Arc<str>>,
@@ -378,7 +379,7 @@ impl Membership {
                     .is_some_and(|k| k != self.self_key && !self.members.contains_key(&k))
                     && e.record.is_some()
             })
-            .map(|e| e.node_id.as_str())
+            .map(|e| &*e.node_id)
             .collect()
     }
 
@@ -826,7 +827,7 @@ pub fn choose_joiner_address(
         .filter_map(|text| {
             let v = verify_record(text, trust, None).ok()?;
             Some(GossipEntry {
-                node_id: proto::node_id_string(&v.body.node_key),
+                node_id: proto::node_id_string(&v.body.node_key).into(),
                 record: Some(text.clone()),
                 seen: None,
                 alive: None,

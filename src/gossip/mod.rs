@@ -216,7 +216,7 @@ pub fn snapshot(c: &Chitchat) -> Vec<GossipEntry> {
         .iter()
         .filter(|(id, _)| &***id != AUTHORITY_NODE)
         .map(|(id, s)| GossipEntry {
-            node_id: id.to_string(),
+            node_id: id.clone(),
             record: s.get_versioned(RECORD_KEY).map(|v| v.value.clone()),
             seen: s.get_versioned(SEEN_KEY).map(|v| v.value.clone()),
             alive: s.get_versioned(ALIVE_KEY).map(|v| v.value.clone()),

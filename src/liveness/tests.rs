@@ -640,7 +640,7 @@ fn an_accusation_before_its_targets_record_is_kept_until_the_record_comes() {
     }
     .sign(&signer(1));
     let entries = vec![crate::membership::GossipEntry {
-        node_id: proto::node_id_string(&keys[1]),
+        node_id: proto::node_id_string(&keys[1]).into(),
         record: None,
         seen: None,
         alive: None,

@@ -39,7 +39,7 @@ impl World {
 
 fn entry(body: &RecordBody, node: &SigningKey) -> GossipEntry {
     GossipEntry {
-        node_id: proto::node_id_string(&body.node_key),
+        node_id: proto::node_id_string(&body.node_key).into(),
         record: Some(body.sign(node).into()),
         seen: None,
         alive: None,
@@ -99,7 +99,7 @@ fn join_update_replay_leave() {
     let later = t0 + FORGET_LEFT_AFTER;
     let e = [entry(&body, &node)];
     w.snap(&mut m, later, &e);
-    assert_eq!(m.to_forget(&e), vec![e[0].node_id.as_str()]);
+    assert_eq!(m.to_forget(&e), vec![&*e[0].node_id]);
 }
 
 /// A membership holding one live member, n3 (down grace 60 s), as of t0.
@@ -433,7 +433,7 @@ fn a_down_ephemeral_member_is_forgotten_after_the_grace_a_stateful_one_is_kept()
     let ev = m.handle_snapshot(later, &e, &w.trust(), &all_down);
     assert_eq!(ev, vec![Event::Forgotten { name: "n3".into() }]);
     // Gossip is told to forget the ephemeral member only.
-    assert_eq!(m.to_forget(&e), vec![e[0].node_id.as_str()]);
+    assert_eq!(m.to_forget(&e), vec![&*e[0].node_id]);
     assert_eq!(m.holders().ip_holder(&"10.77.0.2".parse().unwrap()), None);
     assert_eq!(
         m.holders().ip_holder(&"10.77.0.3".parse().unwrap()),
