@@ -53,9 +53,16 @@ pub const DEFAULT_LOG_LEVEL: &str = "info";
 /// The hosts file whose managed block lists the members' names, when none
 /// is configured.
 pub const DEFAULT_HOSTS_FILE: &str = "/etc/hosts";
-/// Modules kept at `warn` when the log level is a bare level (they are
-/// chatty at `info` and below).
-const QUIET_MODULES: &[&str] = &["quinn", "chitchat"];
+/// Modules held at a level when the log level is a bare level: QUIC and
+/// gossip are chatty at `info` and below; the userspace WireGuard logs every
+/// handshake retry at `warn` (every 5 s for 90 s per member that does not
+/// answer: 2.2 M lines in 20 minutes at 250 members under load), which
+/// meshpeer's own path and liveness logs already say once.
+const QUIET_MODULES: &[(&str, &str)] = &[
+    ("quinn", "warn"),
+    ("chitchat", "warn"),
+    ("boringtun", "error"),
+];
 
 /// Every key the file accepts.
 pub const KEYS: &[&str] = &[
@@ -270,8 +277,9 @@ impl Options {
 
 /// A log level as tracing's `EnvFilter` reads it: a bare level (`error`,
 /// `warn`, `info`, `debug`, `trace`) keeps the chatty QUIC and gossip
-/// libraries at `warn`; anything else (`info,meshpeer::gossip=trace`) is
-/// used as given.
+/// libraries at `warn` and the userspace WireGuard at `error`
+/// ([`QUIET_MODULES`]); anything else (`info,meshpeer::gossip=trace`,
+/// `info,boringtun=warn`) is used as given.
 pub fn log_filter(level: &str) -> String {
     let level = level.trim();
     let bare = matches!(
@@ -280,8 +288,8 @@ pub fn log_filter(level: &str) -> String {
     );
     if bare {
         let mut s = level.to_ascii_lowercase();
-        for m in QUIET_MODULES {
-            s.push_str(&format!(",{m}=warn"));
+        for (m, at) in QUIET_MODULES {
+            s.push_str(&format!(",{m}={at}"));
         }
         s
     } else {
@@ -960,7 +968,10 @@ hosts_file = "/srv/hosts"
 
     #[test]
     fn log_filters() {
-        assert_eq!(log_filter("debug"), "debug,quinn=warn,chitchat=warn");
+        assert_eq!(
+            log_filter("debug"),
+            "debug,quinn=warn,chitchat=warn,boringtun=error"
+        );
         assert_eq!(log_filter("info,meshpeer=trace"), "info,meshpeer=trace");
         assert!(parse_log_level("info,meshpeer::gossip=debug").is_ok());
         assert!(parse_log_level("").is_err());
