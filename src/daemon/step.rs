@@ -519,7 +519,12 @@ impl Node {
                         }
                     },
                     Err(e) => {
-                        tracing::info!(relay = %relay_addr, error = %e, "cannot reach the relay");
+                        if transport.report_due(relay_addr) {
+                            tracing::info!(relay = %relay_addr, error = %e,
+                                "cannot reach the relay (said once a minute per relay)");
+                        } else {
+                            tracing::debug!(relay = %relay_addr, error = %e, "cannot reach the relay");
+                        }
                         None
                     }
                 };
