@@ -334,7 +334,7 @@ fn a_restarted_member_is_reached_again_at_once() {
 /// A member that is starting up (its endpoint takes connections before its
 /// request handler is set) answers a request with a reset stream, an error
 /// the asker retries, never an empty answer: a joiner took an empty answer
-/// for a broken seed and gave up (1 in 3 joins started 3 s before their
+/// for a broken seed and gave up (2 of 5 joins started 3 s before their
 /// seed).
 #[tokio::test]
 async fn a_request_before_the_handler_is_set_is_refused_not_answered_empty() {

@@ -107,9 +107,9 @@ pub async fn contact(
                 eprintln!("meshpeer: contacting seed {seed}");
             }
             // The handshake gets the growing per-pass limit: a seed not up
-            // yet is tried again soon (a longer wait on one handshake was
-            // up to 16 s late for a seed that came up meanwhile, since QUIC
-            // backs off its resends). The answer, once a seed took the
+            // yet is tried again soon (a 30 s wait on one handshake was
+            // 15 s late for a seed that came up 20 s after its joiner,
+            // since QUIC backs off its resends). The answer, once a seed took the
             // request, gets everything that is left when it is the only
             // seed: asking again only makes a loaded seed do the same work
             // twice (at 250 mixed a starved seed admitted 160 joiners 1,171

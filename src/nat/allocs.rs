@@ -130,9 +130,7 @@ impl Allocations {
                                 let dead = handshakes
                                     .get(k)
                                     .is_none_or(|h| h.is_none_or(|age| age > SESSION_DEAD));
-                                let renewed = a.relay_version != version
-                                    || a.peer_version != peer_version
-                                    || (a.stale && since >= ALLOC_RETRY);
+                                let renewed = new_versions || (a.stale && since >= ALLOC_RETRY);
                                 // Asked again, the endpoint we have stays in
                                 // use until the answer.
                                 (renewed || (dead && since >= ALLOC_REFRESH), a.endpoint)
