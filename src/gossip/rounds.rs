@@ -4,7 +4,10 @@
 //!   new one from anyone), a round every [`BUSY_EVERY`] with
 //!   [`BUSY_FANOUT`] random members ([`SMALL_FANOUT`] in meshes of up to
 //!   [`SMALL_MESH`]): news spreads by infection, and whoever learns it
-//!   spreads it in turn.
+//!   spreads it in turn. In larger meshes the two are drawn from
+//!   [`PARTNERS`] partners, one swapped for a random member every
+//!   [`PARTNER_SWAP_EVERY`] busy rounds: a new member drawn is a new QUIC
+//!   connection (see [`RoundPlanner::poll`]).
 //! * **At rest**: one round every [`REST_EVERY`] with a fixed partner (our
 //!   first monitoring target, over a connection already open); nothing
 //!   else. Divergence at rest is found by liveness probes, which carry
@@ -34,7 +37,7 @@ use std::time::{Duration, Instant};
 
 use rand::rngs::SmallRng;
 use rand::seq::SliceRandom;
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 
 use crate::membership::{on_local_net, Liveness, Membership};
 use crate::proto::PublicKeyBytes;
@@ -51,6 +54,11 @@ pub const SMALL_MESH: usize = 30;
 /// (flat 40: a new member's record reached the last member 0.9 s after its
 /// start, 3 to 4 rounds of 250 ms).
 pub const ANNOUNCE_FANOUT: usize = 8;
+/// Busy rounds in meshes of more than [`SMALL_MESH`] draw from this many
+/// partners, not from every member (see [`RoundPlanner::poll`]).
+pub const PARTNERS: usize = 8;
+/// One busy round in this many swaps one partner for a random member.
+pub const PARTNER_SWAP_EVERY: u32 = 16;
 pub const REST_EVERY: Duration = Duration::from_secs(30);
 pub const MISMATCH_GAP: Duration = Duration::from_secs(1);
 /// How long after we called a member down our rounds still visit it (see
@@ -186,6 +194,10 @@ pub struct RoundPlanner {
     announce: bool,
     /// Members called down lately ([`down_targets`]).
     down: Vec<Target>,
+    /// The members busy rounds draw from in a large mesh (see
+    /// [`PARTNERS`]), and the busy rounds since the last swap.
+    partners: Vec<PublicKeyBytes>,
+    since_swap: u32,
     rng: SmallRng,
 }
 
@@ -204,6 +216,8 @@ impl RoundPlanner {
             // A node that starts has news: its record.
             announce: true,
             down: Vec::new(),
+            partners: Vec::new(),
+            since_swap: 0,
             rng: SmallRng::seed_from_u64(seed),
         }
     }
@@ -342,7 +356,17 @@ impl RoundPlanner {
             // round piled rounds on a busy member that many held down,
             // and the simulation of an overloaded mesh had twice the false
             // verdicts.)
-            let pool: Vec<&Target> = targets.iter().chain(&self.down).collect();
+            let pool: Vec<&Target> = if targets.len() <= SMALL_MESH {
+                targets.iter().chain(&self.down).collect()
+            } else {
+                self.refresh_partners(targets);
+                let partners = &self.partners;
+                targets
+                    .iter()
+                    .filter(|t| partners.contains(&t.key))
+                    .chain(&self.down)
+                    .collect()
+            };
             for t in pool.choose_multiple(&mut self.rng, fanout) {
                 add(t.addr, &mut out);
             }
@@ -360,6 +384,39 @@ impl RoundPlanner {
             Some(_) => {}
         }
         out
+    }
+
+    /// Keeps [`PARTNERS`] partners among `targets` (more than
+    /// [`SMALL_MESH`] of them): partners no longer among them are replaced,
+    /// and every [`PARTNER_SWAP_EVERY`] busy rounds one is swapped for a
+    /// random member, so the partners drift over the whole mesh (a member
+    /// behind NAT first reaches only public members) and the graph of
+    /// partners stays random.
+    ///
+    /// Why partners: each member drawn at random from all is a new QUIC
+    /// connection (a TLS handshake on both sides, about ten datagrams);
+    /// in the come-up of mixed 100 every node ended with a connection to
+    /// nearly every other (97 on average), made while the machine was
+    /// saturated. Random partners spread news about as fast: a random
+    /// graph of degree 8 has a diameter of about log N / log 8.
+    fn refresh_partners(&mut self, targets: &[Target]) {
+        let is_target = |k: &PublicKeyBytes| targets.iter().any(|t| &t.key == k);
+        self.partners.retain(is_target);
+        self.since_swap += 1;
+        if self.since_swap >= PARTNER_SWAP_EVERY && !self.partners.is_empty() {
+            self.since_swap = 0;
+            let i = self.rng.gen_range(0..self.partners.len());
+            self.partners.swap_remove(i);
+        }
+        let want = PARTNERS.min(targets.len());
+        while self.partners.len() < want {
+            // More than SMALL_MESH targets and at most PARTNERS partners:
+            // a few draws find one that is not a partner yet.
+            let t = targets[self.rng.gen_range(0..targets.len())].key;
+            if !self.partners.contains(&t) {
+                self.partners.push(t);
+            }
+        }
     }
 
     /// When [`RoundPlanner::poll`] has something to do next (a mismatch is
@@ -509,6 +566,66 @@ mod tests {
         let out = p.poll(t1, &ts, None, &[]);
         assert_eq!(out.len(), ANNOUNCE_FANOUT);
         assert_eq!(p.poll(t1 + BUSY_EVERY, &ts, None, &[]).len(), BUSY_FANOUT);
+    }
+
+    /// In a large mesh busy rounds go to a few partners (one connection
+    /// each, not one per member drawn), swapped slowly: over a minute of
+    /// busy rounds a node reaches a couple of dozen members, not all 200.
+    /// A partner that is no longer a target is replaced at once, and over
+    /// a long time every member gets its turn.
+    #[test]
+    fn busy_rounds_in_a_large_mesh_go_to_a_few_partners() {
+        let mut ts = targets(200);
+        let t0 = Instant::now();
+        let mut p = RoundPlanner::new(7);
+        // The rest round (every 30 s) goes to a partner of its own.
+        let rest = ts.last().copied();
+        let mut reached = std::collections::HashSet::new();
+        let busy_rounds = 240u32; // a minute of busy rounds
+        for i in 0..busy_rounds {
+            let now = t0 + BUSY_EVERY * i;
+            p.handle_changes(now, u64::from(i) + 1);
+            let out = p.poll(now, &ts, rest, &[]);
+            assert!(!out.is_empty());
+            reached.extend(out);
+        }
+        let most = PARTNERS + (busy_rounds / PARTNER_SWAP_EVERY) as usize + 1;
+        assert!(
+            reached.len() > PARTNERS && reached.len() <= most,
+            "{} members reached, at most {most} expected",
+            reached.len()
+        );
+        // Partners that leave the targets are replaced: the rounds go on,
+        // and only to members still there.
+        let gone: Vec<Target> = ts.drain(..100).collect();
+        let mut after = std::collections::HashSet::new();
+        for i in 0..8 {
+            let now = t0 + BUSY_EVERY * (busy_rounds + i);
+            p.handle_changes(now, u64::from(busy_rounds + i) + 1);
+            let out = p.poll(now, &ts, rest, &[]);
+            assert!(out.len() >= BUSY_FANOUT);
+            after.extend(out);
+        }
+        assert!(after.iter().all(|a| !gone.iter().any(|g| g.addr == *a)));
+        assert!(after.len() <= PARTNERS + 1);
+        // Over a long time the swaps visit every member.
+        let mut all = std::collections::HashSet::new();
+        for i in 0..20_000u32 {
+            let now = t0 + BUSY_EVERY * (busy_rounds + 8 + i);
+            p.handle_changes(now, u64::from(i) + 1_000_000);
+            all.extend(p.poll(now, &ts, rest, &[]));
+        }
+        assert_eq!(all.len(), ts.len());
+        // A small mesh: every member, as before.
+        let small = targets(SMALL_MESH);
+        let mut q = RoundPlanner::new(7);
+        let mut seen = std::collections::HashSet::new();
+        for i in 0..40u32 {
+            let now = t0 + BUSY_EVERY * i;
+            q.handle_changes(now, u64::from(i) + 1);
+            seen.extend(q.poll(now, &small, None, &[]));
+        }
+        assert_eq!(seen.len(), SMALL_MESH);
     }
 
     #[test]

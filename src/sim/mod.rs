@@ -196,6 +196,10 @@ enum Ev {
 }
 
 /// Counters of what went over the (simulated) wire.
+/// How long an unused gossip connection stays open (the daemon's QUIC idle
+/// timeout, `gossip::tls`).
+const CONN_IDLE: Duration = Duration::from_secs(180);
+
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Traffic {
     pub gossip_msgs: u64,
@@ -204,6 +208,9 @@ pub struct Traffic {
     pub probe_bytes: u64,
     pub join_msgs: u64,
     pub join_bytes: u64,
+    /// Gossip connections opened (a QUIC handshake each, in the daemon):
+    /// a round to a member we had no round with for [`CONN_IDLE`].
+    pub connections: u64,
 }
 
 impl Traffic {
@@ -218,6 +225,7 @@ impl Traffic {
             probe_bytes: self.probe_bytes - o.probe_bytes,
             join_msgs: self.join_msgs - o.join_msgs,
             join_bytes: self.join_bytes - o.join_bytes,
+            connections: self.connections - o.connections,
         }
     }
 }
@@ -780,6 +788,16 @@ impl Sim {
                 continue;
             }
             n.rounds.insert(to, now);
+            let idle = n
+                .conns
+                .insert(to, now)
+                .is_none_or(|t| now.saturating_duration_since(t) >= CONN_IDLE);
+            if idle {
+                self.traffic.connections += 1;
+            }
+            let Some(n) = self.nodes[i as usize].as_deref_mut() else {
+                return;
+            };
             let busy = n.planner.busy(now);
             let syn = n.chitchat.syn_busy(busy);
             self.send_gossip(i, to, syn, overlay);
@@ -1487,7 +1505,7 @@ impl Sim {
         let conv_traffic = self.traffic;
         let (conv_acc, conv_ref) = self.values_published();
         self.say(format!(
-            "converge sim_secs={:.2} after_last_join_s={:.2} rounds={rounds} log2n={:.2} rounds_started_per_node={:.1} messages={} gossip_bytes_per_node={} join_bytes_per_node={} accusations={conv_acc} refutations={conv_ref}",
+            "converge sim_secs={:.2} after_last_join_s={:.2} rounds={rounds} log2n={:.2} rounds_started_per_node={:.1} messages={} gossip_bytes_per_node={} join_bytes_per_node={} connections_per_node={:.1} accusations={conv_acc} refutations={conv_ref}",
             conv_at.as_secs_f64(),
             since_last.as_secs_f64(),
             (n as f64).log2(),
@@ -1495,6 +1513,7 @@ impl Sim {
             conv_traffic.messages(),
             conv_traffic.gossip_bytes / n as u64,
             conv_traffic.join_bytes / n as u64,
+            conv_traffic.connections as f64 / n as f64,
         ));
         let l = self.largest;
         self.say(format!(
@@ -1521,11 +1540,12 @@ impl Sim {
         let rest_total = per(rest.gossip_bytes + rest.probe_bytes + wg);
         let rest_false = self.false_downs - false_before;
         self.say(format!(
-            "rest secs={secs} bytes_per_node_per_s={rest_total:.1} gossip={:.1} probes={:.1} wireguard={:.1} msgs_per_node_per_s={:.2} false_downs={rest_false} accusations={acc} refutations={refu}",
+            "rest secs={secs} bytes_per_node_per_s={rest_total:.1} gossip={:.1} probes={:.1} wireguard={:.1} msgs_per_node_per_s={:.2} connections_per_node_per_min={:.2} false_downs={rest_false} accusations={acc} refutations={refu}",
             per(rest.gossip_bytes),
             per(rest.probe_bytes),
             per(wg),
             rest.messages() as f64 / n as f64 / secs as f64,
+            rest.connections as f64 * 60.0 / n as f64 / secs as f64,
         ));
 
         // --- kill.

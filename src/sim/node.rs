@@ -61,6 +61,9 @@ pub struct SimNode {
     pub summary: liveness::Summary,
     /// Rounds in flight by destination node.
     pub rounds: BTreeMap<u32, Instant>,
+    /// When we last opened a round with each node (its gossip connection
+    /// idles out after `CONN_IDLE`).
+    pub conns: BTreeMap<u32, Instant>,
     /// Seeds to knock on while no member is reachable.
     pub bootstrap: Vec<SocketAddr>,
     pub alive: bool,
@@ -145,6 +148,7 @@ impl SimNode {
             probe_members: HashSet::new(),
             summary: liveness::Summary::default(),
             rounds: BTreeMap::new(),
+            conns: BTreeMap::new(),
             bootstrap: Vec::new(),
             alive: true,
             joined: false,
