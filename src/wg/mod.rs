@@ -13,6 +13,7 @@
 //! `DeviceUpdate`. Only this module calls wireguard-control.
 //! Addresses and link state are set with iproute2 (`ip`), as wg-quick does.
 
+mod netlink;
 pub mod userspace;
 
 use std::io;
@@ -203,25 +204,26 @@ impl WgInterface {
     /// Puts `ip/prefix` on the interface (replacing any other address) and
     /// brings it up.
     pub fn set_address(&self, ip: Ipv4Addr, cidr: Ipv4Net) -> Result<(), WgError> {
-        let addr = format!("{ip}/{}", cidr.prefix_len());
-        let current = Command::new("ip")
-            .args(["-4", "-o", "address", "show", "dev", &self.name])
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
-            .unwrap_or_default();
-        if !current.contains(&format!(" {addr} ")) {
-            run_ip(&["-4", "address", "flush", "dev", &self.name])?;
-            run_ip(&["-4", "address", "add", &addr, "dev", &self.name])?;
+        let io = |action: &'static str| {
+            let iface = self.name.clone();
+            move |source: io::Error| WgError::Io {
+                iface,
+                action,
+                source,
+            }
+        };
+        let index = netlink::index(&self.name).map_err(io("finding the interface"))?;
+        let prefix = cidr.prefix_len();
+        let current =
+            netlink::ipv4_addresses(index).map_err(io("reading the interface's addresses"))?;
+        if current != [(ip, prefix)] {
+            for (other, len) in current.into_iter().filter(|a| *a != (ip, prefix)) {
+                netlink::del_ipv4(index, other, len)
+                    .map_err(io("removing a former overlay address"))?;
+            }
+            netlink::add_ipv4(index, ip, prefix).map_err(io("setting the overlay address"))?;
         }
-        run_ip(&[
-            "link",
-            "set",
-            "dev",
-            &self.name,
-            "mtu",
-            &MTU.to_string(),
-            "up",
-        ])
+        netlink::set_up(index, MTU).map_err(io("bringing the interface up"))
     }
 
     /// Routes `net` through the interface (`ip route add NET dev IF`). A
