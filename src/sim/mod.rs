@@ -21,7 +21,11 @@
 //! UDP/IP overhead, probes with their real encoding inside WireGuard;
 //! WireGuard keepalives and handshakes are counted by the daemon's rules
 //! (persistent keepalive 25 s behind NAT, a handshake every 120 s on a
-//! session in use). Messages are handed over as objects (the values are
+//! session in use). Gossip connections are counted (`connections_per_node`:
+//! a round to a member with no round either way for the QUIC idle timeout),
+//! and a round on a new connection arrives one round trip later (the
+//! handshake; without this the simulation favoured drawing rounds from all
+//! members, which costs a connection per member drawn). Messages are handed over as objects (the values are
 //! shared `Arc<str>`, so every node holds one copy of each signed value)
 //! rather than decoded again; decoding is tested elsewhere.
 //!
@@ -695,7 +699,17 @@ impl Sim {
 
     // ----- sending -----
 
-    fn send_gossip(&mut self, from: u32, to: u32, msg: ChitchatMessage, overlay: bool) {
+    /// Sends one gossip message; `connect`: on a new connection, which
+    /// first takes a QUIC handshake (one round trip more before the
+    /// message arrives).
+    fn send_gossip(
+        &mut self,
+        from: u32,
+        to: u32,
+        msg: ChitchatMessage,
+        overlay: bool,
+        connect: bool,
+    ) {
         let len = msg.serialized_len();
         let (out_b, ack_b) = net::quic_wire_bytes(len);
         self.traffic.gossip_msgs += 1;
@@ -721,6 +735,9 @@ impl Sim {
             return;
         }
         let mut d = self.latency(from, to, overlay);
+        if connect {
+            d += 2 * d;
+        }
         // A lost packet is retransmitted after about one and a half round
         // trips (QUIC's loss detection).
         let packets = net::quic_packets(len);
@@ -795,12 +812,17 @@ impl Sim {
             if idle {
                 self.traffic.connections += 1;
             }
+            // The other end sends on the same connection (the daemon keeps
+            // connections by remote address, accepted ones too).
+            if let Some(m) = self.nodes[to as usize].as_deref_mut() {
+                m.conns.insert(i, now);
+            }
             let Some(n) = self.nodes[i as usize].as_deref_mut() else {
                 return;
             };
             let busy = n.planner.busy(now);
             let syn = n.chitchat.syn_busy(busy);
-            self.send_gossip(i, to, syn, overlay);
+            self.send_gossip(i, to, syn, overlay, idle);
         }
     }
 
@@ -1160,7 +1182,7 @@ impl Sim {
         if let Some(r) = reply {
             // Answers go back on the connection the message came in on.
             let overlay = self.node(from).nat != NatClass::Public;
-            self.send_gossip(to, from, r, overlay);
+            self.send_gossip(to, from, r, overlay, false);
         }
         self.want_step(to);
     }
