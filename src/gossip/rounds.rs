@@ -11,7 +11,8 @@
 //!   after a quiet spell still draws from everyone (see `RoundPlanner::fresh`).
 //! * **At rest**: one round every [`REST_EVERY`] with a fixed partner (our
 //!   first gossip partner when we have partners, over the connection the
-//!   busy rounds opened; else our first monitoring target); nothing else. Divergence at rest is found by liveness probes, which carry
+//!   busy rounds opened; else our first monitoring target); nothing else.
+//!   Divergence at rest is found by liveness probes, which carry
 //!   summaries: a mismatch asks for a round with that member at once
 //!   ([`RoundPlanner::handle_mismatch`], at most one per member per
 //!   [`MISMATCH_GAP`]).
