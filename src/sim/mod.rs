@@ -25,9 +25,10 @@
 //! a round to a member with no round either way for the QUIC idle timeout),
 //! and a round on a new connection arrives one round trip later (the
 //! handshake; without this the simulation favoured drawing rounds from all
-//! members, which costs a connection per member drawn). Messages are handed over as objects (the values are
-//! shared `Arc<str>`, so every node holds one copy of each signed value)
-//! rather than decoded again; decoding is tested elsewhere.
+//! members, which costs a connection per member drawn). Messages are
+//! handed over as objects (the values are shared `Arc<str>`, so every node
+//! holds one copy of each signed value) rather than decoded again; decoding
+//! is tested elsewhere.
 //!
 //! Phases: join in waves through seeds, converge (every member holds every
 //! member's current record and has a WireGuard peer for it), rest (bytes
@@ -199,11 +200,11 @@ enum Ev {
     },
 }
 
-/// Counters of what went over the (simulated) wire.
 /// How long an unused gossip connection stays open (the daemon's QUIC idle
 /// timeout, `gossip::tls`).
 const CONN_IDLE: Duration = Duration::from_secs(180);
 
+/// Counters of what went over the (simulated) wire.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Traffic {
     pub gossip_msgs: u64,

@@ -11,9 +11,10 @@
 //! Both are driven by the same code: [`WgInterface::apply`] turns the
 //! [`PeerChange`]s of [`crate::reconcile`] into one wireguard-control
 //! `DeviceUpdate`. Only this module calls wireguard-control.
-//! Addresses and link state are set with iproute2 (`ip`), as wg-quick does.
+//! The overlay address and link state are set over rtnetlink
+//! ([`netlink`]); routes with iproute2 (`ip`), as wg-quick does.
 
-mod netlink;
+pub(crate) mod netlink;
 pub mod userspace;
 
 use std::io;
@@ -100,11 +101,7 @@ pub struct WgInterface {
 /// (if_nametoindex asks the kernel, unlike /sys, which may belong to another
 /// namespace).
 pub fn link_exists(name: &str) -> bool {
-    let Ok(c) = std::ffi::CString::new(name) else {
-        return false;
-    };
-    // SAFETY: `c` is a valid NUL-terminated string for the duration of the call.
-    unsafe { libc::if_nametoindex(c.as_ptr()) != 0 }
+    netlink::index(name).is_ok()
 }
 
 fn is_unsupported(e: &io::Error) -> bool {

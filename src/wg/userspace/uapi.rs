@@ -154,15 +154,7 @@ pub fn parse_endpoint(value: &str) -> Result<SocketAddr, UapiError> {
     let port = parse_uint("endpoint", port, u16::MAX.into()).map_err(|_| bad())? as u16;
     let scope = match zone.parse::<u32>() {
         Ok(n) => n,
-        Err(_) => {
-            let name = std::ffi::CString::new(zone).map_err(|_| bad())?;
-            // SAFETY: `name` is a valid NUL-terminated string.
-            let idx = unsafe { libc::if_nametoindex(name.as_ptr()) };
-            if idx == 0 {
-                return Err(bad());
-            }
-            idx
-        }
+        Err(_) => crate::wg::netlink::index(zone).map_err(|_| bad())?,
     };
     Ok(SocketAddr::V6(SocketAddrV6::new(ip, port, 0, scope)))
 }
