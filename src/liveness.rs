@@ -20,6 +20,9 @@
 //!   **and** no refutation of the accusation arrived within
 //!   [`REFUTE_WAIT`]. Probes that fail while a refutation arrives mean our
 //!   path is broken, not the member ([`Event::PathBroken`]).
+//! * Monitors skip members they cannot probe (no working path), so a
+//!   member whose paths went **silent** is checked by each node that once
+//!   reached it, after [`SILENT_CHECK`] without a sign of life.
 //! * A down member is probed every [`DOWN_RECHECK`]; an answer, or a newer
 //!   signed value of it, brings it back.
 //! * **Heard from itself**: a gossip message on the member's own QUIC
@@ -110,6 +113,19 @@ pub const HANDOFF_MAX_RANK: usize = 30;
 /// still checked, so a death meanwhile is still seen.
 pub const BROKEN_BACKOFF_MIN: Duration = Duration::from_secs(30);
 pub const BROKEN_BACKOFF_MAX: Duration = Duration::from_secs(600);
+/// A member we reached once whose path stopped working (no WireGuard
+/// session we can probe it through) and that showed no life since (no
+/// answer, no gossip message of its own, no newer signed value) is checked
+/// by us after this long plus a random share of [`SILENT_SPREAD`]: nobody
+/// monitors a member whose every path went silent (monitors skip members
+/// they cannot probe), so a death after that, or one that broke the paths,
+/// was found by nobody (soak_short in CI: a member killed while
+/// partitioned off was shown `connected` 82 s later). A live member
+/// refutes; the broken-path backoff ([`BROKEN_BACKOFF_MIN`]) then spaces
+/// the next checks. Our path breaks after 12-40 s of silence
+/// (`nat::paths`), so this adds little to the detection time.
+pub const SILENT_CHECK: Duration = Duration::from_secs(3);
+pub const SILENT_SPREAD: Duration = Duration::from_secs(4);
 /// How often a down member is probed again.
 pub const DOWN_RECHECK: Duration = Duration::from_secs(10);
 /// How often a node probes one member it does not monitor, at random (so a
@@ -432,10 +448,16 @@ struct Target {
     /// each time (see [`BROKEN_BACKOFF_MIN`]).
     quiet_until: Option<Instant>,
     broken_backoff: Duration,
+    /// The last sign of life we had of it: its path working, an answer, a
+    /// gossip message of its own, a newer signed value (see
+    /// [`SILENT_CHECK`]).
+    alive_at: Option<Instant>,
+    /// This target's share of [`SILENT_SPREAD`].
+    silent_spread: Duration,
 }
 
 impl Target {
-    fn new(v: &MemberView, ring: u64) -> Self {
+    fn new(v: &MemberView, ring: u64, silent_spread: Duration) -> Self {
         Target {
             overlay_ip: v.overlay_ip,
             reachable: v.reachable,
@@ -463,7 +485,30 @@ impl Target {
             unreached_due: None,
             quiet_until: None,
             broken_backoff: Duration::ZERO,
+            alive_at: None,
+            silent_spread,
         }
+    }
+
+    /// Showed life at `at`.
+    fn lives(&mut self, at: Instant) {
+        if self.alive_at.is_none_or(|a| at > a) {
+            self.alive_at = Some(at);
+        }
+    }
+
+    /// When it falls due for a check of ours because our path to it went
+    /// silent (see [`SILENT_CHECK`]), if it can.
+    fn silent_due(&self) -> Option<Instant> {
+        if !self.ever_reached
+            || self.probeable()
+            || self.check.is_some()
+            || self.down_since.is_some()
+        {
+            return None;
+        }
+        let due = self.alive_at? + SILENT_CHECK + self.silent_spread;
+        Some(self.quiet_until.map_or(due, |q| q.max(due)))
     }
 
     /// Whether our path to it works, so a probe that goes unanswered says
@@ -688,14 +733,20 @@ impl Liveness {
                 continue;
             }
             let ring = ring_position(&self.network_key, &m.key);
-            let t = self
-                .targets
-                .entry(m.key)
-                .or_insert_with(|| Target::new(m, ring));
+            let t = match self.targets.entry(m.key) {
+                std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::btree_map::Entry::Vacant(e) => {
+                    let spread = self.rng.gen_range(0..SILENT_SPREAD.as_millis() as u64);
+                    e.insert(Target::new(m, ring, Duration::from_millis(spread)))
+                }
+            };
             t.overlay_ip = m.overlay_ip;
             t.reachable = m.reachable;
             t.heard = m.heard;
             t.ever_reached |= m.heard;
+            if m.heard {
+                t.lives(now);
+            }
             if t.seen_at.is_none() {
                 t.seen_at = Some(now);
                 let spread = self
@@ -754,11 +805,16 @@ impl Liveness {
 
     /// A signed version of one of `key`'s values (record, alive): a version
     /// newer than the one it had when it went down brings it back.
-    pub fn handle_version(&mut self, key: &PublicKeyBytes, version: u64) {
+    /// A version newer than any we saw is a sign of life (it signed it
+    /// after what we knew).
+    pub fn handle_version(&mut self, now: Instant, key: &PublicKeyBytes, version: u64) {
         let Some(t) = self.targets.get_mut(key) else {
             return;
         };
-        t.version = t.version.max(version);
+        if version > t.version {
+            t.version = version;
+            t.lives(now);
+        }
         if t.down_since.is_some() && t.version > t.version_at_down {
             self.back_up(key);
         }
@@ -879,7 +935,7 @@ impl Liveness {
                 }
             }
         }
-        self.handle_version(&key, version);
+        self.handle_version(now, &key, version);
     }
 
     /// Our path to `key` went silent while we sent (WireGuard saw no answer):
@@ -911,6 +967,7 @@ impl Liveness {
             t.heard_through_tunnel = through_tunnel;
         }
         t.ever_reached = true;
+        t.lives(at);
         if let Some(c) = t.check {
             if at >= c.started {
                 tracing::debug!(target_key = %proto::short_key(key), failed = c.failed, through_tunnel, "heard from the member itself: check ends");
@@ -959,6 +1016,7 @@ impl Liveness {
             return;
         };
         t.ever_reached = true;
+        t.lives(now);
         t.last_ack = Some(now);
         t.misses = 0;
         if in_time {
@@ -1141,9 +1199,16 @@ impl Liveness {
                 Purpose::Recheck => {}
             }
         }
+        // Members whose path went silent: checked (see SILENT_CHECK).
+        let me = self.me;
+        for (k, t) in self.targets.iter_mut() {
+            if t.silent_due().is_some_and(|at| now >= at) {
+                tracing::debug!(target_key = %proto::short_key(k), silent_ms = t.alive_at.map(|a| now.saturating_duration_since(a).as_millis() as u64), "our path to it went silent: checking");
+                t.check = Some(Check::ours(now, me, unix_ms));
+            }
+        }
         // Members held long without ever being reached, and silent as
         // long: checked once.
-        let me = self.me;
         let quiet_ms = NEVER_REACHED_CHECK.as_millis() as u64;
         for t in self.targets.values_mut() {
             if !t.ever_reached
@@ -1394,6 +1459,9 @@ impl Liveness {
             if let Some(at) = t.handoff_at {
                 take(at);
             }
+            if let Some(at) = t.silent_due() {
+                take(at);
+            }
             if !t.ever_reached
                 && !t.unreached_checked
                 && t.check.is_none()
@@ -1530,7 +1598,7 @@ impl ValueFeed {
                 continue;
             };
             if let Some(m) = membership.member(&owner) {
-                liveness.handle_version(&owner, m.record.version);
+                liveness.handle_version(now, &owner, m.record.version);
             }
             for (key, value) in [(ALIVE_KEY, &e.alive), (SUSPECTS_KEY, &e.suspects)] {
                 let Some(text) = value else { continue };
