@@ -42,6 +42,21 @@ pub fn news_step_gap(members: usize, at_rest: bool) -> Option<Duration> {
     }
 }
 
+/// A large mesh that is not at rest waits for its tick on news (see
+/// [`news_step_gap`]), except for the first join after this long without
+/// one: a node state we did not hold at our last step runs a step as an
+/// allocation answer does ([`answer_step_gap`]). A node joining a mesh
+/// that has just converged (busy, so each member's tick is stretched: 625
+/// ms at 100 members) waited for every member's tick; in a come-up, where
+/// joins arrive every few milliseconds, this adds one step per spell.
+pub const JOIN_SPELL: Duration = Duration::from_secs(10);
+
+/// Whether news that may be a join is watched for: no join step ran for
+/// [`JOIN_SPELL`].
+pub fn join_spell_over(last_join_step: Option<Instant>, now: Instant) -> bool {
+    last_join_step.is_none_or(|t| now.saturating_duration_since(t) >= JOIN_SPELL)
+}
+
 /// How long after its last step a node runs the step that a relay's
 /// allocation answer asks for, rather than running one per answer: in the
 /// come-up a member with dozens of relayed peers gets dozens of
@@ -106,6 +121,14 @@ pub fn tick_period(members: usize, at_rest: bool) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_join_is_watched_for_once_a_spell() {
+        let t0 = Instant::now();
+        assert!(join_spell_over(None, t0));
+        assert!(!join_spell_over(Some(t0), t0 + JOIN_SPELL / 2));
+        assert!(join_spell_over(Some(t0), t0 + JOIN_SPELL));
+    }
 
     #[test]
     fn memory_is_trimmed_when_quiet_once_a_minute() {

@@ -207,6 +207,10 @@ pub(crate) struct Node {
     last_rotation: usize,
     last_status: Instant,
     last_step: Instant,
+    /// Gossip's node states at our last step (more now: a join), and when
+    /// a join last got a step of its own (`tick::JOIN_SPELL`).
+    states_at_step: u32,
+    last_join_step: Option<Instant>,
     /// A step allocation answers asked for, due at this instant (`tick::answer_step_at`): answers
     /// within the gap share it.
     step_due: Option<Instant>,

@@ -11,7 +11,7 @@ use tokio::sync::{mpsc, watch};
 use super::start::Inbox;
 use super::{ops, DaemonConfig, Node};
 use crate::control::{Command, Incoming, Pending, Reply};
-use crate::tick::{news_step_gap, tick_period, TICK};
+use crate::tick::{join_spell_over, news_step_gap, tick_period, TICK};
 
 /// Why the loop ended.
 enum Exit {
@@ -46,6 +46,11 @@ impl Node {
             // News from gossip runs a step soon in a small mesh and at
             // rest, else it waits for the tick (tick::news_step_gap).
             let news_gap = news_step_gap(self.membership.members().count(), self.at_rest());
+            let news_ready = news_gap.is_some_and(|g| self.last_step.elapsed() >= g);
+            // A large busy mesh waits for its tick, but the first join
+            // after a spell without one gets a step soon (tick::JOIN_SPELL).
+            let join_watch =
+                news_gap.is_none() && join_spell_over(self.last_join_step, Instant::now());
             let liveness_at = self
                 .liveness
                 .poll_timeout()
@@ -56,8 +61,13 @@ impl Node {
                 // rather than at the next tick (a gossip hop is 250 ms; the
                 // tick would add up to one more to every join, and at rest
                 // up to 2 s to a join, a kill or a leave).
-                _ = self.gossip.changed(), if news_gap.is_some_and(|g| self.last_step.elapsed() >= g) => {
-                    self.step_or_warn().await;
+                _ = self.gossip.changed(), if news_ready || join_watch => {
+                    if news_ready {
+                        self.step_or_warn().await;
+                    } else if self.gossip.summary().count > self.states_at_step {
+                        self.last_join_step = Some(Instant::now());
+                        self.step_soon();
+                    }
                 }
                 _ = answered.notified() => self.on_stun_answer().await,
                 Some(stamp) = inbox.restamps.recv() => self.on_new_stamp(stamp).await,

@@ -486,6 +486,8 @@ impl Boot {
             last_rotation: 0,
             last_status: now,
             last_step: now,
+            states_at_step: 0,
+            last_join_step: None,
             step_due: None,
             steps: 0,
             step_time: std::time::Duration::ZERO,

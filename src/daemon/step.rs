@@ -65,6 +65,7 @@ impl Node {
         self.last_step = now;
         self.take_revocations();
         self.restamp_if_due(now);
+        self.states_at_step = self.gossip.summary().count;
         let entries = self.gossip.snapshot();
         let liveness = &self.liveness;
         let unix_ms_now = unix_ms();

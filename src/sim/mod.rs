@@ -56,7 +56,7 @@ use crate::admission::{self, Credential, Network, Stamper};
 use crate::gossip::transport::ROUND_WAIT;
 use crate::liveness::{self, Probe};
 use crate::proto::{self, PublicKeyBytes, Signed};
-use crate::tick::{news_step_gap, tick_period, SETTLE};
+use crate::tick::{answer_step_gap, join_spell_over, news_step_gap, tick_period, SETTLE};
 use crate::trust::{self, TrustState, RECORD_KEY};
 
 use net::{NatClass, Queue, Route};
@@ -644,12 +644,14 @@ impl Sim {
     }
 
     /// After anything that may have changed a node's gossip state: a step
-    /// soon in small meshes and at rest, else at its next tick, as the
-    /// daemon does (`tick::news_step_gap`).
+    /// soon in small meshes and at rest, else at its next tick, but soon for
+    /// the first join in a spell, as the daemon does (`tick::news_step_gap`,
+    /// `tick::JOIN_SPELL`).
     fn want_step(&mut self, i: u32) {
         let now = self.now;
         let base = self.base;
-        let Some(n) = self.nodes[i as usize].as_deref() else {
+        let now_i = self.instant();
+        let Some(n) = self.nodes[i as usize].as_deref_mut() else {
             return;
         };
         if n.chitchat.changes() == n.stepped_changes {
@@ -657,7 +659,16 @@ impl Sim {
         }
         let members = n.membership.members().count();
         let last = n.last_step.map_or(Duration::ZERO, |t| t - base);
-        let gap = news_step_gap(members, n.at_rest).unwrap_or(tick_period(members, false));
+        let gap = match news_step_gap(members, n.at_rest) {
+            Some(g) => g,
+            None if join_spell_over(n.last_join_step, now_i)
+                && n.chitchat.summary().count > n.stepped_states =>
+            {
+                n.last_join_step = Some(now_i);
+                answer_step_gap(members)
+            }
+            None => tick_period(members, false),
+        };
         let at = now.max(last + gap);
         self.schedule_step(i, at);
     }

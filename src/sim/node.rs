@@ -81,6 +81,10 @@ pub struct SimNode {
     pub last_rotation: usize,
     /// chitchat's change counter at the last step.
     pub stepped_changes: u64,
+    /// chitchat's node states at the last step, and when a join last got a
+    /// step of its own (`tick::JOIN_SPELL`), as in the daemon.
+    pub stepped_states: u32,
+    pub last_join_step: Option<Instant>,
     /// Last time something changed at a step (tick stretching at rest).
     pub last_change: Instant,
     /// Whether it was at rest at its last step (the daemon's `at_rest`:
@@ -162,6 +166,8 @@ impl SimNode {
             rounds_at: None,
             last_rotation: 0,
             stepped_changes: 0,
+            stepped_states: 0,
+            last_join_step: None,
             last_change: now,
             at_rest: false,
             signing,
@@ -250,6 +256,7 @@ impl SimNode {
         let mut out = StepOut::default();
         self.last_step = Some(now);
         self.stepped_changes = self.chitchat.changes();
+        self.stepped_states = self.chitchat.summary().count;
         let entries = crate::gossip::snapshot(&self.chitchat);
         let liveness = &self.liveness;
         out.events = trust.with_trust(|t| {
