@@ -8,7 +8,10 @@
 //! Both need root (network namespaces) and nftables, conntrack and iproute2.
 //! Not root: skipped with a message, unless CI=true (then they fail).
 //! `MESHPEER_BIN` picks the daemon (default: target/debug/meshpeer beside
-//! this test's binary, which `cargo test` in the workspace builds).
+//! this test's binary, which `cargo test --workspace` builds; a run of this
+//! file alone, `cargo test -p meshpeer-testnet`, does not rebuild the
+//! daemon: build it first with `cargo build --workspace`, or it tests an
+//! old one).
 //! `smoke_nat` runs `smoke-nat.toml` the same way, and `smoke_mixed`
 //! `smoke-mixed.toml` (every NAT kind: home NAT, CGNAT, symmetric).
 //! * `matrix`: `matrix.toml`, 14 nodes with every pair type; fails when a
