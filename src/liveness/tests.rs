@@ -1083,3 +1083,59 @@ fn a_live_member_behind_paths_that_stay_broken_is_checked_ever_more_rarely() {
         );
     }
 }
+
+/// A member that accuses us removes (or will remove) its WireGuard peer for
+/// us, which explains our path to it breaking: no silence check of it while
+/// its accusation stands (under load each false verdict made its victim
+/// accuse the judge in turn); once it withdraws, the silence counts again.
+#[test]
+fn a_member_that_accuses_us_is_not_checked_for_the_silence_it_causes() {
+    let keys: Vec<PublicKeyBytes> = (0..2u8)
+        .map(|i| {
+            SigningKey::from_bytes(&[i + 1; 32])
+                .verifying_key()
+                .to_bytes()
+        })
+        .collect();
+    let t0 = Instant::now();
+    let mut n = Liveness::new(NET, keys[0], 7);
+    let view = |heard: bool| {
+        vec![MemberView {
+            key: keys[1],
+            overlay_ip: ip(1),
+            reachable: true,
+            heard,
+        }]
+    };
+    n.handle_members(t0, &view(true));
+    n.handle_members(t0 + Duration::from_secs(1), &view(false));
+    let accusing = |targets: Vec<Suspect>| Suspicions {
+        network_key: NET,
+        accuser: keys[1],
+        issued_at_ms: 5,
+        targets,
+    };
+    n.handle_suspicions(
+        t0 + Duration::from_secs(2),
+        &accusing(vec![Suspect {
+            node_key: keys[0],
+            since_ms: 4,
+        }]),
+    );
+    let probes_to_1 = |n: &mut Liveness, at: Instant| {
+        n.handle_timeout(at, 10);
+        n.poll_transmit()
+            .iter()
+            .filter(|(to, _)| *to == ip(1))
+            .count()
+    };
+    let mut at = t0 + Duration::from_secs(2);
+    while at < t0 + Duration::from_secs(60) {
+        at += Duration::from_millis(500);
+        assert_eq!(probes_to_1(&mut n, at), 0, "checked at {:?}", at - t0);
+    }
+    // Withdrawn: silent since t0 + 1 s, so checked at once.
+    n.handle_suspicions(at, &accusing(Vec::new()));
+    at += Duration::from_millis(500);
+    assert_eq!(probes_to_1(&mut n, at), 1);
+}
