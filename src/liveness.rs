@@ -380,12 +380,19 @@ struct Check {
     next_probe: Instant,
     failed: bool,
     accusation: Accusation,
+    /// Started because our path went silent ([`SILENT_CHECK`]): the path
+    /// is already known not to work and the path logic is already at it,
+    /// so a refutation only backs off; it reports no
+    /// [`Event::PathBroken`], which would reset the path once more (in a
+    /// mixed mesh of 100 at rest, each such reset made the next silence:
+    /// 10-30 resets a minute for 25 minutes).
+    silence: bool,
 }
 
 impl Check {
     /// A check of our own suspicion (our path went silent, or we never
     /// reached the member), starting now.
-    fn ours(now: Instant, me: PublicKeyBytes, unix_ms: u64) -> Check {
+    fn ours(now: Instant, me: PublicKeyBytes, unix_ms: u64, silence: bool) -> Check {
         Check {
             started: now,
             probes_sent: 0,
@@ -395,6 +402,7 @@ impl Check {
                 accuser: me,
                 since_ms: unix_ms,
             },
+            silence,
         }
     }
 }
@@ -461,6 +469,10 @@ struct Target {
     alive_at: Option<Instant>,
     /// This target's share of [`SILENT_SPREAD`].
     silent_spread: Duration,
+    /// Refuted silence checks: the next waits until this, doubling from
+    /// [`BROKEN_BACKOFF_MIN`] to [`BROKEN_BACKOFF_MAX`] (not reset).
+    silence_quiet_until: Option<Instant>,
+    silence_backoff: Duration,
     /// Its published list accuses us: it holds us down or checks us, and
     /// removes (or will remove) its WireGuard peer for us, which explains
     /// our path to it breaking; no silence check of it meanwhile (under
@@ -499,6 +511,8 @@ impl Target {
             broken_backoff: Duration::ZERO,
             alive_at: None,
             silent_spread,
+            silence_quiet_until: None,
+            silence_backoff: Duration::ZERO,
             accuses_us: false,
         }
     }
@@ -530,7 +544,8 @@ impl Target {
             SILENT_NO_PATH
         };
         let due = self.alive_at? + wait + self.silent_spread;
-        Some(self.quiet_until.map_or(due, |q| q.max(due)))
+        let due = self.quiet_until.map_or(due, |q| q.max(due));
+        Some(self.silence_quiet_until.map_or(due, |q| q.max(due)))
     }
 
     /// Whether our path to it works, so a probe that goes unanswered says
@@ -545,6 +560,20 @@ impl Target {
         self.broken_backoff =
             (self.broken_backoff * 2).clamp(BROKEN_BACKOFF_MIN, BROKEN_BACKOFF_MAX);
         self.quiet_until = Some(now + self.broken_backoff);
+    }
+
+    /// A check of ours refuted: the broken-path backoff, and for a silence
+    /// check its own backoff, which an answer does not reset (a path that
+    /// comes back and goes silent again, as relayed paths at rest do, was
+    /// otherwise checked at each silence: 10 accusations a minute in an
+    /// idle mixed mesh of 100).
+    fn refuted_check(&mut self, now: Instant, silence: bool) {
+        self.path_broken(now);
+        if silence {
+            self.silence_backoff =
+                (self.silence_backoff * 2).clamp(BROKEN_BACKOFF_MIN, BROKEN_BACKOFF_MAX);
+            self.silence_quiet_until = Some(now + self.silence_backoff);
+        }
     }
 
     /// The accusations of it by others that stand and that it has not
@@ -932,6 +961,7 @@ impl Liveness {
                 next_probe: start,
                 failed: false,
                 accusation: a,
+                silence: false,
             });
         }
         self.schedule_handoffs(now);
@@ -952,8 +982,10 @@ impl Liveness {
             if t.refutes(&c.accusation) {
                 t.check = None;
                 if c.failed {
-                    t.path_broken(now);
-                    self.events.push_back(Event::PathBroken(key));
+                    t.refuted_check(now, c.silence);
+                    if !c.silence {
+                        self.events.push_back(Event::PathBroken(key));
+                    }
                 }
                 if c.accusation.accuser == self.me {
                     self.accusing.remove(&key);
@@ -962,17 +994,6 @@ impl Liveness {
             }
         }
         self.handle_version(now, &key, version);
-    }
-
-    /// Our path to `key` went silent while we sent (WireGuard saw no answer):
-    /// check it ourselves.
-    pub fn path_silent(&mut self, now: Instant, unix_ms: u64, key: &PublicKeyBytes) {
-        let me = self.me;
-        if let Some(t) = self.targets.get_mut(key) {
-            if t.check.is_none() && t.down_since.is_none() && t.reachable {
-                t.check = Some(Check::ours(now, me, unix_ms));
-            }
-        }
     }
 
     /// A gossip message from `key` itself arrived at `at`, from address
@@ -999,8 +1020,10 @@ impl Liveness {
                 tracing::debug!(target_key = %proto::short_key(key), failed = c.failed, through_tunnel, "heard from the member itself: check ends");
                 t.check = None;
                 if c.failed && !through_tunnel {
-                    t.path_broken(at);
-                    self.events.push_back(Event::PathBroken(*key));
+                    t.refuted_check(at, c.silence);
+                    if !c.silence {
+                        self.events.push_back(Event::PathBroken(*key));
+                    }
                 }
                 if c.accusation.accuser == me && self.accusing.remove(key).is_some() {
                     self.accusing_changed = true;
@@ -1111,6 +1134,7 @@ impl Liveness {
                     accuser: me,
                     since_ms,
                 },
+                silence: false,
             });
         }
     }
@@ -1230,7 +1254,7 @@ impl Liveness {
         for (k, t) in self.targets.iter_mut() {
             if t.silent_due().is_some_and(|at| now >= at) {
                 tracing::debug!(target_key = %proto::short_key(k), silent_ms = t.alive_at.map(|a| now.saturating_duration_since(a).as_millis() as u64), "our path to it went silent: checking");
-                t.check = Some(Check::ours(now, me, unix_ms));
+                t.check = Some(Check::ours(now, me, unix_ms, true));
             }
         }
         // Members held long without ever being reached, and silent as
@@ -1250,7 +1274,7 @@ impl Liveness {
                     continue;
                 }
                 t.unreached_checked = true;
-                t.check = Some(Check::ours(now, me, unix_ms));
+                t.check = Some(Check::ours(now, me, unix_ms, false));
             }
         }
         // Checks: send their probes, decide the failed ones.
@@ -1276,8 +1300,10 @@ impl Liveness {
             }
             t.check = None;
             if t.refutes(&c.accusation) {
-                t.path_broken(now);
-                self.events.push_back(Event::PathBroken(k));
+                t.refuted_check(now, c.silence);
+                if !c.silence {
+                    self.events.push_back(Event::PathBroken(k));
+                }
                 if c.accusation.accuser == self.me && self.accusing.remove(&k).is_some() {
                     self.accusing_changed = true;
                 }

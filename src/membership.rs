@@ -405,7 +405,15 @@ impl Membership {
         trust: &Trust<'_>,
         events: &mut Vec<Event>,
     ) {
-        if self.members.get(key).is_some_and(|m| m.raw == *text) {
+        // The same value gossip already gave us is usually the same
+        // allocation: compare pointers before bytes (every record, every
+        // step; the byte comparison was a public member's top step cost in
+        // a loaded come-up).
+        if self
+            .members
+            .get(key)
+            .is_some_and(|m| Arc::ptr_eq(&m.raw, text) || m.raw == *text)
+        {
             return;
         }
         let verified = match verify_record(text, trust, Some(key)) {
