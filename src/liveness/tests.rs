@@ -246,6 +246,18 @@ impl Sim {
         self.up[i] = true;
     }
 
+    /// Every other node's path to `j` stops working (no path at all, probes
+    /// lost both ways); gossip still reaches everyone.
+    fn silence_paths_to(&mut self, j: usize) {
+        let silent = views(&self.keys, |x| x != j);
+        let now = self.now;
+        for i in (0..self.nodes.len()).filter(|i| *i != j) {
+            self.nodes[i].handle_members(now, &silent);
+            self.cut.insert((i, j));
+            self.cut.insert((j, i));
+        }
+    }
+
     /// Kills `victim`, runs `d`; returns who called it down, and when the
     /// last of them did, counted from the kill.
     fn kill_and_watch(&mut self, victim: usize, d: Duration) -> (HashSet<usize>, Duration) {
@@ -1059,13 +1071,7 @@ fn a_member_that_dies_after_every_path_to_it_stopped_working_is_found_down() {
     let mut sim = Sim::new(n);
     sim.run(Duration::from_secs(10));
     assert!(sim.events.is_empty(), "{:?}", sim.events);
-    let silent = views(&sim.keys, |j| j != victim);
-    let now = sim.now;
-    for i in 0..victim {
-        sim.nodes[i].handle_members(now, &silent);
-        sim.cut.insert((i, victim));
-        sim.cut.insert((victim, i));
-    }
+    sim.silence_paths_to(victim);
     // Alive a little longer (gossip still carries its refutations) ...
     sim.run(Duration::from_secs(3));
     // ... then killed.
@@ -1090,13 +1096,7 @@ fn a_live_member_behind_paths_that_stay_broken_is_checked_ever_more_rarely() {
     let far = n - 1;
     let mut sim = Sim::new(n);
     sim.run(Duration::from_secs(10));
-    let silent = views(&sim.keys, |j| j != far);
-    let now = sim.now;
-    for i in 0..far {
-        sim.nodes[i].handle_members(now, &silent);
-        sim.cut.insert((i, far));
-        sim.cut.insert((far, i));
-    }
+    sim.silence_paths_to(far);
     sim.run(Duration::from_secs(300));
     assert!(sim.downs_of(far).is_empty(), "{:?}", sim.events);
     let k = sim.keys[far];
