@@ -13,8 +13,9 @@ use ipnet::Ipv4Net;
 
 use crate::membership::DesiredPeer;
 
-/// A handshake younger than this means the current endpoint works: leave it
-/// alone even if it is not among the candidates (WireGuard roamed to it).
+/// A handshake younger than this means the pair has a session now (the
+/// device keeps one for 180 s after its handshake). A path may work with an
+/// older one: an idle tunnel lapses and comes back on the next packet.
 pub const FRESH_HANDSHAKE: Duration = Duration::from_secs(180);
 
 /// A peer as the WireGuard device reports it.
@@ -72,8 +73,9 @@ impl PeerChange {
 
 /// Computes the changes that turn `actual` into `desired`.
 ///
-/// `rotation` picks which candidate endpoint to try for a peer that has no
-/// fresh handshake (the shell passes a slowly increasing counter, so an
+/// `silent` says which peers' paths do not work (never established, or
+/// broken since: see `nat::paths`); `rotation` picks which candidate
+/// endpoint to try for such a peer (the shell passes a slowly increasing counter, so an
 /// unreachable candidate is eventually replaced by the next one); `poke`
 /// (set by the shell when the counter advanced) makes every peer send a
 /// keepalive now: that retries the hole punch of peers without a session,
@@ -115,15 +117,23 @@ pub fn reconcile(
                 // Someone else's peer with a member's key: not ours to touch.
             }
             Some(a) => {
-                // A recent handshake keeps the endpoint WireGuard roamed
-                // to, unless the path went silent (a NAT dropped the
-                // mapping, a router got a new address): then the
-                // candidates from the record are tried again.
-                let fresh = a.handshake_age.is_some_and(|age| age < FRESH_HANDSHAKE)
-                    && !silent(&d.public_key);
+                // A path that works keeps the endpoint WireGuard roamed
+                // to, however old its last handshake: an idle tunnel's
+                // session lapses after 180 s (boringtun renews a session
+                // only when data is sent, keepalives do not count) and
+                // comes back with the next packet, to that endpoint.
+                // Rotating through the record's candidates once the
+                // handshake was 180 s old sent idle direct paths to other
+                // homes' LAN addresses, which broke them: in an idle
+                // mixed mesh of 100 that was most path changes at rest,
+                // each an accusation and a refutation gossiped to all.
+                // Only a path that went silent (a NAT dropped the
+                // mapping, a router got a new address) tries the record's
+                // candidates again.
+                let keep = a.handshake_age.is_some() && !silent(&d.public_key);
                 let endpoint = match a.endpoint {
                     None => pick(0),
-                    Some(_) if fresh => None,
+                    Some(_) if keep => None,
                     Some(cur) => {
                         let want = pick(rotation);
                         (want != Some(cur) && want.is_some())
@@ -246,7 +256,7 @@ mod tests {
     }
 
     #[test]
-    fn endpoint_changes_update_in_place_unless_a_fresh_handshake_roamed() {
+    fn endpoint_changes_update_in_place_unless_a_working_path_roamed() {
         let d = vec![desired(1, "10.0.0.1", &["192.0.2.7:51820"])];
         let owned: BTreeSet<_> = [[1u8; 32]].into();
         // Stale endpoint, no handshake: moved to the new candidate.
@@ -263,6 +273,12 @@ mod tests {
         // Fresh handshake on a roamed endpoint: left alone.
         let a = vec![actual(1, "10.0.0.1", Some("198.51.100.1:4000"), Some(10))];
         assert!(reconcile(&d, &a, &owned, 0, false, &talking).is_empty());
+        // So is a working path whose session lapsed while idle (the last
+        // handshake long ago): its next packet goes where the last went.
+        let a_idle = vec![actual(1, "10.0.0.1", Some("198.51.100.1:4000"), Some(600))];
+        for rotation in 0..4 {
+            assert!(reconcile(&d, &a_idle, &owned, rotation, false, &talking).is_empty());
+        }
         // ... unless that path went silent (e.g. the peer's router got a new
         // address): the record's candidates are tried again.
         let silent = |_: &[u8; 32]| true;

@@ -486,15 +486,16 @@ impl Traversal {
         // counts as dead too: the relay may have ended the allocation (it
         // held one end gone for a moment) while both ends kept its ports.
         let selector = &self.selector;
-        let handshakes: HashMap<[u8; 32], Option<Duration>> = handshakes
-            .into_iter()
-            .map(|(k, age)| {
-                let unanswered =
-                    selector.unanswered(now, &k) >= crate::nat::allocs::UNANSWERED_DEAD;
-                (k, if unanswered { None } else { age })
+        let dead = |k: &[u8; 32]| {
+            handshakes.get(k).is_none_or(|age| {
+                crate::nat::allocs::session_dead(
+                    selector.working(k),
+                    *age,
+                    selector.unanswered(now, k),
+                )
             })
-            .collect();
-        self.allocations.plan(now, &paths, &versions, &handshakes);
+        };
+        self.allocations.plan(now, &paths, &versions, &dead);
         // Each peer's endpoints and checks (`nat::endpoints::plan`).
         self.need.clear();
         self.working.clear();

@@ -40,9 +40,23 @@ pub const ALLOC_REFRESH: Duration = Duration::from_secs(15);
 /// held one end gone for a moment (a partition) ended the allocation while
 /// both ends kept sending to its ports (soak_short: 150 s without a path).
 pub const UNANSWERED_DEAD: Duration = Duration::from_secs(10);
-/// A session whose last handshake is older than this is not working
-/// (WireGuard renews a live one every 2 minutes).
+/// A session whose last handshake is older than this, on a path that does
+/// not work (or never did), is dead: WireGuard renews a session in use
+/// every 2 minutes.
 pub const SESSION_DEAD: Duration = Duration::from_secs(150);
+
+/// Whether a relayed session is dead, so its allocation is asked again
+/// every [`ALLOC_REFRESH`]: its packets went unanswered for
+/// [`UNANSWERED_DEAD`], or its path does not work (`working`, see
+/// `nat::paths`) and it had no handshake for [`SESSION_DEAD`]. A working
+/// path whose session lapsed while idle is not dead: boringtun renews a
+/// session only when data is sent (keepalives do not count), so an idle
+/// relayed pair's last handshake grows past 150 s, and taking that for
+/// death asked every relayed allocation again every 15 s at rest.
+pub fn session_dead(working: bool, handshake_age: Option<Duration>, unanswered: Duration) -> bool {
+    unanswered >= UNANSWERED_DEAD
+        || (!working && handshake_age.is_none_or(|age| age > SESSION_DEAD))
+}
 
 /// A relay allocation we hold or asked for.
 #[derive(Debug, Clone)]
@@ -95,14 +109,14 @@ impl Allocations {
     /// the relay's or the peer's record version changed, after
     /// [`Allocations::refresh`], and every [`ALLOC_REFRESH`] while the
     /// session is dead); a direct one gives its back. `versions`: members'
-    /// record versions by WireGuard key (relays and peers); `handshakes`:
-    /// the age of each peer's last WireGuard handshake.
+    /// record versions by WireGuard key (relays and peers); `dead`: whether
+    /// a peer's session is dead (see [`session_dead`]).
     pub fn plan(
         &mut self,
         now: Instant,
         paths: &BTreeMap<[u8; 32], Path>,
         versions: &HashMap<[u8; 32], u64>,
-        handshakes: &HashMap<[u8; 32], Option<Duration>>,
+        dead: &dyn Fn(&[u8; 32]) -> bool,
     ) {
         for (k, p) in paths {
             match p {
@@ -127,9 +141,7 @@ impl Allocations {
                             } else if a.endpoint.is_none() {
                                 (since >= retry_gap(a.refused), None)
                             } else {
-                                let dead = handshakes
-                                    .get(k)
-                                    .is_none_or(|h| h.is_none_or(|age| age > SESSION_DEAD));
+                                let dead = dead(k);
                                 let renewed = new_versions || (a.stale && since >= ALLOC_RETRY);
                                 // Asked again, the endpoint we have stays in
                                 // use until the answer.
@@ -240,8 +252,10 @@ mod tests {
         HashMap::from([(R1, v), (R2, 1)])
     }
 
-    fn handshake(age: Option<u64>) -> HashMap<[u8; 32], Option<Duration>> {
-        HashMap::from([(PEER, age.map(Duration::from_secs))])
+    /// The peer's session as a path that does not work with its last
+    /// handshake this long ago (None: never).
+    fn handshake(age: Option<u64>) -> impl Fn(&[u8; 32]) -> bool {
+        move |_: &[u8; 32]| session_dead(false, age.map(Duration::from_secs), Duration::ZERO)
     }
 
     /// Allocated once, with a working session: nothing more is asked.
@@ -259,6 +273,42 @@ mod tests {
         );
         assert!(a.take_requests().is_empty());
         a
+    }
+
+    #[test]
+    fn an_idle_working_session_past_its_lifetime_is_not_asked_again() {
+        // At rest boringtun lets a session lapse 180 s after its handshake
+        // (keepalives renew nothing); the path still works.
+        let t0 = Instant::now();
+        let mut a = settled(t0);
+        let idle =
+            |_: &[u8; 32]| session_dead(true, Some(Duration::from_secs(400)), Duration::ZERO);
+        for s in [200, 300, 400, 600] {
+            a.plan(
+                t0 + Duration::from_secs(s),
+                &relayed(R1),
+                &versions(1),
+                &idle,
+            );
+            assert!(a.take_requests().is_empty(), "asked again at {s} s");
+        }
+        // Its packets unanswered for 10 s: dead, asked again.
+        let unanswered =
+            |_: &[u8; 32]| session_dead(true, Some(Duration::from_secs(5)), UNANSWERED_DEAD);
+        a.plan(
+            t0 + Duration::from_secs(700),
+            &relayed(R1),
+            &versions(1),
+            &unanswered,
+        );
+        assert_eq!(a.take_requests(), vec![(PEER, R1)]);
+        // A path that does not work, last handshake 151 s ago: dead.
+        assert!(session_dead(
+            false,
+            Some(SESSION_DEAD + Duration::from_secs(1)),
+            Duration::ZERO
+        ));
+        assert!(!session_dead(false, Some(SESSION_DEAD), Duration::ZERO));
     }
 
     #[test]
