@@ -46,10 +46,11 @@ impl Node {
                 // Relayed or not, the session is end to end.
                 let reachable = fresh(&r.wg_public_key);
                 // A tunnel that worked and lapsed while unused (no keepalive
-                // between public members) is idle: it comes back on the first
-                // packet.
+                // between public members; the userspace device renews a
+                // session only for data, so any pair at rest) is idle: it
+                // comes back on the first packet, direct or relayed.
                 let lapsed = !reachable
-                    && matches!(path, Some(Path::Direct))
+                    && matches!(path, Some(Path::Direct) | Some(Path::Relayed { .. }))
                     && peer.is_some_and(|p| p.endpoint.is_some() && p.handshake_age.is_some());
                 let state = if is_self {
                     MemberState::Myself
