@@ -430,7 +430,8 @@ impl Traversal {
             })
             .map(|d| d.public_key)
             .collect();
-        let relay_now = |k: &[u8; 32]| hopeless(k) || unlikely.contains(k);
+        let grace =
+            |k: &[u8; 32]| crate::nat::paths::punch_grace(our_nat, nat_of(k), unlikely.contains(k));
         // Peers behind NAT send keepalives, so their silence means a broken
         // path, but only when we send none ourselves (we are public): a
         // persistent keepalive is due 25 s after the last packet either
@@ -476,7 +477,7 @@ impl Traversal {
             actual,
             &relays,
             &my_wg_key,
-            &relay_now,
+            &grace,
             &sends_keepalives,
             &relayed_at,
             &relay_of,
