@@ -75,8 +75,9 @@ impl PeerChange {
 ///
 /// `silent` says which peers' paths do not work (never established, or
 /// broken since: see `nat::paths`); `rotation` picks which candidate
-/// endpoint to try for such a peer (the shell passes a slowly increasing counter, so an
-/// unreachable candidate is eventually replaced by the next one); `poke`
+/// endpoint to try for such a peer (the shell passes a slowly increasing
+/// counter, so an unreachable candidate is eventually replaced by the next
+/// one); `poke`
 /// (set by the shell when the counter advanced) makes every peer send a
 /// keepalive now: that retries the hole punch of peers without a session,
 /// and gives peers with one a packet in each direction every poke period,
