@@ -13,7 +13,10 @@
 //! Schedule per peer: a burst right after the peer needs a path or its
 //! candidates change (0, 0.5, 1, 1.5, 2, 3, 4, 6 and 8 s later), then with every poke
 //! (the 10 s wall-clock beat both ends share). A per-step budget bounds the
-//! datagrams a node sends when hundreds of members appear at once.
+//! datagrams a node sends when hundreds of members appear at once; the
+//! peers checked least recently go first, so a burst's later checks to
+//! some peers never starve the first check to others, and a poke the
+//! budget cannot cover at once is owed and sent in the next steps.
 //!
 //! A response only counts when its transaction id is one we sent to that
 //! candidate, and only names one of the peer's own signed candidates, so an
@@ -70,6 +73,11 @@ struct PeerChecks {
     forced: Option<(SocketAddr, Instant)>,
     /// Gap before the next forced handshake to the same endpoint.
     force_gap: Duration,
+    /// When a check last went to this peer (the budget serves the least
+    /// recently checked first).
+    last_sent: Option<Instant>,
+    /// A poke's checks that the budget has not sent yet.
+    owed: bool,
 }
 
 /// The connectivity-check state of one member (sans-IO: the caller sends
@@ -101,8 +109,10 @@ impl Checks {
         self.peers.retain(|k, _| need.iter().any(|n| &n.key == k));
         self.pending
             .retain(|_, (_, _, at)| now.saturating_duration_since(*at) < CHECK_TIMEOUT);
-        let mut out = Vec::new();
-        for n in need {
+        // Which peers are due, least recently checked first (a peer never
+        // checked before any other), then in `need` order.
+        let mut due: Vec<(Option<Instant>, usize, bool)> = Vec::new();
+        for (i, n) in need.iter().enumerate() {
             let cands: Vec<SocketAddr> =
                 n.candidates.iter().take(MAX_CANDIDATES).copied().collect();
             if cands.is_empty() {
@@ -117,35 +127,48 @@ impl Checks {
                 validated: None,
                 forced: None,
                 force_gap: FORCE_EVERY,
+                last_sent: None,
+                owed: false,
             });
             if p.candidates != cands {
                 // New candidates (a record update): a new burst, and a
                 // validated endpoint no longer listed is dropped.
-                p.candidates = cands.clone();
+                p.candidates = cands;
                 p.burst_start = now;
                 p.sent = 0;
-                if p.validated.is_some_and(|(a, _)| !cands.contains(&a)) {
+                if p.validated.is_some_and(|(a, _)| !p.candidates.contains(&a)) {
                     p.validated = None;
                 }
             }
+            p.owed |= poke;
             let burst_due = BURST
                 .get(p.sent)
                 .is_some_and(|d| now.saturating_duration_since(p.burst_start) >= *d);
-            if !(burst_due || poke) {
-                continue;
+            if burst_due || p.owed {
+                due.push((p.last_sent, i, burst_due));
             }
-            if out.len() + cands.len() > CHECK_BUDGET {
+        }
+        due.sort_by_key(|&(last, i, _)| (last, i));
+        let mut out = Vec::new();
+        for (_, i, burst_due) in due {
+            let key = need[i].key;
+            let Some(p) = self.peers.get_mut(&key) else {
+                continue;
+            };
+            if out.len() + p.candidates.len() > CHECK_BUDGET {
                 // Over budget: this peer waits for the next step (its
-                // burst position is kept).
+                // burst position and an owed poke are kept).
                 continue;
             }
             if burst_due {
                 p.sent += 1;
             }
-            for c in cands {
+            p.owed = false;
+            p.last_sent = Some(now);
+            for &c in &p.candidates {
                 let id = txid();
-                self.pending.insert(id, (n.key, c, now));
-                out.push((id, n.key, c));
+                self.pending.insert(id, (key, c, now));
+                out.push((id, key, c));
             }
         }
         out
@@ -467,5 +490,79 @@ mod tests {
         };
         let (first, second) = (public(&first), public(&second));
         assert!(first.iter().all(|f| !second.contains(f)));
+    }
+
+    /// 100 peers with two candidates each, checked every 625 ms (the tick
+    /// of a 100-member mesh): the budget fits 32 peers a step.
+    fn hundred(cands: &[[SocketAddr; 2]]) -> Vec<Need<'_>> {
+        cands
+            .iter()
+            .enumerate()
+            .map(|(i, c)| Need {
+                key: [i as u8; 32],
+                candidates: c,
+            })
+            .collect()
+    }
+
+    fn hundred_candidates() -> Vec<[SocketAddr; 2]> {
+        (0..100u16)
+            .map(|i| [a(&format!("198.51.100.1:{}", 1000 + i)), a("10.0.0.1:1")])
+            .collect()
+    }
+
+    #[test]
+    fn every_peer_gets_its_first_check_before_any_gets_a_later_one() {
+        let mut c = Checks::default();
+        let mut id = ids();
+        let t0 = Instant::now();
+        let cands = hundred_candidates();
+        let need = hundred(&cands);
+        let mut first: HashMap<[u8; 32], u64> = HashMap::new();
+        for step in 0..8u64 {
+            let out = c.poll(
+                t0 + Duration::from_millis(625 * step),
+                &need,
+                false,
+                &mut id,
+            );
+            assert!(out.len() <= CHECK_BUDGET);
+            for (_, k, _) in out {
+                first.entry(k).or_insert(step);
+            }
+        }
+        assert_eq!(first.len(), 100);
+        // 200 datagrams at 64 a step: every peer within four steps (2 s),
+        // not after the first peers' bursts (they are due every step).
+        assert!(first.values().all(|s| *s < 4), "{first:?}");
+    }
+
+    #[test]
+    fn a_poke_over_the_budget_is_owed_to_every_peer() {
+        let mut c = Checks::default();
+        let mut id = ids();
+        let t0 = Instant::now();
+        let cands = hundred_candidates();
+        let need = hundred(&cands);
+        // Run every burst to its end.
+        for step in 0..40u64 {
+            c.poll(
+                t0 + Duration::from_millis(625 * step),
+                &need,
+                false,
+                &mut id,
+            );
+        }
+        let t1 = t0 + Duration::from_secs(30);
+        assert!(c.poll(t1, &need, false, &mut id).is_empty(), "burst over");
+        let mut poked: HashMap<[u8; 32], usize> = HashMap::new();
+        for step in 0..6u64 {
+            let now = t1 + Duration::from_millis(625 * (step + 1));
+            for (_, k, _) in c.poll(now, &need, step == 0, &mut id) {
+                *poked.entry(k).or_default() += 1;
+            }
+        }
+        assert_eq!(poked.len(), 100, "every peer is checked after the poke");
+        assert!(poked.values().all(|n| *n == 2), "once, both candidates");
     }
 }
