@@ -10,7 +10,7 @@ use boringtun::noise::{Packet, Tunn, TunnResult};
 use tokio::net::UdpSocket;
 
 use super::device::{read, Shared};
-use super::peer::{lock, Peer};
+use super::peer::{lock, passive_keepalive_due, Peer};
 use super::uapi::is_wireguard_message;
 
 /// Largest IP packet handled (TUN reads are one packet each).
@@ -83,7 +83,9 @@ pub(crate) async fn tun_loop(shared: Arc<Shared>) {
                     match inner.endpoint {
                         Some(ep) => {
                             inner.stats.tx_bytes += len as u64;
-                            inner.last_traversal = Some(Instant::now());
+                            let now = Instant::now();
+                            inner.last_traversal = Some(now);
+                            inner.tx_at = Some(now);
                             st.bound
                                 .as_ref()
                                 .and_then(|b| b.for_addr(&ep).cloned())
@@ -239,14 +241,17 @@ fn handle_datagram(shared: &Shared, from: SocketAddr, data: &[u8], out: &mut [u8
             }
             let sent: usize = packets.iter().map(Vec::len).sum();
             inner.stats.tx_bytes += sent as u64;
+            inner.tx_at = Some(Instant::now());
             Action::Reply(packets)
         }
         TunnResult::WriteToTunnelV4(p, src) => {
             let len = p.len();
+            inner.rx_data_at = Some(Instant::now());
             check_source(&st.routes, peer, src.into(), len)
         }
         TunnResult::WriteToTunnelV6(p, src) => {
             let len = p.len();
+            inner.rx_data_at = Some(Instant::now());
             check_source(&st.routes, peer, src.into(), len)
         }
     };
@@ -326,6 +331,18 @@ pub(crate) async fn timer_loop(shared: Arc<Shared>) {
                     || inner
                         .last_traversal
                         .is_none_or(|t| t.elapsed() >= Duration::from_secs(ka.into()));
+                // WireGuard's passive keepalive, on exact times (see
+                // `passive_keepalive_due`: boringtun's misses answers and
+                // acknowledgements that fall within one timer run).
+                if packet.is_none()
+                    && tunn.time_since_last_handshake().is_some()
+                    && passive_keepalive_due(Instant::now(), inner.rx_data_at, inner.tx_at)
+                {
+                    if let TunnResult::WriteToNetwork(b) = tunn.encapsulate(&[], &mut out) {
+                        tracing::trace!(peer = %peer.short_key(), "passive keepalive");
+                        packet = Some(b.to_vec());
+                    }
+                }
                 if packet.is_none() && ka > 0 && due {
                     inner.last_traversal = Some(Instant::now());
                     inner.keepalive_now = false;
@@ -346,6 +363,7 @@ pub(crate) async fn timer_loop(shared: Arc<Shared>) {
                 };
                 if let Some(sock) = st.bound.as_ref().and_then(|b| b.for_addr(&ep)) {
                     inner.stats.tx_bytes += packet.len() as u64;
+                    inner.tx_at = Some(Instant::now());
                     sends.push((Arc::clone(sock), ep, packet));
                 }
             }

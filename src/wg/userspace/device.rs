@@ -312,6 +312,7 @@ impl RawSender {
                 _ => return false,
             };
             inner.stats.tx_bytes += packet.len() as u64;
+            inner.tx_at = Some(std::time::Instant::now());
             (sock, packet)
         };
         tracing::debug!(ifname = %self.shared.ifname, peer = %super::peer::short_key(public_key), %endpoint, "handshake initiation sent at once (a connectivity check answered)");

@@ -469,3 +469,47 @@ fn classifies_wireguard_headers() {
     assert!(!is_wireguard_message(&[1, 0, 0, 1]));
     assert!(!is_wireguard_message(&[1, 0, 0]));
 }
+
+#[test]
+fn the_passive_keepalive_answers_data_that_nothing_answered() {
+    use super::peer::{passive_keepalive_due, KEEPALIVE_TIMEOUT};
+    use std::time::{Duration, Instant};
+    let t0 = Instant::now();
+    let ms = Duration::from_millis;
+    // Nothing received: never.
+    assert!(!passive_keepalive_due(
+        t0 + KEEPALIVE_TIMEOUT,
+        None,
+        Some(t0)
+    ));
+    // A gossip round: their request (data), our answer, their
+    // acknowledgement (data) 27 ms later, all within one timer run.
+    let (answer, ack) = (t0, t0 + ms(27));
+    assert!(!passive_keepalive_due(
+        ack + ms(9_999),
+        Some(ack),
+        Some(answer)
+    ));
+    assert!(
+        passive_keepalive_due(ack + KEEPALIVE_TIMEOUT, Some(ack), Some(answer)),
+        "data after our last packet: a keepalive after 10 s"
+    );
+    // Once we sent something (the keepalive, or anything else), not again.
+    let sent = ack + KEEPALIVE_TIMEOUT;
+    assert!(!passive_keepalive_due(
+        sent + KEEPALIVE_TIMEOUT * 3,
+        Some(ack),
+        Some(sent)
+    ));
+    // Data that we answered needs none; nothing sent ever: due.
+    assert!(!passive_keepalive_due(
+        t0 + ms(60_000),
+        Some(t0),
+        Some(t0 + ms(1))
+    ));
+    assert!(passive_keepalive_due(
+        t0 + KEEPALIVE_TIMEOUT,
+        Some(t0),
+        None
+    ));
+}
