@@ -405,6 +405,8 @@ fn measure_idle_floor(
             let (x, y) = (a[i]?, b[i]?);
             let w = (y.t - x.t).max(1e-3);
             let (rx, tx) = (y.rx.saturating_sub(x.rx), y.tx.saturating_sub(x.tx));
+            let packets = y.rx_packets.saturating_sub(x.rx_packets)
+                + y.tx_packets.saturating_sub(x.tx_packets);
             Some(runner::NodeRow {
                 node: i,
                 cpu_percent: None,
@@ -413,6 +415,7 @@ fn measure_idle_floor(
                 under: Some((rx + tx) as f64 / w),
                 rx: Some(rx as f64 / w),
                 tx: Some(tx as f64 / w),
+                packets: Some(packets as f64 / w),
                 rss_mib: None,
             })
         })

@@ -74,6 +74,11 @@ pub struct Event {
     /// observer → first time it showed the node down or gone
     #[serde(skip)]
     pub seen_down: HashMap<usize, f64>,
+    /// observer → its last observation after the event that still showed
+    /// the node up (the observer's verdict came after it: the lower bound
+    /// of `seen_down`, which is only as exact as the sweeps)
+    #[serde(skip)]
+    pub last_up: HashMap<usize, f64>,
     #[serde(skip)]
     pub peer_removed: HashMap<usize, f64>,
 }
@@ -223,6 +228,8 @@ impl PollState {
             };
             if gone {
                 ev.seen_down.entry(o).or_insert(obs.t);
+            } else if !ev.seen_down.contains_key(&o) {
+                ev.last_up.insert(o, obs.t);
             }
             if let (Some(peers), Some(k)) = (&obs.peers, &ev.public_key) {
                 if !peers.contains(k) {
@@ -519,6 +526,7 @@ impl Poller {
             t,
             public_key: key,
             seen_down: HashMap::new(),
+            last_up: HashMap::new(),
             peer_removed: HashMap::new(),
         });
     }

@@ -128,6 +128,7 @@ pub fn summary(r: &Report) -> String {
                     f(&run.false_down["sweep_max_secs"]),
                 );
             }
+            come_up_lines(&mut s, &c["come_up"]);
         }
         if !run.pair_classes.is_empty() {
             let _ = writeln!(s, "pairs by kind (at the first convergence check):");
@@ -371,8 +372,9 @@ pub fn summary(r: &Report) -> String {
             }
             let _ = writeln!(
                 s,
-                "failure detection: {} n{} -> seen down/gone by {}/{} nodes, all after {} s; WireGuard peer removed on {}/{}, everywhere after {} s",
+                "failure detection: {} n{} -> seen down/gone by {}/{} nodes, all after {} s (the status sweeps' resolution: all between {} and {} s; median observer {} s); WireGuard peer removed on {}/{}, everywhere after {} s",
                 e["kind"].as_str().unwrap_or(""), e["node"], e["seen_down_by"], e["observers"], f(&e["all_see_down_secs"]),
+                f(&e["all_see_down_after_secs"]), f(&e["all_see_down_secs"]), f(&e["seen_down_p50_secs"]),
                 e["peer_removed_by"], e["observers"], f(&e["peer_removed_everywhere_secs"])
             );
         }
@@ -577,18 +579,56 @@ fn resolution_line(r: &Value) -> String {
     )
 }
 
+/// The come-up window of one engine (the first convergence), by node kind.
+fn come_up_lines(s: &mut String, w: &Value) {
+    if !w.is_object() {
+        return;
+    }
+    let _ = writeln!(
+        s,
+        "  come-up ({} s to convergence, pinger running at {} echo/s): per node CPU % mean {} max {}; underlay eth0 in+out mean {}, {} datagrams/s",
+        f(&w["secs"]),
+        f(&w["pinger_pps"]),
+        f(&w["cpu_percent_per_node"]["mean"]),
+        f(&w["cpu_percent_per_node"]["max"]),
+        bps(&w["underlay_bytes_per_sec_per_node"]["mean"]),
+        f(&w["underlay_packets_per_sec_per_node"]["mean"]),
+    );
+    let Some(kinds) = w["by_kind"].as_object() else {
+        return;
+    };
+    let _ = writeln!(
+        s,
+        "    {:<10} {:>5} {:>7} {:>12} {:>12}",
+        "kind", "nodes", "CPU %", "under mean", "datagrams/s"
+    );
+    for g in crate::runner::GROUPS {
+        let Some(v) = kinds.get(g) else { continue };
+        let _ = writeln!(
+            s,
+            "    {:<10} {:>5} {:>7} {:>12} {:>12}",
+            g,
+            v["nodes"],
+            f(&v["cpu_percent"]["mean"]),
+            bps(&v["underlay_bytes_per_sec"]["mean"]),
+            f(&v["underlay_packets_per_sec"]["mean"]),
+        );
+    }
+}
+
 /// The `measure_steady` lines of one engine.
 fn steady_lines(s: &mut String, st: &Value) {
     let u = &st["underlay_bytes_per_sec_per_node"];
     let _ = writeln!(
         s,
-        "steady state ({} s, {} nodes, pinger {}): underlay eth0 in+out per node mean {} median {} max {}; gossip per node mean {} max {}; CPU % per node mean {} max {}; RSS MiB per node mean {} max {}; loop wake-ups/s per node mean {} max {}",
+        "steady state ({} s, {} nodes, pinger {}): underlay eth0 in+out per node mean {} median {} max {} ({} datagrams/s); gossip per node mean {} max {}; CPU % per node mean {} max {}; RSS MiB per node mean {} max {}; loop wake-ups/s per node mean {} max {}",
         f(&st["secs"]),
         st["nodes"],
         st["pinger"].as_str().unwrap_or(if st["with_pings"] == true { "running" } else { "paused" }),
         bps(&u["mean"]),
         bps(&u["p50"]),
         bps(&u["max"]),
+        f(&st["underlay_packets_per_sec_per_node"]["mean"]),
         bps(&st["gossip_bytes_per_sec_per_node"]["mean"]),
         bps(&st["gossip_bytes_per_sec_per_node"]["max"]),
         f(&st["cpu_percent_per_node"]["mean"]),

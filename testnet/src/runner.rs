@@ -748,10 +748,11 @@ impl<'a> Ctx<'a> {
         r
     }
 
-    /// One node's counters at one moment (for a measuring window).
-    fn snap_node(&self, i: usize) -> NodeSnap {
+    /// One node's counters at one moment (for a measuring window); with
+    /// `status`, meshpeer's own counters too (a control request per node).
+    fn snap_node(&self, i: usize, status: bool) -> NodeSnap {
         let t = self.now();
-        let status = if self.nodes.engine == EngineKind::Meshpeer {
+        let status = if status && self.nodes.engine == EngineKind::Meshpeer {
             control_status(&self.nodes.state_dir(i))
         } else {
             None
@@ -782,6 +783,15 @@ impl<'a> Ctx<'a> {
         with_pings: bool,
         drain: Option<f64>,
     ) -> Value {
+        let start = self.window_start(live0, true);
+        let tb_want = start.ta + secs;
+        self.wait(tb_want - self.now(), |_| false);
+        self.window_end(start, with_pings, drain)
+    }
+
+    /// The counters at the start of a measuring window ([`Self::window_end`]
+    /// turns them into per-node rates); `status`: see [`Self::snap_node`].
+    fn window_start(&self, live0: &[usize], status: bool) -> WindowStart {
         let t0 = self.pinger.with(|s| s.t0);
         let ns: Vec<String> = live0
             .iter()
@@ -792,11 +802,37 @@ impl<'a> Ctx<'a> {
         let ping_cpu_a = self.pinger.cpu_secs();
         let ta = self.now();
         let ua = sys::if_bytes_in(&ns, "eth0", t0);
-        let a: Vec<NodeSnap> = live0.iter().map(|&i| self.snap_node(i)).collect();
-        let tb_want = ta + secs;
-        self.wait(tb_want - self.now(), |_| false);
+        let a: Vec<NodeSnap> = live0.iter().map(|&i| self.snap_node(i, status)).collect();
+        WindowStart {
+            status,
+            live0: live0.to_vec(),
+            ns,
+            sent_a,
+            self_a,
+            ping_cpu_a,
+            ta,
+            ua,
+            a,
+        }
+    }
+
+    /// Per-node rates from `start` to now (see [`Self::measure_window`]).
+    fn window_end(&self, start: WindowStart, with_pings: bool, drain: Option<f64>) -> Value {
+        let WindowStart {
+            status,
+            live0,
+            ns,
+            sent_a,
+            self_a,
+            ping_cpu_a,
+            ta,
+            ua,
+            a,
+        } = start;
+        let live0 = &live0[..];
+        let t0 = self.pinger.with(|s| s.t0);
         let ub = sys::if_bytes_in(&ns, "eth0", t0);
-        let b: Vec<NodeSnap> = live0.iter().map(|&i| self.snap_node(i)).collect();
+        let b: Vec<NodeSnap> = live0.iter().map(|&i| self.snap_node(i, status)).collect();
         let dt = self.now() - ta;
         let sent_b = self.pinger.with(|s| s.sent);
         let mut rows: Vec<NodeRow> = vec![];
@@ -807,17 +843,20 @@ impl<'a> Ctx<'a> {
                 continue;
             }
             let w = (sb.t - sa.t).max(1e-3);
-            let (under, rx, tx) = match (ua[k], ub[k]) {
+            let (under, rx, tx, packets) = match (ua[k], ub[k]) {
                 (Some(x), Some(y)) => {
                     let uw = (y.t - x.t).max(1e-3);
                     let (rx, tx) = (y.rx.saturating_sub(x.rx), y.tx.saturating_sub(x.tx));
+                    let p = y.rx_packets.saturating_sub(x.rx_packets)
+                        + y.tx_packets.saturating_sub(x.tx_packets);
                     (
                         Some((rx + tx) as f64 / uw),
                         Some(rx as f64 / uw),
                         Some(tx as f64 / uw),
+                        Some(p as f64 / uw),
                     )
                 }
-                _ => (None, None, None),
+                _ => (None, None, None, None),
             };
             rows.push(NodeRow {
                 node: i,
@@ -833,6 +872,7 @@ impl<'a> Ctx<'a> {
                 under,
                 rx,
                 tx,
+                packets,
                 rss_mib: sb
                     .pid
                     .and_then(sys::proc_rss_kib)
@@ -885,6 +925,15 @@ impl<'a> Ctx<'a> {
                     }
                 }
                 let mark = self.mark;
+                // The first convergence (the come-up) is also a measuring
+                // window: CPU, underlay bytes and datagrams per node kind
+                // from here to convergence, pinger included (no control
+                // requests: a request to each of hundreds of starting
+                // daemons would load them and wait on them).
+                let come_up = self
+                    .first_convergence
+                    .is_none()
+                    .then(|| self.window_start(&self.nodes.live(), false));
                 let ping_cpu0 = self.pinger.cpu_secs();
                 let (sent0, t_step0) = self.pinger.with(|s| (s.sent, s.now()));
                 let check_members = *membership && self.poller.is_some();
@@ -987,6 +1036,12 @@ impl<'a> Ctx<'a> {
                         "timing": r["timing"].clone(),
                         "resolution": r["resolution"].clone(),
                     });
+                    let mut conv = conv;
+                    if let Some(w) = come_up {
+                        let mut t = self.window_end(w, true, None);
+                        t["note"] = json!("the come-up: from the start of the first wait_converged (every node started) to its end; underlay = bytes in+out of each node's eth0 (L2 frames, read in its namespace), per second, the pinger's echoes included; packets likewise");
+                        conv["come_up"] = t;
+                    }
                     r["first_reply"] = conv.clone();
                     self.first_convergence = Some(conv);
                     self.pair_classes = self.class_table();
@@ -1380,11 +1435,23 @@ impl<'a> Ctx<'a> {
                             if live.contains(&e.node) {
                                 return json!({"kind": e.kind, "node": e.node, "t": e.t, "restarted_before_detection": true});
                             }
+                            let all_seen = seen.len() == obs.len() && !obs.is_empty();
+                            // The sweeps' resolution: every observer still
+                            // showed it up at its last poll before its
+                            // verdict, so all saw it down after the latest
+                            // of those (and by `all_see_down_secs`).
+                            let lows: Vec<f64> = obs.iter().map(|o| e.last_up.get(o).copied().unwrap_or(e.t)).collect();
+                            let all_after = all_seen.then(|| mx(&lows) - e.t);
+                            let mut d: Vec<f64> = seen.iter().map(|t| t - e.t).collect();
+                            d.sort_by(f64::total_cmp);
+                            let p50 = d.get(d.len() / 2).copied();
                             json!({
                                 "kind": e.kind, "node": e.node, "t": e.t,
                                 "observers": obs.len(),
                                 "seen_down_by": seen.len(),
                                 "all_see_down_secs": if seen.len() == obs.len() && !obs.is_empty() { Some(mx(&seen) - e.t) } else { None },
+                                "all_see_down_after_secs": all_after,
+                                "seen_down_p50_secs": p50,
                                 "peer_removed_by": rem.len(),
                                 "peer_removed_everywhere_secs": if rem.len() == obs.len() && !obs.is_empty() { Some(mx(&rem) - e.t) } else { None },
                                 "public_key_known": e.public_key.is_some(),
@@ -1514,7 +1581,22 @@ pub struct NodeRow {
     pub under: Option<f64>,
     pub rx: Option<f64>,
     pub tx: Option<f64>,
+    /// Underlay packets (datagrams) per second on eth0, in+out.
+    pub packets: Option<f64>,
     pub rss_mib: Option<f64>,
+}
+
+/// The counters at the start of a measuring window.
+struct WindowStart {
+    status: bool,
+    live0: Vec<usize>,
+    ns: Vec<String>,
+    sent_a: u64,
+    self_a: f64,
+    ping_cpu_a: f64,
+    ta: f64,
+    ua: Vec<Option<sys::IfBytes>>,
+    a: Vec<NodeSnap>,
 }
 
 /// The group of a node for the per-kind tables: "seed" (node 0) apart from
@@ -1550,6 +1632,7 @@ pub fn node_table(plan: &Plan, rows: &[NodeRow]) -> Value {
             json!({
                 "nodes": of.len(),
                 "underlay_bytes_per_sec": col(&of, &|r| r.under),
+                "underlay_packets_per_sec": col(&of, &|r| r.packets),
                 "cpu_percent": col(&of, &|r| r.cpu_percent),
                 "gossip_bytes_per_sec": col(&of, &|r| r.gossip),
                 "loop_wakeups_per_sec": col(&of, &|r| r.wakeups),
@@ -1562,6 +1645,7 @@ pub fn node_table(plan: &Plan, rows: &[NodeRow]) -> Value {
         .map(|r| {
             json!({"node": r.node, "group": group_of(plan, r.node), "underlay_bytes_per_sec": r.under,
                    "underlay_rx_bytes_per_sec": r.rx, "underlay_tx_bytes_per_sec": r.tx,
+                   "underlay_packets_per_sec": r.packets,
                    "cpu_percent": r.cpu_percent, "gossip_bytes_per_sec": r.gossip,
                    "loop_wakeups_per_sec": r.wakeups, "rss_mib": r.rss_mib})
         })
@@ -1571,6 +1655,7 @@ pub fn node_table(plan: &Plan, rows: &[NodeRow]) -> Value {
         "underlay_bytes_per_sec_per_node": col(&all, &|r| r.under),
         "underlay_rx_bytes_per_sec_per_node": col(&all, &|r| r.rx),
         "underlay_tx_bytes_per_sec_per_node": col(&all, &|r| r.tx),
+        "underlay_packets_per_sec_per_node": col(&all, &|r| r.packets),
         "cpu_percent_per_node": col(&all, &|r| r.cpu_percent),
         "gossip_bytes_per_sec_per_node": col(&all, &|r| r.gossip),
         "loop_wakeups_per_sec_per_node": col(&all, &|r| r.wakeups),

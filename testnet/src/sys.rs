@@ -506,10 +506,22 @@ pub struct IfBytes {
     pub t: f64,
     pub rx: u64,
     pub tx: u64,
+    /// Packets (datagrams, on the underlay) received and sent.
+    pub rx_packets: u64,
+    pub tx_packets: u64,
 }
 
-/// Parses `/proc/net/dev` text: (rx bytes, tx bytes) of `ifname`.
-pub fn parse_net_dev(text: &str, ifname: &str) -> Option<(u64, u64)> {
+/// One interface's counters in `/proc/net/dev`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NetDev {
+    pub rx: u64,
+    pub rx_packets: u64,
+    pub tx: u64,
+    pub tx_packets: u64,
+}
+
+/// Parses `/proc/net/dev` text: the counters of `ifname`.
+pub fn parse_net_dev(text: &str, ifname: &str) -> Option<NetDev> {
     for l in text.lines() {
         let Some((name, rest)) = l.split_once(':') else {
             continue;
@@ -521,8 +533,13 @@ pub fn parse_net_dev(text: &str, ifname: &str) -> Option<(u64, u64)> {
             .split_whitespace()
             .map(|x| x.parse().unwrap_or(0))
             .collect();
-        // rx: bytes packets errs drop fifo frame compressed multicast; tx: bytes ...
-        return Some((*f.first()?, *f.get(8)?));
+        // rx: bytes packets errs drop fifo frame compressed multicast; tx: bytes packets ...
+        return Some(NetDev {
+            rx: *f.first()?,
+            rx_packets: *f.get(1)?,
+            tx: *f.get(8)?,
+            tx_packets: *f.get(9)?,
+        });
     }
     None
 }
@@ -551,8 +568,14 @@ pub fn if_bytes_in(
                 let text = std::fs::read_to_string("/proc/thread-self/net/dev").ok();
                 let t = t0.elapsed().as_secs_f64();
                 let _ = setns_fd(&home);
-                let (rx, tx) = parse_net_dev(&text?, &ifname)?;
-                Some(IfBytes { t, rx, tx })
+                let d = parse_net_dev(&text?, &ifname)?;
+                Some(IfBytes {
+                    t,
+                    rx: d.rx,
+                    tx: d.tx,
+                    rx_packets: d.rx_packets,
+                    tx_packets: d.tx_packets,
+                })
             })
             .collect();
         let _ = setns_fd(&home);
@@ -567,8 +590,13 @@ mod tests {
     #[test]
     fn net_dev_parses() {
         let t = "Inter-|   Receive                                                |  Transmit\n face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets errs drop fifo colls carrier compressed\n    lo:       0       0    0    0    0     0          0         0        0       0    0    0    0     0       0          0\n  eth0:   12345      10    0    0    0     0          0         0     6789       9    0    0    0     0       0          0\n";
-        assert_eq!(super::parse_net_dev(t, "eth0"), Some((12345, 6789)));
-        assert_eq!(super::parse_net_dev(t, "lo"), Some((0, 0)));
+        let d = super::parse_net_dev(t, "eth0").unwrap();
+        assert_eq!(
+            (d.rx, d.rx_packets, d.tx, d.tx_packets),
+            (12345, 10, 6789, 9)
+        );
+        let lo = super::parse_net_dev(t, "lo").unwrap();
+        assert_eq!((lo.rx, lo.tx), (0, 0));
         assert_eq!(super::parse_net_dev(t, "wan"), None);
     }
 }
