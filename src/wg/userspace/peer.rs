@@ -110,8 +110,9 @@ pub(crate) const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::f
 /// last, then hears nothing until our next persistent keepalive (up to
 /// 25 s, and none at all from a public member) and took the path for
 /// broken after 12 s (`nat::paths::UNANSWERED`): in an idle mixed mesh of
-/// 100, dozens of false path breaks a minute, each checked, some accused
-/// and refuted mesh-wide (testnet, session 22).
+/// 100, 106 false path breaks in 30 minutes (up to 22 in one minute), 35
+/// silence checks and 4 accusations refuted mesh-wide; none with this
+/// (testnet, session 22).
 pub(crate) fn passive_keepalive_due(
     now: Instant,
     rx_data: Option<Instant>,
