@@ -120,6 +120,9 @@ pub struct Allocation {
     window: (Instant, u32),
     pub forwarded: u64,
     pub dropped: u64,
+    /// Per side (A, B): the end asked for its port again
+    /// ([`Allocation::reopen`]); its latch may be taken over at once.
+    reopened: [bool; 2],
 }
 
 impl Allocation {
@@ -131,7 +134,20 @@ impl Allocation {
             window: (now, 0),
             forwarded: 0,
             dropped: 0,
+            reopened: [false; 2],
         }
+    }
+
+    /// The end on `side` asked for its port again: its NAT mapping may be
+    /// new. Its latch stays (the address latched keeps receiving, so a
+    /// working session does not break), but a datagram from another of its
+    /// addresses may take it over at once under the latch rule (a known
+    /// address, or a handshake proven for the other end), without waiting
+    /// for [`RELATCH_AFTER`] of silence. Clearing the latch instead dropped
+    /// a working session's data until its next handshake whenever the
+    /// asker's address was not among its known ones (a symmetric NAT).
+    pub fn reopen(&mut self, side: Side) {
+        self.reopened[side as usize] = true;
     }
 
     /// Decides about datagram `d` from `from`, arriving on `side`'s port.
@@ -151,6 +167,7 @@ impl Allocation {
         let Some(kind) = wg_shape(d) else {
             return Verdict::Drop("not a WireGuard message");
         };
+        let reopened = &mut self.reopened[side as usize];
         let (me, other) = match side {
             Side::A => (&mut self.a, &self.b),
             Side::B => (&mut self.b, &self.a),
@@ -160,13 +177,16 @@ impl Allocation {
             && mac1_for(d, &other.wg_key);
         match me.latched {
             Some((addr, _)) if addr == from => {}
-            Some((_, heard)) if now.saturating_duration_since(heard) < RELATCH_AFTER => {
+            Some((_, heard))
+                if !*reopened && now.saturating_duration_since(heard) < RELATCH_AFTER =>
+            {
                 return Verdict::Drop("port latched by another address");
             }
             _ => {
                 if !(known || proves) {
                     return Verdict::Drop("not from the member the port is for");
                 }
+                *reopened = false;
             }
         }
         me.latched = Some((from, now));
@@ -266,6 +286,62 @@ mod tests {
             let _ = wg_shape(&vec![1u8; n]);
             let _ = mac1_for(&vec![1u8; n], &[0; 32]);
         }
+    }
+
+    #[test]
+    fn asking_again_lets_the_latch_be_taken_over_at_once() {
+        let t0 = Instant::now();
+        let data = [4u8, 0, 0, 0].repeat(8);
+        let a_addr: SocketAddr = "198.18.1.1:40000".parse().unwrap();
+        let b_addr: SocketAddr = "198.18.2.2:41000".parse().unwrap();
+        let mut al = Allocation::new(t0, end(1, "198.18.1.1"), end(2, "198.18.2.2"));
+        al.handle(t0, Side::A, a_addr, &data);
+        assert_eq!(
+            al.handle(t0, Side::B, b_addr, &data),
+            Verdict::Forward(a_addr)
+        );
+        // A moved (a new NAT mapping) and asked again: its new address
+        // takes the latch over at once, a second after the old one spoke.
+        let t1 = t0 + Duration::from_secs(1);
+        let a_new: SocketAddr = "198.18.1.1:40777".parse().unwrap();
+        assert!(matches!(
+            al.handle(t1, Side::A, a_new, &data),
+            Verdict::Drop(_)
+        ));
+        al.reopen(Side::A);
+        // Until then B's traffic still reaches the latched address.
+        assert_eq!(
+            al.handle(t1, Side::B, b_addr, &data),
+            Verdict::Forward(a_addr)
+        );
+        // A stranger cannot take the reopened latch.
+        let stranger: SocketAddr = "203.0.113.9:5555".parse().unwrap();
+        assert!(matches!(
+            al.handle(t1, Side::A, stranger, &data),
+            Verdict::Drop(_)
+        ));
+        assert_eq!(
+            al.handle(t1, Side::A, a_new, &data),
+            Verdict::Forward(b_addr)
+        );
+        assert_eq!(
+            al.handle(t1, Side::B, b_addr, &data),
+            Verdict::Forward(a_new)
+        );
+        // Taken over, the latch is held again: the old address is refused.
+        assert!(matches!(
+            al.handle(t1, Side::A, a_addr, &data),
+            Verdict::Drop(_)
+        ));
+        // A's address was unknown (a symmetric NAT's): a handshake proven
+        // for B's key takes the reopened latch from anywhere.
+        al.reopen(Side::A);
+        let (sa, _) = keys(1);
+        let a_far: SocketAddr = "198.18.9.9:6000".parse().unwrap();
+        assert_eq!(
+            al.handle(t1, Side::A, a_far, &initiation(&sa, &keys(2).1)),
+            Verdict::Forward(b_addr)
+        );
     }
 
     fn end(seed: u8, ip: &str) -> End {

@@ -187,12 +187,10 @@ impl RelayServer {
         if let Some(r) = g.allocations.get_mut(&key) {
             if !r.task.is_finished() {
                 r.held[side_index] = true;
-                // Asked again (a new mapping): the asker's latch resets.
+                // Asked again (perhaps from a new mapping): the asker's
+                // latch may be taken over at once (`Allocation::reopen`).
                 let mut st = r.state.lock().unwrap_or_else(|p| p.into_inner());
-                match side_of_me {
-                    Side::A => st.a.latched = None,
-                    Side::B => st.b.latched = None,
-                }
+                st.reopen(side_of_me);
                 return AllocReply::Allocated {
                     port: port(r),
                     lifetime_secs: IDLE_LIFETIME.as_secs() as u32,
