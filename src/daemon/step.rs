@@ -410,10 +410,11 @@ impl Node {
         let poke = rotation != self.last_rotation;
         self.last_rotation = rotation;
         // A working path (idle or not) keeps the endpoint WireGuard roamed
-        // to; a broken one gets the record's candidates again.
+        // to; a broken one gets the record's candidates again, and a
+        // relayed one on a stale port of its relay gets our port.
         let traversal = &self.traversal;
         let mut changes = reconcile(&desired, &actual, &self.owned, rotation, poke, &|k| {
-            !traversal.working(k) || unusable.contains(k)
+            !traversal.working(k) || unusable.contains(k) || traversal.repoint(k)
         });
         // Pokes (keepalive off and on) only for peers without a session,
         // and only where WireGuard itself punches (the kernel backend; the
@@ -451,6 +452,7 @@ impl Node {
         self.traversal
             .set_wg_peers(desired.iter().map(|d| &d.public_key));
         self.traversal.force_handshakes(now).await;
+        self.traversal.greet_grants().await;
         self.traversal.send_checks(now, poke).await;
         Ok(n + self.apply_routes(now, plan))
     }

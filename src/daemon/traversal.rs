@@ -54,6 +54,9 @@ pub struct Traversal {
     /// Working peers whose packets go unanswered, with the endpoint in
     /// use: checked, and moved only if another candidate answers.
     suspect: HashMap<[u8; 32], SocketAddr>,
+    /// Relayed peers whose session is on another port of their relay
+    /// (`EndpointPlan::repoint`): their endpoint is replaced, working or not.
+    repoint: HashSet<[u8; 32]>,
     /// Checks answered since the last `force_handshakes`.
     validated: Vec<Validated>,
     /// A discovery answer arrived (see `take_discovery_news`).
@@ -161,6 +164,7 @@ impl Traversal {
             checks: Checks::default(),
             working: HashSet::new(),
             suspect: HashMap::new(),
+            repoint: HashSet::new(),
             validated: Vec::new(),
             discovery_news: false,
             discovery: Discovery::new(rand::random()),
@@ -330,6 +334,27 @@ impl Traversal {
         }
     }
 
+    /// For each relayed peer whose allocation was just granted: a WireGuard
+    /// handshake through the relay now (see `Allocations::take_granted`),
+    /// unless its path works on that port already. The relay drops it while
+    /// the other end has not latched its port, but it latches ours, so the
+    /// other end's own greeting (on its grant) gets through and is
+    /// answered. Call in the step, after the peer changes were applied (the
+    /// path choice and `repoint` are this step's).
+    pub async fn greet_grants(&mut self) {
+        let granted = self.allocations.take_granted();
+        let Some(sender) = &self.sender else { return };
+        for (key, endpoint) in granted {
+            let still = self
+                .allocations
+                .relayed_at(&key)
+                .is_some_and(|(_, e)| e == endpoint);
+            if still && (!self.selector.working(&key) || self.repoint.contains(&key)) {
+                sender.initiate_handshake(&key, endpoint).await;
+            }
+        }
+    }
+
     /// The WireGuard peers we have (after the latest changes): only their
     /// checks are answered.
     pub fn set_wg_peers<'a>(&self, keys: impl Iterator<Item = &'a [u8; 32]>) {
@@ -374,6 +399,12 @@ impl Traversal {
     /// Whether the path to this WireGuard key works (idle or not).
     pub fn working(&self, key: &[u8; 32]) -> bool {
         self.selector.working(key)
+    }
+
+    /// Whether this relayed peer's endpoint must move to our allocation's
+    /// port although its path works (see `EndpointPlan::repoint`).
+    pub fn repoint(&self, key: &[u8; 32]) -> bool {
+        self.repoint.contains(key)
     }
 
     /// Whether the data plane heard from this WireGuard key lately.
@@ -501,6 +532,7 @@ impl Traversal {
         self.need.clear();
         self.working.clear();
         self.suspect.clear();
+        self.repoint.clear();
         let endpoint_of: HashMap<[u8; 32], SocketAddr> = actual
             .iter()
             .filter_map(|a| a.endpoint.map(|e| (a.public_key, e)))
@@ -526,6 +558,9 @@ impl Traversal {
             d.endpoints = plan.endpoints;
             if plan.working {
                 self.working.insert(k);
+            }
+            if plan.repoint {
+                self.repoint.insert(k);
             }
             if let Some(c) = plan.suspect {
                 self.suspect.insert(k, c);

@@ -93,6 +93,9 @@ pub struct Allocations {
     map: HashMap<[u8; 32], Alloc>,
     requests: Vec<([u8; 32], [u8; 32])>,
     releases: Vec<([u8; 32], [u8; 32])>,
+    /// Endpoints just granted (a first allocation, or new ports), by peer:
+    /// each is owed a WireGuard handshake now ([`Allocations::take_granted`]).
+    granted: Vec<([u8; 32], SocketAddr)>,
 }
 
 impl Allocations {
@@ -203,6 +206,21 @@ impl Allocations {
         std::mem::take(&mut self.releases)
     }
 
+    /// Relayed endpoints granted since the last call (a first allocation
+    /// for the pair, new ports, or the same ports asked again: the relay
+    /// then lets our latch be taken over, and a handshake is the one
+    /// datagram that takes it from any address), by peer: each is owed a
+    /// WireGuard handshake at once while the path does not work and it is
+    /// still the peer's relayed endpoint ([`Allocations::relayed_at`]).
+    /// Left to WireGuard, the first
+    /// initiation to a relay port went out at its next retry, up to 5 s
+    /// (`REKEY_TIMEOUT`) after the grant: in a mixed 100 coming up, pairs
+    /// with both allocations granted waited ~5 s for a handshake, and new
+    /// relays appearing meanwhile moved them to another relay.
+    pub fn take_granted(&mut self) -> Vec<([u8; 32], SocketAddr)> {
+        std::mem::take(&mut self.granted)
+    }
+
     /// A relay answered our request for the pair with `peer`: the endpoint
     /// to use (None: refused, asked again later).
     pub fn handle_answer(
@@ -219,6 +237,9 @@ impl Allocations {
                 } else {
                     a.refused.saturating_add(1)
                 };
+                if let Some(e) = endpoint {
+                    self.granted.push((*peer, e));
+                }
                 a.endpoint = endpoint;
             }
             // An answer from a relay we moved away from meanwhile (it
@@ -489,5 +510,49 @@ mod tests {
         );
         assert_eq!(a.take_releases(), vec![(PEER, R2)]);
         assert_eq!(a.relayed_at(&PEER), None);
+    }
+
+    #[test]
+    fn a_granted_endpoint_is_owed_one_handshake() {
+        let t0 = Instant::now();
+        let mut a = Allocations::default();
+        a.plan(t0, &relayed(R1), &versions(1), &handshake(None));
+        a.take_requests();
+        // A refusal grants nothing.
+        a.handle_answer(&PEER, &R1, None);
+        assert!(a.take_granted().is_empty());
+        a.plan(
+            t0 + ALLOC_RETRY,
+            &relayed(R1),
+            &versions(1),
+            &handshake(None),
+        );
+        a.take_requests();
+        a.handle_answer(&PEER, &R1, Some(ep(53000)));
+        assert_eq!(a.take_granted(), vec![(PEER, ep(53000))]);
+        assert!(a.take_granted().is_empty());
+        // Asked again (a new relay version), the same port: owed again.
+        a.plan(
+            t0 + ALLOC_RETRY * 2,
+            &relayed(R1),
+            &versions(2),
+            &handshake(None),
+        );
+        a.take_requests();
+        a.handle_answer(&PEER, &R1, Some(ep(53000)));
+        assert_eq!(a.take_granted(), vec![(PEER, ep(53000))]);
+        // New ports (the relay made a new allocation): owed too.
+        a.plan(
+            t0 + ALLOC_RETRY * 3,
+            &relayed(R1),
+            &versions(3),
+            &handshake(None),
+        );
+        a.take_requests();
+        a.handle_answer(&PEER, &R1, Some(ep(54000)));
+        assert_eq!(a.take_granted(), vec![(PEER, ep(54000))]);
+        // A late answer from a relay we left is given back, not greeted.
+        a.handle_answer(&PEER, &R2, Some(ep(55000)));
+        assert!(a.take_granted().is_empty());
     }
 }

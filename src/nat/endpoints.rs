@@ -58,6 +58,11 @@ pub struct EndpointPlan {
     pub suspect: Option<SocketAddr>,
     /// Our own mapping may have changed: measure it now.
     pub hurry_discovery: bool,
+    /// The endpoint in use must be replaced by `endpoints` even though the
+    /// path works: it is another port of our relay (an allocation the relay
+    /// ended and made anew with new ports, say), which forwards nothing,
+    /// and WireGuard does not roam away from it on its own.
+    pub repoint: bool,
 }
 
 /// Decides one peer's endpoints and checks.
@@ -72,6 +77,7 @@ pub fn plan(view: &PeerView, raw: bool, on_lan: impl Fn(&SocketAddr) -> bool) ->
         check: Vec::new(),
         suspect: None,
         hurry_discovery: false,
+        repoint: false,
     };
     let relay_ep = if view.relayed {
         view.relay_endpoint
@@ -80,8 +86,15 @@ pub fn plan(view: &PeerView, raw: bool, on_lan: impl Fn(&SocketAddr) -> bool) ->
     };
     if let Some(ep) = relay_ep {
         // Relayed: the one session goes through the relay's port for this
-        // pair.
+        // pair. A session still on another of the relay's ports (both ends
+        // gave an allocation back while moving between relays, and the
+        // relay made a new one) sends into a port that forwards nothing:
+        // it moves to ours, working or not (a working path otherwise keeps
+        // the endpoint WireGuard roamed to). Seen in a mixed 100 coming
+        // up: pairs answered one way only, for 20-40 s, until unanswered
+        // data broke the path.
         out.endpoints = vec![ep];
+        out.repoint = view.current.is_some_and(|c| c.ip() == ep.ip() && c != ep);
     }
     let suspect = view.working && view.unanswered >= SUSPECT;
     if view.working && !suspect {
@@ -281,6 +294,34 @@ mod tests {
         );
         assert_eq!(p.endpoints, vec![relay]);
         assert!(p.check.is_empty());
+    }
+
+    #[test]
+    fn a_session_on_an_old_port_of_the_relay_moves_to_ours() {
+        let ours = a("198.51.100.1:61000");
+        let v = PeerView {
+            working: true,
+            relayed: true,
+            relay_endpoint: Some(ours),
+            current: Some(a("198.51.100.1:57000")),
+            ..view()
+        };
+        let p = plan(&v, true, no_lan);
+        assert_eq!(p.endpoints, vec![ours]);
+        assert!(p.repoint);
+        // On our port, or roamed to another relay's port (the other end's
+        // choice, adopted by the path selector): left alone.
+        for current in [ours, a("198.51.100.7:57000")] {
+            let p = plan(
+                &PeerView {
+                    current: Some(current),
+                    ..v.clone()
+                },
+                true,
+                no_lan,
+            );
+            assert!(!p.repoint);
+        }
     }
 
     #[test]

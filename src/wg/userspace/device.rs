@@ -285,7 +285,8 @@ impl RawSender {
     /// `endpoint` now, and makes that the peer's endpoint (as a UAPI set
     /// would). WireGuard on its own retries a lost initiation only after
     /// 5 s (`REKEY_TIMEOUT`); NAT traversal calls this when a connectivity
-    /// check found the candidate that answers. Returns false when the peer
+    /// check found the candidate that answers, and when a relay granted an
+    /// allocation (its port is the peer's new endpoint). Returns false when the peer
     /// is unknown or the device has no key or socket yet.
     pub async fn initiate_handshake(&self, public_key: &Key, endpoint: SocketAddr) -> bool {
         let mut out = vec![0u8; 256];
@@ -315,7 +316,7 @@ impl RawSender {
             inner.tx_at = Some(std::time::Instant::now());
             (sock, packet)
         };
-        tracing::debug!(ifname = %self.shared.ifname, peer = %super::peer::short_key(public_key), %endpoint, "handshake initiation sent at once (a connectivity check answered)");
+        tracing::debug!(ifname = %self.shared.ifname, peer = %super::peer::short_key(public_key), %endpoint, "handshake initiation sent at once (a connectivity check answered, or a relay allocation was granted)");
         sock.send_to(&packet, endpoint).await.is_ok()
     }
 }
