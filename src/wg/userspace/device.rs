@@ -187,6 +187,9 @@ impl Shared {
         st.peers = peers;
         st.by_index = by_index;
         st.routes = routes;
+        if let Some(k) = st.key.as_mut() {
+            k.fit(st.peers.len());
+        }
 
         if let Some(bound) = new_bound {
             let mut tasks = lock(&self.udp_tasks);

@@ -11,17 +11,35 @@ use boringtun::x25519::{PublicKey, StaticSecret};
 use super::config::{Key, PeerConfig};
 use super::uapi::PeerStats;
 
-/// Handshakes per second accepted before cookies are required (boringtun's
-/// device uses the same figure).
+/// Handshakes per second accepted before cookies are required, at least
+/// (boringtun's device uses this figure for every device).
 const HANDSHAKE_RATE_LIMIT: u64 = 100;
+
+/// Handshakes per second a device with `peers` peers accepts before it
+/// answers with cookies: twice its peers, at least [`HANDSHAKE_RATE_LIMIT`].
+/// A meshpeer device has a peer for every member, and when a mesh comes up
+/// every member may initiate to a public member within the same second and
+/// retry: with a flat 100 a second, the public members of a mixed 100
+/// answered bursts of up to 180 initiations a second with cookie replies
+/// (165 in one come-up, on 4 members), and each initiator then waited for
+/// WireGuard's retry 5 s later (`REKEY_TIMEOUT`) to send its initiation with
+/// the cookie. A flood beyond twice the peers still gets cookies. (Kernel
+/// WireGuard and wireguard-go ask for cookies only once their handshake
+/// queue backs up.)
+pub(crate) fn handshake_rate_limit(peers: usize) -> u64 {
+    (peers as u64).saturating_mul(2).max(HANDSHAKE_RATE_LIMIT)
+}
 
 /// The device's static key and the rate limiters derived from it.
 pub(crate) struct DeviceKey {
     pub secret: StaticSecret,
     pub public: PublicKey,
     /// Checks MAC1 and counts handshakes before any peer lookup (and answers
-    /// with a cookie under load). Reset every second by the timer task.
+    /// with a cookie under load). Reset every second by the timer task;
+    /// replaced when the peer count moves its limit ([`DeviceKey::fit`]).
     pub front_limiter: Arc<RateLimiter>,
+    /// The front limiter's handshakes per second.
+    limit: u64,
     /// Shared by all `Tunn`s: it only re-checks MAC1, with no limit, since
     /// the front limiter already counted the packet.
     pub tunn_limiter: Arc<RateLimiter>,
@@ -33,10 +51,22 @@ impl DeviceKey {
         let public = PublicKey::from(&secret);
         DeviceKey {
             front_limiter: Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT)),
+            limit: HANDSHAKE_RATE_LIMIT,
             tunn_limiter: Arc::new(RateLimiter::new(&public, u64::MAX)),
             secret,
             public,
         }
+    }
+
+    /// Fits the front limiter to a device with `peers` peers
+    /// ([`handshake_rate_limit`]); returns the limit.
+    pub fn fit(&mut self, peers: usize) -> u64 {
+        let want = handshake_rate_limit(peers);
+        if want != self.limit {
+            self.front_limiter = Arc::new(RateLimiter::new(&self.public, want));
+            self.limit = want;
+        }
+        self.limit
     }
 
     pub fn new_tunn(&self, peer_public: &Key, preshared: &Key, index: u32) -> Tunn {
@@ -179,4 +209,29 @@ pub(crate) fn random_index() -> u32 {
 /// structures in a state worse than dropping a packet).
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod limit_tests {
+    use super::*;
+
+    #[test]
+    fn the_handshake_limit_grows_with_the_peers() {
+        assert_eq!(handshake_rate_limit(0), HANDSHAKE_RATE_LIMIT);
+        assert_eq!(handshake_rate_limit(50), HANDSHAKE_RATE_LIMIT);
+        assert_eq!(handshake_rate_limit(99), 198);
+        assert_eq!(handshake_rate_limit(250), 500);
+        let mut k = DeviceKey::new(&[7; 32]);
+        let before = Arc::clone(&k.front_limiter);
+        assert_eq!(k.fit(10), HANDSHAKE_RATE_LIMIT);
+        assert!(
+            Arc::ptr_eq(&before, &k.front_limiter),
+            "unchanged limit: same limiter"
+        );
+        assert_eq!(k.fit(250), 500);
+        assert!(!Arc::ptr_eq(&before, &k.front_limiter));
+        let after = Arc::clone(&k.front_limiter);
+        assert_eq!(k.fit(250), 500);
+        assert!(Arc::ptr_eq(&after, &k.front_limiter));
+    }
 }
