@@ -120,9 +120,10 @@ pub struct Allocation {
     window: (Instant, u32),
     pub forwarded: u64,
     pub dropped: u64,
-    /// Per side (A, B): the end asked for its port again
-    /// ([`Allocation::reopen`]); its latch may be taken over at once.
-    reopened: [bool; 2],
+    /// Per side (A, B): when the end last asked for its port again
+    /// ([`Allocation::reopen`]); for [`RELATCH_AFTER`] after it, its latch
+    /// may be taken over at once.
+    reopened: [Option<Instant>; 2],
 }
 
 impl Allocation {
@@ -134,7 +135,7 @@ impl Allocation {
             window: (now, 0),
             forwarded: 0,
             dropped: 0,
-            reopened: [false; 2],
+            reopened: [None; 2],
         }
     }
 
@@ -146,8 +147,11 @@ impl Allocation {
     /// for [`RELATCH_AFTER`] of silence. Clearing the latch instead dropped
     /// a working session's data until its next handshake whenever the
     /// asker's address was not among its known ones (a symmetric NAT).
-    pub fn reopen(&mut self, side: Side) {
-        self.reopened[side as usize] = true;
+    /// The window lasts [`RELATCH_AFTER`] (a new mapping sends at once)
+    /// and closes when another address takes the latch, so a member whose
+    /// address did not change is as hard to displace as before.
+    pub fn reopen(&mut self, now: Instant, side: Side) {
+        self.reopened[side as usize] = Some(now);
     }
 
     /// Decides about datagram `d` from `from`, arriving on `side`'s port.
@@ -168,6 +172,7 @@ impl Allocation {
             return Verdict::Drop("not a WireGuard message");
         };
         let reopened = &mut self.reopened[side as usize];
+        let open = reopened.is_some_and(|t| now.saturating_duration_since(t) < RELATCH_AFTER);
         let (me, other) = match side {
             Side::A => (&mut self.a, &self.b),
             Side::B => (&mut self.b, &self.a),
@@ -177,16 +182,14 @@ impl Allocation {
             && mac1_for(d, &other.wg_key);
         match me.latched {
             Some((addr, _)) if addr == from => {}
-            Some((_, heard))
-                if !*reopened && now.saturating_duration_since(heard) < RELATCH_AFTER =>
-            {
+            Some((_, heard)) if !open && now.saturating_duration_since(heard) < RELATCH_AFTER => {
                 return Verdict::Drop("port latched by another address");
             }
             _ => {
                 if !(known || proves) {
                     return Verdict::Drop("not from the member the port is for");
                 }
-                *reopened = false;
+                *reopened = None;
             }
         }
         me.latched = Some((from, now));
@@ -308,7 +311,7 @@ mod tests {
             al.handle(t1, Side::A, a_new, &data),
             Verdict::Drop(_)
         ));
-        al.reopen(Side::A);
+        al.reopen(t1, Side::A);
         // Until then B's traffic still reaches the latched address.
         assert_eq!(
             al.handle(t1, Side::B, b_addr, &data),
@@ -333,13 +336,27 @@ mod tests {
             al.handle(t1, Side::A, a_addr, &data),
             Verdict::Drop(_)
         ));
+        // The window lasts RELATCH_AFTER: A asked again but kept its
+        // address (and keeps sending from it); afterwards another address
+        // of A cannot take the latch.
+        al.reopen(t1, Side::A);
+        let t2 = t1 + RELATCH_AFTER - Duration::from_millis(1);
+        assert_eq!(
+            al.handle(t2, Side::A, a_new, &data),
+            Verdict::Forward(b_addr)
+        );
+        let t3 = t1 + RELATCH_AFTER;
+        assert!(matches!(
+            al.handle(t3, Side::A, a_addr, &data),
+            Verdict::Drop(_)
+        ));
         // A's address was unknown (a symmetric NAT's): a handshake proven
         // for B's key takes the reopened latch from anywhere.
-        al.reopen(Side::A);
+        al.reopen(t3, Side::A);
         let (sa, _) = keys(1);
         let a_far: SocketAddr = "198.18.9.9:6000".parse().unwrap();
         assert_eq!(
-            al.handle(t1, Side::A, a_far, &initiation(&sa, &keys(2).1)),
+            al.handle(t3, Side::A, a_far, &initiation(&sa, &keys(2).1)),
             Verdict::Forward(b_addr)
         );
     }

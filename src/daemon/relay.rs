@@ -190,7 +190,7 @@ impl RelayServer {
                 // Asked again (perhaps from a new mapping): the asker's
                 // latch may be taken over at once (`Allocation::reopen`).
                 let mut st = r.state.lock().unwrap_or_else(|p| p.into_inner());
-                st.reopen(side_of_me);
+                st.reopen(Instant::now(), side_of_me);
                 return AllocReply::Allocated {
                     port: port(r),
                     lifetime_secs: IDLE_LIFETIME.as_secs() as u32,

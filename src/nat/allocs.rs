@@ -516,41 +516,26 @@ mod tests {
     fn a_granted_endpoint_is_owed_one_handshake() {
         let t0 = Instant::now();
         let mut a = Allocations::default();
-        a.plan(t0, &relayed(R1), &versions(1), &handshake(None));
-        a.take_requests();
+        // The n-th request to R1 (relay record version `v`) and its answer.
+        let mut ask = |n: u32, v: u64, answer: Option<SocketAddr>| {
+            a.plan(
+                t0 + ALLOC_RETRY * n,
+                &relayed(R1),
+                &versions(v),
+                &handshake(None),
+            );
+            assert_eq!(a.take_requests(), vec![(PEER, R1)]);
+            a.handle_answer(&PEER, &R1, answer);
+            a.take_granted()
+        };
         // A refusal grants nothing.
-        a.handle_answer(&PEER, &R1, None);
-        assert!(a.take_granted().is_empty());
-        a.plan(
-            t0 + ALLOC_RETRY,
-            &relayed(R1),
-            &versions(1),
-            &handshake(None),
-        );
-        a.take_requests();
-        a.handle_answer(&PEER, &R1, Some(ep(53000)));
-        assert_eq!(a.take_granted(), vec![(PEER, ep(53000))]);
-        assert!(a.take_granted().is_empty());
+        assert!(ask(0, 1, None).is_empty());
+        assert_eq!(ask(1, 1, Some(ep(53000))), vec![(PEER, ep(53000))]);
         // Asked again (a new relay version), the same port: owed again.
-        a.plan(
-            t0 + ALLOC_RETRY * 2,
-            &relayed(R1),
-            &versions(2),
-            &handshake(None),
-        );
-        a.take_requests();
-        a.handle_answer(&PEER, &R1, Some(ep(53000)));
-        assert_eq!(a.take_granted(), vec![(PEER, ep(53000))]);
+        assert_eq!(ask(2, 2, Some(ep(53000))), vec![(PEER, ep(53000))]);
         // New ports (the relay made a new allocation): owed too.
-        a.plan(
-            t0 + ALLOC_RETRY * 3,
-            &relayed(R1),
-            &versions(3),
-            &handshake(None),
-        );
-        a.take_requests();
-        a.handle_answer(&PEER, &R1, Some(ep(54000)));
-        assert_eq!(a.take_granted(), vec![(PEER, ep(54000))]);
+        assert_eq!(ask(3, 3, Some(ep(54000))), vec![(PEER, ep(54000))]);
+        assert!(a.take_granted().is_empty());
         // A late answer from a relay we left is given back, not greeted.
         a.handle_answer(&PEER, &R2, Some(ep(55000)));
         assert!(a.take_granted().is_empty());
